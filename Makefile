@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  make demo  (the main job)  and  make test.
+# Everything they need is installed here: a virtual environment in .venv and,
+# when run as root on Debian, the system tools the tests drive (ApacheBench,
+# Chromium).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv system-deps demo test test-fast bench bench-tcp clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+demo: venv
+	$(PY) -m clusterkit.demo
+
+test: venv system-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
+
+bench-tcp: venv
+	$(PY) bench/bench_tcp.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

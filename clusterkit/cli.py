@@ -1,0 +1,128 @@
+"""What every command-line program here shares: common flags, exit codes and
+one-line errors.
+
+Library code raises; this edge turns exceptions into one clear line on stderr
+and an exit code (tracebacks only with ``--debug``). Exit codes follow
+sysexits(3) so scripts can tell what happened:
+
+====  =========================================================
+0     success
+1     the run finished but something failed (e.g. failed requests)
+2     bad command line or configuration (argparse's own code)
+69    the peer is unavailable (connection refused, no backend)
+71    cannot listen: the port is taken or not allowed
+75    timed out
+130   interrupted (Ctrl-C)
+====  =========================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from collections.abc import Callable
+
+from . import logs
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_CANT_LISTEN = 71
+EXIT_TIMEOUT = 75
+EXIT_INTERRUPTED = 130
+
+
+class Fatal(Exception):
+    """An error for humans: ``message`` is printed as one line, ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def listen_error(program: str, host: str, port: int, exc: OSError) -> Fatal:
+    """One clear line for a failed ``bind``/``listen``, naming the port and the cause."""
+    if exc.errno == errno.EADDRINUSE:
+        hint = ""
+        if 32768 <= port <= 60999:
+            hint = (" (it lies in Linux's ephemeral range 32768-60999: after a load test,"
+                    " TIME_WAIT sockets of outgoing connections can hold it for a minute)")
+        return Fatal(f"{program}: cannot listen on {host}:{port}: the port is already in use"
+                     f" by another process{hint}", EXIT_CANT_LISTEN)
+    if exc.errno == errno.EACCES:
+        return Fatal(f"{program}: cannot listen on {host}:{port}: permission denied", EXIT_CANT_LISTEN)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return Fatal(f"{program}: cannot listen on {host}:{port}: no such local address", EXIT_CANT_LISTEN)
+    return Fatal(f"{program}: cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_CANT_LISTEN)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit of open files to the hard limit (servers hold many sockets)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {value}")
+    return value
+
+
+def add_logging_args(parser: argparse.ArgumentParser, default_level: str = "info") -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("--log-level", default=default_level, choices=logs.LEVELS,
+                       help=f"what goes to the log file (default: {default_level})")
+    group.add_argument("--log-dir", default=logs.DEFAULT_LOG_DIR,
+                       help="folder of the log files (default: %(default)s, or $CLUSTERKIT_LOG_DIR)")
+    group.add_argument("--debug", action="store_true",
+                       help="show full tracebacks instead of one-line errors")
+
+
+def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Run ``main`` and turn errors into one line on stderr and an exit code."""
+
+    def wrapped(argv: list[str] | None = None) -> int:
+        args = sys.argv[1:] if argv is None else argv
+        debug = "--debug" in args
+        try:
+            return main(args)
+        except Fatal as exc:
+            if debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (BrokenPipeError, ConnectionError, TimeoutError, OSError) as exc:
+            if debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+
+    wrapped.__doc__ = main.__doc__
+    return wrapped

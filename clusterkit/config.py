@@ -1,0 +1,100 @@
+"""Settings of the TCP echo server and the blocking client, as frozen dataclasses.
+
+Each program builds one config object (from argparse or TOML), validated once
+with clear messages, and passes it down; nothing reads flags or globals later.
+The balancer, the HTTP servers and the stress tool keep their own config
+classes next to their code and use the helpers here (``load_toml``,
+``ConfigError``, ``check``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .protocol import DEFAULT_MAX_LINE, check_server_name, LocalProtocolError
+
+
+class ConfigError(ValueError):
+    """A setting is missing, of the wrong type or out of range (the user's fault)."""
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def replace_from_mapping(obj: Any, values: dict[str, Any], where: str) -> Any:
+    """``dataclasses.replace`` with TOML keys (``max-line`` or ``max_line``), checked."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{where}: unknown setting {key!r}")
+        changes[name] = value
+    return dataclasses.replace(obj, **changes)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One echo server (server1.py .. server3.py)."""
+
+    name: str = "server1"
+    host: str = "127.0.0.1"
+    port: int = 7001
+    max_line: int = DEFAULT_MAX_LINE
+    idle_timeout: float = 300.0
+    """Close a connection that sent nothing for this long (0 turns it off)."""
+    max_connections: int = 10_000
+    drain_timeout: float = 5.0
+    """On SIGTERM: how long connections may go on before they are closed."""
+    drain_quiet: float = 0.25
+    """On SIGTERM: a connection quiet for this long, its replies written, is closed."""
+    backlog: int = 4096
+    write_high_water: int = 256 * 1024
+    """Stop reading from a client whose unsent replies pass this many bytes."""
+    log_level: str = "info"
+    log_dir: str = "logs"
+    loop: str = "auto"
+
+    def __post_init__(self) -> None:
+        try:
+            check_server_name(self.name)
+        except LocalProtocolError as exc:
+            raise ConfigError(f"--name: {exc.detail}") from None
+        check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
+        check(self.max_line >= 1, "--max-line must be at least 1")
+        check(self.idle_timeout >= 0, "--idle-timeout must not be negative")
+        check(self.max_connections >= 1, "--max-connections must be at least 1")
+        check(self.drain_timeout >= 0, "--drain-timeout must not be negative")
+        check(self.backlog >= 1, "--backlog must be at least 1")
+        check(self.write_high_water >= 1024, "write high-water mark must be at least 1024 bytes")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The blocking client (client.py)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7000
+    timeout: float = 5.0
+    """Bound on connect, and on each wait for reply bytes."""
+    max_line: int = DEFAULT_MAX_LINE
+
+    def __post_init__(self) -> None:
+        check(0 < self.port <= 65535, f"--port: not a port number: {self.port}")
+        check(self.timeout > 0, "--timeout must be positive")

@@ -1,0 +1,226 @@
+"""Logging set-up shared by every program: one file, whole lines, no stalls.
+
+What it is for: ``configure()`` points the standard ``logging`` module at a
+log file in ``--log-dir`` (``logs/server_log.log`` for servers and balancers,
+``logs/client_log.log`` for clients and the stress tool) in the line format of
+SPEC.md::
+
+    2026-11-24T08:56:24.123Z INFO server1 event=open conn=3 peer=127.0.0.1:41234
+
+and gives hot loops a cheaper path (``EventLog``) that skips ``LogRecord``.
+
+How it keeps the network path free and the file whole: callers only format a
+line and append it to a queue (a ``deque``); a writer thread takes everything
+queued every few milliseconds and writes it with a single ``os.write`` on a
+file opened with ``O_APPEND``. On Linux one ``write`` to a regular file is not
+interleaved with another process's ``write``, so several servers can share one
+file and no line is ever torn or mixed. The queue is bounded: past
+``max_pending`` lines new lines are dropped and counted, and the count is
+logged, so a stuck disk can never grow memory or block the event loop.
+
+What it is not: a structured-logging library. Values are plain ``key=value``
+tokens; callers keep spaces out of values (``quote()`` helps).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+SERVER_LOG = "server_log.log"
+CLIENT_LOG = "client_log.log"
+DEFAULT_LOG_DIR = os.environ.get("CLUSTERKIT_LOG_DIR", "logs")
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_ts_cache_second = -1
+_ts_cache_prefix = ""
+
+
+def timestamp(now: float | None = None) -> str:
+    """ISO-8601 UTC timestamp with milliseconds, e.g. ``2026-11-24T08:56:24.123Z``."""
+    global _ts_cache_second, _ts_cache_prefix
+    if now is None:
+        now = time.time()
+    second = int(now)
+    if second != _ts_cache_second:
+        _ts_cache_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _ts_cache_second = second
+    return "%s.%03dZ" % (_ts_cache_prefix, int((now - second) * 1000))
+
+
+def quote(value: object) -> str:
+    """A value safe to put after ``key=``: no spaces, no newlines."""
+    text = str(value)
+    if not text or any(c in text for c in ' "\n\r\t='):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
+    return text
+
+
+class LineWriter:
+    """Appends whole lines to a file from a background thread (see module doc)."""
+
+    def __init__(self, path: str | os.PathLike, *, max_pending: int = 200_000,
+                 flush_interval: float = 0.05) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._queue: collections.deque[str] = collections.deque()
+        self._max_pending = max_pending
+        self._flush_interval = flush_interval
+        self._wake = threading.Event()
+        self._closed = False
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, line: str) -> None:
+        """Queue one line (without its newline). Never blocks."""
+        if len(self._queue) >= self._max_pending:
+            self.dropped += 1
+            return
+        self._queue.append(line)
+
+    def flush(self) -> None:
+        """Write everything queued so far (from any thread)."""
+        queue = self._queue
+        n = len(queue)
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            queue.append(f"{timestamp()} WARNING log event=log-dropped lines={dropped}")
+            n += 1
+        if not n:
+            return
+        popleft = queue.popleft
+        lines = [popleft() for _ in range(n)]
+        data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
+        # One write per flush keeps lines whole next to other processes' writes.
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._fd, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # disk full or gone: drop rather than stall the program
+            view = view[written:]
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._flush_interval)
+            self._wake.clear()
+            self.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=2)
+        self.flush()
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, program: str) -> None:
+        super().__init__()
+        self.program = program
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{timestamp(record.created)} {record.levelname} {self.program} {record.getMessage()}"
+        if record.exc_info:
+            line += " exc=" + quote(self.formatException(record.exc_info).replace("\n", " | "))
+        return line.replace("\n", "\\n")
+
+
+class _QueueLineHandler(logging.Handler):
+    def __init__(self, writer: LineWriter, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.writer = writer
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.write(self.format(record))
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+class EventLog:
+    """The hot-path logger of one program: ``if elog.info: elog.line(...)``.
+
+    ``info``/``debug`` are plain attributes (no call) saying whether that level
+    is on; ``line()`` writes a preformatted ``key=value`` text at that level.
+    """
+
+    def __init__(self, program: str, writer: LineWriter | None, level: int) -> None:
+        self.program = program
+        self.writer = writer
+        self.debug = writer is not None and level <= logging.DEBUG
+        self.info = writer is not None and level <= logging.INFO
+        self.warning = writer is not None and level <= logging.WARNING
+        self._prefix = {name: f" {name} {program} " for name in ("DEBUG", "INFO", "WARNING", "ERROR")}
+
+    def line(self, level: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.write(timestamp() + self._prefix[level] + text)
+
+
+_active: dict[str, object] = {}
+
+
+def parse_level(name: str | int) -> int:
+    if isinstance(name, int):
+        return name
+    value = logging.getLevelName(name.upper())
+    if not isinstance(value, int):
+        raise ValueError(f"unknown log level {name!r}; use one of {', '.join(LEVELS)}")
+    return value
+
+
+def configure(program: str, *, level: str | int = "info", log_dir: str | os.PathLike | None = None,
+              file_name: str = SERVER_LOG, stderr_level: str | int = "warning") -> EventLog:
+    """Send this process's logging to ``<log_dir>/<file_name>``; return its EventLog.
+
+    ``program`` names every line (``server1``, ``balancer``, ``client``...).
+    Warnings and errors also go to stderr, one line each, for the person
+    watching the terminal. Calling it again replaces the previous set-up.
+    """
+    shutdown()
+    numeric = parse_level(level)
+    log_dir = Path(log_dir if log_dir is not None else DEFAULT_LOG_DIR)
+    writer = LineWriter(log_dir / file_name)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    file_handler = _QueueLineHandler(writer, _Formatter(program))
+    file_handler.setLevel(numeric)
+    root.addHandler(file_handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(max(parse_level(stderr_level), numeric))
+    console.setFormatter(logging.Formatter(f"{program}: %(levelname)s %(message)s"))
+    root.addHandler(console)
+    root.setLevel(numeric)
+    logging.captureWarnings(True)
+    elog = EventLog(program, writer, numeric)
+    _active.update(writer=writer, elog=elog)
+    return elog
+
+
+def shutdown() -> None:
+    """Flush and close the log file (also runs at exit)."""
+    writer = _active.pop("writer", None)
+    _active.pop("elog", None)
+    if isinstance(writer, LineWriter):
+        writer.close()
+
+
+atexit.register(shutdown)

@@ -1,0 +1,321 @@
+"""The echo server of the TCP cluster: an asyncio.Protocol driving protocol.py.
+
+What it is for: ``server1.py`` .. ``server3.py`` run ``main()`` with their name
+and port. Each message gets ``REPLY <name> <M>`` and ``ACK <name> <len>``
+(SPEC.md, line protocol v1), pipelined, in order.
+
+How a connection is handled (all in callbacks, no ``await`` per message):
+
+* ``data_received`` feeds the framer and writes all replies of the chunk in
+  one ``write``; a too-long line gets ``ERR line-too-long`` and a close.
+* Flow control: when the client does not read and our unsent replies pass
+  ``write_high_water``, the transport calls ``pause_writing`` and we stop
+  reading from that client until it drains (``resume_writing``). Memory per
+  connection stays bounded by the high-water mark plus one line.
+* Half-close: ``eof_received`` returns False, so the transport closes itself
+  once every reply already written has been sent.
+* Idle timeout: one sweep per server (not a timer per message) closes
+  connections that sent nothing for ``idle_timeout`` seconds.
+
+Connection states::
+
+    open ──(EOF from client)────────────► closing ──(replies flushed)──► closed
+    open ──(line too long / idle)───────► closing
+    open ──(SIGTERM: draining, quiet)───► closing
+    open ──(drain timeout / 2nd signal)─► aborted ─────────────────────► closed
+
+Graceful stop in uvicorn's order: close the listener, let each connection go
+on until it has been quiet for ``drain_quiet`` with its replies sent, wait at
+most ``drain_timeout``, then abort what is left; a second signal forces.
+
+What it is not: the accept loop itself. asyncio and uvloop keep accepting
+after EMFILE/ENFILE (asyncio pauses the listener for a second; libuv sheds the
+connection), so an overloaded server slows down instead of dying.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import cli, logs, loops
+from .config import ConfigError, ServerConfig
+from .protocol import LineFramer, build_error, build_replies, check_server_name
+
+log = logging.getLogger("clusterkit.server")
+
+_BUSY = build_error("busy")
+_LINE_TOO_LONG = build_error("line-too-long")
+_IDLE = build_error("idle-timeout")
+
+
+class EchoProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = ("server", "transport", "framer", "conn_id", "peer", "last_activity",
+                 "messages", "bytes_in", "bytes_out", "paused", "closing", "rejected", "elog")
+
+    def __init__(self, server: EchoServer) -> None:
+        self.server = server
+        self.elog = server.elog
+        self.transport: asyncio.Transport | None = None
+        self.framer = LineFramer(server.config.max_line)
+        self.conn_id = 0
+        self.peer = "-"
+        self.last_activity = 0.0
+        self.messages = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.paused = False
+        self.closing = False
+        self.rejected = False
+
+    # -- asyncio.Protocol callbacks ---------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        server = self.server
+        self.transport = transport
+        self.conn_id = next(server.conn_ids)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        self.last_activity = time.monotonic()
+        if len(server.connections) >= server.config.max_connections or server.stopping:
+            self.rejected = True
+            transport.write(_BUSY)
+            transport.close()
+            if self.elog.warning:
+                self.elog.line("WARNING", f"event=reject conn={self.conn_id} peer={self.peer} reason=busy")
+            return
+        server.connections.add(self)
+        high = server.config.write_high_water
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        if self.elog.info:
+            self.elog.line("INFO", f"event=open conn={self.conn_id} peer={self.peer}")
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.bytes_in += len(data)
+        messages = self.framer.feed(data)
+        if messages:
+            out = build_replies(self.server.name_bytes, messages)
+            self.transport.write(out)  # type: ignore[union-attr]
+            self.messages += len(messages)
+            self.bytes_out += len(out)
+            if self.elog.info:
+                line = self.elog.line
+                prefix = f"event=message conn={self.conn_id} len="
+                for m in messages:
+                    line("INFO", f"{prefix}{len(m)} sent=reply,ack")
+        if self.framer.error is not None:
+            self._fail(_LINE_TOO_LONG, "line-too-long")
+
+    def eof_received(self) -> bool:
+        if self.elog.info:
+            self.elog.line("INFO", f"event=half-close conn={self.conn_id}")
+        self.closing = True
+        return False  # the transport closes once the replies are sent
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if not self.closing:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.rejected:
+            return
+        self.server.connections.discard(self)
+        self.server.total_messages += self.messages
+        if self.elog.info:
+            reason = f" error={logs.quote(exc)}" if exc else ""
+            self.elog.line("INFO", f"event=close conn={self.conn_id} peer={self.peer} messages={self.messages}"
+                                   f" bytes_in={self.bytes_in} bytes_out={self.bytes_out}{reason}")
+
+    # -- closing ----------------------------------------------------------
+
+    def _fail(self, line: bytes, code: str) -> None:
+        """Send an error line and close (after the replies already written)."""
+        if self.closing:
+            return
+        self.closing = True
+        transport = self.transport
+        assert transport is not None
+        transport.pause_reading()
+        transport.write(line)
+        transport.close()
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=error conn={self.conn_id} peer={self.peer} code={code}")
+
+    def close_idle(self) -> None:
+        self._fail(_IDLE, "idle-timeout")
+
+    def close_quietly(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        self.closing = True
+        self.transport.abort()  # type: ignore[union-attr]
+
+    def write_backlog(self) -> int:
+        return self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+
+
+class EchoServer:
+    """Listens, tracks connections, sweeps idle ones, stops gracefully."""
+
+    def __init__(self, config: ServerConfig, elog: logs.EventLog | None = None) -> None:
+        self.config = config
+        self.elog = elog or logs.EventLog(config.name, None, logging.CRITICAL)
+        self.name_bytes = check_server_name(config.name)
+        self.connections: set[EchoProtocol] = set()
+        self.conn_ids = itertools.count(1)
+        self.total_messages = 0
+        self.stopping = False
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+        self._force = False
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._server = await loop.create_server(
+            lambda: EchoProtocol(self), cfg.host, cfg.port,
+            backlog=cfg.backlog, reuse_address=True, family=_family(cfg.host))
+        if cfg.idle_timeout > 0:
+            self._sweeper = asyncio.create_task(self._sweep_idle())
+
+    async def _sweep_idle(self) -> None:
+        idle = self.config.idle_timeout
+        period = min(max(idle / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - idle
+            for conn in [c for c in self.connections if c.last_activity < deadline and not c.closing]:
+                conn.close_idle()
+
+    def request_stop(self) -> None:
+        """First call: graceful stop. Second call: force."""
+        if self._stop.is_set():
+            self._force = True
+            for conn in list(self.connections):
+                conn.abort()
+        self._stop.set()
+
+    async def serve_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        cfg = self.config
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=stopping connections={len(self.connections)}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.drain_timeout
+        while self.connections and loop.time() < deadline and not self._force:
+            quiet_since = time.monotonic() - cfg.drain_quiet
+            for conn in list(self.connections):
+                if conn.last_activity < quiet_since and not conn.paused and conn.write_backlog() == 0:
+                    conn.close_quietly()
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.sleep(0)
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=stopped messages={self.total_messages}")
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+
+
+# --------------------------------------------------------------------------
+# Command line
+
+
+def build_parser(name: str, port: int) -> argparse.ArgumentParser:
+    d = ServerConfig()
+    p = argparse.ArgumentParser(
+        description=f"{name}: a TCP echo server of the cluster. Each message line gets "
+                    f"'REPLY <name> <message>' and 'ACK <name> <length>' (line protocol v1).")
+    p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=cli.port_number, default=port,
+                   help="port to listen on, 0 for any free port (default: %(default)s)")
+    p.add_argument("--name", default=name, help="server name put in every reply (default: %(default)s)")
+    p.add_argument("--max-line", type=cli.positive_int, default=d.max_line,
+                   help="longest message in bytes; a longer line gets 'ERR line-too-long' "
+                        "and a close (default: %(default)s)")
+    p.add_argument("--idle-timeout", type=cli.non_negative_float, default=d.idle_timeout,
+                   help="seconds a client may stay silent before it is disconnected, 0 for never "
+                        "(default: %(default)s)")
+    p.add_argument("--max-connections", type=cli.positive_int, default=d.max_connections,
+                   help="clients served at once; more get 'ERR busy' and a close (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=cli.non_negative_float, default=d.drain_timeout,
+                   help="on SIGTERM/SIGINT, seconds to finish in-flight messages before "
+                        "closing (default: %(default)s)")
+    p.add_argument("--loop", choices=loops.LOOPS, default="auto",
+                   help="event loop: uvloop when installed (auto), or force one (default: %(default)s)")
+    cli.add_logging_args(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(name=args.name, host=args.host, port=args.port, max_line=args.max_line,
+                        idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+                        drain_timeout=args.drain_timeout, log_level=args.log_level,
+                        log_dir=args.log_dir, loop=args.loop)
+
+
+async def _serve(config: ServerConfig, elog: logs.EventLog) -> None:
+    server = EchoServer(config, elog)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise cli.listen_error(config.name, config.host, config.port, exc) from None
+    print(f"{config.name} listening on {config.host}:{server.port} "
+          f"({loops.loop_name(config.loop)}, pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    if elog.warning:
+        elog.line("WARNING", f"event=listen host={config.host} port={server.port} loop={loops.loop_name(config.loop)}")
+    await server.serve_until_stopped()
+
+
+def main(argv: list[str] | None = None, *, name: str = "server1", port: int = 7001) -> int:
+    @cli.main_wrapper
+    def run(args_list: list[str] | None) -> int:
+        args = build_parser(name, port).parse_args(args_list)
+        try:
+            config = config_from_args(args)
+        except ConfigError as exc:
+            raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
+        cli.raise_fd_limit()
+        elog = logs.configure(config.name, level=config.log_level, log_dir=config.log_dir,
+                              file_name=logs.SERVER_LOG)
+        loops.run(_serve(config, elog), config.loop)
+        return cli.EXIT_OK
+
+    return run(argv)

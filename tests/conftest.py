@@ -1,0 +1,89 @@
+"""Shared fixtures: real processes on free loopback ports, always stopped by PID."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from clusterkit import cluster
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    d = tmp_path / "logs"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def procs():
+    """A ProcessGroup whose processes are stopped (SIGTERM, then SIGKILL by PID) at teardown."""
+    group = cluster.ProcessGroup()
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+@pytest.fixture
+def start_server(procs, log_dir):
+    """Start an echo server process: ``start_server("server1", "--max-line", "10")``."""
+
+    def start(name: str = "server1", *args: str, port: int | None = None) -> cluster.Process:
+        port = port or cluster.free_port()
+        return procs.start(cluster.echo_server(name, port, *args, log_dir=str(log_dir)))
+
+    return start
+
+
+class LineConn:
+    """A tiny blocking test client for the line protocol (no clusterkit code under test)."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_lines(self, n: int, timeout: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while self.buf.count(b"\n") < n:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                break
+            self.buf += chunk
+        lines = self.buf.split(b"\n")
+        out, self.buf = lines[:n], b"\n".join(lines[n:])
+        return out
+
+    def read_all(self, timeout: float = 10.0) -> bytes:
+        """Everything until the server closes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                data, self.buf = self.buf, b""
+                return data
+            self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def connect():
+    conns: list[LineConn] = []
+
+    def make(port: int, **kw) -> LineConn:
+        c = LineConn(port, **kw)
+        conns.append(c)
+        return c
+
+    yield make
+    for c in conns:
+        c.close()
