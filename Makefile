@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system-deps demo test test-fast bench bench-tcp clean
+.PHONY: venv system-deps demo test test-fast bench bench-tcp bench-tools clean
 
 venv: $(STAMP)
 
@@ -34,3 +34,6 @@ bench-tcp: venv
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+
+bench-tools: venv
+	$(PY) -c "from bench.common import build_tools; build_tools()"

@@ -118,6 +118,9 @@ class LineFramer:
 
 
 def _strip_cr(lines: list[bytes]) -> list[bytes]:
+    if len(lines) == 1:
+        line = lines[0]
+        return [line[:-1]] if line[-1:] == b"\r" else lines
     return [line[:-1] if line[-1:] == b"\r" else line for line in lines]
 
 
@@ -127,6 +130,9 @@ def _strip_cr(lines: list[bytes]) -> list[bytes]:
 
 def build_replies(name: bytes, messages: list[bytes]) -> bytes:
     """The ``REPLY``/``ACK`` pairs for ``messages``, as one buffer to write."""
+    if len(messages) == 1:
+        m = messages[0]
+        return b"REPLY %s %s\nACK %s %d\n" % (name, m, name, len(m))
     return b"".join(
         [b"REPLY %s %s\nACK %s %d\n" % (name, m, name, len(m)) for m in messages]
     )

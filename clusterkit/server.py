@@ -59,7 +59,7 @@ _IDLE = build_error("idle-timeout")
 class EchoProtocol(asyncio.Protocol):
     """One client connection."""
 
-    __slots__ = ("server", "transport", "framer", "conn_id", "peer", "last_activity",
+    __slots__ = ("server", "transport", "framer", "conn_id", "peer", "last_activity", "seen_bytes",
                  "messages", "bytes_in", "bytes_out", "paused", "closing", "rejected", "elog")
 
     def __init__(self, server: EchoServer) -> None:
@@ -70,6 +70,7 @@ class EchoProtocol(asyncio.Protocol):
         self.conn_id = 0
         self.peer = "-"
         self.last_activity = 0.0
+        self.seen_bytes = 0
         self.messages = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -100,7 +101,8 @@ class EchoProtocol(asyncio.Protocol):
             self.elog.line("INFO", f"event=open conn={self.conn_id} peer={self.peer}")
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        # No clock read here: the idle sweep and the drain notice activity by
+        # bytes_in changing between two of their rounds.
         self.bytes_in += len(data)
         messages = self.framer.feed(data)
         if messages:
@@ -156,6 +158,13 @@ class EchoProtocol(asyncio.Protocol):
         if self.elog.warning:
             self.elog.line("WARNING", f"event=error conn={self.conn_id} peer={self.peer} code={code}")
 
+    def note_activity(self, now: float) -> float:
+        """Update and return the time of the last data seen (sampled by the server's rounds)."""
+        if self.bytes_in != self.seen_bytes:
+            self.seen_bytes = self.bytes_in
+            self.last_activity = now
+        return self.last_activity
+
     def close_idle(self) -> None:
         self._fail(_IDLE, "idle-timeout")
 
@@ -207,8 +216,8 @@ class EchoServer:
         period = min(max(idle / 4, 0.05), 5.0)
         while True:
             await asyncio.sleep(period)
-            deadline = time.monotonic() - idle
-            for conn in [c for c in self.connections if c.last_activity < deadline and not c.closing]:
+            now = time.monotonic()
+            for conn in [c for c in self.connections if c.note_activity(now) < now - idle and not c.closing]:
                 conn.close_idle()
 
     def request_stop(self) -> None:
@@ -236,9 +245,10 @@ class EchoServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.drain_timeout
         while self.connections and loop.time() < deadline and not self._force:
-            quiet_since = time.monotonic() - cfg.drain_quiet
+            now = time.monotonic()
             for conn in list(self.connections):
-                if conn.last_activity < quiet_since and not conn.paused and conn.write_backlog() == 0:
+                if (conn.note_activity(now) < now - cfg.drain_quiet and not conn.paused
+                        and conn.write_backlog() == 0):
                     conn.close_quietly()
             await asyncio.sleep(0.02)
         for conn in list(self.connections):

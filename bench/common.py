@@ -1,0 +1,83 @@
+"""What every benchmark in bench/ shares: the C tools, medians, ratios.
+
+- ``build_tools()`` compiles bench/c/lineload.c and lineecho.c (needs cc).
+- ``run_lineload()`` drives a line-protocol target with the C load generator
+  and returns its JSON result as a dict.
+- ``lineecho_process()`` is the C echo server as a ``cluster.Process``.
+- ``median()``/``spread()`` and ``Table`` print results the same way in every
+  benchmark.
+
+What it is not: a test. Benchmarks report numbers; they assert nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+from clusterkit import cluster
+
+BENCH = Path(__file__).resolve().parent
+C_DIR = BENCH / "c"
+BUILD = C_DIR / "build"
+LOCK = "/tmp/clusterkit-bench.lock"
+
+
+def build_tools() -> dict[str, Path]:
+    """Compile the C tools if missing or older than their source; return their paths."""
+    BUILD.mkdir(exist_ok=True)
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("a C compiler is needed for the benchmark's load generator (apt-get install gcc)")
+    out = {}
+    for name in ("lineload", "lineecho"):
+        src, exe = C_DIR / f"{name}.c", BUILD / name
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
+        out[name] = exe
+    return out
+
+
+def run_lineload(host: str, port: int, *, connections: int = 10, seconds: float = 5.0, size: int = 64,
+                 per_request: bool = False, pipeline: int = 1, warmup: float = 0.5,
+                 requests: int = 0) -> dict:
+    """Run the C load generator once; its JSON result (requests, errors, rps, p50_ms, ...)."""
+    exe = build_tools()["lineload"]
+    argv = [str(exe), "--host", host, "--port", str(port), "-c", str(connections), "-d", str(seconds),
+            "-s", str(size), "-P", str(pipeline), "-w", str(warmup)]
+    if per_request:
+        argv.append("--per-request")
+    if requests:
+        argv += ["-n", str(requests)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + warmup + 30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lineload failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def lineecho_process(name: str, port: int) -> cluster.Process:
+    exe = build_tools()["lineecho"]
+    return cluster.Process(name, [str(exe), "--port", str(port), "--name", name], port=port)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float]) -> str:
+    """min-max as a percentage of the median, e.g. '±3%'."""
+    if len(values) < 2:
+        return "n=1"
+    m = median(values)
+    return f"±{(max(values) - min(values)) / 2 / m * 100:.0f}%" if m else "-"
+
+
+def print_table(headers: list[str], rows: list[list[object]]) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(str(h).rjust(w) for h, w in zip(headers, widths)))
+    for row in rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))

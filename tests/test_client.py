@@ -1,0 +1,104 @@
+"""client.py and client_send_message() against real server processes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from clusterkit import cluster
+from clusterkit.client import Client, ClientError, client_send_message
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_client(*args: str, log_dir) -> subprocess.CompletedProcess:
+    return subprocess.run(cluster.python_script("client.py", *args, "--log-dir", str(log_dir)),
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_client_send_message_returns_reply_confirmation_and_timings(start_server):
+    server = start_server("server2")
+    r = client_send_message("hello", port=server.port)
+    assert (r.reply, r.confirmation, r.server, r.length) == ("REPLY server2 hello", "ACK server2 5", "server2", 5)
+    assert r.connect_ms is not None and r.connect_ms >= 0
+    assert 0 <= r.latency_ms <= r.rtt_ms
+    assert r.one_way_estimate_ms == r.rtt_ms / 2
+
+
+def test_keepalive_client_reuses_its_connection(start_server):
+    server = start_server()
+    with Client(port=server.port) as c:
+        first = c.send_message(b"\xffraw")
+        second = c.send_message("again")
+    assert first.connect_ms is not None and second.connect_ms is None
+    assert first.length == 4
+
+
+def test_refused_and_timeout_are_client_errors():
+    with pytest.raises(ClientError) as info:
+        client_send_message("x", port=cluster.free_port())
+    assert info.value.code == "connection-refused"
+    with socket.socket() as silent:  # accepts (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with pytest.raises(ClientError) as info:
+            client_send_message("x", port=silent.getsockname()[1], timeout=0.5)
+    assert info.value.code == "timeout"
+
+
+def test_err_line_and_wrong_echo_are_reported():
+    def fake(reply: bytes):
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+
+        def serve():
+            conn, _ = ls.accept()
+            conn.recv(100)
+            conn.sendall(reply)
+            conn.close()
+            ls.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return ls.getsockname()[1]
+
+    with pytest.raises(ClientError) as info:
+        client_send_message("x", port=fake(b"ERR no-backend\n"))
+    assert info.value.code == "no-backend"
+    with pytest.raises(ClientError) as info:
+        client_send_message("x", port=fake(b"REPLY s y\nACK s 1\n"))
+    assert info.value.code == "wrong-reply"
+    with pytest.raises(ClientError) as info:
+        client_send_message("x", port=fake(b"REPLY s x\n"))
+    assert info.value.code == "closed"
+
+
+def test_cli_prints_both_replies_and_timings(start_server, log_dir):
+    server = start_server("server3")
+    proc = run_client("hello there", "--port", str(server.port), "--count", "3", "--keepalive", log_dir=log_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("REPLY server3 hello there") == 3
+    assert proc.stdout.count("ACK server3 11") == 3
+    for word in ("connect", "latency", "rtt", "median"):
+        assert word in proc.stdout
+    log = (log_dir / "client_log.log").read_text()
+    assert log.count("event=reply") == 3 and "rtt_ms=" in log and "latency_ms=" in log
+
+
+def test_cli_json_output(start_server, log_dir):
+    import json
+    server = start_server()
+    proc = run_client("j", "--port", str(server.port), "--json", log_dir=log_dir)
+    [row] = json.loads(proc.stdout)
+    assert row["reply"] == "REPLY server1 j" and row["rtt_ms"] >= row["latency_ms"] >= 0
+
+
+def test_cli_against_a_closed_port_is_one_line_and_exit_69(log_dir):
+    proc = run_client("hello", "--port", str(cluster.free_port()), log_dir=log_dir)
+    assert proc.returncode == 69
+    assert proc.stderr.strip().count("\n") == 0 and "refused" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "code=connection-refused" in (log_dir / "client_log.log").read_text()

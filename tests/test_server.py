@@ -1,0 +1,263 @@
+"""The echo server as a real process on a free port, driven over sockets."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from clusterkit import cluster
+from clusterkit.protocol import ResponseParser
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def pairs(name: str, messages: list[bytes]) -> list[bytes]:
+    out = []
+    for m in messages:
+        out += [b"REPLY %s %s" % (name.encode(), m), b"ACK %s %d" % (name.encode(), len(m))]
+    return out
+
+
+@pytest.mark.parametrize("raw, messages", [
+    (b"hello\n", [b"hello"]),
+    (b"hello\r\n", [b"hello"]),
+    (b"\n", [b""]),
+    (b"\xff\xfe\x00 not utf-8 \x80\n", [b"\xff\xfe\x00 not utf-8 \x80"]),
+    (b"x" * 65536 + b"\n", [b"x" * 65536]),
+    (b"a\nb\r\n\nc\n", [b"a", b"b", b"", b"c"]),
+])
+def test_replies_as_spec_says(start_server, connect, raw, messages):
+    server = start_server("server2")
+    conn = connect(server.port)
+    conn.send(raw)
+    assert conn.read_lines(2 * len(messages)) == pairs("server2", messages)
+
+
+def test_ten_thousand_pipelined_messages_in_random_chunks(start_server, connect):
+    server = start_server()
+    rng = random.Random(7)
+    messages = [b"m%d-%s" % (i, b"z" * rng.randrange(0, 50)) for i in range(10_000)]
+    stream = b"".join(m + b"\n" for m in messages)
+    conn = connect(server.port)
+
+    def writer():
+        pos = 0
+        while pos < len(stream):
+            step = rng.randrange(1, 3000)
+            conn.sock.sendall(stream[pos:pos + step])
+            pos += step
+        conn.sock.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    data = conn.read_all(timeout=30)
+    t.join()
+    parser = ResponseParser()
+    responses = parser.feed(data)
+    assert len(responses) == len(messages)
+    assert all(r.matches(m) for r, m in zip(responses, messages))
+
+
+def test_half_close_gets_pending_replies_then_close(start_server, connect):
+    server = start_server()
+    conn = connect(server.port)
+    conn.send(b"one\ntwo\nthree\n")
+    conn.sock.shutdown(socket.SHUT_WR)
+    data = conn.read_all()
+    assert data.split(b"\n")[:-1] == pairs("server1", [b"one", b"two", b"three"])
+
+
+def test_line_over_the_limit_gets_error_and_close_others_still_served(start_server, connect):
+    server = start_server("server1", "--max-line", "1000")
+    victim = connect(server.port)
+    other = connect(server.port)
+    victim.send(b"fine\n" + b"y" * 5000 + b"\nnever\n")
+    assert victim.read_all() == b"REPLY server1 fine\nACK server1 4\nERR line-too-long\n"
+    other.send(b"still here\n")
+    assert other.read_lines(2) == pairs("server1", [b"still here"])
+
+
+def test_endless_line_keeps_memory_bounded(start_server, connect):
+    server = start_server()
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    conn = connect(server.port)
+    chunk = b"n" * 65536
+    try:
+        for _ in range(400):  # 26 MB without a newline; the server gives up long before
+            conn.sock.sendall(chunk)
+    except OSError:
+        pass
+    assert b"ERR line-too-long" in conn.read_all()
+    assert proc.memory_info().rss - before < 20 * 2**20
+
+
+def test_garbage_bytes_are_echoed_byte_for_byte(start_server, connect):
+    server = start_server()
+    rng = random.Random(3)
+    blob = bytes(rng.randrange(256) for _ in range(200_000))
+    messages = blob.split(b"\n")[:-1]
+    conn = connect(server.port)
+    conn.send(blob[:blob.rindex(b"\n") + 1])
+    conn.sock.shutdown(socket.SHUT_WR)
+    responses = ResponseParser().feed(conn.read_all())
+    expected = [m[:-1] if m.endswith(b"\r") else m for m in messages]
+    assert [r.message for r in responses] == expected
+    assert all(r.length == len(r.message) for r in responses)
+
+
+def test_a_thousand_concurrent_connections(start_server):
+    server = start_server()
+    socks = []
+    try:
+        for i in range(1000):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+            socks.append(s)
+        for i, s in enumerate(socks):
+            s.sendall(b"c%d\n" % i)
+        for i, s in enumerate(socks):
+            expected = b"REPLY server1 c%d\nACK server1 %d\n" % (i, len(b"c%d" % i))
+            got = b""
+            while len(got) < len(expected):
+                chunk = s.recv(4096)
+                assert chunk, f"connection {i} closed early"
+                got += chunk
+            assert got == expected
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_client_that_never_reads_does_not_grow_server_memory(start_server):
+    server = start_server()
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.settimeout(3)
+    line = b"w" * 63 + b"\n"
+    block = line * 16384  # 1 MB of messages, ~1.3 MB of replies
+    sent = 0
+    try:
+        while sent < 50 * 2**20:
+            s.sendall(block)
+            sent += len(block)
+    except (TimeoutError, OSError):
+        pass  # the server stopped reading: backpressure works
+    grown = proc.memory_info().rss - before
+    s.close()
+    assert sent < 50 * 2**20, "the server kept reading from a client that never reads"
+    assert grown < 30 * 2**20
+
+
+def test_sigterm_answers_every_message_in_flight_then_exits_zero(start_server):
+    server = start_server()
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    messages = [b"inflight-%d" % i for i in range(20_000)]
+    s.sendall(b"".join(m + b"\n" for m in messages))
+    server.signal(signal.SIGTERM)
+    data = b""
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    responses = ResponseParser().feed(data)
+    assert len(responses) == len(messages)
+    assert all(r.matches(m) for r, m in zip(responses, messages))
+    assert server.wait(timeout=15) == 0
+
+
+def test_idle_client_is_disconnected(start_server, connect):
+    server = start_server("server1", "--idle-timeout", "0.3")
+    conn = connect(server.port)
+    assert conn.read_all(timeout=15) == b"ERR idle-timeout\n"
+
+
+def test_connections_over_the_limit_are_told_busy(start_server, connect):
+    server = start_server("server1", "--max-connections", "2")
+    a, b = connect(server.port), connect(server.port)
+    a.send(b"a\n")
+    b.send(b"b\n")
+    assert a.read_lines(2) and b.read_lines(2)
+    c = connect(server.port)
+    assert c.read_all() == b"ERR busy\n"
+
+
+def test_port_taken_gives_one_clear_line_and_exit_71(log_dir):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = subprocess.run(cluster.python_script("server1.py", "--port", str(port), "--log-dir", str(log_dir)),
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 71
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f":{port}" in lines[0] and "in use" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_option_is_a_usage_error(log_dir):
+    proc = subprocess.run(cluster.python_script("server1.py", "--name", "two words", "--log-dir", str(log_dir)),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) (server[123]) "
+    r"event=[a-z-]+( [a-z_]+=\S+)*$")
+
+
+def test_three_servers_share_one_log_file_without_torn_lines(procs, log_dir):
+    servers = [procs.start(cluster.echo_server(f"server{i}", cluster.free_port(), log_dir=str(log_dir)))
+               for i in (1, 2, 3)]
+    lineload_msgs = 3000
+
+    def hammer(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(b"".join(b"log-%d\n" % i for i in range(lineload_msgs)))
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(1 << 20):
+                pass
+
+    threads = [threading.Thread(target=hammer, args=(srv.port,)) for srv in servers for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for srv in servers:
+        assert srv.stop() == 0
+    lines = (log_dir / "server_log.log").read_text().splitlines()
+    bad = [line for line in lines if not LOG_LINE.match(line)]
+    assert not bad, bad[:5]
+    per_server = {name: sum(1 for line in lines if f" {name} event=message " in line)
+                  for name in ("server1", "server2", "server3")}
+    assert per_server == {n: 3 * lineload_msgs for n in per_server}
+
+
+def test_log_level_warning_drops_per_message_lines(start_server, connect, log_dir):
+    server = start_server("server1", "--log-level", "warning")
+    conn = connect(server.port)
+    conn.send(b"quiet\n")
+    conn.read_lines(2)
+    server.stop()
+    text = (log_dir / "server_log.log").read_text()
+    assert "event=listen" in text and "event=message" not in text
+
+
+def test_runs_on_plain_asyncio_too(start_server, connect):
+    server = start_server("server3", "--loop", "asyncio")
+    conn = connect(server.port)
+    conn.send(b"plain\n")
+    assert conn.read_lines(2) == pairs("server3", [b"plain"])
