@@ -261,3 +261,48 @@ def test_runs_on_plain_asyncio_too(start_server, connect):
     conn = connect(server.port)
     conn.send(b"plain\n")
     assert conn.read_lines(2) == pairs("server3", [b"plain"])
+
+
+def test_sigint_stops_an_idle_server_with_exit_zero(start_server, connect):
+    server = start_server()
+    connect(server.port)  # an idle client must not hold the stop
+    server.signal(signal.SIGINT)
+    assert server.wait(timeout=15) == 0
+
+
+def test_a_client_that_never_stops_is_cut_at_the_drain_timeout(start_server):
+    server = start_server("server1", "--drain-timeout", "1")
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    stop = threading.Event()
+
+    def chatter():
+        try:
+            while not stop.is_set():
+                s.sendall(b"more\n")
+                s.recv(65536)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=chatter)
+    t.start()
+    time.sleep(0.2)
+    server.signal(signal.SIGTERM)
+    try:
+        assert server.wait(timeout=15) == 0
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        s.close()
+
+
+def test_listens_on_ipv6_loopback(procs, log_dir):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        port = cluster.free_port("::1")
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    server = procs.start(cluster.echo_server("server1", port, log_dir=str(log_dir), host="::1"))
+    with socket.create_connection(("::1", server.port), timeout=10) as s:
+        s.sendall(b"six\n")
+        assert s.recv(100).startswith(b"REPLY server1 six\n")
