@@ -187,6 +187,9 @@ static int handle_read(struct conn *c) {
             c->prefix_len = 0;
             if (c->inflight == 0 && per_request) return 1;
         }
+        /* A short read means the socket is drained: skip the recv that would
+           only say EAGAIN (level-triggered epoll reports any later data). */
+        if ((size_t)r < sizeof buf) return 0;
     }
 }
 
