@@ -266,17 +266,19 @@ class _RawLineFramer:
         return lines
 
 
-def count_complete_responses(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
+def count_complete_responses(buf: bytes | bytearray, start: int = 0,
+                             limit: int | None = None) -> tuple[int, int]:
     """Count the complete responses in ``buf[start:]`` without parsing them.
 
     Returns ``(responses, end)``: how many whole responses (a REPLY line plus
-    its ACK line, or one ERR line) begin at ``start``, and the offset just after
-    the last of them. A relay uses this to forward replies as whole units.
+    its ACK line, or one ERR line) begin at ``start``, at most ``limit`` of
+    them, and the offset just after the last one counted. A relay uses this to
+    forward replies as whole units.
     """
     count = 0
     pos = start
     n = len(buf)
-    while pos < n:
+    while pos < n and (limit is None or count < limit):
         nl = buf.find(b"\n", pos)
         if nl < 0:
             break

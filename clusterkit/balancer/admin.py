@@ -1,0 +1,113 @@
+"""The balancer's admin endpoint: ``GET /stats`` (JSON) and ``GET /metrics``
+(Prometheus text format), on ``--admin-port`` (default 7100).
+
+Requests are parsed with httptools (the C parser behind uvicorn); the metrics
+come from prometheus_client through a collector that reads the pool when
+scraped, so nothing is counted twice and the hot path pays nothing. One
+request per connection; the admin port is for humans and scrapers, not load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING
+
+import httptools
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from .app import Balancer
+
+_STATES = ("UP", "FALLING", "DOWN", "RISING")
+
+
+class PoolCollector:
+    """Turns the balancer's counters into Prometheus metrics at scrape time."""
+
+    def __init__(self, app: Balancer) -> None:
+        self.app = app
+
+    def collect(self):
+        app = self.app
+        up = GaugeMetricFamily("clusterkit_backend_up", "1 when the backend takes traffic", labels=["backend"])
+        state = GaugeMetricFamily("clusterkit_backend_state", "the backend's health state", labels=["backend", "state"])
+        active = GaugeMetricFamily("clusterkit_backend_active_connections", "client connections on the backend",
+                                   labels=["backend"])
+        messages = CounterMetricFamily("clusterkit_backend_messages", "messages answered by the backend",
+                                       labels=["backend"])
+        failures = CounterMetricFamily("clusterkit_backend_failures", "traffic errors seen on the backend",
+                                       labels=["backend"])
+        conns = CounterMetricFamily("clusterkit_backend_connections", "client connections sent to the backend",
+                                    labels=["backend"])
+        for b in app.pool.backends:
+            up.add_metric([b.name], 1 if b.healthy else 0)
+            for s in _STATES:
+                state.add_metric([b.name, s], 1 if b.state == s else 0)
+            active.add_metric([b.name], b.active)
+            messages.add_metric([b.name], b.messages)
+            failures.add_metric([b.name], b.failures)
+            conns.add_metric([b.name], b.connections)
+        yield from (up, state, active, messages, failures, conns)
+        yield GaugeMetricFamily("clusterkit_client_connections", "client connections open now",
+                                value=len(app.connections))
+        yield CounterMetricFamily("clusterkit_failovers", "client connections moved to another backend",
+                                  value=app.failovers)
+        yield CounterMetricFamily("clusterkit_no_backend_errors", "messages answered ERR no-backend",
+                                  value=app.no_backend_errors)
+
+
+class AdminProtocol(asyncio.Protocol):
+    def __init__(self, app: Balancer, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.registry = registry
+        self.url = b""
+        self.method = b""
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(10, transport.abort)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_message_complete(self) -> None:
+        self.method = self.parser.get_method()
+        self.respond()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.send(400, b"text/plain", b"bad request\n")
+
+    def respond(self) -> None:
+        path = httptools.parse_url(self.url).path.decode("latin-1") if self.url else "/"
+        if self.method not in (b"GET", b"HEAD"):
+            self.send(405, b"text/plain", b"method not allowed\n", extra=b"Allow: GET, HEAD\r\n")
+        elif path == "/stats":
+            self.send(200, b"application/json", json.dumps(self.app.stats(), indent=2).encode() + b"\n")
+        elif path == "/metrics":
+            self.send(200, b"text/plain; version=0.0.4; charset=utf-8", generate_latest(self.registry))
+        else:
+            self.send(404, b"text/plain", b"not found: try /stats or /metrics\n")
+
+    def send(self, status: int, ctype: bytes, body: bytes, extra: bytes = b"") -> None:
+        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed"}[status]
+        head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
+                % (status, reason, ctype, len(body), extra))
+        assert self.transport is not None
+        self.transport.write(head if self.method == b"HEAD" else head + body)
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+
+
+async def start_admin(app: Balancer, host: str, port: int) -> asyncio.base_events.Server:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PoolCollector(app))
+    return await app.loop.create_server(lambda: AdminProtocol(app, registry), host, port, reuse_address=True)

@@ -1,0 +1,131 @@
+"""The balancer process: listener, health checks, sweeps, admin endpoint and
+graceful stop, around the relay of the chosen mode.
+
+Sweeps: one task checks, every quarter of the response timeout, which client
+connections have left a message unanswered too long (message mode), and one
+closes clients idle past ``idle_timeout``; no timer per message.
+
+Graceful stop (SIGTERM/SIGINT), in uvicorn's order: close the listener, let
+each client connection go on until its messages are answered and it has been
+quiet for ``drain_quiet``, at most ``drain_timeout``; then close what is left.
+A second signal forces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+
+from .. import logs
+from .admin import start_admin
+from .config import BalancerConfig
+from .health import check_forever
+from .pool import Backend, Pool
+from .relay_message import ClientSide
+from .relay_tcp import TcpClientSide
+
+
+class Balancer:
+    def __init__(self, config: BalancerConfig, elog: logs.EventLog) -> None:
+        self.config = config
+        self.elog = elog
+        self.pool = Pool(config, self._state_changed)
+        self.connections: set = set()
+        self.conn_ids = itertools.count(1)
+        self.total_connections = 0
+        self.rejected = 0
+        self.failovers = 0
+        self.no_backend_errors = 0
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._server: asyncio.base_events.Server | None = None
+        self._admin: asyncio.base_events.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stop = asyncio.Event()
+        self._force = False
+        self.started = time.time()
+
+    def _state_changed(self, backend: Backend, old: str, new: str) -> None:
+        if self.elog.warning:
+            event = "backend-up" if backend.healthy else "backend-down"
+            self.elog.line("WARNING", f"event={event} backend={backend.name} from={old} to={new} "
+                                      f"reason={logs.quote(backend.reason)}")
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        cfg = self.config
+        factory = (lambda: ClientSide(self)) if cfg.mode == "message" else (lambda: TcpClientSide(self))
+        self._server = await self.loop.create_server(factory, cfg.host, cfg.port, backlog=4096, reuse_address=True)
+        if cfg.admin_port:
+            self._admin = await start_admin(self, cfg.host, cfg.admin_port)
+        for b in self.pool.backends:
+            self._tasks.append(self.loop.create_task(
+                check_forever(self.pool, b, cfg.check_interval, cfg.check_timeout)))
+        self._tasks.append(self.loop.create_task(self._sweep()))
+
+    async def _sweep(self) -> None:
+        cfg = self.config
+        period = min(cfg.response_timeout / 4, 0.25)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_response_timeout(now, cfg.response_timeout)
+                if cfg.idle_timeout and conn.idle() and conn.note_activity(now) < now - cfg.idle_timeout:
+                    conn.close_idle()
+
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            self._force = True
+            for conn in list(self.connections):
+                conn.abort()
+        self._stop.set()
+
+    async def serve_until_stopped(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self.request_stop)
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        cfg = self.config
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=stopping connections={len(self.connections)}")
+        deadline = self.loop.time() + cfg.drain_timeout
+        while self.connections and self.loop.time() < deadline and not self._force:
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.idle() and conn.note_activity(now) < now - cfg.drain_quiet:
+                    conn.close()
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.abort()
+        for task in self._tasks:
+            task.cancel()
+        if self._admin is not None:
+            self._admin.close()
+        await asyncio.sleep(0)
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=stopped connections={self.total_connections} "
+                                      f"failovers={self.failovers}")
+
+    def stats(self) -> dict:
+        return {
+            "mode": self.config.mode, "algorithm": self.config.algorithm,
+            "uptime_s": round(time.time() - self.started, 3),
+            "client_connections": len(self.connections), "total_connections": self.total_connections,
+            "rejected": self.rejected, "failovers": self.failovers,
+            "no_backend_errors": self.no_backend_errors,
+            "messages": sum(b.messages for b in self.pool.backends),
+            "backends": [b.snapshot() for b in self.pool.backends],
+        }

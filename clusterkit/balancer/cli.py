@@ -1,0 +1,97 @@
+"""``Load_Balancer.py`` on the command line: flags and TOML into a
+``BalancerConfig``, then run the balancer until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import cli, logs, loops
+from ..config import ConfigError
+from .app import Balancer
+from .config import ALGORITHMS, MODES, BackendSpec, BalancerConfig, from_toml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BalancerConfig()
+    p = argparse.ArgumentParser(
+        description="Load balancer of the TCP cluster: spreads clients over the echo servers, "
+                    "health-checks them, and (in message mode) fails over without losing a message.")
+    p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=cli.port_number, default=d.port, help="port to listen on (default: %(default)s)")
+    p.add_argument("--admin-port", type=cli.port_number, default=d.admin_port,
+                   help="port of GET /stats (JSON) and /metrics (Prometheus); 0 turns it off (default: %(default)s)")
+    p.add_argument("--backend", action="append", metavar="[NAME=]HOST:PORT[:WEIGHT]",
+                   help="a backend server; repeat for each (default: 127.0.0.1:7001, :7002, :7003)")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="read settings and [[backends]] from a TOML file (see cluster.example.toml); "
+                        "flags given on the command line win")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="message: relay whole messages, fail over with no message lost (default); "
+                        "tcp: a plain byte relay, failover at connect time only")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default=None,
+                   help="roundrobin (default), weighted (smooth weighted round-robin), "
+                        "leastconn (fewest active connections), p2c (power of two choices)")
+    for flag, kind, text in (
+        ("--check-interval", float, "seconds between two health checks of a backend (HAProxy's inter)"),
+        ("--check-timeout", float, "seconds a health check may take"),
+        ("--rise", cli.positive_int, "good checks in a row that bring a down backend back"),
+        ("--fall", cli.positive_int, "failed checks in a row that take a backend down"),
+        ("--connect-timeout", float, "seconds to connect to a backend before trying the next"),
+        ("--response-timeout", float, "seconds a backend may leave a message unanswered before "
+                                      "its clients are moved to another backend"),
+        ("--idle-timeout", float, "seconds a client may stay silent before it is disconnected, 0 for never"),
+        ("--drain-timeout", float, "on SIGTERM, seconds to let in-flight messages finish"),
+        ("--max-connections", cli.positive_int, "clients served at once; more get 'ERR busy'"),
+        ("--max-line", cli.positive_int, "longest message in bytes"),
+    ):
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
+    p.add_argument("--loop", choices=loops.LOOPS, default="auto", help="event loop (default: uvloop when installed)")
+    cli.add_logging_args(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BalancerConfig:
+    kwargs: dict = from_toml(args.config) if args.config else {}
+    for key in ("mode", "algorithm", "check_interval", "check_timeout", "rise", "fall", "connect_timeout",
+                "response_timeout", "idle_timeout", "drain_timeout", "max_connections", "max_line"):
+        value = getattr(args, key)
+        if value is not None:
+            kwargs[key] = value
+    if args.backend:
+        kwargs["backends"] = tuple(BackendSpec.parse(b) for b in args.backend)
+    kwargs.update(host=args.host, port=args.port, admin_port=args.admin_port, log_level=args.log_level,
+                  log_dir=args.log_dir, loop=args.loop)
+    return BalancerConfig(**kwargs)
+
+
+async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
+    balancer = Balancer(config, elog)
+    try:
+        await balancer.start()
+    except OSError as exc:
+        port = config.admin_port if balancer._server is not None else config.port
+        raise cli.listen_error("balancer", config.host, port, exc) from None
+    backends = ", ".join(f"{b.name}" for b in config.backends)
+    admin = f", admin http://{config.host}:{config.admin_port}/stats" if config.admin_port else ""
+    print(f"balancer listening on {config.host}:{balancer.port} (mode {config.mode}, {config.algorithm}, "
+          f"backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    if elog.warning:
+        elog.line("WARNING", f"event=listen port={balancer.port} mode={config.mode} algorithm={config.algorithm} "
+                             f"backends={','.join(b.name for b in config.backends)}")
+    await balancer.serve_until_stopped()
+
+
+@cli.main_wrapper
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
+    cli.raise_fd_limit()
+    elog = logs.configure("balancer", level=config.log_level, log_dir=config.log_dir, file_name=logs.SERVER_LOG)
+    loops.run(_run(config, elog), config.loop)
+    return cli.EXIT_OK

@@ -1,0 +1,120 @@
+"""Settings of the TCP load balancer, as one frozen dataclass.
+
+Built from the command line (``--backend host:port[:weight]``, repeatable) or a
+TOML file (``--config cluster.toml``; see ``cluster.example.toml``), validated
+once, then passed down. Command-line flags win over the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, check, load_toml
+from ..protocol import DEFAULT_MAX_LINE
+
+MODES = ("message", "tcp")
+ALGORITHMS = ("roundrobin", "weighted", "leastconn", "p2c")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    host: str
+    port: int
+    weight: int = 1
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        check(0 < self.port <= 65535, f"backend {self.host}:{self.port}: not a port number")
+        check(self.weight >= 1, f"backend {self.host}:{self.port}: weight must be at least 1")
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.host}:{self.port}")
+
+    @classmethod
+    def parse(cls, text: str) -> BackendSpec:
+        """``host:port[:weight]``, ``[v6addr]:port[:weight]`` or ``name=host:port[:weight]``."""
+        name = ""
+        if "=" in text:
+            name, text = text.split("=", 1)
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            parts = [host] + rest.lstrip(":").split(":")
+        else:
+            parts = text.split(":")
+        try:
+            if len(parts) == 2:
+                return cls(parts[0], int(parts[1]), name=name)
+            if len(parts) == 3:
+                return cls(parts[0], int(parts[1]), int(parts[2]), name=name)
+        except ValueError:
+            pass
+        raise ConfigError(f"--backend {text!r}: expected host:port or host:port:weight")
+
+
+DEFAULT_BACKENDS = tuple(BackendSpec("127.0.0.1", 7000 + i, name=f"server{i}") for i in (1, 2, 3))
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7000
+    admin_port: int = 7100
+    """Port of the /stats and /metrics endpoint; 0 turns it off."""
+    backends: tuple[BackendSpec, ...] = DEFAULT_BACKENDS
+    mode: str = "message"
+    algorithm: str = "roundrobin"
+    check_interval: float = 1.0
+    """Seconds between two active health checks of a backend (HAProxy's ``inter``)."""
+    check_timeout: float = 1.0
+    rise: int = 2
+    """Consecutive good checks that bring a down backend back."""
+    fall: int = 3
+    """Consecutive failed checks that take a backend down."""
+    connect_timeout: float = 1.0
+    response_timeout: float = 2.0
+    """A backend that leaves a message unanswered this long is failed over."""
+    idle_timeout: float = 300.0
+    drain_timeout: float = 5.0
+    drain_quiet: float = 0.25
+    max_connections: int = 10_000
+    max_line: int = DEFAULT_MAX_LINE
+    max_pending_bytes: int = 4 * 2**20
+    """Stop reading a client whose unanswered messages pass this many bytes."""
+    write_high_water: int = 256 * 1024
+    log_level: str = "info"
+    log_dir: str = "logs"
+    loop: str = "auto"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}")
+        check(self.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}")
+        check(len(self.backends) >= 1, "at least one backend is needed")
+        names = [b.name for b in self.backends]
+        check(len(set(names)) == len(names), "backend names must be unique")
+        for key in ("check_interval", "check_timeout", "connect_timeout", "response_timeout"):
+            check(getattr(self, key) > 0, f"--{key.replace('_', '-')} must be positive")
+        check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
+        check(0 <= self.port <= 65535 and 0 <= self.admin_port <= 65535, "not a port number")
+        check(self.max_connections >= 1, "--max-connections must be at least 1")
+
+
+def from_toml(path: str) -> dict:
+    """The settings of a TOML file as keyword arguments of ``BalancerConfig``."""
+    data = load_toml(path)
+    section = data.get("balancer", {})
+    kwargs: dict = {}
+    for key, value in section.items():
+        kwargs[key.replace("-", "_")] = value
+    backends = []
+    for i, b in enumerate(data.get("backends", [])):
+        if not isinstance(b, dict) or "port" not in b:
+            raise ConfigError(f"{path}: backends[{i}] needs at least a port")
+        backends.append(BackendSpec(b.get("host", "127.0.0.1"), int(b["port"]), int(b.get("weight", 1)),
+                                    b.get("name", "")))
+    if backends:
+        kwargs["backends"] = tuple(backends)
+    known = set(BalancerConfig.__dataclass_fields__)
+    unknown = set(kwargs) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+    return kwargs

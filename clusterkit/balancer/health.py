@@ -1,0 +1,56 @@
+"""Active health checks: a real message exchange with each backend, every
+``check_interval`` seconds, bounded by ``check_timeout``.
+
+A check opens a connection, sends ``health-check``, and passes when a correct
+``REPLY``/``ACK`` pair comes back in time; anything else fails it with a short
+reason (``refused``, ``timeout``, ``closed``, ``bad-reply``). The pool turns
+results into state changes (see pool.py). One task per backend; all of them
+are cancelled when the balancer stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..protocol import ProtocolError, ResponseParser
+from .pool import Backend, Pool
+
+CHECK_MESSAGE = b"health-check"
+
+
+async def check_once(backend: Backend, timeout: float) -> str | None:
+    """None when the backend answered correctly, else the reason it failed."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(backend.host, backend.port)
+            writer.write(CHECK_MESSAGE + b"\n")
+            parser = ResponseParser()
+            while True:
+                data = await reader.read(4096)
+                if not data:
+                    return "closed"
+                responses = parser.feed(data)
+                if responses:
+                    return None if responses[0].matches(CHECK_MESSAGE) else "bad-reply"
+    except TimeoutError:
+        return "timeout"
+    except ConnectionRefusedError:
+        return "refused"
+    except ProtocolError:
+        return "bad-reply"
+    except OSError as exc:
+        return (exc.strerror or "error").lower().replace(" ", "-")
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+
+
+async def check_forever(pool: Pool, backend: Backend, interval: float, timeout: float) -> None:
+    while True:
+        reason = await check_once(backend, timeout)
+        if reason is None:
+            pool.check_passed(backend)
+        else:
+            pool.check_failed(backend, f"check {reason}")
+        await asyncio.sleep(interval)

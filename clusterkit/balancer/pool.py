@@ -1,0 +1,175 @@
+"""The backend pool: each backend's health state, counters and latency, and the
+choice of a backend for a new connection.
+
+How health works (HAProxy's model): a backend is UP, FALLING (up, but the last
+checks failed, fewer than ``fall`` of them), DOWN, or RISING (down, but the last
+checks passed, fewer than ``rise`` of them). Traffic goes to UP and FALLING
+backends. Active checks move a backend one step at a time; an error seen on real
+traffic (a refused connect, a reset, a message left unanswered past the
+response timeout) takes it DOWN at once, so that no other client is sent there,
+and only ``rise`` good checks bring it back.
+
+    state    check ok                    check failed               traffic error
+    UP       UP                          FALLING (DOWN if fall=1)   DOWN
+    FALLING  UP                          FALLING, DOWN at fall      DOWN
+    DOWN     RISING (UP if rise=1)       DOWN                       DOWN
+    RISING   RISING, UP at rise          DOWN                       DOWN
+
+What it is not: the checker (health.py) or the relays; they report here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable
+
+from .algorithms import ALGORITHMS
+from .config import BackendSpec, BalancerConfig
+
+UP, FALLING, DOWN, RISING = "UP", "FALLING", "DOWN", "RISING"
+HEALTHY = (UP, FALLING)
+
+log = logging.getLogger("clusterkit.balancer")
+
+# Latency buckets in milliseconds (upper bounds), for cheap percentiles.
+_BOUNDS_MS = [round(0.01 * 1.15 ** i, 4) for i in range(110)]
+
+
+class LatencyHistogram:
+    """A fixed log-bucket histogram: one bisect per value, percentiles within 15%."""
+
+    __slots__ = ("counts", "total", "max_ms")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BOUNDS_MS) + 1)
+        self.total = 0
+        self.max_ms = 0.0
+
+    def record(self, ms: float) -> None:
+        self.counts[bisect.bisect_left(_BOUNDS_MS, ms)] += 1
+        self.total += 1
+        if ms > self.max_ms:
+            self.max_ms = ms
+
+    def percentile(self, p: float) -> float | None:
+        if not self.total:
+            return None
+        rank = p / 100 * self.total
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank and c:
+                return min(_BOUNDS_MS[i] if i < len(_BOUNDS_MS) else self.max_ms, self.max_ms)
+        return self.max_ms
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+class Backend:
+    """One backend server as the balancer sees it."""
+
+    def __init__(self, index: int, spec: BackendSpec) -> None:
+        self.index = index
+        self.spec = spec
+        self.name = spec.name
+        self.host = spec.host
+        self.port = spec.port
+        self.weight = spec.weight
+        self.current_weight = 0  # for smooth weighted round-robin
+        self.state = UP
+        self.count = 0  # consecutive check results toward the next state
+        self.reason = "initial"
+        self.active = 0  # client connections on it now
+        self.connections = 0
+        self.messages = 0
+        self.failures = 0
+        self.failovers = 0
+        self.checks_ok = 0
+        self.checks_failed = 0
+        self.latency = LatencyHistogram()
+
+    @property
+    def healthy(self) -> bool:
+        return self.state in HEALTHY
+
+    def snapshot(self) -> dict:
+        lat = self.latency
+        return {
+            "name": self.name, "address": f"{self.host}:{self.port}", "weight": self.weight,
+            "state": self.state, "reason": self.reason, "active_connections": self.active,
+            "connections": self.connections, "messages": self.messages, "failures": self.failures,
+            "failovers_from": self.failovers, "checks_ok": self.checks_ok, "checks_failed": self.checks_failed,
+            "latency_ms": {"count": lat.total, **{f"p{p}": _round(lat.percentile(p)) for p in (50, 90, 99)},
+                           "max": _round(lat.max_ms) if lat.total else None},
+        }
+
+
+class Pool:
+    """All backends, their states, and the algorithm that picks one."""
+
+    def __init__(self, config: BalancerConfig,
+                 on_change: Callable[[Backend, str, str], None] | None = None) -> None:
+        self.rise = config.rise
+        self.fall = config.fall
+        self.backends = [Backend(i, spec) for i, spec in enumerate(config.backends)]
+        self.algorithm = ALGORITHMS[config.algorithm](len(self.backends))
+        self.on_change = on_change
+        self.no_backend = 0
+
+    def healthy(self) -> list[Backend]:
+        return [b for b in self.backends if b.state in HEALTHY]
+
+    def choose(self, exclude: Backend | None = None) -> Backend | None:
+        """A healthy backend for a new connection, or None when none is healthy."""
+        healthy = [b for b in self.backends if b.state in HEALTHY and b is not exclude]
+        if not healthy:
+            self.no_backend += 1
+            return None
+        return self.algorithm.choose(healthy)
+
+    # -- state transitions (see the table in the module docstring) ------------
+
+    def _set(self, b: Backend, state: str, reason: str) -> None:
+        old = b.state
+        b.state = state
+        b.count = 0
+        b.reason = reason
+        if (old in HEALTHY) != (state in HEALTHY) and self.on_change is not None:
+            self.on_change(b, old, state)
+
+    def check_passed(self, b: Backend) -> None:
+        b.checks_ok += 1
+        if b.state in (UP, FALLING):
+            if b.state == FALLING:
+                self._set(b, UP, "check passed")
+        elif b.state == DOWN:
+            if self.rise <= 1:
+                self._set(b, UP, "check passed")
+            else:
+                b.state, b.count = RISING, 1
+        else:  # RISING
+            b.count += 1
+            if b.count >= self.rise:
+                self._set(b, UP, f"{self.rise} checks passed")
+
+    def check_failed(self, b: Backend, reason: str) -> None:
+        b.checks_failed += 1
+        if b.state == UP:
+            if self.fall <= 1:
+                self._set(b, DOWN, reason)
+            else:
+                b.state, b.count, b.reason = FALLING, 1, reason
+        elif b.state == FALLING:
+            b.count += 1
+            if b.count >= self.fall:
+                self._set(b, DOWN, f"{reason} ({self.fall} checks failed)")
+        elif b.state == RISING:
+            self._set(b, DOWN, reason)
+
+    def traffic_error(self, b: Backend, reason: str) -> None:
+        b.failures += 1
+        if b.state != DOWN:
+            self._set(b, DOWN, reason)

@@ -1,0 +1,410 @@
+"""Message mode: the balancer reads client lines, forwards them to a backend and
+relays each reply pair as one unit, failing over without losing a message.
+
+How it works. Each client connection has one backend connection and a queue
+(``pending``) of the messages forwarded to it that have no complete reply yet.
+Backend bytes are cut at the end of the last complete response
+(``count_complete_responses``: a ``REPLY`` line with its ``ACK``, or an ``ERR``
+line) and written to the client in one piece; as many messages leave the
+queue. When the backend dies (EOF, reset) or leaves the oldest message
+unanswered past the response timeout (checked by the balancer's sweep, not by
+a timer per message), its connection is dropped with any half reply it sent,
+the backend is marked DOWN, and every pending message is sent again, in order,
+to another healthy backend. So the client sees each message answered exactly
+once and in order; a backend may see a message twice.
+
+With no healthy backend, each pending and each new message gets
+``ERR no-backend`` at once; the next message tries again, so service comes
+back by itself when a health check brings a backend UP.
+
+Client connection states::
+
+    attached ──(backend lost, pending)──► connecting ──(connected)──► attached
+    attached ──(backend lost, idle)─────► detached ──(next message)──► connecting
+    connecting ──(no healthy backend)───► detached (pending answered ERR no-backend)
+    any ──(client EOF, nothing pending)─► closed
+
+Flow control: the client is not read while its unanswered messages pass
+``max_pending_bytes`` or the backend's socket is full; the backend is not read
+while the client's socket is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..protocol import LineFramer, build_error, count_complete_responses
+from .pool import Backend
+
+if TYPE_CHECKING:
+    from .app import Balancer
+
+ERR_NO_BACKEND = build_error("no-backend")
+ERR_BUSY = build_error("busy")
+ERR_LINE_TOO_LONG = build_error("line-too-long")
+ERR_IDLE = build_error("idle-timeout")
+
+
+class BackendSide(asyncio.Protocol):
+    """The balancer's connection to one backend, on behalf of one client."""
+
+    __slots__ = ("client", "backend", "transport")
+
+    def __init__(self, client: ClientSide, backend: Backend) -> None:
+        self.client = client
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        high = self.client.app.config.write_high_water
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+
+    def data_received(self, data: bytes) -> None:
+        if self.client.backend_conn is self:
+            self.client.backend_data(data)
+
+    def eof_received(self) -> bool:
+        self.client.backend_lost(self, "closed")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.backend_lost(self, "reset" if exc else "closed")
+
+    def pause_writing(self) -> None:
+        self.client.set_paused("backend-full", True)
+
+    def resume_writing(self) -> None:
+        self.client.set_paused("backend-full", False)
+
+
+class ClientSide(asyncio.Protocol):
+    """One client connection in message mode."""
+
+    def __init__(self, app: Balancer) -> None:
+        self.app = app
+        self.config = app.config
+        self.elog = app.elog
+        self.framer = LineFramer(app.config.max_line)
+        self.transport: asyncio.Transport | None = None
+        self.conn_id = 0
+        self.peer = "-"
+        self.backend: Backend | None = None
+        self.backend_conn: BackendSide | None = None
+        self.connecting = False
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.inbuf = bytearray()
+        self.used: list[str] = []
+        self.paused: set[str] = set()
+        self.client_full = False
+        self.eof = False
+        self.closed = False
+        self.rejected = False
+        self.error_after_pending = False
+        self.answered = 0
+        self.failovers = 0
+        self.no_backend_errors = 0
+        self.bytes_in = 0
+        self.seen_bytes = 0
+        self.last_activity = time.monotonic()
+        self.burst_start: float | None = None
+        # for the response-timeout sweep
+        self.sweep_answered = 0
+        self.stall_since: float | None = None
+
+    # -- client side ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        app = self.app
+        self.transport = transport
+        self.conn_id = next(app.conn_ids)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        if len(app.connections) >= self.config.max_connections or app.stopping:
+            self.rejected = True
+            transport.write(ERR_BUSY)
+            transport.close()
+            app.rejected += 1
+            return
+        app.connections.add(self)
+        app.total_connections += 1
+        high = self.config.write_high_water
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        self.attach()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        framer = self.framer
+        aligned = framer.buffered == 0
+        messages = framer.feed(data)
+        if messages:
+            if self.backend_conn is None and not self.connecting:
+                self.attach()
+            if self.backend_conn is None and not self.connecting:
+                self.answer_no_backend(len(messages))
+            else:
+                if not self.pending:
+                    self.burst_start = time.monotonic()
+                self.pending.extend(messages)
+                whole = aligned and framer.buffered == 0 and framer.error is None
+                out = data if whole else b"\n".join(messages) + b"\n"
+                self.pending_bytes += len(out)
+                conn = self.backend_conn
+                if conn is not None and not self.connecting:
+                    conn.transport.write(out)  # type: ignore[union-attr]
+                if self.pending_bytes > self.config.max_pending_bytes:
+                    self.set_paused("pending", True)
+        if framer.error is not None and not self.error_after_pending:
+            self.error_after_pending = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            if not self.pending:
+                self.finish_with(ERR_LINE_TOO_LONG)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.pending and not self.connecting:
+            self.close()
+        return True  # keep the write side open for the replies still due
+
+    def pause_writing(self) -> None:
+        self.client_full = True
+        conn = self.backend_conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client_full = False
+        conn = self.backend_conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.rejected:
+            return
+        self.closed = True
+        self.app.connections.discard(self)
+        self.drop_backend()
+        if self.elog.info:
+            self.elog.line("INFO", f"event=session conn={self.conn_id} peer={self.peer} "
+                                   f"backends={','.join(self.used) or '-'} messages={self.answered} "
+                                   f"failovers={self.failovers} no_backend={self.no_backend_errors}")
+
+    def set_paused(self, reason: str, on: bool) -> None:
+        if self.transport is None or self.closed:
+            return
+        before = bool(self.paused)
+        if on:
+            self.paused.add(reason)
+        else:
+            self.paused.discard(reason)
+        if before != bool(self.paused) and not self.error_after_pending:
+            if self.paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+
+    def finish_with(self, line: bytes) -> None:
+        self.transport.write(line)  # type: ignore[union-attr]
+        self.close()
+
+    # -- choosing and connecting a backend -----------------------------------
+
+    def attach(self, attempts: int = 0) -> bool:
+        """Pick a healthy backend and start connecting; False when none is healthy."""
+        backend = self.app.pool.choose()
+        if backend is None:
+            return False
+        self.backend = backend
+        backend.active += 1
+        backend.connections += 1
+        if not self.used or self.used[-1] != backend.name:
+            self.used.append(backend.name)
+        self.connecting = True
+        self.app.loop.create_task(self._connect(backend, attempts))
+        return True
+
+    async def _connect(self, backend: Backend, attempts: int) -> None:
+        loop = self.app.loop
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                transport, side = await loop.create_connection(
+                    lambda: BackendSide(self, backend), backend.host, backend.port)
+        except (OSError, TimeoutError) as exc:
+            reason = "connect-timeout" if isinstance(exc, TimeoutError) else "connect-refused"
+            self.app.pool.traffic_error(backend, reason)
+            self.release_backend()
+            self.connecting = False
+            if self.closed:
+                return
+            if attempts + 1 < len(self.app.pool.backends) and self.attach(attempts + 1):
+                return
+            self.answer_no_backend(0)
+            return
+        self.connecting = False
+        if self.closed or self.backend is not backend:
+            transport.abort()
+            return
+        self.backend_conn = side
+        if self.client_full:
+            transport.pause_reading()
+        if self.pending:
+            # First connection, or a failover: (re)send everything unanswered, in order.
+            transport.write(b"".join([m + b"\n" for m in self.pending]))
+        elif self.eof:
+            self.close()
+
+    def release_backend(self) -> None:
+        if self.backend is not None:
+            self.backend.active -= 1
+            self.backend = None
+
+    def drop_backend(self) -> None:
+        conn = self.backend_conn
+        self.backend_conn = None
+        self.inbuf.clear()
+        if conn is not None and conn.transport is not None:
+            conn.transport.abort()
+        self.release_backend()
+
+    # -- backend side -----------------------------------------------------------
+
+    def backend_data(self, data: bytes) -> None:
+        buf = self.inbuf
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data
+        pending = self.pending
+        n, end = count_complete_responses(view, 0, len(pending))
+        if n:
+            if end == len(view):
+                out = bytes(view) if view is buf else view
+                buf.clear()
+            else:
+                out = bytes(view[:end])
+                if view is buf:
+                    del buf[:end]
+                else:
+                    buf += view[end:]
+            self.transport.write(out)  # type: ignore[union-attr]
+            self.answered += n
+            backend = self.backend
+            if n == len(pending):
+                pending.clear()
+                self.pending_bytes = 0
+                if backend is not None:
+                    backend.messages += n
+                    if self.burst_start is not None:
+                        backend.latency.record((time.monotonic() - self.burst_start) * 1000)
+                self.burst_start = None
+                if self.paused:
+                    self.set_paused("pending", False)
+                if self.error_after_pending:
+                    self.finish_with(ERR_LINE_TOO_LONG)
+                elif self.eof:
+                    self.close()
+            else:
+                popleft = pending.popleft
+                freed = 0
+                for _ in range(n):
+                    freed += len(popleft()) + 1
+                self.pending_bytes = max(0, self.pending_bytes - freed)
+                if backend is not None:
+                    backend.messages += n
+                if "pending" in self.paused and self.pending_bytes < self.config.max_pending_bytes // 2:
+                    self.set_paused("pending", False)
+        elif view is not buf:
+            if pending:
+                buf += view  # a response cut in two: wait for the rest
+            # else: unsolicited bytes (e.g. the backend's idle notice): not a reply to anyone
+        elif not pending:
+            buf.clear()
+        if len(buf) > self.config.max_line + 1024:
+            self.fail_over("bad-reply")
+
+    def backend_lost(self, side: BackendSide, reason: str) -> None:
+        if side is not self.backend_conn:
+            return  # an old connection we already gave up on
+        self.fail_over(reason)
+
+    def fail_over(self, reason: str) -> None:
+        """Drop the current backend; resend what is pending elsewhere."""
+        backend = self.backend
+        had_pending = bool(self.pending)
+        self.drop_backend()
+        if self.closed:
+            return
+        self.set_paused("backend-full", False)
+        if not had_pending:
+            if self.eof:
+                self.close()
+            return  # idle: the next message picks a backend
+        if backend is not None:
+            self.app.pool.traffic_error(backend, reason)
+            backend.failovers += 1
+        self.failovers += 1
+        self.app.failovers += 1
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=failover conn={self.conn_id} from={backend.name if backend else '-'} "
+                                      f"reason={reason} pending={len(self.pending)}")
+        if not self.attach():
+            self.answer_no_backend(0)
+
+    def answer_no_backend(self, new_messages: int) -> None:
+        """ERR no-backend for every pending message and ``new_messages`` more."""
+        count = len(self.pending) + new_messages
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.inbuf.clear()
+        self.burst_start = None
+        if count:
+            self.transport.write(ERR_NO_BACKEND * count)  # type: ignore[union-attr]
+            self.no_backend_errors += count
+            self.app.no_backend_errors += count
+            if self.elog.warning:
+                self.elog.line("WARNING", f"event=no-backend conn={self.conn_id} messages={count}")
+        self.set_paused("pending", False)
+        if self.error_after_pending:
+            self.finish_with(ERR_LINE_TOO_LONG)
+        elif self.eof:
+            self.close()
+
+    # -- the balancer's sweeps ---------------------------------------------------
+
+    def check_response_timeout(self, now: float, timeout: float) -> None:
+        if not self.pending or self.connecting or self.backend_conn is None:
+            self.stall_since = None
+            return
+        if self.answered != self.sweep_answered or self.stall_since is None:
+            self.sweep_answered = self.answered
+            self.stall_since = now
+        elif now - self.stall_since > timeout:
+            self.stall_since = None
+            self.fail_over("response-timeout")
+
+    def note_activity(self, now: float) -> float:
+        if self.bytes_in != self.seen_bytes:
+            self.seen_bytes = self.bytes_in
+            self.last_activity = now
+        return self.last_activity
+
+    def idle(self) -> bool:
+        return not self.pending and not self.connecting
+
+    def close_idle(self) -> None:
+        if not self.closed:
+            self.finish_with(ERR_IDLE)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+

@@ -1,0 +1,174 @@
+"""TCP mode: a plain byte relay, for speed; failover happens at connect time.
+
+The client's bytes go to the backend and back untouched (HAProxy's ``mode
+tcp``). A refused or timed-out connect marks the backend DOWN and the next
+healthy backend is tried, so a new client never waits on a dead server; but
+once connected, a backend that dies takes its client connection with it (the
+client sees the close), as with any TCP proxy. Message mode is the one that
+never loses a message.
+
+Flow control: each side stops reading while the other side's socket is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from .pool import Backend
+from .relay_message import ERR_BUSY, ERR_NO_BACKEND
+
+if TYPE_CHECKING:
+    from .app import Balancer
+
+
+class TcpBackendSide(asyncio.Protocol):
+    def __init__(self, client: TcpClientSide) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.client.transport.write(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        client = self.client.transport
+        if client is not None and client.can_write_eof():
+            client.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.backend_gone()
+
+    def pause_writing(self) -> None:
+        self.client.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.client.transport.resume_reading()  # type: ignore[union-attr]
+
+
+class TcpClientSide(asyncio.Protocol):
+    def __init__(self, app: Balancer) -> None:
+        self.app = app
+        self.elog = app.elog
+        self.transport: asyncio.Transport | None = None
+        self.backend: Backend | None = None
+        self.peer_side: TcpBackendSide | None = None
+        self.conn_id = 0
+        self.peer = "-"
+        self.used: list[str] = []
+        self.closed = False
+        self.rejected = False
+        self.bytes_in = 0
+        self.seen_bytes = 0
+        self.last_activity = time.monotonic()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        app = self.app
+        self.transport = transport
+        self.conn_id = next(app.conn_ids)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        if len(app.connections) >= app.config.max_connections or app.stopping:
+            self.rejected = True
+            transport.write(ERR_BUSY)
+            transport.close()
+            app.rejected += 1
+            return
+        app.connections.add(self)
+        app.total_connections += 1
+        transport.pause_reading()  # nothing to read into until a backend is connected
+        app.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        pool = self.app.pool
+        for _ in range(len(pool.backends)):
+            backend = pool.choose()
+            if backend is None:
+                break
+            self.used.append(backend.name)
+            try:
+                async with asyncio.timeout(self.app.config.connect_timeout):
+                    transport, side = await self.app.loop.create_connection(
+                        lambda: TcpBackendSide(self), backend.host, backend.port)
+            except (OSError, TimeoutError) as exc:
+                pool.traffic_error(backend, "connect-timeout" if isinstance(exc, TimeoutError) else "connect-refused")
+                continue
+            if self.closed:
+                transport.abort()
+                return
+            self.backend = backend
+            backend.active += 1
+            backend.connections += 1
+            self.peer_side = side
+            self.transport.resume_reading()  # type: ignore[union-attr]
+            return
+        self.app.no_backend_errors += 1
+        if not self.closed:
+            self.transport.write(ERR_NO_BACKEND)  # type: ignore[union-attr]
+            self.transport.close()  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.peer_side.transport.write(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        side = self.peer_side
+        if side is not None and side.transport is not None and side.transport.can_write_eof():
+            side.transport.write_eof()
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        if self.peer_side is not None:
+            self.peer_side.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        if self.peer_side is not None:
+            self.peer_side.transport.resume_reading()  # type: ignore[union-attr]
+
+    def backend_gone(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.rejected:
+            return
+        self.closed = True
+        self.app.connections.discard(self)
+        if self.peer_side is not None and self.peer_side.transport is not None:
+            self.peer_side.transport.close()
+        if self.backend is not None:
+            self.backend.active -= 1
+        if self.elog.info:
+            self.elog.line("INFO", f"event=session conn={self.conn_id} peer={self.peer} mode=tcp "
+                                   f"backends={','.join(self.used) or '-'} bytes_in={self.bytes_in}")
+
+    # -- the balancer's sweeps ---------------------------------------------------
+
+    def check_response_timeout(self, now: float, timeout: float) -> None:
+        pass  # a byte relay does not know where messages end
+
+    def note_activity(self, now: float) -> float:
+        if self.bytes_in != self.seen_bytes:
+            self.seen_bytes = self.bytes_in
+            self.last_activity = now
+        return self.last_activity
+
+    def idle(self) -> bool:
+        return True
+
+    def close_idle(self) -> None:
+        self.close()  # no ERR line: it would land in the middle of someone's byte stream
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
