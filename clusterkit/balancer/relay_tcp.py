@@ -64,6 +64,8 @@ class TcpClientSide(asyncio.Protocol):
         self.closed = False
         self.rejected = False
         self.bytes_in = 0
+        self.early = bytearray()  # bytes that came before the backend connection was up
+        self.early_eof = False
         self.seen_bytes = 0
         self.last_activity = time.monotonic()
 
@@ -105,7 +107,13 @@ class TcpClientSide(asyncio.Protocol):
             backend.active += 1
             backend.connections += 1
             self.peer_side = side
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            if self.early:
+                transport.write(bytes(self.early))
+                self.early.clear()
+            if self.early_eof:
+                transport.write_eof()
+            else:
+                self.transport.resume_reading()  # type: ignore[union-attr]
             return
         self.app.no_backend_errors += 1
         if not self.closed:
@@ -114,10 +122,19 @@ class TcpClientSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.peer_side.transport.write(data)  # type: ignore[union-attr]
+        side = self.peer_side
+        if side is None:
+            # uvloop may deliver a first chunk before pause_reading takes effect
+            self.early += data
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        side.transport.write(data)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         side = self.peer_side
+        if side is None:
+            self.early_eof = True
+            return True
         if side is not None and side.transport is not None and side.transport.can_write_eof():
             side.transport.write_eof()
             return True

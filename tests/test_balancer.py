@@ -1,0 +1,311 @@
+"""Load_Balancer.py in front of three real echo servers, with faults injected."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from clusterkit import cluster
+from clusterkit.balancer import balancer_process
+from clusterkit.protocol import ResponseParser
+
+pytestmark = pytest.mark.timeout(90)
+
+FAST_CHECKS = ("--check-interval", "0.2", "--check-timeout", "0.5", "--rise", "2", "--fall", "2",
+               "--response-timeout", "0.5", "--connect-timeout", "0.5")
+
+
+class Cluster:
+    def __init__(self, procs, log_dir):
+        self.procs = procs
+        self.log_dir = str(log_dir)
+        self.servers: dict[str, cluster.Process] = {}
+        self.lb: cluster.Process | None = None
+        self.admin_port = 0
+
+    def start(self, *lb_args: str, names=("server1", "server2", "server3"), weights=None):
+        ports = cluster.free_ports(len(names) + 2)
+        for i, name in enumerate(names):
+            self.servers[name] = self.procs.start(cluster.echo_server(name, ports[i], log_dir=self.log_dir))
+        backends = [f"{name}=127.0.0.1:{self.servers[name].port}" + (f":{weights[i]}" if weights else "")
+                    for i, name in enumerate(names)]
+        self.admin_port = ports[-1]
+        self.lb = self.procs.start(balancer_process(ports[-2], backends, *FAST_CHECKS, *lb_args,
+                                                    admin_port=self.admin_port, log_dir=self.log_dir))
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.lb.port
+
+    def restart(self, name: str) -> None:
+        old = self.servers[name]
+        old.stop()
+        self.servers[name] = self.procs.start(cluster.echo_server(name, old.port, log_dir=self.log_dir))
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats", timeout=10) as r:
+            return json.load(r)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def state(self, name: str) -> str:
+        return next(b["state"] for b in self.stats()["backends"] if b["name"] == name)
+
+    def wait_state(self, name: str, states: tuple[str, ...], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.state(name) not in states:
+            assert time.monotonic() < deadline, f"{name} never became {states}"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def lb(procs, log_dir):
+    return Cluster(procs, log_dir)
+
+
+def one_message(port: int, text: bytes = b"hi", timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(text + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def server_of(reply: bytes) -> str:
+    return reply.split(b" ")[1].decode()
+
+
+def pipeline(port: int, messages: list[bytes], during=None, timeout: float = 60) -> list:
+    """Send all messages on one connection, run ``during(responses_so_far)`` after the
+    first thousand responses, and read every response."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sender = threading.Thread(target=lambda: (s.sendall(b"".join(m + b"\n" for m in messages)),
+                                              s.shutdown(socket.SHUT_WR)))
+    sender.start()
+    parser = ResponseParser()
+    responses = []
+    fired = during is None
+    while len(responses) < len(messages):
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        responses += parser.feed(chunk)
+        if not fired and len(responses) >= 1000:
+            during(responses)
+            fired = True
+    sender.join()
+    s.close()
+    return responses
+
+
+def test_round_robin_spreads_300_connections_exactly(lb):
+    lb.start()
+    counts: dict[str, int] = {}
+    for i in range(300):
+        name = server_of(one_message(lb.port, b"rr%d" % i))
+        counts[name] = counts.get(name, 0) + 1
+    assert counts == {"server1": 100, "server2": 100, "server3": 100}
+    stats = lb.stats()
+    assert stats["messages"] == 300
+    assert [b["messages"] for b in stats["backends"]] == [100, 100, 100]
+    assert 'clusterkit_backend_messages_total{backend="server2"} 100.0' in lb.metrics()
+
+
+def test_weights_are_honoured(lb):
+    lb.start("--algorithm", "weighted", weights=(3, 1, 1))
+    counts: dict[str, int] = {}
+    for i in range(100):
+        name = server_of(one_message(lb.port))
+        counts[name] = counts.get(name, 0) + 1
+    assert counts == {"server1": 60, "server2": 20, "server3": 20}
+
+
+def test_least_connections_prefers_the_idle_backend(lb, connect):
+    lb.start("--algorithm", "leastconn")
+    held = {}
+    for _ in range(3):
+        c = connect(lb.port)
+        c.send(b"hold\n")
+        held[server_of(c.read_lines(2)[0])] = c
+    assert sorted(held) == ["server1", "server2", "server3"]
+    extra = connect(lb.port)  # a tie: it lands somewhere, that backend now has two
+    extra.send(b"x\n")
+    busy = server_of(extra.read_lines(2)[0])
+    freed = next(name for name in held if name != busy)
+    held[freed].close()
+    deadline = time.monotonic() + 10
+    while next(b for b in lb.stats()["backends"] if b["name"] == freed)["active_connections"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert server_of(one_message(lb.port)) == freed
+
+
+def test_kill_9_backend_with_20000_pipelined_messages_loses_nothing(lb):
+    lb.start()
+    messages = [b"pipelined-%d" % i for i in range(20_000)]
+    victims = []
+
+    def crash(responses):
+        victim = lb.servers[responses[0].server.decode()]  # the backend this client is on
+        victims.append(victim.name)
+        victim.signal(signal.SIGSTOP)  # let unanswered messages pile up on it first
+        time.sleep(0.1)
+        victim.kill()
+
+    responses = pipeline(lb.port, messages, during=crash)
+    assert len(responses) == len(messages)
+    assert all(r.error is None for r in responses), {r.error for r in responses}
+    assert all(r.matches(m) for r, m in zip(responses, messages))
+    assert {r.server.decode() for r in responses[-100:]}.isdisjoint(victims)
+    assert lb.stats()["failovers"] >= 1
+
+
+def test_sigstop_backend_under_load_moves_clients_and_comes_back_after_rise(lb):
+    lb.start()
+    errors: list = []
+    done = threading.Event()
+
+    def client(k: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", lb.port), timeout=20) as s:
+                parser = ResponseParser()
+                for i in range(300):
+                    msg = b"c%d-%d" % (k, i)
+                    s.sendall(msg + b"\n")
+                    got = []
+                    while not got:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            raise ConnectionError("closed")
+                        got = parser.feed(chunk)
+                    if not got[0].matches(msg):
+                        errors.append(got[0])
+                    time.sleep(0.005)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    lb.servers["server1"].signal(signal.SIGSTOP)
+    for t in threads:
+        t.join(timeout=60)
+    done.set()
+    assert not errors, errors[:3]
+    assert lb.state("server1") == "DOWN"
+    assert lb.stats()["failovers"] >= 1
+    lb.servers["server1"].signal(signal.SIGCONT)
+    lb.wait_state("server1", ("UP",))
+
+
+def test_all_backends_down_gives_err_no_backend_quickly_then_recovers(lb, connect):
+    lb.start()
+    for s in lb.servers.values():
+        s.kill()
+    conn = connect(lb.port)
+    started = time.monotonic()
+    conn.send(b"anyone?\n")
+    assert conn.read_lines(1) == [b"ERR no-backend"]
+    assert time.monotonic() - started < 5  # generous: it answers at once, this only proves no hang
+    conn.send(b"still?\n")
+    assert conn.read_lines(1) == [b"ERR no-backend"]
+    lb.restart("server2")
+    deadline = time.monotonic() + 20
+    while True:
+        conn.send(b"back\n")
+        line = conn.read_lines(1)[0]
+        if line.startswith(b"REPLY"):
+            assert line == b"REPLY server2 back" and conn.read_lines(1) == [b"ACK server2 4"]
+            break
+        assert line == b"ERR no-backend" and time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_tcp_mode_never_connects_to_a_down_backend(lb):
+    lb.start("--mode", "tcp")
+    lb.servers["server2"].kill()
+    # before any check noticed: the refused connect is retried on the next backend
+    names = [server_of(one_message(lb.port)) for _ in range(6)]
+    assert "server2" not in names and len(names) == 6
+    lb.wait_state("server2", ("DOWN",))
+    names = [server_of(one_message(lb.port)) for _ in range(30)]
+    assert set(names) == {"server1", "server3"}
+
+
+def test_sigterm_with_traffic_in_flight_loses_nothing_and_exits_zero(lb):
+    lb.start()
+    messages = [b"drain-%d" % i for i in range(20_000)]
+    responses = pipeline(lb.port, messages, during=lambda _: lb.lb.signal(signal.SIGTERM))
+    assert len(responses) == len(messages)
+    assert all(r.matches(m) for r, m in zip(responses, messages))
+    assert lb.lb.wait(timeout=20) == 0
+
+
+def test_oversized_line_garbage_and_half_close(lb, connect):
+    lb.start("--max-line", "100")
+    conn = connect(lb.port)
+    conn.send(b"ok\n\xff\x00\xfe garbage\n" + b"L" * 500 + b"\nafter\n")
+    responses = ResponseParser().feed(conn.read_all())
+    assert [(r.message, r.length, r.error) for r in responses] == [
+        (b"ok", 2, None), (b"\xff\x00\xfe garbage", 11, None), (None, None, "line-too-long")]
+    half = connect(lb.port)
+    half.send(b"a\nb\nc\n")
+    half.sock.shutdown(socket.SHUT_WR)
+    assert [r.message for r in ResponseParser().feed(half.read_all())] == [b"a", b"b", b"c"]
+
+
+def test_client_that_never_reads_does_not_grow_balancer_memory(lb):
+    lb.start()
+    proc = psutil.Process(lb.lb.pid)
+    before = proc.memory_info().rss
+    s = socket.create_connection(("127.0.0.1", lb.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.settimeout(3)
+    block = (b"v" * 63 + b"\n") * 16384
+    sent = 0
+    try:
+        while sent < 50 * 2**20:
+            s.sendall(block)
+            sent += len(block)
+    except OSError:
+        pass
+    grown = proc.memory_info().rss - before
+    s.close()
+    assert sent < 50 * 2**20
+    assert grown < 40 * 2**20
+
+
+def test_session_log_names_the_backends_used(lb, log_dir):
+    lb.start()
+    one_message(lb.port)
+    lb.lb.stop()
+    text = (log_dir / "server_log.log").read_text()
+    assert " balancer event=session " in text and "backends=server1" in text
+
+
+def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
+    server = procs.start(cluster.echo_server("solo", cluster.free_port(), log_dir=str(log_dir)))
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[balancer]\nalgorithm = "leastconn"\n\n[[backends]]\nname = "solo"\nport = {server.port}\n')
+    port = cluster.free_port()
+    procs.start(cluster.Process("lb", cluster.python_script(
+        "Load_Balancer.py", "--config", str(toml), "--port", str(port), "--admin-port", "0",
+        "--log-dir", str(log_dir)), port=port))
+    assert one_message(port) == b"REPLY solo hi\nACK solo 2\n"
+    bad = subprocess.run(cluster.python_script("Load_Balancer.py", "--backend", "nonsense", "--log-dir",
+                                               str(log_dir)), capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "nonsense" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,83 @@
+"""Backend states and algorithms, without sockets."""
+
+import random
+
+import pytest
+
+from clusterkit.balancer.algorithms import PowerOfTwoChoices
+from clusterkit.balancer.config import BackendSpec, BalancerConfig
+from clusterkit.config import ConfigError
+from clusterkit.balancer.pool import DOWN, FALLING, RISING, UP, Pool
+
+
+def make_pool(n=3, algorithm="roundrobin", weights=None, rise=2, fall=3):
+    specs = tuple(BackendSpec("127.0.0.1", 7001 + i, (weights or [1] * n)[i], f"s{i + 1}") for i in range(n))
+    changes = []
+    pool = Pool(BalancerConfig(backends=specs, algorithm=algorithm, rise=rise, fall=fall),
+                lambda b, old, new: changes.append((b.name, old, new)))
+    return pool, changes
+
+
+def test_state_table_checks_and_traffic():
+    pool, changes = make_pool(rise=2, fall=2)
+    b = pool.backends[0]
+    pool.check_failed(b, "timeout")
+    assert b.state == FALLING and b.healthy
+    pool.check_passed(b)
+    assert b.state == UP
+    pool.check_failed(b, "timeout")
+    pool.check_failed(b, "timeout")
+    assert b.state == DOWN and not b.healthy
+    pool.check_passed(b)
+    assert b.state == RISING and not b.healthy
+    pool.check_failed(b, "refused")
+    assert b.state == DOWN
+    pool.check_passed(b)
+    pool.check_passed(b)
+    assert b.state == UP
+    pool.traffic_error(b, "reset")
+    assert b.state == DOWN and b.reason == "reset"
+    assert changes == [("s1", FALLING, DOWN), ("s1", RISING, UP), ("s1", UP, DOWN)]
+
+
+def test_round_robin_skips_down_backends():
+    pool, _ = make_pool()
+    pool.traffic_error(pool.backends[1], "reset")
+    assert [pool.choose().name for _ in range(4)] == ["s1", "s3", "s1", "s3"]
+    for b in pool.backends:
+        pool.traffic_error(b, "reset")
+    assert pool.choose() is None
+
+
+def test_smooth_weighted_round_robin():
+    pool, _ = make_pool(algorithm="weighted", weights=[5, 1, 1])
+    picks = [pool.choose().name for _ in range(7)]
+    assert picks[:3] != ["s1", "s1", "s1"]  # smooth: the heavy backend's turns are spread out
+    assert sorted(picks) == ["s1"] * 5 + ["s2", "s3"]
+
+
+def test_least_connections_and_p2c():
+    pool, _ = make_pool(algorithm="leastconn")
+    pool.backends[0].active = 2
+    pool.backends[1].active = 1
+    assert pool.choose().name == "s3"
+    p2c = PowerOfTwoChoices(3, random.Random(1))
+    backends = pool.backends
+    backends[2].active = 9
+    assert all(p2c.choose([backends[1], backends[2]]).name == "s2" for _ in range(10))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:7001", ("127.0.0.1", 7001, 1, "127.0.0.1:7001")),
+    ("a=localhost:9:3", ("localhost", 9, 3, "a")),
+    ("[::1]:7001:2", ("::1", 7001, 2, "::1:7001")),
+])
+def test_backend_spec_parse(text, expected):
+    b = BackendSpec.parse(text)
+    assert (b.host, b.port, b.weight, b.name) == expected
+
+
+@pytest.mark.parametrize("text", ["nope", "h:0", "h:1:0", "h:x"])
+def test_bad_backend_spec(text):
+    with pytest.raises(ConfigError):
+        BackendSpec.parse(text)
