@@ -309,3 +309,18 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     bad = subprocess.run(cluster.python_script("Load_Balancer.py", "--backend", "nonsense", "--log-dir",
                                                str(log_dir)), capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "nonsense" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["tcp", "message"])
+def test_closed_connections_release_their_sockets(lb, mode):
+    lb.start("--mode", mode)
+    proc = psutil.Process(lb.lb.pid)
+    for _ in range(20):
+        one_message(lb.port)
+    before = proc.num_fds()
+    for _ in range(200):
+        one_message(lb.port)
+    deadline = time.monotonic() + 10
+    while proc.num_fds() > before + 5:
+        assert time.monotonic() < deadline, f"{proc.num_fds() - before} sockets leaked"
+        time.sleep(0.05)

@@ -21,6 +21,7 @@ What it is not: the checker (health.py) or the relays; they report here.
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 from collections.abc import Callable
 
@@ -34,6 +35,16 @@ log = logging.getLogger("clusterkit.balancer")
 
 # Latency buckets in milliseconds (upper bounds), for cheap percentiles.
 _BOUNDS_MS = [round(0.01 * 1.15 ** i, 4) for i in range(110)]
+
+
+def connect_failure(exc: BaseException) -> str:
+    """A short reason for a failed connect to a backend (for logs and /stats)."""
+    if isinstance(exc, TimeoutError):
+        return "connect-timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connect-refused"
+    name = errno.errorcode.get(getattr(exc, "errno", None) or 0, "error")
+    return f"connect-{name.lower()}"
 
 
 class LatencyHistogram:

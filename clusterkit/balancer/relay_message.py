@@ -37,7 +37,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..protocol import LineFramer, build_error, count_complete_responses
-from .pool import Backend
+from .pool import Backend, connect_failure
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -238,8 +238,7 @@ class ClientSide(asyncio.Protocol):
                 transport, side = await loop.create_connection(
                     lambda: BackendSide(self, backend), backend.host, backend.port)
         except (OSError, TimeoutError) as exc:
-            reason = "connect-timeout" if isinstance(exc, TimeoutError) else "connect-refused"
-            self.app.pool.traffic_error(backend, reason)
+            self.app.pool.traffic_error(backend, connect_failure(exc))
             self.release_backend()
             self.connecting = False
             if self.closed:

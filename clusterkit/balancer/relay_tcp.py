@@ -16,7 +16,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from .pool import Backend
+from .pool import Backend, connect_failure
 from .relay_message import ERR_BUSY, ERR_NO_BACKEND
 
 if TYPE_CHECKING:
@@ -35,11 +35,14 @@ class TcpBackendSide(asyncio.Protocol):
         self.client.transport.write(data)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
-        client = self.client.transport
-        if client is not None and client.can_write_eof():
-            client.write_eof()
-            return True
-        return False
+        # The backend is done sending: pass the half-close on, and close once
+        # both directions are finished.
+        client = self.client
+        client.backend_eof = True
+        if client.client_eof or client.transport is None or not client.transport.can_write_eof():
+            return False
+        client.transport.write_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.backend_gone()
@@ -66,6 +69,8 @@ class TcpClientSide(asyncio.Protocol):
         self.bytes_in = 0
         self.early = bytearray()  # bytes that came before the backend connection was up
         self.early_eof = False
+        self.client_eof = False
+        self.backend_eof = False
         self.seen_bytes = 0
         self.last_activity = time.monotonic()
 
@@ -98,7 +103,7 @@ class TcpClientSide(asyncio.Protocol):
                     transport, side = await self.app.loop.create_connection(
                         lambda: TcpBackendSide(self), backend.host, backend.port)
             except (OSError, TimeoutError) as exc:
-                pool.traffic_error(backend, "connect-timeout" if isinstance(exc, TimeoutError) else "connect-refused")
+                pool.traffic_error(backend, connect_failure(exc))
                 continue
             if self.closed:
                 transport.abort()
@@ -131,14 +136,15 @@ class TcpClientSide(asyncio.Protocol):
         side.transport.write(data)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
+        self.client_eof = True
         side = self.peer_side
         if side is None:
             self.early_eof = True
             return True
-        if side is not None and side.transport is not None and side.transport.can_write_eof():
-            side.transport.write_eof()
-            return True
-        return False
+        if self.backend_eof or side.transport is None or not side.transport.can_write_eof():
+            return False
+        side.transport.write_eof()
+        return True
 
     def pause_writing(self) -> None:
         if self.peer_side is not None:

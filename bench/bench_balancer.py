@@ -1,0 +1,89 @@
+"""Benchmark of Load_Balancer.py (issue 3): both modes against HAProxy.
+
+Three echo servers (``--log-level warning``, so they are not the limit) stand
+behind three balancers at once: ours in ``--mode tcp``, ours in ``--mode
+message`` and HAProxy 2.6 (``mode tcp``, ``nbthread 1``, ``balance
+roundrobin``). The C load generator (bench/c/lineload) drives each in turn at
+concurrency 10 with 64-byte messages, on persistent connections and with one
+connection per message; rounds are interleaved and medians compared as ratios
+within this one run.
+
+Usage: python bench/bench_balancer.py [--rounds 3] [--seconds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import anchors  # noqa: E402
+from bench.common import LOCK, median, print_table, run_lineload, spread  # noqa: E402
+from clusterkit import cluster  # noqa: E402
+from clusterkit.balancer import balancer_process  # noqa: E402
+
+TARGETS = {"persistent": {"tcp": 1.0, "message": 0.8}, "per-request": {"tcp": 0.9, "message": 0.9}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--connections", "-c", type=int, default=10)
+    p.add_argument("--json", help="write the results here too")
+    args = p.parse_args()
+    if not anchors.available("haproxy"):
+        print("haproxy is not installed (apt-get install haproxy): no anchor to compare with")
+        return 1
+    results: dict = {}
+    with open(LOCK, "w") as lock, tempfile.TemporaryDirectory() as tmp, cluster.ProcessGroup() as group:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ports = cluster.free_ports(6)
+        backends = []
+        for i in range(3):
+            group.start(cluster.echo_server(f"server{i + 1}", ports[i], "--log-level", "warning", log_dir=tmp))
+            backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
+        targets = {
+            "tcp": group.start(balancer_process(ports[3], backends, "--mode", "tcp", log_dir=tmp)),
+            "message": group.start(balancer_process(ports[4], backends, "--mode", "message", log_dir=tmp)),
+            "haproxy": group.start(anchors.haproxy(ports[5], [("127.0.0.1", p) for p in ports[:3]], tmp)),
+        }
+        for kind in ("persistent", "per-request"):
+            rps = {name: [] for name in targets}
+            errors = {name: 0 for name in targets}
+            for _ in range(args.rounds):
+                for name, proc in targets.items():
+                    r = run_lineload("127.0.0.1", proc.port, connections=args.connections, seconds=args.seconds,
+                                     per_request=kind == "per-request")
+                    rps[name].append(r["rps"])
+                    errors[name] += r["errors"]
+            results[kind] = {"rps": rps, "errors": errors}
+    rows = []
+    verdicts = []
+    for kind, res in results.items():
+        ha = median(res["rps"]["haproxy"])
+        for name in ("tcp", "message", "haproxy"):
+            m = median(res["rps"][name])
+            ratio = m / ha
+            goal = TARGETS[kind].get(name)
+            verdict = "" if goal is None else f">= {goal:.1f}x: {'met' if ratio >= goal else 'NOT met'}"
+            if goal is not None:
+                verdicts.append({"connections": kind, "mode": name, "ratio": round(ratio, 3), "target": goal,
+                                 "met": ratio >= goal})
+            rows.append([kind, name if name == "haproxy" else f"--mode {name}", f"{m:,.0f}", spread(res["rps"][name]),
+                         res["errors"][name], f"{ratio:.2f}", verdict])
+    print(f"three echo servers behind each balancer; concurrency {args.connections}, 64-byte messages, "
+          f"{args.rounds} interleaved rounds x {args.seconds:g}s; load: bench/c/lineload")
+    print_table(["connections", "balancer", "messages/s", "spread", "errors", "x HAProxy", "target"], rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "verdicts": verdicts}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
