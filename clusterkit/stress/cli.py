@@ -1,0 +1,241 @@
+"""``ClientServer_StressTools.py`` on the command line: options into a
+StressConfig, the run with a live view, the report as a rich table and as
+JSON/CSV/markdown files, one log line per request."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .. import cli, logs
+from ..config import ConfigError
+from . import engines, report
+from .config import CONNECTIONS, ENGINES, StressConfig
+from .spawn import Killer, SpawnedCluster, parse_kill
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Stress the TCP cluster (the balancer on 127.0.0.1:7000 by default) or an HTTP server "
+                    "with many concurrent clients; every reply is verified; the report has ApacheBench's "
+                    "columns plus latency and rtt percentiles and requests per backend.")
+    t = p.add_argument_group("target")
+    t.add_argument("--host", default="127.0.0.1", help="server or balancer address (default: %(default)s)")
+    t.add_argument("--port", type=cli.port_number, default=7000, help="its port (default: %(default)s)")
+    t.add_argument("--http", metavar="URL", help="stress an HTTP server with GET requests (HTTP/1.0, as "
+                                                  "ApacheBench), e.g. http://127.0.0.1:45000/page.html")
+    t.add_argument("--spawn", action="store_true",
+                   help="start three echo servers and the balancer on free ports for this run, stop them after")
+    t.add_argument("--kill-backend", metavar="NAME@T",
+                   help="with --spawn: kill -9 that backend T seconds (or T%% of the requests) into the run")
+    w = p.add_argument_group("load")
+    w.add_argument("-n", "--requests", type=cli.positive_int, default=1000, help="requests in all (default: 1000)")
+    w.add_argument("-c", "--concurrency", type=cli.positive_int, default=10,
+                   help="concurrent clients (default: 10)")
+    w.add_argument("--duration", type=float, help="run this many seconds instead of -n requests")
+    w.add_argument("--message", help="the message to send (default: a unique message per request)")
+    w.add_argument("--size", type=cli.positive_int, default=64, help="message size in bytes (default: 64)")
+    w.add_argument("--connection", choices=CONNECTIONS, default="per-request",
+                   help="a new connection per request (default, as client_send_message and ab) or keep-alive")
+    w.add_argument("-k", "--keepalive", action="store_true", help="same as --connection keepalive")
+    w.add_argument("--pipeline", type=cli.positive_int, default=1,
+                   help="messages in flight per connection (keep-alive, line protocol)")
+    w.add_argument("--rate", type=float, help="open loop: this many requests per second in all; latency is "
+                                              "counted from each request's intended send time (as wrk2)")
+    w.add_argument("--warmup", type=float, default=0.0, help="seconds at the start not counted in the report")
+    w.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for connect and for each answer")
+    w.add_argument("--sweep", metavar="C1,C2,...", help="run once per concurrency level, one table row each "
+                                                         "(e.g. 1,3,5,8,10)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", choices=ENGINES, default="thread",
+                   help="thread: one thread per client (default); async: asyncio/uvloop callbacks")
+    e.add_argument("--processes", default="auto",
+                   help="spread the clients over this many processes; auto = the number of cores, at most -c")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    o.add_argument("--csv", metavar="FILE", help="write the results as CSV")
+    o.add_argument("--markdown", metavar="FILE", help="write the assignment's table as markdown")
+    o.add_argument("--quiet", action="store_true", help="no progress view")
+    cli.add_logging_args(p)
+    return p
+
+
+def make_configs(args: argparse.Namespace) -> list[StressConfig]:
+    levels = [args.concurrency]
+    if args.sweep:
+        try:
+            levels = [int(x) for x in args.sweep.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--sweep {args.sweep!r}: use numbers like 1,3,5,8,10") from None
+    if args.http:
+        url = urlsplit(args.http)
+        if url.scheme != "http" or not url.hostname:
+            raise ConfigError(f"--http {args.http!r}: use a URL like http://127.0.0.1:45000/page.html")
+    configs = []
+    for c in levels:
+        procs = engines.default_processes(c) if args.processes == "auto" else int(args.processes)
+        configs.append(StressConfig(
+            host=args.host, port=args.port, http_url=args.http, requests=args.requests, concurrency=c,
+            duration=args.duration, message=(args.message or "").encode(), size=args.size,
+            connection="keepalive" if args.keepalive else args.connection, pipeline=args.pipeline,
+            rate=args.rate, warmup=args.warmup, timeout=args.timeout, engine=args.engine,
+            processes=min(procs, c)))
+    return configs
+
+
+def preflight(cfg: StressConfig) -> None:
+    """A dead target ends the run at once with one clear line (exit 69)."""
+    host, port = cfg.host, cfg.port
+    if cfg.http_url:
+        url = urlsplit(cfg.http_url)
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+    try:
+        socket.create_connection((host, port), timeout=cfg.timeout).close()
+    except ConnectionRefusedError:
+        raise cli.Fatal(f"cannot connect to {host}:{port}: connection refused (is the server running? "
+                        f"--spawn starts a cluster for the run)", cli.EXIT_UNAVAILABLE) from None
+    except OSError as exc:
+        raise cli.Fatal(f"cannot connect to {host}:{port}: {exc.strerror or exc}", cli.EXIT_UNAVAILABLE) from None
+
+
+class Progress:
+    """Live progress: a rich line on a terminal, a plain line a second otherwise."""
+
+    def __init__(self, total: int | None, quiet: bool, extra=None) -> None:
+        self.total = total
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.last_print = 0.0
+        self.last_done = 0
+        self.last_t = self.start
+        self.rate = 0.0
+        self.extra = extra
+        self.live = None
+        if self.tty and not quiet:
+            from rich.console import Console
+            from rich.live import Live
+            self.live = Live(console=Console(stderr=True), refresh_per_second=8, transient=True)
+            self.live.start()
+
+    def update(self, done: int) -> None:
+        if self.extra is not None:
+            self.extra(done)
+        now = time.monotonic()
+        if now - self.last_t >= 0.5:
+            self.rate = (done - self.last_done) / (now - self.last_t)
+            self.last_done, self.last_t = done, now
+        text = (f"{done:,}" + (f"/{self.total:,}" if self.total else "") +
+                f" requests  {self.rate:,.0f}/s  {now - self.start:.1f}s")
+        if self.live is not None:
+            self.live.update(text)
+        elif not self.quiet and now - self.last_print >= 1.0:
+            print(f"progress: {text}", file=sys.stderr, flush=True)
+            self.last_print = now
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig) -> None:
+    """One line per request, written after the run so logging never slows it."""
+    if not elog.info or not entries:
+        return
+    offset = time.time() - time.perf_counter_ns() / 1e9
+    target = cfg.http_url or f"{cfg.host}:{cfg.port}"
+    entries.sort(key=lambda e: e[0])
+    for i, (sent, backend, lat, rtt, kind) in enumerate(entries, 1):
+        ts = logs.timestamp(offset + sent / 1e9)
+        if kind is None:
+            elog.line("INFO", f"event=request n={i} target={target} sent={ts} backend={backend} reply=ok "
+                              f"confirmation=ok latency_ms={lat / 1e6:.3f} rtt_ms={rtt / 1e6:.3f}")
+        else:
+            elog.line("WARNING", f"event=request n={i} target={target} sent={ts} error={kind}")
+
+
+def print_report(rows: list[dict], killed: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="stress test" + (f" (killed mid-run: {', '.join(killed)})" if killed else ""))
+    table.add_column("metric")
+    for r in rows:
+        table.add_column(f"c={r['concurrency']}", justify="right")
+    for key, label in report.COLUMNS:
+        table.add_row(label, *[report.fmt(r[key]) for r in rows])
+    for group in ("latency_ms", "rtt_ms", "connect_ms"):
+        for p in ("p50", "p90", "p99", "p99.9", "max"):
+            table.add_row(f"{group[:-3]} {p} (ms)", *[report.fmt(r[group][p]) for r in rows])
+    names = sorted({b for r in rows for b in r["backends"]})
+    for name in names:
+        table.add_row(f"answered by {name}", *[report.fmt(r["backends"].get(name, 0)) for r in rows])
+    kinds = sorted({k for r in rows for k in r["errors"]})
+    for kind in kinds:
+        table.add_row(f"failed: {kind}", *[report.fmt(r["errors"].get(kind, 0)) for r in rows])
+    console.print(table)
+    r = rows[0]
+    console.print(f"target {r['target']}, engine {r['engine']} x {r['processes']} process(es), "
+                  f"{r['connection']} connections; latency = send to first reply byte, "
+                  f"rtt = send to confirmation (ACK)")
+
+
+@cli.main_wrapper
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configs = make_configs(args)
+        kill = parse_kill(args.kill_backend) if args.kill_backend else None
+    except (ConfigError, ValueError) as exc:
+        raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
+    if kill and not args.spawn:
+        raise cli.Fatal("--kill-backend needs --spawn (it kills a backend this run started)", cli.EXIT_USAGE)
+    elog = logs.configure("stress", level=args.log_level, log_dir=args.log_dir, file_name=logs.CLIENT_LOG,
+                          stderr_level="critical")
+    spawned = None
+    if args.spawn:
+        spawned = SpawnedCluster(args.log_dir)
+        print(f"spawned server1..3 and the balancer on 127.0.0.1:{spawned.port} "
+              f"(admin http://127.0.0.1:{spawned.admin_port}/stats)", file=sys.stderr)
+        configs = [dataclasses.replace(c, host="127.0.0.1", port=spawned.port) for c in configs]
+    rows: list[dict] = []
+    killed: list[str] = []
+    try:
+        preflight(configs[0])
+        for cfg in configs:
+            killer = None
+            if kill and spawned is not None and not killed:
+                killer = Killer(spawned, *kill, cfg.requests,
+                                lambda name: (killed.append(name),
+                                              elog.line("WARNING", f"event=kill backend={name}")))
+            progress = Progress(None if cfg.duration else cfg.requests, args.quiet,
+                                killer.progress if killer else None)
+            if killer:
+                killer.start()
+            try:
+                result, entries = engines.run(cfg, progress.update, keep_log=elog.info)
+            finally:
+                progress.close()
+                if killer:
+                    killer.cancel()
+            write_request_log(elog, entries, cfg)
+            row = report.summarize(cfg, result)
+            rows.append(row)
+            elog.line("INFO", f"event=run concurrency={cfg.concurrency} complete={row['complete']} "
+                              f"failed={row['failed']} rps={row['requests_per_second']}")
+    finally:
+        if spawned is not None:
+            spawned.stop()
+    print_report(rows, killed)
+    for path, text in ((args.json, report.to_json(rows)), (args.csv, report.to_csv(rows)),
+                       (args.markdown, report.to_markdown(rows))):
+        if path:
+            Path(path).write_text(text)
+    failed = sum(r["failed"] for r in rows)
+    return cli.EXIT_OK if failed == 0 else cli.EXIT_FAILED

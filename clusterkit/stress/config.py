@@ -1,0 +1,51 @@
+"""Settings of one stress run, as a frozen dataclass built once from the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import check
+
+ENGINES = ("thread", "async")
+CONNECTIONS = ("per-request", "keepalive")
+
+
+@dataclass(frozen=True)
+class StressConfig:
+    host: str = "127.0.0.1"
+    port: int = 7000
+    http_url: str | None = None
+    """Stress an HTTP server with GET requests instead of the line protocol."""
+    requests: int = 1000
+    concurrency: int = 10
+    duration: float | None = None
+    """Run for this many seconds instead of a fixed number of requests."""
+    message: bytes = b""
+    size: int = 64
+    connection: str = "per-request"
+    pipeline: int = 1
+    rate: float | None = None
+    """Open loop: requests per second in all, latency counted from each intended send time."""
+    warmup: float = 0.0
+    timeout: float = 5.0
+    engine: str = "thread"
+    processes: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.requests >= 1, "-n must be at least 1")
+        check(self.concurrency >= 1, "-c must be at least 1")
+        check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}")
+        check(self.connection in CONNECTIONS, f"--connection must be one of {', '.join(CONNECTIONS)}")
+        check(self.pipeline >= 1, "--pipeline must be at least 1")
+        check(self.pipeline == 1 or self.connection == "keepalive", "--pipeline needs --connection keepalive")
+        check(self.pipeline == 1 or self.http_url is None, "--pipeline is for the line protocol only")
+        check(self.timeout > 0, "--timeout must be positive")
+        check(self.rate is None or self.rate > 0, "--rate must be positive")
+        check(self.duration is None or self.duration > 0, "--duration must be positive")
+        check(self.processes >= 1, "--processes must be at least 1")
+        check(self.processes <= self.concurrency, "--processes cannot exceed -c")
+        check(b"\n" not in self.message, "--message may not contain a newline")
+
+    @property
+    def keepalive(self) -> bool:
+        return self.connection == "keepalive"

@@ -1,0 +1,104 @@
+"""The stress tool's report: SPEC.md's columns (ApacheBench's meanings), the
+latency/rtt/connect percentiles, requests per backend and errors by kind.
+
+``summarize()`` turns a RunResult into one plain dict (a row); JSON, CSV and
+markdown are written from those rows, and the rich table in the CLI shows the
+same numbers, so every format agrees.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from .config import StressConfig
+from .metrics import PERCENTILES, RunResult
+
+COLUMNS = [
+    ("concurrency", "Concurrency level"),
+    ("time_taken_s", "Time taken for test (s)"),
+    ("complete", "Complete requests"),
+    ("failed", "Failed requests"),
+    ("total_transferred_bytes", "Total transferred (bytes)"),
+    ("requests_per_second", "Requests per second (#/sec)"),
+    ("time_per_request_ms", "Time per request (ms)"),
+    ("time_per_request_all_ms", "Time per request, across all concurrent requests (ms)"),
+    ("transfer_rate_kbps", "Transfer rate (Kbytes/sec)"),
+]
+
+
+def _pcts(hist) -> dict:
+    if not hist.get_total_count():
+        return {f"p{p}": None for p in PERCENTILES} | {"max": None, "mean": None}
+    out = {f"p{p}": hist.get_value_at_percentile(p) / 1000 for p in PERCENTILES}
+    out["max"] = hist.get_max_value() / 1000
+    out["mean"] = round(hist.get_mean_value() / 1000, 3)
+    return out
+
+
+def summarize(cfg: StressConfig, r: RunResult) -> dict:
+    t = r.seconds
+    complete = r.complete
+    return {
+        "target": cfg.http_url or f"{cfg.host}:{cfg.port}",
+        "engine": cfg.engine, "processes": cfg.processes, "connection": cfg.connection,
+        "concurrency": cfg.concurrency,
+        "time_taken_s": round(t, 6),
+        "complete": complete,
+        "failed": r.failed,
+        "total_transferred_bytes": r.bytes_received,
+        "requests_per_second": round(complete / t, 2) if t else 0.0,
+        "time_per_request_ms": round(cfg.concurrency * t * 1000 / complete, 3) if complete else None,
+        "time_per_request_all_ms": round(t * 1000 / complete, 3) if complete else None,
+        "transfer_rate_kbps": round(r.bytes_received / 1024 / t, 2) if t else 0.0,
+        "latency_ms": _pcts(r.latency),
+        "rtt_ms": _pcts(r.rtt),
+        "connect_ms": _pcts(r.connect),
+        "backends": dict(sorted(r.backends.items())),
+        "errors": dict(sorted(r.errors.items())),
+    }
+
+
+def to_json(rows: list[dict]) -> str:
+    return json.dumps({"runs": rows}, indent=2)
+
+
+def _flat(row: dict) -> dict:
+    out = {key: row[key] for key, _ in COLUMNS}
+    for group in ("latency_ms", "rtt_ms", "connect_ms"):
+        for k, v in row[group].items():
+            out[f"{group[:-3]}_{k}_ms"] = v
+    out["backends"] = " ".join(f"{k}={v}" for k, v in row["backends"].items())
+    out["errors"] = " ".join(f"{k}={v}" for k, v in row["errors"].items())
+    return out
+
+
+def to_csv(rows: list[dict]) -> str:
+    flat = [_flat(r) for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(flat[0]))
+    writer.writeheader()
+    writer.writerows(flat)
+    return buf.getvalue()
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".") if value % 1 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """The assignment's table: SPEC.md's columns, one row per concurrency level."""
+    head = [label for _, label in COLUMNS] + ["latency p50 (ms)", "latency p99 (ms)", "rtt p99 (ms)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [fmt(r[key]) for key, _ in COLUMNS]
+        cells += [fmt(r["latency_ms"]["p50"]), fmt(r["latency_ms"]["p99"]), fmt(r["rtt_ms"]["p99"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
