@@ -1,0 +1,215 @@
+"""ClientServer_StressTools.py as users run it, against real and deliberately bad servers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from clusterkit import cluster
+from clusterkit.balancer import balancer_process
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def stress(*args: str, log_dir, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run(cluster.python_script("ClientServer_StressTools.py", *args, "--quiet",
+                                                "--log-dir", str(log_dir)),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_json(*args: str, log_dir, tmp_path, name: str = "out.json") -> tuple[dict, subprocess.CompletedProcess]:
+    path = tmp_path / name
+    proc = stress(*args, "--json", str(path), log_dir=log_dir)
+    assert path.exists(), proc.stderr
+    return json.loads(path.read_text())["runs"][0], proc
+
+
+@pytest.fixture
+def balanced(procs, log_dir):
+    ports = cluster.free_ports(4)
+    backends = []
+    for i in range(3):
+        procs.start(cluster.echo_server(f"server{i + 1}", ports[i], log_dir=str(log_dir)))
+        backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
+    return procs.start(balancer_process(ports[3], backends, log_dir=str(log_dir)))
+
+
+def test_counts_are_exact_through_the_balancer(balanced, log_dir, tmp_path):
+    row, proc = run_json("-n", "1000", "-c", "10", "--port", str(balanced.port), log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (row["complete"], row["failed"]) == (1000, 0)
+    counts = row["backends"]
+    assert sum(counts.values()) == 1000 and set(counts) == {"server1", "server2", "server3"}
+    assert max(counts.values()) - min(counts.values()) <= 1  # round robin
+    assert row["requests_per_second"] == pytest.approx(1000 / row["time_taken_s"], rel=1e-3)
+    assert row["time_per_request_ms"] == pytest.approx(10 * row["time_taken_s"] * 1000 / 1000, rel=1e-3)
+    assert 0 < row["latency_ms"]["p50"] <= row["rtt_ms"]["p99"]
+    log = (log_dir / "client_log.log").read_text()
+    assert log.count("event=request ") == 1000 and "rtt_ms=" in log and "backend=server" in log
+
+
+def test_processes_merge_to_the_same_totals(balanced, log_dir, tmp_path):
+    one, _ = run_json("-n", "2000", "-c", "4", "-k", "--processes", "1", "--port", str(balanced.port),
+                      log_dir=log_dir, tmp_path=tmp_path, name="one.json")
+    two, _ = run_json("-n", "2000", "-c", "4", "-k", "--processes", "2", "--port", str(balanced.port),
+                      log_dir=log_dir, tmp_path=tmp_path, name="two.json")
+    for row in (one, two):
+        assert (row["complete"], row["failed"]) == (2000, 0)
+        assert sum(row["backends"].values()) == 2000
+        assert row["total_transferred_bytes"] == one["total_transferred_bytes"]
+
+
+def test_async_engine_and_pipelining(balanced, log_dir, tmp_path):
+    row, proc = run_json("-n", "3000", "-c", "3", "-k", "--pipeline", "10", "--engine", "async",
+                         "--port", str(balanced.port), log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (row["complete"], row["failed"]) == (3000, 0)
+
+
+def test_json_csv_markdown_and_table_agree(balanced, log_dir, tmp_path):
+    paths = {k: tmp_path / f"r.{k}" for k in ("json", "csv", "md")}
+    proc = stress("-n", "300", "-c", "3", "--sweep", "1,3", "--port", str(balanced.port),
+                  "--json", str(paths["json"]), "--csv", str(paths["csv"]), "--markdown", str(paths["md"]),
+                  log_dir=log_dir)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(paths["json"].read_text())["runs"]
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    table = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    md = paths["md"].read_text().splitlines()
+    assert md[0].startswith("| Concurrency level | Time taken for test (s) | Complete requests | Failed requests")
+    for r, c, line in zip(rows, table, md[2:]):
+        assert int(c["complete"]) == r["complete"] == 300
+        assert float(c["requests_per_second"]) == r["requests_per_second"]
+        cells = [x.strip() for x in line.strip("|").split("|")]
+        assert cells[0] == str(r["concurrency"]) and cells[2] == "300" and cells[3] == "0"
+        assert f"{r['requests_per_second']:,.2f}".rstrip("0").rstrip(".") in proc.stdout
+
+
+class FakeServer:
+    """A line server that misbehaves in one chosen way."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.count = 0
+        self.lock = threading.Lock()
+        self.closing = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while not self.closing:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for m in lines:
+                    with self.lock:
+                        self.count += 1
+                        n = self.count
+                    if self.behaviour == "wrong-echo":
+                        conn.sendall(b"REPLY fake %s!\nACK fake %d\n" % (m, len(m) + 1))
+                    elif self.behaviour == "missing-ack":
+                        conn.sendall(b"REPLY fake %s\n" % m)
+                        return
+                    elif self.behaviour == "silent":
+                        time.sleep(5)
+                        return
+                    elif self.behaviour == "stall":
+                        if n == 150:
+                            time.sleep(1.0)
+                        conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
+
+    def close(self) -> None:
+        self.closing = True
+        self.sock.close()
+
+
+@pytest.mark.parametrize("behaviour, kind", [
+    ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("silent", "timeout")])
+def test_bad_servers_are_caught_and_counted_by_kind(behaviour, kind, log_dir, tmp_path):
+    fake = FakeServer(behaviour)
+    try:
+        row, proc = run_json("-n", "20", "-c", "2", "--timeout", "0.5", "--port", str(fake.port),
+                             log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 1
+    assert row["complete"] == 0 and row["failed"] == 20
+    assert row["errors"] == {kind: 20}
+
+
+def test_dead_target_ends_fast_with_a_clear_line(log_dir):
+    started = time.monotonic()
+    proc = stress("-n", "1000", "-c", "10", "--port", str(cluster.free_port()), log_dir=log_dir)
+    assert proc.returncode == 69
+    assert "connection refused" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert time.monotonic() - started < 30  # generous: it only proves no hang
+
+
+def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path):
+    fake = FakeServer("stall")
+    try:
+        open_row, _ = run_json("-n", "400", "-c", "2", "-k", "--rate", "200", "--processes", "1",
+                               "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path, name="open.json")
+        fake.count = 0
+        closed_row, _ = run_json("-n", "400", "-c", "2", "-k", "--processes", "1",
+                                 "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path, name="closed.json")
+    finally:
+        fake.close()
+    assert open_row["complete"] == closed_row["complete"] == 400
+    # The server stalls one whole second: on a fixed schedule, every request due in
+    # that second waits for it, so well over 1% of them see hundreds of ms.
+    assert open_row["rtt_ms"]["p99"] >= 500
+    # In closed loop the clients simply stop sending during the stall: one request shows it.
+    assert closed_row["rtt_ms"]["p99"] < open_row["rtt_ms"]["p99"] / 2
+    assert closed_row["rtt_ms"]["max"] >= 900
+
+
+@pytest.mark.skipif(shutil.which("ab") is None, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
+@pytest.mark.parametrize("keepalive", [False, True])
+def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keepalive):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "page.html").write_text("<html><body>" + "hello " * 200 + "</body></html>\n")
+    port = cluster.free_port()
+    procs.start(cluster.Process("http.server", [sys.executable, "-m", "http.server", str(port), "--bind",
+                                                "127.0.0.1", "--directory", str(www)], port=port))
+    url = f"http://127.0.0.1:{port}/page.html"
+    ab = subprocess.run(["ab", *(["-k"] if keepalive else []), "-n", "200", "-c", "4", url],
+                        capture_output=True, text=True, timeout=60)
+    assert ab.returncode == 0, ab.stderr
+    ab_complete = int(re.search(r"Complete requests:\s+(\d+)", ab.stdout).group(1))
+    ab_bytes = int(re.search(r"Total transferred:\s+(\d+)", ab.stdout).group(1))
+    row, proc = run_json("-n", "200", "-c", "4", "--http", url, *(["-k"] if keepalive else []),
+                         log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert row["complete"] == ab_complete == 200
+    assert row["total_transferred_bytes"] == ab_bytes
