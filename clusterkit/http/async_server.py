@@ -1,0 +1,173 @@
+"""The async HTTP server: an asyncio.Protocol (uvloop when installed) over the
+shared core, serving ``www/`` from memory.
+
+HTTP/1.0 and 1.1, keep-alive (HTTP/1.0 ``Connection: keep-alive`` too, as
+``ab -k`` sends), pipelining (answers go out in order, all answers of one
+read in one write), GET and HEAD. Flow control: reading stops while the
+client does not take our answers. Deadlines, checked by one sweep per server
+rather than a timer per request: a request head not complete within
+``header_timeout`` gets 408 (slowloris), an idle keep-alive connection is
+closed after ``keepalive_timeout``. Graceful stop as the TCP server does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+
+from .. import logs
+from .config import HttpServerConfig
+from .core import HttpError, RequestParser, error_response
+from .static import StaticFiles
+
+_TIMEOUT_408 = error_response(HttpError(408, "request head too slow"))
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = ("server", "transport", "parser", "peer", "last_activity", "closing", "elog", "static", "conn_id")
+
+    def __init__(self, server: AsyncHttpServer) -> None:
+        self.server = server
+        self.elog = server.elog
+        self.static = server.static
+        self.parser = RequestParser(server.config.limits)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.closing = False
+        self.last_activity = time.monotonic()
+        self.conn_id = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else "-"
+        self.conn_id = next(self.server.conn_ids)
+        self.server.connections.add(self)
+        transport.set_write_buffer_limits(high=512 * 1024)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            requests = self.parser.feed(data)
+        except HttpError as exc:
+            self._refuse(exc)
+            return
+        if not requests:
+            return
+        out = []
+        static = self.static
+        elog = self.elog
+        keep = True
+        for req in requests:
+            if req.method not in (b"GET", b"HEAD"):
+                status, resp = 405, error_response(HttpError(405), static.backend_header)
+                keep = False
+            else:
+                status, resp = static.respond(req)
+                keep = req.keep_alive
+            out.append(resp)
+            if elog.info:
+                elog.line("INFO", f"event=request client={self.peer} method={req.method.decode('latin-1')} "
+                                  f"path={logs.quote(req.target.decode('latin-1'))} status={status} "
+                                  f"bytes={len(resp)} ms={(time.monotonic() - req.started) * 1000:.3f}"
+                                  f"{self.server.backend_field}")
+            if not keep:
+                break
+        transport = self.transport
+        transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+        if not keep:
+            self.closing = True
+            transport.close()  # type: ignore[union-attr]
+
+    def _refuse(self, exc: HttpError) -> None:
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=refused client={self.peer} status={exc.status} "
+                                      f"reason={logs.quote(exc.detail)}")
+        self.closing = True
+        self.transport.write(error_response(exc, self.static.backend_header))  # type: ignore[union-attr]
+        self.transport.close()  # type: ignore[union-attr]
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        if not self.closing:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+
+    def sweep(self, now: float) -> None:
+        limits = self.server.config.limits
+        if self.closing:
+            return
+        if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
+            self.closing = True
+            if self.elog.warning:
+                self.elog.line("WARNING", f"event=refused client={self.peer} status=408 reason=slow-head")
+            self.transport.write(_TIMEOUT_408)  # type: ignore[union-attr]
+            self.transport.close()  # type: ignore[union-attr]
+        elif not self.parser.in_progress and now - self.last_activity > limits.keepalive_timeout:
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    def idle(self) -> bool:
+        return not self.parser.in_progress and self.transport.get_write_buffer_size() == 0  # type: ignore[union-attr]
+
+
+class AsyncHttpServer:
+    def __init__(self, config: HttpServerConfig, elog: logs.EventLog) -> None:
+        self.config = config
+        self.elog = elog
+        self.static = StaticFiles(config.root, config.name)
+        self.backend_field = f" backend={config.name}" if config.name else ""
+        self.connections: set[HttpProtocol] = set()
+        self.conn_ids = itertools.count(1)
+        self._server: asyncio.base_events.Server | None = None
+        self._stop = asyncio.Event()
+        self._force = False
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._server = await loop.create_server(lambda: HttpProtocol(self), cfg.host, cfg.port,
+                                                backlog=cfg.backlog, reuse_address=True)
+        loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        limits = self.config.limits
+        period = min(limits.header_timeout, limits.keepalive_timeout, 4.0) / 4
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.sweep(now)
+
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            self._force = True
+        self._stop.set()
+
+    async def serve_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stop.wait()
+        if self._server is not None:
+            self._server.close()
+        deadline = loop.time() + self.config.drain_timeout
+        while self.connections and loop.time() < deadline and not self._force:
+            for conn in list(self.connections):
+                if conn.idle():
+                    conn.closing = True
+                    conn.transport.close()  # type: ignore[union-attr]
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.transport.abort()  # type: ignore[union-attr]

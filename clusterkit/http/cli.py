@@ -1,0 +1,172 @@
+"""Command lines of the HTTP programs in ``http_servers/``: flags into a config,
+then run until SIGTERM/SIGINT. Each ``main_*`` is what one script calls."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from .. import cli, logs, loops
+from ..config import ConfigError, load_toml
+from .config import HttpBackend, HttpServerConfig, ProxyConfig
+from .core import Limits
+from .static import DEFAULT_ROOT
+
+
+def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool = False) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    if positional_port:
+        p.add_argument("port_arg", nargs="?", type=cli.port_number, metavar="PORT", help="port to listen on")
+    p.add_argument("--port", type=cli.port_number, default=port, help="port to listen on (default: %(default)s)")
+    d = Limits()
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a client has to send a request head; slower gets 408 (default: %(default)s)")
+    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
+                   help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+    p.add_argument("--max-header-bytes", type=cli.positive_int, default=d.max_header_bytes,
+                   help="request headers larger than this get 431 (default: %(default)s)")
+    p.add_argument("--loop", choices=loops.LOOPS, default="auto", help="event loop (default: uvloop when installed)")
+    cli.add_logging_args(p)
+
+
+def _limits(args) -> Limits:
+    return Limits(header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
+                  max_header_bytes=args.max_header_bytes)
+
+
+def _server_parser(description: str, port: int | None, positional: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    _common(p, port, positional)
+    p.add_argument("--root", default=str(DEFAULT_ROOT), help="document root (default: http_servers/www)")
+    p.add_argument("--name", default="", help="backend name sent in the X-Backend header")
+    return p
+
+
+def _announce(program: str, host: str, port: int, extra: str = "") -> None:
+    print(f"{program} listening on http://{host}:{port}/page.html{extra} (pid {os.getpid()}); Ctrl-C to stop",
+          file=sys.stderr, flush=True)
+
+
+async def _serve_async(config: HttpServerConfig, elog: logs.EventLog) -> None:
+    from .async_server import AsyncHttpServer
+    server = AsyncHttpServer(config, elog)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise cli.listen_error(config.program, config.host, config.port, exc) from None
+    _announce(config.program, config.host, server.port, f" ({loops.loop_name(config.loop)})")
+    await server.serve_until_stopped()
+
+
+def _run_server(args, program: str, threaded: bool) -> int:
+    port = getattr(args, "port_arg", None) or args.port
+    if port is None:
+        raise cli.Fatal(f"{program}: give the port (e.g. 9002)", cli.EXIT_USAGE)
+    name = args.name or (f"backend-{port}" if program == "http-backend" else "")
+    try:
+        config = HttpServerConfig(program=program, host=args.host, port=port, name=name, root=args.root,
+                                  limits=_limits(args), pool=getattr(args, "pool", 0), log_level=args.log_level,
+                                  log_dir=args.log_dir, loop=args.loop)
+    except ConfigError as exc:
+        raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
+    cli.raise_fd_limit()
+    elog = logs.configure(name or program, level=config.log_level, log_dir=config.log_dir, file_name=logs.SERVER_LOG)
+    if threaded:
+        from .threaded import run_threaded
+        try:
+            run_threaded(config, elog, lambda p: _announce(program, config.host, p,
+                                                           f" (pool {config.pool})" if config.pool else
+                                                           " (a thread per connection)"))
+        except OSError as exc:
+            raise cli.listen_error(program, config.host, config.port, exc) from None
+    else:
+        loops.run(_serve_async(config, elog), config.loop)
+    return cli.EXIT_OK
+
+
+@cli.main_wrapper
+def main_async(argv: list[str] | None = None) -> int:
+    p = _server_parser("The async HTTP server (asyncio, uvloop when installed) serving http_servers/www.", 45000)
+    return _run_server(p.parse_args(argv), "http-async", threaded=False)
+
+
+@cli.main_wrapper
+def main_threaded(argv: list[str] | None = None) -> int:
+    p = _server_parser("The threaded HTTP server (blocking sockets) serving http_servers/www.", 46000)
+    p.add_argument("--pool", type=int, default=0,
+                   help="0: a new thread per connection (default); N: a bounded pool of N threads")
+    return _run_server(p.parse_args(argv), "http-threaded", threaded=True)
+
+
+@cli.main_wrapper
+def main_backend(argv: list[str] | None = None) -> int:
+    p = _server_parser("One async HTTP backend of the load balancer: async_server.py PORT --name NAME "
+                       "(run four: 9002..9005). Every answer carries X-Backend: NAME.", None, positional=True)
+    return _run_server(p.parse_args(argv), "http-backend", threaded=False)
+
+
+def proxy_config(args) -> ProxyConfig:
+    kwargs: dict = {}
+    if args.config:
+        data = load_toml(args.config)
+        kwargs.update({k.replace("-", "_"): v for k, v in data.get("lb", {}).items()})
+        if data.get("backends"):
+            kwargs["backends"] = tuple(HttpBackend(b.get("host", "127.0.0.1"), int(b["port"]),
+                                                   b.get("name", f"backend-{b['port']}"))
+                                       for b in data["backends"])
+    if args.backend:
+        backends = []
+        for text in args.backend:
+            name, _, addr = text.rpartition("=")
+            host, _, port = addr.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"--backend {text!r}: expected [NAME=]HOST:PORT")
+            backends.append(HttpBackend(host, int(port), name or f"backend-{port}"))
+        kwargs["backends"] = tuple(backends)
+    for key in ("check_interval", "rise", "fall", "response_timeout"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    known = {f.name for f in dataclasses.fields(ProxyConfig)}
+    unknown = set(kwargs) - known
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown settings {', '.join(sorted(unknown))}")
+    return ProxyConfig(host=args.host, port=args.port, limits=_limits(args), log_level=args.log_level,
+                       log_dir=args.log_dir, loop=args.loop, **kwargs)
+
+
+async def _serve_proxy(config: ProxyConfig, elog: logs.EventLog) -> None:
+    from .proxy import Proxy
+    proxy = Proxy(config, elog)
+    try:
+        await proxy.start()
+    except OSError as exc:
+        raise cli.listen_error("lb", config.host, config.port, exc) from None
+    _announce("lb", config.host, proxy.port,
+              " -> " + ", ".join(f"{b.name}@{b.host}:{b.port}" for b in config.backends))
+    await proxy.serve_until_stopped()
+
+
+@cli.main_wrapper
+def main_lb(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="HTTP load balancer: round-robin per request over the async "
+                                            "backends, keep-alive pools, health checks, retries, X-Backend.")
+    _common(p, 44444)
+    p.add_argument("--backend", action="append", metavar="[NAME=]HOST:PORT",
+                   help="a backend; repeat for each (default: 127.0.0.1:9002..9005)")
+    p.add_argument("--config", metavar="FILE.toml", help="settings and [[backends]] from TOML "
+                                                         "(see http_servers/lb.example.toml)")
+    p.add_argument("--check-interval", type=float, help="seconds between health checks (default: 1)")
+    p.add_argument("--rise", type=cli.positive_int, help="good checks that bring a backend back (default: 2)")
+    p.add_argument("--fall", type=cli.positive_int, help="failed checks that take a backend down (default: 2)")
+    p.add_argument("--response-timeout", type=float, help="seconds to wait for a backend's answer (default: 10)")
+    args = p.parse_args(argv)
+    try:
+        config = proxy_config(args)
+    except ConfigError as exc:
+        raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
+    cli.raise_fd_limit()
+    elog = logs.configure("lb", level=config.log_level, log_dir=config.log_dir, file_name=logs.SERVER_LOG)
+    loops.run(_serve_proxy(config, elog), config.loop)
+    return cli.EXIT_OK

@@ -1,0 +1,64 @@
+"""Settings of the HTTP servers and of the HTTP load balancer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import check
+from .core import Limits
+from .static import DEFAULT_ROOT
+
+
+@dataclass(frozen=True)
+class HttpServerConfig:
+    program: str = "http-async"
+    host: str = "127.0.0.1"
+    port: int = 45000
+    name: str = ""
+    """Backend name sent in X-Backend (empty: no header)."""
+    root: str = str(DEFAULT_ROOT)
+    limits: Limits = field(default_factory=Limits)
+    pool: int = 0
+    """Threaded server: 0 = a thread per connection; N = a bounded pool of N threads."""
+    backlog: int = 4096
+    drain_timeout: float = 5.0
+    log_level: str = "info"
+    log_dir: str = "logs"
+    loop: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
+        check(self.pool >= 0, "--pool must not be negative")
+
+
+@dataclass(frozen=True)
+class HttpBackend:
+    host: str
+    port: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    host: str = "127.0.0.1"
+    port: int = 44444
+    backends: tuple[HttpBackend, ...] = tuple(
+        HttpBackend("127.0.0.1", p, f"backend{i}") for i, p in enumerate((9002, 9003, 9004, 9005), 1))
+    limits: Limits = field(default_factory=Limits)
+    connect_timeout: float = 1.0
+    response_timeout: float = 10.0
+    check_interval: float = 1.0
+    check_timeout: float = 1.0
+    check_path: str = "/healthz"
+    rise: int = 2
+    fall: int = 2
+    pool_size: int = 64
+    """Idle keep-alive connections kept per backend."""
+    drain_timeout: float = 5.0
+    log_level: str = "info"
+    log_dir: str = "logs"
+    loop: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(len(self.backends) >= 1, "at least one backend is needed")
+        check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")

@@ -1,0 +1,194 @@
+"""The HTTP core every server here shares: parsing, limits, errors, responses.
+
+Parsing uses httptools, the Python binding of llhttp (Node's C parser, the one
+behind uvicorn): fast, strict about framing, and already hardened against the
+request-smuggling tricks a hand-written parser falls for. ``RequestParser``
+wraps it as a sans-I/O object: bytes in, ``Request`` objects out, or an
+``HttpError`` whose status says what was wrong:
+
+    400  malformed request, Content-Length with Transfer-Encoding, two Content-Lengths
+    405  a method other than GET or HEAD (with ``Allow``)
+    408  headers not complete within the header timeout (decided by the server)
+    413  a body larger than ``max_body``
+    414  a request target longer than ``max_url``
+    431  request headers larger than ``max_header_bytes``
+    505  an HTTP version other than 1.0 and 1.1
+
+What it is not: a socket owner. The async server, the threaded server and the
+proxy feed it and write what ``build_response`` returns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+import httptools
+
+REASONS = {200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+ALLOWED_METHODS = (b"GET", b"HEAD")
+SERVER = b"clusterkit"
+
+
+class HttpError(Exception):
+    """A request we refuse, with the status to answer; the connection closes after it."""
+
+    def __init__(self, status: int, detail: str = "") -> None:
+        super().__init__(f"{status} {REASONS.get(status, '')}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_url: int = 8192
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    max_body: int = 1 << 20
+    header_timeout: float = 10.0
+    """Seconds a client has to send a whole request head (slowloris gets 408)."""
+    keepalive_timeout: float = 15.0
+    """Seconds an idle keep-alive connection is kept open."""
+
+
+@dataclass
+class Request:
+    method: bytes
+    target: bytes
+    version: str
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    client: str = "-"
+    started: float = field(default_factory=time.monotonic)
+
+    def header(self, name: bytes) -> bytes | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    @property
+    def path(self) -> bytes:
+        return httptools.parse_url(self.target).path if self.target else b"/"
+
+
+class RequestParser:
+    """Feed bytes, get complete requests; raises HttpError for a bad one."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._parser = httptools.HttpRequestParser(self)
+        self.ready: list[Request] = []
+        self._error: HttpError | None = None
+        self._reset()
+        self.in_progress = False
+        """Bytes of a request head have arrived and the head is not complete yet."""
+        self.head_started = 0.0
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._body = 0
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._reset()
+        self.in_progress = True
+        self.head_started = time.monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_url:
+            self._fail(HttpError(414, "request target too long"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        self._headers.append((name, value))
+        if self._header_bytes > self.limits.max_header_bytes or len(self._headers) > self.limits.max_headers:
+            self._fail(HttpError(431, "request headers too large"))
+
+    def on_headers_complete(self) -> None:
+        self.in_progress = False
+        lengths = [v for k, v in self._headers if k.lower() == b"content-length"]
+        chunked = any(k.lower() == b"transfer-encoding" for k, _ in self._headers)
+        if len(lengths) > 1:
+            self._fail(HttpError(400, "more than one Content-Length"))
+        if lengths and chunked:
+            self._fail(HttpError(400, "both Content-Length and Transfer-Encoding"))
+        if lengths and int(lengths[0].strip() or b"0") > self.limits.max_body:
+            self._fail(HttpError(413, "body too large"))
+        version = self._parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            self._fail(HttpError(505, f"HTTP/{version}"))
+
+    def on_body(self, body: bytes) -> None:
+        self._body += len(body)
+        if self._body > self.limits.max_body:
+            self._fail(HttpError(413, "body too large"))
+
+    def on_message_complete(self) -> None:
+        p = self._parser
+        self.ready.append(Request(p.get_method(), self._url, p.get_http_version(), self._headers,
+                                  p.should_keep_alive()))
+
+    def _fail(self, error: HttpError) -> None:
+        self._error = error
+        raise error
+
+    def feed(self, data: bytes) -> list[Request]:
+        """The requests ``data`` completes; raises HttpError (the connection must close after answering)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise HttpError(400, "protocol upgrades are not supported") from None
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            detail = str(exc)
+            if "version" in detail.lower():
+                raise HttpError(505, detail) from None
+            raise HttpError(400, detail) from None
+        if self._error is not None:
+            raise self._error
+        ready, self.ready = self.ready, []
+        return ready
+
+
+# --------------------------------------------------------------------------
+# Responses
+
+_date_cache = [0, b""]
+
+
+def http_date(now: float | None = None) -> bytes:
+    """The Date header's value, formatted at most once a second."""
+    second = int(now if now is not None else time.time())
+    if second != _date_cache[0]:
+        _date_cache[0] = second
+        _date_cache[1] = formatdate(second, usegmt=True).encode()
+    return _date_cache[1]
+
+
+def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"text/plain; charset=utf-8",
+                   headers: bytes = b"", keep_alive: bool = True, head_only: bool = False,
+                   version: str = "1.1") -> bytes:
+    """A whole response; ``headers`` are extra header lines, each ending in CRLF."""
+    conn = b"keep-alive" if keep_alive else b"close"
+    head = (b"HTTP/%s %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"%sConnection: %s\r\n\r\n" % (version.encode(), status, REASONS.get(status, "Unknown").encode(),
+                                           SERVER, http_date(), content_type, len(body), headers, conn))
+    return head if head_only or status == 304 else head + body
+
+
+def error_response(error: HttpError, extra_headers: bytes = b"") -> bytes:
+    """The answer to a refused request; the connection is closed after it."""
+    body = f"{error.status} {REASONS.get(error.status, '')}\n".encode()
+    if error.status == 405:
+        extra_headers += b"Allow: GET, HEAD\r\n"
+    return build_response(error.status, body, headers=extra_headers, keep_alive=False)

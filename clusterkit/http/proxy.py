@@ -1,0 +1,388 @@
+"""The HTTP load balancer (``http_servers/lb.py``): a reverse proxy that sends
+each request to the next healthy backend in turn, over pooled keep-alive
+connections.
+
+Per request: round-robin over healthy backends (also between the requests of
+one keep-alive client, so "each request is served by a different backend in
+turn" shows in the log); the request goes out as HTTP/1.1 keep-alive with
+``X-Forwarded-For`` and ``Via`` added; the answer comes back with ``Via``
+added and ``X-Backend`` naming the backend. One log line per request names the
+backend that answered.
+
+Failures: a refused connect, a reset or a close before the answer marks the
+backend down (passive check) and the request, being idempotent (only GET and
+HEAD are served), is retried on the next backend; a stale pooled connection
+(closed by the backend while idle) is retried once on a fresh connection
+without blaming the backend. Nothing healthy: 503; no answer within
+``response_timeout``: 504; a malformed answer: 502. Active checks
+(``GET /healthz`` every ``check_interval``) bring a backend back after
+``rise`` good answers.
+
+HEAD is forwarded as GET and the body dropped here: httptools' response
+parser cannot be told that an answer has no body, and this keeps framing
+exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+from collections import deque
+
+import httptools
+
+from .. import logs
+from .config import HttpBackend, ProxyConfig
+from .core import REASONS, HttpError, Request, RequestParser, error_response, http_date
+
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+              b"upgrade", b"content-length"}
+VIA = b"1.1 clusterkit-lb"
+
+
+class BadGateway(Exception):
+    pass
+
+
+class BackendConn(asyncio.Protocol):
+    """One keep-alive connection to a backend; one request at a time."""
+
+    def __init__(self, backend: BackendState) -> None:
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.uses = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.status = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def send(self, data: bytes) -> asyncio.Future:
+        self._reset()
+        self.uses += 1
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)  # type: ignore[union-attr]
+        return self.waiter
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result((self.status, self.headers, b"".join(self.body), self.parser.should_keep_alive()))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(BadGateway(str(exc)))
+            self.transport.abort()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(ConnectionResetError("backend closed the connection"))
+
+    def _fail(self, exc: Exception) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class BackendState:
+    def __init__(self, spec: HttpBackend, index: int) -> None:
+        self.spec = spec
+        self.index = index
+        self.name = spec.name
+        self.up = True
+        self.streak = 0  # consecutive check results against the current state
+        self.idle: deque[BackendConn] = deque()
+        self.requests = 0
+        self.failures = 0
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig, elog: logs.EventLog) -> None:
+        self.config = config
+        self.elog = elog
+        self.backends = [BackendState(b, i) for i, b in enumerate(config.backends)]
+        self.next = 0
+        self.connections: set[ProxyClient] = set()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._server: asyncio.base_events.Server | None = None
+        self._stop = asyncio.Event()
+        self.conn_ids = itertools.count(1)
+
+    # -- choosing and state ----------------------------------------------------
+
+    def choose(self, exclude: set[int]) -> BackendState | None:
+        n = len(self.backends)
+        for step in range(n):
+            b = self.backends[(self.next + step) % n]
+            if b.up and b.index not in exclude:
+                self.next = b.index + 1
+                return b
+        return None
+
+    def mark(self, b: BackendState, up: bool, reason: str) -> None:
+        if b.up != up:
+            b.up = up
+            b.streak = 0
+            if not up:
+                while b.idle:
+                    b.idle.popleft().close()
+            if self.elog.warning:
+                self.elog.line("WARNING", f"event={'backend-up' if up else 'backend-down'} backend={b.name} "
+                                          f"reason={logs.quote(reason)}")
+
+    async def _check_forever(self, b: BackendState) -> None:
+        cfg = self.config
+        request = b"GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (cfg.check_path.encode(), b.spec.host.encode())
+        while True:
+            ok, reason = False, "timeout"
+            writer = None
+            try:
+                async with asyncio.timeout(cfg.check_timeout):
+                    reader, writer = await asyncio.open_connection(b.spec.host, b.spec.port)
+                    writer.write(request)
+                    status_line = await reader.readline()
+                    ok = status_line.split(b" ")[1:2] == [b"200"]
+                    reason = "check passed" if ok else f"check answered {status_line[:40]!r}"
+            except TimeoutError:
+                reason = "check timeout"
+            except OSError as exc:
+                reason = f"check {type(exc).__name__}"
+            finally:
+                if writer is not None:
+                    writer.transport.abort()
+            if ok == b.up:
+                b.streak = 0
+            else:
+                b.streak += 1
+                if b.streak >= (cfg.rise if ok else cfg.fall):
+                    self.mark(b, ok, reason)
+            await asyncio.sleep(cfg.check_interval)
+
+    # -- forwarding ------------------------------------------------------------
+
+    async def _connection(self, b: BackendState, fresh: bool) -> BackendConn:
+        while b.idle and not fresh:
+            conn = b.idle.pop()
+            if not conn.closed:
+                return conn
+        async with asyncio.timeout(self.config.connect_timeout):
+            _, conn = await self.loop.create_connection(lambda: BackendConn(b), b.spec.host, b.spec.port)
+        return conn
+
+    def _backend_request(self, req: Request, client_ip: str) -> bytes:
+        forwarded = client_ip.encode()
+        lines = []
+        for k, v in req.headers:
+            lk = k.lower()
+            if lk in HOP_BY_HOP or lk == b"via":
+                continue
+            if lk == b"x-forwarded-for":
+                forwarded = v + b", " + forwarded
+                continue
+            lines.append(b"%s: %s\r\n" % (k, v))
+        return (b"GET %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nVia: %s\r\nConnection: keep-alive\r\n\r\n"
+                % (req.target, b"".join(lines), forwarded, VIA))
+
+    async def forward(self, req: Request, client_ip: str) -> tuple[int, bytes, str]:
+        """(status, whole response for the client, backend name) for one GET/HEAD."""
+        data = self._backend_request(req, client_ip)
+        tried: set[int] = set()
+        while True:
+            b = self.choose(tried)
+            if b is None:
+                return 503, error_response(HttpError(503, "no healthy backend")), "-"
+            tried.add(b.index)
+            for fresh in (False, True):
+                try:
+                    conn = await self._connection(b, fresh)
+                except (OSError, TimeoutError) as exc:
+                    b.failures += 1
+                    self.mark(b, False, f"connect {type(exc).__name__}")
+                    break  # next backend
+                reused = conn.uses > 0
+                try:
+                    async with asyncio.timeout(self.config.response_timeout):
+                        status, headers, body, keep = await conn.send(data)
+                except TimeoutError:
+                    conn.close()
+                    b.failures += 1
+                    return 504, error_response(HttpError(504, f"{b.name} did not answer in time")), b.name
+                except BadGateway:
+                    b.failures += 1
+                    return 502, error_response(HttpError(502, f"{b.name} sent a malformed answer")), b.name
+                except ConnectionError as exc:
+                    conn.close()
+                    if reused and not fresh:
+                        continue  # a stale idle connection: once more on a fresh one
+                    b.failures += 1
+                    self.mark(b, False, f"{type(exc).__name__}")
+                    break  # next backend
+                if keep and not conn.closed and len(b.idle) < self.config.pool_size:
+                    b.idle.append(conn)
+                else:
+                    conn.close()
+                b.requests += 1
+                return status, self._client_response(req, status, headers, body, b), b.name
+
+    def _client_response(self, req: Request, status: int, headers, body: bytes, b: BackendState) -> bytes:
+        lines = []
+        has_backend = False
+        for k, v in headers:
+            lk = k.lower()
+            if lk in HOP_BY_HOP or lk == b"date":
+                continue
+            if lk == b"x-backend":
+                has_backend = True
+            lines.append(b"%s: %s\r\n" % (k, v))
+        if not has_backend:
+            lines.append(b"X-Backend: %s\r\n" % b.name.encode())
+        conn = b"keep-alive" if req.keep_alive else b"close"
+        head = (b"HTTP/%s %d %s\r\n%sDate: %s\r\nContent-Length: %d\r\nVia: %s\r\nConnection: %s\r\n\r\n"
+                % (req.version.encode(), status, REASONS.get(status, "Unknown").encode(), b"".join(lines),
+                   http_date(), len(body), VIA, conn))
+        return head if req.method == b"HEAD" or status == 304 else head + body
+
+    # -- serving ---------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._server = await self.loop.create_server(lambda: ProxyClient(self), cfg.host, cfg.port,
+                                                     backlog=4096, reuse_address=True)
+        for b in self.backends:
+            self.loop.create_task(self._check_forever(b))
+        self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        limits = self.config.limits
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for c in list(self.connections):
+                c.sweep(now, limits)
+
+    async def serve_until_stopped(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        self._server.close()  # type: ignore[union-attr]
+        deadline = self.loop.time() + self.config.drain_timeout
+        while self.loop.time() < deadline and any(not c.idle() for c in self.connections):
+            await asyncio.sleep(0.02)
+        for c in list(self.connections):
+            c.transport.abort()  # type: ignore[union-attr]
+
+
+class ProxyClient(asyncio.Protocol):
+    """One client connection to the balancer; its requests are answered in order."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.elog = proxy.elog
+        self.parser = RequestParser(proxy.config.limits)
+        self.queue: deque[Request] = deque()
+        self.task: asyncio.Task | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.closing = False
+        self.last_activity = time.monotonic()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else "-"
+        self.proxy.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            requests = self.parser.feed(data)
+        except HttpError as exc:
+            self.queue.append(exc)  # type: ignore[arg-type]  # answered in turn, then close
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            requests = []
+        self.queue.extend(requests)
+        if len(self.queue) > 64:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        if self.queue and self.task is None:
+            self.task = self.proxy.loop.create_task(self._answer())
+
+    async def _answer(self) -> None:
+        proxy = self.proxy
+        try:
+            while self.queue and not self.closing:
+                req = self.queue.popleft()
+                if isinstance(req, HttpError):
+                    self._finish(error_response(req), "-", req.status, None, keep=False)
+                    return
+                if req.method not in (b"GET", b"HEAD"):
+                    self._finish(error_response(HttpError(405)), "-", 405, req, keep=False)
+                    return
+                status, resp, backend = await proxy.forward(req, self.peer)
+                self._finish(resp, backend, status, req, keep=req.keep_alive)
+                if not req.keep_alive:
+                    return
+                if len(self.queue) < 16 and not self.closing:
+                    self.transport.resume_reading()  # type: ignore[union-attr]
+        finally:
+            self.task = None
+
+    def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool) -> None:
+        if self.elog.info:
+            what = (f"method={req.method.decode('latin-1')} path={logs.quote(req.target.decode('latin-1'))} "
+                    f"ms={(time.monotonic() - req.started) * 1000:.3f}") if req else "method=- path=-"
+            self.elog.line("INFO", f"event=request client={self.peer} {what} status={status} "
+                                   f"bytes={len(resp)} backend={backend}")
+        if self.closing:
+            return
+        self.transport.write(resp)  # type: ignore[union-attr]
+        if not keep:
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.proxy.connections.discard(self)
+
+    def sweep(self, now: float, limits) -> None:
+        if self.closing or self.task is not None:
+            return
+        if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
+            self._finish(error_response(HttpError(408)), "-", 408, None, keep=False)
+        elif not self.parser.in_progress and now - self.last_activity > limits.keepalive_timeout:
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    def idle(self) -> bool:
+        return self.task is None and not self.queue
+

@@ -1,0 +1,150 @@
+"""Static files from the document root (``http_servers/www/``), from memory.
+
+Each file is read once and kept with its ready-made response headers; a
+``stat`` at most once a second per file notices edits. Paths are decoded,
+normalised and resolved (symlinks included) and must stay inside the root:
+``..``, ``%2e%2e``, ``%2f`` and symlinks pointing outside all get 404, never
+a byte from outside ``www/``.
+
+What it is not: a general file server. Files over ``max_cached`` bytes are
+refused (404); directories are not listed; ``/`` serves ``page.html``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import time
+from dataclasses import dataclass
+from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
+
+from .core import SERVER, Request, build_response, http_date
+
+INDEX = "page.html"
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "http_servers" / "www"
+
+
+@dataclass
+class CachedFile:
+    path: Path
+    body: bytes
+    mtime: float
+    size: int
+    checked: float
+    etag: bytes
+    last_modified: bytes
+    content_type: bytes
+    fixed_headers: bytes
+    """Every header line but Date and Connection, for a 200."""
+
+
+class StaticFiles:
+    def __init__(self, root: str | Path = DEFAULT_ROOT, backend_name: str = "",
+                 max_cached: int = 8 << 20) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"document root {self.root} is not a folder")
+        self.backend_header = f"X-Backend: {backend_name}\r\n".encode() if backend_name else b""
+        self.max_cached = max_cached
+        self.cache: dict[bytes, CachedFile | None] = {}
+
+    def resolve(self, raw_path: bytes) -> Path | None:
+        """The file a request path names, or None when it is outside the root or missing."""
+        try:
+            decoded = unquote_to_bytes(raw_path).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if "\x00" in decoded or "\\" in decoded:
+            return None
+        parts = [p for p in decoded.split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts):
+            return None
+        candidate = self.root.joinpath(*parts) if parts else self.root / INDEX
+        try:
+            real = candidate.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if real != self.root and self.root not in real.parents:
+            return None  # a symlink pointing outside the root
+        if real.is_dir():
+            real = real / INDEX
+            if not real.is_file():
+                return None
+        return real if real.is_file() else None
+
+    def _load(self, path: Path, now: float) -> CachedFile | None:
+        try:
+            st = path.stat()
+            if st.st_size > self.max_cached:
+                return None
+            body = path.read_bytes()
+        except OSError:
+            return None
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript", "image/svg+xml"):
+            ctype += "; charset=utf-8"
+        etag = b'"%s"' % hashlib.blake2b(body, digest_size=8).hexdigest().encode()
+        last_modified = formatdate(st.st_mtime, usegmt=True).encode()
+        fixed = (b"Server: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nLast-Modified: %s\r\nETag: %s\r\n%s"
+                 % (SERVER, ctype.encode(), len(body), last_modified, etag, self.backend_header))
+        return CachedFile(path, body, st.st_mtime, st.st_size, now, etag, last_modified, ctype.encode(), fixed)
+
+    def lookup(self, raw_path: bytes) -> CachedFile | None:
+        now = time.monotonic()
+        entry = self.cache.get(raw_path)
+        if entry is not None and now - entry.checked < 1.0:
+            return entry
+        path = self.resolve(raw_path)
+        if path is None:
+            self.cache.pop(raw_path, None)
+            return None
+        if entry is not None and entry.path == path:
+            try:
+                st = path.stat()
+            except OSError:
+                st = None
+            if st is not None and st.st_mtime == entry.mtime and st.st_size == entry.size:
+                entry.checked = now
+                return entry
+        entry = self._load(path, now)
+        if entry is not None and len(self.cache) < 10_000:
+            self.cache[raw_path] = entry
+        return entry
+
+    def respond(self, req: Request) -> tuple[int, bytes]:
+        """(status, whole response) for a GET or HEAD request."""
+        path = req.path
+        keep = req.keep_alive
+        version = req.version.encode()
+        conn = b"keep-alive" if keep else b"close"
+        if path == b"/healthz":
+            return 200, build_response(200, b"ok\n", headers=self.backend_header, keep_alive=keep,
+                                       head_only=req.method == b"HEAD", version=req.version)
+        entry = self.lookup(path)
+        if entry is None:
+            return 404, build_response(404, b"404 Not Found\n", headers=self.backend_header, keep_alive=keep,
+                                       head_only=req.method == b"HEAD", version=req.version)
+        if _not_modified(req, entry):
+            return 304, (b"HTTP/%s 304 Not Modified\r\nServer: %s\r\nDate: %s\r\nETag: %s\r\n"
+                         b"Last-Modified: %s\r\n%sConnection: %s\r\n\r\n"
+                         % (version, SERVER, http_date(), entry.etag, entry.last_modified,
+                            self.backend_header, conn))
+        head = b"HTTP/%s 200 OK\r\n%sDate: %s\r\nConnection: %s\r\n\r\n" % (
+            version, entry.fixed_headers, http_date(), conn)
+        return 200, head if req.method == b"HEAD" else head + entry.body
+
+
+def _not_modified(req: Request, entry: CachedFile) -> bool:
+    inm = req.header(b"if-none-match")
+    if inm is not None:
+        return any(tag.strip() in (entry.etag, b"*", b"W/" + entry.etag) for tag in inm.split(b","))
+    ims = req.header(b"if-modified-since")
+    if ims is not None:
+        try:
+            return parsedate_to_datetime(ims.decode("latin-1")).timestamp() >= int(entry.mtime)
+        except (TypeError, ValueError):
+            return False
+    return False
+
