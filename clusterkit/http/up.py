@@ -1,0 +1,62 @@
+"""``python -m clusterkit.http up``: the whole HTTP set-up in one command.
+
+Starts the four async backends (9002..9005), the load balancer (44444), the
+async server (45000) and the threaded server (46000) as child processes,
+prints where they are, and stops every one of them (by PID) on Ctrl-C or
+SIGTERM. ``--offset N`` adds N to every port, to run beside another copy or
+away from ports held in TIME_WAIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from .. import cluster
+
+BACKEND_PORTS = (9002, 9003, 9004, 9005)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clusterkit.http up", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["up"], help="up: start everything, Ctrl-C stops it")
+    p.add_argument("--offset", type=int, default=0, help="add this to every default port")
+    p.add_argument("--log-dir", default="logs", help="folder of the log files (default: logs)")
+    args = p.parse_args(argv)
+    o = args.offset
+    log = ["--log-dir", args.log_dir]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with cluster.ProcessGroup() as group:
+        try:
+            backends = []
+            for i, port in enumerate(BACKEND_PORTS, 1):
+                group.start(cluster.Process(f"backend{i}", cluster.python_script(
+                    "http_servers/async_server.py", str(port + o), "--name", f"backend{i}", *log), port=port + o))
+                backends += ["--backend", f"backend{i}=127.0.0.1:{port + o}"]
+            group.start(cluster.Process("lb", cluster.python_script(
+                "http_servers/lb.py", "--port", str(44444 + o), *backends, *log), port=44444 + o))
+            group.start(cluster.Process("async", cluster.python_script(
+                "http_servers/Server_async_http.py", "--port", str(45000 + o), *log), port=45000 + o))
+            group.start(cluster.Process("threaded", cluster.python_script(
+                "http_servers/Server_thread_http.py", "--port", str(46000 + o), *log), port=46000 + o))
+        except RuntimeError as exc:
+            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 71
+        print(f"""HTTP set-up running:
+  http://localhost:{44444 + o}/page.html   lb.py over backend1..4 (ports {', '.join(str(x + o) for x in BACKEND_PORTS)})
+  http://localhost:{45000 + o}/page.html   Server_async_http.py
+  http://localhost:{46000 + o}/page.html   Server_thread_http.py
+logs in {args.log_dir}/server_log.log; Ctrl-C stops everything""", flush=True)
+        try:
+            while not stop.wait(0.5):
+                dead = [p.name for p in group.processes if not p.alive()]
+                if dead:
+                    print(f"error: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+                    return 1
+        except KeyboardInterrupt:
+            pass
+    print("stopped", flush=True)
+    return 0

@@ -1,0 +1,297 @@
+"""The HTTP servers and the HTTP load balancer as real processes: ApacheBench,
+raw sockets for every error case, faults, and a real browser."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clusterkit import cluster
+
+pytestmark = pytest.mark.timeout(120)
+
+WWW = Path(cluster.ROOT) / "http_servers" / "www"
+HAS_AB = shutil.which("ab") is not None
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+SIMPLE_GET = b"GET /page.html HTTP/1.1\r\nHost: t\r\n\r\n"
+HTTP10_KEEPALIVE = b"GET /page.html HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+GARBAGE = b"\x16\x03\x01 definitely not http\r\n\r\n"
+POST = b"POST /page.html HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi"
+HUGE_BODY = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999\r\n\r\n"
+HUGE_HEADERS = b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Filler: " + b"a" * 40000 + b"\r\n\r\n"
+HTTP2_LINE = b"GET / HTTP/2.0\r\nHost: t\r\n\r\n"
+CL_AND_TE = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+TWO_CL = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"
+
+
+def exchange(port: int, raw: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+                if b"\r\n\r\n" in data and b"Connection: keep-alive" in data.split(b"\r\n\r\n")[0]:
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    m = re.search(rb"Content-Length: (\d+)", head)
+                    if m and len(body) >= int(m.group(1)):
+                        break
+        except TimeoutError:
+            pass
+    return data
+
+
+def status_of(data: bytes) -> int:
+    return int(data.split(b" ", 2)[1])
+
+
+class HttpSetup:
+    def __init__(self, procs, log_dir) -> None:
+        self.procs = procs
+        self.log_dir = str(log_dir)
+        self.backends: dict[str, cluster.Process] = {}
+
+    def server(self, script: str, *args: str) -> cluster.Process:
+        port = cluster.free_port()
+        return self.procs.start(cluster.Process(script, cluster.python_script(
+            f"http_servers/{script}", "--port", str(port), "--log-dir", self.log_dir, *args), port=port))
+
+    def backend(self, name: str, port: int | None = None) -> cluster.Process:
+        port = port or cluster.free_port()
+        proc = self.procs.start(cluster.Process(name, cluster.python_script(
+            "http_servers/async_server.py", str(port), "--name", name, "--log-dir", self.log_dir), port=port))
+        self.backends[name] = proc
+        return proc
+
+    def lb(self, n: int = 4) -> cluster.Process:
+        args = []
+        for i in range(1, n + 1):
+            b = self.backend(f"backend{i}")
+            args += ["--backend", f"backend{i}=127.0.0.1:{b.port}"]
+        return self.server("lb.py", *args, "--check-interval", "0.2", "--rise", "2", "--fall", "2")
+
+    def log(self) -> str:
+        return (Path(self.log_dir) / "server_log.log").read_text()
+
+    def lb_requests(self, count: int, timeout: float = 10) -> list[str]:
+        """The lb's request lines, once ``count`` of them are written (logs are flushed in batches)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.log().splitlines() if " lb event=request " in line]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def setup(procs, log_dir):
+    return HttpSetup(procs, log_dir)
+
+
+@pytest.fixture(params=["Server_async_http.py", "Server_thread_http.py"])
+def server(request, setup):
+    return setup.server(request.param, "--header-timeout", "1")
+
+
+@pytest.mark.skipif(not HAS_AB, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
+@pytest.mark.parametrize("target", ["Server_async_http.py", "Server_thread_http.py", "lb.py"])
+@pytest.mark.parametrize("keepalive", [False, True])
+def test_apachebench_1000_requests_all_complete(setup, target, keepalive):
+    proc = setup.lb() if target == "lb.py" else setup.server(target)
+    ab = subprocess.run(["ab", *(["-k"] if keepalive else []), "-n", "1000", "-c", "10",
+                         f"http://127.0.0.1:{proc.port}/page.html"], capture_output=True, text=True, timeout=90)
+    assert ab.returncode == 0, ab.stderr
+    assert re.search(r"Complete requests:\s+1000\b", ab.stdout)
+    assert re.search(r"Failed requests:\s+0\b", ab.stdout)
+    assert "Non-2xx" not in ab.stdout
+    if keepalive:
+        assert re.search(r"Keep-Alive requests:\s+1000\b", ab.stdout)
+
+
+def test_balancer_round_robin_on_keepalive_connections(setup):
+    lb = setup.lb()
+    counts: dict[str, int] = {}
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    for _ in range(400):
+        conn.request("GET", "/page.html")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and resp.getheader("Via") == "1.1 clusterkit-lb"
+        name = resp.getheader("X-Backend")
+        counts[name] = counts.get(name, 0) + 1
+    conn.close()
+    assert counts == {"backend1": 100, "backend2": 100, "backend3": 100, "backend4": 100}
+    lines = setup.lb_requests(400)
+    assert len(lines) == 400
+    assert [re.search(r"backend=(\S+)", line).group(1) for line in lines[:8]] == [
+        "backend1", "backend2", "backend3", "backend4"] * 2
+
+
+def test_kill_9_backend_under_load_no_failed_get_then_back_up(setup):
+    lb = setup.lb()
+    failures: list = []
+    done = 0
+
+    def client() -> None:
+        nonlocal done
+        conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+        for _ in range(150):
+            try:
+                conn.request("GET", "/style.css")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    failures.append(resp.status)
+                done += 1
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                failures.append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while done < 100:
+        time.sleep(0.01)
+    victim = setup.backends["backend2"]
+    victim.kill()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures[:5]
+    assert "event=backend-down backend=backend2" in setup.log()
+    setup.backend("backend2", port=victim.port)
+    deadline = time.monotonic() + 20
+    while "event=backend-up backend=backend2" not in setup.log():
+        assert time.monotonic() < deadline, "backend2 never came back"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("raw, status", [
+    (GARBAGE, 400), (POST, 405), (HUGE_BODY, 413), (HUGE_HEADERS, 431), (HTTP2_LINE, 505),
+    (CL_AND_TE, 400), (TWO_CL, 400), (b"GET /nothing-here HTTP/1.1\r\nHost: t\r\n\r\n", 404),
+])
+def test_error_answers(server, raw, status):
+    data = exchange(server.port, raw)
+    assert status_of(data) == status, data[:200]
+    if status == 405:
+        assert b"Allow: GET, HEAD" in data
+
+
+@pytest.mark.parametrize("path", [
+    b"/../clusterkit/__init__.py", b"/%2e%2e/clusterkit/__init__.py", b"/..%2f..%2fetc%2fpasswd",
+    b"/%2e%2e%2f%2e%2e%2fetc/passwd", b"/outside/passwd", b"/.%2e/README.md"])
+def test_no_path_escapes_the_document_root(setup, tmp_path, path):
+    root = tmp_path / "www"
+    shutil.copytree(WWW, root)
+    os.symlink("/etc", root / "outside")
+    srv = setup.server("Server_async_http.py", "--root", str(root))
+    data = exchange(srv.port, b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path)
+    assert status_of(data) in (400, 404)
+    assert b"root:" not in data and b"clusterkit" not in data.split(b"\r\n\r\n", 1)[1]
+
+
+def test_get_head_conditional_and_http10_keepalive(server):
+    data = exchange(server.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert status_of(data) == 200 and body == (WWW / "page.html").read_bytes()
+    assert b"Content-Type: text/html; charset=utf-8" in head and b"Date: " in head
+    etag = re.search(rb"ETag: (\S+)", head).group(1)
+    head_only = exchange(server.port, b"HEAD /page.html HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert head_only.endswith(b"\r\n\r\n") and b"Content-Length: %d" % len(body) in head_only
+    not_modified = exchange(server.port, b"GET /page.html HTTP/1.1\r\nHost: t\r\nIf-None-Match: %s\r\n"
+                                         b"Connection: close\r\n\r\n" % etag)
+    assert status_of(not_modified) == 304
+    css = exchange(server.port, b"GET /style.css HTTP/1.0\r\n\r\n")
+    assert b"Content-Type: text/css" in css and b"Connection: close" in css
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for _ in range(3):  # ab -k: HTTP/1.0 with Connection: keep-alive, one connection
+            s.sendall(HTTP10_KEEPALIVE)
+            got = b""
+            while len(got) < len(body) or b"\r\n\r\n" not in got:
+                got += s.recv(65536)
+                if got.count(b"\r\n\r\n") and len(got.partition(b"\r\n\r\n")[2]) >= len(body):
+                    break
+            assert b"HTTP/1.0 200 OK" in got and b"Connection: keep-alive" in got
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    raw = (b"GET /style.css HTTP/1.1\r\nHost: t\r\n\r\n" + b"GET /cluster.svg HTTP/1.1\r\nHost: t\r\n\r\n"
+           + b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    data = exchange(server.port, raw)
+    types = re.findall(rb"Content-Type: ([a-z/+]+)", data)
+    assert types == [b"text/css", b"image/svg+xml", b"text/html"]
+
+
+def test_slowloris_is_timed_out_while_others_are_served(server):
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    started = time.monotonic()
+    got = b""
+    try:
+        for byte in b"GET /page.html HTTP/1.1\r\nHost: slow\r\nX-Trickle: " + b"z" * 400:
+            if select.select([slow], [], [], 0)[0]:
+                break  # the server answered: stop trickling, read it
+            slow.sendall(bytes([byte]))
+            fine = exchange(server.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            assert status_of(fine) == 200
+            time.sleep(0.05)
+            assert time.monotonic() - started < 30, "the slow client was never timed out"
+        slow.settimeout(10)
+        while chunk := slow.recv(4096):
+            got += chunk
+    finally:
+        slow.close()
+    assert b" 408 " in got.split(b"\r\n")[0]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian's chromium package)")
+def test_a_real_browser_renders_the_page_through_the_balancer(setup, tmp_path):
+    lb = setup.lb()
+    shot = tmp_path / "page.png"
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,900",
+                           "--virtual-time-budget=3000", f"--screenshot={shot}",
+                           f"http://localhost:{lb.port}/page.html"],
+                          capture_output=True, text=True, timeout=90)
+    assert shot.exists() and shot.stat().st_size > 10_000, proc.stderr[-2000:]
+    lines = setup.lb_requests(3)
+    time.sleep(0.2)
+    lines = setup.lb_requests(3)
+    served = {re.search(r"path=(\S+)", line).group(1): re.search(r"backend=(\S+)", line).group(1)
+              for line in lines if "status=200" in line}
+    assert {"/page.html", "/style.css", "/cluster.svg"} <= set(served), lines
+    assert len({served[p] for p in ("/page.html", "/style.css", "/cluster.svg")}) > 1
+
+
+def test_port_taken_is_one_clear_line(setup):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        for script in ("Server_async_http.py", "Server_thread_http.py", "lb.py"):
+            proc = subprocess.run(cluster.python_script(f"http_servers/{script}", "--port", str(port),
+                                                        "--log-dir", setup.log_dir),
+                                  capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 71, (script, proc.stderr)
+            assert "in use" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_threaded_pool_and_sigterm(setup):
+    srv = setup.server("Server_thread_http.py", "--pool", "4")
+    assert status_of(exchange(srv.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(timeout=15) == 0
