@@ -81,3 +81,49 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
     print("  ".join(str(h).rjust(w) for h, w in zip(headers, widths)))
     for row in rows:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
+
+
+def run_ab(url: str, requests: int, concurrency: int, keepalive: bool = False, timeout: float = 300) -> dict:
+    """Run ApacheBench once; the nine columns of its table, as numbers."""
+    argv = ["ab", "-q", "-n", str(requests), "-c", str(concurrency)] + (["-k"] if keepalive else []) + [url]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ab failed: {proc.stderr.strip()[-300:]}")
+    return parse_ab(proc.stdout)
+
+
+def parse_ab(text: str) -> dict:
+    import re
+
+    def num(pattern: str, default: float = 0.0) -> float:
+        m = re.search(pattern, text)
+        return float(m.group(1)) if m else default
+
+    return {
+        "concurrency": int(num(r"Concurrency Level:\s+(\d+)")),
+        "time_taken_s": num(r"Time taken for tests:\s+([\d.]+)"),
+        "complete": int(num(r"Complete requests:\s+(\d+)")),
+        "failed": int(num(r"Failed requests:\s+(\d+)")),
+        "non_2xx": int(num(r"Non-2xx responses:\s+(\d+)")),
+        "total_transferred_bytes": int(num(r"Total transferred:\s+(\d+)")),
+        "requests_per_second": num(r"Requests per second:\s+([\d.]+)"),
+        "time_per_request_ms": num(r"Time per request:\s+([\d.]+) \[ms\] \(mean\)"),
+        "time_per_request_all_ms": num(r"Time per request:\s+([\d.]+) \[ms\] \(mean, across"),
+        "transfer_rate_kbps": num(r"Transfer rate:\s+([\d.]+)"),
+        "p50_ms": num(r"\n\s+50%\s+(\d+)"),
+        "p99_ms": num(r"\n\s+99%\s+(\d+)"),
+        "max_ms": num(r"100%\s+(\d+)"),
+    }
+
+
+def run_wrk(url: str, connections: int = 10, seconds: float = 5.0, threads: int = 1) -> dict:
+    import re
+    proc = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+                          capture_output=True, text=True, timeout=seconds + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed: {proc.stderr.strip()[-300:]}")
+    m = re.search(r"Requests/sec:\s+([\d.]+)", proc.stdout)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", proc.stdout)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", proc.stdout)
+    return {"rps": float(m.group(1)) if m else 0.0,
+            "errors": (int(errors.group(1)) if errors else 0) + (sum(map(int, sock.groups())) if sock else 0)}

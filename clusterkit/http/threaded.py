@@ -84,16 +84,21 @@ class ThreadedHttpServer:
         elog = self.elog
         with self.lock:
             self.active.add(conn)
+        current = limits.keepalive_timeout
+        conn.settimeout(current)
         try:
             while not self.stopping.is_set():
-                # between requests: the keep-alive timeout; within a head: what is left of the header timeout
+                # Between requests: the keep-alive timeout; within a head: what is left of the
+                # header timeout. settimeout costs system calls, so only when it changes.
                 if parser.in_progress:
                     left = limits.header_timeout - (time.monotonic() - parser.head_started)
                     if left <= 0:
                         raise HttpError(408, "request head too slow")
+                    current = left
                     conn.settimeout(left)
-                else:
-                    conn.settimeout(limits.keepalive_timeout)
+                elif current != limits.keepalive_timeout:
+                    current = limits.keepalive_timeout
+                    conn.settimeout(current)
                 try:
                     data = conn.recv(65536)
                 except TimeoutError:
@@ -119,8 +124,7 @@ class ThreadedHttpServer:
                     if not keep:
                         break
                 if out:
-                    conn.settimeout(limits.keepalive_timeout)
-                    conn.sendall(b"".join(out))
+                    conn.sendall(out[0] if len(out) == 1 else b"".join(out))
                 if not keep:
                     return
         except HttpError as exc:
