@@ -111,7 +111,8 @@ def _record(rec: Recorder, reader, base: int, warm_end: int) -> None:
 def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, progress: list[int],
                   stop: threading.Event) -> None:
     target = Target(cfg, client)
-    addr = (target.host, target.port)
+    # Resolve once: create_connection would call getaddrinfo for every request.
+    family, _, _, _, sockaddr = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
     timeout_ns = int(cfg.timeout * 1e9)
     sock: socket.socket | None = None
     k = 0
@@ -135,8 +136,12 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, pro
             if sock is None:
                 t0 = ns()
                 try:
-                    sock = socket.create_connection(addr, timeout=cfg.timeout)
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.settimeout(cfg.timeout)
+                    sock.connect(sockaddr)
                 except OSError as exc:
+                    sock.close()
+                    sock = None
                     now = ns()
                     for _ in range(batch):
                         rec.failed(base or t0, _connect_error(exc), now)

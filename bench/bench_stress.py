@@ -1,0 +1,111 @@
+"""Benchmark of the stress tool itself (issue 5): is it fast and right enough
+to be trusted?
+
+1. Against one server (our echo server at ``--log-level warning``, and the C
+   echo server bench/c/lineecho), persistent connections, concurrency 10,
+   64-byte messages: the rate the tool measures with each engine, as a ratio
+   of what the C load generator (bench/c/lineload) measures on the same
+   target in the same run; and whether each engine ranks the two servers in
+   the same order as the C generator.
+2. ``--http`` against nginx serving page.html: requests/s and p50 latency
+   next to ApacheBench's for the same run size.
+
+Usage: python bench/bench_stress.py [--seconds 3] [--rounds 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import anchors  # noqa: E402
+from bench.common import LOCK, lineecho_process, median, print_table, run_ab, run_lineload  # noqa: E402
+from clusterkit import cluster  # noqa: E402
+
+ENGINES = {"async x2 processes": ("async", 2), "async x1": ("async", 1),
+           "thread x2 processes": ("thread", 2), "thread x1": ("thread", 1)}
+
+
+def run_tool(tmp: str, *args: str) -> dict:
+    out = Path(tmp) / "stress.json"
+    proc = subprocess.run(cluster.python_script("ClientServer_StressTools.py", *args, "--quiet", "--json", str(out),
+                                                "--log-level", "warning", "--log-dir", tmp),
+                          capture_output=True, text=True, timeout=300)
+    if not out.exists():
+        raise RuntimeError(f"stress tool failed: {proc.stderr[-500:]}")
+    return json.loads(out.read_text())["runs"][0]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", help="write the results here too")
+    args = p.parse_args()
+    rps: dict[str, dict[str, list[float]]] = {}
+    http: dict = {}
+    with open(LOCK, "w") as lock, tempfile.TemporaryDirectory() as tmp, cluster.ProcessGroup() as group:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ports = cluster.free_ports(3)
+        servers = {"python echo server": group.start(cluster.echo_server(
+                       "server1", ports[0], "--log-level", "warning", log_dir=tmp)),
+                   "C echo server": group.start(lineecho_process("cecho", ports[1]))}
+        for _ in range(args.rounds):
+            for sname, proc in servers.items():
+                r = run_lineload("127.0.0.1", proc.port, connections=10, seconds=args.seconds)
+                rps.setdefault("C load generator", {}).setdefault(sname, []).append(r["rps"])
+                for ename, (engine, procs) in ENGINES.items():
+                    row = run_tool(tmp, "--port", str(proc.port), "-c", "10", "-k", "--duration", str(args.seconds),
+                                   "--engine", engine, "--processes", str(procs))
+                    if row["failed"]:
+                        print(f"warning: {row['failed']} failed requests with {ename}")
+                    rps.setdefault(ename, {}).setdefault(sname, []).append(row["requests_per_second"])
+        if anchors.available("nginx") and shutil.which("ab"):
+            nginx = group.start(anchors.nginx(ports[2], str(cluster.ROOT / "http_servers" / "www"), tmp))
+            url = f"http://127.0.0.1:{nginx.port}/page.html"
+            for _ in range(args.rounds):
+                ab = run_ab(url, 20000, 10)
+                tool = run_tool(tmp, "--http", url, "-n", "20000", "-c", "10")
+                for key, value in (("ab_rps", ab["requests_per_second"]), ("ab_p50", ab["p50_ms"]),
+                                   ("tool_rps", tool["requests_per_second"]), ("tool_p50", tool["rtt_ms"]["p50"])):
+                    http.setdefault(key, []).append(value)
+    ref = {s: median(v) for s, v in rps["C load generator"].items()}
+    ref_order = sorted(ref, key=ref.get, reverse=True)
+    rows, verdicts = [], []
+    for gen, per in rps.items():
+        m = {s: median(v) for s, v in per.items()}
+        order = sorted(m, key=m.get, reverse=True)
+        ratios = {s: m[s] / ref[s] for s in m}
+        rows.append([gen] + [f"{m[s]:,.0f} ({ratios[s]:.2f}x)" for s in servers] +
+                    [" > ".join(o.split()[0] for o in order), "same" if order == ref_order else "DIFFERENT"])
+        if gen != "C load generator":
+            goal = 0.8 if gen.startswith("async") else 0.5
+            worst = min(ratios.values())
+            verdicts.append({"engine": gen, "ratio_min": round(worst, 3), "target": goal, "met": worst >= goal,
+                             "ranking_same": order == ref_order})
+    print(f"persistent connections, concurrency 10, 64-byte messages, {args.rounds} interleaved rounds x "
+          f"{args.seconds:g}s; ratio = rate measured / rate the C generator measured on the same server")
+    print_table(["load generator"] + list(servers) + ["ranking", "vs C generator"], rows)
+    if http:
+        r_rps = median(http["tool_rps"]) / median(http["ab_rps"])
+        r_p50 = median(http["tool_p50"]) / median(http["ab_p50"]) if median(http["ab_p50"]) else float("nan")
+        print(f"\n--http vs ApacheBench on nginx, -n 20000 -c 10: requests/s {median(http['tool_rps']):,.0f} vs "
+              f"{median(http['ab_rps']):,.0f} ({r_rps:.2f}x, target 0.85-1.15); p50 {median(http['tool_p50']):.3f} ms "
+              f"vs {median(http['ab_p50']):.0f} ms (ab rounds to whole ms)")
+        verdicts.append({"http_rps_ratio": round(r_rps, 3), "met": 0.85 <= r_rps <= 1.15,
+                         "http_p50_ratio": round(r_p50, 3)})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rps": rps, "http": http, "verdicts": verdicts}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
