@@ -29,6 +29,11 @@ test: venv system-deps
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
 
+# The whole performance study: reports/<date>/report.md (QUICK=1 for a smoke run).
+bench: venv bench-tools
+	-@bash scripts/install-system-deps.sh --bench
+	$(PY) bench/run_bench.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
 bench-tcp: venv
 	$(PY) bench/bench_tcp.py $(BENCH_ARGS)
 

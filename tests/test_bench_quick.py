@@ -1,0 +1,31 @@
+"""``make bench QUICK=1``'s entry point, end to end, into a temporary folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clusterkit import cluster
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_bench_writes_the_whole_report(tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(cluster.ROOT / "bench" / "run_bench.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("report.md", "results.json", "http_rps.png", "http_p50.png", "http_p99.png", "tcp_rps.png"):
+        assert (out / name).stat().st_size > 500, name
+    results = json.loads((out / "results.json").read_text())
+    for grid in ("http", "tcp"):
+        for target, entry in results[grid].items():
+            for key, cells in entry.items():
+                if isinstance(cells, dict):
+                    for c, cell in cells.items():
+                        assert cell["failed"] == 0, (grid, target, key, c)
+    ours = [f for f in results["failover"] if f["available"] and "HAProxy" not in f["balancer"]]
+    assert len(ours) == 2 and all(f["failed"] == 0 and f["complete"] == f["requests"] for f in ours)
+    report = (out / "report.md").read_text()
+    assert "| Concurrency level | Time taken for test (s) | Complete requests | Failed requests |" in report
