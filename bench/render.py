@@ -40,7 +40,7 @@ def table(cells: dict) -> str:
 
 
 def chart(series: dict[str, dict], key: str, title: str, ylabel: str, path: Path, log: bool = False) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
     for name, cells in series.items():
         if not cells:
             continue
@@ -53,7 +53,7 @@ def chart(series: dict[str, dict], key: str, title: str, ylabel: str, path: Path
     if log:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
