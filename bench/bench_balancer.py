@@ -1,7 +1,8 @@
 """Benchmark of Load_Balancer.py (issue 3): both modes against HAProxy.
 
 Three echo servers (``--log-level warning``, so they are not the limit) stand
-behind three balancers at once: ours in ``--mode tcp``, ours in ``--mode
+behind three balancers at once (ours at ``--log-level warning`` too, as the
+HAProxy anchor logs nothing): ours in ``--mode tcp``, ours in ``--mode
 message`` and HAProxy 2.6 (``mode tcp``, ``nbthread 1``, ``balance
 roundrobin``). The C load generator (bench/c/lineload) drives each in turn at
 concurrency 10 with 64-byte messages, on persistent connections and with one
@@ -49,8 +50,11 @@ def main() -> int:
             group.start(cluster.echo_server(f"server{i + 1}", ports[i], "--log-level", "warning", log_dir=tmp))
             backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
         targets = {
-            "tcp": group.start(balancer_process(ports[3], backends, "--mode", "tcp", log_dir=tmp)),
-            "message": group.start(balancer_process(ports[4], backends, "--mode", "message", log_dir=tmp)),
+            # --log-level warning: the HAProxy anchor logs nothing either.
+            "tcp": group.start(balancer_process(ports[3], backends, "--mode", "tcp", "--log-level", "warning",
+                                                log_dir=tmp)),
+            "message": group.start(balancer_process(ports[4], backends, "--mode", "message", "--log-level", "warning",
+                                                    log_dir=tmp)),
             "haproxy": group.start(anchors.haproxy(ports[5], [("127.0.0.1", p) for p in ports[:3]], tmp)),
         }
         for kind in ("persistent", "per-request"):

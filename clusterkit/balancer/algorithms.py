@@ -27,13 +27,17 @@ class RoundRobin:
         self.next = 0
 
     def choose(self, healthy: Sequence[Candidate]) -> Candidate:
-        by_index = {b.index: b for b in healthy}
-        for step in range(self.size):
-            i = (self.next + step) % self.size
-            if i in by_index:
-                self.next = i + 1
-                return by_index[i]
-        raise LookupError("no healthy backend")
+        # ``healthy`` comes in index order: the first at or after ``next``, else wrap around.
+        if not healthy:
+            raise LookupError("no healthy backend")
+        start = self.next % self.size
+        chosen = healthy[0]
+        for b in healthy:
+            if b.index >= start:
+                chosen = b
+                break
+        self.next = chosen.index + 1
+        return chosen
 
 
 class WeightedRoundRobin:

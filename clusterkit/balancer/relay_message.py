@@ -115,6 +115,8 @@ class ClientSide(asyncio.Protocol):
         # for the response-timeout sweep
         self.sweep_answered = 0
         self.stall_since: float | None = None
+        self.connect_task: asyncio.Task | None = None
+        self.connect_started = 0.0
 
     # -- client side ----------------------------------------------------------
 
@@ -187,6 +189,8 @@ class ClientSide(asyncio.Protocol):
             return
         self.closed = True
         self.app.connections.discard(self)
+        if self.connect_started and self.connect_task is not None:
+            self.connect_task.cancel()
         self.drop_backend()
         if self.elog.info:
             self.elog.line("INFO", f"event=session conn={self.conn_id} peer={self.peer} "
@@ -228,16 +232,23 @@ class ClientSide(asyncio.Protocol):
         if not self.used or self.used[-1] != backend.name:
             self.used.append(backend.name)
         self.connecting = True
-        self.app.loop.create_task(self._connect(backend, attempts))
+        self.connect_started = time.monotonic()  # the sweep cancels a connect that takes too long
+        self.connect_task = self.app.loop.create_task(self._connect(backend, attempts))
         return True
 
     async def _connect(self, backend: Backend, attempts: int) -> None:
         loop = self.app.loop
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                transport, side = await loop.create_connection(
-                    lambda: BackendSide(self, backend), backend.host, backend.port)
-        except (OSError, TimeoutError) as exc:
+            transport, side = await loop.create_connection(
+                lambda: BackendSide(self, backend), backend.host, backend.port)
+        except (OSError, asyncio.CancelledError) as exc:
+            self.connect_started = 0.0
+            if isinstance(exc, asyncio.CancelledError):
+                if self.closed:
+                    self.release_backend()
+                    self.connecting = False
+                    return
+                exc = TimeoutError()
             self.app.pool.traffic_error(backend, connect_failure(exc))
             self.release_backend()
             self.connecting = False
@@ -247,6 +258,7 @@ class ClientSide(asyncio.Protocol):
                 return
             self.answer_no_backend(0)
             return
+        self.connect_started = 0.0
         self.connecting = False
         if self.closed or self.backend is not backend:
             transport.abort()
@@ -380,6 +392,10 @@ class ClientSide(asyncio.Protocol):
     # -- the balancer's sweeps ---------------------------------------------------
 
     def check_response_timeout(self, now: float, timeout: float) -> None:
+        if self.connect_started and now - self.connect_started > self.config.connect_timeout:
+            self.connect_started = 0.0
+            self.connect_task.cancel()  # type: ignore[union-attr]
+            return
         if not self.pending or self.connecting or self.backend_conn is None:
             self.stall_since = None
             return

@@ -24,15 +24,18 @@ if TYPE_CHECKING:
 
 
 class TcpBackendSide(asyncio.Protocol):
+    __slots__ = ("client", "transport", "to_client")
+
     def __init__(self, client: TcpClientSide) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
+        self.to_client = client.transport.write  # type: ignore[union-attr]  # bound once: the hot path
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.client.transport.write(data)  # type: ignore[union-attr]
+        self.to_client(data)
 
     def eof_received(self) -> bool:
         # The backend is done sending: pass the half-close on, and close once
@@ -61,6 +64,7 @@ class TcpClientSide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.backend: Backend | None = None
         self.peer_side: TcpBackendSide | None = None
+        self.to_backend = None  # the backend transport's write, once connected
         self.conn_id = 0
         self.peer = "-"
         self.used: list[str] = []
@@ -69,6 +73,8 @@ class TcpClientSide(asyncio.Protocol):
         self.bytes_in = 0
         self.early = bytearray()  # bytes that came before the backend connection was up
         self.early_eof = False
+        self.connect_task: asyncio.Task | None = None
+        self.connect_started = 0.0
         self.client_eof = False
         self.backend_eof = False
         self.seen_bytes = 0
@@ -88,8 +94,10 @@ class TcpClientSide(asyncio.Protocol):
             return
         app.connections.add(self)
         app.total_connections += 1
-        transport.pause_reading()  # nothing to read into until a backend is connected
-        app.loop.create_task(self._connect())
+        # Reading goes on: a first chunk that comes before the backend connection
+        # is kept in ``early`` (and reading paused then), which costs less than
+        # pausing every new connection up front.
+        self.connect_task = app.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
         pool = self.app.pool
@@ -98,13 +106,18 @@ class TcpClientSide(asyncio.Protocol):
             if backend is None:
                 break
             self.used.append(backend.name)
+            self.connect_started = time.monotonic()  # the sweep cancels a connect that takes too long
             try:
-                async with asyncio.timeout(self.app.config.connect_timeout):
-                    transport, side = await self.app.loop.create_connection(
-                        lambda: TcpBackendSide(self), backend.host, backend.port)
-            except (OSError, TimeoutError) as exc:
-                pool.traffic_error(backend, connect_failure(exc))
+                transport, side = await self.app.loop.create_connection(
+                    lambda: TcpBackendSide(self), backend.host, backend.port)
+            except (OSError, asyncio.CancelledError) as exc:
+                self.connect_started = 0.0
+                if self.closed and isinstance(exc, asyncio.CancelledError):
+                    return
+                pool.traffic_error(backend, connect_failure(TimeoutError() if isinstance(exc, asyncio.CancelledError)
+                                                            else exc))
                 continue
+            self.connect_started = 0.0
             if self.closed:
                 transport.abort()
                 return
@@ -112,6 +125,7 @@ class TcpClientSide(asyncio.Protocol):
             backend.active += 1
             backend.connections += 1
             self.peer_side = side
+            self.to_backend = transport.write
             if self.early:
                 transport.write(bytes(self.early))
                 self.early.clear()
@@ -127,13 +141,13 @@ class TcpClientSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        side = self.peer_side
-        if side is None:
-            # uvloop may deliver a first chunk before pause_reading takes effect
+        to_backend = self.to_backend
+        if to_backend is None:
+            # Bytes before the backend connection is up: keep them, stop reading till then.
             self.early += data
             self.transport.pause_reading()  # type: ignore[union-attr]
             return
-        side.transport.write(data)  # type: ignore[union-attr]
+        to_backend(data)
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -162,6 +176,8 @@ class TcpClientSide(asyncio.Protocol):
         if self.rejected:
             return
         self.closed = True
+        if self.connect_started and self.connect_task is not None:
+            self.connect_task.cancel()
         self.app.connections.discard(self)
         if self.peer_side is not None and self.peer_side.transport is not None:
             self.peer_side.transport.close()
@@ -174,7 +190,10 @@ class TcpClientSide(asyncio.Protocol):
     # -- the balancer's sweeps ---------------------------------------------------
 
     def check_response_timeout(self, now: float, timeout: float) -> None:
-        pass  # a byte relay does not know where messages end
+        # A byte relay does not know where messages end; only the connect has a deadline.
+        if self.connect_started and now - self.connect_started > self.app.config.connect_timeout:
+            self.connect_started = 0.0
+            self.connect_task.cancel()  # type: ignore[union-attr]
 
     def note_activity(self, now: float) -> float:
         if self.bytes_in != self.seen_bytes:
