@@ -295,3 +295,50 @@ def test_threaded_pool_and_sigterm(setup):
     assert status_of(exchange(srv.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
     srv.signal(signal.SIGTERM)
     assert srv.wait(timeout=15) == 0
+
+
+@pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503)])
+def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, status):
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(16)
+    stop = threading.Event()
+
+    def serve():
+        conns = []
+        ls.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = ls.accept()
+            except OSError:
+                continue
+            conns.append(conn)
+            try:
+                request = conn.recv(65536)
+                if behaviour == "garbage" or b"/healthz" in request:
+                    # health checks pass, so the answer to the real request decides
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n" if b"/healthz" in request
+                                 else b"\x00\x01 not http at all\r\n\r\n")
+            except OSError:
+                pass
+        for c in conns:
+            c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    port = ls.getsockname()[1] if behaviour != "none" else cluster.free_port()
+    lb = setup.server("lb.py", "--backend", f"only=127.0.0.1:{port}", "--response-timeout", "0.5",
+                      "--check-interval", "0.2")
+    try:
+        if behaviour == "none":
+            deadline = time.monotonic() + 10
+            while status_of(exchange(lb.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))) != 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        else:
+            data = exchange(lb.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            assert status_of(data) == status, data[:100]
+    finally:
+        stop.set()
+        t.join(5)
+        ls.close()

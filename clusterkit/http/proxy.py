@@ -56,6 +56,7 @@ class BackendConn(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.closed = False
         self.uses = 0
+        self.sent_at = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -69,7 +70,9 @@ class BackendConn(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future:
         self._reset()
         self.uses += 1
+        self.sent_at = time.monotonic()  # the proxy's sweep enforces the response timeout
         self.waiter = asyncio.get_running_loop().create_future()
+        self.backend.busy.add(self)
         self.transport.write(data)  # type: ignore[union-attr]
         return self.waiter
 
@@ -84,6 +87,7 @@ class BackendConn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         waiter, self.waiter = self.waiter, None
+        self.backend.busy.discard(self)
         if waiter is not None and not waiter.done():
             waiter.set_result((self.status, self.headers, b"".join(self.body), self.parser.should_keep_alive()))
 
@@ -99,6 +103,7 @@ class BackendConn(asyncio.Protocol):
         self._fail(ConnectionResetError("backend closed the connection"))
 
     def _fail(self, exc: Exception) -> None:
+        self.backend.busy.discard(self)
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
@@ -117,6 +122,7 @@ class BackendState:
         self.up = True
         self.streak = 0  # consecutive check results against the current state
         self.idle: deque[BackendConn] = deque()
+        self.busy: set[BackendConn] = set()  # waiting for an answer
         self.requests = 0
         self.failures = 0
 
@@ -226,8 +232,7 @@ class Proxy:
                     break  # next backend
                 reused = conn.uses > 0
                 try:
-                    async with asyncio.timeout(self.config.response_timeout):
-                        status, headers, body, keep = await conn.send(data)
+                    status, headers, body, keep = await conn.send(data)
                 except TimeoutError:
                     conn.close()
                     b.failures += 1
@@ -284,12 +289,18 @@ class Proxy:
         self.loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
+        """Deadlines, checked four times a second rather than with a timer per request."""
         limits = self.config.limits
+        timeout = self.config.response_timeout
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
             for c in list(self.connections):
                 c.sweep(now, limits)
+            for b in self.backends:
+                for conn in [c for c in b.busy if now - c.sent_at > timeout]:
+                    conn._fail(TimeoutError())
+                    conn.transport.abort()  # type: ignore[union-attr]
 
     async def serve_until_stopped(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -312,6 +323,8 @@ class ProxyClient(asyncio.Protocol):
         self.parser = RequestParser(proxy.config.limits)
         self.queue: deque[Request] = deque()
         self.task: asyncio.Task | None = None
+        self.wake: asyncio.Future | None = None
+        self.forwarding = False
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
@@ -334,28 +347,40 @@ class ProxyClient(asyncio.Protocol):
         self.queue.extend(requests)
         if len(self.queue) > 64:
             self.transport.pause_reading()  # type: ignore[union-attr]
-        if self.queue and self.task is None:
-            self.task = self.proxy.loop.create_task(self._answer())
+        if self.queue:
+            if self.task is None:
+                self.task = self.proxy.loop.create_task(self._answer())
+            elif self.wake is not None and not self.wake.done():
+                self.wake.set_result(None)
 
     async def _answer(self) -> None:
+        """The connection's one task: answers queued requests in order, then waits for more
+        (a future per wait is cheaper than a task per request)."""
         proxy = self.proxy
-        try:
-            while self.queue and not self.closing:
-                req = self.queue.popleft()
-                if isinstance(req, HttpError):
-                    self._finish(error_response(req), "-", req.status, None, keep=False)
-                    return
-                if req.method not in (b"GET", b"HEAD"):
-                    self._finish(error_response(HttpError(405)), "-", 405, req, keep=False)
-                    return
+        loop = proxy.loop
+        while not self.closing:
+            if not self.queue:
+                self.wake = loop.create_future()
+                await self.wake
+                self.wake = None
+                continue
+            req = self.queue.popleft()
+            if isinstance(req, HttpError):
+                self._finish(error_response(req), "-", req.status, None, keep=False)
+                return
+            if req.method not in (b"GET", b"HEAD"):
+                self._finish(error_response(HttpError(405)), "-", 405, req, keep=False)
+                return
+            self.forwarding = True
+            try:
                 status, resp, backend = await proxy.forward(req, self.peer)
-                self._finish(resp, backend, status, req, keep=req.keep_alive)
-                if not req.keep_alive:
-                    return
-                if len(self.queue) < 16 and not self.closing:
-                    self.transport.resume_reading()  # type: ignore[union-attr]
-        finally:
-            self.task = None
+            finally:
+                self.forwarding = False
+            self._finish(resp, backend, status, req, keep=req.keep_alive)
+            if not req.keep_alive:
+                return
+            if len(self.queue) < 16 and not self.closing:
+                self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool) -> None:
         if self.elog.info:
@@ -373,9 +398,11 @@ class ProxyClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.proxy.connections.discard(self)
+        if self.task is not None and not self.forwarding:
+            self.task.cancel()  # waiting for requests that will not come
 
     def sweep(self, now: float, limits) -> None:
-        if self.closing or self.task is not None:
+        if self.closing or self.forwarding or self.queue:
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
             self._finish(error_response(HttpError(408)), "-", 408, None, keep=False)
@@ -384,5 +411,5 @@ class ProxyClient(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
 
     def idle(self) -> bool:
-        return self.task is None and not self.queue
+        return not self.forwarding and not self.queue
 
