@@ -11,10 +11,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from clusterkit import cluster
@@ -342,3 +344,37 @@ def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, stat
         stop.set()
         t.join(5)
         ls.close()
+
+
+def _free_offset() -> int:
+    """An offset that makes every default HTTP port free (so the test never uses the defaults)."""
+    for offset in range(101, 1500, 37):
+        ports = [p + offset for p in (9002, 9003, 9004, 9005, 44444, 45000, 46000)]
+        try:
+            socks = []
+            for p in ports:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return offset
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    pytest.skip("no free set of ports found")
+
+
+def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
+    offset = _free_offset()
+    up = procs.start(cluster.Process("up", [sys.executable, "-m", "clusterkit.http", "up", "--offset", str(offset),
+                                            "--log-dir", str(log_dir)], port=44444 + offset), wait=30)
+    for port in (9002, 9005, 45000, 46000):
+        cluster.wait_listening("127.0.0.1", port + offset, 30)
+    children = psutil.Process(up.pid).children()
+    assert len(children) == 7
+    assert status_of(exchange(44444 + offset, b"GET /page.html HTTP/1.0\r\n\r\n")) == 200
+    up.signal(signal.SIGINT)
+    assert up.wait(timeout=30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive

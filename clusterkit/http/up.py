@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     o = args.offset
     log = ["--log-dir", args.log_dir]
     stop = threading.Event()
+    # Both set explicitly: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     with cluster.ProcessGroup() as group:
         try:
             backends = []
@@ -50,13 +52,10 @@ def main(argv: list[str] | None = None) -> int:
   http://localhost:{45000 + o}/page.html   Server_async_http.py
   http://localhost:{46000 + o}/page.html   Server_thread_http.py
 logs in {args.log_dir}/server_log.log; Ctrl-C stops everything""", flush=True)
-        try:
-            while not stop.wait(0.5):
-                dead = [p.name for p in group.processes if not p.alive()]
-                if dead:
-                    print(f"error: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
-                    return 1
-        except KeyboardInterrupt:
-            pass
+        while not stop.wait(0.5):
+            dead = [p.name for p in group.processes if not p.alive()]
+            if dead:
+                print(f"error: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+                return 1
     print("stopped", flush=True)
     return 0
