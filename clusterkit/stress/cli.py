@@ -123,7 +123,7 @@ class Progress:
             self.live = Live(console=Console(stderr=True), refresh_per_second=8, transient=True)
             self.live.start()
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, failed: int = 0) -> None:
         if self.extra is not None:
             self.extra(done)
         now = time.monotonic()
@@ -131,7 +131,7 @@ class Progress:
             self.rate = (done - self.last_done) / (now - self.last_t)
             self.last_done, self.last_t = done, now
         text = (f"{done:,}" + (f"/{self.total:,}" if self.total else "") +
-                f" requests  {self.rate:,.0f}/s  {now - self.start:.1f}s")
+                f" requests  {failed:,} failed  {self.rate:,.0f}/s  {now - self.start:.1f}s")
         if self.live is not None:
             self.live.update(text)
         elif not self.quiet and now - self.last_print >= 1.0:

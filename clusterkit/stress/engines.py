@@ -114,6 +114,7 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, pro
     # Resolve once: create_connection would call getaddrinfo for every request.
     family, _, _, _, sockaddr = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
     timeout_ns = int(cfg.timeout * 1e9)
+    failed_slot = cfg.concurrency + client  # progress holds [done per client] + [failed per client]
     sock: socket.socket | None = None
     k = 0
     total = plan.share
@@ -147,6 +148,7 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, pro
                         rec.failed(base or t0, _connect_error(exc), now)
                     k += batch
                     progress[client] = k
+                    progress[failed_slot] = rec.result.failed
                     continue
                 rec.connected(ns() - t0)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -172,6 +174,7 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, pro
             _record(rec, reader, base, plan.warm_end)
             k += batch
             progress[client] = k
+            progress[failed_slot] = rec.result.failed
             if not cfg.keepalive or not _all_ok(reader) or (
                     isinstance(reader, HttpReader) and not reader.keep_alive):
                 sock.close()
@@ -265,6 +268,7 @@ class AsyncClient(asyncio.Protocol):
                                    kind, now)
         self.k += batch
         self.runner.progress[self.client] = self.k
+        self.runner.progress[self.runner.failed_slot] = self.runner.rec.result.failed
         self.next()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -294,6 +298,7 @@ class AsyncClient(asyncio.Protocol):
         _record(self.runner.rec, reader, self.base, self.plan.warm_end)
         self.k += self.batch
         self.runner.progress[self.client] = self.k
+        self.runner.progress[self.runner.failed_slot] = self.runner.rec.result.failed
         if not self.cfg.keepalive or not _all_ok(reader) or (isinstance(reader, HttpReader) and not reader.keep_alive):
             transport, self.transport = self.transport, None
             transport.close()  # type: ignore[union-attr]
@@ -322,6 +327,7 @@ class AsyncRunner:
         self.progress = progress
         self.stop_event = stop
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.failed_slot = 0
 
     @property
     def stopped(self) -> bool:
@@ -329,6 +335,8 @@ class AsyncRunner:
 
     async def run(self, plans: list[tuple[int, Plan]]) -> None:
         self.loop = asyncio.get_running_loop()
+        # The clients share one Recorder, so the process's failure total goes in one slot.
+        self.failed_slot = self.cfg.concurrency + plans[0][0] if plans else 0
         clients = [AsyncClient(self, c, plan) for c, plan in plans]
         if plans:
             wait = plans[0][1].start - ns()
@@ -358,22 +366,30 @@ def shares(cfg: StressConfig) -> list[int | None]:
 
 def run_local(cfg: StressConfig, clients: list[int], start_ns: int, progress: list[int],
               stop: threading.Event, keep_log: bool) -> tuple[RunResult, list]:
-    result = RunResult()
-    rec = Recorder(result, keep_log)
     all_shares = shares(cfg)
     plans = [(c, Plan(cfg, start_ns, all_shares[c], c)) for c in clients]
     if cfg.engine == "thread":
+        # One Recorder per thread: no counter is shared between threads, so no
+        # increment can be lost, and threads never contend on the same objects.
+        recs = [Recorder(RunResult(), keep_log) for _ in plans]
         threads = [threading.Thread(target=thread_client, args=(cfg, c, plan, rec, progress, stop), daemon=True)
-                   for c, plan in plans]
+                   for (c, plan), rec in zip(plans, recs)]
         for t in threads:
             t.start()
         for t in threads:
             while t.is_alive():
                 t.join(0.1)
     else:
-        loops.run(AsyncRunner(cfg, rec, progress, stop).run(plans))
-    rec.flush()
-    return result, rec.log or []
+        # One event loop thread: its clients can share a Recorder safely.
+        recs = [Recorder(RunResult(), keep_log)]
+        loops.run(AsyncRunner(cfg, recs[0], progress, stop).run(plans))
+    result = RunResult()
+    log: list = []
+    for rec in recs:
+        rec.flush()
+        result.merge(rec.result)
+        log.extend(rec.log or [])
+    return result, log
 
 
 def _child(cfg: StressConfig, clients: list[int], start_ns: int, progress, conn, keep_log: bool) -> None:
@@ -394,14 +410,15 @@ class _SharedProgress:
         self.shared[client] = value
 
 
-def run(cfg: StressConfig, progress_cb: Callable[[int], None] | None = None,
+def run(cfg: StressConfig, progress_cb: Callable[[int, int], None] | None = None,
         keep_log: bool = True) -> tuple[RunResult, list]:
-    """Run the whole load; ``progress_cb(requests_done)`` is called about 10 times a second."""
+    """Run the whole load; ``progress_cb(requests_done, failed)`` is called every few tens of ms."""
+    n = cfg.concurrency
     start_ns = ns() + 50_000_000  # a moment for every client (and process) to be ready
     procs = min(cfg.processes, cfg.concurrency)
     groups = [list(range(cfg.concurrency))[i::procs] for i in range(procs)]
     if procs == 1:
-        progress = [0] * cfg.concurrency
+        progress = [0] * (2 * cfg.concurrency)
         stop = threading.Event()
         box: dict = {}
         worker = threading.Thread(target=lambda: box.update(out=run_local(cfg, groups[0], start_ns, progress,
@@ -411,13 +428,13 @@ def run(cfg: StressConfig, progress_cb: Callable[[int], None] | None = None,
             while worker.is_alive():
                 worker.join(0.02)
                 if progress_cb:
-                    progress_cb(sum(progress))
+                    progress_cb(sum(progress[:n]), sum(progress[n:]))
         except KeyboardInterrupt:
             stop.set()
             worker.join(cfg.timeout + 2)
         return box["out"]
     ctx = multiprocessing.get_context("fork")
-    shared = ctx.Array("q", cfg.concurrency, lock=False)
+    shared = ctx.Array("q", 2 * cfg.concurrency, lock=False)
     children = []
     for group in groups:
         parent_end, child_end = ctx.Pipe(duplex=False)
@@ -442,7 +459,7 @@ def run(cfg: StressConfig, progress_cb: Callable[[int], None] | None = None,
                     pending.remove(item)
                     merged.errors["engine-crashed"] += 1
             if progress_cb:
-                progress_cb(sum(shared))
+                progress_cb(sum(shared[:n]), sum(shared[n:]))
     except KeyboardInterrupt:
         for p, _ in pending:
             p.terminate()
