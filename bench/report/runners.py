@@ -1,0 +1,71 @@
+"""Running one load measurement and turning its output into the report's row.
+
+A row has the nine ApacheBench columns of SPEC.md (``grid.COLUMNS``) plus
+``p50_ms``/``p99_ms``. ApacheBench prints its percentiles in whole
+milliseconds, useless on loopback, so ``run_ab`` also asks for ``-e`` (the
+CSV of percentiles in fractional ms) and takes p50/p99 from there. The stress
+tool is run as a child process with ``--json`` so what is measured is exactly
+what a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from bench.common import parse_ab
+from clusterkit import cluster
+
+AB_TIMEOUT_S = 300      # one ab run of 1000 requests takes well under a second on loopback
+STRESS_TIMEOUT_S = 300
+
+
+def parse_percentiles(csv_text: str) -> dict[int, float]:
+    """ab's ``-e`` file: ``Percentage served,Time in ms`` then ``0,0.123`` ... ``100,4.5``."""
+    out = {}
+    for line in csv_text.splitlines()[1:]:
+        pct, _, ms = line.partition(",")
+        try:
+            out[int(pct)] = float(ms)
+        except ValueError:
+            continue
+    return out
+
+
+def ab_row(text: str, csv_text: str) -> dict:
+    """ab's stdout and ``-e`` CSV -> one row; p50/p99 in fractional ms when the CSV is sane."""
+    row = parse_ab(text)
+    pct = parse_percentiles(csv_text)
+    # With few requests ab's CSV can put a stray value at 99 (an index rounding
+    # quirk); keep the whole-ms text percentiles then rather than a wrong number.
+    if 50 in pct and 99 in pct and pct[99] >= pct[50]:
+        row["p50_ms"], row["p99_ms"] = pct[50], pct[99]
+    return row
+
+
+def run_ab(url: str, requests: int, concurrency: int, workdir: str, keepalive: bool = False) -> dict:
+    """Run ApacheBench once; raise RuntimeError with its last stderr line if it fails."""
+    csv_path = Path(workdir) / f"ab-{time.monotonic_ns()}.csv"
+    argv = ["ab", "-q", "-n", str(requests), "-c", str(concurrency), "-e", str(csv_path)]
+    proc = subprocess.run(argv + (["-k"] if keepalive else []) + [url], capture_output=True, text=True,
+                          timeout=AB_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ab failed: {proc.stderr.strip()[-300:]}")
+    csv_text = csv_path.read_text() if csv_path.exists() else ""
+    csv_path.unlink(missing_ok=True)
+    return ab_row(proc.stdout, csv_text)
+
+
+def run_stress(workdir: str, *args: str) -> dict:
+    """Run ClientServer_StressTools.py once with ``--json``; its first run's row, p50/p99 from rtt."""
+    out = Path(workdir) / f"stress-{time.monotonic_ns()}.json"
+    proc = subprocess.run(cluster.python_script("ClientServer_StressTools.py", *args, "--quiet", "--json", str(out),
+                                                "--log-level", "warning", "--log-dir", workdir),
+                          capture_output=True, text=True, timeout=STRESS_TIMEOUT_S)
+    if not out.exists():
+        raise RuntimeError(f"stress tool failed: {proc.stderr.strip()[-300:]}")
+    row = json.loads(out.read_text())["runs"][0]
+    out.unlink()
+    return {**row, "p50_ms": row["rtt_ms"]["p50"], "p99_ms": row["rtt_ms"]["p99"]}
