@@ -84,6 +84,12 @@ class BackendSide(asyncio.Protocol):
 class ClientSide(asyncio.Protocol):
     """One client connection in message mode."""
 
+    __slots__ = ("app", "config", "elog", "framer", "transport", "conn_id", "backend", "backend_conn",
+                 "connecting", "pending", "pending_bytes", "inbuf", "used", "paused", "client_full", "eof",
+                 "closed", "rejected", "error_after_pending", "answered", "failovers", "no_backend_errors",
+                 "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered", "stall_since",
+                 "connect_task", "connect_started")
+
     def __init__(self, app: Balancer) -> None:
         self.app = app
         self.config = app.config
@@ -91,7 +97,6 @@ class ClientSide(asyncio.Protocol):
         self.framer = LineFramer(app.config.max_line)
         self.transport: asyncio.Transport | None = None
         self.conn_id = 0
-        self.peer = "-"
         self.backend: Backend | None = None
         self.backend_conn: BackendSide | None = None
         self.connecting = False
@@ -124,8 +129,6 @@ class ClientSide(asyncio.Protocol):
         app = self.app
         self.transport = transport
         self.conn_id = next(app.conn_ids)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         if len(app.connections) >= self.config.max_connections or app.stopping:
             self.rejected = True
             transport.write(ERR_BUSY)
@@ -193,7 +196,7 @@ class ClientSide(asyncio.Protocol):
             self.connect_task.cancel()
         self.drop_backend()
         if self.elog.info:
-            self.elog.line("INFO", f"event=session conn={self.conn_id} peer={self.peer} "
+            self.elog.line("INFO", f"event=session conn={self.conn_id} peer={_peer(self.transport)} "
                                    f"backends={','.join(self.used) or '-'} messages={self.answered} "
                                    f"failovers={self.failovers} no_backend={self.no_backend_errors}")
 
@@ -423,3 +426,8 @@ class ClientSide(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+
+def _peer(transport: asyncio.Transport | None) -> str:
+    """host:port of the client, looked up only when a log line needs it."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return f"{peer[0]}:{peer[1]}" if peer else "-"

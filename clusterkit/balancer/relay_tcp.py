@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .pool import Backend, connect_failure
-from .relay_message import ERR_BUSY, ERR_NO_BACKEND
+from .relay_message import ERR_BUSY, ERR_NO_BACKEND, _peer
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -66,7 +66,6 @@ class TcpClientSide(asyncio.Protocol):
         self.peer_side: TcpBackendSide | None = None
         self.to_backend = None  # the backend transport's write, once connected
         self.conn_id = 0
-        self.peer = "-"
         self.used: list[str] = []
         self.closed = False
         self.rejected = False
@@ -84,8 +83,6 @@ class TcpClientSide(asyncio.Protocol):
         app = self.app
         self.transport = transport
         self.conn_id = next(app.conn_ids)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         if len(app.connections) >= app.config.max_connections or app.stopping:
             self.rejected = True
             transport.write(ERR_BUSY)
@@ -184,7 +181,7 @@ class TcpClientSide(asyncio.Protocol):
         if self.backend is not None:
             self.backend.active -= 1
         if self.elog.info:
-            self.elog.line("INFO", f"event=session conn={self.conn_id} peer={self.peer} mode=tcp "
+            self.elog.line("INFO", f"event=session conn={self.conn_id} peer={_peer(self.transport)} mode=tcp "
                                    f"backends={','.join(self.used) or '-'} bytes_in={self.bytes_in}")
 
     # -- the balancer's sweeps ---------------------------------------------------
@@ -214,3 +211,4 @@ class TcpClientSide(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
