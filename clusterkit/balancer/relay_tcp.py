@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from .app import Balancer
 
 
+EARLY_LIMIT = 256 * 1024
+"""Bytes kept from a client before its backend connection is up; past this, reading pauses."""
+
+
 class TcpBackendSide(asyncio.Protocol):
     __slots__ = ("client", "transport", "to_client")
 
@@ -125,11 +129,11 @@ class TcpClientSide(asyncio.Protocol):
             self.to_backend = transport.write
             if self.early:
                 transport.write(bytes(self.early))
-                self.early.clear()
             if self.early_eof:
                 transport.write_eof()
-            else:
+            elif len(self.early) > EARLY_LIMIT:
                 self.transport.resume_reading()  # type: ignore[union-attr]
+            self.early.clear()
             return
         self.app.no_backend_errors += 1
         if not self.closed:
@@ -140,9 +144,11 @@ class TcpClientSide(asyncio.Protocol):
         self.bytes_in += len(data)
         to_backend = self.to_backend
         if to_backend is None:
-            # Bytes before the backend connection is up: keep them, stop reading till then.
+            # Bytes before the backend connection is up: keep them; stop reading only
+            # if they pile up (pausing every new connection costs two epoll calls).
             self.early += data
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            if len(self.early) > EARLY_LIMIT:
+                self.transport.pause_reading()  # type: ignore[union-attr]
             return
         to_backend(data)
 
