@@ -8,6 +8,7 @@ reports. ``--loop asyncio`` forces the standard loop, to compare the two.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -37,3 +38,28 @@ def loop_name(choice: str = "auto") -> str:
 def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)
+
+
+class StopSignal:
+    """How every server here stops, in uvicorn's order: the first SIGINT or SIGTERM
+    asks for a graceful stop (``wait()`` returns, the server drains); a second one
+    sets ``forced`` and calls ``on_force`` (abort whatever is left)."""
+
+    def __init__(self, on_force: Callable[[], None] | None = None) -> None:
+        self._event = asyncio.Event()
+        self._on_force = on_force
+        self.forced = False
+
+    def request(self) -> None:
+        if self._event.is_set():
+            self.forced = True
+            if self._on_force is not None:
+                self._on_force()
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Install the signal handlers and wait for the first signal."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request)
+        await self._event.wait()

@@ -40,7 +40,6 @@ import asyncio
 import itertools
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -194,8 +193,7 @@ class EchoServer:
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
-        self._stop = asyncio.Event()
-        self._force = False
+        self.stop_signal = loops.StopSignal(on_force=self._abort_all)
 
     @property
     def port(self) -> int:
@@ -220,19 +218,12 @@ class EchoServer:
             for conn in [c for c in self.connections if c.note_activity(now) < now - idle and not c.closing]:
                 conn.close_idle()
 
-    def request_stop(self) -> None:
-        """First call: graceful stop. Second call: force."""
-        if self._stop.is_set():
-            self._force = True
-            for conn in list(self.connections):
-                conn.abort()
-        self._stop.set()
+    def _abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
 
     async def serve_until_stopped(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.request_stop)
-        await self._stop.wait()
+        await self.stop_signal.wait()
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -244,7 +235,7 @@ class EchoServer:
             self.elog.line("WARNING", f"event=stopping connections={len(self.connections)}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.drain_timeout
-        while self.connections and loop.time() < deadline and not self._force:
+        while self.connections and loop.time() < deadline and not self.stop_signal.forced:
             now = time.monotonic()
             for conn in list(self.connections):
                 if (conn.note_activity(now) < now - cfg.drain_quiet and not conn.paused

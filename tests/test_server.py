@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 

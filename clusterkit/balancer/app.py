@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 import time
 
-from .. import logs
+from .. import logs, loops
 from .admin import start_admin
 from .config import BalancerConfig
 from .health import check_forever
 from .pool import Backend, Pool
-from .relay_message import ClientSide
+from .relay_message import ERR_BUSY, ClientSide
 from .relay_tcp import TcpClientSide
 
 
@@ -43,8 +42,7 @@ class Balancer:
         self._server: asyncio.base_events.Server | None = None
         self._admin: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
-        self._stop = asyncio.Event()
-        self._force = False
+        self.stop_signal = loops.StopSignal(on_force=self._abort_all)
         self.started = time.time()
 
     def _state_changed(self, backend: Backend, old: str, new: str) -> None:
@@ -81,17 +79,25 @@ class Balancer:
                 if cfg.idle_timeout and conn.idle() and conn.note_activity(now) < now - cfg.idle_timeout:
                     conn.close_idle()
 
-    def request_stop(self) -> None:
-        if self._stop.is_set():
-            self._force = True
-            for conn in list(self.connections):
-                conn.abort()
-        self._stop.set()
+    def _abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+    def admit(self, conn, transport: asyncio.Transport) -> bool:
+        """Count a new client connection in, or refuse it with ``ERR busy`` (over
+        ``--max-connections``, or stopping)."""
+        conn.conn_id = next(self.conn_ids)
+        if len(self.connections) >= self.config.max_connections or self.stopping:
+            transport.write(ERR_BUSY)
+            transport.close()
+            self.rejected += 1
+            return False
+        self.connections.add(conn)
+        self.total_connections += 1
+        return True
 
     async def serve_until_stopped(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.loop.add_signal_handler(sig, self.request_stop)
-        await self._stop.wait()
+        await self.stop_signal.wait()
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -102,7 +108,7 @@ class Balancer:
         if self.elog.warning:
             self.elog.line("WARNING", f"event=stopping connections={len(self.connections)}")
         deadline = self.loop.time() + cfg.drain_timeout
-        while self.connections and self.loop.time() < deadline and not self._force:
+        while self.connections and self.loop.time() < deadline and not self.stop_signal.forced:
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.idle() and conn.note_activity(now) < now - cfg.drain_quiet:

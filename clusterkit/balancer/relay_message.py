@@ -128,15 +128,9 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         app = self.app
         self.transport = transport
-        self.conn_id = next(app.conn_ids)
-        if len(app.connections) >= self.config.max_connections or app.stopping:
+        if not app.admit(self, transport):
             self.rejected = True
-            transport.write(ERR_BUSY)
-            transport.close()
-            app.rejected += 1
             return
-        app.connections.add(self)
-        app.total_connections += 1
         high = self.config.write_high_water
         transport.set_write_buffer_limits(high=high, low=high // 4)
         self.attach()

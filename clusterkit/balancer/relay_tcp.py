@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .pool import Backend, connect_failure
-from .relay_message import ERR_BUSY, ERR_NO_BACKEND, _peer
+from .relay_message import ERR_NO_BACKEND, _peer
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -86,15 +86,9 @@ class TcpClientSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         app = self.app
         self.transport = transport
-        self.conn_id = next(app.conn_ids)
-        if len(app.connections) >= app.config.max_connections or app.stopping:
+        if not app.admit(self, transport):
             self.rejected = True
-            transport.write(ERR_BUSY)
-            transport.close()
-            app.rejected += 1
             return
-        app.connections.add(self)
-        app.total_connections += 1
         # Reading goes on: a first chunk that comes before the backend connection
         # is kept in ``early`` (and reading paused then), which costs less than
         # pausing every new connection up front.

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 import time
 
-from .. import logs
+from .. import logs, loops
 from .config import HttpServerConfig
 from .core import HttpError, RequestParser, error_response
 from .static import StaticFiles
@@ -126,8 +125,7 @@ class AsyncHttpServer:
         self.connections: set[HttpProtocol] = set()
         self.conn_ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
-        self._stop = asyncio.Event()
-        self._force = False
+        self.stop_signal = loops.StopSignal(on_force=self._abort_all)
 
     @property
     def port(self) -> int:
@@ -150,20 +148,17 @@ class AsyncHttpServer:
             for conn in list(self.connections):
                 conn.sweep(now)
 
-    def request_stop(self) -> None:
-        if self._stop.is_set():
-            self._force = True
-        self._stop.set()
+    def _abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.abort()  # type: ignore[union-attr]
 
     async def serve_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.request_stop)
-        await self._stop.wait()
+        await self.stop_signal.wait()
         if self._server is not None:
             self._server.close()
         deadline = loop.time() + self.config.drain_timeout
-        while self.connections and loop.time() < deadline and not self._force:
+        while self.connections and loop.time() < deadline and not self.stop_signal.forced:
             for conn in list(self.connections):
                 if conn.idle():
                     conn.closing = True

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 import time
 from collections import deque
 
 import httptools
 
-from .. import logs
+from .. import logs, loops
 from .config import HttpBackend, ProxyConfig
 from .core import REASONS, HttpError, Request, RequestParser, error_response, http_date
 
@@ -136,7 +135,7 @@ class Proxy:
         self.connections: set[ProxyClient] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
-        self._stop = asyncio.Event()
+        self.stop_signal = loops.StopSignal(on_force=self._abort_all)
         self.conn_ids = itertools.count(1)
 
     # -- choosing and state ----------------------------------------------------
@@ -302,13 +301,16 @@ class Proxy:
                     conn._fail(TimeoutError())
                     conn.transport.abort()  # type: ignore[union-attr]
 
+    def _abort_all(self) -> None:
+        for c in list(self.connections):
+            c.transport.abort()  # type: ignore[union-attr]
+
     async def serve_until_stopped(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.loop.add_signal_handler(sig, self._stop.set)
-        await self._stop.wait()
+        await self.stop_signal.wait()
         self._server.close()  # type: ignore[union-attr]
         deadline = self.loop.time() + self.config.drain_timeout
-        while self.loop.time() < deadline and any(not c.idle() for c in self.connections):
+        while (self.loop.time() < deadline and not self.stop_signal.forced
+               and any(not c.idle() for c in self.connections)):
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.transport.abort()  # type: ignore[union-attr]
