@@ -55,27 +55,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         if not requests:
             return
-        out = []
-        static = self.static
-        elog = self.elog
-        keep = True
-        for req in requests:
-            if req.method not in (b"GET", b"HEAD"):
-                status, resp = 405, error_response(HttpError(405), static.backend_header)
-                keep = False
-            else:
-                status, resp = static.respond(req)
-                keep = req.keep_alive
-            out.append(resp)
-            if elog.info:
-                elog.line("INFO", f"event=request client={self.peer} method={req.method.decode('latin-1')} "
-                                  f"path={logs.quote(req.target.decode('latin-1'))} status={status} "
-                                  f"bytes={len(resp)} ms={(time.monotonic() - req.started) * 1000:.3f}"
-                                  f"{self.server.backend_field}")
-            if not keep:
-                break
+        out, keep = self.static.answer(requests, self.peer, self.elog)
         transport = self.transport
-        transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+        transport.write(out)  # type: ignore[union-attr]
         if not keep:
             self.closing = True
             transport.close()  # type: ignore[union-attr]
@@ -121,7 +103,6 @@ class AsyncHttpServer:
         self.config = config
         self.elog = elog
         self.static = StaticFiles(config.root, config.name)
-        self.backend_field = f" backend={config.name}" if config.name else ""
         self.connections: set[HttpProtocol] = set()
         self.conn_ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None

@@ -20,7 +20,8 @@ from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
-from .core import SERVER, Request, build_response, http_date
+from .. import logs
+from .core import SERVER, HttpError, Request, build_response, error_response, http_date
 
 INDEX = "page.html"
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "http_servers" / "www"
@@ -47,6 +48,7 @@ class StaticFiles:
         if not self.root.is_dir():
             raise FileNotFoundError(f"document root {self.root} is not a folder")
         self.backend_header = f"X-Backend: {backend_name}\r\n".encode() if backend_name else b""
+        self.log_suffix = f" backend={backend_name}" if backend_name else ""
         self.max_cached = max_cached
         self.cache: dict[bytes, CachedFile | None] = {}
 
@@ -112,6 +114,28 @@ class StaticFiles:
         if entry is not None and len(self.cache) < 10_000:
             self.cache[raw_path] = entry
         return entry
+
+    def answer(self, requests: list[Request], peer: str, elog: logs.EventLog) -> tuple[bytes, bool]:
+        """The answers to a batch of (pipelined) requests, in order, as one buffer, and
+        whether the connection stays open; a request that closes it ends the batch.
+        Logs one line per request. Both the async and the threaded server use this."""
+        out = []
+        keep = True
+        for req in requests:
+            if req.method not in (b"GET", b"HEAD"):
+                status, resp, keep = 405, error_response(HttpError(405), self.backend_header), False
+            else:
+                status, resp = self.respond(req)
+                keep = req.keep_alive
+            out.append(resp)
+            if elog.info:
+                elog.line("INFO", f"event=request client={peer} method={req.method.decode('latin-1')} "
+                                  f"path={logs.quote(req.target.decode('latin-1'))} status={status} "
+                                  f"bytes={len(resp)} ms={(time.monotonic() - req.started) * 1000:.3f}"
+                                  f"{self.log_suffix}")
+            if not keep:
+                break
+        return (out[0] if len(out) == 1 else b"".join(out)), keep
 
     def respond(self, req: Request) -> tuple[int, bytes]:
         """(status, whole response) for a GET or HEAD request."""

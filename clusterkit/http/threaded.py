@@ -35,7 +35,6 @@ class ThreadedHttpServer:
         self.config = config
         self.elog = elog
         self.static = StaticFiles(config.root, config.name)
-        self.backend_field = f" backend={config.name}" if config.name else ""
         self.sock = socket.create_server((config.host, config.port), backlog=config.backlog,
                                          reuse_port=False)
         self.port = self.sock.getsockname()[1]
@@ -107,24 +106,11 @@ class ThreadedHttpServer:
                     return
                 if not data:
                     return
-                out = []
-                keep = True
-                for req in parser.feed(data):
-                    if req.method not in (b"GET", b"HEAD"):
-                        status, resp, keep = 405, error_response(HttpError(405), self.static.backend_header), False
-                    else:
-                        status, resp = self.static.respond(req)
-                        keep = req.keep_alive
-                    out.append(resp)
-                    if elog.info:
-                        elog.line("INFO", f"event=request client={peer} method={req.method.decode('latin-1')} "
-                                          f"path={logs.quote(req.target.decode('latin-1'))} status={status} "
-                                          f"bytes={len(resp)} ms={(time.monotonic() - req.started) * 1000:.3f}"
-                                          f"{self.backend_field}")
-                    if not keep:
-                        break
-                if out:
-                    conn.sendall(out[0] if len(out) == 1 else b"".join(out))
+                requests = parser.feed(data)
+                if not requests:
+                    continue
+                out, keep = self.static.answer(requests, peer, elog)
+                conn.sendall(out)
                 if not keep:
                     return
         except HttpError as exc:
@@ -162,10 +148,7 @@ class ThreadedHttpServer:
 def run_threaded(config: HttpServerConfig, elog: logs.EventLog, announce) -> None:
     server = ThreadedHttpServer(config, elog)
     announce(server.port)
-    stops = []
-
     def on_signal(signum, frame):
-        stops.append(signum)
         server.stop()
 
     signal.signal(signal.SIGINT, on_signal)

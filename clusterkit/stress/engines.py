@@ -168,7 +168,7 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, pro
                         break
                     reader.feed(chunk, now)
             except TimeoutError:
-                _fail_rest(reader, "timeout")
+                reader.close(ns(), "timeout")
             except OSError:
                 reader.close(ns())
             _record(rec, reader, base, plan.warm_end)
@@ -182,20 +182,6 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, pro
     finally:
         if sock is not None:
             sock.close()
-
-
-def _fail_rest(reader, kind: str) -> None:
-    now = ns()
-    if isinstance(reader, LineReader):
-        while not reader.done:
-            reader._record(False, kind, now, 0)
-    elif reader.outcome is None:
-        reader.outcome = reader.outcome or _timeout_outcome(reader, kind, now)
-
-
-def _timeout_outcome(reader: HttpReader, kind: str, now: int):
-    from .exchange import Outcome
-    return Outcome(False, kind, reader.first_ns or now, now, reader.nbytes)
 
 
 def _all_ok(reader) -> bool:
@@ -313,7 +299,7 @@ class AsyncClient(asyncio.Protocol):
 
     def check_timeout(self, now: int, timeout_ns: int) -> None:
         if self.reader is not None and now - self.sent > timeout_ns:
-            _fail_rest(self.reader, "timeout")
+            self.reader.close(ns(), "timeout")
             transport, self.transport = self.transport, None
             if transport is not None:
                 transport.abort()
@@ -394,20 +380,9 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, progress: li
 
 def _child(cfg: StressConfig, clients: list[int], start_ns: int, progress, conn, keep_log: bool) -> None:
     stop = threading.Event()
-    local = _SharedProgress(progress, clients)
-    result, log = run_local(cfg, clients, start_ns, local, stop, keep_log)
+    result, log = run_local(cfg, clients, start_ns, progress, stop, keep_log)  # a shared Array
     conn.send((result.encode(), log))
     conn.close()
-
-
-class _SharedProgress:
-    """A list-like view that writes a client's progress into shared memory."""
-
-    def __init__(self, shared, clients: list[int]) -> None:
-        self.shared = shared
-
-    def __setitem__(self, client: int, value: int) -> None:
-        self.shared[client] = value
 
 
 def run(cfg: StressConfig, progress_cb: Callable[[int, int], None] | None = None,

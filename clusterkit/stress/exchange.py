@@ -90,11 +90,11 @@ class LineReader:
         self.index += 1
         self.first_ns = 0
 
-    def close(self, now: int) -> None:
-        """The connection ended: what is left unanswered failed."""
+    def close(self, now: int, kind: str = "closed") -> None:
+        """The connection ended (or the wait did: ``kind="timeout"``); what is left unanswered failed."""
         while not self.done:
             half = self.buf.startswith(b"REPLY ") and b"\n" in self.buf
-            self._record(False, "bad-ack" if half else "closed", now, len(self.buf))
+            self._record(False, "bad-ack" if half and kind == "closed" else kind, now, len(self.buf))
             self.buf = b""
 
 
@@ -139,6 +139,6 @@ class HttpReader:
             ok = 200 <= status < 300
             self.outcome = Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns, now, self.nbytes)
 
-    def close(self, now: int) -> None:
+    def close(self, now: int, kind: str = "closed") -> None:
         if self.outcome is None:
-            self.outcome = Outcome(False, "closed", self.first_ns or now, now, self.nbytes)
+            self.outcome = Outcome(False, kind, self.first_ns or now, now, self.nbytes)

@@ -96,10 +96,7 @@ class Recorder:
         r.complete += 1
         r.bytes_received += nbytes
         r.backends[backend] += 1
-        if r.first_send_ns is None or sent_ns < r.first_send_ns:
-            r.first_send_ns = sent_ns
-        if r.last_reply_ns is None or done_ns > r.last_reply_ns:
-            r.last_reply_ns = done_ns
+        self._span(sent_ns, done_ns)
         self.lat.append(latency_ns)
         self.rtt.append(rtt_ns)
         if self.log is not None:
@@ -112,12 +109,17 @@ class Recorder:
         r.failed += 1
         r.bytes_received += nbytes
         r.errors[kind] += 1
+        self._span(sent_ns, done_ns)
+        if self.log is not None:
+            self.log.append((sent_ns, "-", None, None, kind))
+
+    def _span(self, sent_ns: int, done_ns: int) -> None:
+        """Widen the run's window (first send to last answer) to include this request."""
+        r = self.result
         if r.first_send_ns is None or sent_ns < r.first_send_ns:
             r.first_send_ns = sent_ns
         if r.last_reply_ns is None or done_ns > r.last_reply_ns:
             r.last_reply_ns = done_ns
-        if self.log is not None:
-            self.log.append((sent_ns, "-", None, None, kind))
 
     def connected(self, ns: int) -> None:
         self.con.append(ns)
