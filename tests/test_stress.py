@@ -174,6 +174,46 @@ def test_dead_target_ends_fast_with_a_clear_line(log_dir):
     assert time.monotonic() - started < 30  # generous: it only proves no hang
 
 
+@pytest.mark.parametrize("engine", ["thread", "async"])
+def test_target_dying_mid_run_ends_it_early_with_a_clear_line(start_server, log_dir, tmp_path, engine):
+    server = start_server("server1")
+    path = tmp_path / "out.json"
+    # --duration 60: without the dead-target rule this would run (and fail) for a minute.
+    run = subprocess.Popen(cluster.python_script("ClientServer_StressTools.py", "--duration", "60", "-c", "4",
+                                                 "--engine", engine, "--port", str(server.port), "--quiet",
+                                                 "--json", str(path), "--log-dir", str(log_dir)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        server_log = log_dir / "server_log.log"
+        deadline = time.monotonic() + 30
+        while "event=open" not in server_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the run is under way
+        server.kill()
+        out, err = run.communicate(timeout=30)  # generous: it only proves no hang
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 69, err
+    assert "run ended early: the target stopped accepting connections" in err
+    assert "Traceback" not in err
+    row = json.loads(path.read_text())["runs"][0]
+    assert row["complete"] > 0 and row["ended_early"]
+    assert row["errors"].get("refused", 0) > 0
+
+
+def test_live_view_shows_rate_and_latency_percentiles(start_server, log_dir):
+    server = start_server("server1", "--log-level", "warning")
+    proc = subprocess.run(cluster.python_script("ClientServer_StressTools.py", "--duration", "2.5", "-c", "2",
+                                                "--port", str(server.port), "--log-dir", str(log_dir)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("progress:")]
+    assert any(re.search(r"requests\s+0 failed\s+[\d,]+/s\s+latency p50 ~[\d.]+ ms\s+p99 ~[\d.]+ ms", line)
+               for line in lines), lines
+
+
 def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path):
     fake = FakeServer("stall")
     try:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from .. import cli, logs
 from ..config import ConfigError
 from . import engines, report
+from .board import Board
 from .config import CONNECTIONS, ENGINES, StressConfig
 from .spawn import Killer, SpawnedCluster, parse_kill
 
@@ -115,6 +116,8 @@ class Progress:
         self.last_done = 0
         self.last_t = self.start
         self.rate = 0.0
+        self.p50: float | None = None
+        self.p99: float | None = None
         self.extra = extra
         self.live = None
         if self.tty and not quiet:
@@ -123,15 +126,20 @@ class Progress:
             self.live = Live(console=Console(stderr=True), refresh_per_second=8, transient=True)
             self.live.start()
 
-    def update(self, done: int, failed: int = 0) -> None:
+    def update(self, board: Board) -> None:
+        done, failed = board.done(), board.failed()
         if self.extra is not None:
             self.extra(done)
         now = time.monotonic()
         if now - self.last_t >= 0.5:
             self.rate = (done - self.last_done) / (now - self.last_t)
             self.last_done, self.last_t = done, now
+            self.p50, self.p99 = board.percentiles(50, 99)  # summing the histogram: twice a second is enough
         text = (f"{done:,}" + (f"/{self.total:,}" if self.total else "") +
-                f" requests  {failed:,} failed  {self.rate:,.0f}/s  {now - self.start:.1f}s")
+                f" requests  {failed:,} failed  {self.rate:,.0f}/s")
+        if self.p50 is not None:
+            text += f"  latency p50 ~{self.p50:.2f} ms  p99 ~{self.p99:.2f} ms"
+        text += f"  {now - self.start:.1f}s"
         if self.live is not None:
             self.live.update(text)
         elif not self.quiet and now - self.last_print >= 1.0:
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [dataclasses.replace(c, host="127.0.0.1", port=spawned.port) for c in configs]
     rows: list[dict] = []
     killed: list[str] = []
+    ended_early = None
     try:
         preflight(configs[0])
         for cfg in configs:
@@ -229,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             elog.line("INFO", f"event=run concurrency={cfg.concurrency} complete={row['complete']} "
                               f"failed={row['failed']} rps={row['requests_per_second']}")
+            if result.ended_early:
+                ended_early = result.ended_early
+                elog.line("ERROR", f"event=ended-early reason={logs.quote(ended_early)}")
+                break  # the rest of a sweep would only fail the same way
     finally:
         if spawned is not None:
             spawned.stop()
@@ -237,5 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                        (args.markdown, report.to_markdown(rows))):
         if path:
             Path(path).write_text(text)
+    if ended_early:
+        print(f"stress: run ended early: {ended_early}", file=sys.stderr)
+        return cli.EXIT_UNAVAILABLE
     failed = sum(r["failed"] for r in rows)
     return cli.EXIT_OK if failed == 0 else cli.EXIT_FAILED

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from .. import loops
 from .config import StressConfig
 from .exchange import HttpReader, LineReader
+from .board import Board, StopFlag
 from .metrics import Recorder, RunResult
 
 ns = time.perf_counter_ns
@@ -108,13 +109,14 @@ def _record(rec: Recorder, reader, base: int, warm_end: int) -> None:
             rec.failed(base, o.label, o.done_ns, o.nbytes)
 
 
-def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, progress: list[int],
-                  stop: threading.Event) -> None:
+def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag) -> None:
     target = Target(cfg, client)
     # Resolve once: create_connection would call getaddrinfo for every request.
     family, _, _, _, sockaddr = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
     timeout_ns = int(cfg.timeout * 1e9)
-    failed_slot = cfg.concurrency + client  # progress holds [done per client] + [failed per client]
+    progress = board.a
+    failed_slot = board.failed_slot(client)
+    streak_slot = board.streak_slot(client)
     sock: socket.socket | None = None
     k = 0
     total = plan.share
@@ -149,8 +151,10 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, pro
                     k += batch
                     progress[client] = k
                     progress[failed_slot] = rec.result.failed
+                    progress[streak_slot] += 1
                     continue
                 rec.connected(ns() - t0)
+                progress[streak_slot] = 0
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sent = ns()
             base = base or sent
@@ -253,13 +257,16 @@ class AsyncClient(asyncio.Protocol):
             self.runner.rec.failed(self.plan.intended(self.k) if self.plan.interval else self.connect_started,
                                    kind, now)
         self.k += batch
-        self.runner.progress[self.client] = self.k
-        self.runner.progress[self.runner.failed_slot] = self.runner.rec.result.failed
+        progress = self.runner.progress
+        progress[self.client] = self.k
+        progress[self.runner.failed_slot] = self.runner.rec.result.failed
+        progress[self.runner.board.streak_slot(self.client)] += 1
         self.next()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self.runner.rec.connected(ns() - self.connect_started)
+        self.runner.progress[self.runner.board.streak_slot(self.client)] = 0
         self._send()
 
     def _send(self) -> None:
@@ -287,7 +294,8 @@ class AsyncClient(asyncio.Protocol):
         self.runner.progress[self.runner.failed_slot] = self.runner.rec.result.failed
         if not self.cfg.keepalive or not _all_ok(reader) or (isinstance(reader, HttpReader) and not reader.keep_alive):
             transport, self.transport = self.transport, None
-            transport.close()  # type: ignore[union-attr]
+            if transport is not None:  # None when the server closed first
+                transport.close()
         self.next()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -307,10 +315,11 @@ class AsyncClient(asyncio.Protocol):
 
 
 class AsyncRunner:
-    def __init__(self, cfg: StressConfig, rec: Recorder, progress: list[int], stop: threading.Event) -> None:
+    def __init__(self, cfg: StressConfig, rec: Recorder, board: Board, stop: StopFlag) -> None:
         self.cfg = cfg
         self.rec = rec
-        self.progress = progress
+        self.board = board
+        self.progress = board.a
         self.stop_event = stop
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.failed_slot = 0
@@ -322,7 +331,7 @@ class AsyncRunner:
     async def run(self, plans: list[tuple[int, Plan]]) -> None:
         self.loop = asyncio.get_running_loop()
         # The clients share one Recorder, so the process's failure total goes in one slot.
-        self.failed_slot = self.cfg.concurrency + plans[0][0] if plans else 0
+        self.failed_slot = self.board.failed_slot(plans[0][0]) if plans else 0
         clients = [AsyncClient(self, c, plan) for c, plan in plans]
         if plans:
             wait = plans[0][1].start - ns()
@@ -350,15 +359,18 @@ def shares(cfg: StressConfig) -> list[int | None]:
     return [base + (1 if i < extra else 0) for i in range(cfg.concurrency)]
 
 
-def run_local(cfg: StressConfig, clients: list[int], start_ns: int, progress: list[int],
-              stop: threading.Event, keep_log: bool) -> tuple[RunResult, list]:
+def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board, process: int,
+              keep_log: bool) -> tuple[RunResult, list]:
     all_shares = shares(cfg)
     plans = [(c, Plan(cfg, start_ns, all_shares[c], c)) for c in clients]
+    stop = StopFlag(board)
+    live = (board.a, board.hist_offset(process))
     if cfg.engine == "thread":
         # One Recorder per thread: no counter is shared between threads, so no
         # increment can be lost, and threads never contend on the same objects.
-        recs = [Recorder(RunResult(), keep_log) for _ in plans]
-        threads = [threading.Thread(target=thread_client, args=(cfg, c, plan, rec, progress, stop), daemon=True)
+        # (The live histogram is shared, and may miss a count: it is only a view.)
+        recs = [Recorder(RunResult(), keep_log, *live) for _ in plans]
+        threads = [threading.Thread(target=thread_client, args=(cfg, c, plan, rec, board, stop), daemon=True)
                    for (c, plan), rec in zip(plans, recs)]
         for t in threads:
             t.start()
@@ -367,8 +379,8 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, progress: li
                 t.join(0.1)
     else:
         # One event loop thread: its clients can share a Recorder safely.
-        recs = [Recorder(RunResult(), keep_log)]
-        loops.run(AsyncRunner(cfg, recs[0], progress, stop).run(plans))
+        recs = [Recorder(RunResult(), keep_log, *live)]
+        loops.run(AsyncRunner(cfg, recs[0], board, stop).run(plans))
     result = RunResult()
     log: list = []
     for rec in recs:
@@ -378,42 +390,78 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, progress: li
     return result, log
 
 
-def _child(cfg: StressConfig, clients: list[int], start_ns: int, progress, conn, keep_log: bool) -> None:
-    stop = threading.Event()
-    result, log = run_local(cfg, clients, start_ns, progress, stop, keep_log)  # a shared Array
+def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process: int, conn, keep_log: bool) -> None:
+    board = Board(cfg.concurrency, min(cfg.processes, cfg.concurrency), shared)
+    result, log = run_local(cfg, clients, start_ns, board, process, keep_log)
     conn.send((result.encode(), log))
     conn.close()
 
 
-def run(cfg: StressConfig, progress_cb: Callable[[int, int], None] | None = None,
+DEAD_STREAK = 3
+"""Connects in a row that every client must fail before the target counts as dead."""
+
+
+class Watch:
+    """What the watching process does every few tens of ms: report progress, and
+    end the run early when the target is dead (no client can connect any more)."""
+
+    def __init__(self, cfg: StressConfig, board: Board, progress_cb) -> None:
+        self.board = board
+        self.shares = shares(cfg)
+        self.progress_cb = progress_cb
+        self.reason: str | None = None
+
+    def tick(self) -> None:
+        board = self.board
+        if self.progress_cb:
+            self.progress_cb(board)
+        if self.reason is None and board.all_refused(self.shares, DEAD_STREAK):
+            board.stop()
+            self.reason = self._dead()
+
+    def finish(self, result: RunResult) -> RunResult:
+        if self.reason is None and self.board.all_refused([None] * self.board.n, DEAD_STREAK):
+            self.reason = self._dead()  # a run too short for tick() to see it
+        result.ended_early = self.reason
+        if self.progress_cb:
+            self.progress_cb(self.board)
+        return result
+
+    def _dead(self) -> str:
+        return (f"the target stopped accepting connections: every client's last {DEAD_STREAK} "
+                f"connects failed, after {self.board.done():,} requests")
+
+
+def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
         keep_log: bool = True) -> tuple[RunResult, list]:
-    """Run the whole load; ``progress_cb(requests_done, failed)`` is called every few tens of ms."""
-    n = cfg.concurrency
+    """Run the whole load; ``progress_cb(board)`` is called every few tens of ms."""
     start_ns = ns() + 50_000_000  # a moment for every client (and process) to be ready
     procs = min(cfg.processes, cfg.concurrency)
     groups = [list(range(cfg.concurrency))[i::procs] for i in range(procs)]
     if procs == 1:
-        progress = [0] * (2 * cfg.concurrency)
-        stop = threading.Event()
+        board = Board(cfg.concurrency, 1)
+        watch = Watch(cfg, board, progress_cb)
         box: dict = {}
-        worker = threading.Thread(target=lambda: box.update(out=run_local(cfg, groups[0], start_ns, progress,
-                                                                          stop, keep_log)), daemon=True)
+        worker = threading.Thread(target=lambda: box.update(out=run_local(cfg, groups[0], start_ns, board, 0,
+                                                                          keep_log)), daemon=True)
         worker.start()
         try:
             while worker.is_alive():
                 worker.join(0.02)
-                if progress_cb:
-                    progress_cb(sum(progress[:n]), sum(progress[n:]))
+                watch.tick()
         except KeyboardInterrupt:
-            stop.set()
+            board.stop()
             worker.join(cfg.timeout + 2)
-        return box["out"]
+        result, log = box["out"]
+        return watch.finish(result), log
     ctx = multiprocessing.get_context("fork")
-    shared = ctx.Array("q", 2 * cfg.concurrency, lock=False)
+    shared = ctx.Array("q", Board.size_for(cfg.concurrency, procs), lock=False)
+    board = Board(cfg.concurrency, procs, shared)
+    watch = Watch(cfg, board, progress_cb)
     children = []
-    for group in groups:
+    for i, group in enumerate(groups):
         parent_end, child_end = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(cfg, group, start_ns, shared, child_end, keep_log), daemon=True)
+        p = ctx.Process(target=_child, args=(cfg, group, start_ns, shared, i, child_end, keep_log), daemon=True)
         p.start()
         child_end.close()
         children.append((p, parent_end))
@@ -433,13 +481,12 @@ def run(cfg: StressConfig, progress_cb: Callable[[int, int], None] | None = None
                 elif not p.is_alive():
                     pending.remove(item)
                     merged.errors["engine-crashed"] += 1
-            if progress_cb:
-                progress_cb(sum(shared[:n]), sum(shared[n:]))
+            watch.tick()
     except KeyboardInterrupt:
         for p, _ in pending:
             p.terminate()
         raise
-    return merged, logs_all
+    return watch.finish(merged), logs_all
 
 
 def default_processes(concurrency: int) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
+from .board import bucket
+
 LOWEST_US = 1
 HIGHEST_US = 3_600_000_000  # one hour
 DIGITS = 3
@@ -37,6 +39,7 @@ class RunResult:
     latency: HdrHistogram = field(default_factory=new_histogram)
     rtt: HdrHistogram = field(default_factory=new_histogram)
     connect: HdrHistogram = field(default_factory=new_histogram)
+    ended_early: str | None = None  # why the run stopped before its end, if it did
 
     def merge(self, other: RunResult) -> None:
         self.complete += other.complete
@@ -80,12 +83,14 @@ class RunResult:
 class Recorder:
     """Per-worker raw timings, flushed into a RunResult's histograms in batches."""
 
-    __slots__ = ("result", "lat", "rtt", "con", "log")
+    __slots__ = ("result", "lat", "rtt", "con", "log", "live", "live_base")
 
     BATCH = 50_000
 
-    def __init__(self, result: RunResult, keep_log: bool) -> None:
+    def __init__(self, result: RunResult, keep_log: bool, live=None, live_base: int = 0) -> None:
         self.result = result
+        self.live = live  # the board's array: a coarse histogram for the live view (see board.py)
+        self.live_base = live_base
         self.lat: list[int] = []
         self.rtt: list[int] = []
         self.con: list[int] = []
@@ -99,6 +104,8 @@ class Recorder:
         self._span(sent_ns, done_ns)
         self.lat.append(latency_ns)
         self.rtt.append(rtt_ns)
+        if self.live is not None:
+            self.live[self.live_base + bucket(latency_ns // 1000)] += 1
         if self.log is not None:
             self.log.append((sent_ns, backend, latency_ns, rtt_ns, None))
         if len(self.rtt) >= self.BATCH:

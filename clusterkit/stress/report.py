@@ -57,6 +57,7 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
         "connect_ms": _pcts(r.connect),
         "backends": dict(sorted(r.backends.items())),
         "errors": dict(sorted(r.errors.items())),
+        "ended_early": r.ended_early,
     }
 
 
