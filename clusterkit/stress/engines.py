@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -71,6 +72,9 @@ class Target:
         if self.http_request:
             return self.http_request, HttpReader(), 1
         batch = min(self.batch, count)
+        if batch == 1:
+            msg = self.message(k)
+            return msg + b"\n", LineReader([msg]), 1
         msgs = [self.message(k + j) for j in range(batch)]
         return b"\n".join(msgs) + b"\n", LineReader(msgs), batch
 
@@ -214,12 +218,13 @@ class AsyncClient(asyncio.Protocol):
         self.sent = 0
         self.base = 0
         self.connect_started = 0
+        self.stop = runner.stop_event
         self.done = runner.loop.create_future()
 
     # scheduling
     def next(self) -> None:
         plan, k = self.plan, self.k
-        if self.runner.stopped or (plan.share is not None and k >= plan.share) or (
+        if self.stop.is_set() or (plan.share is not None and k >= plan.share) or (
                 plan.deadline is not None and ns() >= plan.deadline):
             if self.transport is not None:
                 self.transport.close()
@@ -324,10 +329,6 @@ class AsyncRunner:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.failed_slot = 0
 
-    @property
-    def stopped(self) -> bool:
-        return self.stop_event.is_set()
-
     async def run(self, plans: list[tuple[int, Plan]]) -> None:
         self.loop = asyncio.get_running_loop()
         # The clients share one Recorder, so the process's failure total goes in one slot.
@@ -390,7 +391,21 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
     return result, log
 
 
-def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process: int, conn, keep_log: bool) -> None:
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGTERM this process if the parent dies (even by
+    SIGKILL), so a killed run never leaves its load processes behind."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process: int, conn, keep_log: bool,
+           parent: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above
+        return
     board = Board(cfg.concurrency, min(cfg.processes, cfg.concurrency), shared)
     result, log = run_local(cfg, clients, start_ns, board, process, keep_log)
     conn.send((result.encode(), log))
@@ -461,7 +476,8 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
     children = []
     for i, group in enumerate(groups):
         parent_end, child_end = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(cfg, group, start_ns, shared, i, child_end, keep_log), daemon=True)
+        p = ctx.Process(target=_child, args=(cfg, group, start_ns, shared, i, child_end, keep_log,
+                                                     os.getpid()), daemon=True)
         p.start()
         child_end.close()
         children.append((p, parent_end))

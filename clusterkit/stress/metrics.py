@@ -81,19 +81,26 @@ class RunResult:
 
 
 class Recorder:
-    """Per-worker raw timings, flushed into a RunResult's histograms in batches."""
+    """Per-worker timings, flushed into a RunResult's histograms.
+
+    Timings are counted per distinct microsecond value first (a dict increment)
+    and go into the HDR histograms with one ``record_value(value, count)`` per
+    distinct value at the end: the same histograms, without paying hdrh's
+    pure-Python ``record_value`` once per request, which was a sixth of the
+    async engine's time.
+    """
 
     __slots__ = ("result", "lat", "rtt", "con", "log", "live", "live_base")
 
-    BATCH = 50_000
+    DISTINCT = 100_000  # flush past this many distinct values (only with very spread timings)
 
     def __init__(self, result: RunResult, keep_log: bool, live=None, live_base: int = 0) -> None:
         self.result = result
         self.live = live  # the board's array: a coarse histogram for the live view (see board.py)
         self.live_base = live_base
-        self.lat: list[int] = []
-        self.rtt: list[int] = []
-        self.con: list[int] = []
+        self.lat: dict[int, int] = {}  # microseconds -> count
+        self.rtt: dict[int, int] = {}
+        self.con: dict[int, int] = {}
         self.log: list[tuple] | None = [] if keep_log else None
 
     def ok(self, sent_ns: int, latency_ns: int, rtt_ns: int, backend: str, nbytes: int, done_ns: int) -> None:
@@ -102,13 +109,16 @@ class Recorder:
         r.bytes_received += nbytes
         r.backends[backend] += 1
         self._span(sent_ns, done_ns)
-        self.lat.append(latency_ns)
-        self.rtt.append(rtt_ns)
+        lat_us = latency_ns // 1000 or 1
+        rtt_us = rtt_ns // 1000 or 1
+        lat, rtt = self.lat, self.rtt
+        lat[lat_us] = lat.get(lat_us, 0) + 1
+        rtt[rtt_us] = rtt.get(rtt_us, 0) + 1
         if self.live is not None:
-            self.live[self.live_base + bucket(latency_ns // 1000)] += 1
+            self.live[self.live_base + bucket(lat_us)] += 1
         if self.log is not None:
             self.log.append((sent_ns, backend, latency_ns, rtt_ns, None))
-        if len(self.rtt) >= self.BATCH:
+        if len(rtt) >= self.DISTINCT:
             self.flush()
 
     def failed(self, sent_ns: int, kind: str, done_ns: int, nbytes: int = 0) -> None:
@@ -129,12 +139,13 @@ class Recorder:
             r.last_reply_ns = done_ns
 
     def connected(self, ns: int) -> None:
-        self.con.append(ns)
+        us = ns // 1000 or 1
+        self.con[us] = self.con.get(us, 0) + 1
 
     def flush(self) -> None:
         r = self.result
-        for values, hist in ((self.lat, r.latency), (self.rtt, r.rtt), (self.con, r.connect)):
+        for counts, hist in ((self.lat, r.latency), (self.rtt, r.rtt), (self.con, r.connect)):
             record = hist.record_value
-            for v in values:
-                record(max(1, v // 1000))
-            values.clear()
+            for us, count in counts.items():
+                record(us, count)
+            counts.clear()
