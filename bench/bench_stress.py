@@ -51,6 +51,7 @@ def main() -> int:
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     rps: dict[str, dict[str, list[float]]] = {}
+    busy: dict[str, dict[str, list[float]]] = {}  # the tool's own CPU, % of a core per process
     http: dict = {}
     with open(LOCK, "w") as lock, tempfile.TemporaryDirectory() as tmp, cluster.ProcessGroup() as group:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -68,6 +69,7 @@ def main() -> int:
                     if row["failed"]:
                         print(f"warning: {row['failed']} failed requests with {ename}")
                     rps.setdefault(ename, {}).setdefault(sname, []).append(row["requests_per_second"])
+                    busy.setdefault(ename, {}).setdefault(sname, []).append(row["client_cpu_percent"])
         if anchors.available("nginx") and shutil.which("ab"):
             nginx = group.start(anchors.nginx(ports[2], str(cluster.ROOT / "http_servers" / "www"), tmp))
             url = f"http://127.0.0.1:{nginx.port}/page.html"
@@ -84,7 +86,8 @@ def main() -> int:
         m = {s: median(v) for s, v in per.items()}
         order = sorted(m, key=m.get, reverse=True)
         ratios = {s: m[s] / ref[s] for s in m}
-        rows.append([gen] + [f"{m[s]:,.0f} ({ratios[s]:.2f}x)" for s in servers] +
+        cpu = {s: f", tool {median(busy[gen][s]):.0f}%" if gen in busy else "" for s in m}
+        rows.append([gen] + [f"{m[s]:,.0f} ({ratios[s]:.2f}x{cpu[s]})" for s in servers] +
                     [" > ".join(o.split()[0] for o in order), "same" if order == ref_order else "DIFFERENT"])
         if gen != "C load generator":
             goal = 0.8 if gen.startswith("async") else 0.5
@@ -92,7 +95,8 @@ def main() -> int:
             verdicts.append({"engine": gen, "ratio_min": round(worst, 3), "target": goal, "met": worst >= goal,
                              "ranking_same": order == ref_order})
     print(f"persistent connections, concurrency 10, 64-byte messages, {args.rounds} interleaved rounds x "
-          f"{args.seconds:g}s; ratio = rate measured / rate the C generator measured on the same server")
+          f"{args.seconds:g}s; ratio = rate measured / rate the C generator measured on the same server; "
+          f"tool = the stress tool's CPU, % of a core per load process")
     print_table(["load generator"] + list(servers) + ["ranking", "vs C generator"], rows)
     if http:
         r_rps = median(http["tool_rps"]) / median(http["ab_rps"])
@@ -103,7 +107,7 @@ def main() -> int:
         verdicts.append({"http_rps_ratio": round(r_rps, 3), "met": 0.85 <= r_rps <= 1.15,
                          "http_p50_ratio": round(r_p50, 3)})
     if args.json:
-        Path(args.json).write_text(json.dumps({"rps": rps, "http": http, "verdicts": verdicts}, indent=2))
+        Path(args.json).write_text(json.dumps({"rps": rps, "tool_cpu_percent": busy, "http": http, "verdicts": verdicts}, indent=2))
     return 0
 
 

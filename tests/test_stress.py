@@ -214,6 +214,21 @@ def test_live_view_shows_rate_and_latency_percentiles(start_server, log_dir):
                for line in lines), lines
 
 
+def test_report_says_how_busy_the_load_generator_was(start_server, log_dir, tmp_path):
+    server = start_server("server1", "--log-level", "warning")
+    row, proc = run_json("--duration", "1.5", "-c", "2", "-k", "--engine", "async", "--processes", "1",
+                         "--port", str(server.port), log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # A closed loop on loopback keeps its one process busy: some of a core, never more than
+    # one core plus the kernel's share on the other.
+    assert 5 < row["client_cpu_percent"] < 200
+    assert 0 < row["client_cores"] < 2.5
+    assert row["machine_busy_percent"] is None or 0 < row["machine_busy_percent"] <= 100
+    assert "client CPU (% of a core per process)" in proc.stdout
+    if row["client_cpu_percent"] >= 85:
+        assert "the load generator was near its limit" in proc.stdout.replace("\n", " ")
+
+
 def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path):
     fake = FakeServer("stall")
     try:

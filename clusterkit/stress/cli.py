@@ -167,6 +167,11 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig) -> 
             elog.line("WARNING", f"event=request n={i} target={target} sent={ts} error={kind}")
 
 
+SATURATED = 85.0
+MACHINE_FULL = 85.0
+"""Client CPU (% of a core per load process) from which the report warns that the tool set the pace."""
+
+
 def print_report(rows: list[dict], killed: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -181,6 +186,9 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
     for group in ("latency_ms", "rtt_ms", "connect_ms"):
         for p in ("p50", "p90", "p99", "p99.9", "max"):
             table.add_row(f"{group[:-3]} {p} (ms)", *[report.fmt(r[group][p]) for r in rows])
+    table.add_row("client CPU (% of a core per process)", *[report.fmt(r["client_cpu_percent"]) for r in rows])
+    table.add_row("client CPU (cores)", *[report.fmt(r["client_cores"]) for r in rows])
+    table.add_row("machine CPU busy (%)", *[report.fmt(r["machine_busy_percent"]) for r in rows])
     names = sorted({b for r in rows for b in r["backends"]})
     for name in names:
         table.add_row(f"answered by {name}", *[report.fmt(r["backends"].get(name, 0)) for r in rows])
@@ -192,6 +200,18 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
     console.print(f"target {r['target']}, engine {r['engine']} x {r['processes']} process(es), "
                   f"{r['connection']} connections; latency = send to first reply byte, "
                   f"rtt = send to confirmation (ACK)")
+    busy = [r for r in rows if r["client_cpu_percent"] >= SATURATED]
+    if busy:
+        levels = ", ".join(f"c={r['concurrency']}: {r['client_cpu_percent']:.0f}%" for r in busy)
+        console.print(f"[yellow]warning: the load generator was near its limit ({levels} of a core per process): "
+                      f"it may have set the pace, not the server. Try --engine async, more --processes, "
+                      f"or a C load generator to compare.[/]")
+    shared = [r for r in rows if (r["machine_busy_percent"] or 0) >= MACHINE_FULL and r not in busy]
+    if shared:
+        levels = ", ".join(f"c={r['concurrency']}: {r['machine_busy_percent']:.0f}% busy, "
+                           f"{r['client_cores']:.2f} cores to the load generator" for r in shared)
+        console.print(f"[yellow]note: this machine's CPUs were nearly full during the run ({levels}): "
+                      f"a server on the same machine had only what was left.[/]")
 
 
 @cli.main_wrapper

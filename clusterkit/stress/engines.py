@@ -32,7 +32,7 @@ from .. import loops
 from .config import StressConfig
 from .exchange import HttpReader, LineReader
 from .board import Board, StopFlag
-from .metrics import Recorder, RunResult
+from .metrics import Recorder, RunResult, busy_between, cpu_times
 
 ns = time.perf_counter_ns
 
@@ -362,6 +362,7 @@ def shares(cfg: StressConfig) -> list[int | None]:
 
 def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board, process: int,
               keep_log: bool) -> tuple[RunResult, list]:
+    cpu0, wall0 = time.process_time(), time.monotonic()
     all_shares = shares(cfg)
     plans = [(c, Plan(cfg, start_ns, all_shares[c], c)) for c in clients]
     stop = StopFlag(board)
@@ -388,6 +389,8 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
         rec.flush()
         result.merge(rec.result)
         log.extend(rec.log or [])
+    result.tool_cpu_s = time.process_time() - cpu0
+    result.tool_wall_s = time.monotonic() - wall0
     return result, log
 
 
@@ -421,6 +424,7 @@ class Watch:
     end the run early when the target is dead (no client can connect any more)."""
 
     def __init__(self, cfg: StressConfig, board: Board, progress_cb) -> None:
+        self.cpu_before = cpu_times()
         self.board = board
         self.shares = shares(cfg)
         self.progress_cb = progress_cb
@@ -438,6 +442,7 @@ class Watch:
         if self.reason is None and self.board.all_refused([None] * self.board.n, DEAD_STREAK):
             self.reason = self._dead()  # a run too short for tick() to see it
         result.ended_early = self.reason
+        result.machine_busy = busy_between(self.cpu_before, cpu_times())
         if self.progress_cb:
             self.progress_cb(self.board)
         return result

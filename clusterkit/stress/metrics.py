@@ -27,6 +27,24 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_between(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 @dataclass
 class RunResult:
     complete: int = 0
@@ -40,11 +58,22 @@ class RunResult:
     rtt: HdrHistogram = field(default_factory=new_histogram)
     connect: HdrHistogram = field(default_factory=new_histogram)
     ended_early: str | None = None  # why the run stopped before its end, if it did
+    tool_cpu_s: float = 0.0  # CPU the load processes used, summed over them ...
+    tool_wall_s: float = 0.0  # ... and the wall time they ran, summed the same way
+    machine_busy: float | None = None  # share of all cores busy during the run (Linux), 0..1
+
+    @property
+    def tool_busy(self) -> float:
+        """How busy the load generator was: the average share of a core per process.
+        Near 1.0 it was the bottleneck, and measured the tool, not the server."""
+        return self.tool_cpu_s / self.tool_wall_s if self.tool_wall_s else 0.0
 
     def merge(self, other: RunResult) -> None:
         self.complete += other.complete
         self.failed += other.failed
         self.bytes_received += other.bytes_received
+        self.tool_cpu_s += other.tool_cpu_s
+        self.tool_wall_s += other.tool_wall_s
         self.errors.update(other.errors)
         self.backends.update(other.backends)
         for name in ("latency", "rtt", "connect"):
@@ -65,6 +94,7 @@ class RunResult:
         """A picklable/JSON-able form for sending across processes."""
         return {"complete": self.complete, "failed": self.failed, "bytes": self.bytes_received,
                 "first": self.first_send_ns, "last": self.last_reply_ns, "errors": dict(self.errors),
+                "cpu": self.tool_cpu_s, "wall": self.tool_wall_s,
                 "backends": dict(self.backends),
                 **{name: getattr(self, name).encode() if getattr(self, name).get_total_count() else None
                    for name in ("latency", "rtt", "connect")}}
@@ -73,7 +103,7 @@ class RunResult:
     def decode(cls, data: dict) -> RunResult:
         r = cls(complete=data["complete"], failed=data["failed"], bytes_received=data["bytes"],
                 first_send_ns=data["first"], last_reply_ns=data["last"], errors=Counter(data["errors"]),
-                backends=Counter(data["backends"]))
+                backends=Counter(data["backends"]), tool_cpu_s=data["cpu"], tool_wall_s=data["wall"])
         for name in ("latency", "rtt", "connect"):
             if data[name]:
                 getattr(r, name).add(HdrHistogram.decode(data[name]))

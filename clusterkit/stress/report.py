@@ -58,6 +58,10 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
         "backends": dict(sorted(r.backends.items())),
         "errors": dict(sorted(r.errors.items())),
         "ended_early": r.ended_early,
+        # Near 100%, the load generator was the bottleneck: the figures measure it, not the server.
+        "client_cpu_percent": round(r.tool_busy * 100, 1),
+        "client_cores": round(r.tool_cpu_s / t, 2) if t else 0.0,
+        "machine_busy_percent": None if r.machine_busy is None else round(r.machine_busy * 100, 1),
     }
 
 
