@@ -9,10 +9,9 @@ gets 503 at once instead of waiting unseen.
 
 Deadlines live on the sockets: the request head must arrive within
 ``header_timeout`` (408 otherwise), an idle keep-alive connection is closed
-after ``keepalive_timeout``. They are kernel timeouts (``SO_RCVTIMEO``,
-``SO_SNDTIMEO``) on sockets left in blocking mode, not ``settimeout()``:
-Python implements ``settimeout`` with a ``poll()`` before every ``recv`` and
-``send``, which doubles the system calls and the GIL hand-offs per request.
+after ``keepalive_timeout``. They are kernel timeouts on sockets left in blocking
+mode, not ``settimeout()`` (see ``clusterkit.sockets``: half the system calls
+and GIL hand-offs per request).
 The listener blocks in ``accept`` too; stopping shuts it down to wake it. The listen backlog is large: the original
 assignment listened with a backlog of 1 and lost seconds to every dropped
 SYN under concurrency.
@@ -24,27 +23,14 @@ import _thread
 import queue
 import signal
 import socket
-import struct
 import threading
 import time
 
 from .. import logs
+from ..sockets import kernel_timeouts
 from .config import HttpServerConfig
 from .core import HttpError, RequestParser, build_response, error_response
 from .static import StaticFiles
-
-def _timeouts(conn: socket.socket, recv: float, send: float | None = None) -> None:
-    """Kernel timeouts for a blocking socket: a ``recv`` or ``send`` that waits
-    longer fails with EAGAIN (``BlockingIOError``)."""
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(recv))
-    if send is not None:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
-
-
-def _timeval(seconds: float) -> bytes:
-    seconds = max(seconds, 0.001)  # 0 would mean "no timeout"
-    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
-
 
 _BUSY = build_response(503, b"503 Service Unavailable: all worker threads are busy\n", keep_alive=False)
 
@@ -103,7 +89,7 @@ class ThreadedHttpServer:
             self.active.add(conn)
         current = limits.keepalive_timeout
         # A client that does not read its answer for this long is cut off.
-        _timeouts(conn, current, send=max(limits.keepalive_timeout, limits.header_timeout))
+        kernel_timeouts(conn, current, send=max(limits.keepalive_timeout, limits.header_timeout))
         try:
             while not self.stopping.is_set():
                 # Between requests: the keep-alive timeout; within a head: what is left of the
@@ -113,10 +99,10 @@ class ThreadedHttpServer:
                     if left <= 0:
                         raise HttpError(408, "request head too slow")
                     current = left
-                    _timeouts(conn, left)
+                    kernel_timeouts(conn, left)
                 elif current != limits.keepalive_timeout:
                     current = limits.keepalive_timeout
-                    _timeouts(conn, current)
+                    kernel_timeouts(conn, current)
                 try:
                     data = conn.recv(65536)
                 except BlockingIOError:  # SO_RCVTIMEO ran out

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from .. import loops
+from ..sockets import kernel_timeouts
 from .config import StressConfig
 from .exchange import HttpReader, LineReader
 from .board import Board, StopFlag
@@ -160,6 +161,10 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
                 rec.connected(ns() - t0)
                 progress[streak_slot] = 0
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Blocking mode with kernel timeouts: one system call per recv/send.
+                sock.settimeout(None)
+                kernel_timeouts(sock, cfg.timeout, send=cfg.timeout)
+                shortened = False
             sent = ns()
             base = base or sent
             try:
@@ -168,14 +173,21 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
                     left = timeout_ns - (ns() - sent)
                     if left <= 0:
                         raise TimeoutError
-                    sock.settimeout(left / 1e9)
+                    if left < timeout_ns * 0.9:
+                        # A slow answer, or one in pieces: wait only for what is left
+                        # (a system call, so only then).
+                        kernel_timeouts(sock, left / 1e9)
+                        shortened = True
+                    elif shortened:
+                        kernel_timeouts(sock, cfg.timeout)
+                        shortened = False
                     chunk = sock.recv(262144)
                     now = ns()
                     if not chunk:
                         reader.close(now)
                         break
                     reader.feed(chunk, now)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: a kernel timeout ran out
                 reader.close(ns(), "timeout")
             except OSError:
                 reader.close(ns())

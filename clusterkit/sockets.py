@@ -1,0 +1,27 @@
+"""Kernel timeouts for blocking sockets, shared by the threaded server and the
+stress tool's thread engine.
+
+``socket.settimeout()`` is implemented in Python with a ``poll()`` before
+every ``recv`` and ``send``: two system calls, and two GIL hand-offs, where
+one would do. A socket left in blocking mode with ``SO_RCVTIMEO`` and
+``SO_SNDTIMEO`` gets the same deadline from the kernel: a ``recv`` or
+``send`` that waits longer fails with EAGAIN, which Python raises as
+``BlockingIOError``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+
+def kernel_timeouts(sock: socket.socket, recv: float, send: float | None = None) -> None:
+    """Set the receive (and, if given, send) timeout of a blocking socket, in seconds."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(recv))
+    if send is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
+
+
+def _timeval(seconds: float) -> bytes:
+    seconds = max(seconds, 0.001)  # 0 would mean "wait forever"
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
