@@ -119,7 +119,7 @@ class Client:
                                              f"within {self.timeout:g}s")
             sock.settimeout(remaining)
             try:
-                chunk = sock.recv(262144)
+                chunk = sock.recv(65536)
             except TimeoutError:
                 continue
             except OSError as exc:

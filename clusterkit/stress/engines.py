@@ -1,5 +1,6 @@
-"""The load engines: threads (one per client, blocking sockets) and asyncio
-(one protocol per client, callbacks, uvloop), spread over processes.
+"""The load engines, spread over processes: threads (one per client, blocking
+sockets; here) and asyncio (one protocol per client, callbacks, uvloop;
+``async_engine``).
 
 How the work is shaped: ``-c`` clients each get an equal share of ``-n``
 (or run until ``--duration`` ends); with ``--processes P`` the clients are
@@ -10,15 +11,16 @@ time, so a stalled server cannot hide behind the clients' own waiting
 (coordinated omission, as wrk2 corrects it).
 
 Why the thread engine stays cheap: per request it does one ``sendall`` and
-as few ``recv`` calls as the answer needs, appends three integers to lists,
-and leaves parsing to ``exchange`` (bytes slicing) and histogram work to the
-end of the run. Threads still share one GIL, so ``--processes`` (default: the
+as few ``recv`` calls as the answer needs, on a blocking socket with kernel
+timeouts (no ``poll`` first) and into 64 KiB buffers (``recv(256 KiB)``
+has malloc map and unmap a fresh buffer on every call, which halved the
+rate), counts its timings in dicts, and leaves parsing to ``exchange``
+(bytes slicing) and histogram work to the end of the run. Threads still share one GIL, so ``--processes`` (default: the
 number of cores when ``-c`` allows) is what lets them use the machine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 import os
 import signal
@@ -26,93 +28,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 from .. import loops
 from ..sockets import kernel_timeouts
-from .config import StressConfig
-from .exchange import HttpReader, LineReader
 from .board import Board, StopFlag
+from .config import StressConfig
+from .async_engine import AsyncRunner
+from .exchange import HttpReader
 from .metrics import Recorder, RunResult, busy_between, cpu_times
-
-ns = time.perf_counter_ns
-
-
-class Target:
-    """What one request is, for the line protocol or HTTP."""
-
-    def __init__(self, cfg: StressConfig, worker: int) -> None:
-        self.cfg = cfg
-        self.batch = cfg.pipeline
-        if cfg.http_url:
-            url = urlsplit(cfg.http_url)
-            self.host = url.hostname or "127.0.0.1"
-            self.port = url.port or 80
-            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            ka = b"Connection: Keep-Alive\r\n" if cfg.keepalive else b""
-            host_header = url.netloc.encode()
-            # What ApacheBench sends, so both tools cost the server the same.
-            self.http_request = (b"GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: clusterkit-stress\r\n"
-                                 b"Accept: */*\r\n%s\r\n" % (path.encode(), host_header, ka))
-        else:
-            self.host, self.port = cfg.host, cfg.port
-            self.http_request = b""
-            if cfg.message:
-                self.fixed = cfg.message
-            else:
-                self.fixed = None
-                self.prefix = b"c%03d-" % worker
-                self.pad = b"x" * max(0, cfg.size - len(self.prefix) - 9)
-
-    def message(self, k: int) -> bytes:
-        if self.fixed is not None:
-            return self.fixed
-        return b"%s%09d%s" % (self.prefix, k, self.pad)
-
-    def request(self, k: int, count: int) -> tuple[bytes, LineReader | HttpReader, int]:
-        if self.http_request:
-            return self.http_request, HttpReader(), 1
-        batch = min(self.batch, count)
-        if batch == 1:
-            msg = self.message(k)
-            return msg + b"\n", LineReader([msg]), 1
-        msgs = [self.message(k + j) for j in range(batch)]
-        return b"\n".join(msgs) + b"\n", LineReader(msgs), batch
-
-
-def _connect_error(exc: OSError) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, TimeoutError):
-        return "connect-timeout"
-    return "connect-error"
-
-
-class Plan:
-    """When and how much one client sends."""
-
-    def __init__(self, cfg: StressConfig, start_ns: int, share: int | None, client: int) -> None:
-        self.share = share  # None: until the deadline
-        self.deadline = start_ns + int(cfg.duration * 1e9) if cfg.duration else None
-        self.warm_end = start_ns + int(cfg.warmup * 1e9)
-        self.start = start_ns
-        self.interval = int(cfg.concurrency / cfg.rate * 1e9) if cfg.rate else 0
-        self.offset = int(self.interval * client / cfg.concurrency) if self.interval else 0
-
-    def intended(self, k: int) -> int:
-        return self.start + self.offset + k * self.interval
-
-
-def _record(rec: Recorder, reader, base: int, warm_end: int) -> None:
-    outcomes = reader.outcomes if isinstance(reader, LineReader) else [reader.outcome]
-    if base < warm_end:
-        return
-    for o in outcomes:
-        if o.ok:
-            rec.ok(base, o.first_ns - base, o.done_ns - base, o.label, o.nbytes, o.done_ns)
-        else:
-            rec.failed(base, o.label, o.done_ns, o.nbytes)
-
+from .plan import Plan, Target, all_ok, connect_error, ns, record
 
 def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag) -> None:
     target = Target(cfg, client)
@@ -152,7 +76,7 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
                     sock = None
                     now = ns()
                     for _ in range(batch):
-                        rec.failed(base or t0, _connect_error(exc), now)
+                        rec.failed(base or t0, connect_error(exc), now)
                     k += batch
                     progress[client] = k
                     progress[failed_slot] = rec.result.failed
@@ -181,7 +105,7 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
                     elif shortened:
                         kernel_timeouts(sock, cfg.timeout)
                         shortened = False
-                    chunk = sock.recv(262144)
+                    chunk = sock.recv(65536)
                     now = ns()
                     if not chunk:
                         reader.close(now)
@@ -191,174 +115,17 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
                 reader.close(ns(), "timeout")
             except OSError:
                 reader.close(ns())
-            _record(rec, reader, base, plan.warm_end)
+            record(rec, reader, base, plan.warm_end)
             k += batch
             progress[client] = k
             progress[failed_slot] = rec.result.failed
-            if not cfg.keepalive or not _all_ok(reader) or (
+            if not cfg.keepalive or not all_ok(reader) or (
                     isinstance(reader, HttpReader) and not reader.keep_alive):
                 sock.close()
                 sock = None
     finally:
         if sock is not None:
             sock.close()
-
-
-def _all_ok(reader) -> bool:
-    if isinstance(reader, LineReader):
-        return all(o.ok for o in reader.outcomes)
-    return reader.outcome is not None and reader.outcome.ok
-
-
-# --------------------------------------------------------------------------
-# asyncio engine
-
-
-class AsyncClient(asyncio.Protocol):
-    """One client: sends, waits for the answer in callbacks, sends again."""
-
-    def __init__(self, runner: AsyncRunner, client: int, plan: Plan) -> None:
-        self.runner = runner
-        self.cfg = runner.cfg
-        self.client = client
-        self.plan = plan
-        self.target = Target(runner.cfg, client)
-        self.transport: asyncio.Transport | None = None
-        self.k = 0
-        self.reader = None
-        self.batch = 0
-        self.sent = 0
-        self.base = 0
-        self.connect_started = 0
-        self.stop = runner.stop_event
-        self.done = runner.loop.create_future()
-
-    # scheduling
-    def next(self) -> None:
-        plan, k = self.plan, self.k
-        if self.stop.is_set() or (plan.share is not None and k >= plan.share) or (
-                plan.deadline is not None and ns() >= plan.deadline):
-            if self.transport is not None:
-                self.transport.close()
-            if not self.done.done():
-                self.done.set_result(None)
-            return
-        if plan.interval:
-            delay = plan.intended(k) - ns()
-            if delay > 0:
-                self.runner.loop.call_later(delay / 1e9, self._go)
-                return
-        self._go()
-
-    def _go(self) -> None:
-        if self.transport is None:
-            self.connect_started = ns()
-            self.runner.loop.create_task(self._connect())
-        else:
-            self._send()
-
-    async def _connect(self) -> None:
-        try:
-            async with asyncio.timeout(self.cfg.timeout):
-                await self.runner.loop.create_connection(lambda: self, self.target.host, self.target.port)
-        except OSError as exc:
-            self._connect_failed(_connect_error(exc))
-        except TimeoutError:
-            self._connect_failed("connect-timeout")
-
-    def _connect_failed(self, kind: str) -> None:
-        share = self.plan.share
-        batch = min(self.cfg.pipeline, (share - self.k) if share is not None else self.cfg.pipeline)
-        now = ns()
-        for _ in range(batch):
-            self.runner.rec.failed(self.plan.intended(self.k) if self.plan.interval else self.connect_started,
-                                   kind, now)
-        self.k += batch
-        progress = self.runner.progress
-        progress[self.client] = self.k
-        progress[self.runner.failed_slot] = self.runner.rec.result.failed
-        progress[self.runner.board.streak_slot(self.client)] += 1
-        self.next()
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.transport = transport
-        self.runner.rec.connected(ns() - self.connect_started)
-        self.runner.progress[self.runner.board.streak_slot(self.client)] = 0
-        self._send()
-
-    def _send(self) -> None:
-        share = self.plan.share
-        payload, self.reader, self.batch = self.target.request(
-            self.k, (share - self.k) if share is not None else self.cfg.pipeline)
-        self.sent = ns()
-        self.base = self.plan.intended(self.k) if self.plan.interval else self.sent
-        self.transport.write(payload)  # type: ignore[union-attr]
-
-    def data_received(self, data: bytes) -> None:
-        reader = self.reader
-        if reader is None:
-            return
-        reader.feed(data, ns())
-        if reader.done:
-            self._finish()
-
-    def _finish(self) -> None:
-        reader = self.reader
-        self.reader = None
-        _record(self.runner.rec, reader, self.base, self.plan.warm_end)
-        self.k += self.batch
-        self.runner.progress[self.client] = self.k
-        self.runner.progress[self.runner.failed_slot] = self.runner.rec.result.failed
-        if not self.cfg.keepalive or not _all_ok(reader) or (isinstance(reader, HttpReader) and not reader.keep_alive):
-            transport, self.transport = self.transport, None
-            if transport is not None:  # None when the server closed first
-                transport.close()
-        self.next()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.reader is not None:
-            self.reader.close(ns())
-            self.transport = None
-            self._finish()
-        self.transport = None
-
-    def check_timeout(self, now: int, timeout_ns: int) -> None:
-        if self.reader is not None and now - self.sent > timeout_ns:
-            self.reader.close(ns(), "timeout")
-            transport, self.transport = self.transport, None
-            if transport is not None:
-                transport.abort()
-            self._finish()
-
-
-class AsyncRunner:
-    def __init__(self, cfg: StressConfig, rec: Recorder, board: Board, stop: StopFlag) -> None:
-        self.cfg = cfg
-        self.rec = rec
-        self.board = board
-        self.progress = board.a
-        self.stop_event = stop
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self.failed_slot = 0
-
-    async def run(self, plans: list[tuple[int, Plan]]) -> None:
-        self.loop = asyncio.get_running_loop()
-        # The clients share one Recorder, so the process's failure total goes in one slot.
-        self.failed_slot = self.board.failed_slot(plans[0][0]) if plans else 0
-        clients = [AsyncClient(self, c, plan) for c, plan in plans]
-        if plans:
-            wait = plans[0][1].start - ns()
-            if wait > 0:
-                await asyncio.sleep(wait / 1e9)  # every client starts together
-        for c in clients:
-            c.next()
-        timeout_ns = int(self.cfg.timeout * 1e9)
-        waiter = asyncio.gather(*(c.done for c in clients))
-        while not waiter.done():
-            await asyncio.wait([waiter], timeout=0.1)
-            now = ns()
-            for c in clients:
-                c.check_timeout(now, timeout_ns)
 
 
 # --------------------------------------------------------------------------
