@@ -268,3 +268,19 @@ def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keep
     assert proc.returncode == 0, proc.stderr
     assert row["complete"] == ab_complete == 200
     assert row["total_transferred_bytes"] == ab_bytes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-c", "0"], "-c/--concurrency: must be at least 1"),
+    (["--rate", "-5"], "--rate must be positive"),
+    (["--duration", "2", "--warmup", "3"], "--warmup must be shorter than --duration"),
+    (["--processes", "x"], "--processes 'x': use a number, or auto"),
+    (["--sweep", "1,x"], "use numbers like 1,3,5,8,10"),
+    (["--http", "https://127.0.0.1:1/"], "use a URL like http://"),
+    (["--pipeline", "4"], "--pipeline needs --connection keepalive"),
+    (["--kill-backend", "server2@50%"], "--kill-backend needs --spawn"),
+])
+def test_bad_options_are_one_clear_line_and_exit_2(args, message, log_dir):
+    proc = stress(*args, log_dir=log_dir, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -77,6 +77,8 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
         url = urlsplit(args.http)
         if url.scheme != "http" or not url.hostname:
             raise ConfigError(f"--http {args.http!r}: use a URL like http://127.0.0.1:45000/page.html")
+    if args.processes != "auto" and not args.processes.isdigit():
+        raise ConfigError(f"--processes {args.processes!r}: use a number, or auto")
     configs = []
     for c in levels:
         procs = engines.default_processes(c) if args.processes == "auto" else int(args.processes)

@@ -42,6 +42,8 @@ class StressConfig:
         check(self.timeout > 0, "--timeout must be positive")
         check(self.rate is None or self.rate > 0, "--rate must be positive")
         check(self.duration is None or self.duration > 0, "--duration must be positive")
+        check(self.warmup >= 0, "--warmup cannot be negative")
+        check(self.duration is None or self.warmup < self.duration, "--warmup must be shorter than --duration")
         check(self.processes >= 1, "--processes must be at least 1")
         check(self.processes <= self.concurrency, "--processes cannot exceed -c")
         check(b"\n" not in self.message, "--message may not contain a newline")
