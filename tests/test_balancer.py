@@ -309,6 +309,9 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     bad = subprocess.run(cluster.python_script("Load_Balancer.py", "--backend", "nonsense", "--log-dir",
                                                str(log_dir)), capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "nonsense" in bad.stderr and "Traceback" not in bad.stderr
+    same = subprocess.run(cluster.python_script("Load_Balancer.py", "--port", "7500", "--admin-port", "7500",
+                                                "--log-dir", str(log_dir)), capture_output=True, text=True, timeout=30)
+    assert same.returncode == 2 and "--admin-port 7500 is the balancer's own --port" in same.stderr
 
 
 @pytest.mark.parametrize("mode", ["tcp", "message"])

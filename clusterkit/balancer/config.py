@@ -95,6 +95,8 @@ class BalancerConfig:
             check(getattr(self, key) > 0, f"--{key.replace('_', '-')} must be positive")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
         check(0 <= self.port <= 65535 and 0 <= self.admin_port <= 65535, "not a port number")
+        check(self.admin_port == 0 or self.admin_port != self.port,
+              f"--admin-port {self.admin_port} is the balancer's own --port: choose another (0 turns it off)")
         check(self.max_connections >= 1, "--max-connections must be at least 1")
 
 
