@@ -267,13 +267,16 @@ class _RawLineFramer:
 
 
 def count_complete_responses(buf: bytes | bytearray, start: int = 0,
-                             limit: int | None = None) -> tuple[int, int]:
+                             limit: int | None = None) -> tuple[int, int, bool]:
     """Count the complete responses in ``buf[start:]`` without parsing them.
 
-    Returns ``(responses, end)``: how many whole responses (a REPLY line plus
-    its ACK line, or one ERR line) begin at ``start``, at most ``limit`` of
-    them, and the offset just after the last one counted. A relay uses this to
-    forward replies as whole units.
+    Returns ``(responses, end, bad)``: how many whole responses (a ``REPLY``
+    line plus its ``ACK`` line, or one ``ERR`` line) begin at ``start``, at
+    most ``limit`` of them; the offset just after the last one counted; and
+    whether what follows is already known not to be a response (a whole line
+    that is neither, or a ``REPLY`` whose next line is not an ``ACK``). A
+    relay uses this to forward replies as whole units and to catch a backend
+    that does not speak the protocol.
     """
     count = 0
     pos = start
@@ -286,8 +289,12 @@ def count_complete_responses(buf: bytes | bytearray, start: int = 0,
             nl2 = buf.find(b"\n", nl + 1)
             if nl2 < 0:
                 break
+            if not buf.startswith(b"ACK ", nl + 1):
+                return count, pos, True
             pos = nl2 + 1
-        else:
+        elif buf.startswith(b"ERR ", pos):
             pos = nl + 1
+        else:
+            return count, pos, True
         count += 1
-    return count, pos
+    return count, pos, False

@@ -268,6 +268,42 @@ def test_oversized_line_garbage_and_half_close(lb, connect):
     assert [r.message for r in ResponseParser().feed(half.read_all())] == [b"a", b"b", b"c"]
 
 
+def test_backend_that_does_not_speak_the_protocol_is_failed_over(procs, log_dir):
+    """A backend answering garbage: its clients get their answers from a good
+    backend, never the garbage, and it is marked down with the reason."""
+    bad = socket.create_server(("127.0.0.1", 0))
+    bad_port = bad.getsockname()[1]
+
+    def serve_garbage() -> None:
+        while True:
+            try:
+                conn, _ = bad.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(b"garbage here\n" * data.count(b"\n"))
+
+    threading.Thread(target=serve_garbage, daemon=True).start()
+    try:
+        ports = cluster.free_ports(2)
+        procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+        # Slow checks: the traffic, not a health check, must find the broken backend.
+        balancer = procs.start(balancer_process(ports[1], [f"junk=127.0.0.1:{bad_port}", f"server1=127.0.0.1:{ports[0]}"],
+                                                "--check-interval", "30", log_dir=str(log_dir)))
+        replies = [one_message(balancer.port, b"m%d" % i) for i in range(6)]
+    finally:
+        bad.close()
+    assert replies == [b"REPLY server1 m%d\nACK server1 %d\n" % (i, len(b"m%d" % i)) for i in range(6)]
+    log_file = log_dir / "server_log.log"
+    deadline = time.monotonic() + 10  # the log is written in batches
+    while "event=failover conn" not in log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = log_file.read_text()
+    assert "event=failover conn" in log and "from=junk reason=bad-reply" in log
+    assert "event=backend-down backend=junk from=FALLING to=DOWN reason=bad-reply" in log
+
+
 def test_client_that_never_reads_does_not_grow_balancer_memory(lb):
     lb.start()
     proc = psutil.Process(lb.lb.pid)

@@ -121,7 +121,7 @@ def test_client_and_server_in_memory(messages, client_cuts, server_cuts):
     for sent, resp in zip(messages, responses):
         assert resp.server == NAME
         assert resp.matches(sent)
-    assert count_complete_responses(server_out) == (len(messages), len(server_out))
+    assert count_complete_responses(server_out) == (len(messages), len(server_out), False)
 
 
 def test_reply_keeps_a_trailing_cr_and_the_ack_confirms_it():
@@ -160,9 +160,18 @@ def test_partial_reply_is_not_reported_until_its_ack():
 
 def test_count_complete_responses_stops_at_a_half_pair():
     buf = build_replies(NAME, [b"a", b"b"]) + b"REPLY server1 c\n"
-    n, end = count_complete_responses(buf)
-    assert n == 2 and buf[end:] == b"REPLY server1 c\n"
-    assert count_complete_responses(build_error("busy")) == (1, 9)
+    n, end, bad = count_complete_responses(buf)
+    assert n == 2 and buf[end:] == b"REPLY server1 c\n" and not bad
+    assert count_complete_responses(build_error("busy")) == (1, 9, False)
+
+
+@pytest.mark.parametrize("tail", [b"garbage\n", b"REPLY server1 c\nnot an ack\n", b"ACK server1 1\n", b"\n"])
+def test_count_complete_responses_flags_what_is_not_a_response(tail):
+    good = build_replies(NAME, [b"a", b"b"])
+    n, end, bad = count_complete_responses(good + tail + build_replies(NAME, [b"c"]))
+    assert (n, end, bad) == (2, len(good), True)
+    # Not yet a whole line: not known to be bad.
+    assert count_complete_responses(good + b"garb") == (2, len(good), False)
 
 
 def test_bad_names_and_codes_are_local_errors():

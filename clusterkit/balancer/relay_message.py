@@ -292,7 +292,7 @@ class ClientSide(asyncio.Protocol):
         else:
             view = data
         pending = self.pending
-        n, end = count_complete_responses(view, 0, len(pending))
+        n, end, bad = count_complete_responses(view, 0, len(pending))
         if n:
             if end == len(view):
                 out = bytes(view) if view is buf else view
@@ -336,7 +336,14 @@ class ClientSide(asyncio.Protocol):
             # else: unsolicited bytes (e.g. the backend's idle notice): not a reply to anyone
         elif not pending:
             buf.clear()
-        if len(buf) > self.config.max_line + 1024:
+        if bad and pending:
+            # Off-protocol bytes where an answer should be: this backend is broken;
+            # what it has not answered goes to another one.
+            buf.clear()
+            self.fail_over("bad-reply")
+        elif bad:
+            buf.clear()  # stray bytes after the last answer: nobody's reply
+        elif len(buf) > self.config.max_line + 1024:
             self.fail_over("bad-reply")
 
     def backend_lost(self, side: BackendSide, reason: str) -> None:
