@@ -336,13 +336,12 @@ class ClientSide(asyncio.Protocol):
             # else: unsolicited bytes (e.g. the backend's idle notice): not a reply to anyone
         elif not pending:
             buf.clear()
-        if bad and pending:
-            # Off-protocol bytes where an answer should be: this backend is broken;
-            # what it has not answered goes to another one.
+        if bad:
+            # Off-protocol bytes: where an answer is due, the backend is broken and what
+            # it has not answered goes to another one; after the last answer, nobody's reply.
             buf.clear()
-            self.fail_over("bad-reply")
-        elif bad:
-            buf.clear()  # stray bytes after the last answer: nobody's reply
+            if pending:
+                self.fail_over("bad-reply")
         elif len(buf) > self.config.max_line + 1024:
             self.fail_over("bad-reply")
 

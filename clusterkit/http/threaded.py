@@ -9,12 +9,12 @@ gets 503 at once instead of waiting unseen.
 
 Deadlines live on the sockets: the request head must arrive within
 ``header_timeout`` (408 otherwise), an idle keep-alive connection is closed
-after ``keepalive_timeout``. They are kernel timeouts on sockets left in blocking
-mode, not ``settimeout()`` (see ``clusterkit.sockets``: half the system calls
-and GIL hand-offs per request).
-The listener blocks in ``accept`` too; stopping shuts it down to wake it. The listen backlog is large: the original
-assignment listened with a backlog of 1 and lost seconds to every dropped
-SYN under concurrency.
+after ``keepalive_timeout``. They are kernel timeouts on sockets left in
+blocking mode, not ``settimeout()`` (see ``clusterkit.sockets``: half the
+system calls and GIL hand-offs per request). The listener blocks in
+``accept`` too; stopping shuts it down to wake it. The listen backlog is
+large: the original assignment listened with a backlog of 1 and lost
+seconds to every dropped SYN under concurrency.
 """
 
 from __future__ import annotations

@@ -42,15 +42,15 @@ class Board:
     """Index arithmetic over the shared array; the array itself is ``self.a``."""
 
     def __init__(self, concurrency: int, processes: int, array=None) -> None:
-        n = concurrency
-        self.n = n
-        self.stop_slot = 3 * n
-        self.hist_base = 3 * n + 1
-        self.size = self.hist_base + processes * BUCKETS
+        self.n = concurrency
+        self.stop_slot = 3 * concurrency
+        self.hist_base = self.stop_slot + 1
+        self.size = self.size_for(concurrency, processes)
         self.a = array if array is not None else [0] * self.size
 
     @staticmethod
     def size_for(concurrency: int, processes: int) -> int:
+        """Slots in all: done, failed and streak per client, stop, a histogram per process."""
         return 3 * concurrency + 1 + processes * BUCKETS
 
     def failed_slot(self, client: int) -> int:
@@ -73,13 +73,11 @@ class Board:
     def stop(self) -> None:
         self.a[self.stop_slot] = 1
 
-    def stopped(self) -> bool:
-        return bool(self.a[self.stop_slot])
-
-    def all_refused(self, shares: list[int | None], streak: int) -> bool:
-        """Every client still meant to send has failed its last ``streak`` connects."""
+    def all_refused(self, streak: int, shares: list[int | None] | None = None) -> bool:
+        """Every client still meant to send (every client, without ``shares``) has
+        failed its last ``streak`` connects."""
         a, n = self.a, self.n
-        active = [c for c in range(n) if shares[c] is None or a[c] < shares[c]]
+        active = [c for c in range(n) if shares is None or shares[c] is None or a[c] < shares[c]]
         return bool(active) and all(a[2 * n + c] >= streak for c in active)
 
     def percentiles(self, *qs: float) -> list[float | None]:
@@ -105,8 +103,8 @@ class Board:
 
 
 class StopFlag:
-    """``threading.Event``'s ``is_set``/``set`` over the board's stop slot, so one
-    write stops the clients of every process."""
+    """``threading.Event``'s ``is_set`` over the board's stop slot, which
+    ``Board.stop`` sets: one write stops the clients of every process."""
 
     __slots__ = ("a", "i")
 
@@ -116,6 +114,3 @@ class StopFlag:
 
     def is_set(self) -> bool:
         return bool(self.a[self.i])
-
-    def set(self) -> None:
-        self.a[self.i] = 1

@@ -170,8 +170,9 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig) -> 
 
 
 SATURATED = 85.0
-MACHINE_FULL = 85.0
 """Client CPU (% of a core per load process) from which the report warns that the tool set the pace."""
+MACHINE_FULL = 85.0
+"""Machine CPU busy (%) from which the report notes that client and server shared too little."""
 
 
 def print_report(rows: list[dict], killed: list[str]) -> None:

@@ -15,8 +15,9 @@ as few ``recv`` calls as the answer needs, on a blocking socket with kernel
 timeouts (no ``poll`` first) and into 64 KiB buffers (``recv(256 KiB)``
 has malloc map and unmap a fresh buffer on every call, which halved the
 rate), counts its timings in dicts, and leaves parsing to ``exchange``
-(bytes slicing) and histogram work to the end of the run. Threads still share one GIL, so ``--processes`` (default: the
-number of cores when ``-c`` allows) is what lets them use the machine.
+(bytes slicing) and histogram work to the end of the run. Threads still
+share one GIL, so ``--processes`` (default: the number of cores when ``-c``
+allows) is what lets them use the machine.
 """
 
 from __future__ import annotations
@@ -213,12 +214,12 @@ class Watch:
         board = self.board
         if self.progress_cb:
             self.progress_cb(board)
-        if self.reason is None and board.all_refused(self.shares, DEAD_STREAK):
+        if self.reason is None and board.all_refused(DEAD_STREAK, self.shares):
             board.stop()
             self.reason = self._dead()
 
     def finish(self, result: RunResult) -> RunResult:
-        if self.reason is None and self.board.all_refused([None] * self.board.n, DEAD_STREAK):
+        if self.reason is None and self.board.all_refused(DEAD_STREAK):
             self.reason = self._dead()  # a run too short for tick() to see it
         result.ended_early = self.reason
         result.machine_busy = busy_between(self.cpu_before, cpu_times())
