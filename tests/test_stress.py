@@ -69,8 +69,9 @@ def test_processes_merge_to_the_same_totals(balanced, log_dir, tmp_path):
         assert row["total_transferred_bytes"] == one["total_transferred_bytes"]
 
 
-def test_async_engine_and_pipelining(balanced, log_dir, tmp_path):
-    row, proc = run_json("-n", "3000", "-c", "3", "-k", "--pipeline", "10", "--engine", "async",
+@pytest.mark.parametrize("engine", ["async", "epoll"])
+def test_event_engines_and_pipelining(balanced, log_dir, tmp_path, engine):
+    row, proc = run_json("-n", "3000", "-c", "3", "-k", "--pipeline", "10", "--engine", engine,
                          "--port", str(balanced.port), log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (row["complete"], row["failed"]) == (3000, 0)
@@ -151,12 +152,13 @@ class FakeServer:
         self.sock.close()
 
 
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 @pytest.mark.parametrize("behaviour, kind", [
     ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("silent", "timeout")])
-def test_bad_servers_are_caught_and_counted_by_kind(behaviour, kind, log_dir, tmp_path):
+def test_bad_servers_are_caught_and_counted_by_kind(behaviour, kind, engine, log_dir, tmp_path):
     fake = FakeServer(behaviour)
     try:
-        row, proc = run_json("-n", "20", "-c", "2", "--timeout", "0.5", "--port", str(fake.port),
+        row, proc = run_json("-n", "20", "-c", "2", "--timeout", "0.5", "--port", str(fake.port), "--engine", engine,
                              log_dir=log_dir, tmp_path=tmp_path)
     finally:
         fake.close()
@@ -174,7 +176,7 @@ def test_dead_target_ends_fast_with_a_clear_line(log_dir):
     assert time.monotonic() - started < 30  # generous: it only proves no hang
 
 
-@pytest.mark.parametrize("engine", ["thread", "async"])
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_target_dying_mid_run_ends_it_early_with_a_clear_line(start_server, log_dir, tmp_path, engine):
     server = start_server("server1")
     path = tmp_path / "out.json"
@@ -229,13 +231,14 @@ def test_report_says_how_busy_the_load_generator_was(start_server, log_dir, tmp_
         assert "the load generator was near its limit" in proc.stdout.replace("\n", " ")
 
 
-def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["thread", "epoll"])
+def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path, engine):
     fake = FakeServer("stall")
     try:
-        open_row, _ = run_json("-n", "400", "-c", "2", "-k", "--rate", "200", "--processes", "1",
+        open_row, _ = run_json("-n", "400", "-c", "2", "-k", "--rate", "200", "--processes", "1", "--engine", engine,
                                "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path, name="open.json")
         fake.count = 0
-        closed_row, _ = run_json("-n", "400", "-c", "2", "-k", "--processes", "1",
+        closed_row, _ = run_json("-n", "400", "-c", "2", "-k", "--processes", "1", "--engine", engine,
                                  "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path, name="closed.json")
     finally:
         fake.close()
@@ -249,8 +252,9 @@ def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("ab") is None, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 @pytest.mark.parametrize("keepalive", [False, True])
-def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keepalive):
+def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keepalive, engine):
     www = tmp_path / "www"
     www.mkdir()
     (www / "page.html").write_text("<html><body>" + "hello " * 200 + "</body></html>\n")
@@ -264,7 +268,7 @@ def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keep
     ab_complete = int(re.search(r"Complete requests:\s+(\d+)", ab.stdout).group(1))
     ab_bytes = int(re.search(r"Total transferred:\s+(\d+)", ab.stdout).group(1))
     row, proc = run_json("-n", "200", "-c", "4", "--http", url, *(["-k"] if keepalive else []),
-                         log_dir=log_dir, tmp_path=tmp_path)
+                         "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert row["complete"] == ab_complete == 200
     assert row["total_transferred_bytes"] == ab_bytes

@@ -14,7 +14,7 @@ from .board import Board, StopFlag
 from .config import StressConfig
 from .exchange import HttpReader
 from .metrics import Recorder
-from .plan import Plan, Target, all_ok, connect_error, ns, record
+from .plan import Plan, Target, all_ok, connect_error, ns, record, server_closes
 
 
 class AsyncClient(asyncio.Protocol):
@@ -33,6 +33,8 @@ class AsyncClient(asyncio.Protocol):
         self.sent = 0
         self.base = 0
         self.connect_started = 0
+        self.draining = False
+        """Answered; waiting for the server to close (see plan.server_closes)."""
         self.stop = runner.stop_event
         self.done = runner.loop.create_future()
 
@@ -113,6 +115,10 @@ class AsyncClient(asyncio.Protocol):
         self.runner.progress[self.client] = self.k
         self.runner.progress[self.runner.failed_slot] = self.runner.rec.result.failed
         if not self.cfg.keepalive or not all_ok(reader) or (isinstance(reader, HttpReader) and not reader.keep_alive):
+            if self.transport is not None and server_closes(reader):
+                self.draining = True  # connection_lost goes on
+                self.sent = ns()
+                return
             transport, self.transport = self.transport, None
             if transport is not None:  # None when the server closed first
                 transport.close()
@@ -123,10 +129,16 @@ class AsyncClient(asyncio.Protocol):
             self.reader.close(ns())
             self.transport = None
             self._finish()
+        elif self.draining:
+            self.draining = False
+            self.transport = None
+            self.next()
         self.transport = None
 
     def check_timeout(self, now: int, timeout_ns: int) -> None:
-        if self.reader is not None and now - self.sent > timeout_ns:
+        if self.draining and now - self.sent > timeout_ns and self.transport is not None:
+            self.transport.abort()  # answered, but never closed; connection_lost goes on
+        elif self.reader is not None and now - self.sent > timeout_ns:
             self.reader.close(ns(), "timeout")
             transport, self.transport = self.transport, None
             if transport is not None:

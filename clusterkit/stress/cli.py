@@ -54,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(e.g. 1,3,5,8,10)")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", choices=ENGINES, default="thread",
-                   help="thread: one thread per client (default); async: asyncio/uvloop callbacks")
+                   help="thread: one thread per client (default); async: asyncio/uvloop callbacks; "
+                        "epoll: one readiness loop on raw sockets per process, as ab and wrk (Linux; the "
+                        "fastest with a new connection per request)")
     e.add_argument("--processes", default="auto",
                    help="spread the clients over this many processes; auto = the number of cores, at most -c")
+    e.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="thread engine: let the kernel move each load process's threads between cores (by "
+                        "default each process stays on one core, where its threads pass the GIL cheaply)")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the results as JSON")
     o.add_argument("--csv", metavar="FILE", help="write the results as CSV")
@@ -87,7 +92,7 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
             duration=args.duration, message=(args.message or "").encode(), size=args.size,
             connection="keepalive" if args.keepalive else args.connection, pipeline=args.pipeline,
             rate=args.rate, warmup=args.warmup, timeout=args.timeout, engine=args.engine,
-            processes=min(procs, c)))
+            processes=min(procs, c), pin=args.pin))
     return configs
 
 

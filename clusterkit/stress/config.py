@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import check
 
-ENGINES = ("thread", "async")
+ENGINES = ("thread", "async", "epoll")
 CONNECTIONS = ("per-request", "keepalive")
 
 
@@ -30,6 +30,8 @@ class StressConfig:
     timeout: float = 5.0
     engine: str = "thread"
     processes: int = 1
+    pin: bool = True
+    """Thread engine: keep each load process on one core (see engines.pin_to_core)."""
 
     def __post_init__(self) -> None:
         check(self.requests >= 1, "-n must be at least 1")

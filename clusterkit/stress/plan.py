@@ -58,7 +58,7 @@ class Target:
 def connect_error(exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, (TimeoutError, BlockingIOError)):  # BlockingIOError: SO_SNDTIMEO ran out
         return "connect-timeout"
     return "connect-error"
 
@@ -93,3 +93,13 @@ def all_ok(reader) -> bool:
     if isinstance(reader, LineReader):
         return all(o.ok for o in reader.outcomes)
     return reader.outcome is not None and reader.outcome.ok
+
+
+def server_closes(reader) -> bool:
+    """An HTTP answer complete on a connection the server will close now.
+
+    Engines then wait for the server's FIN before closing, as ApacheBench
+    does: the side that closes first keeps the TIME_WAIT, and a client that
+    holds thousands of them pays for it in every connect (the kernel searches
+    for a free port), which would slow the tool, not the server."""
+    return isinstance(reader, HttpReader) and reader.complete and not reader.keep_alive
