@@ -30,8 +30,11 @@ from bench import anchors  # noqa: E402
 from bench.common import LOCK, lineecho_process, median, print_table, run_ab, run_lineload  # noqa: E402
 from clusterkit import cluster  # noqa: E402
 
-ENGINES = {"async x2 processes": ("async", 2), "async x1": ("async", 1),
+ENGINES = {"epoll x2 processes": ("epoll", 2), "epoll x1": ("epoll", 1),
+           "async x2 processes": ("async", 2), "async x1": ("async", 1),
            "thread x2 processes": ("thread", 2), "thread x1": ("thread", 1)}
+HTTP_ENGINE = ("--engine", "epoll")
+"""What --http is compared with ab on: the engine built like ab (processes: auto)."""
 
 
 def run_tool(tmp: str, *args: str) -> dict:
@@ -75,9 +78,12 @@ def main() -> int:
             url = f"http://127.0.0.1:{nginx.port}/page.html"
             for _ in range(args.rounds):
                 ab = run_ab(url, 20000, 10)
-                tool = run_tool(tmp, "--http", url, "-n", "20000", "-c", "10")
-                for key, value in (("ab_rps", ab["requests_per_second"]), ("ab_p50", ab["p50_ms"]),
-                                   ("tool_rps", tool["requests_per_second"]), ("tool_p50", tool["rtt_ms"]["p50"])):
+                tool = run_tool(tmp, "--http", url, "-n", "20000", "-c", "10", *HTTP_ENGINE)
+                # ab's times run from connect to the end of the answer; the tool's rtt starts at
+                # the send (SPEC.md), so its comparable figure is connect + rtt.
+                for key, value in (("ab_rps", ab["requests_per_second"]), ("ab_p50", ab["p50_precise_ms"]),
+                                   ("tool_rps", tool["requests_per_second"]),
+                                   ("tool_p50", tool["connect_ms"]["p50"] + tool["rtt_ms"]["p50"])):
                     http.setdefault(key, []).append(value)
     ref = {s: median(v) for s, v in rps["C load generator"].items()}
     ref_order = sorted(ref, key=ref.get, reverse=True)
@@ -90,7 +96,7 @@ def main() -> int:
         rows.append([gen] + [f"{m[s]:,.0f} ({ratios[s]:.2f}x{cpu[s]})" for s in servers] +
                     [" > ".join(o.split()[0] for o in order), "same" if order == ref_order else "DIFFERENT"])
         if gen != "C load generator":
-            goal = 0.8 if gen.startswith("async") else 0.5
+            goal = 0.5 if gen.startswith("thread") else 0.8
             worst = min(ratios.values())
             verdicts.append({"engine": gen, "ratio_min": round(worst, 3), "target": goal, "met": worst >= goal,
                              "ranking_same": order == ref_order})
@@ -101,11 +107,12 @@ def main() -> int:
     if http:
         r_rps = median(http["tool_rps"]) / median(http["ab_rps"])
         r_p50 = median(http["tool_p50"]) / median(http["ab_p50"]) if median(http["ab_p50"]) else float("nan")
-        print(f"\n--http vs ApacheBench on nginx, -n 20000 -c 10: requests/s {median(http['tool_rps']):,.0f} vs "
-              f"{median(http['ab_rps']):,.0f} ({r_rps:.2f}x, target 0.85-1.15); p50 {median(http['tool_p50']):.3f} ms "
-              f"vs {median(http['ab_p50']):.0f} ms (ab rounds to whole ms)")
-        verdicts.append({"http_rps_ratio": round(r_rps, 3), "met": 0.85 <= r_rps <= 1.15,
-                         "http_p50_ratio": round(r_p50, 3)})
+        print(f"\n--http {' '.join(HTTP_ENGINE)} vs ApacheBench on nginx, -n 20000 -c 10: requests/s "
+              f"{median(http['tool_rps']):,.0f} vs {median(http['ab_rps']):,.0f} ({r_rps:.2f}x, target 0.85-1.15); "
+              f"p50 (connect + rtt) {median(http['tool_p50']):.3f} ms vs ab's {median(http['ab_p50']):.3f} ms "
+              f"({r_p50:.2f}x, target 0.8-1.2)")
+        verdicts.append({"http_rps_ratio": round(r_rps, 3), "http_p50_ratio": round(r_p50, 3),
+                         "met": 0.85 <= r_rps <= 1.15 and 0.8 <= r_p50 <= 1.2})
     if args.json:
         Path(args.json).write_text(json.dumps({"rps": rps, "tool_cpu_percent": busy, "http": http, "verdicts": verdicts}, indent=2))
     return 0

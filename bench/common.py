@@ -17,6 +17,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 from pathlib import Path
 
 from clusterkit import cluster
@@ -85,11 +86,17 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
 
 def run_ab(url: str, requests: int, concurrency: int, keepalive: bool = False, timeout: float = 300) -> dict:
     """Run ApacheBench once; the nine columns of its table, as numbers."""
-    argv = ["ab", "-q", "-n", str(requests), "-c", str(concurrency)] + (["-k"] if keepalive else []) + [url]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ab failed: {proc.stderr.strip()[-300:]}")
-    return parse_ab(proc.stdout)
+    with tempfile.NamedTemporaryFile("r", suffix=".csv") as csv_out:
+        argv = (["ab", "-q", "-n", str(requests), "-c", str(concurrency), "-e", csv_out.name] +
+                (["-k"] if keepalive else []) + [url])
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ab failed: {proc.stderr.strip()[-300:]}")
+        result = parse_ab(proc.stdout)
+        # ab's table rounds to whole ms; its -e file has the percentiles to the microsecond.
+        percent = dict(line.split(",") for line in csv_out.read().splitlines()[1:])
+        result["p50_precise_ms"] = float(percent.get("50", result["p50_ms"]))
+        return result
 
 
 def parse_ab(text: str) -> dict:

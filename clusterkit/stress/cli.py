@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fastest with a new connection per request)")
     e.add_argument("--processes", default="auto",
                    help="spread the clients over this many processes; auto = the number of cores, at most -c")
+    e.add_argument("--nice", type=int, default=5,
+                   help="lower the load's CPU priority by this much, 0-19 (default: 5): on a machine shared "
+                        "with the server under test, the server runs first whenever both are ready, so the "
+                        "tool takes the spare CPU, not the server's (0: equal footing)")
     e.add_argument("--no-pin", dest="pin", action="store_false",
                    help="thread engine: let the kernel move each load process's threads between cores (by "
                         "default each process stays on one core, where its threads pass the GIL cheaply)")
@@ -92,7 +96,7 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
             duration=args.duration, message=(args.message or "").encode(), size=args.size,
             connection="keepalive" if args.keepalive else args.connection, pipeline=args.pipeline,
             rate=args.rate, warmup=args.warmup, timeout=args.timeout, engine=args.engine,
-            processes=min(procs, c), pin=args.pin))
+            processes=min(procs, c), pin=args.pin, nice=args.nice))
     return configs
 
 

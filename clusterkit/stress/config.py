@@ -31,6 +31,8 @@ class StressConfig:
     engine: str = "thread"
     processes: int = 1
     pin: bool = True
+    nice: int = 5
+    """Lower the load's CPU priority by this much (see engines.run_local)."""
     """Thread engine: keep each load process on one core (see engines.pin_to_core)."""
 
     def __post_init__(self) -> None:
@@ -47,6 +49,7 @@ class StressConfig:
         check(self.warmup >= 0, "--warmup cannot be negative")
         check(self.duration is None or self.warmup < self.duration, "--warmup must be shorter than --duration")
         check(self.processes >= 1, "--processes must be at least 1")
+        check(0 <= self.nice <= 19, "--nice must be between 0 and 19")
         check(self.processes <= self.concurrency, "--processes cannot exceed -c")
         check(b"\n" not in self.message, "--message may not contain a newline")
 

@@ -35,6 +35,7 @@ from .plan import Plan, Target, all_ok, ns, record, server_closes
 CHECK_NS = 100_000_000
 """How often deadlines and the stop flag are checked."""
 BUF = 65536
+HANGUP = select.EPOLLRDHUP | select.EPOLLHUP if hasattr(select, "epoll") else 0
 EDGE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET if hasattr(select, "epoll") else 0
 
 
@@ -83,6 +84,8 @@ class EpollRunner:
         self.by_fd: dict[int, EpollClient] = {}
         self.timers: list[tuple[int, int, EpollClient]] = []
         self.failed_slot = 0
+        self.closed_by_peer = 0
+        """Whether the event being handled saw the server's FIN already."""
         self.running = 0
         self.timeout_ns = int(cfg.timeout * 1e9)
         self.family = socket.AF_INET
@@ -124,7 +127,9 @@ class EpollRunner:
                 if c.connecting:
                     self.connected(c, ev)
                 else:
+                    self.closed_by_peer = ev & HANGUP
                     self.readable(c)
+            self.closed_by_peer = 0
             now = ns()
             while timers and timers[0][0] <= now:
                 self.go(heapq.heappop(timers)[2])
@@ -251,7 +256,10 @@ class EpollRunner:
         if c.sock is not None and server_closes(reader):
             c.draining = True
             c.sent = ns()
-            self.readable(c)  # its FIN may be here already (no new edge would come)
+            if self.closed_by_peer:
+                self.drop(c)  # the FIN was in before the event was reported: done
+                self.next(c)
+            # else: the FIN comes after the event was reported, so it brings an event of its own
             return
         if not self.cfg.keepalive or not all_ok(reader) or (isinstance(reader, HttpReader) and not reader.keep_alive):
             self.drop(c)
