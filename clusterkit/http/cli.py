@@ -67,7 +67,8 @@ def _run_server(args, program: str, threaded: bool) -> int:
     name = args.name or (f"backend-{port}" if program == "http-backend" else "")
     try:
         config = HttpServerConfig(program=program, host=args.host, port=port, name=name, root=args.root,
-                                  limits=_limits(args), pool=getattr(args, "pool", 0), log_level=args.log_level,
+                                  limits=_limits(args), pool=getattr(args, "pool", 0), pin=getattr(args, "pin", False),
+                                  log_level=args.log_level,
                                   log_dir=args.log_dir, loop=args.loop)
     except ConfigError as exc:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
@@ -76,9 +77,9 @@ def _run_server(args, program: str, threaded: bool) -> int:
     if threaded:
         from .threaded import run_threaded
         try:
-            run_threaded(config, elog, lambda p: _announce(program, config.host, p,
-                                                           f" (pool {config.pool})" if config.pool else
-                                                           " (a thread per connection)"))
+            run_threaded(config, elog, lambda p, core: _announce(
+                program, config.host, p, (f" (pool {config.pool}" if config.pool else " (a thread per connection") +
+                (f", on core {core})" if core is not None else ")")))
         except OSError as exc:
             raise cli.listen_error(program, config.host, config.port, exc) from None
     else:
@@ -97,6 +98,9 @@ def main_threaded(argv: list[str] | None = None) -> int:
     p = _server_parser("The threaded HTTP server (blocking sockets) serving http_servers/www.", 46000)
     p.add_argument("--pool", type=int, default=0,
                    help="0: a new thread per connection (default); N: a bounded pool of N threads")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="let the kernel spread the threads over every core (by default they share one, where "
+                        "passing the GIL between them is cheap)")
     return _run_server(p.parse_args(argv), "http-threaded", threaded=True)
 
 

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 
 from .. import loops
+from ..affinity import pin_to_core
 from ..sockets import kernel_timeouts
 from .board import Board, StopFlag
 from .config import StressConfig
@@ -150,27 +151,6 @@ def shares(cfg: StressConfig) -> list[int | None]:
         return [None] * cfg.concurrency
     base, extra = divmod(cfg.requests, cfg.concurrency)
     return [base + (1 if i < extra else 0) for i in range(cfg.concurrency)]
-
-
-def pin_to_core(index: int) -> int | None:
-    """Keep the calling thread, and the threads it starts from now on, on one
-    core: the index-th core this process may use (wrapping round). Returns that
-    core, or None where affinity cannot be set.
-
-    Why: the threads of one Python process run one at a time, passing the GIL
-    at every blocking call. When the kernel spreads them over two cores, each
-    pass is a cross-core wake-up, and one process's 5-10 threads spend more
-    time handing the GIL over than sending; measured here, the thread engine
-    ran 2x faster on one core than on two, and its rate ranked Python servers
-    above C ones. On one core a pass is a plain context switch. Another
-    process (--processes) gets the next core."""
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-        core = allowed[index % len(allowed)]
-        os.sched_setaffinity(0, {core})
-    except (AttributeError, OSError, IndexError):
-        return None
-    return core
 
 
 def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board, process: int,
