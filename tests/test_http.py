@@ -378,3 +378,25 @@ def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
     assert up.wait(timeout=30) == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a single core: nothing to pin")
+def test_threaded_server_keeps_its_threads_on_one_core_unless_told_not_to(setup):
+    pinned = setup.server("Server_thread_http.py")
+    spread = setup.server("Server_thread_http.py", "--no-pin")
+    conns = [socket.create_connection(("127.0.0.1", p.port), timeout=10) for p in (pinned, spread) for _ in range(3)]
+    try:
+        for c in conns:  # three keep-alive connections each: three connection threads alive
+            c.sendall(SIMPLE_GET)
+            assert c.recv(65536).startswith(b"HTTP/1.1 200")
+
+        def one_core_threads(proc) -> int:
+            return sum(len(os.sched_getaffinity(t.id)) == 1 for t in psutil.Process(proc.pid).threads())
+
+        assert len(os.sched_getaffinity(pinned.pid)) == 1
+        assert one_core_threads(pinned) >= 4  # the accepting thread and every connection thread
+        assert len(os.sched_getaffinity(spread.pid)) == len(os.sched_getaffinity(0))
+        assert one_core_threads(spread) == 0
+    finally:
+        for c in conns:
+            c.close()
