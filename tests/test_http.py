@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import queue
 import re
 import select
 import shutil
@@ -400,3 +401,69 @@ def test_threaded_server_keeps_its_threads_on_one_core_unless_told_not_to(setup)
     finally:
         for c in conns:
             c.close()
+
+
+def test_thread_cache_reuses_threads_and_loses_no_connection_when_idle_threads_time_out():
+    from clusterkit.http.threaded import ThreadCache
+    lock = threading.Lock()
+    done: list[int] = []
+    threads: set[int] = set()
+
+    def handle(i: int) -> None:
+        with lock:
+            done.append(i)
+            threads.add(threading.get_ident())
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 30  # generous: it only proves nothing was lost or stuck
+        while len(done) < n and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    reuse = ThreadCache(handle, idle_timeout=30)
+    for i in range(50):  # one at a time: the one thread serves them all
+        reuse.submit(i)
+        wait_for(i + 1)
+        while reuse.idle != 1:
+            time.sleep(0.001)
+    assert len(threads) == 1
+    # The race itself: a waiting thread's timeout runs out just as a job is promised to it.
+    class LateTimeout:
+        def __init__(self) -> None:
+            self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+            self.put_seen = threading.Event()
+
+        def put(self, job) -> None:
+            self.jobs.put(job)
+            self.put_seen.set()
+
+        def get(self, timeout: float | None = None):
+            if timeout is not None:
+                self.put_seen.wait(10)
+                raise queue.Empty
+            return self.jobs.get(timeout=10)
+
+    done.clear()
+    late = ThreadCache(handle, idle_timeout=1)
+    late.queue = LateTimeout()  # type: ignore[assignment]
+    late.submit(0)
+    while late.idle != 1:
+        time.sleep(0.001)
+    late.submit(1)
+    wait_for(2)
+    assert sorted(done) == [0, 1]
+    # Idle threads timing out (1 ms) while new jobs arrive: each job still runs exactly once.
+    done.clear()
+    racing = ThreadCache(handle, idle_timeout=0.001)
+    for i in range(3000):
+        racing.submit(i)
+        if i % 7 == 0:
+            time.sleep(0.001)
+    wait_for(3000)
+    assert sorted(done) == list(range(3000))
+
+
+def test_threaded_server_serves_many_connections_with_few_threads(setup):
+    server = setup.server("Server_thread_http.py")
+    for _ in range(200):
+        assert status_of(exchange(server.port, b"GET /page.html HTTP/1.0\r\n\r\n")) == 200
+    assert psutil.Process(server.pid).num_threads() < 20
