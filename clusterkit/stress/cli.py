@@ -100,14 +100,16 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
     return configs
 
 
-def preflight(cfg: StressConfig) -> None:
-    """A dead target ends the run at once with one clear line (exit 69)."""
+def preflight(cfg: StressConfig) -> tuple[int, tuple]:
+    """A dead target ends the run at once with one clear line (exit 69); a live
+    one gives the address that answered, (family, sockaddr)."""
     host, port = cfg.host, cfg.port
     if cfg.http_url:
         url = urlsplit(cfg.http_url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
     try:
-        socket.create_connection((host, port), timeout=cfg.timeout).close()
+        with socket.create_connection((host, port), timeout=cfg.timeout) as sock:
+            return sock.family, sock.getpeername()
     except ConnectionRefusedError:
         raise cli.Fatal(f"cannot connect to {host}:{port}: connection refused (is the server running? "
                         f"--spawn starts a cluster for the run)", cli.EXIT_UNAVAILABLE) from None
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     killed: list[str] = []
     ended_early = None
     try:
-        preflight(configs[0])
+        reached = preflight(configs[0])
+        configs = [dataclasses.replace(c, address=reached) for c in configs]
         for cfg in configs:
             killer = None
             if kill and spawned is not None and not killed:

@@ -30,6 +30,8 @@ class StressConfig:
     timeout: float = 5.0
     engine: str = "thread"
     processes: int = 1
+    address: tuple | None = None
+    """(family, sockaddr) the pre-flight connect reached: where every engine connects."""
     pin: bool = True
     nice: int = 5
     """Lower the load's CPU priority by this much (see engines.run_local)."""

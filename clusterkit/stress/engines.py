@@ -39,12 +39,11 @@ from .async_engine import AsyncRunner
 from .epoll_engine import EpollRunner
 from .exchange import HttpReader
 from .metrics import Recorder, RunResult, busy_between, cpu_times
-from .plan import Plan, Target, all_ok, connect_error, ns, record, server_closes
+from .plan import Plan, Target, address, all_ok, connect_error, ns, record, server_closes
 
 def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag) -> None:
     target = Target(cfg, client)
-    # Resolve once: create_connection would call getaddrinfo for every request.
-    family, _, _, _, sockaddr = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
+    family, sockaddr = address(cfg, target)
     timeout_ns = int(cfg.timeout * 1e9)
     progress = board.a
     failed_slot = board.failed_slot(client)

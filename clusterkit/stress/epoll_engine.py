@@ -30,7 +30,7 @@ from .board import Board, StopFlag
 from .config import StressConfig
 from .exchange import HttpReader
 from .metrics import Recorder
-from .plan import Plan, Target, all_ok, ns, record, server_closes
+from .plan import Plan, Target, address, all_ok, ns, record, server_closes
 
 CHECK_NS = 100_000_000
 """How often deadlines and the stop flag are checked."""
@@ -95,8 +95,7 @@ class EpollRunner:
         if not plans:
             return
         target = Target(self.cfg, plans[0][0])
-        self.family, _, _, _, self.sockaddr = socket.getaddrinfo(target.host, target.port,
-                                                                 type=socket.SOCK_STREAM)[0]
+        self.family, self.sockaddr = address(self.cfg, target)
         # The clients share one Recorder, so the process's failure total goes in one slot.
         self.failed_slot = self.board.failed_slot(plans[0][0])
         clients = [EpollClient(self.cfg, c, plan, self.board) for c, plan in plans]

@@ -3,6 +3,7 @@ sends it (``Plan``), and how its outcome is counted (``record``)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from urllib.parse import urlsplit
 
@@ -53,6 +54,17 @@ class Target:
             return msg + b"\n", LineReader([msg]), 1
         msgs = [self.message(k + j) for j in range(batch)]
         return b"\n".join(msgs) + b"\n", LineReader(msgs), batch
+
+
+def address(cfg: StressConfig, target: Target) -> tuple[int, tuple]:
+    """Where the thread and epoll engines connect, resolved once per client
+    (not per request): the address the pre-flight connect reached, so a name
+    like ``localhost`` that resolves to ::1 and 127.0.0.1 means the one that
+    answers; else the resolver's first."""
+    if cfg.address:
+        return cfg.address
+    family, _, _, _, sockaddr = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
+    return family, sockaddr
 
 
 def connect_error(exc: OSError) -> str:
