@@ -87,8 +87,12 @@ def http_grid(workdir: str, levels, reps: int, n: int, quick: bool) -> dict:
             if has_ab:
                 entry["ab"] = grid.sweep(levels, reps, lambda c: run_ab(url, n, c, workdir))
             entry["stress"] = grid.sweep(levels, reps, lambda c: run_stress(workdir, "--http", url, "-n", str(n),
-                                                                            "-c", str(c)))
+                                                                            "-c", str(c), *STRESS_ENGINE))
     return out
+
+
+STRESS_ENGINE = ("--engine", "epoll")
+"""The stress tool's engine in the grids: the one built like ab, so it dilutes the rates least."""
 
 
 def tcp_grid(workdir: str, levels, reps: int, n: int) -> dict:
@@ -101,7 +105,7 @@ def tcp_grid(workdir: str, levels, reps: int, n: int) -> dict:
             print(f"  {name}", flush=True)
             for conn in ("per-request", "keepalive"):
                 entry[conn] = grid.sweep(levels, reps, lambda c: run_stress(
-                    workdir, "--port", str(port), "-n", str(n), "-c", str(c), "--connection", conn))
+                    workdir, "--port", str(port), "-n", str(n), "-c", str(c), "--connection", conn, *STRESS_ENGINE))
     return out
 
 

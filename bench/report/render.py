@@ -59,8 +59,9 @@ def render(results: dict, out: Path) -> None:
           f"Machine: {m['cores']} cores, {m['platform']}, Python {m['python']}; {m['nginx']}; "
           f"{m['haproxy']}; {m['ab']}; {m['wrk']}.", "",
           f"Each cell: {results['requests']} requests, the median of {results['reps']} repetition(s); "
-          "the spread column is half the range of requests/s over the median. Nothing is pinned to a core: "
-          "the load generator and the servers share the cores. Reproduce with `make bench` "
+          "the spread column is half the range of requests/s over the median. The load generators and the "
+          "servers share the cores; only the threaded HTTP server keeps its threads on one core (its default), "
+          "and the stress tool runs at nice 5 (its default). Reproduce with `make bench` "
           f"(this run{' was QUICK=1 and' if results['quick'] else ''} took {results['duration_s']:.0f} s).", "",
           "## Headline: concurrency 10, ratios to the anchors", "", *headline(results), "",
           "![HTTP requests/s](http_rps.png)", "", "![TCP messages/s](tcp_rps.png)", "",
@@ -73,7 +74,8 @@ def render(results: dict, out: Path) -> None:
             continue
         if entry["ab"]:
             md += ["", "ApacheBench (`ab -n N -c C`):", "", table(entry["ab"]), ""]
-        md += ["The project's stress tool (`ClientServer_StressTools.py --http URL -n N -c C`; p50/p99 are rtt):",
+        md += ["The project's stress tool (`ClientServer_StressTools.py --http URL -n N -c C --engine epoll`; "
+               "p50/p99 are rtt):",
                "", table(entry["stress"]), ""]
     md += ["## TCP cluster (line protocol, stress tool, 64-byte messages)", ""]
     for name, entry in results["tcp"].items():
@@ -119,7 +121,8 @@ def headline(results: dict, c: int = 10) -> list[str]:
     for name, entry in results["http"].items():
         if not entry["available"]:
             md.append(f"| {name} | not available | | | | | |")
-    md += ["", f"TCP cluster, line protocol, 64-byte messages, stress tool `-n {results['requests']} -c {c}`, medians:",
+    md += ["", f"TCP cluster, line protocol, 64-byte messages, stress tool `-n {results['requests']} -c {c} "
+           f"--engine epoll`, medians:",
            "", "| target | connections | messages/s | p99 ms | failed | x HAProxy tcp |", "|---|---|---|---|---|---|"]
     for conn in ("per-request", "keepalive"):
         tcp = {k: _at(v[conn], c) for k, v in results["tcp"].items() if v["available"]}
