@@ -231,7 +231,7 @@ def test_report_says_how_busy_the_load_generator_was(start_server, log_dir, tmp_
         assert "the load generator was near its limit" in proc.stdout.replace("\n", " ")
 
 
-@pytest.mark.parametrize("engine", ["thread", "epoll"])
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path, engine):
     fake = FakeServer("stall")
     try:

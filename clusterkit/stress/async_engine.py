@@ -9,12 +9,14 @@ per request.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import time
 
 from .board import Board, StopFlag
 from .config import StressConfig
 from .exchange import HttpReader
 from .metrics import Recorder
-from .plan import Plan, Target, all_ok, connect_error, ns, record, server_closes
+from .plan import FINE_NS, MS, Plan, Target, all_ok, connect_error, ns, record, server_closes
 
 
 class AsyncClient(asyncio.Protocol):
@@ -49,9 +51,9 @@ class AsyncClient(asyncio.Protocol):
                 self.done.set_result(None)
             return
         if plan.interval:
-            delay = plan.intended(k) - ns()
-            if delay > 0:
-                self.runner.loop.call_later(delay / 1e9, self._go)
+            at = plan.intended(k)
+            if at > ns():
+                self.runner.at(at, self)
                 return
         self._go()
 
@@ -155,6 +157,33 @@ class AsyncRunner:
         self.stop_event = stop
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.failed_slot = 0
+        self.timers: list[tuple[int, int, AsyncClient]] = []
+        self.tick_handle: asyncio.Handle | None = None
+
+    # --rate: one precise timer for every client. The loop's own timers work in
+    # whole ms and fire up to one late; a send that goes out late counts its
+    # lateness as latency. So: a loop timer to about 1 ms before the earliest
+    # send, then short sleeps, with I/O handled between them.
+    def at(self, when: int, client: AsyncClient) -> None:
+        heapq.heappush(self.timers, (when, client.client, client))
+        if self.tick_handle is not None:
+            self.tick_handle.cancel()
+        self.tick_handle = self.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.tick_handle = None
+        timers = self.timers
+        while timers and timers[0][0] <= ns():
+            heapq.heappop(timers)[2]._go()
+        if not timers or self.tick_handle is not None:
+            return
+        left = timers[0][0] - ns()
+        if left > MS:
+            self.tick_handle = self.loop.call_later((left - MS) / 1e9, self._tick)
+        else:
+            if left > 0:
+                time.sleep(min(left, FINE_NS) / 1e9)
+            self.tick_handle = self.loop.call_soon(self._tick)
 
     async def run(self, plans: list[tuple[int, Plan]]) -> None:
         self.loop = asyncio.get_running_loop()

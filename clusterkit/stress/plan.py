@@ -12,6 +12,11 @@ from .exchange import HttpReader, LineReader
 from .metrics import Recorder
 
 ns = time.perf_counter_ns
+MS = 1_000_000
+FINE_NS = 50_000
+"""The event engines wait for a --rate send due within the next ms in steps
+this long (handling I/O between them): event loops time in whole ms, and a
+send that goes out late counts its lateness as latency."""
 
 
 class Target:
