@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from dataclasses import dataclass
 
 from ..config import check
@@ -41,6 +42,7 @@ class StressConfig:
         check(self.requests >= 1, "-n must be at least 1")
         check(self.concurrency >= 1, "-c must be at least 1")
         check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}")
+        check(self.engine != "epoll" or hasattr(select, "epoll"), "--engine epoll needs Linux; use --engine async")
         check(self.connection in CONNECTIONS, f"--connection must be one of {', '.join(CONNECTIONS)}")
         check(self.pipeline >= 1, "--pipeline must be at least 1")
         check(self.pipeline == 1 or self.connection == "keepalive", "--pipeline needs --connection keepalive")
