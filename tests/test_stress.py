@@ -289,3 +289,54 @@ def test_bad_options_are_one_clear_line_and_exit_2(args, message, log_dir):
     proc = stress(*args, log_dir=log_dir, timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_keepalive_connections_the_server_closes_while_idle_are_reopened(procs, log_dir, tmp_path, engine):
+    # --rate leaves each connection idle 200 ms between requests; the server closes
+    # idle keep-alive connections after 50 ms: every request still gets its answer.
+    port = cluster.free_port()
+    procs.start(cluster.Process("http-async", cluster.python_script(
+        "http_servers/Server_async_http.py", "--port", str(port), "--keepalive-timeout", "0.05",
+        "--log-dir", str(log_dir)), port=port))
+    row, proc = run_json("--http", f"http://127.0.0.1:{port}/page.html", "-k", "-n", "20", "-c", "2",
+                         "--rate", "10", "--engine", engine, "--processes", "1",
+                         log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (row["complete"], row["failed"]) == (20, 0), row["errors"]
+    # ... and the server saw exactly those 20: no request went out twice or uncounted.
+    server_log = log_dir / "server_log.log"
+    deadline = time.monotonic() + 10  # the server writes its log in batches
+    while server_log.read_text().count("event=request ") < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert server_log.read_text().count("event=request ") == 20
+
+
+@pytest.mark.parametrize("head, keep_alive", [
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n", False),
+])
+def test_http_reader_knows_whether_the_server_keeps_the_connection(head, keep_alive):
+    from clusterkit.stress.exchange import HttpReader
+    reader = HttpReader()
+    reader.feed(head + b"ok", 1)
+    assert reader.done and reader.outcome.ok and reader.outcome.nbytes == len(head) + 2
+    assert reader.keep_alive is keep_alive
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_http_keepalive_uses_one_connection_per_client(procs, log_dir, tmp_path, engine):
+    port = cluster.free_port()
+    procs.start(cluster.Process("http-async", cluster.python_script(
+        "http_servers/Server_async_http.py", "--port", str(port), "--log-dir", str(log_dir)), port=port))
+    url = f"http://127.0.0.1:{port}/page.html"
+    keep, proc = run_json("--http", url, "-k", "-n", "400", "-c", "4", "--engine", engine,
+                          log_dir=log_dir, tmp_path=tmp_path, name="keep.json")
+    assert proc.returncode == 0, proc.stderr
+    assert (keep["complete"], keep["connections"]) == (400, 4)
+    close, _ = run_json("--http", url, "-n", "100", "-c", "4", "--engine", engine,
+                        log_dir=log_dir, tmp_path=tmp_path, name="close.json")
+    assert (close["complete"], close["connections"]) == (100, 100)

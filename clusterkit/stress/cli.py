@@ -200,6 +200,7 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
     for group in ("latency_ms", "rtt_ms", "connect_ms"):
         for p in ("p50", "p90", "p99", "p99.9", "max"):
             table.add_row(f"{group[:-3]} {p} (ms)", *[report.fmt(r[group][p]) for r in rows])
+    table.add_row("connections opened", *[report.fmt(r["connections"]) for r in rows])
     table.add_row("client CPU (% of a core per process)", *[report.fmt(r["client_cpu_percent"]) for r in rows])
     table.add_row("client CPU (cores)", *[report.fmt(r["client_cores"]) for r in rows])
     table.add_row("machine CPU busy (%)", *[report.fmt(r["machine_busy_percent"]) for r in rows])

@@ -67,6 +67,9 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
                 delay = base - ns()
                 if delay > 0:
                     time.sleep(delay / 1e9)
+                    if sock is not None and peer_closed(sock):  # closed while we waited: reopen
+                        sock.close()
+                        sock = None
             if sock is None:
                 t0 = ns()
                 try:
@@ -130,6 +133,17 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
     finally:
         if sock is not None:
             sock.close()
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the server closed this idle keep-alive connection (a server's
+    idle timeout, between --rate sends); one non-blocking peek."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def await_close(sock: socket.socket) -> None:

@@ -14,10 +14,11 @@ Per request: ``connect`` (non-blocking, EINPROGRESS), ``epoll_ctl`` (edge
 triggered, once per connection), ``send`` when the connect completes,
 ``recv`` when the answer arrives, ``close``. With edge triggering a socket is
 read until it is empty (EAGAIN), or until the answer is complete: nothing
-more is due then until the next request is sent. Deadlines (connect and answer, ``--timeout``)
-are checked ten times a second, as in the async engine; ``--rate`` sends wait
-in a heap of wake-up times, kept to within about 50 us (epoll alone would
-send up to a millisecond late, and the lateness would count as latency).
+more is due then until the next request is sent. Deadlines (connect and
+answer, ``--timeout``) are checked ten times a second, as in the async
+engine; ``--rate`` sends wait in a heap of wake-up times, kept to within
+about 50 us (epoll alone would send up to a millisecond late, and the
+lateness would count as latency).
 """
 
 from __future__ import annotations
@@ -234,8 +235,13 @@ class EpollRunner:
             except OSError:
                 chunk = b""
             now = ns()
-            if reader is None:  # draining, or an idle keep-alive connection the server closed
-                if not chunk or not c.draining:
+            if reader is None:
+                if not c.draining:
+                    # An idle keep-alive connection (its client waits for a --rate
+                    # send) that the server closed: the send reconnects.
+                    self.drop(c)
+                    return
+                if not chunk:  # the server's close after its answer
                     self.drop(c)
                     self.next(c)
                     return

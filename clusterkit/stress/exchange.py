@@ -119,6 +119,12 @@ class HttpReader:
         if name.lower() == b"x-backend":
             self.backend = value.decode("latin-1")
 
+    def on_headers_complete(self) -> None:
+        # Here, not after the message: llhttp resets its flags once a message is
+        # complete, and an HTTP/1.0 "Connection: keep-alive" answer would then
+        # read as "close".
+        self.keep_alive = self.parser.should_keep_alive()
+
     def on_message_complete(self) -> None:
         self.complete = True
 
@@ -135,7 +141,6 @@ class HttpReader:
             return
         if self.complete:
             status = self.parser.get_status_code()
-            self.keep_alive = self.parser.should_keep_alive()
             ok = 200 <= status < 300
             self.outcome = Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns, now, self.nbytes)
 

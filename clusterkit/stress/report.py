@@ -55,6 +55,7 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
         "latency_ms": _pcts(r.latency),
         "rtt_ms": _pcts(r.rtt),
         "connect_ms": _pcts(r.connect),
+        "connections": r.connect.get_total_count(),  # 1 per request without keep-alive, about -c with it
         "backends": dict(sorted(r.backends.items())),
         "errors": dict(sorted(r.errors.items())),
         "ended_early": r.ended_early,
