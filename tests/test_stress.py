@@ -340,3 +340,57 @@ def test_http_keepalive_uses_one_connection_per_client(procs, log_dir, tmp_path,
     close, _ = run_json("--http", url, "-n", "100", "-c", "4", "--engine", engine,
                         log_dir=log_dir, tmp_path=tmp_path, name="close.json")
     assert (close["complete"], close["connections"]) == (100, 100)
+
+
+def test_http_reader_answer_without_length_ends_with_the_connection():
+    from clusterkit.stress.exchange import HttpReader
+    answer = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nbody until close"
+    unframed = HttpReader()
+    unframed.feed(answer, 1)
+    assert not unframed.done
+    unframed.close(2)
+    assert unframed.outcome.ok and unframed.outcome.nbytes == len(answer)
+    truncated = HttpReader()
+    truncated.feed(b"HTTP/1.0 200 OK\r\nContent-Length: 99\r\n\r\nshort", 1)
+    truncated.close(2)
+    assert (truncated.outcome.ok, truncated.outcome.label) == (False, "closed")
+
+
+class UnframedHttpServer:
+    """Answers each request with an HTTP/1.0 body that ends where the connection does."""
+
+    ANSWER = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nno length: the close ends me\n"
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(self.ANSWER)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_http_answers_without_length_count_as_complete(log_dir, tmp_path, engine):
+    server = UnframedHttpServer()
+    try:
+        row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/", "-n", "60", "-c", "3",
+                             "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        server.sock.close()
+    assert proc.returncode == 0, proc.stderr
+    assert (row["complete"], row["failed"]) == (60, 0), row["errors"]
+    assert row["total_transferred_bytes"] == 60 * len(UnframedHttpServer.ANSWER)

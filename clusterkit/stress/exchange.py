@@ -108,6 +108,8 @@ class HttpReader:
         self.backend = "-"
         self._header = b""
         self.complete = False
+        self.headers_done = False
+        self.framed = False  # Content-Length or chunked: else the body ends with the connection
         self.keep_alive = False
         self.outcome: Outcome | None = None
 
@@ -116,14 +118,18 @@ class HttpReader:
         return self.outcome is not None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"x-backend":
+        name = name.lower()
+        if name == b"x-backend":
             self.backend = value.decode("latin-1")
+        elif name == b"content-length" or name == b"transfer-encoding":
+            self.framed = True
 
     def on_headers_complete(self) -> None:
         # Here, not after the message: llhttp resets its flags once a message is
         # complete, and an HTTP/1.0 "Connection: keep-alive" answer would then
         # read as "close".
         self.keep_alive = self.parser.should_keep_alive()
+        self.headers_done = True
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -145,5 +151,14 @@ class HttpReader:
             self.outcome = Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns, now, self.nbytes)
 
     def close(self, now: int, kind: str = "closed") -> None:
-        if self.outcome is None:
-            self.outcome = Outcome(False, kind, self.first_ns or now, now, self.nbytes)
+        if self.outcome is not None:
+            return
+        if kind == "closed" and self.headers_done and not self.framed:
+            # No length given (HTTP/1.0 style): the body ends where the connection does,
+            # and the answer is complete, as ApacheBench counts it.
+            status = self.parser.get_status_code()
+            ok = 200 <= status < 300
+            self.outcome = Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns or now, now,
+                                   self.nbytes)
+            return
+        self.outcome = Outcome(False, kind, self.first_ns or now, now, self.nbytes)
