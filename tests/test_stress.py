@@ -97,7 +97,7 @@ def test_json_csv_markdown_and_table_agree(balanced, log_dir, tmp_path):
 
 
 class FakeServer:
-    """A line server that misbehaves in one chosen way."""
+    """A line server that misbehaves in one chosen way (or answers HTTP without a length)."""
 
     def __init__(self, behaviour: str) -> None:
         self.behaviour = behaviour
@@ -127,6 +127,9 @@ class FakeServer:
                 except OSError:
                     return
                 if not data:
+                    return
+                if self.behaviour == "http-unframed":  # an HTTP/1.0 answer that the close ends
+                    conn.sendall(UNFRAMED)
                     return
                 buf += data
                 *lines, buf = buf.split(b"\n")
@@ -356,41 +359,17 @@ def test_http_reader_answer_without_length_ends_with_the_connection():
     assert (truncated.outcome.ok, truncated.outcome.label) == (False, "closed")
 
 
-class UnframedHttpServer:
-    """Answers each request with an HTTP/1.0 body that ends where the connection does."""
-
-    ANSWER = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nno length: the close ends me\n"
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
-
-    def answer(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                conn.sendall(self.ANSWER)
-            except OSError:
-                pass
+UNFRAMED = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nno length: the close ends me\n"
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_http_answers_without_length_count_as_complete(log_dir, tmp_path, engine):
-    server = UnframedHttpServer()
+    server = FakeServer("http-unframed")
     try:
         row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/", "-n", "60", "-c", "3",
                              "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
     finally:
-        server.sock.close()
+        server.close()
     assert proc.returncode == 0, proc.stderr
     assert (row["complete"], row["failed"]) == (60, 0), row["errors"]
-    assert row["total_transferred_bytes"] == 60 * len(UnframedHttpServer.ANSWER)
+    assert row["total_transferred_bytes"] == 60 * len(UNFRAMED)
