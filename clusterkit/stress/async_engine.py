@@ -14,27 +14,17 @@ import time
 
 from .board import Board, StopFlag
 from .config import StressConfig
-from .exchange import HttpReader
 from .metrics import Recorder
-from .plan import FINE_NS, MS, Plan, Target, all_ok, connect_error, ns, record, server_closes
+from .plan import FINE_NS, MS, Client, Plan, connect_error, ns, reusable, server_closes
 
 
-class AsyncClient(asyncio.Protocol):
+class AsyncClient(Client, asyncio.Protocol):
     """One client: sends, waits for the answer in callbacks, sends again."""
 
-    def __init__(self, runner: AsyncRunner, client: int, plan: Plan) -> None:
+    def __init__(self, runner: AsyncRunner, index: int, plan: Plan, failed_slot: int) -> None:
+        super().__init__(runner.cfg, index, plan, runner.rec, runner.board, failed_slot)
         self.runner = runner
-        self.cfg = runner.cfg
-        self.client = client
-        self.plan = plan
-        self.target = Target(runner.cfg, client)
         self.transport: asyncio.Transport | None = None
-        self.k = 0
-        self.reader = None
-        self.batch = 0
-        self.sent = 0
-        self.base = 0
-        self.connect_started = 0
         self.draining = False
         """Answered; waiting for the server to close (see plan.server_closes)."""
         self.stop = runner.stop_event
@@ -42,19 +32,16 @@ class AsyncClient(asyncio.Protocol):
 
     # scheduling
     def next(self) -> None:
-        plan, k = self.plan, self.k
-        if self.stop.is_set() or (plan.share is not None and k >= plan.share) or (
-                plan.deadline is not None and ns() >= plan.deadline):
+        if self.over(self.stop):
             if self.transport is not None:
                 self.transport.close()
             if not self.done.done():
                 self.done.set_result(None)
             return
-        if plan.interval:
-            at = plan.intended(k)
-            if at > ns():
-                self.runner.at(at, self)
-                return
+        at = self.due()
+        if at:
+            self.runner.at(at, self)
+            return
         self._go()
 
     def _go(self) -> None:
@@ -69,37 +56,19 @@ class AsyncClient(asyncio.Protocol):
             async with asyncio.timeout(self.cfg.timeout):
                 await self.runner.loop.create_connection(lambda: self, self.target.host, self.target.port)
         except OSError as exc:
-            self._connect_failed(connect_error(exc))
+            self.connect_failed(connect_error(exc))
+            self.next()
         except TimeoutError:
-            self._connect_failed("connect-timeout")
-
-    def _connect_failed(self, kind: str) -> None:
-        share = self.plan.share
-        batch = min(self.cfg.pipeline, (share - self.k) if share is not None else self.cfg.pipeline)
-        now = ns()
-        for _ in range(batch):
-            self.runner.rec.failed(self.plan.intended(self.k) if self.plan.interval else self.connect_started,
-                                   kind, now)
-        self.k += batch
-        progress = self.runner.progress
-        progress[self.client] = self.k
-        progress[self.runner.failed_slot] = self.runner.rec.result.failed
-        progress[self.runner.board.streak_slot(self.client)] += 1
-        self.next()
+            self.connect_failed("connect-timeout")
+            self.next()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        self.runner.rec.connected(ns() - self.connect_started)
-        self.runner.progress[self.runner.board.streak_slot(self.client)] = 0
+        self.connected()
         self._send()
 
     def _send(self) -> None:
-        share = self.plan.share
-        payload, self.reader, self.batch = self.target.request(
-            self.k, (share - self.k) if share is not None else self.cfg.pipeline)
-        self.sent = ns()
-        self.base = self.plan.intended(self.k) if self.plan.interval else self.sent
-        self.transport.write(payload)  # type: ignore[union-attr]
+        self.transport.write(self.request())  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -110,13 +79,8 @@ class AsyncClient(asyncio.Protocol):
             self._finish()
 
     def _finish(self) -> None:
-        reader = self.reader
-        self.reader = None
-        record(self.runner.rec, reader, self.base, self.plan.warm_end)
-        self.k += self.batch
-        self.runner.progress[self.client] = self.k
-        self.runner.progress[self.runner.failed_slot] = self.runner.rec.result.failed
-        if not self.cfg.keepalive or not all_ok(reader) or (isinstance(reader, HttpReader) and not reader.keep_alive):
+        reader = self.answered()
+        if not reusable(self.cfg, reader):
             if self.transport is not None and server_closes(reader):
                 self.draining = True  # connection_lost goes on
                 self.sent = ns()
@@ -153,10 +117,8 @@ class AsyncRunner:
         self.cfg = cfg
         self.rec = rec
         self.board = board
-        self.progress = board.a
         self.stop_event = stop
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self.failed_slot = 0
         self.timers: list[tuple[int, int, AsyncClient]] = []
         self.tick_handle: asyncio.Handle | None = None
 
@@ -165,7 +127,7 @@ class AsyncRunner:
     # lateness as latency. So: a loop timer to about 1 ms before the earliest
     # send, then short sleeps, with I/O handled between them.
     def at(self, when: int, client: AsyncClient) -> None:
-        heapq.heappush(self.timers, (when, client.client, client))
+        heapq.heappush(self.timers, (when, client.index, client))
         if self.tick_handle is not None:
             self.tick_handle.cancel()
         self.tick_handle = self.loop.call_soon(self._tick)
@@ -188,8 +150,8 @@ class AsyncRunner:
     async def run(self, plans: list[tuple[int, Plan]]) -> None:
         self.loop = asyncio.get_running_loop()
         # The clients share one Recorder, so the process's failure total goes in one slot.
-        self.failed_slot = self.board.failed_slot(plans[0][0]) if plans else 0
-        clients = [AsyncClient(self, c, plan) for c, plan in plans]
+        failed_slot = self.board.failed_slot(plans[0][0]) if plans else 0
+        clients = [AsyncClient(self, c, plan, failed_slot) for c, plan in plans]
         if plans:
             wait = plans[0][1].start - ns()
             if wait > 0:

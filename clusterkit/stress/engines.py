@@ -37,41 +37,27 @@ from .board import Board, StopFlag
 from .config import StressConfig
 from .async_engine import AsyncRunner
 from .epoll_engine import EpollRunner
-from .exchange import HttpReader
 from .metrics import Recorder, RunResult, busy_between, cpu_times
-from .plan import Plan, Target, address, all_ok, connect_error, ns, record, server_closes
+from .plan import Client, Plan, address, connect_error, ns, reusable, server_closes
 
-def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag) -> None:
-    target = Target(cfg, client)
-    family, sockaddr = address(cfg, target)
+def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag) -> None:
+    c = Client(cfg, index, plan, rec, board, board.failed_slot(index))
+    family, sockaddr = address(cfg, c.target)
     timeout_ns = int(cfg.timeout * 1e9)
-    progress = board.a
-    failed_slot = board.failed_slot(client)
-    streak_slot = board.streak_slot(client)
     sock: socket.socket | None = None
-    k = 0
-    total = plan.share
     wait = plan.start - ns()
     if wait > 0:
         time.sleep(wait / 1e9)  # every client starts together
     try:
-        while not stop.is_set():
-            if total is not None and k >= total:
-                break
-            if plan.deadline is not None and ns() >= plan.deadline:
-                break
-            payload, reader, batch = target.request(k, (total - k) if total is not None else cfg.pipeline)
-            base = 0
-            if plan.interval:
-                base = plan.intended(k)
-                delay = base - ns()
-                if delay > 0:
-                    time.sleep(delay / 1e9)
-                    if sock is not None and peer_closed(sock):  # closed while we waited: reopen
-                        sock.close()
-                        sock = None
+        while not c.over(stop):
+            at = c.due()
+            if at:
+                time.sleep(max(0, at - ns()) / 1e9)
+                if sock is not None and peer_closed(sock):  # closed while we waited: reopen
+                    sock.close()
+                    sock = None
             if sock is None:
-                t0 = ns()
+                c.connect_started = ns()
                 try:
                     sock = socket.socket(family, socket.SOCK_STREAM)
                     # Blocking mode with kernel timeouts: one system call per
@@ -81,21 +67,14 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
                 except OSError as exc:
                     sock.close()
                     sock = None
-                    now = ns()
-                    for _ in range(batch):
-                        rec.failed(base or t0, connect_error(exc), now)
-                    k += batch
-                    progress[client] = k
-                    progress[failed_slot] = rec.result.failed
-                    progress[streak_slot] += 1
+                    c.connect_failed(connect_error(exc))
                     continue
-                rec.connected(ns() - t0)
-                progress[streak_slot] = 0
+                c.connected()
                 if cfg.keepalive:  # one write per connection cannot meet Nagle's delay
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 shortened = False
-            sent = ns()
-            base = base or sent
+            payload = c.request()
+            reader, sent = c.reader, c.sent
             try:
                 sock.sendall(payload)
                 while not reader.done:
@@ -120,12 +99,8 @@ def thread_client(cfg: StressConfig, client: int, plan: Plan, rec: Recorder, boa
                 reader.close(ns(), "timeout")
             except OSError:
                 reader.close(ns())
-            record(rec, reader, base, plan.warm_end)
-            k += batch
-            progress[client] = k
-            progress[failed_slot] = rec.result.failed
-            if not cfg.keepalive or not all_ok(reader) or (
-                    isinstance(reader, HttpReader) and not reader.keep_alive):
+            c.answered()
+            if not reusable(cfg, reader):
                 if server_closes(reader):
                     await_close(sock)
                 sock.close()

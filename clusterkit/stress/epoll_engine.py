@@ -31,9 +31,8 @@ import time
 
 from .board import Board, StopFlag
 from .config import StressConfig
-from .exchange import HttpReader
 from .metrics import Recorder
-from .plan import FINE_NS, MS, Plan, Target, address, all_ok, ns, record, server_closes
+from .plan import FINE_NS, MS, Client, Plan, Target, address, ns, reusable, server_closes
 
 CHECK_NS = 100_000_000
 """How often deadlines and the stop flag are checked."""
@@ -50,27 +49,18 @@ def connect_kind(code: int) -> str:
     return "connect-error"
 
 
-class EpollClient:
-    """One client's state: idle, connecting, or waiting for an answer."""
+class EpollClient(Client):
+    """One client's socket and state: idle, connecting, waiting for an answer,
+    or draining (answered; waiting for the server to close: plan.server_closes)."""
 
-    __slots__ = ("index", "plan", "target", "sock", "connecting", "draining", "k", "reader", "batch", "sent",
-                 "base", "connect_started", "streak_slot", "finished")
+    __slots__ = ("sock", "connecting", "draining", "finished")
 
-    def __init__(self, cfg: StressConfig, index: int, plan: Plan, board: Board) -> None:
-        self.index = index
-        self.plan = plan
-        self.target = Target(cfg, index)
+    def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board,
+                 failed_slot: int) -> None:
+        super().__init__(cfg, index, plan, rec, board, failed_slot)
         self.sock: socket.socket | None = None
         self.connecting = False
         self.draining = False
-        """Answered; waiting for the server to close (HTTP without keep-alive)."""
-        self.k = 0
-        self.reader = None
-        self.batch = 0
-        self.sent = 0
-        self.base = 0
-        self.connect_started = 0
-        self.streak_slot = board.streak_slot(index)
         self.finished = False
 
 
@@ -79,14 +69,10 @@ class EpollRunner:
         self.cfg = cfg
         self.rec = rec
         self.board = board
-        self.progress = board.a
         self.stop = stop
         self.ep = select.epoll()
         self.by_fd: dict[int, EpollClient] = {}
         self.timers: list[tuple[int, int, EpollClient]] = []
-        self.failed_slot = 0
-        self.closed_by_peer = 0
-        """Whether the event being handled saw the server's FIN already."""
         self.running = 0
         self.timeout_ns = int(cfg.timeout * 1e9)
         self.family = socket.AF_INET
@@ -98,8 +84,8 @@ class EpollRunner:
         target = Target(self.cfg, plans[0][0])
         self.family, self.sockaddr = address(self.cfg, target)
         # The clients share one Recorder, so the process's failure total goes in one slot.
-        self.failed_slot = self.board.failed_slot(plans[0][0])
-        clients = [EpollClient(self.cfg, c, plan, self.board) for c, plan in plans]
+        failed_slot = self.board.failed_slot(plans[0][0])
+        clients = [EpollClient(self.cfg, c, plan, self.rec, self.board, failed_slot) for c, plan in plans]
         self.running = len(clients)
         wait = plans[0][1].start - ns()
         if wait > 0:
@@ -132,9 +118,7 @@ class EpollRunner:
                 if c.connecting:
                     self.connected(c, ev)
                 else:
-                    self.closed_by_peer = ev & HANGUP
-                    self.readable(c)
-            self.closed_by_peer = 0
+                    self.readable(c, ev & HANGUP)
             now = ns()
             while timers and timers[0][0] <= now:
                 self.go(heapq.heappop(timers)[2])
@@ -144,18 +128,15 @@ class EpollRunner:
 
     # scheduling
     def next(self, c: EpollClient) -> None:
-        plan, k = c.plan, c.k
-        if self.stop.is_set() or (plan.share is not None and k >= plan.share) or (
-                plan.deadline is not None and ns() >= plan.deadline):
+        if c.over(self.stop):
             self.drop(c)
             c.finished = True
             self.running -= 1
             return
-        if plan.interval:
-            at = plan.intended(k)
-            if at > ns():
-                heapq.heappush(self.timers, (at, c.index, c))
-                return
+        at = c.due()
+        if at:
+            heapq.heappush(self.timers, (at, c.index, c))
+            return
         self.go(c)
 
     def go(self, c: EpollClient) -> None:
@@ -190,31 +171,17 @@ class EpollRunner:
             self.connect_failed(c, connect_kind(code) if code else "connect-error")
             return
         c.connecting = False
-        self.rec.connected(ns() - c.connect_started)
-        self.progress[c.streak_slot] = 0
+        c.connected()
         if self.cfg.keepalive:  # one write per connection cannot meet Nagle's delay
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.send(c)
 
     def connect_failed(self, c: EpollClient, kind: str) -> None:
-        share = c.plan.share
-        batch = 1 if self.cfg.http_url else min(self.cfg.pipeline,
-                                                (share - c.k) if share is not None else self.cfg.pipeline)
-        now = ns()
-        for _ in range(batch):
-            self.rec.failed(c.plan.intended(c.k) if c.plan.interval else c.connect_started, kind, now)
-        c.k += batch
-        progress = self.progress
-        progress[c.index] = c.k
-        progress[self.failed_slot] = self.rec.result.failed
-        progress[c.streak_slot] += 1
+        c.connect_failed(kind)
         self.next(c)
 
     def send(self, c: EpollClient) -> None:
-        share = c.plan.share
-        payload, c.reader, c.batch = c.target.request(c.k, (share - c.k) if share is not None else self.cfg.pipeline)
-        c.sent = ns()
-        c.base = c.plan.intended(c.k) if c.plan.interval else c.sent
+        payload = c.request()
         try:
             n = c.sock.send(payload)
             if n < len(payload):  # a full send buffer: finish in blocking mode, bounded by --timeout
@@ -225,7 +192,8 @@ class EpollRunner:
             c.reader.close(ns())
             self.finish(c)
 
-    def readable(self, c: EpollClient) -> None:
+    def readable(self, c: EpollClient, hangup: int = 0) -> None:
+        """``hangup``: the event saw the server's FIN already."""
         reader, sock = c.reader, c.sock
         while True:
             try:
@@ -253,26 +221,21 @@ class EpollRunner:
                 return
             reader.feed(chunk, now)
             if reader.done:
-                self.finish(c)
+                self.finish(c, hangup)
                 return
 
-    def finish(self, c: EpollClient) -> None:
-        reader = c.reader
-        c.reader = None
-        record(self.rec, reader, c.base, c.plan.warm_end)
-        c.k += c.batch
-        self.progress[c.index] = c.k
-        self.progress[self.failed_slot] = self.rec.result.failed
+    def finish(self, c: EpollClient, hangup: int = 0) -> None:
+        reader = c.answered()
         if c.sock is not None and server_closes(reader):
-            c.draining = True
-            c.sent = ns()
-            if self.closed_by_peer:
-                self.drop(c)  # the FIN was in before the event was reported: done
-                self.next(c)
-            # else: the FIN comes after the event was reported, so it brings an event of its own
+            if not hangup:
+                # The FIN comes after the event was reported, so it brings an event of its own.
+                c.draining = True
+                c.sent = ns()  # the deadline for the close
+                return
+        elif reusable(self.cfg, reader):
+            self.next(c)
             return
-        if not self.cfg.keepalive or not all_ok(reader) or (isinstance(reader, HttpReader) and not reader.keep_alive):
-            self.drop(c)
+        self.drop(c)
         self.next(c)
 
     def drop(self, c: EpollClient) -> None:

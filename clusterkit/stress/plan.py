@@ -106,6 +106,86 @@ def record(rec: Recorder, reader, base: int, warm_end: int) -> None:
             rec.failed(base, o.label, o.done_ns, o.nbytes)
 
 
+class Client:
+    """One client's place in its plan, the same in every engine: which request
+    is next and when, what was sent at what time, and how answers and failed
+    connects are counted (in the Recorder and on the board). Engines add the
+    I/O."""
+
+    __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
+                 "k", "reader", "batch", "sent", "base", "connect_started")
+
+    def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.plan = plan
+        self.target = Target(cfg, index)
+        self.rec = rec
+        self.progress = board.a
+        self.failed_slot = failed_slot  # the process's (event engines) or the thread's own
+        self.streak_slot = board.streak_slot(index)
+        self.k = 0  # requests done (answered or failed)
+        self.reader = None  # the answer being waited for
+        self.batch = 0
+        self.sent = 0
+        self.base = 0  # what latency counts from: the send, or with --rate the intended send
+        self.connect_started = 0
+
+    def over(self, stop) -> bool:
+        plan = self.plan
+        return stop.is_set() or (plan.share is not None and self.k >= plan.share) or (
+            plan.deadline is not None and ns() >= plan.deadline)
+
+    def due(self) -> int:
+        """When the next request is due (--rate), or 0: now."""
+        if not self.plan.interval:
+            return 0
+        at = self.plan.intended(self.k)
+        return at if at > ns() else 0
+
+    def request(self) -> bytes:
+        """The next request's bytes; its reader and send time are kept."""
+        share = self.plan.share
+        payload, self.reader, self.batch = self.target.request(
+            self.k, (share - self.k) if share is not None else self.cfg.pipeline)
+        self.sent = ns()
+        self.base = self.plan.intended(self.k) if self.plan.interval else self.sent
+        return payload
+
+    def connected(self) -> None:
+        self.rec.connected(ns() - self.connect_started)
+        self.progress[self.streak_slot] = 0
+
+    def connect_failed(self, kind: str) -> None:
+        """Every request the connection was for fails with ``kind``."""
+        share = self.plan.share
+        batch = min(self.cfg.pipeline, (share - self.k) if share is not None else self.cfg.pipeline)
+        sent = self.plan.intended(self.k) if self.plan.interval else self.connect_started
+        now = ns()
+        for _ in range(batch):
+            self.rec.failed(sent, kind, now)
+        self.k += batch
+        self.progress[self.index] = self.k
+        self.progress[self.failed_slot] = self.rec.result.failed
+        self.progress[self.streak_slot] += 1
+
+    def answered(self):
+        """Count the answer (complete, or closed by ``reader.close``); returns its reader."""
+        reader = self.reader
+        self.reader = None
+        record(self.rec, reader, self.base, self.plan.warm_end)
+        self.k += self.batch
+        self.progress[self.index] = self.k
+        self.progress[self.failed_slot] = self.rec.result.failed
+        return reader
+
+
+def reusable(cfg: StressConfig, reader) -> bool:
+    """Whether the connection carries the next request too: keep-alive asked
+    for, every answer right, and (HTTP) the server keeping it open."""
+    return cfg.keepalive and all_ok(reader) and not (isinstance(reader, HttpReader) and not reader.keep_alive)
+
+
 def all_ok(reader) -> bool:
     if isinstance(reader, LineReader):
         return all(o.ok for o in reader.outcomes)
