@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import os
 import select
 import socket
 import time
@@ -32,7 +33,7 @@ import time
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
-from .plan import FINE_NS, MS, Client, Plan, Target, address, ns, reusable, server_closes
+from .plan import FINE_NS, MS, Client, Plan, Target, address, connect_error, ns, reusable, server_closes
 
 CHECK_NS = 100_000_000
 """How often deadlines and the stop flag are checked."""
@@ -42,11 +43,8 @@ EDGE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET if 
 
 
 def connect_kind(code: int) -> str:
-    if code == errno.ECONNREFUSED:
-        return "refused"
-    if code == errno.ETIMEDOUT:
-        return "connect-timeout"
-    return "connect-error"
+    """The failure kind for a connect's errno, as ``connect_error`` names the exception."""
+    return connect_error(OSError(code, os.strerror(code)))  # OSError(ECONNREFUSED) is a ConnectionRefusedError
 
 
 class EpollClient(Client):
