@@ -97,7 +97,8 @@ def main_async(argv: list[str] | None = None) -> int:
 def main_threaded(argv: list[str] | None = None) -> int:
     p = _server_parser("The threaded HTTP server (blocking sockets) serving http_servers/www.", 46000)
     p.add_argument("--pool", type=int, default=0,
-                   help="0: a new thread per connection (default); N: a bounded pool of N threads")
+                   help="0: a thread per connection (default; a thread whose connection ended waits 5 s "
+                        "for the next); N: a bounded pool of N threads")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="let the kernel spread the threads over every core (by default they share one, where "
                         "passing the GIL between them is cheap)")

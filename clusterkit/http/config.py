@@ -19,9 +19,9 @@ class HttpServerConfig:
     root: str = str(DEFAULT_ROOT)
     limits: Limits = field(default_factory=Limits)
     pool: int = 0
+    """Threaded server: 0 = a thread per connection; N = a bounded pool of N threads."""
     pin: bool = True
     """Threaded server: keep every thread on one core (see clusterkit.affinity)."""
-    """Threaded server: 0 = a thread per connection; N = a bounded pool of N threads."""
     backlog: int = 4096
     drain_timeout: float = 5.0
     log_level: str = "info"
