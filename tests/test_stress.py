@@ -106,6 +106,7 @@ class FakeServer:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.count = 0
+        self.sent = 0  # answer bytes sent
         self.lock = threading.Lock()
         self.closing = False
         threading.Thread(target=self.accept, daemon=True).start()
@@ -145,10 +146,27 @@ class FakeServer:
                     elif self.behaviour == "silent":
                         time.sleep(5)
                         return
+                    elif self.behaviour == "mixed":  # keep-alive answers of every shape, by message number
+                        self.answer(conn, n, m)
                     elif self.behaviour == "stall":
                         if n == 150:
                             time.sleep(1.0)
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
+
+    def answer(self, conn: socket.socket, n: int, m: bytes) -> None:
+        """Every 5th message a wrong echo, every 7th in two pieces, every 11th
+        from another server name (as through a balancer), else a plain answer."""
+        name = b"fake2" if n % 11 == 0 else b"fake"
+        reply = b"REPLY %s %s%s\n" % (name, m, b"!" if n % 5 == 0 else b"")
+        ack = b"ACK %s %d\n" % (name, len(m))
+        with self.lock:
+            self.sent += len(reply) + len(ack)
+        if n % 7 == 0:
+            conn.sendall(reply)
+            time.sleep(0.002)
+            conn.sendall(ack)
+        else:
+            conn.sendall(reply + ack)
 
     def close(self) -> None:
         self.closing = True
@@ -168,6 +186,63 @@ def test_bad_servers_are_caught_and_counted_by_kind(behaviour, kind, engine, log
     assert proc.returncode == 1
     assert row["complete"] == 0 and row["failed"] == 20
     assert row["errors"] == {kind: 20}
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_keepalive_answers_of_every_shape_are_judged_one_by_one(engine, log_dir, tmp_path):
+    # Keep-alive answers mostly take the one-step path (plan.Client.whole); the
+    # ones in pieces, from another server or wrong must still be read and judged.
+    fake = FakeServer("mixed")
+    try:
+        row, proc = run_json("-n", "200", "-c", "2", "-k", "--port", str(fake.port), "--engine", engine,
+                             "--processes", "1", log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 1  # some failed
+    fake2 = sum(1 for n in range(1, 201) if n % 11 == 0 and n % 5)
+    assert row["errors"] == {"wrong-reply": 40}
+    assert row["backends"] == {"fake": 160 - fake2, "fake2": fake2}
+    assert row["total_transferred_bytes"] == fake.sent
+
+
+def test_one_step_answers_count_as_the_reader_counts_them():
+    from clusterkit.stress.board import Board
+    from clusterkit.stress.config import StressConfig
+    from clusterkit.stress.metrics import Recorder, RunResult
+    from clusterkit.stress.plan import Client, Plan, ns
+
+    def answers(payload: bytes, n: int) -> list[bytes]:
+        msg = payload[:-1]
+        name = b"b" if n % 4 == 3 else b"a"
+        if n % 6 == 5:
+            msg += b"?"  # wrong
+        whole = b"REPLY %s %s\nACK %s %d\n" % (name, msg, name, len(payload) - 1)
+        return [whole[:10], whole[10:]] if n % 5 == 4 else [whole]
+
+    cfg = StressConfig(connection="keepalive", requests=60, concurrency=1)
+    results = {}
+    for steady in (False, True):
+        board = Board(1, 1)
+        rec = Recorder(RunResult(), keep_log=True)
+        c = Client(cfg, 0, Plan(cfg, ns(), 60, 0), rec, board, board.failed_slot(0))
+        c.steady = steady
+        quick = 0
+        for n in range(60):
+            payload = c.request()
+            for chunk in answers(payload, n):
+                if c.whole(chunk, ns()):
+                    quick += 1
+                else:
+                    c.reader.feed(chunk, ns())
+            if c.reader is not None:
+                assert c.reader.done
+                c.answered()
+        rec.flush()
+        r = rec.result
+        results[steady] = (quick, r.complete, r.failed, dict(r.errors), dict(r.backends), r.bytes_received,
+                           r.latency.get_total_count(), r.rtt.get_total_count(), len(rec.log))
+    assert results[False][0] == 0 and results[True][0] > 20  # most answers went the one-step way ...
+    assert results[True][1:] == results[False][1:]  # ... and counted the same
 
 
 def test_dead_target_ends_fast_with_a_clear_line(log_dir):

@@ -34,9 +34,9 @@ class StressConfig:
     address: tuple | None = None
     """(family, sockaddr) the pre-flight connect reached: where every engine connects."""
     pin: bool = True
+    """Thread engine: keep each load process on one core (see engines.pin_to_core)."""
     nice: int = 5
     """Lower the load's CPU priority by this much (see engines.run_local)."""
-    """Thread engine: keep each load process on one core (see engines.pin_to_core)."""
 
     def __post_init__(self) -> None:
         check(self.requests >= 1, "-n must be at least 1")

@@ -91,6 +91,8 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                         shortened = False
                     chunk = sock.recv(65536)
                     now = ns()
+                    if c.whole(chunk, now):  # the steady state: the whole answer, as expected
+                        break
                     if not chunk:
                         reader.close(now)
                         break
@@ -99,6 +101,8 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 reader.close(ns(), "timeout")
             except OSError:
                 reader.close(ns())
+            if c.reader is None:  # counted by c.whole; the connection carries the next request
+                continue
             c.answered()
             if not reusable(cfg, reader):
                 if server_closes(reader):

@@ -178,8 +178,9 @@ class EpollRunner:
         c.connect_failed(kind)
         self.next(c)
 
-    def send(self, c: EpollClient) -> None:
-        payload = c.request()
+    def send(self, c: EpollClient, payload: bytes | None = None) -> None:
+        if payload is None:
+            payload = c.request()
         try:
             n = c.sock.send(payload)
             if n < len(payload):  # a full send buffer: finish in blocking mode, bounded by --timeout
@@ -212,6 +213,13 @@ class EpollRunner:
                     self.next(c)
                     return
                 continue
+            if c.whole(chunk, now):  # the steady state: the whole answer, as expected
+                payload = c.follow(now)
+                if payload is None:
+                    self.next(c)
+                else:
+                    self.send(c, payload)
+                return
             if not chunk:
                 self.drop(c)
                 reader.close(now)
