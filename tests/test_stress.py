@@ -434,6 +434,45 @@ def test_http_reader_answer_without_length_ends_with_the_connection():
     assert (truncated.outcome.ok, truncated.outcome.label) == (False, "closed")
 
 
+def http_answer(date: bytes = b"Thu, 26 Nov 2026 05:00:00 GMT", backend: bytes = b"b1", body: bytes = b"x" * 50,
+                status: bytes = b"200 OK", extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 %s\r\nServer: t\r\nDate: %s\r\nX-Backend: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (status, date, backend, len(body), extra, body))
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3])
+def test_http_answers_seen_before_count_as_the_parser_counts_them(pieces):
+    # Each answer is read twice: by a reader that knows the client's last right
+    # answer (as plan.Target keeps it) and by a fresh one that parses; both must agree.
+    from clusterkit.stress.exchange import HttpReader
+    chunked = b"HTTP/1.1 200 OK\r\nDate: Thu, 26 Nov 2026 05:00:00 GMT\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    answers = [http_answer(), http_answer(date=b"Thu, 26 Nov 2026 05:00:01 GMT"),  # only the Date differs
+               http_answer(date=b"Thu, 26 Nov 2026 05:00:02 GMT"), http_answer(backend=b"b2"),  # another backend
+               http_answer(backend=b"b2", date=b"Fri, 27 Nov 2026 06:00:00 GMT"),
+               http_answer(date=b"Thu, 26 Nov 2026 05:00:03 GMT", backend=b"b2", body=b"y" * 50),  # another body
+               http_answer(date=b"x\r\nContent-Length: 3\r\nX-A: 12", backend=b"b2", body=b"y" * 50),  # same size
+               http_answer(backend=b"b2", body=b"y" * 50, status=b"404 No!"),  # same length, not 2xx
+               http_answer(backend=b"b2", body=b"y" * 50), http_answer(backend=b"b2", body=b"y" * 40),  # shorter
+               http_answer(backend=b"b2", body=b"y" * 50)[:-10],  # cut short by a close
+               http_answer(backend=b"b2", body=b"y" * 50) + b"HTTP/1.1 200",  # more after the answer
+               chunked, chunked, http_answer(extra=b"Connection: close\r\n"), http_answer(extra=b"Connection: close\r\n")]
+    known, fast = None, 0
+    for n, answer in enumerate(answers):
+        readers = [HttpReader(known), HttpReader()]
+        for r in readers:
+            size = -(-len(answer) // pieces)
+            for i in range(0, len(answer), size):
+                if not r.done:
+                    r.feed(answer[i:i + size], n * 10 + i)
+            r.close(n * 10 + 9)  # the server's close (a no-op once the answer is complete)
+        quick, parsed = readers
+        fast += quick.parser is None and quick.known is not None
+        assert (quick.outcome, quick.keep_alive, quick.complete) == (parsed.outcome, parsed.keep_alive, parsed.complete), n
+        learned = quick.known_answer()
+        known = learned or known
+    assert fast >= 5  # the ones that were the same answer again went the quick way
+
+
 UNFRAMED = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nno length: the close ends me\n"
 
 

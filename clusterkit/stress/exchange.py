@@ -98,15 +98,61 @@ class LineReader:
             self.buf = b""
 
 
-class HttpReader:
-    """One HTTP response (ApacheBench's view: status, headers, body bytes)."""
+class KnownAnswer(NamedTuple):
+    """An HTTP answer seen before, complete and right: a server of static pages
+    sends the same bytes every time but for the time in its ``Date`` header."""
 
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+    data: bytes
+    date: tuple[int, int]
+    """Where the Date value is, the one part allowed to differ ((0, 0): none)."""
+    backend: str
+    keep_alive: bool
+
+    def match(self, buf: bytes) -> bool | None:
+        """True: ``buf`` is this answer again; None: so far a beginning of it; False: not it."""
+        data = self.data
+        n = len(buf)
+        if n > len(data):
+            return False
+        a, b = self.date
+        if n <= a:
+            same = data.startswith(buf)
+        else:
+            value = buf[a:b]  # may differ from data's, but not in length, nor by a line end
+            same = buf[:a] == data[:a] and b"\n" not in value and b"\r" not in value and buf[b:] == data[b:n]
+        if not same:
+            return False
+        return True if n == len(data) else None
+
+
+class HttpReader:
+    """One HTTP response (ApacheBench's view: status, headers, body bytes).
+
+    httptools parses it; what the report needs from the headers (the
+    ``X-Backend`` name, and whether a length frames the body) is read from the
+    header block in one pass once it is complete, not through a Python
+    callback per header line.
+
+    Given the client's last answer (``known``), an answer that is the same
+    bytes again, but for its Date, is taken as that answer without a parser:
+    the parser's work and memory traffic per answer, between the kernel's,
+    cost about a fifth of a request's time (measured: 45 us of CPU per
+    request without parsing, 56 us with)."""
+
+    LEARN_MAX = 65536
+    """Answers up to this size can become the next request's ``known``."""
+
+    def __init__(self, known: KnownAnswer | None = None) -> None:
+        self.known = known
+        self.parser = None if known else httptools.HttpResponseParser(self)
         self.first_ns = 0
         self.nbytes = 0
         self.backend = "-"
-        self._header = b""
+        self._head = b""  # what arrived until the header block was complete
+        self._buf = b""  # with ``known``: what arrived so far
+        self._seen: list[bytes] | None = None if known else []  # to learn from, without ``known``
+        self._date = (0, 0)
+        self._length = -1  # head + Content-Length, when given
         self.complete = False
         self.headers_done = False
         self.framed = False  # Content-Length or chunked: else the body ends with the connection
@@ -116,13 +162,6 @@ class HttpReader:
     @property
     def done(self) -> bool:
         return self.outcome is not None
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"x-backend":
-            self.backend = value.decode("latin-1")
-        elif name == b"content-length" or name == b"transfer-encoding":
-            self.framed = True
 
     def on_headers_complete(self) -> None:
         # Here, not after the message: llhttp resets its flags once a message is
@@ -138,17 +177,88 @@ class HttpReader:
         if not self.first_ns:
             self.first_ns = now
         self.nbytes += len(chunk)
+        known = self.known
+        if known is not None:
+            buf = self._buf + chunk if self._buf else chunk
+            same = known.match(buf)
+            if same:
+                self.complete = self.headers_done = self.framed = True
+                self.keep_alive = known.keep_alive
+                self.outcome = Outcome(True, known.backend, self.first_ns, now, self.nbytes)
+                return
+            if same is None:
+                self._buf = buf
+                return
+            self.known, self._buf = None, b""  # another answer: parse all of it, and learn it
+            self.parser = httptools.HttpResponseParser(self)
+            self._seen = [buf] if len(buf) <= self.LEARN_MAX else None
+            chunk = buf
+        elif self._seen is not None:
+            self._seen.append(chunk)
+            if self.nbytes > self.LEARN_MAX:
+                self._seen = None
+        if not self.headers_done:
+            self._head = self._head + chunk if self._head else chunk
         try:
             self.parser.feed_data(chunk)
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError:
-            self.outcome = Outcome(False, "bad-response", self.first_ns, now, self.nbytes)
+            self._end(Outcome(False, "bad-response", self.first_ns, now, self.nbytes))
             return
+        if self.headers_done and self._head:
+            self._scan()
         if self.complete:
             status = self.parser.get_status_code()
             ok = 200 <= status < 300
-            self.outcome = Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns, now, self.nbytes)
+            self._end(Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns, now, self.nbytes))
+
+    def _scan(self) -> None:
+        """Read the complete header block (llhttp has checked its syntax)."""
+        raw, self._head = self._head, b""
+        end = raw.find(b"\r\n\r\n")
+        sep = 4
+        if end < 0:
+            end, sep = raw.find(b"\n\n"), 2  # bare LF line ends
+        if end >= 0:
+            raw = raw[:end]
+        head = raw.lower()
+        self.framed = b"\ncontent-length:" in head or b"\ntransfer-encoding:" in head
+        backend = self._value(head, b"\nx-backend:")
+        if backend:
+            self.backend = raw[backend[0]:backend[1]].strip().decode("latin-1")
+        length = self._value(head, b"\ncontent-length:")
+        if length and end >= 0 and b"\ntransfer-encoding:" not in head:
+            value = raw[length[0]:length[1]].strip()
+            if value.isdigit():
+                self._length = end + sep + int(value)
+        self._date = self._value(head, b"\ndate:") or (0, 0)
+
+    @staticmethod
+    def _value(head: bytes, name: bytes) -> tuple[int, int] | None:
+        """Where the value of the header line starting with ``name`` is, CR excluded."""
+        at = head.find(name)
+        if at < 0:
+            return None
+        start = at + len(name)
+        end = head.find(b"\n", start)
+        if end < 0:
+            end = len(head)
+        if head[end - 1:end] == b"\r":
+            end -= 1
+        return start, end
+
+    def known_answer(self) -> KnownAnswer | None:
+        """This answer, for the next request to compare with: when it was
+        complete, right, and exactly as long as its Content-Length says."""
+        o = self.outcome
+        if self._seen is None or o is None or not o.ok or self.nbytes != self._length:
+            return None
+        return KnownAnswer(b"".join(self._seen), self._date, self.backend, self.keep_alive)
+
+    def _end(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.parser = None  # it refers back to this reader: let go, so no cycle is left for the GC
 
     def close(self, now: int, kind: str = "closed") -> None:
         if self.outcome is not None:
@@ -158,7 +268,6 @@ class HttpReader:
             # and the answer is complete, as ApacheBench counts it.
             status = self.parser.get_status_code()
             ok = 200 <= status < 300
-            self.outcome = Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns or now, now,
-                                   self.nbytes)
+            self._end(Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns or now, now, self.nbytes))
             return
-        self.outcome = Outcome(False, kind, self.first_ns or now, now, self.nbytes)
+        self._end(Outcome(False, kind, self.first_ns or now, now, self.nbytes))

@@ -9,7 +9,7 @@ import time
 from urllib.parse import urlsplit
 
 from .config import StressConfig
-from .exchange import HttpReader, LineReader
+from .exchange import HttpReader, KnownAnswer, LineReader
 from .metrics import Recorder
 
 ns = time.perf_counter_ns
@@ -36,6 +36,7 @@ class Target:
             # What ApacheBench sends, so both tools cost the server the same.
             self.http_request = (b"GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: clusterkit-stress\r\n"
                                  b"Accept: */*\r\n%s\r\n" % (path.encode(), host_header, ka))
+            self.known: KnownAnswer | None = None  # the last right answer (see HttpReader)
         else:
             self.host, self.port = cfg.host, cfg.port
             self.http_request = b""
@@ -53,9 +54,16 @@ class Target:
             return self.fixed
         return b"%s%09d%s" % (self.prefix, k, self.pad)
 
-    def learn(self, reader: LineReader) -> None:
-        """Remember which server answered this one-message batch, and so what its
-        next answer looks like around the message."""
+    def learn(self, reader: LineReader | HttpReader) -> None:
+        """Remember what a right answer looks like, for the next to be checked
+        in one step: HTTP, the answer itself; the line protocol (a one-message
+        batch), which server answered, and so what its next answer looks like
+        around the message."""
+        if isinstance(reader, HttpReader):
+            known = reader.known_answer()
+            if known is not None:
+                self.known = known
+            return
         o = reader.outcomes[0]
         if o.ok and o.label != self.name:
             self.name = o.label
@@ -65,7 +73,7 @@ class Target:
 
     def request(self, k: int, count: int) -> tuple[bytes, LineReader | HttpReader, int]:
         if self.http_request:
-            return self.http_request, HttpReader(), 1
+            return self.http_request, HttpReader(self.known), 1
         batch = min(self.batch, count)
         if batch == 1:
             msg = self.message(k)
@@ -231,7 +239,7 @@ class Client:
         reader = self.reader
         self.reader = None
         record(self.rec, reader, self.base, self.plan.warm_end)
-        if self.steady:
+        if self.steady or self.target.http_request:
             self.target.learn(reader)
         self.k += self.batch
         self.progress[self.index] = self.k
