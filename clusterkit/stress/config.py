@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import select
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..config import check
 
@@ -57,6 +58,6 @@ class StressConfig:
         check(self.processes <= self.concurrency, "--processes cannot exceed -c")
         check(b"\n" not in self.message, "--message may not contain a newline")
 
-    @property
+    @cached_property  # asked once per request
     def keepalive(self) -> bool:
         return self.connection == "keepalive"

@@ -142,22 +142,25 @@ class HttpReader:
     LEARN_MAX = 65536
     """Answers up to this size can become the next request's ``known``."""
 
+    # Where a field starts as it is here, the instance finds it on the class
+    # until it is set: one reader per request, so its set-up counts.
+    first_ns = 0
+    nbytes = 0
+    backend = "-"
+    _head = b""  # what arrived until the header block was complete
+    _buf = b""  # with ``known``: what arrived so far
+    _date = (0, 0)
+    _length = -1  # head + Content-Length, when given
+    complete = False
+    headers_done = False
+    framed = False  # Content-Length or chunked: else the body ends with the connection
+    keep_alive = False
+    outcome: Outcome | None = None
+
     def __init__(self, known: KnownAnswer | None = None) -> None:
         self.known = known
         self.parser = None if known else httptools.HttpResponseParser(self)
-        self.first_ns = 0
-        self.nbytes = 0
-        self.backend = "-"
-        self._head = b""  # what arrived until the header block was complete
-        self._buf = b""  # with ``known``: what arrived so far
         self._seen: list[bytes] | None = None if known else []  # to learn from, without ``known``
-        self._date = (0, 0)
-        self._length = -1  # head + Content-Length, when given
-        self.complete = False
-        self.headers_done = False
-        self.framed = False  # Content-Length or chunked: else the body ends with the connection
-        self.keep_alive = False
-        self.outcome: Outcome | None = None
 
     @property
     def done(self) -> bool:
