@@ -54,6 +54,8 @@ def test_counts_are_exact_through_the_balancer(balanced, log_dir, tmp_path):
     assert row["requests_per_second"] == pytest.approx(1000 / row["time_taken_s"], rel=1e-3)
     assert row["time_per_request_ms"] == pytest.approx(10 * row["time_taken_s"] * 1000 / 1000, rel=1e-3)
     assert 0 < row["latency_ms"]["p50"] <= row["rtt_ms"]["p99"]
+    # ApacheBench's Total runs from the connect: never shorter than the rtt, nor than the connect.
+    assert row["total_ms"]["p50"] >= row["rtt_ms"]["p50"] and row["total_ms"]["max"] >= row["connect_ms"]["max"]
     log = (log_dir / "client_log.log").read_text()
     assert log.count("event=request ") == 1000 and "rtt_ms=" in log and "backend=server" in log
 
@@ -228,7 +230,11 @@ def test_one_step_answers_count_as_the_reader_counts_them():
         c.steady = steady
         quick = 0
         for n in range(60):
+            if n in (0, 30):  # as if the connection were new: Total counts from its connect
+                c.connect_started = ns()
+                c.connected()
             payload = c.request()
+            assert (c.start == c.connect_started) is (n in (0, 30))
             for chunk in answers(payload, n):
                 if c.whole(chunk, ns()):
                     quick += 1
@@ -240,7 +246,8 @@ def test_one_step_answers_count_as_the_reader_counts_them():
         rec.flush()
         r = rec.result
         results[steady] = (quick, r.complete, r.failed, dict(r.errors), dict(r.backends), r.bytes_received,
-                           r.latency.get_total_count(), r.rtt.get_total_count(), len(rec.log))
+                           r.latency.get_total_count(), r.rtt.get_total_count(), r.total.get_total_count(),
+                           len(rec.log))
     assert results[False][0] == 0 and results[True][0] > 20  # most answers went the one-step way ...
     assert results[True][1:] == results[False][1:]  # ... and counted the same
 

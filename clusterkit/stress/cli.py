@@ -197,7 +197,7 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
         table.add_column(f"c={r['concurrency']}", justify="right")
     for key, label in report.COLUMNS:
         table.add_row(label, *[report.fmt(r[key]) for r in rows])
-    for group in ("latency_ms", "rtt_ms", "connect_ms"):
+    for group in report.TIMING_GROUPS:
         for p in ("p50", "p90", "p99", "p99.9", "max"):
             table.add_row(f"{group[:-3]} {p} (ms)", *[report.fmt(r[group][p]) for r in rows])
     table.add_row("connections opened", *[report.fmt(r["connections"]) for r in rows])
@@ -214,7 +214,8 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
     r = rows[0]
     console.print(f"target {r['target']}, engine {r['engine']} x {r['processes']} process(es), "
                   f"{r['connection']} connections; latency = send to first reply byte, "
-                  f"rtt = send to confirmation (ACK)")
+                  f"rtt = send to confirmation (ACK), total = connect (if the request opened one) "
+                  f"to confirmation, as ApacheBench's Total")
     busy = [r for r in rows if r["client_cpu_percent"] >= SATURATED]
     if busy:
         levels = ", ".join(f"c={r['concurrency']}: {r['client_cpu_percent']:.0f}%" for r in busy)

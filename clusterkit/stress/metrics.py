@@ -1,5 +1,5 @@
 """What a run measured: counts, bytes, errors by kind, requests per backend, and
-HDR histograms of connect, latency and rtt that merge exactly across threads
+HDR histograms of connect, latency, rtt and total (ApacheBench's) that merge exactly across threads
 and processes.
 
 Hot loops append raw nanosecond values to plain lists (``Recorder``); they go
@@ -21,6 +21,7 @@ LOWEST_US = 1
 HIGHEST_US = 3_600_000_000  # one hour
 DIGITS = 3
 PERCENTILES = (50, 90, 99, 99.9)
+TIMINGS = ("latency", "rtt", "connect", "total")
 LIVE_CACHE = 1 << 14
 BUCKET_OF = [bucket(us) for us in range(LIVE_CACHE)]
 """The live-histogram bucket of each latency under 16 ms, looked up, not computed, per answer."""
@@ -60,6 +61,9 @@ class RunResult:
     latency: HdrHistogram = field(default_factory=new_histogram)
     rtt: HdrHistogram = field(default_factory=new_histogram)
     connect: HdrHistogram = field(default_factory=new_histogram)
+    total: HdrHistogram = field(default_factory=new_histogram)
+    """ApacheBench's "Total": from the connect (when the request opened its connection,
+    else from the send) to the end of the answer."""
     ended_early: str | None = None  # why the run stopped before its end, if it did
     tool_cpu_s: float = 0.0  # CPU the load processes used, summed over them ...
     tool_wall_s: float = 0.0  # ... and the wall time they ran, summed the same way
@@ -79,7 +83,7 @@ class RunResult:
         self.tool_wall_s += other.tool_wall_s
         self.errors.update(other.errors)
         self.backends.update(other.backends)
-        for name in ("latency", "rtt", "connect"):
+        for name in TIMINGS:
             if getattr(other, name).get_total_count():
                 getattr(self, name).add(getattr(other, name))
         if other.first_send_ns is not None:
@@ -100,15 +104,15 @@ class RunResult:
                 "cpu": self.tool_cpu_s, "wall": self.tool_wall_s,
                 "backends": dict(self.backends),
                 **{name: getattr(self, name).encode() if getattr(self, name).get_total_count() else None
-                   for name in ("latency", "rtt", "connect")}}
+                   for name in TIMINGS}}
 
     @classmethod
     def decode(cls, data: dict) -> RunResult:
         r = cls(complete=data["complete"], failed=data["failed"], bytes_received=data["bytes"],
                 first_send_ns=data["first"], last_reply_ns=data["last"], errors=Counter(data["errors"]),
                 backends=Counter(data["backends"]), tool_cpu_s=data["cpu"], tool_wall_s=data["wall"])
-        for name in ("latency", "rtt", "connect"):
-            if data[name]:
+        for name in TIMINGS:
+            if data.get(name):
                 getattr(r, name).add(HdrHistogram.decode(data[name]))
         return r
 
@@ -123,7 +127,7 @@ class Recorder:
     async engine's time.
     """
 
-    __slots__ = ("result", "lat", "rtt", "both", "con", "log", "live", "live_base")
+    __slots__ = ("result", "lat", "rtt", "both", "con", "tot", "log", "live", "live_base")
 
     DISTINCT = 100_000  # flush past this many distinct values (only with very spread timings)
 
@@ -135,9 +139,12 @@ class Recorder:
         self.rtt: dict[int, int] = {}
         self.both: dict[int, int] = {}  # answers whose first byte was their last: latency = rtt
         self.con: dict[int, int] = {}
+        self.tot: dict[int, int] = {}
         self.log: list[tuple] | None = [] if keep_log else None
 
-    def ok(self, sent_ns: int, latency_ns: int, rtt_ns: int, backend: str, nbytes: int, done_ns: int) -> None:
+    def ok(self, sent_ns: int, latency_ns: int, rtt_ns: int, backend: str, nbytes: int, done_ns: int,
+           start_ns: int) -> None:
+        """``start_ns``: the connect's start when this request opened its connection, else ``sent_ns``."""
         r = self.result
         r.complete += 1
         r.bytes_received += nbytes
@@ -148,6 +155,8 @@ class Recorder:
         lat, rtt = self.lat, self.rtt
         lat[lat_us] = lat.get(lat_us, 0) + 1
         rtt[rtt_us] = rtt.get(rtt_us, 0) + 1
+        tot_us = (done_ns - start_ns) // 1000 or 1
+        self.tot[tot_us] = self.tot.get(tot_us, 0) + 1
         if self.live is not None:
             self.live[self.live_base + bucket(lat_us)] += 1
         if self.log is not None:
@@ -155,7 +164,7 @@ class Recorder:
         if len(rtt) >= self.DISTINCT:
             self.flush()
 
-    def whole(self, sent_ns: int, done_ns: int, backend: str, nbytes: int) -> None:
+    def whole(self, sent_ns: int, done_ns: int, backend: str, nbytes: int, start_ns: int) -> None:
         """``ok`` for an answer that arrived in one piece (latency = rtt), the
         steady state of a keep-alive run (``plan.Client.whole``): the same
         counts, with one timing dict to update instead of two."""
@@ -172,6 +181,9 @@ class Recorder:
         us = (done_ns - sent_ns) // 1000 or 1
         both = self.both
         both[us] = both.get(us, 0) + 1
+        tot = self.tot
+        tot_us = us if start_ns == sent_ns else (done_ns - start_ns) // 1000 or 1
+        tot[tot_us] = tot.get(tot_us, 0) + 1
         if self.live is not None:
             self.live[self.live_base + (BUCKET_OF[us] if us < LIVE_CACHE else bucket(us))] += 1
         if self.log is not None:
@@ -203,9 +215,9 @@ class Recorder:
     def flush(self) -> None:
         r = self.result
         for counts, hist in ((self.lat, r.latency), (self.rtt, r.rtt), (self.both, r.latency), (self.both, r.rtt),
-                             (self.con, r.connect)):
+                             (self.con, r.connect), (self.tot, r.total)):
             record = hist.record_value
             for us, count in counts.items():
                 record(us, count)
-        for counts in (self.lat, self.rtt, self.both, self.con):
+        for counts in (self.lat, self.rtt, self.both, self.con, self.tot):
             counts.clear()

@@ -116,13 +116,13 @@ class Plan:
         return self.start + self.offset + k * self.interval
 
 
-def record(rec: Recorder, reader, base: int, warm_end: int) -> None:
+def record(rec: Recorder, reader, base: int, start: int, warm_end: int) -> None:
     outcomes = reader.outcomes if isinstance(reader, LineReader) else [reader.outcome]
     if base < warm_end:
         return
     for o in outcomes:
         if o.ok:
-            rec.ok(base, o.first_ns - base, o.done_ns - base, o.label, o.nbytes, o.done_ns)
+            rec.ok(base, o.first_ns - base, o.done_ns - base, o.label, o.nbytes, o.done_ns, start)
         else:
             rec.failed(base, o.label, o.done_ns, o.nbytes)
 
@@ -135,7 +135,7 @@ class Client:
 
     __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
                  "k", "reader", "batch", "sent", "base", "connect_started", "limit", "deadline", "steady",
-                 "expect", "stop_slot")
+                 "expect", "stop_slot", "opened", "start")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
         self.cfg = cfg
@@ -158,6 +158,8 @@ class Client:
         """Each answer can be checked in one step (``whole``), once a server has answered."""
         self.expect: bytes | None = None
         self.stop_slot = board.stop_slot
+        self.opened = 0  # when the connection the next request goes on was opened, if that request opens it
+        self.start = 0  # what ApacheBench's "Total" counts from: the connect when the request opened it, else base
 
     def over(self, stop) -> bool:
         return self.k >= self.limit or stop.is_set() or ns() >= self.deadline
@@ -185,6 +187,9 @@ class Client:
                 self.k, (share - self.k) if share is not None else self.cfg.pipeline)
         self.sent = ns()
         self.base = self.plan.intended(self.k) if self.plan.interval else self.sent
+        opened = self.opened
+        self.start = min(opened, self.base) if opened else self.base
+        self.opened = 0
         return payload
 
     def whole(self, chunk: bytes, now: int) -> bool:
@@ -204,7 +209,7 @@ class Client:
         self.expect = None
         self.reader = None
         if self.base >= self.plan.warm_end:
-            self.rec.whole(self.base, now, self.target.name, len(chunk))
+            self.rec.whole(self.base, now, self.target.name, len(chunk), self.start)
         self.k += 1
         self.progress[self.index] = self.k
         return True
@@ -218,6 +223,7 @@ class Client:
         return self.request()
 
     def connected(self) -> None:
+        self.opened = self.connect_started
         self.rec.connected(ns() - self.connect_started)
         self.progress[self.streak_slot] = 0
 
@@ -238,7 +244,7 @@ class Client:
         """Count the answer (complete, or closed by ``reader.close``); returns its reader."""
         reader = self.reader
         self.reader = None
-        record(self.rec, reader, self.base, self.plan.warm_end)
+        record(self.rec, reader, self.base, self.start, self.plan.warm_end)
         if self.steady or self.target.http_request:
             self.target.learn(reader)
         self.k += self.batch

@@ -1,5 +1,5 @@
 """The stress tool's report: SPEC.md's columns (ApacheBench's meanings), the
-latency/rtt/connect percentiles, requests per backend and errors by kind.
+latency/rtt/connect/total percentiles, requests per backend and errors by kind.
 
 ``summarize()`` turns a RunResult into one plain dict (a row); JSON, CSV and
 markdown are written from those rows, and the rich table in the CLI shows the
@@ -26,6 +26,12 @@ COLUMNS = [
     ("time_per_request_all_ms", "Time per request, across all concurrent requests (ms)"),
     ("transfer_rate_kbps", "Transfer rate (Kbytes/sec)"),
 ]
+
+
+TIMING_GROUPS = ("latency_ms", "rtt_ms", "connect_ms", "total_ms")
+"""Percentile groups of a row; total = ApacheBench's "Total" (connect, when the
+request opened its connection, to the end of the answer), what ab's percentile
+table shows."""
 
 
 def _pcts(hist) -> dict:
@@ -55,6 +61,7 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
         "latency_ms": _pcts(r.latency),
         "rtt_ms": _pcts(r.rtt),
         "connect_ms": _pcts(r.connect),
+        "total_ms": _pcts(r.total),
         "connections": r.connect.get_total_count(),  # 1 per request without keep-alive, about -c with it
         "backends": dict(sorted(r.backends.items())),
         "errors": dict(sorted(r.errors.items())),
@@ -72,7 +79,7 @@ def to_json(rows: list[dict]) -> str:
 
 def _flat(row: dict) -> dict:
     out = {key: row[key] for key, _ in COLUMNS}
-    for group in ("latency_ms", "rtt_ms", "connect_ms"):
+    for group in TIMING_GROUPS:
         for k, v in row[group].items():
             out[f"{group[:-3]}_{k}_ms"] = v
     out["backends"] = " ".join(f"{k}={v}" for k, v in row["backends"].items())
