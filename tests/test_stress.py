@@ -447,7 +447,7 @@ def http_answer(date: bytes = b"Thu, 26 Nov 2026 05:00:00 GMT", backend: bytes =
             % (status, date, backend, len(body), extra, body))
 
 
-@pytest.mark.parametrize("pieces", [1, 2, 3])
+@pytest.mark.parametrize("pieces", [1, 2, 3, 10_000])  # 10,000: a byte at a time
 def test_http_answers_seen_before_count_as_the_parser_counts_them(pieces):
     # Each answer is read twice: by a reader that knows the client's last right
     # answer (as plan.Target keeps it) and by a fresh one that parses; both must agree.
@@ -478,6 +478,19 @@ def test_http_answers_seen_before_count_as_the_parser_counts_them(pieces):
         learned = quick.known_answer()
         known = learned or known
     assert fast >= 5  # the ones that were the same answer again went the quick way
+
+
+def test_http_header_block_without_end_fails_and_is_not_kept():
+    from clusterkit.stress.exchange import HttpReader
+    reader = HttpReader()
+    reader.feed(b"HTTP/1.1 200 OK\r\n", 1)
+    line = b"X-Filler: " + b"y" * 1000 + b"\r\n"
+    for i in range(2000):  # 2 MB of headers, and no blank line
+        reader.feed(line, 2 + i)
+        if reader.done:
+            break
+    assert reader.done and reader.outcome.label == "bad-response"
+    assert i < 1100  # it stopped at HttpReader.HEAD_MAX (1 MiB), not at the end of what came
 
 
 UNFRAMED = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nno length: the close ends me\n"

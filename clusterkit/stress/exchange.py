@@ -107,22 +107,37 @@ class KnownAnswer(NamedTuple):
     """Where the Date value is, the one part allowed to differ ((0, 0): none)."""
     backend: str
     keep_alive: bool
+    before: bytes
+    """data up to the Date value, and after it: the whole answer in one piece, the
+    usual case, is checked against these without slicing ``data``."""
+    after: bytes
 
-    def match(self, buf: bytes) -> bool | None:
-        """True: ``buf`` is this answer again; None: so far a beginning of it; False: not it."""
+    @classmethod
+    def of(cls, data: bytes, date: tuple[int, int], backend: str, keep_alive: bool) -> KnownAnswer:
+        return cls(data, date, backend, keep_alive, data[:date[0]], data[date[1]:])
+
+    def whole(self, chunk: bytes) -> bool:
+        """``fits(0, chunk)`` for a chunk as long as the whole answer."""
+        a, b = self.date
+        value = chunk[a:b]
+        return chunk.startswith(self.before) and chunk.endswith(self.after) and b"\n" not in value and b"\r" not in value
+
+    def fits(self, pos: int, chunk: bytes) -> bool:
+        """Whether ``chunk``, arriving at offset ``pos``, is this answer's bytes
+        there: equal outside the Date value; inside it, any bytes but a line end
+        (so the header lines, and with them the framing, are the same)."""
+        n = len(chunk)
         data = self.data
-        n = len(buf)
-        if n > len(data):
+        if pos + n > len(data):
             return False
         a, b = self.date
-        if n <= a:
-            same = data.startswith(buf)
-        else:
-            value = buf[a:b]  # may differ from data's, but not in length, nor by a line end
-            same = buf[:a] == data[:a] and b"\n" not in value and b"\r" not in value and buf[b:] == data[b:n]
-        if not same:
-            return False
-        return True if n == len(data) else None
+        lo = min(max(a - pos, 0), n)  # the part of chunk before the Date value ...
+        hi = min(max(b - pos, lo), n)  # ... and after it
+        if lo < hi:
+            value = chunk[lo:hi]
+            if b"\n" in value or b"\r" in value:
+                return False
+        return data.startswith(chunk[:lo], pos) and data.startswith(chunk[hi:], pos + hi)
 
 
 class HttpReader:
@@ -141,14 +156,18 @@ class HttpReader:
 
     LEARN_MAX = 65536
     """Answers up to this size can become the next request's ``known``."""
+    HEAD_MAX = 1 << 20
+    """A header block longer than this fails the answer (``bad-response``)."""
 
     # Where a field starts as it is here, the instance finds it on the class
     # until it is set: one reader per request, so its set-up counts.
     first_ns = 0
     nbytes = 0
     backend = "-"
-    _head = b""  # what arrived until the header block was complete
-    _buf = b""  # with ``known``: what arrived so far
+    _parts: list[bytes] | None = None  # with ``known``: what arrived so far, when in pieces
+    _head_parts: list[bytes] | None = None  # what arrived until the header block was complete
+    _head_size = 0
+    _pos = 0  # with ``known``: how much of it has arrived
     _date = (0, 0)
     _length = -1  # head + Content-Length, when given
     complete = False
@@ -182,26 +201,37 @@ class HttpReader:
         self.nbytes += len(chunk)
         known = self.known
         if known is not None:
-            buf = self._buf + chunk if self._buf else chunk
-            same = known.match(buf)
-            if same:
-                self.complete = self.headers_done = self.framed = True
-                self.keep_alive = known.keep_alive
-                self.outcome = Outcome(True, known.backend, self.first_ns, now, self.nbytes)
+            pos = self._pos
+            if known.whole(chunk) if not pos and len(chunk) == len(known.data) else known.fits(pos, chunk):
+                self._pos = pos = pos + len(chunk)
+                if pos == len(known.data):
+                    self.complete = self.headers_done = self.framed = True
+                    self.keep_alive = known.keep_alive
+                    self.outcome = Outcome(True, known.backend, self.first_ns, now, self.nbytes)
+                elif self._parts is None:
+                    self._parts = [chunk]
+                else:
+                    self._parts.append(chunk)
                 return
-            if same is None:
-                self._buf = buf
-                return
-            self.known, self._buf = None, b""  # another answer: parse all of it, and learn it
+            # Another answer: parse all of it, and learn it.
+            if self._parts:
+                chunk = b"".join(self._parts) + chunk
+            self.known, self._parts = None, None
             self.parser = httptools.HttpResponseParser(self)
-            self._seen = [buf] if len(buf) <= self.LEARN_MAX else None
-            chunk = buf
+            self._seen = [chunk] if len(chunk) <= self.LEARN_MAX else None
         elif self._seen is not None:
             self._seen.append(chunk)
             if self.nbytes > self.LEARN_MAX:
                 self._seen = None
         if not self.headers_done:
-            self._head = self._head + chunk if self._head else chunk
+            if self._head_parts is None:
+                self._head_parts = [chunk]
+            else:
+                self._head_parts.append(chunk)
+            self._head_size += len(chunk)
+            if self._head_size > self.HEAD_MAX:  # a header block without end: do not keep it all
+                self._end(Outcome(False, "bad-response", self.first_ns, now, self.nbytes))
+                return
         try:
             self.parser.feed_data(chunk)
         except httptools.HttpParserUpgrade:
@@ -209,7 +239,7 @@ class HttpReader:
         except httptools.HttpParserError:
             self._end(Outcome(False, "bad-response", self.first_ns, now, self.nbytes))
             return
-        if self.headers_done and self._head:
+        if self.headers_done and self._head_parts:
             self._scan()
         if self.complete:
             status = self.parser.get_status_code()
@@ -218,7 +248,8 @@ class HttpReader:
 
     def _scan(self) -> None:
         """Read the complete header block (llhttp has checked its syntax)."""
-        raw, self._head = self._head, b""
+        raw = b"".join(self._head_parts)
+        self._head_parts = None
         end = raw.find(b"\r\n\r\n")
         sep = 4
         if end < 0:
@@ -257,7 +288,7 @@ class HttpReader:
         o = self.outcome
         if self._seen is None or o is None or not o.ok or self.nbytes != self._length:
             return None
-        return KnownAnswer(b"".join(self._seen), self._date, self.backend, self.keep_alive)
+        return KnownAnswer.of(b"".join(self._seen), self._date, self.backend, self.keep_alive)
 
     def _end(self, outcome: Outcome) -> None:
         self.outcome = outcome
