@@ -145,6 +145,14 @@ class FakeServer:
                     elif self.behaviour == "missing-ack":
                         conn.sendall(b"REPLY fake %s\n" % m)
                         return
+                    elif self.behaviour == "endless":  # bytes without a line end, for as long as it may
+                        end = time.monotonic() + 5
+                        try:
+                            while time.monotonic() < end:
+                                conn.sendall(b"x" * 65536)
+                        except OSError:
+                            pass
+                        return
                     elif self.behaviour == "silent":
                         time.sleep(5)
                         return
@@ -177,7 +185,7 @@ class FakeServer:
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 @pytest.mark.parametrize("behaviour, kind", [
-    ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("silent", "timeout")])
+    ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("silent", "timeout"), ("endless", "bad-reply")])
 def test_bad_servers_are_caught_and_counted_by_kind(behaviour, kind, engine, log_dir, tmp_path):
     fake = FakeServer(behaviour)
     try:

@@ -35,6 +35,9 @@ class Outcome(NamedTuple):
 class LineReader:
     __slots__ = ("messages", "buf", "pos", "index", "first_ns", "outcomes", "error")
 
+    PENDING_MAX = 65536
+    """An unfinished answer longer than this (plus twice its message) fails as bad-reply."""
+
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
         self.buf = b""
@@ -70,6 +73,12 @@ class LineReader:
                 self._record(False, kind, now, nl + 1 - pos)
                 pos = nl + 1
         self.buf = buf[pos:]
+        if len(self.buf) > self.PENDING_MAX + 2 * len(messages[min(self.index, len(messages) - 1)]):
+            # No answer is this long: a server streaming without line ends. Fail
+            # what is left rather than keep it all.
+            while not self.done:
+                self._record(False, "bad-reply", now, len(self.buf))
+                self.buf = b""
 
     def _finish(self, reply: bytes, ack: bytes, now: int, nbytes: int) -> None:
         msg = self.messages[self.index]
