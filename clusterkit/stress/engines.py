@@ -159,8 +159,10 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
     scheduling. Measured here (nginx, no keep-alive, 2 cores): 15k requests/s
     at equal priority, 17.7k at nice 5, against ApacheBench's 21k."""
     cpu0, wall0 = time.process_time(), time.monotonic()
-    # What exists now (modules, the report's code) is never garbage: keep the
-    # collector's full passes from walking it again and again during the run.
+    # What exists now (modules, the report's code) is not garbage: keep the
+    # collector's full passes from walking it again and again during the run
+    # (collected first, so that nothing a --sweep's earlier run left is kept).
+    gc.collect()
     gc.freeze()
     if cfg.nice:
         try:
@@ -200,6 +202,7 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
         log.extend(rec.log or [])
     result.tool_cpu_s = time.process_time() - cpu0
     result.tool_wall_s = time.monotonic() - wall0
+    gc.unfreeze()
     return result, log
 
 
