@@ -5,11 +5,14 @@ one connection: each must be ``REPLY <name> <exactly the message>`` followed
 by ``ACK <name> <its length>``, or an ``ERR`` line. ``HttpReader`` reads one
 HTTP response with httptools and checks its status. Both are fed chunks with
 the time they arrived, stamp the first byte of each answer (latency) and its
-end (rtt), and hand back ``Outcome``s; failures carry a kind:
+end (rtt), and hand back ``Outcome``s. An HTTP answer that is the client's
+last right answer again, but for its Date (``KnownAnswer``), is taken without
+parsing it. Failures carry a kind:
 
     wrong-reply   the REPLY does not echo the message
     bad-ack       the ACK is missing, from another server, or has a wrong length
-    bad-reply     not the protocol at all
+    bad-reply     not the protocol at all (or an answer growing without a line end)
+    bad-response  HTTP the parser rejects (or a header block past 1 MiB)
     err:<code>    the server answered ERR <code>
     http-<status> a non-2xx HTTP status
     closed        the connection closed before the answer was complete
