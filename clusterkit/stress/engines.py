@@ -50,34 +50,37 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
     if wait > 0:
         time.sleep(wait / 1e9)  # every client starts together
     try:
-        while not c.over(stop):
-            at = c.due()
-            if at:
-                time.sleep(max(0, at - ns()) / 1e9)
-                if sock is not None and peer_closed(sock):  # closed while we waited: reopen
-                    sock.close()
-                    sock = None
-            if sock is None:
-                c.connect_started = ns()
-                try:
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    # Blocking mode with kernel timeouts: one system call per
-                    # connect, recv or send (Linux bounds connect by SO_SNDTIMEO).
-                    kernel_timeouts(sock, cfg.timeout, send=cfg.timeout)
-                    sock.connect(sockaddr)
-                except OSError as exc:
-                    sock.close()
-                    sock = None
-                    c.connect_failed(connect_error(exc))
-                    continue
-                c.connected()
-                if cfg.keepalive:  # one write per connection cannot meet Nagle's delay
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                shortened = False
-            payload = c.request()
+        payload: bytes | None = None  # the next request, when c.follow already made it
+        while payload is not None or not c.over(stop):
+            if payload is None:
+                at = c.due()
+                if at:
+                    time.sleep(max(0, at - ns()) / 1e9)
+                    if sock is not None and peer_closed(sock):  # closed while we waited: reopen
+                        sock.close()
+                        sock = None
+                if sock is None:
+                    c.connect_started = ns()
+                    try:
+                        sock = socket.socket(family, socket.SOCK_STREAM)
+                        # Blocking mode with kernel timeouts: one system call per
+                        # connect, recv or send (Linux bounds connect by SO_SNDTIMEO).
+                        kernel_timeouts(sock, cfg.timeout, send=cfg.timeout)
+                        sock.connect(sockaddr)
+                    except OSError as exc:
+                        sock.close()
+                        sock = None
+                        c.connect_failed(connect_error(exc))
+                        continue
+                    c.connected()
+                    if cfg.keepalive:  # one write per connection cannot meet Nagle's delay
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    shortened = False
+                payload = c.request()
             reader, sent = c.reader, c.sent
+            out, payload = payload, None
             try:
-                sock.sendall(payload)
+                sock.sendall(out)
                 while not reader.done:
                     left = timeout_ns - (ns() - sent)
                     if left <= 0:
@@ -103,6 +106,7 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
             except OSError:
                 reader.close(ns())
             if c.reader is None:  # counted by c.whole; the connection carries the next request
+                payload = c.follow(now)
                 continue
             c.answered()
             if not reusable(cfg, reader):
