@@ -128,8 +128,8 @@ class KnownAnswer(NamedTuple):
     def of(cls, data: bytes, date: tuple[int, int], backend: str, keep_alive: bool) -> KnownAnswer:
         return cls(data, date, backend, keep_alive, data[:date[0]], data[date[1]:])
 
-    def whole(self, chunk: bytes) -> bool:
-        """``fits(0, chunk)`` for a chunk as long as the whole answer."""
+    def _whole(self, chunk: bytes) -> bool:
+        """``fits`` for the whole answer in one chunk (the usual case), without slicing ``data``."""
         a, b = self.date
         value = chunk[a:b]
         return chunk.startswith(self.before) and chunk.endswith(self.after) and b"\n" not in value and b"\r" not in value
@@ -142,6 +142,8 @@ class KnownAnswer(NamedTuple):
         data = self.data
         if pos + n > len(data):
             return False
+        if not pos and n == len(data):
+            return self._whole(chunk)
         a, b = self.date
         lo = min(max(a - pos, 0), n)  # the part of chunk before the Date value ...
         hi = min(max(b - pos, lo), n)  # ... and after it
@@ -214,7 +216,7 @@ class HttpReader:
         known = self.known
         if known is not None:
             pos = self._pos
-            if known.whole(chunk) if not pos and len(chunk) == len(known.data) else known.fits(pos, chunk):
+            if known.fits(pos, chunk):
                 self._pos = pos = pos + len(chunk)
                 if pos == len(known.data):
                     self.complete = self.headers_done = self.framed = True

@@ -13,7 +13,7 @@ import io
 import json
 
 from .config import StressConfig
-from .metrics import PERCENTILES, RunResult
+from .metrics import PERCENTILES, TIMINGS, RunResult
 
 COLUMNS = [
     ("concurrency", "Concurrency level"),
@@ -28,7 +28,7 @@ COLUMNS = [
 ]
 
 
-TIMING_GROUPS = ("latency_ms", "rtt_ms", "connect_ms", "total_ms")
+TIMING_GROUPS = tuple(f"{name}_ms" for name in TIMINGS)
 """Percentile groups of a row; total = ApacheBench's "Total" (connect, when the
 request opened its connection, to the end of the answer), what ab's percentile
 table shows."""
