@@ -203,8 +203,8 @@ class EchoServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
-        self._server = await loop.create_server(
-            lambda: EchoProtocol(self), cfg.host, cfg.port,
+        self._server = await loops.create_server(
+            loop, lambda: EchoProtocol(self), cfg.host, cfg.port,
             backlog=cfg.backlog, reuse_address=True, family=_family(cfg.host))
         if cfg.idle_timeout > 0:
             self._sweeper = asyncio.create_task(self._sweep_idle())

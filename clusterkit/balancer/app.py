@@ -60,7 +60,7 @@ class Balancer:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
         factory = (lambda: ClientSide(self)) if cfg.mode == "message" else (lambda: TcpClientSide(self))
-        self._server = await self.loop.create_server(factory, cfg.host, cfg.port, backlog=4096, reuse_address=True)
+        self._server = await loops.create_server(self.loop, factory, cfg.host, cfg.port, backlog=4096, reuse_address=True)
         if cfg.admin_port:
             self._admin = await start_admin(self, cfg.host, cfg.admin_port)
         for b in self.pool.backends:

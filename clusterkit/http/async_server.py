@@ -116,7 +116,7 @@ class AsyncHttpServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
-        self._server = await loop.create_server(lambda: HttpProtocol(self), cfg.host, cfg.port,
+        self._server = await loops.create_server(loop, lambda: HttpProtocol(self), cfg.host, cfg.port,
                                                 backlog=cfg.backlog, reuse_address=True)
         loop.create_task(self._sweep())
 

@@ -284,7 +284,7 @@ class Proxy:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
-        self._server = await self.loop.create_server(lambda: ProxyClient(self), cfg.host, cfg.port,
+        self._server = await loops.create_server(self.loop, lambda: ProxyClient(self), cfg.host, cfg.port,
                                                      backlog=4096, reuse_address=True)
         for b in self.backends:
             self.loop.create_task(self._check_forever(b))
