@@ -37,6 +37,12 @@ HUGE_HEADERS = b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Filler: " + b"a" * 40000 +
 HTTP2_LINE = b"GET / HTTP/2.0\r\nHost: t\r\n\r\n"
 CL_AND_TE = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
 TWO_CL = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"
+NO_HOST_11 = b"GET /page.html HTTP/1.1\r\n\r\n"
+TWO_HOSTS = b"GET /page.html HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+BARE_LF = b"GET /page.html HTTP/1.1\nHost: t\n\n"
+H2C_UPGRADE = (b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+               b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")  # what curl --http2 sends
+CONNECT = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01"
 
 
 def exchange(port: int, raw: bytes, timeout: float = 10) -> bytes:
@@ -185,12 +191,29 @@ def test_kill_9_backend_under_load_no_failed_get_then_back_up(setup):
 @pytest.mark.parametrize("raw, status", [
     (GARBAGE, 400), (POST, 405), (HUGE_BODY, 413), (HUGE_HEADERS, 431), (HTTP2_LINE, 505),
     (CL_AND_TE, 400), (TWO_CL, 400), (b"GET /nothing-here HTTP/1.1\r\nHost: t\r\n\r\n", 404),
+    (NO_HOST_11, 400), (TWO_HOSTS, 400), (BARE_LF, 400), (CONNECT, 405),
 ])
 def test_error_answers(server, raw, status):
     data = exchange(server.port, raw)
     assert status_of(data) == status, data[:200]
     if status == 405:
         assert b"Allow: GET, HEAD" in data
+
+
+def test_an_upgrade_is_ignored_and_the_connection_goes_on_in_http_1_1(server):
+    """RFC 9110 7.8 lets a server ignore Upgrade: curl --http2 gets its page over
+    HTTP/1.1, and a request pipelined after the upgrade request is answered too."""
+    data = exchange(server.port, H2C_UPGRADE + b"GET /style.css HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    statuses = re.findall(rb"^HTTP/1\.1 (\d+)", data, re.MULTILINE)
+    assert statuses == [b"200", b"200"], data[:300]
+    assert b"101" not in data.split(b"\r\n", 1)[0]
+
+
+def test_lb_adds_the_host_an_http_1_0_client_left_out_and_refuses_a_1_1_request_without(setup):
+    lb = setup.lb(2)
+    data = exchange(lb.port, b"GET /page.html HTTP/1.0\r\n\r\n")
+    assert status_of(data) == 200 and b"X-Backend: backend" in data, data[:300]
+    assert status_of(exchange(lb.port, NO_HOST_11)) == 400
 
 
 @pytest.mark.parametrize("path", [

@@ -6,7 +6,8 @@ request-smuggling tricks a hand-written parser falls for. ``RequestParser``
 wraps it as a sans-I/O object: bytes in, ``Request`` objects out, or an
 ``HttpError`` whose status says what was wrong:
 
-    400  malformed request, Content-Length with Transfer-Encoding, two Content-Lengths
+    400  malformed request, Content-Length with Transfer-Encoding, two Content-Lengths,
+         an HTTP/1.1 request without Host or with two
     405  a method other than GET or HEAD (with ``Allow``)
     408  headers not complete within the header timeout (decided by the server)
     413  a body larger than ``max_body``
@@ -115,8 +116,17 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         self.in_progress = False
-        lengths = [v for k, v in self._headers if k.lower() == b"content-length"]
-        chunked = any(k.lower() == b"transfer-encoding" for k, _ in self._headers)
+        hosts = 0
+        lengths = []
+        chunked = False
+        for k, v in self._headers:
+            k = k.lower()
+            if k == b"host":
+                hosts += 1
+            elif k == b"content-length":
+                lengths.append(v)
+            elif k == b"transfer-encoding":
+                chunked = True
         if len(lengths) > 1:
             self._fail(HttpError(400, "more than one Content-Length"))
         if lengths and chunked:
@@ -126,6 +136,9 @@ class RequestParser:
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):
             self._fail(HttpError(505, f"HTTP/{version}"))
+        # RFC 9112 3.2: an HTTP/1.1 request without Host, or with more than one, gets 400.
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._fail(HttpError(400, "no Host header" if hosts == 0 else "more than one Host header"))
 
     def on_body(self, body: bytes) -> None:
         self._body += len(body)
@@ -143,17 +156,26 @@ class RequestParser:
 
     def feed(self, data: bytes) -> list[Request]:
         """The requests ``data`` completes; raises HttpError (the connection must close after answering)."""
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            raise HttpError(400, "protocol upgrades are not supported") from None
-        except httptools.HttpParserError as exc:
-            if self._error is not None:
-                raise self._error from None
-            detail = str(exc)
-            if "version" in detail.lower():
-                raise HttpError(505, detail) from None
-            raise HttpError(400, detail) from None
+        while True:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                # An Upgrade (h2c from ``curl --http2``, a WebSocket) is ignored, as RFC 9110
+                # 7.8 allows: the request is answered over HTTP/1.1 and the bytes after it
+                # are HTTP/1.1 again, for a new parser. CONNECT gets its 405 and the close.
+                if self._error is None and self.ready and self.ready[-1].method != b"CONNECT":
+                    data = data[exc.args[0]:]
+                    self._parser = httptools.HttpRequestParser(self)
+                    if data:
+                        continue
+            except httptools.HttpParserError as exc:
+                if self._error is not None:
+                    raise self._error from None
+                detail = str(exc)
+                if detail.startswith("Invalid HTTP version"):
+                    raise HttpError(505, detail) from None
+                raise HttpError(400, detail) from None
+            break
         if self._error is not None:
             raise self._error
         ready, self.ready = self.ready, []

@@ -205,6 +205,7 @@ class Proxy:
     def _backend_request(self, req: Request, client_ip: str) -> bytes:
         forwarded = client_ip.encode()
         lines = []
+        host = False
         for k, v in req.headers:
             lk = k.lower()
             if lk in HOP_BY_HOP or lk == b"via":
@@ -212,7 +213,12 @@ class Proxy:
             if lk == b"x-forwarded-for":
                 forwarded = v + b", " + forwarded
                 continue
+            host = host or lk == b"host"
             lines.append(b"%s: %s\r\n" % (k, v))
+        if not host:
+            # An HTTP/1.0 client may leave Host out; HTTP/1.1 to the backend needs one,
+            # empty when the target names no authority (RFC 9112 3.2).
+            lines.append(b"Host: \r\n")
         return (b"GET %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nVia: %s\r\nConnection: keep-alive\r\n\r\n"
                 % (req.target, b"".join(lines), forwarded, VIA))
 
