@@ -13,7 +13,8 @@ How a connection is handled (all in callbacks, no ``await`` per message):
   reading from that client until it drains (``resume_writing``). Memory per
   connection stays bounded by the high-water mark plus one line.
 * Half-close: ``eof_received`` returns False, so the transport closes itself
-  once every reply already written has been sent.
+  once every reply already written has been sent. Bytes after the last ``\n``
+  are no message: they get ``ERR incomplete-line`` (after those replies).
 * Idle timeout: one sweep per server (not a timer per message) closes
   connections that sent nothing for ``idle_timeout`` seconds.
 
@@ -52,6 +53,7 @@ log = logging.getLogger("clusterkit.server")
 
 _BUSY = build_error("busy")
 _LINE_TOO_LONG = build_error("line-too-long")
+_INCOMPLETE_LINE = build_error("incomplete-line")
 _IDLE = build_error("idle-timeout")
 
 
@@ -120,6 +122,11 @@ class EchoProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.elog.info:
             self.elog.line("INFO", f"event=half-close conn={self.conn_id}")
+        if self.framer.buffered and self.framer.error is None:
+            # Bytes after the last '\n' are no message (SPEC.md): an error line says
+            # so, after the replies already written, instead of a silent drop.
+            self._fail(_INCOMPLETE_LINE, "incomplete-line")
+            return True  # _fail closed the transport
         self.closing = True
         return False  # the transport closes once the replies are sent
 

@@ -268,6 +268,20 @@ def test_oversized_line_garbage_and_half_close(lb, connect):
     assert [r.message for r in ResponseParser().feed(half.read_all())] == [b"a", b"b", b"c"]
 
 
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_bytes_after_the_last_newline_get_err_incomplete_line_after_the_answers(lb, connect, mode):
+    lb.start("--mode", mode)
+    conn = connect(lb.port)
+    conn.send(b"a\nb\nno newline")
+    conn.sock.shutdown(socket.SHUT_WR)
+    responses = ResponseParser().feed(conn.read_all())
+    assert [(r.message, r.error) for r in responses] == [(b"a", None), (b"b", None), (None, "incomplete-line")]
+    alone = connect(lb.port)  # nothing in flight: the error comes at once
+    alone.send(b"tail")
+    alone.sock.shutdown(socket.SHUT_WR)
+    assert alone.read_all() == b"ERR incomplete-line\n"
+
+
 def test_backend_that_does_not_speak_the_protocol_is_failed_over(procs, log_dir):
     """A backend answering garbage: its clients get their answers from a good
     backend, never the garbage, and it is marked down with the reason."""

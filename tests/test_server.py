@@ -75,6 +75,19 @@ def test_half_close_gets_pending_replies_then_close(start_server, connect):
     assert data.split(b"\n")[:-1] == pairs("server1", [b"one", b"two", b"three"])
 
 
+def test_bytes_after_the_last_newline_get_err_incomplete_line_after_the_replies(start_server, connect, log_dir):
+    server = start_server()
+    conn = connect(server.port)
+    conn.send(b"one\ntwo\nthree without newline")
+    conn.sock.shutdown(socket.SHUT_WR)
+    data = conn.read_all()
+    assert data.split(b"\n")[:-1] == pairs("server1", [b"one", b"two"]) + [b"ERR incomplete-line"]
+    deadline = time.monotonic() + 10  # the log is written by its own thread
+    while "code=incomplete-line" not in (log_dir / "server_log.log").read_text():
+        assert time.monotonic() < deadline, "no event=error line for the incomplete line"
+        time.sleep(0.05)
+
+
 def test_line_over_the_limit_gets_error_and_close_others_still_served(start_server, connect):
     server = start_server("server1", "--max-line", "1000")
     victim = connect(server.port)

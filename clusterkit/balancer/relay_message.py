@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 ERR_NO_BACKEND = build_error("no-backend")
 ERR_BUSY = build_error("busy")
 ERR_LINE_TOO_LONG = build_error("line-too-long")
+ERR_INCOMPLETE_LINE = build_error("incomplete-line")
 ERR_IDLE = build_error("idle-timeout")
 
 
@@ -109,7 +110,7 @@ class ClientSide(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.rejected = False
-        self.error_after_pending = False
+        self.error_after_pending: bytes | None = None  # the ERR line that ends the session once all is answered
         self.answered = 0
         self.failovers = 0
         self.no_backend_errors = 0
@@ -157,16 +158,23 @@ class ClientSide(asyncio.Protocol):
                     conn.transport.write(out)  # type: ignore[union-attr]
                 if self.pending_bytes > self.config.max_pending_bytes:
                     self.set_paused("pending", True)
-        if framer.error is not None and not self.error_after_pending:
-            self.error_after_pending = True
+        if framer.error is not None and self.error_after_pending is None:
+            self.error_after_pending = ERR_LINE_TOO_LONG
             self.transport.pause_reading()  # type: ignore[union-attr]
             if not self.pending:
                 self.finish_with(ERR_LINE_TOO_LONG)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.framer.buffered and self.error_after_pending is None:
+            # Bytes after the last '\n' are no message (SPEC.md); say so after the
+            # answers still due rather than drop them in silence, as the servers do.
+            self.error_after_pending = ERR_INCOMPLETE_LINE
         if not self.pending and not self.connecting:
-            self.close()
+            if self.error_after_pending is not None:
+                self.finish_with(self.error_after_pending)
+            else:
+                self.close()
         return True  # keep the write side open for the replies still due
 
     def pause_writing(self) -> None:
@@ -202,7 +210,7 @@ class ClientSide(asyncio.Protocol):
             self.paused.add(reason)
         else:
             self.paused.discard(reason)
-        if before != bool(self.paused) and not self.error_after_pending:
+        if before != bool(self.paused) and self.error_after_pending is None:
             if self.paused:
                 self.transport.pause_reading()
             else:
@@ -266,6 +274,8 @@ class ClientSide(asyncio.Protocol):
         if self.pending:
             # First connection, or a failover: (re)send everything unanswered, in order.
             transport.write(b"".join([m + b"\n" for m in self.pending]))
+        elif self.error_after_pending is not None:
+            self.finish_with(self.error_after_pending)
         elif self.eof:
             self.close()
 
@@ -316,8 +326,8 @@ class ClientSide(asyncio.Protocol):
                 self.burst_start = None
                 if self.paused:
                     self.set_paused("pending", False)
-                if self.error_after_pending:
-                    self.finish_with(ERR_LINE_TOO_LONG)
+                if self.error_after_pending is not None:
+                    self.finish_with(self.error_after_pending)
                 elif self.eof:
                     self.close()
             else:
@@ -359,7 +369,9 @@ class ClientSide(asyncio.Protocol):
             return
         self.set_paused("backend-full", False)
         if not had_pending:
-            if self.eof:
+            if self.error_after_pending is not None:
+                self.finish_with(self.error_after_pending)
+            elif self.eof:
                 self.close()
             return  # idle: the next message picks a backend
         if backend is not None:
@@ -387,8 +399,8 @@ class ClientSide(asyncio.Protocol):
             if self.elog.warning:
                 self.elog.line("WARNING", f"event=no-backend conn={self.conn_id} messages={count}")
         self.set_paused("pending", False)
-        if self.error_after_pending:
-            self.finish_with(ERR_LINE_TOO_LONG)
+        if self.error_after_pending is not None:
+            self.finish_with(self.error_after_pending)
         elif self.eof:
             self.close()
 
