@@ -490,3 +490,29 @@ def test_threaded_server_serves_many_connections_with_few_threads(setup):
     for _ in range(200):
         assert status_of(exchange(server.port, b"GET /page.html HTTP/1.0\r\n\r\n")) == 200
     assert psutil.Process(server.pid).num_threads() < 20
+
+
+def test_every_http_program_serves_on_ipv6_loopback(setup):
+    """--host ::1 on both servers, and lb.py over a backend given as [::1]:PORT."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        ports = [cluster.free_port("::1") for _ in range(4)]
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    args = ("--host", "::1", "--log-dir", setup.log_dir)
+    procs = [setup.procs.start(cluster.Process(script, cluster.python_script(
+        f"http_servers/{script}", "--port", str(port), *args), port=port, host="::1"))
+        for script, port in (("Server_async_http.py", ports[0]), ("Server_thread_http.py", ports[1]))]
+    procs.append(setup.procs.start(cluster.Process("backend1", cluster.python_script(
+        "http_servers/async_server.py", str(ports[2]), "--name", "backend1", *args), port=ports[2], host="::1")))
+    procs.append(setup.procs.start(cluster.Process("lb", cluster.python_script(
+        "http_servers/lb.py", "--port", str(ports[3]), "--backend", f"[::1]:{ports[2]}", *args),
+        port=ports[3], host="::1")))
+    for proc in procs:
+        with socket.create_connection(("::1", proc.port), timeout=10) as s:
+            s.sendall(b"GET /page.html HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert status_of(data) == 200, (proc.name, data[:200])

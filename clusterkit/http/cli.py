@@ -128,6 +128,8 @@ def proxy_config(args) -> ProxyConfig:
             host, _, port = addr.rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError(f"--backend {text!r}: expected [NAME=]HOST:PORT")
+            if host.startswith("[") and host.endswith("]"):  # [::1]:9002
+                host = host[1:-1]
             backends.append(HttpBackend(host, int(port), name or f"backend-{port}"))
         kwargs["backends"] = tuple(backends)
     for key in ("check_interval", "rise", "fall", "response_timeout"):
@@ -159,7 +161,7 @@ def main_lb(argv: list[str] | None = None) -> int:
                                             "backends, keep-alive pools, health checks, retries, X-Backend.")
     _common(p, 44444)
     p.add_argument("--backend", action="append", metavar="[NAME=]HOST:PORT",
-                   help="a backend; repeat for each (default: 127.0.0.1:9002..9005)")
+                   help="a backend, IPv6 as [::1]:PORT; repeat for each (default: 127.0.0.1:9002..9005)")
     p.add_argument("--config", metavar="FILE.toml", help="settings and [[backends]] from TOML "
                                                          "(see http_servers/lb.example.toml)")
     p.add_argument("--check-interval", type=float, help="seconds between health checks (default: 1)")

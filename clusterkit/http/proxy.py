@@ -165,7 +165,8 @@ class Proxy:
 
     async def _check_forever(self, b: BackendState) -> None:
         cfg = self.config
-        request = b"GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (cfg.check_path.encode(), b.spec.host.encode())
+        host = f"[{b.spec.host}]" if ":" in b.spec.host else b.spec.host
+        request = b"GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (cfg.check_path.encode(), host.encode())
         while True:
             ok, reason = False, "timeout"
             writer = None

@@ -88,8 +88,10 @@ class ThreadedHttpServer:
         self.config = config
         self.elog = elog
         self.static = StaticFiles(config.root, config.name)
-        self.sock = socket.create_server((config.host, config.port), backlog=config.backlog,
-                                         reuse_port=False)
+        # The host's own family (``--host ::1`` is IPv6), as the event loops find it.
+        family, _, _, _, address = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        self.sock = socket.create_server(address[:2], family=family, backlog=config.backlog, reuse_port=False)
         self.port = self.sock.getsockname()[1]
         self.stopping = threading.Event()
         self.active: set[socket.socket] = set()
