@@ -328,10 +328,11 @@ def test_report_says_how_busy_the_load_generator_was(start_server, log_dir, tmp_
 def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path, engine):
     fake = FakeServer("stall")
     try:
-        open_row, _ = run_json("-n", "400", "-c", "2", "-k", "--rate", "200", "--processes", "1", "--engine", engine,
-                               "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path, name="open.json")
+        open_row, open_proc = run_json("-n", "400", "-c", "2", "-k", "--rate", "200", "--processes", "1",
+                                       "--engine", engine, "--port", str(fake.port), log_dir=log_dir,
+                                       tmp_path=tmp_path, name="open.json")
         fake.count = 0
-        closed_row, _ = run_json("-n", "400", "-c", "2", "-k", "--processes", "1", "--engine", engine,
+        closed_row, closed_proc = run_json("-n", "400", "-c", "2", "-k", "--processes", "1", "--engine", engine,
                                  "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path, name="closed.json")
     finally:
         fake.close()
@@ -342,6 +343,10 @@ def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path, 
     # In closed loop the clients simply stop sending during the stall: one request shows it.
     assert closed_row["rtt_ms"]["p99"] < open_row["rtt_ms"]["p99"] / 2
     assert closed_row["rtt_ms"]["max"] >= 900
+    # The report says where the times count from.
+    assert (open_row["rate"], closed_row["rate"]) == (200, None)
+    assert "intended send time" in open_proc.stdout.replace("\n", " ")
+    assert "intended send time" not in closed_proc.stdout.replace("\n", " ")
 
 
 @pytest.mark.skipif(shutil.which("ab") is None, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")

@@ -212,10 +212,15 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
         table.add_row(f"failed: {kind}", *[report.fmt(r["errors"].get(kind, 0)) for r in rows])
     console.print(table)
     r = rows[0]
+    if r.get("rate"):
+        timing = (f"open loop at {r['rate']:g} requests/s: latency, rtt and total are counted from each "
+                  f"request's intended send time (as wrk2 does, so a stalled server cannot hide behind the "
+                  f"schedule); latency ends at the first reply byte, rtt and total at the confirmation (ACK)")
+    else:
+        timing = ("latency = send to first reply byte, rtt = send to confirmation (ACK), total = connect "
+                  "(if the request opened one) to confirmation, as ApacheBench's Total")
     console.print(f"target {r['target']}, engine {r['engine']} x {r['processes']} process(es), "
-                  f"{r['connection']} connections; latency = send to first reply byte, "
-                  f"rtt = send to confirmation (ACK), total = connect (if the request opened one) "
-                  f"to confirmation, as ApacheBench's Total")
+                  f"{r['connection']} connections; {timing}")
     busy = [r for r in rows if r["client_cpu_percent"] >= SATURATED]
     if busy:
         levels = ", ".join(f"c={r['concurrency']}: {r['client_cpu_percent']:.0f}%" for r in busy)

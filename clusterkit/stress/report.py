@@ -50,6 +50,7 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
         "target": cfg.http_url or f"{cfg.host}:{cfg.port}",
         "engine": cfg.engine, "processes": cfg.processes, "connection": cfg.connection,
         "concurrency": cfg.concurrency,
+        "rate": cfg.rate,  # None: closed loop; else open loop at this many requests/s in all
         "time_taken_s": round(t, 6),
         "complete": complete,
         "failed": r.failed,
