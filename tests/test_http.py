@@ -84,15 +84,22 @@ class HttpSetup:
         self.backends[name] = proc
         return proc
 
-    def lb(self, n: int = 4) -> cluster.Process:
+    def lb(self, n: int = 4, *extra: str) -> cluster.Process:
         args = []
         for i in range(1, n + 1):
             b = self.backend(f"backend{i}")
             args += ["--backend", f"backend{i}=127.0.0.1:{b.port}"]
-        return self.server("lb.py", *args, "--check-interval", "0.2", "--rise", "2", "--fall", "2")
+        return self.server("lb.py", *args, "--check-interval", "0.2", "--rise", "2", "--fall", "2", *extra)
 
     def log(self) -> str:
         return (Path(self.log_dir) / "server_log.log").read_text()
+
+    def wait_log(self, text: str, timeout: float = 10) -> None:
+        """Until ``text`` is in the log (written by its own thread, in batches)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"never logged: {text}"
+            time.sleep(0.05)
 
     def lb_requests(self, count: int, timeout: float = 10) -> list[str]:
         """The lb's request lines, once ``count`` of them are written (logs are flushed in batches)."""
@@ -321,6 +328,43 @@ def test_threaded_pool_and_sigterm(setup):
     assert status_of(exchange(srv.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
     srv.signal(signal.SIGTERM)
     assert srv.wait(timeout=15) == 0
+
+
+def _gets_with_backend2_stopped(setup, count: int, *lb_args: str) -> list[tuple[int, str, float]]:
+    """(status, X-Backend, seconds) of ``count`` GETs through lb.py over backend1 and a
+    SIGSTOPped backend2, one connection each; all must come from backend1."""
+    lb = setup.lb(2, *lb_args)
+    victim = setup.backends["backend2"]
+    victim.signal(signal.SIGSTOP)
+    out = []
+    try:
+        for _ in range(count):
+            start = time.monotonic()
+            conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=60)
+            conn.request("GET", "/page.html")
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            out.append((resp.status, resp.getheader("X-Backend"), time.monotonic() - start))
+    finally:
+        victim.signal(signal.SIGCONT)
+    assert [(status, name) for status, name, _ in out] == [(200, "backend1")] * count
+    return out
+
+
+def test_hung_backend_hands_its_waiting_requests_on_once_checks_mark_it_down(setup):
+    """SIGSTOP: the requests already sent to it go to the other backend when the
+    health checks take it out, long before the (30 s) response timeout."""
+    answers = _gets_with_backend2_stopped(setup, 6, "--response-timeout", "30")
+    assert max(seconds for _, _, seconds in answers) < 15  # not the 30 s timeout: did not wait for it
+    setup.wait_log('event=backend-down backend=backend2 reason="check timeout"')
+
+
+def test_backend_that_does_not_answer_in_time_is_taken_out_and_the_get_retried(setup):
+    """No answer within --response-timeout: as nginx's proxy_next_upstream, the
+    backend is marked down and the idempotent request goes to the next one."""
+    _gets_with_backend2_stopped(setup, 4, "--response-timeout", "1", "--check-interval", "60")  # no checks
+    setup.wait_log('event=backend-down backend=backend2 reason="response timeout"')
 
 
 @pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503)])

@@ -9,14 +9,17 @@ turn" shows in the log); the request goes out as HTTP/1.1 keep-alive with
 added and ``X-Backend`` naming the backend. One log line per request names the
 backend that answered.
 
-Failures: a refused connect, a reset or a close before the answer marks the
-backend down (passive check) and the request, being idempotent (only GET and
-HEAD are served), is retried on the next backend; a stale pooled connection
-(closed by the backend while idle) is retried once on a fresh connection
-without blaming the backend. Nothing healthy: 503; no answer within
-``response_timeout``: 504; a malformed answer: 502. Active checks
-(``GET /healthz`` every ``check_interval``) bring a backend back after
-``rise`` good answers.
+Failures: a refused connect, a reset, a close before the answer or no answer
+within ``response_timeout`` marks the backend down (passive check) and the
+request, being idempotent (only GET and HEAD are served), is retried on the
+next backend, as nginx's ``proxy_next_upstream error timeout`` does; a
+backend the active checks mark down hands its waiting requests on at once,
+so a hung (SIGSTOPped) backend costs its clients the detection time, not the
+timeout. A stale pooled connection (closed by the backend while idle) is
+retried once on a fresh connection without blaming the backend. Nothing
+healthy: 503; a timeout with no backend left: 504; a malformed answer: 502.
+Active checks (``GET /healthz`` every ``check_interval``) bring a backend
+back after ``rise`` good answers.
 
 HEAD is forwarded as GET and the body dropped here: httptools' response
 parser cannot be told that an answer has no body, and this keeps framing
@@ -43,6 +46,10 @@ VIA = b"1.1 clusterkit-lb"
 
 class BadGateway(Exception):
     pass
+
+
+class BackendDown(ConnectionError):
+    """The backend was marked down while this request waited on it."""
 
 
 class BackendConn(asyncio.Protocol):
@@ -159,6 +166,10 @@ class Proxy:
             if not up:
                 while b.idle:
                     b.idle.popleft().close()
+                # Requests waiting on it go to the next backend now, not at their timeout.
+                for conn in list(b.busy):
+                    conn._fail(BackendDown(reason))
+                    conn.transport.abort()  # type: ignore[union-attr]
             if self.elog.warning:
                 self.elog.line("WARNING", f"event={'backend-up' if up else 'backend-down'} backend={b.name} "
                                           f"reason={logs.quote(reason)}")
@@ -227,9 +238,13 @@ class Proxy:
         """(status, whole response for the client, backend name) for one GET/HEAD."""
         data = self._backend_request(req, client_ip)
         tried: set[int] = set()
+        timed_out: BackendState | None = None
         while True:
             b = self.choose(tried)
             if b is None:
+                if timed_out is not None:
+                    return 504, error_response(HttpError(504, f"{timed_out.name} did not answer in time")), \
+                        timed_out.name
                 return 503, error_response(HttpError(503, "no healthy backend")), "-"
             tried.add(b.index)
             for fresh in (False, True):
@@ -243,12 +258,19 @@ class Proxy:
                 try:
                     status, headers, body, keep = await conn.send(data)
                 except TimeoutError:
+                    # As nginx's proxy_next_upstream (error timeout): the backend is taken
+                    # out and the request, idempotent, goes to the next one; 504 if none is left.
                     conn.close()
                     b.failures += 1
-                    return 504, error_response(HttpError(504, f"{b.name} did not answer in time")), b.name
+                    timed_out = b
+                    self.mark(b, False, "response timeout")
+                    break  # next backend
                 except BadGateway:
                     b.failures += 1
                     return 502, error_response(HttpError(502, f"{b.name} sent a malformed answer")), b.name
+                except BackendDown:
+                    b.failures += 1
+                    break  # next backend
                 except ConnectionError as exc:
                     conn.close()
                     if reused and not fresh:
