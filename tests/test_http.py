@@ -291,6 +291,42 @@ def test_slowloris_is_timed_out_while_others_are_served(server):
 
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian's chromium package)")
+@pytest.mark.parametrize("target", ["Server_async_http.py", "Server_thread_http.py", "lb.py"])
+def test_a_client_that_never_reads_is_pushed_back_then_dropped(setup, target):
+    """Pipelined GETs, answers never read: the server stops reading (its memory
+    stays bounded), serves others, and drops the client after the keep-alive
+    timeout (nginx's send_timeout) instead of holding its buffers for ever."""
+    args = ("--keepalive-timeout", "1", "--header-timeout", "1")
+    proc = setup.lb(1, *args) if target == "lb.py" else setup.server(target, *args)
+    rss_before = psutil.Process(proc.pid).memory_info().rss
+    s = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(0.5)
+    burst = SIMPLE_GET * 500
+    sent, pushed_back = 0, False
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        try:
+            sent += s.send(burst)
+        except TimeoutError:
+            pushed_back = True
+            break
+    assert pushed_back, f"{sent} bytes of requests taken in 8 s without pushing back"
+    assert psutil.Process(proc.pid).memory_info().rss - rss_before < 40 << 20
+    assert status_of(exchange(proc.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))) == 200
+    # Still not reading: the server must drop the connection (a reset shows on our
+    # side as a failed send) well within this bound, not keep it for ever.
+    deadline = time.monotonic() + 30
+    s.settimeout(0.2)
+    with pytest.raises(ConnectionError):
+        while time.monotonic() < deadline:
+            try:
+                s.send(b"x")
+            except TimeoutError:
+                time.sleep(0.2)
+    s.close()
+
+
 def test_a_real_browser_renders_the_page_through_the_balancer(setup, tmp_path):
     lb = setup.lb()
     shot = tmp_path / "page.png"

@@ -25,7 +25,8 @@ _TIMEOUT_408 = error_response(HttpError(408, "request head too slow"))
 
 
 class HttpProtocol(asyncio.Protocol):
-    __slots__ = ("server", "transport", "parser", "peer", "last_activity", "closing", "elog", "static", "conn_id")
+    __slots__ = ("server", "transport", "parser", "peer", "last_activity", "closing", "elog", "static", "conn_id",
+                 "paused_since")
 
     def __init__(self, server: AsyncHttpServer) -> None:
         self.server = server
@@ -35,6 +36,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
+        self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
         self.last_activity = time.monotonic()
         self.conn_id = 0
 
@@ -71,9 +73,11 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.close()  # type: ignore[union-attr]
 
     def pause_writing(self) -> None:
+        self.paused_since = time.monotonic()
         self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
+        self.paused_since = 0.0
         if not self.closing:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
@@ -82,6 +86,13 @@ class HttpProtocol(asyncio.Protocol):
 
     def sweep(self, now: float) -> None:
         limits = self.server.config.limits
+        if self.paused_since and now - self.paused_since > limits.keepalive_timeout:
+            # It has not read its answers for that long (nginx's send_timeout): drop it,
+            # also when closing, which would wait for a buffer it never drains.
+            self.paused_since = 0.0
+            self.closing = True
+            self.transport.abort()  # type: ignore[union-attr]
+            return
         if self.closing:
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:

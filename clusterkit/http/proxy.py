@@ -42,6 +42,8 @@ from .core import REASONS, HttpError, Request, RequestParser, error_response, ht
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"content-length"}
 VIA = b"1.1 clusterkit-lb"
+WRITE_HIGH_WATER = 512 * 1024
+"""Bytes of answers buffered for a client that does not read, before it is paused."""
 
 
 class BadGateway(Exception):
@@ -358,6 +360,9 @@ class ProxyClient(asyncio.Protocol):
         self.queue: deque[Request] = deque()
         self.task: asyncio.Task | None = None
         self.wake: asyncio.Future | None = None
+        self.drained: asyncio.Future | None = None  # set while answers wait for the client to read
+        self.write_paused = False
+        self.paused_since = 0.0
         self.forwarding = False
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -369,6 +374,22 @@ class ProxyClient(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "-"
         self.proxy.connections.add(self)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    # Flow control: a client that does not read its answers stops being read from
+    # and answered, so what the balancer holds for it stays bounded (the queue, the
+    # parser's buffer and the write buffer's high-water mark, plus one answer).
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.paused_since = time.monotonic()
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        if len(self.queue) < 16 and not self.closing:
+            self.transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -393,6 +414,11 @@ class ProxyClient(asyncio.Protocol):
         proxy = self.proxy
         loop = proxy.loop
         while not self.closing:
+            if self.write_paused:
+                self.drained = loop.create_future()
+                await self.drained
+                self.drained = None
+                continue
             if not self.queue:
                 self.wake = loop.create_future()
                 await self.wake
@@ -413,7 +439,7 @@ class ProxyClient(asyncio.Protocol):
             self._finish(resp, backend, status, req, keep=req.keep_alive)
             if not req.keep_alive:
                 return
-            if len(self.queue) < 16 and not self.closing:
+            if len(self.queue) < 16 and not self.closing and not self.write_paused:
                 self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool) -> None:
@@ -436,6 +462,12 @@ class ProxyClient(asyncio.Protocol):
             self.task.cancel()  # waiting for requests that will not come
 
     def sweep(self, now: float, limits) -> None:
+        if self.write_paused and not self.closing and now - self.paused_since > limits.keepalive_timeout:
+            # It has not read its answers for that long (nginx's send_timeout): drop it;
+            # closing would wait for a buffer it never drains.
+            self.closing = True
+            self.transport.abort()  # type: ignore[union-attr]
+            return
         if self.closing or self.forwarding or self.queue:
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
