@@ -403,6 +403,23 @@ def test_backend_that_does_not_answer_in_time_is_taken_out_and_the_get_retried(s
     setup.wait_log('event=backend-down backend=backend2 reason="response timeout"')
 
 
+def test_lb_in_front_of_a_server_without_healthz_keeps_it_up(setup):
+    """Python's own http.server answers /healthz with 404: it is up and speaks HTTP,
+    so the check passes (any answer below 500) and its pages come through."""
+    port = cluster.free_port()
+    setup.procs.start(cluster.Process("pyhttp", [sys.executable, "-m", "http.server", str(port), "--bind",
+                                                 "127.0.0.1", "--directory", str(WWW)], port=port))
+    lb = setup.server("lb.py", "--backend", f"pyhttp=127.0.0.1:{port}", "--check-interval", "0.1",
+                      "--fall", "1")
+    time.sleep(1)  # ten checks: one failed check would have taken it out
+    data = exchange(lb.port, b"GET /page.html HTTP/1.0\r\n\r\n")
+    assert status_of(data) == 200 and b"X-Backend: pyhttp" in data, data[:300]
+    assert "backend-down" not in setup.log()
+    bad = subprocess.run(cluster.python_script("http_servers/lb.py", "--check-path", "healthz"),
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--check-path 'healthz'" in bad.stderr
+
+
 @pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503)])
 def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, status):
     ls = socket.socket()

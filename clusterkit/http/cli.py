@@ -132,7 +132,7 @@ def proxy_config(args) -> ProxyConfig:
                 host = host[1:-1]
             backends.append(HttpBackend(host, int(port), name or f"backend-{port}"))
         kwargs["backends"] = tuple(backends)
-    for key in ("check_interval", "rise", "fall", "response_timeout"):
+    for key in ("check_interval", "check_path", "rise", "fall", "response_timeout"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     known = {f.name for f in dataclasses.fields(ProxyConfig)}
@@ -165,6 +165,8 @@ def main_lb(argv: list[str] | None = None) -> int:
     p.add_argument("--config", metavar="FILE.toml", help="settings and [[backends]] from TOML "
                                                          "(see http_servers/lb.example.toml)")
     p.add_argument("--check-interval", type=float, help="seconds between health checks (default: 1)")
+    p.add_argument("--check-path", help="what the health check GETs; any answer below 500 passes, so a backend "
+                                        "without it (nginx: 404) still counts as up (default: /healthz)")
     p.add_argument("--rise", type=cli.positive_int, help="good checks that bring a backend back (default: 2)")
     p.add_argument("--fall", type=cli.positive_int, help="failed checks that take a backend down (default: 2)")
     p.add_argument("--response-timeout", type=float, help="seconds to wait for a backend's answer (default: 10)")

@@ -64,3 +64,5 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         check(len(self.backends) >= 1, "at least one backend is needed")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
+        check(self.check_path.startswith("/") and not any(c in self.check_path for c in " \r\n"),
+              f"--check-path {self.check_path!r}: use a path like /healthz")

@@ -18,8 +18,9 @@ so a hung (SIGSTOPped) backend costs its clients the detection time, not the
 timeout. A stale pooled connection (closed by the backend while idle) is
 retried once on a fresh connection without blaming the backend. Nothing
 healthy: 503; a timeout with no backend left: 504; a malformed answer: 502.
-Active checks (``GET /healthz`` every ``check_interval``) bring a backend
-back after ``rise`` good answers.
+Active checks (``GET /healthz``, or ``--check-path``, every ``check_interval``;
+any answer below 500 passes) take a backend out after ``fall`` failed ones and
+bring it back after ``rise`` good ones.
 
 HEAD is forwarded as GET and the body dropped here: httptools' response
 parser cannot be told that an answer has no body, and this keeps framing
@@ -188,7 +189,7 @@ class Proxy:
                     reader, writer = await asyncio.open_connection(b.spec.host, b.spec.port)
                     writer.write(request)
                     status_line = await reader.readline()
-                    ok = status_line.split(b" ")[1:2] == [b"200"]
+                    ok = _alive(status_line)
                     reason = "check passed" if ok else f"check answered {status_line[:40]!r}"
             except TimeoutError:
                 reason = "check timeout"
@@ -348,6 +349,15 @@ class Proxy:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.transport.abort()  # type: ignore[union-attr]
+
+
+def _alive(status_line: bytes) -> bool:
+    """A health check passes on any HTTP answer below 500: the backend is up and
+    speaks HTTP, even one that has no ``/healthz`` (nginx, ``python -m http.server``
+    answer it 404). 5xx, garbage or silence fail it."""
+    parts = status_line.split(b" ", 2)
+    return (len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1].isdigit()
+            and len(parts[1]) == 3 and 100 <= int(parts[1]) < 500)
 
 
 class ProxyClient(asyncio.Protocol):
