@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -377,3 +378,25 @@ def test_closed_connections_release_their_sockets(lb, mode):
     while proc.num_fds() > before + 5:
         assert time.monotonic() < deadline, f"{proc.num_fds() - before} sockets leaked"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("check, up", [("connect", True), ("message", False)])
+def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_protocol(procs, log_dir, check, up):
+    """--check connect (HAProxy's plain check): python's http.server behind --mode tcp
+    stays up and its answers come through; the message check takes it out."""
+    ports = cluster.free_ports(2)
+    procs.start(cluster.Process("pyhttp", [sys.executable, "-m", "http.server", str(ports[0]), "--bind",
+                                           "127.0.0.1", "--directory", str(cluster.ROOT / "http_servers" / "www")],
+                                port=ports[0]))
+    balancer = procs.start(balancer_process(ports[1], [f"web=127.0.0.1:{ports[0]}"], *FAST_CHECKS, "--mode", "tcp",
+                                            "--check", check, "--admin-port", "0", log_dir=str(log_dir)))
+    time.sleep(1)  # several checks
+    with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as s:
+        s.sendall(b"GET /page.html HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    if up:
+        assert data.startswith(b"HTTP/1.0 200"), data[:200]
+    else:
+        assert data == b"ERR no-backend\n"

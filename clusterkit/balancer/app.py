@@ -65,7 +65,7 @@ class Balancer:
             self._admin = await start_admin(self, cfg.host, cfg.admin_port)
         for b in self.pool.backends:
             self._tasks.append(self.loop.create_task(
-                check_forever(self.pool, b, cfg.check_interval, cfg.check_timeout)))
+                check_forever(self.pool, b, cfg.check_interval, cfg.check_timeout, cfg.check)))
         self._tasks.append(self.loop.create_task(self._sweep()))
 
     async def _sweep(self) -> None:

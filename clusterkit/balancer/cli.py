@@ -10,7 +10,7 @@ import sys
 from .. import cli, logs, loops
 from ..config import ConfigError
 from .app import Balancer
-from .config import ALGORITHMS, MODES, BackendSpec, BalancerConfig, from_toml
+from .config import ALGORITHMS, CHECKS, MODES, BackendSpec, BalancerConfig, from_toml
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=ALGORITHMS, default=None,
                    help="roundrobin (default), weighted (smooth weighted round-robin), "
                         "leastconn (fewest active connections), p2c (power of two choices)")
+    p.add_argument("--check", choices=CHECKS, default=None,
+                   help="health check: message (a real exchange, the default) or connect (a TCP connect only, "
+                        "for --mode tcp in front of servers that do not speak the line protocol)")
     for flag, kind, text in (
         ("--check-interval", float, "seconds between two health checks of a backend (HAProxy's inter)"),
         ("--check-timeout", float, "seconds a health check may take"),
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BalancerConfig:
     kwargs: dict = from_toml(args.config) if args.config else {}
-    for key in ("mode", "algorithm", "check_interval", "check_timeout", "rise", "fall", "connect_timeout",
+    for key in ("mode", "algorithm", "check", "check_interval", "check_timeout", "rise", "fall", "connect_timeout",
                 "response_timeout", "idle_timeout", "drain_timeout", "max_connections", "max_line"):
         value = getattr(args, key)
         if value is not None:

@@ -14,6 +14,7 @@ from ..protocol import DEFAULT_MAX_LINE
 
 MODES = ("message", "tcp")
 ALGORITHMS = ("roundrobin", "weighted", "leastconn", "p2c")
+CHECKS = ("message", "connect")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class BalancerConfig:
     backends: tuple[BackendSpec, ...] = DEFAULT_BACKENDS
     mode: str = "message"
     algorithm: str = "roundrobin"
+    check: str = "message"
+    """What a health check does: a real message exchange, or only a TCP connect (HAProxy's
+    plain ``check``, for ``--mode tcp`` in front of servers that do not speak the protocol)."""
     check_interval: float = 1.0
     """Seconds between two active health checks of a backend (HAProxy's ``inter``)."""
     check_timeout: float = 1.0
@@ -88,6 +92,7 @@ class BalancerConfig:
     def __post_init__(self) -> None:
         check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}")
         check(self.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}")
+        check(self.check in CHECKS, f"--check must be one of {', '.join(CHECKS)}")
         check(len(self.backends) >= 1, "at least one backend is needed")
         names = [b.name for b in self.backends]
         check(len(set(names)) == len(names), "backend names must be unique")

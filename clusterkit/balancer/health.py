@@ -2,7 +2,8 @@
 ``check_interval`` seconds, bounded by ``check_timeout``.
 
 A check opens a connection, sends ``health-check``, and passes when a correct
-``REPLY``/``ACK`` pair comes back in time; anything else fails it with a short
+``REPLY``/``ACK`` pair comes back in time (``--check connect``: when the
+connection is accepted, HAProxy's plain ``check``); anything else fails it with a short
 reason (``refused``, ``timeout``, ``closed``, ``bad-reply``). The pool turns
 results into state changes (see pool.py). One task per backend; all of them
 are cancelled when the balancer stops.
@@ -18,12 +19,15 @@ from .pool import Backend, Pool
 CHECK_MESSAGE = b"health-check"
 
 
-async def check_once(backend: Backend, timeout: float) -> str | None:
-    """None when the backend answered correctly, else the reason it failed."""
+async def check_once(backend: Backend, timeout: float, kind: str = "message") -> str | None:
+    """None when the backend answered correctly (with ``kind="connect"``: accepted
+    the connection), else the reason it failed."""
     writer = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(backend.host, backend.port)
+            if kind == "connect":
+                return None
             writer.write(CHECK_MESSAGE + b"\n")
             parser = ResponseParser()
             while True:
@@ -46,9 +50,10 @@ async def check_once(backend: Backend, timeout: float) -> str | None:
             writer.transport.abort()
 
 
-async def check_forever(pool: Pool, backend: Backend, interval: float, timeout: float) -> None:
+async def check_forever(pool: Pool, backend: Backend, interval: float, timeout: float,
+                        kind: str = "message") -> None:
     while True:
-        reason = await check_once(backend, timeout)
+        reason = await check_once(backend, timeout, kind)
         if reason is None:
             pool.check_passed(backend)
         else:
