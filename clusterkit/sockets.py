@@ -1,5 +1,5 @@
-"""Kernel timeouts for blocking sockets, shared by the threaded server and the
-stress tool's thread engine.
+"""Socket helpers. Kernel timeouts for blocking sockets, shared by the threaded
+server and the stress tool's thread engine.
 
 ``socket.settimeout()`` is implemented in Python with a ``poll()`` before
 every ``recv`` and ``send``: two system calls, and two GIL hand-offs, where
@@ -7,10 +7,14 @@ one would do. A socket left in blocking mode with ``SO_RCVTIMEO`` and
 ``SO_SNDTIMEO`` gets the same deadline from the kernel: a ``recv`` or
 ``send`` that waits longer fails with EAGAIN, which Python raises as
 ``BlockingIOError``.
+
+``local_shortage(exc)`` tells the balancers that a failed connect was their
+own lack of descriptors or memory, which says nothing about the backend.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -25,3 +29,12 @@ def kernel_timeouts(sock: socket.socket, recv: float, send: float | None = None)
 def _timeval(seconds: float) -> bytes:
     seconds = max(seconds, 0.001)  # 0 would mean "wait forever"
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+
+
+_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def local_shortage(exc: BaseException) -> bool:
+    """A connect that failed for want of descriptors or memory here: the
+    balancer's own limit, not the backend's fault, so no reason to mark it down."""
+    return getattr(exc, "errno", None) in _SHORTAGES

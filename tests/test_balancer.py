@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -400,3 +401,43 @@ def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_pr
         assert data.startswith(b"HTTP/1.0 200"), data[:200]
     else:
         assert data == b"ERR no-backend\n"
+
+
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_out_of_descriptors_clients_get_err_busy_and_no_backend_is_marked_down(procs, log_dir, mode):
+    """A flood past what the open-files limit holds (here 120): the balancer runs out
+    of descriptors, not its backends. Each client gets its answer or ERR busy, never
+    ERR no-backend, no backend goes down, and service goes on once the flood is gone."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    ports = cluster.free_ports(4)
+    backends = []
+    for i in range(3):
+        procs.start(cluster.echo_server(f"server{i + 1}", ports[i], log_dir=str(log_dir)))
+        backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
+    proc = balancer_process(ports[3], backends, "--mode", mode, "--admin-port", "0", log_dir=str(log_dir))
+    proc.argv = ["prlimit", "--nofile=120:120", *proc.argv]
+    balancer = procs.start(proc)
+    clients, answers = [], []
+    for _ in range(150):
+        try:
+            s = socket.create_connection(("127.0.0.1", balancer.port), timeout=10)
+            s.sendall(b"hi\n")
+            clients.append(s)
+        except OSError:
+            answers.append("refused")  # the kernel's queue, full while the balancer has no descriptor to accept
+    for s in clients:
+        try:
+            data = s.recv(100)
+        except OSError:
+            data = b""
+        answers.append("ok" if data.startswith(b"REPLY ") else "busy" if data == b"ERR busy\n" else repr(data))
+        s.close()
+    assert answers.count("ok") >= 10 and set(answers) <= {"ok", "busy", "refused", "b''"}, answers
+    log = (log_dir / "server_log.log").read_text()
+    assert "backend-down" not in log and "no-backend" not in log
+    deadline = time.monotonic() + 10
+    while one_message(balancer.port, b"after") == b"ERR busy\n":  # descriptors come back as closes complete
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert one_message(balancer.port, b"after").startswith(b"REPLY server")

@@ -26,6 +26,25 @@ from .relay_message import ERR_BUSY, ClientSide
 from .relay_tcp import TcpClientSide
 
 
+FD_RESERVE = 32
+"""Descriptors kept for the listeners, health checks, the admin endpoint and logs."""
+
+
+def client_limit(max_connections: int) -> int:
+    """``--max-connections``, lowered to what the open-files limit can hold: each
+    client needs two descriptors (its own and its backend's). HAProxy derives its
+    maxconn from ``ulimit -n`` the same way. Past it, clients get ``ERR busy``
+    rather than a balancer that cannot open backend connections."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError):
+        return max_connections
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, (soft - FD_RESERVE) // 2))
+
+
 class Balancer:
     def __init__(self, config: BalancerConfig, elog: logs.EventLog) -> None:
         self.config = config
@@ -38,6 +57,7 @@ class Balancer:
         self.failovers = 0
         self.no_backend_errors = 0
         self.stopping = False
+        self.max_clients = client_limit(config.max_connections)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self._admin: asyncio.base_events.Server | None = None
@@ -87,7 +107,7 @@ class Balancer:
         """Count a new client connection in, or refuse it with ``ERR busy`` (over
         ``--max-connections``, or stopping)."""
         conn.conn_id = next(self.conn_ids)
-        if len(self.connections) >= self.config.max_connections or self.stopping:
+        if len(self.connections) >= self.max_clients or self.stopping:
             transport.write(ERR_BUSY)
             transport.close()
             self.rejected += 1

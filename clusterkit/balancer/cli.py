@@ -81,9 +81,12 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
     admin = f", admin http://{config.host}:{config.admin_port}/stats" if config.admin_port else ""
     print(f"balancer listening on {config.host}:{balancer.port} (mode {config.mode}, {config.algorithm}, "
           f"backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    if balancer.max_clients < config.max_connections:
+        print(f"balancer: at most {balancer.max_clients} clients at once (the open-files limit allows no more; "
+              f"--max-connections is {config.max_connections}): more get 'ERR busy'", file=sys.stderr, flush=True)
     if elog.warning:
         elog.line("WARNING", f"event=listen port={balancer.port} mode={config.mode} algorithm={config.algorithm} "
-                             f"backends={','.join(b.name for b in config.backends)}")
+                             f"backends={','.join(b.name for b in config.backends)} max_clients={balancer.max_clients}")
     await balancer.serve_until_stopped()
 
 

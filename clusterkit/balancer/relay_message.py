@@ -37,6 +37,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..protocol import LineFramer, build_error, count_complete_responses
+from ..sockets import local_shortage
 from .pool import Backend, connect_failure
 
 if TYPE_CHECKING:
@@ -224,6 +225,18 @@ class ClientSide(asyncio.Protocol):
         self.transport.write(line)  # type: ignore[union-attr]
         self.close()
 
+    def refuse_busy(self, reason: str) -> None:
+        """The balancer itself cannot serve this client now: ``ERR busy`` for each
+        message waiting (in place of its answer), then the close."""
+        if self.closed:
+            return
+        count = max(1, len(self.pending))
+        self.pending.clear()
+        self.pending_bytes = 0
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=busy conn={self.conn_id} messages={count} reason={reason}")
+        self.finish_with(ERR_BUSY * count)
+
     # -- choosing and connecting a backend -----------------------------------
 
     def attach(self, attempts: int = 0) -> bool:
@@ -254,9 +267,13 @@ class ClientSide(asyncio.Protocol):
                     self.connecting = False
                     return
                 exc = TimeoutError()
-            self.app.pool.traffic_error(backend, connect_failure(exc))
             self.release_backend()
             self.connecting = False
+            if local_shortage(exc):
+                # Out of descriptors here: not the backend's fault; this client is told busy.
+                self.refuse_busy(connect_failure(exc))
+                return
+            self.app.pool.traffic_error(backend, connect_failure(exc))
             if self.closed:
                 return
             if attempts + 1 < len(self.app.pool.backends) and self.attach(attempts + 1):

@@ -16,8 +16,9 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from ..sockets import local_shortage
 from .pool import Backend, connect_failure
-from .relay_message import ERR_NO_BACKEND, _peer
+from .relay_message import ERR_BUSY, ERR_NO_BACKEND, _peer
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -108,6 +109,13 @@ class TcpClientSide(asyncio.Protocol):
             except (OSError, asyncio.CancelledError) as exc:
                 self.connect_started = 0.0
                 if self.closed and isinstance(exc, asyncio.CancelledError):
+                    return
+                if local_shortage(exc):  # out of descriptors here: not the backend's fault
+                    if self.elog.warning:
+                        self.elog.line("WARNING", f"event=busy conn={self.conn_id} reason={connect_failure(exc)}")
+                    if not self.closed:
+                        self.transport.write(ERR_BUSY)  # type: ignore[union-attr]
+                        self.transport.close()  # type: ignore[union-attr]
                     return
                 pool.traffic_error(backend, connect_failure(TimeoutError() if isinstance(exc, asyncio.CancelledError)
                                                             else exc))

@@ -37,6 +37,7 @@ from collections import deque
 import httptools
 
 from .. import logs, loops
+from ..sockets import local_shortage
 from .config import HttpBackend, ProxyConfig
 from .core import REASONS, HttpError, Request, RequestParser, error_response, http_date
 
@@ -254,6 +255,8 @@ class Proxy:
                 try:
                     conn = await self._connection(b, fresh)
                 except (OSError, TimeoutError) as exc:
+                    if local_shortage(exc):  # out of descriptors here: the backend is not to blame
+                        return 503, error_response(HttpError(503, "the balancer is out of descriptors")), "-"
                     b.failures += 1
                     self.mark(b, False, f"connect {type(exc).__name__}")
                     break  # next backend
