@@ -613,3 +613,33 @@ def test_every_http_program_serves_on_ipv6_loopback(setup):
             while chunk := s.recv(65536):
                 data += chunk
         assert status_of(data) == 200, (proc.name, data[:200])
+
+
+def test_lb_out_of_descriptors_answers_503_and_marks_no_backend_down(setup):
+    """150 clients at once on lb.py with 100 open files: 200 or 503 (or a refused
+    connection), no backend taken out, and service as before once they are gone."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    ports = [setup.backend(f"backend{i}").port for i in (1, 2)]
+    port = cluster.free_port()
+    lb = setup.procs.start(cluster.Process("lb", ["prlimit", "--nofile=100:100", *cluster.python_script(
+        "http_servers/lb.py", "--port", str(port), "--log-dir", setup.log_dir,
+        *[x for p in ports for x in ("--backend", f"127.0.0.1:{p}")])], port=port))
+    clients, seen = [], set()
+    for _ in range(150):
+        try:
+            s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+            s.sendall(SIMPLE_GET)
+            clients.append(s)
+        except OSError:
+            seen.add("refused")
+    for s in clients:
+        try:
+            seen.add(s.recv(12))
+        except OSError:
+            seen.add("reset")
+        s.close()
+    assert b"HTTP/1.1 200" in seen and seen <= {b"HTTP/1.1 200", b"HTTP/1.1 503", b"", "refused", "reset"}, seen
+    assert "backend-down" not in setup.log()
+    time.sleep(0.5)
+    assert status_of(exchange(lb.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))) == 200
