@@ -83,8 +83,9 @@ async def create_server(loop: asyncio.AbstractEventLoop, factory: Callable[[], a
     for their first reply (3,000 still over a second when 512 were taken per turn).
     The standard asyncio loop takes up to ``backlog`` per turn, and so does this:
     when uvloop accepts a connection, the kernel is asked how many more are waiting
-    (``TCP_INFO`` on the listener, 1 µs; Linux) and those are accepted too. A failed
-    ``accept4`` to find an empty queue would cost 5 µs with its exception.
+    (``TCP_INFO`` on the listener, 1 µs; Linux), and from ``LONG_QUEUE`` on they
+    are all accepted too. (A failed ``accept4`` to find the queue empty would cost
+    5 µs with its exception.)
     """
     if not _is_uvloop(loop):
         return await loop.create_server(factory, host, port, backlog=backlog, **kwargs)
