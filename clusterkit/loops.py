@@ -83,8 +83,8 @@ async def create_server(loop: asyncio.AbstractEventLoop, factory: Callable[[], a
     for their first reply (3,000 still over a second when 512 were taken per turn).
     The standard asyncio loop takes up to ``backlog`` per turn, and so does this:
     when uvloop accepts a connection, the kernel is asked how many more are waiting
-    (``TCP_INFO`` on the listener, 1 µs; Linux), and from ``LONG_QUEUE`` on they
-    are all accepted too. (A failed ``accept4`` to find the queue empty would cost
+    (``TCP_INFO`` on the listener, 1 µs; Linux; on every ``LOOK_EVERY``-th
+    accept), and from ``LONG_QUEUE`` on they are all accepted too. (A failed ``accept4`` to find the queue empty would cost
     5 µs with its exception.)
     """
     if not _is_uvloop(loop):
@@ -104,6 +104,11 @@ LONG_QUEUE = 32
 below it, uvloop's one per turn keeps up, and its own accept is the cheaper path
 (``connect_accepted_socket`` costs a task per connection)."""
 
+LOOK_EVERY = 8
+"""The queue is looked at on every 8th connection uvloop accepts (the first included):
+a storm waits at most that many turns more, and one connection at a time (ab without
+keep-alive) pays an eighth of the look."""
+
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _QUEUED = struct.Struct("=I")
 """``tcpi_unacked``, at byte 24 of ``struct tcp_info``: for a listener, its accept queue length."""
@@ -115,6 +120,7 @@ class _Batch:
         self.factory = factory
         self.server: asyncio.AbstractServer | None = None
         self.listeners: list[tuple[int, int, int, int]] = []  # (family, type, proto, fd) of each TCP listener
+        self.accepts = 0
 
     def attach(self, server: asyncio.AbstractServer) -> None:
         self.server = server
@@ -126,7 +132,8 @@ class _Batch:
 
     def accepted(self) -> asyncio.Protocol:
         """The factory uvloop calls for each connection it accepts."""
-        if self.listeners:
+        self.accepts += 1
+        if self.accepts % LOOK_EVERY == 1 and self.listeners:
             self._take_waiting()
         return self.factory()
 
