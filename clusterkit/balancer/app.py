@@ -149,8 +149,8 @@ class Balancer:
         return {
             "mode": self.config.mode, "algorithm": self.config.algorithm,
             "uptime_s": round(time.time() - self.started, 3),
-            "client_connections": len(self.connections), "total_connections": self.total_connections,
-            "rejected": self.rejected, "failovers": self.failovers,
+            "client_connections": len(self.connections), "max_clients": self.max_clients,
+            "total_connections": self.total_connections, "rejected": self.rejected, "failovers": self.failovers,
             "no_backend_errors": self.no_backend_errors,
             "messages": sum(b.messages for b in self.pool.backends),
             "backends": [b.snapshot() for b in self.pool.backends],
