@@ -59,6 +59,8 @@ class ServerConfig:
     max_line: int = DEFAULT_MAX_LINE
     idle_timeout: float = 300.0
     """Close a connection that sent nothing for this long (0 turns it off)."""
+    line_timeout: float = 10.0
+    """A line begun must end within this long (slowloris; HTTP's header timeout; 0: never)."""
     max_connections: int = 10_000
     drain_timeout: float = 5.0
     """On SIGTERM: how long connections may go on before they are closed."""
@@ -79,6 +81,7 @@ class ServerConfig:
         check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
         check(self.max_line >= 1, "--max-line must be at least 1")
         check(self.idle_timeout >= 0, "--idle-timeout must not be negative")
+        check(self.line_timeout >= 0, "--line-timeout must not be negative")
         check(self.max_connections >= 1, "--max-connections must be at least 1")
         check(self.drain_timeout >= 0, "--drain-timeout must not be negative")
         check(self.backlog >= 1, "--backlog must be at least 1")

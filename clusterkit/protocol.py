@@ -117,6 +117,28 @@ class LineFramer:
         return _strip_cr(lines)
 
 
+class SlowLineWatch:
+    """Whether a line begun has gone unfinished too long (a slowloris), sampled by
+    a periodic sweep rather than with a clock read per chunk: ``too_slow`` is told
+    whether a line is unfinished and how many lines have ended so far; the same
+    unfinished line seen for longer than ``timeout`` is too slow."""
+
+    __slots__ = ("mark", "seen")
+
+    def __init__(self) -> None:
+        self.mark = -1  # lines ended when the current unfinished line was first seen
+        self.seen = 0.0
+
+    def too_slow(self, unfinished: bool, ended: int, now: float, timeout: float) -> bool:
+        if not unfinished:
+            self.mark = -1
+            return False
+        if self.mark != ended:
+            self.mark, self.seen = ended, now
+            return False
+        return now - self.seen > timeout
+
+
 def _strip_cr(lines: list[bytes]) -> list[bytes]:
     if len(lines) == 1:
         line = lines[0]

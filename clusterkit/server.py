@@ -16,7 +16,9 @@ How a connection is handled (all in callbacks, no ``await`` per message):
   once every reply already written has been sent. Bytes after the last ``\n``
   are no message: they get ``ERR incomplete-line`` (after those replies).
 * Idle timeout: one sweep per server (not a timer per message) closes
-  connections that sent nothing for ``idle_timeout`` seconds.
+  connections that sent nothing for ``idle_timeout`` seconds. The same sweep
+  gives ``ERR line-timeout`` to a client that began a line and has not ended
+  it within ``line_timeout`` (a slowloris trickling bytes is never idle).
 
 Connection states::
 
@@ -47,7 +49,7 @@ import time
 
 from . import cli, logs, loops
 from .config import ConfigError, ServerConfig
-from .protocol import LineFramer, build_error, build_replies, check_server_name
+from .protocol import LineFramer, SlowLineWatch, build_error, build_replies, check_server_name
 
 log = logging.getLogger("clusterkit.server")
 
@@ -55,13 +57,15 @@ _BUSY = build_error("busy")
 _LINE_TOO_LONG = build_error("line-too-long")
 _INCOMPLETE_LINE = build_error("incomplete-line")
 _IDLE = build_error("idle-timeout")
+_LINE_TIMEOUT = build_error("line-timeout")
 
 
 class EchoProtocol(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = ("server", "transport", "framer", "conn_id", "peer", "last_activity", "seen_bytes",
-                 "messages", "bytes_in", "bytes_out", "paused", "closing", "rejected", "elog")
+                 "messages", "bytes_in", "bytes_out", "paused", "closing", "rejected", "elog",
+                 "line_watch")
 
     def __init__(self, server: EchoServer) -> None:
         self.server = server
@@ -78,6 +82,7 @@ class EchoProtocol(asyncio.Protocol):
         self.paused = False
         self.closing = False
         self.rejected = False
+        self.line_watch = SlowLineWatch()
 
     # -- asyncio.Protocol callbacks ---------------------------------------
 
@@ -174,6 +179,10 @@ class EchoProtocol(asyncio.Protocol):
     def close_idle(self) -> None:
         self._fail(_IDLE, "idle-timeout")
 
+    def line_too_slow(self, now: float, timeout: float) -> bool:
+        # Paused: we stopped reading, not the client.
+        return self.line_watch.too_slow(self.framer.buffered > 0 and not self.paused, self.messages, now, timeout)
+
     def close_quietly(self) -> None:
         if not self.closing:
             self.closing = True
@@ -213,17 +222,22 @@ class EchoServer:
         self._server = await loops.create_server(
             loop, lambda: EchoProtocol(self), cfg.host, cfg.port,
             backlog=cfg.backlog, reuse_address=True, family=_family(cfg.host))
-        if cfg.idle_timeout > 0:
-            self._sweeper = asyncio.create_task(self._sweep_idle())
+        if cfg.idle_timeout > 0 or cfg.line_timeout > 0:
+            self._sweeper = asyncio.create_task(self._sweep())
 
-    async def _sweep_idle(self) -> None:
-        idle = self.config.idle_timeout
-        period = min(max(idle / 4, 0.05), 5.0)
+    async def _sweep(self) -> None:
+        idle, line = self.config.idle_timeout, self.config.line_timeout
+        period = min(max(min(t for t in (idle, line) if t > 0) / 4, 0.05), 5.0)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for conn in [c for c in self.connections if c.note_activity(now) < now - idle and not c.closing]:
-                conn.close_idle()
+            for conn in list(self.connections):
+                if conn.closing:
+                    continue
+                if idle and conn.note_activity(now) < now - idle:
+                    conn.close_idle()
+                elif line and conn.line_too_slow(now, line):
+                    conn._fail(_LINE_TIMEOUT, "line-timeout")
 
     def _abort_all(self) -> None:
         for conn in list(self.connections):
@@ -281,6 +295,9 @@ def build_parser(name: str, port: int) -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=cli.non_negative_float, default=d.idle_timeout,
                    help="seconds a client may stay silent before it is disconnected, 0 for never "
                         "(default: %(default)s)")
+    p.add_argument("--line-timeout", type=cli.non_negative_float, default=d.line_timeout,
+                   help="seconds a client may take to finish a line it began; slower gets "
+                        "'ERR line-timeout' and a close (a slowloris), 0 for never (default: %(default)s)")
     p.add_argument("--max-connections", type=cli.positive_int, default=d.max_connections,
                    help="clients served at once; more get 'ERR busy' and a close (default: %(default)s)")
     p.add_argument("--drain-timeout", type=cli.non_negative_float, default=d.drain_timeout,
@@ -294,7 +311,8 @@ def build_parser(name: str, port: int) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(name=args.name, host=args.host, port=args.port, max_line=args.max_line,
-                        idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+                        idle_timeout=args.idle_timeout, line_timeout=args.line_timeout,
+                        max_connections=args.max_connections,
                         drain_timeout=args.drain_timeout, log_level=args.log_level,
                         log_dir=args.log_dir, loop=args.loop)
 

@@ -442,3 +442,38 @@ def test_out_of_descriptors_clients_get_err_busy_and_no_backend_is_marked_down(p
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert one_message(balancer.port, b"after").startswith(b"REPLY server")
+
+
+@pytest.mark.parametrize("target", ["server", "balancer"])
+def test_a_line_trickled_too_slowly_gets_err_line_timeout_and_lines_in_pieces_do_not(procs, log_dir, target):
+    """A slowloris (a line begun and never ended, bytes or not) gets ERR line-timeout
+    after the answers due, from the server and from the balancer in message mode; a
+    client whose every line comes in two pieces, for three times that long, is served."""
+    ports = cluster.free_ports(2)
+    server = procs.start(cluster.echo_server("server1", ports[0], "--line-timeout",
+                                             "0.5" if target == "server" else "0", log_dir=str(log_dir)))
+    port = server.port
+    if target == "balancer":
+        port = procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], "--line-timeout", "0.5",
+                                            "--admin-port", "0", log_dir=str(log_dir))).port
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    slow.sendall(b"one\nslo")
+    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    for i in range(15):
+        busy.sendall(b"pie")
+        time.sleep(0.05)
+        busy.sendall(b"ce%d\n" % i)
+        time.sleep(0.05)
+    busy.shutdown(socket.SHUT_WR)
+    answers = ResponseParser().feed(read_to_close(busy))
+    assert [r.message for r in answers] == [b"piece%d" % i for i in range(15)]
+    assert read_to_close(slow) == b"REPLY server1 one\nACK server1 3\nERR line-timeout\n"
+    busy.close()
+    slow.close()
+
+
+def read_to_close(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from clusterkit.protocol import (
-    LineFramer, LineTooLong, LocalProtocolError, RemoteProtocolError, ResponseParser,
+    LineFramer, LineTooLong, LocalProtocolError, RemoteProtocolError, ResponseParser, SlowLineWatch,
     build_error, build_replies, check_server_name, count_complete_responses,
 )
 
@@ -179,3 +179,14 @@ def test_bad_names_and_codes_are_local_errors():
         check_server_name("two words")
     with pytest.raises(LocalProtocolError):
         build_error("has space")
+
+
+def test_slow_line_watch_times_only_a_line_that_does_not_end():
+    w = SlowLineWatch()
+    assert not w.too_slow(True, 0, now=0.0, timeout=1.0)    # first seen unfinished: the clock starts
+    assert not w.too_slow(True, 0, now=1.0, timeout=1.0)    # exactly the timeout: not yet
+    assert w.too_slow(True, 0, now=1.5, timeout=1.0)        # the same line, still unfinished
+    assert not w.too_slow(True, 3, now=2.0, timeout=1.0)    # lines ended meanwhile: a new line, a new clock
+    assert not w.too_slow(False, 3, now=9.0, timeout=1.0)   # nothing unfinished
+    assert not w.too_slow(True, 3, now=9.5, timeout=1.0)    # begun again after that: clock from now
+    assert w.too_slow(True, 3, now=10.6, timeout=1.0)

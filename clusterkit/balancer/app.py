@@ -94,10 +94,13 @@ class Balancer:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            slow_lines = cfg.line_timeout if cfg.mode == "message" else 0  # tcp: the backend's own
             for conn in list(self.connections):
                 conn.check_response_timeout(now, cfg.response_timeout)
                 if cfg.idle_timeout and conn.idle() and conn.note_activity(now) < now - cfg.idle_timeout:
                     conn.close_idle()
+                elif slow_lines and not conn.closed and conn.line_too_slow(now, slow_lines):
+                    conn.end_slow_line()
 
     def _abort_all(self) -> None:
         for conn in list(self.connections):

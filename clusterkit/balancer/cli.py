@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--response-timeout", float, "seconds a backend may leave a message unanswered before "
                                       "its clients are moved to another backend"),
         ("--idle-timeout", float, "seconds a client may stay silent before it is disconnected, 0 for never"),
+        ("--line-timeout", float, "message mode: seconds a client may take to finish a line it began; "
+                                  "slower gets 'ERR line-timeout' (a slowloris), 0 for never"),
         ("--drain-timeout", float, "on SIGTERM, seconds to let in-flight messages finish"),
         ("--max-connections", cli.positive_int, "clients served at once; more get 'ERR busy'"),
         ("--max-line", cli.positive_int, "longest message in bytes"),
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> BalancerConfig:
     kwargs: dict = from_toml(args.config) if args.config else {}
     for key in ("mode", "algorithm", "check", "check_interval", "check_timeout", "rise", "fall", "connect_timeout",
-                "response_timeout", "idle_timeout", "drain_timeout", "max_connections", "max_line"):
+                "response_timeout", "idle_timeout", "line_timeout", "drain_timeout", "max_connections", "max_line"):
         value = getattr(args, key)
         if value is not None:
             kwargs[key] = value

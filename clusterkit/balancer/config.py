@@ -77,6 +77,8 @@ class BalancerConfig:
     response_timeout: float = 2.0
     """A backend that leaves a message unanswered this long is failed over."""
     idle_timeout: float = 300.0
+    line_timeout: float = 10.0
+    """Message mode: a line begun must end within this long (slowloris); 0: never."""
     drain_timeout: float = 5.0
     drain_quiet: float = 0.25
     max_connections: int = 10_000
@@ -98,6 +100,7 @@ class BalancerConfig:
         check(len(set(names)) == len(names), "backend names must be unique")
         for key in ("check_interval", "check_timeout", "connect_timeout", "response_timeout"):
             check(getattr(self, key) > 0, f"--{key.replace('_', '-')} must be positive")
+        check(self.line_timeout >= 0, "--line-timeout must not be negative")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
         check(0 <= self.port <= 65535 and 0 <= self.admin_port <= 65535, "not a port number")
         check(self.admin_port == 0 or self.admin_port != self.port,

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..protocol import LineFramer, build_error, count_complete_responses
+from ..protocol import LineFramer, SlowLineWatch, build_error, count_complete_responses
 from ..sockets import local_shortage
 from .pool import Backend, connect_failure
 
@@ -47,6 +47,7 @@ ERR_NO_BACKEND = build_error("no-backend")
 ERR_BUSY = build_error("busy")
 ERR_LINE_TOO_LONG = build_error("line-too-long")
 ERR_INCOMPLETE_LINE = build_error("incomplete-line")
+ERR_LINE_TIMEOUT = build_error("line-timeout")
 ERR_IDLE = build_error("idle-timeout")
 
 
@@ -90,7 +91,7 @@ class ClientSide(asyncio.Protocol):
                  "connecting", "pending", "pending_bytes", "inbuf", "used", "paused", "client_full", "eof",
                  "closed", "rejected", "error_after_pending", "answered", "failovers", "no_backend_errors",
                  "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered", "stall_since",
-                 "connect_task", "connect_started")
+                 "connect_task", "connect_started", "lines", "line_watch")
 
     def __init__(self, app: Balancer) -> None:
         self.app = app
@@ -112,6 +113,8 @@ class ClientSide(asyncio.Protocol):
         self.closed = False
         self.rejected = False
         self.error_after_pending: bytes | None = None  # the ERR line that ends the session once all is answered
+        self.lines = 0  # messages received
+        self.line_watch = SlowLineWatch()
         self.answered = 0
         self.failovers = 0
         self.no_backend_errors = 0
@@ -143,6 +146,7 @@ class ClientSide(asyncio.Protocol):
         aligned = framer.buffered == 0
         messages = framer.feed(data)
         if messages:
+            self.lines += len(messages)
             if self.backend_conn is None and not self.connecting:
                 self.attach()
             if self.backend_conn is None and not self.connecting:
@@ -450,6 +454,20 @@ class ClientSide(asyncio.Protocol):
     def close_idle(self) -> None:
         if not self.closed:
             self.finish_with(ERR_IDLE)
+
+    def line_too_slow(self, now: float, timeout: float) -> bool:
+        # Paused: the balancer stopped reading, not the client.
+        unfinished = self.framer.buffered > 0 and not self.paused and self.error_after_pending is None
+        return self.line_watch.too_slow(unfinished, self.lines, now, timeout)
+
+    def end_slow_line(self) -> None:
+        """``ERR line-timeout`` after the answers still due, then the close."""
+        self.error_after_pending = ERR_LINE_TIMEOUT
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=error conn={self.conn_id} code=line-timeout")
+        if not self.pending and not self.connecting:
+            self.finish_with(ERR_LINE_TIMEOUT)
 
     def abort(self) -> None:
         if self.transport is not None:
