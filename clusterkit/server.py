@@ -183,6 +183,9 @@ class EchoProtocol(asyncio.Protocol):
         # Paused: we stopped reading, not the client.
         return self.line_watch.too_slow(self.framer.buffered > 0 and not self.paused, self.messages, now, timeout)
 
+    def end_slow_line(self) -> None:
+        self._fail(_LINE_TIMEOUT, "line-timeout")
+
     def close_quietly(self) -> None:
         if not self.closing:
             self.closing = True
@@ -237,7 +240,7 @@ class EchoServer:
                 if idle and conn.note_activity(now) < now - idle:
                     conn.close_idle()
                 elif line and conn.line_too_slow(now, line):
-                    conn._fail(_LINE_TIMEOUT, "line-timeout")
+                    conn.end_slow_line()
 
     def _abort_all(self) -> None:
         for conn in list(self.connections):

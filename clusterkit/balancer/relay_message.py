@@ -176,10 +176,7 @@ class ClientSide(asyncio.Protocol):
             # answers still due rather than drop them in silence, as the servers do.
             self.error_after_pending = ERR_INCOMPLETE_LINE
         if not self.pending and not self.connecting:
-            if self.error_after_pending is not None:
-                self.finish_with(self.error_after_pending)
-            else:
-                self.close()
+            self.settle()
         return True  # keep the write side open for the replies still due
 
     def pause_writing(self) -> None:
@@ -228,6 +225,14 @@ class ClientSide(asyncio.Protocol):
     def finish_with(self, line: bytes) -> None:
         self.transport.write(line)  # type: ignore[union-attr]
         self.close()
+
+    def settle(self) -> None:
+        """Nothing is pending: end the session if it is over, with the ERR line due
+        (line too long or too slow, an incomplete last line) or after the client's EOF."""
+        if self.error_after_pending is not None:
+            self.finish_with(self.error_after_pending)
+        elif self.eof:
+            self.close()
 
     def refuse_busy(self, reason: str) -> None:
         """The balancer itself cannot serve this client now: ``ERR busy`` for each
@@ -295,10 +300,8 @@ class ClientSide(asyncio.Protocol):
         if self.pending:
             # First connection, or a failover: (re)send everything unanswered, in order.
             transport.write(b"".join([m + b"\n" for m in self.pending]))
-        elif self.error_after_pending is not None:
-            self.finish_with(self.error_after_pending)
-        elif self.eof:
-            self.close()
+        else:
+            self.settle()
 
     def release_backend(self) -> None:
         if self.backend is not None:
@@ -347,10 +350,7 @@ class ClientSide(asyncio.Protocol):
                 self.burst_start = None
                 if self.paused:
                     self.set_paused("pending", False)
-                if self.error_after_pending is not None:
-                    self.finish_with(self.error_after_pending)
-                elif self.eof:
-                    self.close()
+                self.settle()
             else:
                 popleft = pending.popleft
                 freed = 0
@@ -390,10 +390,7 @@ class ClientSide(asyncio.Protocol):
             return
         self.set_paused("backend-full", False)
         if not had_pending:
-            if self.error_after_pending is not None:
-                self.finish_with(self.error_after_pending)
-            elif self.eof:
-                self.close()
+            self.settle()
             return  # idle: the next message picks a backend
         if backend is not None:
             self.app.pool.traffic_error(backend, reason)
@@ -420,10 +417,7 @@ class ClientSide(asyncio.Protocol):
             if self.elog.warning:
                 self.elog.line("WARNING", f"event=no-backend conn={self.conn_id} messages={count}")
         self.set_paused("pending", False)
-        if self.error_after_pending is not None:
-            self.finish_with(self.error_after_pending)
-        elif self.eof:
-            self.close()
+        self.settle()
 
     # -- the balancer's sweeps ---------------------------------------------------
 
@@ -467,7 +461,7 @@ class ClientSide(asyncio.Protocol):
         if self.elog.warning:
             self.elog.line("WARNING", f"event=error conn={self.conn_id} code=line-timeout")
         if not self.pending and not self.connecting:
-            self.finish_with(ERR_LINE_TIMEOUT)
+            self.settle()
 
     def abort(self) -> None:
         if self.transport is not None:

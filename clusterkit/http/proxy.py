@@ -374,8 +374,7 @@ class ProxyClient(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.wake: asyncio.Future | None = None
         self.drained: asyncio.Future | None = None  # set while answers wait for the client to read
-        self.write_paused = False
-        self.paused_since = 0.0
+        self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
         self.forwarding = False
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -393,12 +392,11 @@ class ProxyClient(asyncio.Protocol):
     # and answered, so what the balancer holds for it stays bounded (the queue, the
     # parser's buffer and the write buffer's high-water mark, plus one answer).
     def pause_writing(self) -> None:
-        self.write_paused = True
         self.paused_since = time.monotonic()
         self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self.paused_since = 0.0
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
         if len(self.queue) < 16 and not self.closing:
@@ -427,7 +425,7 @@ class ProxyClient(asyncio.Protocol):
         proxy = self.proxy
         loop = proxy.loop
         while not self.closing:
-            if self.write_paused:
+            if self.paused_since:
                 self.drained = loop.create_future()
                 await self.drained
                 self.drained = None
@@ -452,7 +450,7 @@ class ProxyClient(asyncio.Protocol):
             self._finish(resp, backend, status, req, keep=req.keep_alive)
             if not req.keep_alive:
                 return
-            if len(self.queue) < 16 and not self.closing and not self.write_paused:
+            if len(self.queue) < 16 and not self.closing and not self.paused_since:
                 self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool) -> None:
@@ -475,7 +473,7 @@ class ProxyClient(asyncio.Protocol):
             self.task.cancel()  # waiting for requests that will not come
 
     def sweep(self, now: float, limits) -> None:
-        if self.write_paused and not self.closing and now - self.paused_since > limits.keepalive_timeout:
+        if self.paused_since and not self.closing and now - self.paused_since > limits.keepalive_timeout:
             # It has not read its answers for that long (nginx's send_timeout): drop it;
             # closing would wait for a buffer it never drains.
             self.closing = True
