@@ -383,7 +383,8 @@ def test_closed_connections_release_their_sockets(lb, mode):
 
 
 @pytest.mark.parametrize("check, up", [("connect", True), ("message", False)])
-def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_protocol(procs, log_dir, check, up):
+def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_protocol(procs, log_dir, connect,
+                                                                                       check, up):
     """--check connect (HAProxy's plain check): python's http.server behind --mode tcp
     stays up and its answers come through; the message check takes it out."""
     ports = cluster.free_ports(2)
@@ -393,11 +394,9 @@ def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_pr
     balancer = procs.start(balancer_process(ports[1], [f"web=127.0.0.1:{ports[0]}"], *FAST_CHECKS, "--mode", "tcp",
                                             "--check", check, "--admin-port", "0", log_dir=str(log_dir)))
     time.sleep(1)  # several checks
-    with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as s:
-        s.sendall(b"GET /page.html HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+    conn = connect(balancer.port)
+    conn.send(b"GET /page.html HTTP/1.0\r\n\r\n")
+    data = conn.read_all()
     if up:
         assert data.startswith(b"HTTP/1.0 200"), data[:200]
     else:
@@ -445,7 +444,8 @@ def test_out_of_descriptors_clients_get_err_busy_and_no_backend_is_marked_down(p
 
 
 @pytest.mark.parametrize("target", ["server", "balancer"])
-def test_a_line_trickled_too_slowly_gets_err_line_timeout_and_lines_in_pieces_do_not(procs, log_dir, target):
+def test_a_line_trickled_too_slowly_gets_err_line_timeout_and_lines_in_pieces_do_not(procs, log_dir, connect,
+                                                                                     target):
     """A slowloris (a line begun and never ended, bytes or not) gets ERR line-timeout
     after the answers due, from the server and from the balancer in message mode; a
     client whose every line comes in two pieces, for three times that long, is served."""
@@ -456,24 +456,15 @@ def test_a_line_trickled_too_slowly_gets_err_line_timeout_and_lines_in_pieces_do
     if target == "balancer":
         port = procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], "--line-timeout", "0.5",
                                             "--admin-port", "0", log_dir=str(log_dir))).port
-    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
-    slow.sendall(b"one\nslo")
-    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    slow = connect(port)
+    slow.send(b"one\nslo")
+    busy = connect(port)
     for i in range(15):
-        busy.sendall(b"pie")
+        busy.send(b"pie")
         time.sleep(0.05)
-        busy.sendall(b"ce%d\n" % i)
+        busy.send(b"ce%d\n" % i)
         time.sleep(0.05)
-    busy.shutdown(socket.SHUT_WR)
-    answers = ResponseParser().feed(read_to_close(busy))
+    busy.sock.shutdown(socket.SHUT_WR)
+    answers = ResponseParser().feed(busy.read_all())
     assert [r.message for r in answers] == [b"piece%d" % i for i in range(15)]
-    assert read_to_close(slow) == b"REPLY server1 one\nACK server1 3\nERR line-timeout\n"
-    busy.close()
-    slow.close()
-
-
-def read_to_close(s: socket.socket) -> bytes:
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    return data
+    assert slow.read_all() == b"REPLY server1 one\nACK server1 3\nERR line-timeout\n"

@@ -29,6 +29,7 @@ HAS_AB = shutil.which("ab") is not None
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 SIMPLE_GET = b"GET /page.html HTTP/1.1\r\nHost: t\r\n\r\n"
+CLOSING_GET = b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 HTTP10_KEEPALIVE = b"GET /page.html HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
 GARBAGE = b"\x16\x03\x01 definitely not http\r\n\r\n"
 POST = b"POST /page.html HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi"
@@ -45,8 +46,8 @@ H2C_UPGRADE = (b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP
 CONNECT = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01"
 
 
-def exchange(port: int, raw: bytes, timeout: float = 10) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+def exchange(port: int, raw: bytes, timeout: float = 10, host: str = "127.0.0.1") -> bytes:
+    with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(raw)
         data = b""
         try:
@@ -237,7 +238,7 @@ def test_no_path_escapes_the_document_root(setup, tmp_path, path):
 
 
 def test_get_head_conditional_and_http10_keepalive(server):
-    data = exchange(server.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    data = exchange(server.port, CLOSING_GET)
     head, _, body = data.partition(b"\r\n\r\n")
     assert status_of(data) == 200 and body == (WWW / "page.html").read_bytes()
     assert b"Content-Type: text/html; charset=utf-8" in head and b"Date: " in head
@@ -277,7 +278,7 @@ def test_slowloris_is_timed_out_while_others_are_served(server):
             if select.select([slow], [], [], 0)[0]:
                 break  # the server answered: stop trickling, read it
             slow.sendall(bytes([byte]))
-            fine = exchange(server.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            fine = exchange(server.port, CLOSING_GET)
             assert status_of(fine) == 200
             time.sleep(0.05)
             assert time.monotonic() - started < 30, "the slow client was never timed out"
@@ -313,7 +314,7 @@ def test_a_client_that_never_reads_is_pushed_back_then_dropped(setup, target):
             break
     assert pushed_back, f"{sent} bytes of requests taken in 8 s without pushing back"
     assert psutil.Process(proc.pid).memory_info().rss - rss_before < 40 << 20
-    assert status_of(exchange(proc.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))) == 200
+    assert status_of(exchange(proc.port, CLOSING_GET)) == 200
     # Still not reading: the server must drop the connection (a reset shows on our
     # side as a failed send) well within this bound, not keep it for ever.
     deadline = time.monotonic() + 30
@@ -455,11 +456,11 @@ def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, stat
     try:
         if behaviour == "none":
             deadline = time.monotonic() + 10
-            while status_of(exchange(lb.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))) != 503:
+            while status_of(exchange(lb.port, CLOSING_GET)) != 503:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         else:
-            data = exchange(lb.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            data = exchange(lb.port, CLOSING_GET)
             assert status_of(data) == status, data[:100]
     finally:
         stop.set()
@@ -607,11 +608,8 @@ def test_every_http_program_serves_on_ipv6_loopback(setup):
         "http_servers/lb.py", "--port", str(ports[3]), "--backend", f"[::1]:{ports[2]}", *args),
         port=ports[3], host="::1")))
     for proc in procs:
-        with socket.create_connection(("::1", proc.port), timeout=10) as s:
-            s.sendall(b"GET /page.html HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
+        data = exchange(proc.port, b"GET /page.html HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n",
+                        host="::1")
         assert status_of(data) == 200, (proc.name, data[:200])
 
 
@@ -642,4 +640,4 @@ def test_lb_out_of_descriptors_answers_503_and_marks_no_backend_down(setup):
     assert b"HTTP/1.1 200" in seen and seen <= {b"HTTP/1.1 200", b"HTTP/1.1 503", b"", "refused", "reset"}, seen
     assert "backend-down" not in setup.log()
     time.sleep(0.5)
-    assert status_of(exchange(lb.port, SIMPLE_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))) == 200
+    assert status_of(exchange(lb.port, CLOSING_GET)) == 200
