@@ -90,13 +90,15 @@ def server_of(reply: bytes) -> str:
     return reply.split(b" ")[1].decode()
 
 
-def pipeline(port: int, messages: list[bytes], during=None, timeout: float = 60) -> list:
+def pipeline(port: int, messages: list[bytes], during=None, timeout: float = 60, read_after: float = 0) -> list:
     """Send all messages on one connection, run ``during(responses_so_far)`` after the
-    first thousand responses, and read every response."""
+    first thousand responses, and read every response (starting ``read_after``
+    seconds late, so that the answers back up)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sender = threading.Thread(target=lambda: (s.sendall(b"".join(m + b"\n" for m in messages)),
                                               s.shutdown(socket.SHUT_WR)))
     sender.start()
+    time.sleep(read_after)
     parser = ResponseParser()
     responses = []
     fired = during is None
@@ -321,8 +323,9 @@ def test_backend_that_does_not_speak_the_protocol_is_failed_over(procs, log_dir)
     assert "event=backend-down backend=junk from=FALLING to=DOWN reason=bad-reply" in log
 
 
-def test_client_that_never_reads_does_not_grow_balancer_memory(lb):
-    lb.start()
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_client_that_never_reads_does_not_grow_balancer_memory(lb, mode):
+    lb.start("--mode", mode)
     proc = psutil.Process(lb.lb.pid)
     before = proc.memory_info().rss
     s = socket.create_connection(("127.0.0.1", lb.port))
@@ -340,6 +343,79 @@ def test_client_that_never_reads_does_not_grow_balancer_memory(lb):
     s.close()
     assert sent < 50 * 2**20
     assert grown < 40 * 2**20
+
+
+def test_tcp_mode_connect_that_times_out_goes_to_the_next_backend(procs, log_dir):
+    """A backend whose accept queue is full drops the SYNs: the client's connect is
+    given up after --connect-timeout and it is served by the next backend; the
+    silent one is marked down for it (the checks, every 30 s, are not the ones)."""
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(stuck.getsockname())
+        fillers.append(f)
+    try:
+        ports = cluster.free_ports(3)
+        good = procs.start(cluster.echo_server("good", ports[0], log_dir=str(log_dir)))
+        balancer = procs.start(balancer_process(
+            ports[1], [f"stuck=127.0.0.1:{stuck.getsockname()[1]}", f"good=127.0.0.1:{good.port}"],
+            "--mode", "tcp", "--connect-timeout", "0.5", "--check-interval", "30", "--fall", "2", admin_port=ports[2],
+            log_dir=str(log_dir)))
+        assert [one_message(balancer.port) for _ in range(4)] == [b"REPLY good hi\nACK good 2\n"] * 4
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/stats", timeout=10) as r:
+            backends = {b["name"]: b for b in json.load(r)["backends"]}
+        assert backends["stuck"]["state"] == "DOWN" and backends["stuck"]["reason"] == "connect-timeout"
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()
+
+
+def test_tcp_mode_relays_a_long_pipelined_stream_intact(lb):
+    """40,000 pipelined messages (4.6 MB) each way through the byte relay, read
+    only after a second: the sockets fill both ways, so chunks are sent in parts
+    and reading each side pauses and resumes."""
+    lb.start("--mode", "tcp")
+    messages = [b"m%d-" % i + b"x" * 100 for i in range(40_000)]
+    responses = pipeline(lb.port, messages, read_after=1)
+    assert len(responses) == len(messages)
+    assert all(r.matches(m) for r, m in zip(responses, messages))
+    assert len({r.server for r in responses}) == 1  # one connection, one backend
+
+
+def test_tcp_mode_backend_names_resolve_at_start(procs, log_dir):
+    """``localhost`` may list ::1 first; the servers listen on 127.0.0.1. A name
+    that does not resolve stops the start with a clear error."""
+    server = procs.start(cluster.echo_server("solo", cluster.free_port(), log_dir=str(log_dir)))
+    port = cluster.free_port()
+    procs.start(balancer_process(port, [f"solo=localhost:{server.port}"], "--mode", "tcp", log_dir=str(log_dir)))
+    assert one_message(port) == b"REPLY solo hi\nACK solo 2\n"
+    bad = subprocess.run(cluster.python_script("Load_Balancer.py", "--mode", "tcp", "--port", "0", "--admin-port",
+                                               "0", "--backend", "nowhere.invalid:7001", "--log-dir", str(log_dir)),
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "nowhere.invalid" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["tcp", "message"])
+def test_balancer_over_ipv6_loopback(procs, log_dir, mode):
+    try:
+        ports = [cluster.free_port("::1") for _ in range(2)]
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    server = procs.start(cluster.echo_server("six", ports[0], log_dir=str(log_dir), host="::1"))
+    balancer = procs.start(balancer_process(ports[1], [f"six=[::1]:{server.port}"], "--mode", mode,
+                                            log_dir=str(log_dir), host="::1"))
+    with socket.create_connection(("::1", balancer.port), timeout=10) as s:
+        s.sendall(b"over six\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data == b"REPLY six over six\nACK six 8\n"
 
 
 def test_session_log_names_the_backends_used(lb, log_dir):

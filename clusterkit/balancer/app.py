@@ -22,8 +22,8 @@ from .admin import start_admin
 from .config import BalancerConfig
 from .health import check_forever
 from .pool import Backend, Pool
-from .relay_message import ERR_BUSY, ClientSide
-from .relay_tcp import TcpClientSide
+from .relay_message import ClientSide
+from .relay_tcp import TcpRelay
 
 
 FD_RESERVE = 32
@@ -59,7 +59,7 @@ class Balancer:
         self.stopping = False
         self.max_clients = client_limit(config.max_connections)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.base_events.Server | TcpRelay | None = None
         self._admin: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self.stop_signal = loops.StopSignal(on_force=self._abort_all)
@@ -79,8 +79,11 @@ class Balancer:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
-        factory = (lambda: ClientSide(self)) if cfg.mode == "message" else (lambda: TcpClientSide(self))
-        self._server = await loops.create_server(self.loop, factory, cfg.host, cfg.port, backlog=4096, reuse_address=True)
+        if cfg.mode == "message":
+            self._server = await loops.create_server(self.loop, lambda: ClientSide(self), cfg.host, cfg.port,
+                                                     backlog=4096, reuse_address=True)
+        else:
+            self._server = TcpRelay(self).listen(cfg.host, cfg.port, backlog=4096)
         if cfg.admin_port:
             self._admin = await start_admin(self, cfg.host, cfg.admin_port)
         for b in self.pool.backends:
@@ -106,13 +109,11 @@ class Balancer:
         for conn in list(self.connections):
             conn.abort()
 
-    def admit(self, conn, transport: asyncio.Transport) -> bool:
-        """Count a new client connection in, or refuse it with ``ERR busy`` (over
-        ``--max-connections``, or stopping)."""
+    def admit(self, conn) -> bool:
+        """Count a new client connection in; False when it is to be refused with
+        ``ERR busy`` (over ``--max-connections``, or stopping)."""
         conn.conn_id = next(self.conn_ids)
         if len(self.connections) >= self.max_clients or self.stopping:
-            transport.write(ERR_BUSY)
-            transport.close()
             self.rejected += 1
             return False
         self.connections.add(conn)

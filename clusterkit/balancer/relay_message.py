@@ -133,7 +133,9 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         app = self.app
         self.transport = transport
-        if not app.admit(self, transport):
+        if not app.admit(self):
+            transport.write(ERR_BUSY)
+            transport.close()
             self.rejected = True
             return
         high = self.config.write_high_water
