@@ -20,6 +20,7 @@ import time
 from .. import logs, loops
 from .admin import start_admin
 from .config import BalancerConfig
+from .epollset import EpollSet, resolve
 from .health import check_forever
 from .pool import Backend, Pool
 from .relay_message import ClientSide
@@ -59,6 +60,8 @@ class Balancer:
         self.stopping = False
         self.max_clients = client_limit(config.max_connections)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
+        self.addresses = {b: resolve(b) for b in self.pool.backends}
         self._server: asyncio.base_events.Server | TcpRelay | None = None
         self._admin: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -78,6 +81,7 @@ class Balancer:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.events = EpollSet(self.loop)
         cfg = self.config
         if cfg.mode == "message":
             self._server = await loops.create_server(self.loop, lambda: ClientSide(self), cfg.host, cfg.port,

@@ -73,14 +73,15 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
 
 
 async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
-    balancer = Balancer(config, elog)
+    try:
+        balancer = Balancer(config, elog)
+    except ConfigError as exc:  # a backend name that does not resolve
+        raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     try:
         await balancer.start()
     except OSError as exc:
         port = config.admin_port if balancer._server is not None else config.port
         raise cli.listen_error("balancer", config.host, port, exc) from None
-    except ConfigError as exc:  # a backend name that does not resolve
-        raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     backends = ", ".join(f"{b.name}" for b in config.backends)
     admin = f", admin http://{config.host}:{config.admin_port}/stats" if config.admin_port else ""
     print(f"balancer listening on {config.host}:{balancer.port} (mode {config.mode}, {config.algorithm}, "

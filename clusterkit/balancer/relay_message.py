@@ -27,17 +27,26 @@ Client connection states::
 Flow control: the client is not read while its unanswered messages pass
 ``max_pending_bytes`` or the backend's socket is full; the backend is not read
 while the client's socket is full.
+
+I/O: the client side is an asyncio protocol; the backend side is a raw socket
+in the balancer's epoll set (``epollset.py``), connected without a task, which
+costs about half as much per connection as a transport made by
+``create_connection``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+import _socket
+
 from ..protocol import LineFramer, SlowLineWatch, build_error, count_complete_responses
 from ..sockets import local_shortage
+from .epollset import BUF, ERR, HANGUP, HUP, IN, OUT, EpollSet, connect_result, os_error, start_connect
 from .pool import Backend, connect_failure
 
 if TYPE_CHECKING:
@@ -51,37 +60,121 @@ ERR_LINE_TIMEOUT = build_error("line-timeout")
 ERR_IDLE = build_error("idle-timeout")
 
 
-class BackendSide(asyncio.Protocol):
-    """The balancer's connection to one backend, on behalf of one client."""
+class BackendSide:
+    """The balancer's connection to one backend, on behalf of one client: a
+    non-blocking socket in the epoll set, with a write buffer like a transport's
+    (past ``write_high_water`` the client is paused; it resumes at a quarter)."""
 
-    __slots__ = ("client", "backend", "transport")
+    __slots__ = ("client", "backend", "events", "sock", "connecting", "closed", "out", "high", "full",
+                 "read_paused", "unread", "attempts")
 
-    def __init__(self, client: ClientSide, backend: Backend) -> None:
+    def __init__(self, client: ClientSide, backend: Backend, events: EpollSet, sock: _socket.socket,
+                 attempts: int) -> None:
         self.client = client
         self.backend = backend
-        self.transport: asyncio.Transport | None = None
+        self.events = events
+        self.sock = sock
+        self.attempts = attempts  # backends tried before this one, for this connect
+        self.connecting = True
+        self.closed = False
+        self.out = bytearray()  # written, not yet taken by the socket
+        self.high = client.config.write_high_water
+        self.full = False
+        self.read_paused = False  # the client's socket is full
+        self.unread = False  # paused with bytes maybe left in the socket (no new edge will say so)
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.transport = transport
-        high = self.client.app.config.write_high_water
-        transport.set_write_buffer_limits(high=high, low=high // 4)
+    def on_event(self, ev: int) -> None:
+        if self.connecting:
+            if ev & (ERR | HUP):
+                self.connect_failed(connect_result(self.sock))
+                return
+            if not ev & OUT:
+                return
+            self.connecting = False
+            self.client.backend_connected(self)
+            if self.closed:
+                return
+        if ev & OUT and self.out:
+            self.flush()
+        if ev & (IN | HANGUP) and not self.closed:
+            self.read(ev & HANGUP)
 
-    def data_received(self, data: bytes) -> None:
-        if self.client.backend_conn is self:
+    def connect_failed(self, exc: OSError) -> None:
+        self.abort()
+        self.client.backend_connect_failed(self, exc)
+
+    def read(self, hangup: int = 0) -> None:
+        sock = self.sock
+        while not self.closed:
+            if self.read_paused:
+                self.unread = True
+                return
+            try:
+                data = sock.recv(BUF)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.lost("reset")
+                return
+            if not data:
+                self.lost("closed")
+                return
             self.client.backend_data(data)
+            if len(data) < BUF and not hangup:
+                return  # empty now: a later arrival brings a new edge
 
-    def eof_received(self) -> bool:
-        self.client.backend_lost(self, "closed")
-        return False
+    def lost(self, reason: str) -> None:
+        self.abort()
+        self.client.backend_lost(self, reason)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client.backend_lost(self, "reset" if exc else "closed")
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        out = self.out
+        if not out and not self.connecting:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                # Dead backend: the failover (soon, not inside the caller) resends what is pending.
+                self.closed = True
+                self.events.loop.call_soon(self.lost, "reset")
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        out += data
+        if len(out) > self.high and not self.full:
+            self.full = True
+            self.client.set_paused("backend-full", True)
 
-    def pause_writing(self) -> None:
-        self.client.set_paused("backend-full", True)
+    def flush(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.lost("reset")
+            return
+        del self.out[:sent]
+        if self.full and len(self.out) <= self.high // 4:
+            self.full = False
+            self.client.set_paused("backend-full", False)
 
-    def resume_writing(self) -> None:
-        self.client.set_paused("backend-full", False)
+    def pause_reading(self) -> None:
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+        if self.unread:
+            self.unread = False
+            self.events.loop.call_soon(self.read, HANGUP)  # read to the end: no edge will come
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.sock.fileno() >= 0:  # not dropped yet
+            self.events.drop(self.sock)
 
 
 class ClientSide(asyncio.Protocol):
@@ -91,7 +184,7 @@ class ClientSide(asyncio.Protocol):
                  "connecting", "pending", "pending_bytes", "inbuf", "used", "paused", "client_full", "eof",
                  "closed", "rejected", "error_after_pending", "answered", "failovers", "no_backend_errors",
                  "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered", "stall_since",
-                 "connect_task", "connect_started", "lines", "line_watch")
+                 "connect_side", "connect_started", "lines", "line_watch")
 
     def __init__(self, app: Balancer) -> None:
         self.app = app
@@ -125,7 +218,7 @@ class ClientSide(asyncio.Protocol):
         # for the response-timeout sweep
         self.sweep_answered = 0
         self.stall_since: float | None = None
-        self.connect_task: asyncio.Task | None = None
+        self.connect_side: BackendSide | None = None  # the connect under way
         self.connect_started = 0.0
 
     # -- client side ----------------------------------------------------------
@@ -162,7 +255,7 @@ class ClientSide(asyncio.Protocol):
                 self.pending_bytes += len(out)
                 conn = self.backend_conn
                 if conn is not None and not self.connecting:
-                    conn.transport.write(out)  # type: ignore[union-attr]
+                    conn.write(out)
                 if self.pending_bytes > self.config.max_pending_bytes:
                     self.set_paused("pending", True)
         if framer.error is not None and self.error_after_pending is None:
@@ -184,22 +277,25 @@ class ClientSide(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.client_full = True
         conn = self.backend_conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.pause_reading()
+        if conn is not None:
+            conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.client_full = False
         conn = self.backend_conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
+        if conn is not None:
+            conn.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.rejected:
             return
         self.closed = True
         self.app.connections.discard(self)
-        if self.connect_started and self.connect_task is not None:
-            self.connect_task.cancel()
+        if self.connect_side is not None:  # a connect under way: given up
+            self.connect_side.abort()
+            self.connect_side = None
+            self.connect_started = 0.0
+            self.connecting = False
         self.drop_backend()
         if self.elog.info:
             self.elog.line("INFO", f"event=session conn={self.conn_id} peer={_peer(self.transport)} "
@@ -261,47 +357,55 @@ class ClientSide(asyncio.Protocol):
         if not self.used or self.used[-1] != backend.name:
             self.used.append(backend.name)
         self.connecting = True
-        self.connect_started = time.monotonic()  # the sweep cancels a connect that takes too long
-        self.connect_task = self.app.loop.create_task(self._connect(backend, attempts))
+        self.connect_started = time.monotonic()  # the sweep gives up a connect that takes too long
+        try:
+            sock, code = start_connect(self.app.addresses[backend])
+        except OSError as exc:  # no socket to be had: out of descriptors or memory
+            sock, code = None, exc.errno or errno.EMFILE
+        if sock is None:
+            # Failed at once (refused, on loopback): handled soon, not inside the caller,
+            # as a failure reported by epoll is.
+            self.app.loop.call_soon(self.backend_connect_failed, None, os_error(code), attempts)
+            return True
+        side = BackendSide(self, backend, self.app.events, sock, attempts)
+        self.connect_side = side
+        self.app.events.watch(sock, side.on_event)
         return True
 
-    async def _connect(self, backend: Backend, attempts: int) -> None:
-        loop = self.app.loop
-        try:
-            transport, side = await loop.create_connection(
-                lambda: BackendSide(self, backend), backend.host, backend.port)
-        except (OSError, asyncio.CancelledError) as exc:
-            self.connect_started = 0.0
-            if isinstance(exc, asyncio.CancelledError):
-                if self.closed:
-                    self.release_backend()
-                    self.connecting = False
-                    return
-                exc = TimeoutError()
-            self.release_backend()
-            self.connecting = False
-            if local_shortage(exc):
-                # Out of descriptors here: not the backend's fault; this client is told busy.
-                self.refuse_busy(connect_failure(exc))
+    def backend_connect_failed(self, side: BackendSide | None, exc: OSError, attempts: int = 0) -> None:
+        if side is not None:
+            if side is not self.connect_side:
                 return
-            self.app.pool.traffic_error(backend, connect_failure(exc))
-            if self.closed:
-                return
-            if attempts + 1 < len(self.app.pool.backends) and self.attach(attempts + 1):
-                return
-            self.answer_no_backend(0)
+            attempts = side.attempts
+        self.connect_side = None
+        self.connect_started = 0.0
+        if self.closed:
+            return  # connection_lost released the backend
+        backend = self.backend
+        self.release_backend()
+        self.connecting = False
+        if local_shortage(exc):
+            # Out of descriptors here: not the backend's fault; this client is told busy.
+            self.refuse_busy(connect_failure(exc))
             return
+        self.app.pool.traffic_error(backend, connect_failure(exc))  # type: ignore[arg-type]
+        if attempts + 1 < len(self.app.pool.backends) and self.attach(attempts + 1):
+            return
+        self.answer_no_backend(0)
+
+    def backend_connected(self, side: BackendSide) -> None:
+        self.connect_side = None
         self.connect_started = 0.0
         self.connecting = False
-        if self.closed or self.backend is not backend:
-            transport.abort()
+        if self.closed or self.backend is not side.backend:
+            side.abort()
             return
         self.backend_conn = side
         if self.client_full:
-            transport.pause_reading()
+            side.pause_reading()
         if self.pending:
             # First connection, or a failover: (re)send everything unanswered, in order.
-            transport.write(b"".join([m + b"\n" for m in self.pending]))
+            side.write(b"".join([m + b"\n" for m in self.pending]))
         else:
             self.settle()
 
@@ -314,8 +418,8 @@ class ClientSide(asyncio.Protocol):
         conn = self.backend_conn
         self.backend_conn = None
         self.inbuf.clear()
-        if conn is not None and conn.transport is not None:
-            conn.transport.abort()
+        if conn is not None:
+            conn.abort()
         self.release_backend()
 
     # -- backend side -----------------------------------------------------------
@@ -425,8 +529,8 @@ class ClientSide(asyncio.Protocol):
 
     def check_response_timeout(self, now: float, timeout: float) -> None:
         if self.connect_started and now - self.connect_started > self.config.connect_timeout:
-            self.connect_started = 0.0
-            self.connect_task.cancel()  # type: ignore[union-attr]
+            if self.connect_side is not None:
+                self.connect_side.connect_failed(TimeoutError(errno.ETIMEDOUT, "connect timed out"))
             return
         if not self.pending or self.connecting or self.backend_conn is None:
             self.stall_since = None

@@ -7,21 +7,11 @@ once connected, a backend that dies takes its client connection with it (the
 client sees the close), as with any TCP proxy. Message mode is the one that
 never loses a message.
 
-How it is built: on raw non-blocking sockets in an epoll set of its own, which
-the event loop watches as one descriptor (``add_reader`` on the epoll
-descriptor), the way HAProxy and nginx relay. Message mode uses asyncio
-transports; here they cost more than the relay itself: per connection a
-transport and protocol on each side, a connect task, and uvloop's extra
-system calls (``getsockname`` and ``getpeername`` on both sockets, epoll
-changes as reading pauses). Measured here, one connection per message behind
-three echo servers, against HAProxy in the same run: transports 0.70-0.76x,
-this design 0.99-1.0x; on persistent connections both about 0.94x.
-
-Each socket is registered once, edge-triggered, for reading and writing, and
-never modified: no ``epoll_ctl`` but the two ``ADD`` calls per connection
-(closing a socket takes it out). Edge-triggered means a socket is read until it
-is empty: a read shorter than the buffer is the sign (a later arrival brings a
-new edge), or ``EPOLLRDHUP`` says the peer's FIN is queued behind the data.
+How it is built: on raw non-blocking sockets in the balancer's epoll set
+(``epollset.py``), like HAProxy, rather than on asyncio transports. With one
+connection per message behind three echo servers that took it from 0.70-0.76x
+HAProxy's rate to 0.9-1.0x here; on persistent connections both are at about
+0.95x. No ``epoll_ctl`` but the two ``ADD`` calls per connection.
 
 Flow control: a chunk the other side cannot take at once is kept (one chunk,
 at most 64 KiB) and its source is not read until the writable edge has sent it;
@@ -34,16 +24,14 @@ both directions have.
 from __future__ import annotations
 
 import errno
-import select
 import socket
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import _socket
 
-from ..config import ConfigError
 from ..sockets import local_shortage
+from .epollset import BUF, ERR, HANGUP, HUP, IN, OUT, EpollSet, connect_result, os_error, start_connect
 from .pool import Backend, connect_failure
 from .relay_message import ERR_BUSY, ERR_NO_BACKEND
 
@@ -51,7 +39,6 @@ if TYPE_CHECKING:
     from .app import Balancer
 
 
-BUF = 65536
 EARLY_LIMIT = 256 * 1024
 """Bytes kept from a client before its backend connection is up; past this, reading pauses."""
 ACCEPT_BATCH = 64
@@ -59,25 +46,17 @@ ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1
 """Seconds the listener rests when no descriptor is left to accept with."""
 
-IN, OUT, RDHUP, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP, select.EPOLLERR, select.EPOLLHUP
-WATCH = IN | OUT | RDHUP | select.EPOLLET
-
 
 class TcpRelay:
-    """The listener and every relayed connection, in one epoll set."""
+    """The listener; the relayed connections are in the balancer's epoll set."""
 
     def __init__(self, app: Balancer) -> None:
         self.app = app
-        self.ep = select.epoll()
-        self.handlers: dict[int, Callable[[int], None]] = {}
-        self.gone: set[int] = set()  # descriptors closed during this batch of events
-        self.addresses: dict[Backend, tuple[int, tuple]] = {}
+        self.events: EpollSet = app.events
         self.sockets: list[socket.socket] = []  # the listener (as asyncio's Server names it)
         self.accepting = False
 
     def listen(self, host: str, port: int, backlog: int) -> TcpRelay:
-        for b in self.app.pool.backends:
-            self.addresses[b] = resolve(b)
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                        flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -90,29 +69,16 @@ class TcpRelay:
             raise
         sock.setblocking(False)
         self.sockets = [sock]
-        self.handlers[sock.fileno()] = self._accept
-        self.ep.register(sock.fileno(), IN)
+        self.events.watch(sock, self._accept, IN)  # level-triggered: at most ACCEPT_BATCH a turn
         self.accepting = True
-        self.app.loop.add_reader(self.ep.fileno(), self._ready)
         return self
 
     def close(self) -> None:
         """Stop accepting (connections go on)."""
         for sock in self.sockets:
-            self.handlers.pop(sock.fileno(), None)
-            sock.close()
+            self.events.drop(sock)
         self.sockets = []
         self.accepting = False
-
-    def _ready(self) -> None:
-        handlers, gone = self.handlers, self.gone
-        gone.clear()  # (closes between batches, by the sweeps, have no events in this one)
-        for fd, ev in self.ep.poll(0, 64):
-            if fd in gone:  # closed by an earlier event of this batch, its number maybe reused since
-                continue
-            handler = handlers.get(fd)
-            if handler is not None:
-                handler(ev)
 
     def _accept(self, ev: int) -> None:
         app = self.app
@@ -125,58 +91,35 @@ class TcpRelay:
                 return
             except OSError as exc:
                 if local_shortage(exc):  # the queue stays full: rest rather than spin on it
-                    self.ep.unregister(listener.fileno())
+                    self.events.unwatch(listener)
                     app.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
                 return
             sock = _socket.socket(fileno=fd)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers go out as they come
-            session = TcpSession(self, sock, peer)
+            session = TcpSession(self.events, app, sock, peer)
             if not app.admit(session):
                 session.refuse(ERR_BUSY)
                 continue
-            self.watch(sock, session.on_client)
+            self.events.watch(sock, session.on_client)
             session.connect_next()
 
     def _resume_accepting(self) -> None:
         if self.accepting:
-            self.ep.register(self.sockets[0].fileno(), IN)
-
-    def watch(self, sock: _socket.socket, handler: Callable[[int], None]) -> None:
-        fd = sock.fileno()
-        self.handlers[fd] = handler
-        self.ep.register(fd, WATCH)
-
-    def drop(self, sock: _socket.socket) -> None:
-        fd = sock.fileno()
-        if self.handlers.pop(fd, None) is not None:
-            self.gone.add(fd)
-        sock.close()  # also takes it out of the epoll set
-
-
-def resolve(backend: Backend) -> tuple[int, tuple]:
-    """The backend's address, looked up once, at start (as HAProxy does without a
-    resolvers section). A name with both kinds of address gets its IPv4 one:
-    ``localhost`` may list ``::1`` first, and the servers listen on 127.0.0.1."""
-    try:
-        found = socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ConfigError(f"backend {backend.name}: cannot resolve {backend.host!r}: {exc.strerror}") from None
-    family, _, _, _, sockaddr = min(found, key=lambda a: a[0] != socket.AF_INET)
-    return family, sockaddr
+            self.events.watch(self.sockets[0], self._accept, IN)
 
 
 class TcpSession:
     """One client connection and its backend connection."""
 
-    __slots__ = ("relay", "app", "elog", "csock", "bsock", "peer", "backend", "used", "attempts", "conn_id",
+    __slots__ = ("events", "app", "elog", "csock", "bsock", "peer", "backend", "used", "attempts", "conn_id",
                  "connecting", "connect_started", "to_backend", "to_client", "client_eof", "backend_eof",
                  "client_paused", "closed", "bytes_in", "seen_bytes", "last_activity")
 
-    def __init__(self, relay: TcpRelay, csock: _socket.socket, peer: tuple) -> None:
-        self.relay = relay
-        self.app = relay.app
-        self.elog = relay.app.elog
+    def __init__(self, events: EpollSet, app: Balancer, csock: _socket.socket, peer: tuple) -> None:
+        self.events = events
+        self.app = app
+        self.elog = app.elog
         self.csock = csock
         self.bsock: _socket.socket | None = None
         self.peer = peer
@@ -206,24 +149,20 @@ class TcpSession:
                 break
             self.attempts += 1
             self.used.append(backend.name)
-            family, sockaddr = self.relay.addresses[backend]
             try:
-                sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                sock, code = start_connect(self.app.addresses[backend])
             except OSError as exc:
                 self.busy(exc)
                 return
-            code = sock.connect_ex(sockaddr)
-            if code not in (0, errno.EINPROGRESS):
-                sock.close()
-                if not self.connect_failed(backend, OSError(code, errno.errorcode.get(code, "error"))):
+            if sock is None:
+                if not self.connect_failed(backend, os_error(code)):
                     return
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.backend = backend
             self.bsock = sock
             self.connecting = True
             self.connect_started = time.monotonic()
-            self.relay.watch(sock, self.on_backend)  # writable when connected; ERR|HUP when refused
+            self.events.watch(sock, self.on_backend)  # writable when connected; ERR|HUP when refused
             return
         self.app.no_backend_errors += 1
         self.refuse(ERR_NO_BACKEND)
@@ -245,7 +184,7 @@ class TcpSession:
     def retry(self, exc: OSError) -> None:
         """The backend connection failed before it was up: try the next backend."""
         backend = self.backend
-        self.relay.drop(self.bsock)  # type: ignore[arg-type]
+        self.events.drop(self.bsock)  # type: ignore[arg-type]
         self.bsock = None
         self.backend = None
         self.connecting = False
@@ -269,15 +208,13 @@ class TcpSession:
     def on_client(self, ev: int) -> None:
         if ev & OUT and self.to_client:
             self.flush_to_client()
-        if ev & (IN | RDHUP | ERR | HUP) and not self.closed:
-            self.read_client(ev & (RDHUP | ERR | HUP))
+        if ev & (IN | HANGUP) and not self.closed:
+            self.read_client(ev & HANGUP)
 
     def on_backend(self, ev: int) -> None:
         if self.connecting:
             if ev & (ERR | HUP):
-                code = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
-                self.retry(OSError(code, errno.errorcode.get(code, "error")) if code
-                           else ConnectionResetError(errno.ECONNRESET, "reset"))
+                self.retry(connect_result(self.bsock))  # type: ignore[arg-type]
                 return
             if not ev & OUT:
                 return
@@ -286,8 +223,8 @@ class TcpSession:
                 return
         if ev & OUT and self.to_backend:
             self.flush_to_backend()
-        if ev & (IN | RDHUP | ERR | HUP) and not self.closed:
-            self.read_backend(ev & (RDHUP | ERR | HUP))
+        if ev & (IN | HANGUP) and not self.closed:
+            self.read_backend(ev & HANGUP)
 
     # -- client to backend -------------------------------------------------------
 
@@ -424,10 +361,10 @@ class TcpSession:
         if self.closed:
             return
         self.closed = True
-        relay = self.relay
-        relay.drop(self.csock)
+        events = self.events
+        events.drop(self.csock)
         if self.bsock is not None:
-            relay.drop(self.bsock)
+            events.drop(self.bsock)
         if self.backend is not None and not self.connecting:
             self.backend.active -= 1
         admitted = self in self.app.connections
