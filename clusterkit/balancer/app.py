@@ -16,15 +16,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from functools import partial
 
 from .. import logs, loops
 from .admin import start_admin
 from .config import BalancerConfig
-from .epollset import EpollSet, resolve
+from .epollset import EpollSet, Listener, resolve
 from .health import check_forever
 from .pool import Backend, Pool
-from .relay_message import ClientSide
-from .relay_tcp import TcpRelay
+from .relay_message import start_client
+from .relay_tcp import start_session
 
 
 FD_RESERVE = 32
@@ -62,7 +63,7 @@ class Balancer:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
         self.addresses = {b: resolve(b) for b in self.pool.backends}
-        self._server: asyncio.base_events.Server | TcpRelay | None = None
+        self._server: Listener | None = None
         self._admin: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self.stop_signal = loops.StopSignal(on_force=self._abort_all)
@@ -83,11 +84,8 @@ class Balancer:
         self.loop = asyncio.get_running_loop()
         self.events = EpollSet(self.loop)
         cfg = self.config
-        if cfg.mode == "message":
-            self._server = await loops.create_server(self.loop, lambda: ClientSide(self), cfg.host, cfg.port,
-                                                     backlog=4096, reuse_address=True)
-        else:
-            self._server = TcpRelay(self).listen(cfg.host, cfg.port, backlog=4096)
+        on_accept = partial(start_client if cfg.mode == "message" else start_session, self)
+        self._server = Listener(self.events, on_accept).listen(cfg.host, cfg.port, backlog=4096)
         if cfg.admin_port:
             self._admin = await start_admin(self, cfg.host, cfg.admin_port)
         for b in self.pool.backends:

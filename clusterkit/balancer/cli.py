@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--connect-timeout", float, "seconds to connect to a backend before trying the next"),
         ("--response-timeout", float, "seconds a backend may leave a message unanswered before "
                                       "its clients are moved to another backend"),
-        ("--idle-timeout", float, "seconds a client may stay silent before it is disconnected, 0 for never"),
+        ("--idle-timeout", float, "seconds a client may stay silent, or leave its answers unread, before it is "
+                                  "disconnected, 0 for never"),
         ("--line-timeout", float, "message mode: seconds a client may take to finish a line it began; "
                                   "slower gets 'ERR line-timeout' (a slowloris), 0 for never"),
         ("--drain-timeout", float, "on SIGTERM, seconds to let in-flight messages finish"),

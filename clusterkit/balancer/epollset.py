@@ -29,6 +29,7 @@ from collections.abc import Callable
 import _socket
 
 from ..config import ConfigError
+from ..sockets import local_shortage
 from .pool import Backend
 
 IN, OUT, RDHUP, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP, select.EPOLLERR, select.EPOLLHUP
@@ -36,6 +37,10 @@ WATCH = IN | OUT | RDHUP | select.EPOLLET
 HANGUP = RDHUP | ERR | HUP
 """Event bits that mean: read on to the end (EOF or the error)."""
 BUF = 65536
+ACCEPT_BATCH = 64
+"""Connections accepted per readiness event; more wait for the next turn of the loop."""
+ACCEPT_PAUSE = 0.1
+"""Seconds the listener rests when no descriptor is left to accept with."""
 
 
 class EpollSet:
@@ -71,7 +76,10 @@ class EpollSet:
                 continue
             handler = handlers.get(fd)
             if handler is not None:
-                handler(ev)
+                try:
+                    handler(ev)
+                except Exception as exc:  # a bug in one connection's handler: the batch's other events go on
+                    self.loop.call_exception_handler({"message": "epoll event handler failed", "exception": exc})
 
 
 def resolve(backend: Backend) -> tuple[int, tuple]:
@@ -108,3 +116,262 @@ def os_error(code: int) -> OSError:
 def connect_result(sock: _socket.socket) -> OSError:
     """Why a connect failed, once epoll reported ERR or HUP for it."""
     return os_error(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+
+class Listener:
+    """A listening socket in the epoll set, level-triggered: up to ``ACCEPT_BATCH``
+    connections a turn of the loop, each handed to ``on_accept(sock, peer)`` as
+    a non-blocking socket with ``TCP_NODELAY``. Out of descriptors, it rests
+    ``ACCEPT_PAUSE`` seconds rather than spin on a queue it cannot empty.
+    ``sockets`` and ``close`` as on asyncio's Server."""
+
+    def __init__(self, events: EpollSet, on_accept: Callable[[_socket.socket, tuple], None]) -> None:
+        self.events = events
+        self.on_accept = on_accept
+        self.sockets: list[socket.socket] = []
+        self.accepting = False
+
+    def listen(self, host: str, port: int, backlog: int) -> Listener:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.sockets = [sock]
+        self.events.watch(sock, self._accept, IN)
+        self.accepting = True
+        return self
+
+    def close(self) -> None:
+        """Stop accepting (the connections go on)."""
+        for sock in self.sockets:
+            self.events.drop(sock)
+        self.sockets = []
+        self.accepting = False
+
+    def _accept(self, ev: int) -> None:
+        listener = self.sockets[0]
+        accept = listener._accept  # type: ignore[attr-defined]  # the descriptor alone: no socket.socket
+        on_accept = self.on_accept
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, peer = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if local_shortage(exc):
+                    self.events.unwatch(listener)
+                    self.events.loop.call_later(ACCEPT_PAUSE, self._resume)
+                return
+            sock = _socket.socket(fileno=fd)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers go out as they come
+            on_accept(sock, peer)
+
+    def _resume(self) -> None:
+        if self.accepting:
+            self.events.watch(self.sockets[0], self._accept, IN)
+
+
+class Stream:
+    """A connected non-blocking socket in the epoll set: read until empty, write
+    through a buffer with water marks, reading paused and resumed. Subclasses
+    say what the events mean: ``received`` (bytes read), ``ended`` (the peer's
+    EOF), ``failed`` (a read or write error), ``set_full`` (the buffer passed
+    ``high``, or fell back to ``low``), ``flushed`` (the buffer is empty)."""
+
+    def __init__(self, events: EpollSet, sock: _socket.socket, high: int = 64 * 1024) -> None:
+        self.events = events
+        self.sock = sock
+        self.out = bytearray()  # written, not yet taken by the socket
+        self.high = high
+        self.low = high // 4
+        self.full = False
+        self.read_paused = False
+        self.unread = False  # paused with bytes maybe left in the socket (no new edge will say so)
+        self.eof = False  # the peer's EOF was read
+        self.closing = False  # reading is over; closing once the buffer is out
+        self.closed = False
+
+    def on_event(self, ev: int) -> None:
+        if ev & OUT and self.out:
+            self.flush()
+        if ev & (IN | HANGUP) and not (self.closing or self.eof):
+            self.read(ev & HANGUP)
+
+    def read(self, hangup: int = 0) -> None:
+        sock = self.sock
+        while not (self.closing or self.eof):
+            if self.read_paused:
+                self.unread = True
+                return
+            try:
+                data = sock.recv(BUF)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.failed(exc)
+                return
+            if not data:
+                self.eof = True
+                self.ended()
+                return
+            self.received(data)
+            if len(data) < BUF and not hangup:
+                return  # empty now: a later arrival brings a new edge
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed or not data:
+            return
+        out = self.out
+        if not out:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.failed(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        out += data
+        if not self.full and len(out) > self.high:
+            self.full = True
+            self.set_full(True)
+
+    def flush(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.failed(exc)
+            return
+        del self.out[:sent]
+        if self.full and len(self.out) <= self.low:
+            self.full = False
+            self.set_full(False)
+        if not self.out:
+            self.flushed()
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+        if self.unread:
+            self.unread = False
+            self.events.loop.call_soon(self.read, HANGUP)  # read to the end: no edge will come
+
+    def drop(self) -> None:
+        """Close the socket now; the buffer is dropped."""
+        self.closed = self.closing = True
+        self.out.clear()
+        if self.sock.fileno() >= 0:  # not dropped yet
+            self.events.drop(self.sock)
+
+    # what the events mean, for the subclass
+    def received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def ended(self) -> None:
+        raise NotImplementedError
+
+    def failed(self, exc: OSError) -> None:
+        raise NotImplementedError
+
+    def set_full(self, full: bool) -> None:
+        pass
+
+    def flushed(self) -> None:
+        pass
+
+
+class SocketTransport(Stream, asyncio.Transport):
+    """An accepted socket driving an ``asyncio.Protocol`` as asyncio's own
+    transports do, for the part of the interface the balancer's message mode
+    uses: ``write`` with water marks (``pause_writing``/``resume_writing``),
+    ``pause_reading``/``resume_reading``, ``write_eof``, ``close`` once the
+    buffer is out, ``abort``; the protocol's ``connection_lost`` comes soon
+    after, never inside the call that closed."""
+
+    def __init__(self, events: EpollSet, sock: _socket.socket, peer: tuple, protocol: asyncio.Protocol) -> None:
+        Stream.__init__(self, events, sock)
+        self._extra = {"peername": peer}
+        self.protocol = protocol
+        self.eof_after_buffer = False  # write_eof asked for while the buffer was not empty
+
+    def start(self) -> None:
+        self.events.watch(self.sock, self.on_event)
+        self.protocol.connection_made(self)
+
+    def received(self, data: bytes) -> None:
+        self.protocol.data_received(data)
+
+    def ended(self) -> None:
+        if not self.protocol.eof_received():
+            self.close()
+
+    def failed(self, exc: OSError) -> None:
+        self.finish(exc)
+
+    def set_full(self, full: bool) -> None:
+        if full:
+            self.protocol.pause_writing()
+        else:
+            self.protocol.resume_writing()
+
+    def flushed(self) -> None:
+        if self.closing:
+            self.finish(None)
+        elif self.eof_after_buffer:
+            self.write_eof()
+
+    def write_eof(self) -> None:
+        if self.out:
+            self.eof_after_buffer = True
+            return
+        self.eof_after_buffer = False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def is_reading(self) -> bool:
+        return not self.read_paused
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = 64 * 1024 if high is None else high
+        self.low = self.high // 4 if low is None else low
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.out)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if not self.out:
+            self.finish(None)
+
+    def abort(self) -> None:
+        self.finish(None)
+
+    def finish(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.drop()
+        self.events.loop.call_soon(self.protocol.connection_lost, exc)

@@ -28,10 +28,11 @@ Flow control: the client is not read while its unanswered messages pass
 ``max_pending_bytes`` or the backend's socket is full; the backend is not read
 while the client's socket is full.
 
-I/O: the client side is an asyncio protocol; the backend side is a raw socket
-in the balancer's epoll set (``epollset.py``), connected without a task, which
-costs about half as much per connection as a transport made by
-``create_connection``.
+I/O: both sides are raw sockets in the balancer's epoll set (``epollset.py``):
+the client's behind a small transport (``SocketTransport``) that drives
+``ClientSide`` as an asyncio protocol, the backend's a ``BackendSide``,
+connected without a task. Per connection that costs about half the CPU of
+uvloop's transports and a ``create_connection`` task.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import _socket
 
 from ..protocol import LineFramer, SlowLineWatch, build_error, count_complete_responses
 from ..sockets import local_shortage
-from .epollset import BUF, ERR, HANGUP, HUP, IN, OUT, EpollSet, connect_result, os_error, start_connect
+from .epollset import ERR, HUP, OUT, EpollSet, SocketTransport, Stream, connect_result, os_error, start_connect
 from .pool import Backend, connect_failure
 
 if TYPE_CHECKING:
@@ -60,28 +61,18 @@ ERR_LINE_TIMEOUT = build_error("line-timeout")
 ERR_IDLE = build_error("idle-timeout")
 
 
-class BackendSide:
-    """The balancer's connection to one backend, on behalf of one client: a
-    non-blocking socket in the epoll set, with a write buffer like a transport's
-    (past ``write_high_water`` the client is paused; it resumes at a quarter)."""
-
-    __slots__ = ("client", "backend", "events", "sock", "connecting", "closed", "out", "high", "full",
-                 "read_paused", "unread", "attempts")
+class BackendSide(Stream):
+    """The balancer's connection to one backend, on behalf of one client: past
+    ``write_high_water`` unsent, the client is not read; it is again at a
+    quarter. The client writes only once it is connected (``backend_connected``)."""
 
     def __init__(self, client: ClientSide, backend: Backend, events: EpollSet, sock: _socket.socket,
                  attempts: int) -> None:
+        super().__init__(events, sock, client.config.write_high_water)
         self.client = client
         self.backend = backend
-        self.events = events
-        self.sock = sock
         self.attempts = attempts  # backends tried before this one, for this connect
         self.connecting = True
-        self.closed = False
-        self.out = bytearray()  # written, not yet taken by the socket
-        self.high = client.config.write_high_water
-        self.full = False
-        self.read_paused = False  # the client's socket is full
-        self.unread = False  # paused with bytes maybe left in the socket (no new edge will say so)
 
     def on_event(self, ev: int) -> None:
         if self.connecting:
@@ -94,87 +85,28 @@ class BackendSide:
             self.client.backend_connected(self)
             if self.closed:
                 return
-        if ev & OUT and self.out:
-            self.flush()
-        if ev & (IN | HANGUP) and not self.closed:
-            self.read(ev & HANGUP)
+        super().on_event(ev)
 
     def connect_failed(self, exc: OSError) -> None:
-        self.abort()
+        self.drop()
         self.client.backend_connect_failed(self, exc)
 
-    def read(self, hangup: int = 0) -> None:
-        sock = self.sock
-        while not self.closed:
-            if self.read_paused:
-                self.unread = True
-                return
-            try:
-                data = sock.recv(BUF)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.lost("reset")
-                return
-            if not data:
-                self.lost("closed")
-                return
-            self.client.backend_data(data)
-            if len(data) < BUF and not hangup:
-                return  # empty now: a later arrival brings a new edge
+    def received(self, data: bytes) -> None:
+        self.client.backend_data(data)
 
-    def lost(self, reason: str) -> None:
-        self.abort()
-        self.client.backend_lost(self, reason)
+    def ended(self) -> None:
+        self.drop()
+        self.client.backend_lost(self, "closed")
 
-    def write(self, data: bytes) -> None:
-        if self.closed:
-            return
-        out = self.out
-        if not out and not self.connecting:
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                # Dead backend: the failover (soon, not inside the caller) resends what is pending.
-                self.closed = True
-                self.events.loop.call_soon(self.lost, "reset")
-                return
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-        out += data
-        if len(out) > self.high and not self.full:
-            self.full = True
-            self.client.set_paused("backend-full", True)
+    def failed(self, exc: OSError) -> None:
+        # The failover comes soon, not inside the caller (a write may be ClientSide's own).
+        self.drop()
+        self.events.loop.call_soon(self.client.backend_lost, self, "reset")
 
-    def flush(self) -> None:
-        try:
-            sent = self.sock.send(self.out)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.lost("reset")
-            return
-        del self.out[:sent]
-        if self.full and len(self.out) <= self.high // 4:
-            self.full = False
-            self.client.set_paused("backend-full", False)
+    def set_full(self, full: bool) -> None:
+        self.client.set_paused("backend-full", full)
 
-    def pause_reading(self) -> None:
-        self.read_paused = True
-
-    def resume_reading(self) -> None:
-        self.read_paused = False
-        if self.unread:
-            self.unread = False
-            self.events.loop.call_soon(self.read, HANGUP)  # read to the end: no edge will come
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.sock.fileno() >= 0:  # not dropped yet
-            self.events.drop(self.sock)
+    abort = Stream.drop
 
 
 class ClientSide(asyncio.Protocol):
@@ -276,12 +208,14 @@ class ClientSide(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.client_full = True
+        self.stall_since = None  # from now the sweep times the client, not the backend
         conn = self.backend_conn
         if conn is not None:
             conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.client_full = False
+        self.stall_since = None
         conn = self.backend_conn
         if conn is not None:
             conn.resume_reading()
@@ -538,6 +472,16 @@ class ClientSide(asyncio.Protocol):
         if self.answered != self.sweep_answered or self.stall_since is None:
             self.sweep_answered = self.answered
             self.stall_since = now
+        elif self.client_full:
+            # The answers wait for the client to read them, not for the backend, which
+            # is not read meanwhile: no backend is to blame. A client that takes none
+            # for the idle timeout is dropped (HAProxy's timeout client, nginx's send_timeout).
+            idle_timeout = self.config.idle_timeout
+            if idle_timeout and now - self.stall_since > idle_timeout:
+                if self.elog.warning:
+                    self.elog.line("WARNING", f"event=error conn={self.conn_id} code=send-timeout "
+                                              f"pending={len(self.pending)}")
+                self.transport.abort()  # type: ignore[union-attr]
         elif now - self.stall_since > timeout:
             self.stall_since = None
             self.fail_over("response-timeout")
@@ -552,7 +496,12 @@ class ClientSide(asyncio.Protocol):
         return not self.pending and not self.connecting
 
     def close_idle(self) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        if self.transport.is_closing():  # type: ignore[union-attr]
+            # Closed already, but the client never took the last answers.
+            self.transport.abort()  # type: ignore[union-attr]
+        else:
             self.finish_with(ERR_IDLE)
 
     def line_too_slow(self, now: float, timeout: float) -> bool:
@@ -572,6 +521,11 @@ class ClientSide(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def start_client(app: Balancer, sock: _socket.socket, peer: tuple) -> None:
+    """A new client connection (the listener's ``on_accept`` in message mode)."""
+    SocketTransport(app.events, sock, peer, ClientSide(app)).start()
 
 
 def _peer(transport: asyncio.Transport | None) -> str:

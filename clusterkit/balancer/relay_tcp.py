@@ -41,72 +41,14 @@ if TYPE_CHECKING:
 
 EARLY_LIMIT = 256 * 1024
 """Bytes kept from a client before its backend connection is up; past this, reading pauses."""
-ACCEPT_BATCH = 64
-"""Connections accepted per readiness event; more wait for the next turn of the loop."""
-ACCEPT_PAUSE = 0.1
-"""Seconds the listener rests when no descriptor is left to accept with."""
-
-
-class TcpRelay:
-    """The listener; the relayed connections are in the balancer's epoll set."""
-
-    def __init__(self, app: Balancer) -> None:
-        self.app = app
-        self.events: EpollSet = app.events
-        self.sockets: list[socket.socket] = []  # the listener (as asyncio's Server names it)
-        self.accepting = False
-
-    def listen(self, host: str, port: int, backlog: int) -> TcpRelay:
-        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                       flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        self.sockets = [sock]
-        self.events.watch(sock, self._accept, IN)  # level-triggered: at most ACCEPT_BATCH a turn
-        self.accepting = True
-        return self
-
-    def close(self) -> None:
-        """Stop accepting (connections go on)."""
-        for sock in self.sockets:
-            self.events.drop(sock)
-        self.sockets = []
-        self.accepting = False
-
-    def _accept(self, ev: int) -> None:
-        app = self.app
-        listener = self.sockets[0]
-        accept = listener._accept  # type: ignore[attr-defined]  # the descriptor alone: no socket.socket
-        for _ in range(ACCEPT_BATCH):
-            try:
-                fd, peer = accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if local_shortage(exc):  # the queue stays full: rest rather than spin on it
-                    self.events.unwatch(listener)
-                    app.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-                return
-            sock = _socket.socket(fileno=fd)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers go out as they come
-            session = TcpSession(self.events, app, sock, peer)
-            if not app.admit(session):
-                session.refuse(ERR_BUSY)
-                continue
-            self.events.watch(sock, session.on_client)
-            session.connect_next()
-
-    def _resume_accepting(self) -> None:
-        if self.accepting:
-            self.events.watch(self.sockets[0], self._accept, IN)
+def start_session(app: Balancer, sock: _socket.socket, peer: tuple) -> None:
+    """A new client connection (the listener's ``on_accept`` in ``--mode tcp``)."""
+    session = TcpSession(app.events, app, sock, peer)
+    if not app.admit(session):
+        session.refuse(ERR_BUSY)
+        return
+    app.events.watch(sock, session.on_client)
+    session.connect_next()
 
 
 class TcpSession:
