@@ -18,7 +18,9 @@ How a connection is handled (all in callbacks, no ``await`` per message):
 * Idle timeout: one sweep per server (not a timer per message) closes
   connections that sent nothing for ``idle_timeout`` seconds. The same sweep
   gives ``ERR line-timeout`` to a client that began a line and has not ended
-  it within ``line_timeout`` (a slowloris trickling bytes is never idle).
+  it within ``line_timeout`` (a slowloris trickling bytes is never idle), and
+  drops a closing connection whose client has taken nothing for another idle
+  period (a client that never reads gets neither its answers nor the close).
 
 Connection states::
 
@@ -236,6 +238,10 @@ class EchoServer:
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.closing:
+                    # Closed, with answers the client has not taken: one idle period
+                    # more, then it is dropped rather than held open for ever.
+                    if idle and conn.note_activity(now) < now - 2 * idle:
+                        conn.abort()
                     continue
                 if idle and conn.note_activity(now) < now - idle:
                     conn.close_idle()
