@@ -87,3 +87,31 @@ def connect():
     yield make
     for c in conns:
         c.close()
+
+
+def flood_until_dropped(port: int, timeout: float = 30.0) -> None:
+    """Pipeline 1 MB blocks of messages to ``port`` and never read, until the
+    peer drops the connection (a reset ends the sending); fail if it has not
+    within ``timeout``."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.settimeout(0.5)
+    block = (b"w" * 63 + b"\n") * 16384
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            assert time.monotonic() < deadline, "the connection was held open"
+            try:
+                s.sendall(block)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def flood():
+    """``flood(port)``: see ``flood_until_dropped``."""
+    return flood_until_dropped
