@@ -361,6 +361,33 @@ def test_client_that_stops_reading_is_dropped_and_no_backend_is_blamed(lb, log_d
     assert [b["state"] for b in lb.stats()["backends"]] == ["UP"] * 3
 
 
+def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs, log_dir):
+    """An echo server at --max-connections says ERR busy as it takes a connection.
+    That answers no message: the balancer moves the client to another backend
+    and marks nothing down; with every backend full, the client gets ERR busy."""
+    ports = cluster.free_ports(5)
+    limits = ("2", "1", "2")  # 2: room for a client while the previous one's close is still on its way
+    for i in range(3):
+        procs.start(cluster.echo_server(f"server{i + 1}", ports[i], "--max-connections", limits[i],
+                                        log_dir=str(log_dir)))
+    full = [socket.create_connection(("127.0.0.1", ports[1]), timeout=10)]  # server2 has no room left
+    balancer = procs.start(balancer_process(ports[3], [f"server{i + 1}=127.0.0.1:{ports[i]}" for i in range(3)],
+                                            "--check-interval", "30", admin_port=ports[4], log_dir=str(log_dir)))
+    try:
+        replies = [one_message(balancer.port, b"m%d" % i) for i in range(9)]
+        assert all(r.startswith(b"REPLY server1 ") or r.startswith(b"REPLY server3 ") for r in replies), replies
+        time.sleep(0.5)  # the balancer's last backend connections are closed and gone
+        for port in (ports[0], ports[0], ports[2], ports[2]):
+            full.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.2)  # the servers count them
+        assert one_message(balancer.port) == b"ERR busy\n"
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[4]}/stats", timeout=10) as r:
+            assert all(b["state"] != "DOWN" for b in json.load(r)["backends"])
+    finally:
+        for s in full:
+            s.close()
+
+
 def test_tcp_mode_connect_that_times_out_goes_to_the_next_backend(procs, log_dir):
     """A backend whose accept queue is full drops the SYNs: the client's connect is
     given up after --connect-timeout and it is served by the next backend; the

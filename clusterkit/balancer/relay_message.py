@@ -73,6 +73,7 @@ class BackendSide(Stream):
         self.backend = backend
         self.attempts = attempts  # backends tried before this one, for this connect
         self.connecting = True
+        self.fresh = True  # nothing read from it yet
 
     def on_event(self, ev: int) -> None:
         if self.connecting:
@@ -92,6 +93,12 @@ class BackendSide(Stream):
         self.client.backend_connect_failed(self, exc)
 
     def received(self, data: bytes) -> None:
+        if self.fresh:
+            self.fresh = False
+            if data.startswith(ERR_BUSY):  # said as it took the connection: the backend is full
+                self.drop()
+                self.client.backend_busy(self)
+                return
         self.client.backend_data(data)
 
     def ended(self) -> None:
@@ -280,9 +287,9 @@ class ClientSide(asyncio.Protocol):
 
     # -- choosing and connecting a backend -----------------------------------
 
-    def attach(self, attempts: int = 0) -> bool:
-        """Pick a healthy backend and start connecting; False when none is healthy."""
-        backend = self.app.pool.choose()
+    def attach(self, attempts: int = 0, exclude: Backend | None = None) -> bool:
+        """Pick a healthy backend (not ``exclude``) and start connecting; False when none is."""
+        backend = self.app.pool.choose(exclude)
         if backend is None:
             return False
         self.backend = backend
@@ -415,6 +422,22 @@ class ClientSide(asyncio.Protocol):
                 self.fail_over("bad-reply")
         elif len(buf) > self.config.max_line + 1024:
             self.fail_over("bad-reply")
+
+    def backend_busy(self, side: BackendSide) -> None:
+        """The backend is at its connection limit: full, not down (no backend is
+        marked). What is pending goes to another backend; once every backend has
+        been tried, the client gets ``ERR busy``, as from the balancer itself."""
+        if side is not self.backend_conn:
+            return
+        backend = side.backend
+        self.drop_backend()
+        if self.closed:
+            return
+        if self.elog.info:
+            self.elog.line("INFO", f"event=backend-busy conn={self.conn_id} backend={backend.name}")
+        if side.attempts + 1 < len(self.app.pool.backends) and self.attach(side.attempts + 1, exclude=backend):
+            return
+        self.refuse_busy("backends-full")
 
     def backend_lost(self, side: BackendSide, reason: str) -> None:
         if side is not self.backend_conn:
