@@ -364,7 +364,8 @@ def test_client_that_stops_reading_is_dropped_and_no_backend_is_blamed(lb, log_d
 def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs, log_dir):
     """An echo server at --max-connections says ERR busy as it takes a connection.
     That answers no message: the balancer moves the client to another backend
-    and marks nothing down; with every backend full, the client gets ERR busy."""
+    and marks nothing down; with every backend full, the client gets ERR busy.
+    A health check that meets it fails with the reason "busy"."""
     ports = cluster.free_ports(5)
     limits = ("2", "1", "2")  # 2: room for a client while the previous one's close is still on its way
     for i in range(3):
@@ -382,7 +383,9 @@ def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs,
         time.sleep(0.2)  # the servers count them
         assert one_message(balancer.port) == b"ERR busy\n"
         with urllib.request.urlopen(f"http://127.0.0.1:{ports[4]}/stats", timeout=10) as r:
-            assert all(b["state"] != "DOWN" for b in json.load(r)["backends"])
+            backends = {b["name"]: b for b in json.load(r)["backends"]}
+        assert all(b["state"] != "DOWN" for b in backends.values())
+        assert backends["server2"]["reason"] == "check busy"  # the one check so far, at start
     finally:
         for s in full:
             s.close()

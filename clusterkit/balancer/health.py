@@ -4,7 +4,9 @@
 A check opens a connection, sends ``health-check``, and passes when a correct
 ``REPLY``/``ACK`` pair comes back in time (``--check connect``: when the
 connection is accepted, HAProxy's plain ``check``); anything else fails it with a short
-reason (``refused``, ``timeout``, ``closed``, ``bad-reply``). The pool turns
+reason (``refused``, ``timeout``, ``closed``, ``bad-reply``; ``busy`` from a
+server at its connection limit, which a backend that stays full for ``fall``
+checks is taken out for, until it has room again). The pool turns
 results into state changes (see pool.py). One task per backend; all of them
 are cancelled when the balancer stops.
 """
@@ -36,7 +38,10 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message") ->
                     return "closed"
                 responses = parser.feed(data)
                 if responses:
-                    return None if responses[0].matches(CHECK_MESSAGE) else "bad-reply"
+                    first = responses[0]
+                    if first.error == "busy":
+                        return "busy"
+                    return None if first.matches(CHECK_MESSAGE) else "bad-reply"
     except TimeoutError:
         return "timeout"
     except ConnectionRefusedError:
