@@ -56,7 +56,7 @@ class TcpSession:
 
     __slots__ = ("events", "app", "elog", "csock", "bsock", "peer", "backend", "used", "attempts", "conn_id",
                  "connecting", "connect_started", "to_backend", "to_client", "client_eof", "backend_eof",
-                 "client_paused", "closed", "bytes_in", "seen_bytes", "last_activity")
+                 "client_paused", "closed", "bytes_in", "bytes_out", "seen_bytes", "last_activity")
 
     def __init__(self, events: EpollSet, app: Balancer, csock: _socket.socket, peer: tuple) -> None:
         self.events = events
@@ -77,7 +77,8 @@ class TcpSession:
         self.backend_eof = False
         self.client_paused = False  # stopped reading the client with bytes maybe left there
         self.closed = False
-        self.bytes_in = 0
+        self.bytes_in = 0  # from the client
+        self.bytes_out = 0  # from the backend, for the client
         self.seen_bytes = 0
         self.last_activity = time.monotonic()
 
@@ -254,6 +255,7 @@ class TcpSession:
                 self.backend_eof = True
                 self.shut_client()
                 return
+            self.bytes_out += len(data)
             rest = self.send(self.csock, data)
             if rest is None:
                 return
@@ -314,23 +316,36 @@ class TcpSession:
         if self.elog.info and admitted:
             peer = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "-"
             self.elog.line("INFO", f"event=session conn={self.conn_id} peer={peer} mode=tcp "
-                                   f"backends={','.join(self.used) or '-'} bytes_in={self.bytes_in}")
+                                   f"backends={','.join(self.used) or '-'} bytes_in={self.bytes_in} "
+                                   f"bytes_out={self.bytes_out}")
 
     # -- the balancer's sweeps -----------------------------------------------------
 
     def check_response_timeout(self, now: float, timeout: float) -> None:
-        # A byte relay does not know where messages end; only the connect has a deadline.
-        if self.connecting and now - self.connect_started > self.app.config.connect_timeout:
-            self.retry(TimeoutError(errno.ETIMEDOUT, "connect timed out"))
+        # A byte relay does not know where messages end; only the connect has a deadline,
+        # and bytes held here for a peer that takes none (HAProxy's timeout client/server).
+        if self.connecting:
+            if now - self.connect_started > self.app.config.connect_timeout:
+                self.retry(TimeoutError(errno.ETIMEDOUT, "connect timed out"))
+            return
+        idle_timeout = self.app.config.idle_timeout
+        if not self.idle() and idle_timeout and self.note_activity(now) < now - idle_timeout:
+            if self.elog.warning:
+                self.elog.line("WARNING", f"event=error conn={self.conn_id} code=send-timeout")
+            self.end()
 
     def note_activity(self, now: float) -> float:
-        if self.bytes_in != self.seen_bytes:
-            self.seen_bytes = self.bytes_in
+        """The last time bytes moved, either way."""
+        seen = self.bytes_in + self.bytes_out
+        if seen != self.seen_bytes:
+            self.seen_bytes = seen
             self.last_activity = now
         return self.last_activity
 
     def idle(self) -> bool:
-        return True
+        """Nothing held here on its way: a graceful stop may close it once quiet
+        (a client still to take its answers is not idle, however quiet)."""
+        return not (self.to_client or self.to_backend or self.connecting)
 
     def close_idle(self) -> None:
         self.end()  # no ERR line: it would land in the middle of someone's byte stream
