@@ -42,6 +42,8 @@ WATCH = IN | OUT | RDHUP | select.EPOLLET
 HANGUP = RDHUP | ERR | HUP
 """Event bits that mean: read on to the end (EOF or the error)."""
 BUF = 65536
+HIGH_WATER = 64 * 1024
+"""A Stream's default write-buffer high-water mark (resumed at a quarter), as asyncio's."""
 ACCEPT_BATCH = 64
 """Connections accepted per readiness event; more wait for the next turn of the loop."""
 ACCEPT_PAUSE = 0.1
@@ -138,8 +140,7 @@ class Listener:
     def __init__(self, events: EpollSet, on_accept: Callable[[_socket.socket, tuple], None]) -> None:
         self.events = events
         self.on_accept = on_accept
-        self.sockets: list[socket.socket] = []
-        self.accepting = False
+        self.sockets: list[socket.socket] = []  # empty once closed
 
     def listen(self, host: str, port: int, backlog: int) -> Listener:
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -155,7 +156,6 @@ class Listener:
         sock.setblocking(False)
         self.sockets = [sock]
         self.events.watch(sock, self._accept, IN)
-        self.accepting = True
         return self
 
     def close(self) -> None:
@@ -163,7 +163,6 @@ class Listener:
         for sock in self.sockets:
             self.events.drop(sock)
         self.sockets = []
-        self.accepting = False
 
     def _accept(self, ev: int) -> None:
         listener = self.sockets[0]
@@ -185,7 +184,7 @@ class Listener:
             on_accept(sock, peer)
 
     def _resume(self) -> None:
-        if self.accepting:
+        if self.sockets:
             self.events.watch(self.sockets[0], self._accept, IN)
 
 
@@ -196,7 +195,7 @@ class Stream:
     EOF), ``failed`` (a read or write error), ``set_full`` (the buffer passed
     ``high``, or fell back to ``low``), ``flushed`` (the buffer is empty)."""
 
-    def __init__(self, events: EpollSet, sock: _socket.socket, high: int = 64 * 1024) -> None:
+    def __init__(self, events: EpollSet, sock: _socket.socket, high: int = HIGH_WATER) -> None:
         self.events = events
         self.sock = sock
         self.out = bytearray()  # written, not yet taken by the socket
@@ -282,10 +281,11 @@ class Stream:
 
     def drop(self) -> None:
         """Close the socket now; the buffer is dropped."""
+        if self.closed:
+            return
         self.closed = self.closing = True
         self.out.clear()
-        if self.sock.fileno() >= 0:  # not dropped yet
-            self.events.drop(self.sock)
+        self.events.drop(self.sock)
 
     # what the events mean, for the subclass
     def received(self, data: bytes) -> None:
@@ -308,15 +308,14 @@ class SocketTransport(Stream, asyncio.Transport):
     """An accepted socket driving an ``asyncio.Protocol`` as asyncio's own
     transports do, for the part of the interface the balancer's message mode
     uses: ``write`` with water marks (``pause_writing``/``resume_writing``),
-    ``pause_reading``/``resume_reading``, ``write_eof``, ``close`` once the
-    buffer is out, ``abort``; the protocol's ``connection_lost`` comes soon
-    after, never inside the call that closed."""
+    ``pause_reading``/``resume_reading``, ``close`` once the buffer is out,
+    ``abort``, ``get_extra_info("peername")``; the protocol's
+    ``connection_lost`` comes soon after, never inside the call that closed."""
 
     def __init__(self, events: EpollSet, sock: _socket.socket, peer: tuple, protocol: asyncio.Protocol) -> None:
         Stream.__init__(self, events, sock)
         self._extra = {"peername": peer}
         self.protocol = protocol
-        self.eof_after_buffer = False  # write_eof asked for while the buffer was not empty
 
     def start(self) -> None:
         self.events.watch(self.sock, self.on_event)
@@ -341,31 +340,10 @@ class SocketTransport(Stream, asyncio.Transport):
     def flushed(self) -> None:
         if self.closing:
             self.finish(None)
-        elif self.eof_after_buffer:
-            self.write_eof()
-
-    def write_eof(self) -> None:
-        if self.out:
-            self.eof_after_buffer = True
-            return
-        self.eof_after_buffer = False
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def is_reading(self) -> bool:
-        return not self.read_paused
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self.high = 64 * 1024 if high is None else high
+        self.high = HIGH_WATER if high is None else high
         self.low = self.high // 4 if low is None else low
-
-    def get_write_buffer_size(self) -> int:
-        return len(self.out)
 
     def is_closing(self) -> bool:
         return self.closing
@@ -382,6 +360,6 @@ class SocketTransport(Stream, asyncio.Transport):
 
     def finish(self, exc: Exception | None) -> None:
         if self.closed:
-            return
+            return  # connection_lost is on its way already
         self.drop()
         self.events.loop.call_soon(self.protocol.connection_lost, exc)
