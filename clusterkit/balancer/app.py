@@ -62,7 +62,8 @@ class Balancer:
         self.max_clients = client_limit(config.max_connections)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
-        self.addresses = {b: resolve(b) for b in self.pool.backends}
+        for b in self.pool.backends:
+            b.address = resolve(b)
         self._server: Listener | None = None
         self._admin: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -102,8 +103,8 @@ class Balancer:
             slow_lines = cfg.line_timeout if cfg.mode == "message" else 0  # tcp: the backend's own
             for conn in list(self.connections):
                 conn.check_response_timeout(now, cfg.response_timeout)
-                if cfg.idle_timeout and conn.idle() and conn.note_activity(now) < now - cfg.idle_timeout:
-                    conn.close_idle()
+                if cfg.idle_timeout and conn.note_activity(now) < now - cfg.idle_timeout:
+                    conn.close_idle()  # quiet both ways: idle, or stuck on a peer that takes nothing
                 elif slow_lines and not conn.closed and conn.line_too_slow(now, slow_lines):
                     conn.end_slow_line()
 

@@ -27,7 +27,9 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message") ->
     writer = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(backend.host, backend.port)
+            # The address the traffic goes to, when resolved at start (``localhost``: one of two).
+            host, port = backend.address[1][:2] if backend.address else (backend.host, backend.port)
+            reader, writer = await asyncio.open_connection(host, port)
             if kind == "connect":
                 return None
             writer.write(CHECK_MESSAGE + b"\n")

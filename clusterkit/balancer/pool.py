@@ -101,6 +101,7 @@ class Backend:
         self.checks_ok = 0
         self.checks_failed = 0
         self.latency = LatencyHistogram()
+        self.address: tuple[int, tuple] | None = None  # (family, sockaddr), resolved at start (epollset.resolve)
 
     @property
     def healthy(self) -> bool:

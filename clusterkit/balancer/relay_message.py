@@ -215,14 +215,13 @@ class ClientSide(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.client_full = True
-        self.stall_since = None  # from now the sweep times the client, not the backend
         conn = self.backend_conn
         if conn is not None:
             conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.client_full = False
-        self.stall_since = None
+        self.stall_since = None  # the backend is read again: its silence counts from now
         conn = self.backend_conn
         if conn is not None:
             conn.resume_reading()
@@ -300,7 +299,7 @@ class ClientSide(asyncio.Protocol):
         self.connecting = True
         self.connect_started = time.monotonic()  # the sweep gives up a connect that takes too long
         try:
-            sock, code = start_connect(self.app.addresses[backend])
+            sock, code = start_connect(backend.address)  # type: ignore[arg-type]
         except OSError as exc:  # no socket to be had: out of descriptors or memory
             sock, code = None, exc.errno or errno.EMFILE
         if sock is None:
@@ -495,23 +494,17 @@ class ClientSide(asyncio.Protocol):
         if self.answered != self.sweep_answered or self.stall_since is None:
             self.sweep_answered = self.answered
             self.stall_since = now
-        elif self.client_full:
-            # The answers wait for the client to read them, not for the backend, which
-            # is not read meanwhile: no backend is to blame. A client that takes none
-            # for the idle timeout is dropped (HAProxy's timeout client, nginx's send_timeout).
-            idle_timeout = self.config.idle_timeout
-            if idle_timeout and now - self.stall_since > idle_timeout:
-                if self.elog.warning:
-                    self.elog.line("WARNING", f"event=error conn={self.conn_id} code=send-timeout "
-                                              f"pending={len(self.pending)}")
-                self.transport.abort()  # type: ignore[union-attr]
-        elif now - self.stall_since > timeout:
+        elif now - self.stall_since > timeout and not self.client_full:
+            # (Client full: the answers wait for the client to read them, and the backend
+            # is not read meanwhile; no backend is to blame. See close_idle.)
             self.stall_since = None
             self.fail_over("response-timeout")
 
     def note_activity(self, now: float) -> float:
-        if self.bytes_in != self.seen_bytes:
-            self.seen_bytes = self.bytes_in
+        """The last time the client sent bytes or got an answer."""
+        seen = self.bytes_in + self.answered
+        if seen != self.seen_bytes:
+            self.seen_bytes = seen
             self.last_activity = now
         return self.last_activity
 
@@ -519,13 +512,19 @@ class ClientSide(asyncio.Protocol):
         return not self.pending and not self.connecting
 
     def close_idle(self) -> None:
+        """Nothing moved either way for the idle timeout."""
         if self.closed:
             return
-        if self.transport.is_closing():  # type: ignore[union-attr]
-            # Closed already, but the client never took the last answers.
+        if self.client_full or self.transport.is_closing():  # type: ignore[union-attr]
+            # Answers held for a client that takes none (HAProxy's timeout client,
+            # nginx's send_timeout): they cannot reach it, nor can a close.
+            if self.elog.warning:
+                self.elog.line("WARNING", f"event=error conn={self.conn_id} code=send-timeout "
+                                          f"pending={len(self.pending)}")
             self.transport.abort()  # type: ignore[union-attr]
-        else:
+        elif self.idle():
             self.finish_with(ERR_IDLE)
+        # else: waiting on its backend, which the response timeout deals with
 
     def line_too_slow(self, now: float, timeout: float) -> bool:
         # Paused: the balancer stopped reading, not the client.

@@ -41,9 +41,11 @@ if TYPE_CHECKING:
 
 EARLY_LIMIT = 256 * 1024
 """Bytes kept from a client before its backend connection is up; past this, reading pauses."""
+
+
 def start_session(app: Balancer, sock: _socket.socket, peer: tuple) -> None:
     """A new client connection (the listener's ``on_accept`` in ``--mode tcp``)."""
-    session = TcpSession(app.events, app, sock, peer)
+    session = TcpSession(app, sock, peer)
     if not app.admit(session):
         session.refuse(ERR_BUSY)
         return
@@ -58,8 +60,8 @@ class TcpSession:
                  "connecting", "connect_started", "to_backend", "to_client", "client_eof", "backend_eof",
                  "client_paused", "closed", "bytes_in", "bytes_out", "seen_bytes", "last_activity")
 
-    def __init__(self, events: EpollSet, app: Balancer, csock: _socket.socket, peer: tuple) -> None:
-        self.events = events
+    def __init__(self, app: Balancer, csock: _socket.socket, peer: tuple) -> None:
+        self.events: EpollSet = app.events
         self.app = app
         self.elog = app.elog
         self.csock = csock
@@ -70,7 +72,7 @@ class TcpSession:
         self.attempts = 0
         self.conn_id = 0
         self.connecting = False
-        self.connect_started = 0.0  # the sweep fails a connect that takes too long
+        self.connect_started = 0.0  # while connecting: the sweep fails a connect that takes too long
         self.to_backend = b""  # read from the client, not yet written to the backend
         self.to_client = b""
         self.client_eof = False
@@ -93,7 +95,7 @@ class TcpSession:
             self.attempts += 1
             self.used.append(backend.name)
             try:
-                sock, code = start_connect(self.app.addresses[backend])
+                sock, code = start_connect(backend.address)  # type: ignore[arg-type]
             except OSError as exc:
                 self.busy(exc)
                 return
@@ -131,13 +133,11 @@ class TcpSession:
         self.bsock = None
         self.backend = None
         self.connecting = False
-        self.connect_started = 0.0
         if self.connect_failed(backend, exc):  # type: ignore[arg-type]
             self.connect_next()
 
     def connected(self) -> None:
         self.connecting = False
-        self.connect_started = 0.0
         backend = self.backend
         backend.active += 1  # type: ignore[union-attr]
         backend.connections += 1  # type: ignore[union-attr]
@@ -322,17 +322,9 @@ class TcpSession:
     # -- the balancer's sweeps -----------------------------------------------------
 
     def check_response_timeout(self, now: float, timeout: float) -> None:
-        # A byte relay does not know where messages end; only the connect has a deadline,
-        # and bytes held here for a peer that takes none (HAProxy's timeout client/server).
-        if self.connecting:
-            if now - self.connect_started > self.app.config.connect_timeout:
-                self.retry(TimeoutError(errno.ETIMEDOUT, "connect timed out"))
-            return
-        idle_timeout = self.app.config.idle_timeout
-        if not self.idle() and idle_timeout and self.note_activity(now) < now - idle_timeout:
-            if self.elog.warning:
-                self.elog.line("WARNING", f"event=error conn={self.conn_id} code=send-timeout")
-            self.end()
+        # A byte relay does not know where messages end; only the connect has a deadline.
+        if self.connecting and now - self.connect_started > self.app.config.connect_timeout:
+            self.retry(TimeoutError(errno.ETIMEDOUT, "connect timed out"))
 
     def note_activity(self, now: float) -> float:
         """The last time bytes moved, either way."""
@@ -348,7 +340,11 @@ class TcpSession:
         return not (self.to_client or self.to_backend or self.connecting)
 
     def close_idle(self) -> None:
-        self.end()  # no ERR line: it would land in the middle of someone's byte stream
+        """Nothing moved either way for the idle timeout. No ERR line: it would land
+        in the middle of someone's byte stream."""
+        if not self.idle() and self.elog.warning:  # bytes held for a peer that takes none
+            self.elog.line("WARNING", f"event=error conn={self.conn_id} code=send-timeout")
+        self.end()
 
     def close(self) -> None:
         self.end()
