@@ -7,7 +7,9 @@ message`` and HAProxy 2.6 (``mode tcp``, ``nbthread 1``, ``balance
 roundrobin``). The C load generator (bench/c/lineload) drives each in turn at
 concurrency 10 with 64-byte messages, on persistent connections and with one
 connection per message; rounds are interleaved and medians compared as ratios
-within this one run.
+within this one run. Beside them, ``ref_relay.py`` (a flat Python epoll relay
+with none of a balancer's work) shows what Python reaches at all here: the
+ceiling for our ratios.
 
 Usage: python bench/bench_balancer.py [--rounds 3] [--seconds 3] [--json out.json]
 """
@@ -24,10 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import anchors  # noqa: E402
-from bench.common import LOCK, median, print_table, run_lineload, spread  # noqa: E402
+from bench.common import BENCH, LOCK, median, print_table, run_lineload, spread  # noqa: E402
 from clusterkit import cluster  # noqa: E402
 from clusterkit.balancer import balancer_process  # noqa: E402
 
+LABELS = {"tcp": "--mode tcp", "message": "--mode message", "ref relay": "ref_relay.py (Python ceiling)"}
 TARGETS = {"persistent": {"tcp": 1.0, "message": 0.8}, "per-request": {"tcp": 0.9, "message": 0.9}}
 
 
@@ -44,7 +47,7 @@ def main() -> int:
     results: dict = {}
     with open(LOCK, "w") as lock, tempfile.TemporaryDirectory() as tmp, cluster.ProcessGroup() as group:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        ports = cluster.free_ports(6)
+        ports = cluster.free_ports(7)
         backends = []
         for i in range(3):
             group.start(cluster.echo_server(f"server{i + 1}", ports[i], "--log-level", "warning", log_dir=tmp))
@@ -56,6 +59,9 @@ def main() -> int:
             "message": group.start(balancer_process(ports[4], backends, "--mode", "message", "--log-level", "warning",
                                                     log_dir=tmp)),
             "haproxy": group.start(anchors.haproxy(ports[5], [("127.0.0.1", p) for p in ports[:3]], tmp)),
+            "ref relay": group.start(cluster.Process("ref-relay", [sys.executable, str(BENCH / "ref_relay.py"),
+                                                                   str(ports[6])] + [str(p) for p in ports[:3]],
+                                                     port=ports[6])),
         }
         for kind in ("persistent", "per-request"):
             rps = {name: [] for name in targets}
@@ -71,7 +77,7 @@ def main() -> int:
     verdicts = []
     for kind, res in results.items():
         ha = median(res["rps"]["haproxy"])
-        for name in ("tcp", "message", "haproxy"):
+        for name in ("tcp", "message", "haproxy", "ref relay"):
             m = median(res["rps"][name])
             ratio = m / ha
             goal = TARGETS[kind].get(name)
@@ -79,7 +85,8 @@ def main() -> int:
             if goal is not None:
                 verdicts.append({"connections": kind, "mode": name, "ratio": round(ratio, 3), "target": goal,
                                  "met": ratio >= goal})
-            rows.append([kind, name if name == "haproxy" else f"--mode {name}", f"{m:,.0f}", spread(res["rps"][name]),
+            label = LABELS.get(name, name)
+            rows.append([kind, label, f"{m:,.0f}", spread(res["rps"][name]),
                          res["errors"][name], f"{ratio:.2f}", verdict])
     print(f"three echo servers behind each balancer; concurrency {args.connections}, 64-byte messages, "
           f"{args.rounds} interleaved rounds x {args.seconds:g}s; load: bench/c/lineload")

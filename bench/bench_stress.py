@@ -6,7 +6,8 @@ to be trusted?
    64-byte messages: the rate the tool measures with each engine, as a ratio
    of what the C load generator (bench/c/lineload) measures on the same
    target in the same run; and whether each engine ranks the two servers in
-   the same order as the C generator.
+   the same order as the C generator. ``ref_load.py``, a flat Python loop that
+   only counts answers, shows the ceiling for Python here.
 2. ``--http`` against nginx serving page.html: requests/s and p50 latency
    next to ApacheBench's for the same run size.
 
@@ -27,12 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import anchors  # noqa: E402
-from bench.common import LOCK, lineecho_process, median, print_table, run_ab, run_lineload  # noqa: E402
+from bench.common import BENCH, LOCK, lineecho_process, median, print_table, run_ab, run_lineload  # noqa: E402
 from clusterkit import cluster  # noqa: E402
 
 ENGINES = {"epoll x2 processes": ("epoll", 2), "epoll x1": ("epoll", 1),
            "async x2 processes": ("async", 2), "async x1": ("async", 1),
            "thread x2 processes": ("thread", 2), "thread x1": ("thread", 1)}
+REF = "ref_load.py (Python ceiling)"
+"""A flat Python epoll loop that counts answers and nothing else: what Python drives at all here."""
 HTTP_ENGINE = ("--engine", "epoll")
 """What --http is compared with ab on: the engine built like ab (processes: auto)."""
 
@@ -45,6 +48,14 @@ def run_tool(tmp: str, *args: str) -> dict:
     if not out.exists():
         raise RuntimeError(f"stress tool failed: {proc.stderr[-500:]}")
     return json.loads(out.read_text())["runs"][0]
+
+
+def run_ref_load(port: int, seconds: float) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / "ref_load.py"), str(port), "10", str(seconds)],
+                          capture_output=True, text=True, timeout=seconds + 60)
+    if proc.returncode:
+        raise RuntimeError(f"ref_load.py failed: {proc.stderr[-500:]}")
+    return json.loads(proc.stdout)
 
 
 def main() -> int:
@@ -66,6 +77,9 @@ def main() -> int:
             for sname, proc in servers.items():
                 r = run_lineload("127.0.0.1", proc.port, connections=10, seconds=args.seconds)
                 rps.setdefault("C load generator", {}).setdefault(sname, []).append(r["rps"])
+                ref = run_ref_load(proc.port, args.seconds)
+                rps.setdefault(REF, {}).setdefault(sname, []).append(ref["rps"])
+                busy.setdefault(REF, {}).setdefault(sname, []).append(ref["cpu_percent"])
                 for ename, (engine, procs) in ENGINES.items():
                     row = run_tool(tmp, "--port", str(proc.port), "-c", "10", "-k", "--duration", str(args.seconds),
                                    "--engine", engine, "--processes", str(procs))
@@ -95,7 +109,7 @@ def main() -> int:
         cpu = {s: f", tool {median(busy[gen][s]):.0f}%" if gen in busy else "" for s in m}
         rows.append([gen] + [f"{m[s]:,.0f} ({ratios[s]:.2f}x{cpu[s]})" for s in servers] +
                     [" > ".join(o.split()[0] for o in order), "same" if order == ref_order else "DIFFERENT"])
-        if gen != "C load generator":
+        if gen not in ("C load generator", REF):
             goal = 0.5 if gen.startswith("thread") else 0.8
             worst = min(ratios.values())
             verdicts.append({"engine": gen, "ratio_min": round(worst, 3), "target": goal, "met": worst >= goal,
