@@ -269,6 +269,34 @@ def test_pipelined_requests_are_answered_in_order(server):
     assert types == [b"text/css", b"image/svg+xml", b"text/html"]
 
 
+def _statuses(port: int, raw: bytes) -> list[bytes]:
+    """The status of every answer to ``raw``, read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return re.findall(rb"^HTTP/1\.[01] (\d+) ", data, re.MULTILINE)
+
+
+@pytest.mark.parametrize("target", ["Server_async_http.py", "Server_thread_http.py", "lb.py"])
+def test_a_pipelined_batch_is_answered_as_far_as_it_is_good(setup, target):
+    """As nginx and HAProxy do: the requests before a bad one are answered, in
+    order, then the error and the close; bytes after a request that closes the
+    connection are ignored, not an error (both failed on the old parser, which
+    answered such a batch with a lone 400)."""
+    srv = setup.lb(2) if target == "lb.py" else setup.server(target)
+    get = b"GET /style.css HTTP/1.1\r\nHost: t\r\n\r\n"
+    missing = b"GET /nothing-here HTTP/1.1\r\nHost: t\r\n\r\n"
+    assert _statuses(srv.port, get + missing + GARBAGE) == [b"200", b"404", b"400"]
+    assert _statuses(srv.port, get + b"GET /x HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n") \
+        == [b"200", b"400"]
+    closing = b"GET /style.css HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    assert _statuses(srv.port, get + closing + get) == [b"200", b"200"]
+    http10 = b"GET /style.css HTTP/1.0\r\n\r\n"
+    assert _statuses(srv.port, HTTP10_KEEPALIVE + http10 + GARBAGE) == [b"200", b"200"]
+
+
 def test_slowloris_is_timed_out_while_others_are_served(server):
     slow = socket.create_connection(("127.0.0.1", server.port), timeout=20)
     started = time.monotonic()

@@ -50,19 +50,18 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        try:
-            requests = self.parser.feed(data)
-        except HttpError as exc:
-            self._refuse(exc)
-            return
-        if not requests:
-            return
-        out, keep = self.static.answer(requests, self.peer, self.elog)
-        transport = self.transport
-        transport.write(out)  # type: ignore[union-attr]
-        if not keep:
-            self.closing = True
-            transport.close()  # type: ignore[union-attr]
+        parser = self.parser
+        requests = parser.feed(data)
+        if requests:
+            out, keep = self.static.answer(requests, self.peer, self.elog)
+            transport = self.transport
+            transport.write(out)  # type: ignore[union-attr]
+            if not keep:
+                self.closing = True
+                transport.close()  # type: ignore[union-attr]
+                return
+        if parser.error is not None:
+            self._refuse(parser.error)
 
     def _refuse(self, exc: HttpError) -> None:
         if self.elog.warning:

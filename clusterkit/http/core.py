@@ -85,7 +85,9 @@ class RequestParser:
         self.limits = limits
         self._parser = httptools.HttpRequestParser(self)
         self.ready: list[Request] = []
-        self._error: HttpError | None = None
+        self.error: HttpError | None = None
+        """The stream went bad after the requests ``feed`` returned: answer them, then this, then close."""
+        self.last = False  # a request that closes the connection is complete: nothing after it is read
         self._reset()
         self.in_progress = False
         """Bytes of a request head have arrived and the head is not complete yet."""
@@ -147,15 +149,25 @@ class RequestParser:
 
     def on_message_complete(self) -> None:
         p = self._parser
-        self.ready.append(Request(p.get_method(), self._url, p.get_http_version(), self._headers,
-                                  p.should_keep_alive()))
+        keep_alive = p.should_keep_alive()
+        self.ready.append(Request(p.get_method(), self._url, p.get_http_version(), self._headers, keep_alive))
+        if not keep_alive:
+            self.last = True
 
     def _fail(self, error: HttpError) -> None:
-        self._error = error
+        self.error = error
         raise error
 
     def feed(self, data: bytes) -> list[Request]:
-        """The requests ``data`` completes; raises HttpError (the connection must close after answering)."""
+        """The requests ``data`` completes, in order; never raises.
+
+        A pipelined batch is answered as far as it is good, as nginx and HAProxy
+        do: when the stream turns bad after some complete requests, those are
+        returned and ``error`` is set (answer them, then the error, then close).
+        Bytes after a request that closes the connection (``Connection: close``,
+        HTTP/1.0 without keep-alive) are ignored, not an error."""
+        if self.error is not None or self.last:
+            return []
         while True:
             try:
                 self._parser.feed_data(data)
@@ -163,21 +175,16 @@ class RequestParser:
                 # An Upgrade (h2c from ``curl --http2``, a WebSocket) is ignored, as RFC 9110
                 # 7.8 allows: the request is answered over HTTP/1.1 and the bytes after it
                 # are HTTP/1.1 again, for a new parser. CONNECT gets its 405 and the close.
-                if self._error is None and self.ready and self.ready[-1].method != b"CONNECT":
+                if self.error is None and self.ready and self.ready[-1].method != b"CONNECT":
                     data = data[exc.args[0]:]
                     self._parser = httptools.HttpRequestParser(self)
                     if data:
                         continue
             except httptools.HttpParserError as exc:
-                if self._error is not None:
-                    raise self._error from None
-                detail = str(exc)
-                if detail.startswith("Invalid HTTP version"):
-                    raise HttpError(505, detail) from None
-                raise HttpError(400, detail) from None
+                if self.error is None and not self.last:  # (else: our own limit's, or bytes after the last)
+                    detail = str(exc)
+                    self.error = HttpError(505 if detail.startswith("Invalid HTTP version") else 400, detail)
             break
-        if self._error is not None:
-            raise self._error
         ready, self.ready = self.ready, []
         return ready
 

@@ -379,6 +379,7 @@ class ProxyClient(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
+        self.refused = False  # the parser's error is queued
         self.last_activity = time.monotonic()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -404,13 +405,12 @@ class ProxyClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        try:
-            requests = self.parser.feed(data)
-        except HttpError as exc:
-            self.queue.append(exc)  # type: ignore[arg-type]  # answered in turn, then close
+        parser = self.parser
+        self.queue.extend(parser.feed(data))
+        if parser.error is not None and not self.refused:
+            self.refused = True
+            self.queue.append(parser.error)  # type: ignore[arg-type]  # answered in turn, then close
             self.transport.pause_reading()  # type: ignore[union-attr]
-            requests = []
-        self.queue.extend(requests)
         if len(self.queue) > 64:
             self.transport.pause_reading()  # type: ignore[union-attr]
         if self.queue:

@@ -161,12 +161,13 @@ class ThreadedHttpServer:
                 if not data:
                     return
                 requests = parser.feed(data)
-                if not requests:
-                    continue
-                out, keep = self.static.answer(requests, peer, elog)
-                conn.sendall(out)
-                if not keep:
-                    return
+                if requests:
+                    out, keep = self.static.answer(requests, peer, elog)
+                    conn.sendall(out)
+                    if not keep:
+                        return
+                if parser.error is not None:
+                    raise parser.error
         except HttpError as exc:
             if elog.warning:
                 elog.line("WARNING", f"event=refused client={peer} status={exc.status} reason={logs.quote(exc.detail)}")
