@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .protocol import DEFAULT_MAX_LINE, ProtocolError, Response, ResponseParser
+from .protocol import DEFAULT_MAX_LINE, ProtocolError, Response, ResponseParser, message_line
 
 _ns = time.perf_counter_ns
 
@@ -105,7 +105,7 @@ class Client:
         assert sock is not None
         sent_at = _ns()
         try:
-            sock.sendall(data + b"\n")
+            sock.sendall(message_line(data))
         except OSError as exc:
             self.close()
             raise ClientError("closed", f"send failed: {exc.strerror or exc}") from None

@@ -24,6 +24,7 @@ at the end of a ``REPLY`` line as part of the message (a message may end in
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 DEFAULT_MAX_LINE = 65536
@@ -144,6 +145,22 @@ def _strip_cr(lines: list[bytes]) -> list[bytes]:
         line = lines[0]
         return [line[:-1]] if line[-1:] == b"\r" else lines
     return [line[:-1] if line[-1:] == b"\r" else line for line in lines]
+
+
+# --------------------------------------------------------------------------
+# Building client lines
+
+
+def message_line(message: bytes) -> bytes:
+    """``message`` as a line that reads back as exactly ``message``: the reader
+    drops one ``\\r`` before the ``\\n``, so a message that ends in ``\\r``
+    gets ``\\r\\n``."""
+    return message + b"\r\n" if message[-1:] == b"\r" else message + b"\n"
+
+
+def message_lines(messages: Iterable[bytes]) -> bytes:
+    """``message_line`` for each, as one buffer to write."""
+    return b"".join([m + b"\r\n" if m[-1:] == b"\r" else m + b"\n" for m in messages])
 
 
 # --------------------------------------------------------------------------

@@ -282,6 +282,26 @@ def test_oversized_line_garbage_and_half_close(lb, connect):
 
 
 @pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_a_message_ending_in_cr_is_relayed_unchanged(lb, connect, mode):
+    """SPEC: one \\r before the \\n is dropped; any other byte is the message's.
+    So the message of ``a\\rb\\r\\r\\n`` is ``a\\rb\\r``. Message mode re-frames what
+    it forwards (the first messages, sent before the backend connection is up;
+    a chunk that ends mid-line; a failover's resend): it sent ``a\\rb\\r\\n`` and
+    the backend dropped the message's own last byte."""
+    lb.start("--mode", mode)
+    conn = connect(lb.port)
+    conn.send(b"a\rb\r\r\n")  # the first message: sent on once the backend is connected
+    time.sleep(0.2)
+    conn.send(b"c\r\r\nd")  # ends mid-line: the framed messages go on, not the raw chunk
+    time.sleep(0.2)
+    conn.send(b"e\r\r\n")
+    conn.sock.shutdown(socket.SHUT_WR)
+    data = conn.read_all()
+    name = server_of(data).encode()
+    assert data == b"".join(b"REPLY %s %s\nACK %s %d\n" % (name, m, name, len(m)) for m in (b"a\rb\r", b"c\r", b"de\r"))
+
+
+@pytest.mark.parametrize("mode", ["message", "tcp"])
 def test_bytes_after_the_last_newline_get_err_incomplete_line_after_the_answers(lb, connect, mode):
     lb.start("--mode", mode)
     conn = connect(lb.port)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import _socket
 
-from ..protocol import LineFramer, SlowLineWatch, build_error, count_complete_responses
+from ..protocol import LineFramer, SlowLineWatch, build_error, count_complete_responses, message_lines
 from ..sockets import local_shortage
 from .epollset import ERR, HUP, OUT, EpollSet, SocketTransport, Stream, connect_result, os_error, start_connect
 from .pool import Backend, connect_failure
@@ -190,7 +190,7 @@ class ClientSide(asyncio.Protocol):
                     self.burst_start = time.monotonic()
                 self.pending.extend(messages)
                 whole = aligned and framer.buffered == 0 and framer.error is None
-                out = data if whole else b"\n".join(messages) + b"\n"
+                out = data if whole else message_lines(messages)
                 self.pending_bytes += len(out)
                 conn = self.backend_conn
                 if conn is not None and not self.connecting:
@@ -345,7 +345,7 @@ class ClientSide(asyncio.Protocol):
             side.pause_reading()
         if self.pending:
             # First connection, or a failover: (re)send everything unanswered, in order.
-            side.write(b"".join([m + b"\n" for m in self.pending]))
+            side.write(message_lines(self.pending))
         else:
             self.settle()
 

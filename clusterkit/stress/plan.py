@@ -8,6 +8,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from ..protocol import message_line, message_lines
 from .config import StressConfig
 from .exchange import HttpReader, KnownAnswer, LineReader
 from .metrics import Recorder
@@ -42,8 +43,10 @@ class Target:
             self.http_request = b""
             self.name = ""  # the server that answered last, and its answer's frame (see Client.whole)
             self.head = self.tail = b""
+            self.eol = b"\n"  # what ends a message's line (message_line: b"\r\n" after a message ending in \r)
             if cfg.message:
                 self.fixed = cfg.message
+                self.eol = message_line(cfg.message)[len(cfg.message):]
             else:
                 self.fixed = None
                 self.prefix = b"c%03d-" % worker
@@ -77,9 +80,9 @@ class Target:
         batch = min(self.batch, count)
         if batch == 1:
             msg = self.message(k)
-            return msg + b"\n", LineReader([msg]), 1
+            return msg + self.eol, LineReader([msg]), 1
         msgs = [self.message(k + j) for j in range(batch)]
-        return b"\n".join(msgs) + b"\n", LineReader(msgs), batch
+        return message_lines(msgs), LineReader(msgs), batch
 
 
 def address(cfg: StressConfig, target: Target) -> tuple[int, tuple]:
@@ -176,7 +179,7 @@ class Client:
         target = self.target
         if self.steady:  # one line protocol message, what ``whole`` checks in one step
             msg = target.message(self.k)
-            payload = msg + b"\n"
+            payload = msg + target.eol
             self.reader = LineReader([msg])
             self.batch = 1
             if target.head:
