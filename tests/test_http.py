@@ -276,7 +276,7 @@ def _statuses(port: int, raw: bytes) -> list[bytes]:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    return re.findall(rb"^HTTP/1\.[01] (\d+) ", data, re.MULTILINE)
+    return _statuses_in(data)
 
 
 @pytest.mark.parametrize("target", ["Server_async_http.py", "Server_thread_http.py", "lb.py"])
@@ -494,6 +494,77 @@ def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, stat
         stop.set()
         t.join(5)
         ls.close()
+
+
+FAKE_ANSWERS = {
+    b"/eof": b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nthe body ends with the connection\n",
+    b"/interim": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n"
+                 b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nfinal\n",
+    b"/moved": b"HTTP/1.1 302 Found Elsewhere\r\nLocation: /page.html\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+def _fake_backend(ls: socket.socket, stop: threading.Event) -> None:
+    """Answers FAKE_ANSWERS by path, /healthz with 200; closes after /eof."""
+    def serve(conn):
+        with conn:
+            buf = b""
+            while not stop.is_set():
+                try:
+                    chunk = conn.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\r\n\r\n" in buf:
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    path = head.split(b" ")[1]
+                    conn.sendall(FAKE_ANSWERS.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"))
+                    if path == b"/eof" or b"HTTP/1.0" in head.split(b"\r\n")[0]:
+                        return
+    ls.settimeout(0.1)
+    while not stop.is_set():
+        try:
+            conn, _ = ls.accept()
+        except OSError:
+            continue
+        conn.settimeout(10)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def test_lb_relays_close_delimited_interim_and_unlisted_status_answers(setup):
+    """Answers other backends give (nginx and HAProxy relay them): a body that
+    ends with the connection (RFC 9112 6.3; it was a 503 and the backend marked
+    down), 1xx interim answers before the final one (the 100 went to the client as
+    the answer, which then waited for ever), and a status with its own reason
+    phrase (it was 'Unknown')."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(16)
+    stop = threading.Event()
+    t = threading.Thread(target=_fake_backend, args=(ls, stop), daemon=True)
+    t.start()
+    lb = setup.server("lb.py", "--backend", f"fake=127.0.0.1:{ls.getsockname()[1]}", "--response-timeout", "5")
+    try:
+        for _ in range(2):
+            data = exchange(lb.port, b"GET /eof HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data[:200]
+            assert data.endswith(b"\r\n\r\nthe body ends with the connection\n")
+            assert b"Content-Length: 34\r\n" in data
+        data = exchange(lb.port, b"GET /interim HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", timeout=10)
+        assert _statuses_in(data) == [b"200"] and data.endswith(b"final\n"), data[:300]
+        data = exchange(lb.port, b"GET /moved HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 302 Found Elsewhere\r\n") and b"Location: /page.html" in data
+        assert "backend-down" not in setup.log()
+    finally:
+        stop.set()
+        t.join(5)
+        ls.close()
+
+
+def _statuses_in(data: bytes) -> list[bytes]:
+    return re.findall(rb"^HTTP/1\.[01] (\d+) ", data, re.MULTILINE)
 
 
 def _free_offset() -> int:

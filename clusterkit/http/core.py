@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from http import HTTPStatus
 
 import httptools
 
@@ -32,6 +33,17 @@ REASONS = {200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 ALLOWED_METHODS = (b"GET", b"HEAD")
+
+
+def reason_phrase(status: int) -> bytes:
+    """The reason phrase for a status: ours, else the standard one (RFC 9110), else none."""
+    if status in REASONS:
+        return REASONS[status].encode()
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
 SERVER = b"clusterkit"
 
 
@@ -210,7 +222,7 @@ def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"te
     """A whole response; ``headers`` are extra header lines, each ending in CRLF."""
     conn = b"keep-alive" if keep_alive else b"close"
     head = (b"HTTP/%s %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-            b"%sConnection: %s\r\n\r\n" % (version.encode(), status, REASONS.get(status, "Unknown").encode(),
+            b"%sConnection: %s\r\n\r\n" % (version.encode(), status, reason_phrase(status),
                                            SERVER, http_date(), content_type, len(body), headers, conn))
     return head if head_only or status == 304 else head + body
 

@@ -33,13 +33,14 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from typing import NamedTuple
 
 import httptools
 
 from .. import logs, loops
 from ..sockets import local_shortage
 from .config import HttpBackend, ProxyConfig
-from .core import REASONS, HttpError, Request, RequestParser, error_response, http_date
+from .core import HttpError, Request, RequestParser, error_response, http_date, reason_phrase
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"content-length"}
@@ -54,6 +55,14 @@ class BadGateway(Exception):
 
 class BackendDown(ConnectionError):
     """The backend was marked down while this request waited on it."""
+
+
+class BackendAnswer(NamedTuple):
+    status: int
+    reason: bytes  # the backend's own reason phrase, passed on as HAProxy and nginx do
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: bool
 
 
 class BackendConn(asyncio.Protocol):
@@ -76,6 +85,8 @@ class BackendConn(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.status = 0
+        self.reason = b""
+        self.head_done = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -89,20 +100,30 @@ class BackendConn(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
         return self.waiter
 
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        self.head_done = True
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): the final one follows
+            self._reset()
+            return
+        self._complete(self.parser.should_keep_alive())
+
+    def _complete(self, keep_alive: bool) -> None:
         waiter, self.waiter = self.waiter, None
         self.backend.busy.discard(self)
         if waiter is not None and not waiter.done():
-            waiter.set_result((self.status, self.headers, b"".join(self.body), self.parser.should_keep_alive()))
+            waiter.set_result(BackendAnswer(self.status, self.reason, self.headers, b"".join(self.body), keep_alive))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -113,7 +134,16 @@ class BackendConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if exc is None and self.waiter is not None and self.head_done and self._ends_at_close():
+            # A body without Content-Length or chunked framing ends where the connection
+            # does (RFC 9112 6.3): the close completes it, as HTTP/1.0 servers and CGI answer.
+            self._complete(False)
+            return
         self._fail(ConnectionResetError("backend closed the connection"))
+
+    def _ends_at_close(self) -> bool:
+        framed = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
+        return not framed and self.status not in (204, 304)
 
     def _fail(self, exc: Exception) -> None:
         self.backend.busy.discard(self)
@@ -262,7 +292,7 @@ class Proxy:
                     break  # next backend
                 reused = conn.uses > 0
                 try:
-                    status, headers, body, keep = await conn.send(data)
+                    answer = await conn.send(data)
                 except TimeoutError:
                     # As nginx's proxy_next_upstream (error timeout): the backend is taken
                     # out and the request, idempotent, goes to the next one; 504 if none is left.
@@ -284,17 +314,18 @@ class Proxy:
                     b.failures += 1
                     self.mark(b, False, f"{type(exc).__name__}")
                     break  # next backend
-                if keep and not conn.closed and len(b.idle) < self.config.pool_size:
+                if answer.keep_alive and not conn.closed and len(b.idle) < self.config.pool_size:
                     b.idle.append(conn)
                 else:
                     conn.close()
                 b.requests += 1
-                return status, self._client_response(req, status, headers, body, b), b.name
+                return answer.status, self._client_response(req, answer, b), b.name
 
-    def _client_response(self, req: Request, status: int, headers, body: bytes, b: BackendState) -> bytes:
+    def _client_response(self, req: Request, answer: BackendAnswer, b: BackendState) -> bytes:
+        status, body = answer.status, answer.body
         lines = []
         has_backend = False
-        for k, v in headers:
+        for k, v in answer.headers:
             lk = k.lower()
             if lk in HOP_BY_HOP or lk == b"date":
                 continue
@@ -305,7 +336,7 @@ class Proxy:
             lines.append(b"X-Backend: %s\r\n" % b.name.encode())
         conn = b"keep-alive" if req.keep_alive else b"close"
         head = (b"HTTP/%s %d %s\r\n%sDate: %s\r\nContent-Length: %d\r\nVia: %s\r\nConnection: %s\r\n\r\n"
-                % (req.version.encode(), status, REASONS.get(status, "Unknown").encode(), b"".join(lines),
+                % (req.version.encode(), status, answer.reason or reason_phrase(status), b"".join(lines),
                    http_date(), len(body), VIA, conn))
         return head if req.method == b"HEAD" or status == 304 else head + body
 
