@@ -3,6 +3,7 @@ raw sockets for every error case, faults, and a real browser."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import queue
@@ -449,39 +450,59 @@ def test_lb_in_front_of_a_server_without_healthz_keeps_it_up(setup):
     assert bad.returncode == 2 and "--check-path 'healthz'" in bad.stderr
 
 
-@pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503)])
-def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, status):
+@contextlib.contextmanager
+def fake_backend(answer):
+    """A backend on a free port whose ``answer(conn)`` serves each connection, in a
+    thread of its own; every connection is closed at the end. Yields the port."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(16)
+    ls.settimeout(0.1)
     stop = threading.Event()
+    conns: list[socket.socket] = []
 
-    def serve():
-        conns = []
-        ls.settimeout(0.1)
+    def serve(conn):
+        try:
+            answer(conn)
+        except OSError:
+            pass
+
+    def accept():
         while not stop.is_set():
             try:
                 conn, _ = ls.accept()
             except OSError:
                 continue
+            conn.settimeout(10)
             conns.append(conn)
-            try:
-                request = conn.recv(65536)
-                if behaviour == "garbage" or b"/healthz" in request:
-                    # health checks pass, so the answer to the real request decides
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n" if b"/healthz" in request
-                                 else b"\x00\x01 not http at all\r\n\r\n")
-            except OSError:
-                pass
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield ls.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        ls.close()
         for c in conns:
             c.close()
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    port = ls.getsockname()[1] if behaviour != "none" else cluster.free_port()
-    lb = setup.server("lb.py", "--backend", f"only=127.0.0.1:{port}", "--response-timeout", "0.5",
-                      "--check-interval", "0.2")
-    try:
+
+@pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503)])
+def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, status):
+    def answer(conn):
+        request = conn.recv(65536)
+        if behaviour == "garbage" or b"/healthz" in request:
+            # health checks pass, so the answer to the real request decides
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n" if b"/healthz" in request
+                         else b"\x00\x01 not http at all\r\n\r\n")
+
+    with fake_backend(answer) as port:
+        if behaviour == "none":
+            port = cluster.free_port()
+        lb = setup.server("lb.py", "--backend", f"only=127.0.0.1:{port}", "--response-timeout", "0.5",
+                          "--check-interval", "0.2")
         if behaviour == "none":
             deadline = time.monotonic() + 10
             while status_of(exchange(lb.port, CLOSING_GET)) != 503:
@@ -490,10 +511,6 @@ def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, stat
         else:
             data = exchange(lb.port, CLOSING_GET)
             assert status_of(data) == status, data[:100]
-    finally:
-        stop.set()
-        t.join(5)
-        ls.close()
 
 
 FAKE_ANSWERS = {
@@ -504,33 +521,18 @@ FAKE_ANSWERS = {
 }
 
 
-def _fake_backend(ls: socket.socket, stop: threading.Event) -> None:
-    """Answers FAKE_ANSWERS by path, /healthz with 200; closes after /eof."""
-    def serve(conn):
-        with conn:
-            buf = b""
-            while not stop.is_set():
-                try:
-                    chunk = conn.recv(65536)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                buf += chunk
-                while b"\r\n\r\n" in buf:
-                    head, _, buf = buf.partition(b"\r\n\r\n")
-                    path = head.split(b" ")[1]
-                    conn.sendall(FAKE_ANSWERS.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"))
-                    if path == b"/eof" or b"HTTP/1.0" in head.split(b"\r\n")[0]:
-                        return
-    ls.settimeout(0.1)
-    while not stop.is_set():
-        try:
-            conn, _ = ls.accept()
-        except OSError:
-            continue
-        conn.settimeout(10)
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+def _answer_by_path(conn: socket.socket) -> None:
+    """FAKE_ANSWERS by path, else 200 (the health checks); the connection ends after /eof."""
+    buf = b""
+    while chunk := conn.recv(65536):
+        buf += chunk
+        while b"\r\n\r\n" in buf:
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            path = head.split(b" ")[1]
+            conn.sendall(FAKE_ANSWERS.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"))
+            if path == b"/eof" or b"HTTP/1.0" in head.split(b"\r\n")[0]:
+                conn.shutdown(socket.SHUT_WR)
+                return
 
 
 def test_lb_relays_close_delimited_interim_and_unlisted_status_answers(setup):
@@ -539,28 +541,18 @@ def test_lb_relays_close_delimited_interim_and_unlisted_status_answers(setup):
     down), 1xx interim answers before the final one (the 100 went to the client as
     the answer, which then waited for ever), and a status with its own reason
     phrase (it was 'Unknown')."""
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(16)
-    stop = threading.Event()
-    t = threading.Thread(target=_fake_backend, args=(ls, stop), daemon=True)
-    t.start()
-    lb = setup.server("lb.py", "--backend", f"fake=127.0.0.1:{ls.getsockname()[1]}", "--response-timeout", "5")
-    try:
+    with fake_backend(_answer_by_path) as port:
+        lb = setup.server("lb.py", "--backend", f"fake=127.0.0.1:{port}", "--response-timeout", "5")
         for _ in range(2):
             data = exchange(lb.port, b"GET /eof HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data[:200]
             assert data.endswith(b"\r\n\r\nthe body ends with the connection\n")
             assert b"Content-Length: 34\r\n" in data
-        data = exchange(lb.port, b"GET /interim HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", timeout=10)
+        data = exchange(lb.port, b"GET /interim HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert _statuses_in(data) == [b"200"] and data.endswith(b"final\n"), data[:300]
         data = exchange(lb.port, b"GET /moved HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert data.startswith(b"HTTP/1.1 302 Found Elsewhere\r\n") and b"Location: /page.html" in data
         assert "backend-down" not in setup.log()
-    finally:
-        stop.set()
-        t.join(5)
-        ls.close()
 
 
 def _statuses_in(data: bytes) -> list[bytes]:
