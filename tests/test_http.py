@@ -450,6 +450,20 @@ def test_lb_in_front_of_a_server_without_healthz_keeps_it_up(setup):
     assert bad.returncode == 2 and "--check-path 'healthz'" in bad.stderr
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("lb.py", ["--response-timeout", "-1"], "--response-timeout must be positive"),
+    ("lb.py", ["--check-interval", "0"], "--check-interval must be positive"),
+    ("Server_async_http.py", ["--header-timeout", "-1"], "--header-timeout must be positive"),
+    ("Server_thread_http.py", ["--keepalive-timeout", "0"], "--keepalive-timeout must be positive"),
+    ("async_server.py", ["9999", "--keepalive-timeout", "nan"], "--keepalive-timeout must be positive"),
+])
+def test_bad_timeouts_are_one_clear_line_and_exit_2(script, args, message, log_dir):
+    """A negative header timeout made every request in pieces a dropped connection."""
+    bad = subprocess.run(cluster.python_script(f"http_servers/{script}", *args, "--log-dir", str(log_dir)),
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
 @contextlib.contextmanager
 def fake_backend(answer):
     """A backend on a free port whose ``answer(conn)`` serves each connection, in a

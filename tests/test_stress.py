@@ -382,6 +382,7 @@ def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keep
     (["--pipeline", "4"], "--pipeline needs --connection keepalive"),
     (["--kill-backend", "server2@50%"], "--kill-backend needs --spawn"),
     (["--nice", "30"], "--nice must be between 0 and 19"),
+    (["-n", "3", "-c", "10"], "-c 10 is more than -n 3"),
 ])
 def test_bad_options_are_one_clear_line_and_exit_2(args, message, log_dir):
     proc = stress(*args, log_dir=log_dir, timeout=30)

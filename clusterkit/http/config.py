@@ -9,6 +9,17 @@ from .core import Limits
 from .static import DEFAULT_ROOT
 
 
+def check_limits(limits: Limits) -> None:
+    check(limits.header_timeout > 0, f"--header-timeout must be positive, got {limits.header_timeout}")
+    check(limits.keepalive_timeout > 0, f"--keepalive-timeout must be positive, got {limits.keepalive_timeout}")
+
+
+def check_positive(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        check(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
 @dataclass(frozen=True)
 class HttpServerConfig:
     program: str = "http-async"
@@ -31,6 +42,8 @@ class HttpServerConfig:
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
         check(self.pool >= 0, "--pool must not be negative")
+        check(self.drain_timeout >= 0, "--drain-timeout must not be negative")
+        check_limits(self.limits)
 
 
 @dataclass(frozen=True)
@@ -64,5 +77,8 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         check(len(self.backends) >= 1, "at least one backend is needed")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
+        check_positive(self, "connect_timeout", "response_timeout", "check_interval", "check_timeout")
+        check(self.pool_size >= 0 and self.drain_timeout >= 0, "pool_size and drain_timeout must not be negative")
+        check_limits(self.limits)
         check(self.check_path.startswith("/") and not any(c in self.check_path for c in " \r\n"),
               f"--check-path {self.check_path!r}: use a path like /healthz")

@@ -56,6 +56,10 @@ class StressConfig:
         check(self.processes >= 1, "--processes must be at least 1")
         check(0 <= self.nice <= 19, "--nice must be between 0 and 19")
         check(self.processes <= self.concurrency, "--processes cannot exceed -c")
+        # As ApacheBench: more clients than requests would leave some idle and the
+        # report's concurrency (and its time per request) untrue.
+        check(self.duration is not None or self.requests >= self.concurrency,
+              f"-c {self.concurrency} is more than -n {self.requests}: each client sends at least one request")
         check(b"\n" not in self.message, "--message may not contain a newline")
 
     @cached_property  # asked once per request
