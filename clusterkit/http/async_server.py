@@ -19,6 +19,7 @@ import time
 from .. import logs, loops
 from .config import HttpServerConfig
 from .core import HttpError, RequestParser, error_response
+from .linger import Linger
 from .static import StaticFiles
 
 _TIMEOUT_408 = error_response(HttpError(408, "request head too slow"))
@@ -26,7 +27,7 @@ _TIMEOUT_408 = error_response(HttpError(408, "request head too slow"))
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "peer", "last_activity", "closing", "elog", "static", "conn_id",
-                 "paused_since")
+                 "paused_since", "lingering")
 
     def __init__(self, server: AsyncHttpServer) -> None:
         self.server = server
@@ -37,6 +38,7 @@ class HttpProtocol(asyncio.Protocol):
         self.peer = "-"
         self.closing = False
         self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
+        self.lingering: Linger | None = None  # after an error answer, until the close
         self.last_activity = time.monotonic()
         self.conn_id = 0
 
@@ -49,6 +51,10 @@ class HttpProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=512 * 1024)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            if not self.lingering.take(data):
+                self.transport.abort()  # type: ignore[union-attr]
+            return
         self.last_activity = time.monotonic()
         parser = self.parser
         requests = parser.feed(data)
@@ -67,9 +73,12 @@ class HttpProtocol(asyncio.Protocol):
         if self.elog.warning:
             self.elog.line("WARNING", f"event=refused client={self.peer} status={exc.status} "
                                       f"reason={logs.quote(exc.detail)}")
+        self._answer_and_linger(error_response(exc, self.static.backend_header))
+
+    def _answer_and_linger(self, answer: bytes) -> None:
         self.closing = True
-        self.transport.write(error_response(exc, self.static.backend_header))  # type: ignore[union-attr]
-        self.transport.close()  # type: ignore[union-attr]
+        self.transport.write(answer)  # type: ignore[union-attr]
+        self.lingering = Linger(self.transport)  # type: ignore[arg-type]
 
     def pause_writing(self) -> None:
         self.paused_since = time.monotonic()
@@ -85,6 +94,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def sweep(self, now: float) -> None:
         limits = self.server.config.limits
+        if self.lingering is not None:
+            if self.lingering.over(now):
+                self.transport.abort()  # type: ignore[union-attr]
+            return
         if self.paused_since and now - self.paused_since > limits.keepalive_timeout:
             # It has not read its answers for that long (nginx's send_timeout): drop it,
             # also when closing, which would wait for a buffer it never drains.
@@ -98,8 +111,7 @@ class HttpProtocol(asyncio.Protocol):
             self.closing = True
             if self.elog.warning:
                 self.elog.line("WARNING", f"event=refused client={self.peer} status=408 reason=slow-head")
-            self.transport.write(_TIMEOUT_408)  # type: ignore[union-attr]
-            self.transport.close()  # type: ignore[union-attr]
+            self._answer_and_linger(_TIMEOUT_408)
         elif not self.parser.in_progress and now - self.last_activity > limits.keepalive_timeout:
             self.closing = True
             self.transport.close()  # type: ignore[union-attr]

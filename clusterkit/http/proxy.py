@@ -41,6 +41,7 @@ from .. import logs, loops
 from ..sockets import local_shortage
 from .config import HttpBackend, ProxyConfig
 from .core import HttpError, Request, RequestParser, error_response, http_date, reason_phrase
+from .linger import Linger
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"content-length"}
@@ -411,6 +412,7 @@ class ProxyClient(asyncio.Protocol):
         self.peer = "-"
         self.closing = False
         self.refused = False  # the parser's error is queued
+        self.lingering: Linger | None = None  # after an error answer, until the close
         self.last_activity = time.monotonic()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -435,6 +437,10 @@ class ProxyClient(asyncio.Protocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            if not self.lingering.take(data):
+                self.transport.abort()  # type: ignore[union-attr]
+            return
         self.last_activity = time.monotonic()
         parser = self.parser
         self.queue.extend(parser.feed(data))
@@ -495,7 +501,10 @@ class ProxyClient(asyncio.Protocol):
         self.transport.write(resp)  # type: ignore[union-attr]
         if not keep:
             self.closing = True
-            self.transport.close()  # type: ignore[union-attr]
+            if status >= 400:  # the client may still be sending: a reset could take the answer with it
+                self.lingering = Linger(self.transport)  # type: ignore[arg-type]
+            else:
+                self.transport.close()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -504,6 +513,10 @@ class ProxyClient(asyncio.Protocol):
             self.task.cancel()  # waiting for requests that will not come
 
     def sweep(self, now: float, limits) -> None:
+        if self.lingering is not None:
+            if self.lingering.over(now):
+                self.transport.abort()  # type: ignore[union-attr]
+            return
         if self.paused_since and not self.closing and now - self.paused_since > limits.keepalive_timeout:
             # It has not read its answers for that long (nginx's send_timeout): drop it;
             # closing would wait for a buffer it never drains.

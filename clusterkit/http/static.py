@@ -74,6 +74,8 @@ class StaticFiles:
             real = real / INDEX
             if not real.is_file():
                 return None
+        elif parts and decoded.endswith("/"):
+            return None  # /page.html/ names a directory, and a file is none (nginx: 404)
         return real if real.is_file() else None
 
     def _load(self, path: Path, now: float) -> CachedFile | None:

@@ -35,6 +35,7 @@ from ..affinity import pin_to_core
 from ..sockets import kernel_timeouts
 from .config import HttpServerConfig
 from .core import HttpError, RequestParser, build_response, error_response
+from .linger import linger
 from .static import StaticFiles
 
 _BUSY = build_response(503, b"503 Service Unavailable: all worker threads are busy\n", keep_alive=False)
@@ -173,6 +174,7 @@ class ThreadedHttpServer:
                 elog.line("WARNING", f"event=refused client={peer} status={exc.status} reason={logs.quote(exc.detail)}")
             try:
                 conn.sendall(error_response(exc, self.static.backend_header))
+                linger(conn)
             except OSError:
                 pass
         except OSError:
