@@ -609,15 +609,24 @@ def _free_offset() -> int:
     pytest.skip("no free set of ports found")
 
 
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
+    """$CLUSTERKIT_LOG_DIR moves its logs as every program's (it wrote to logs/)."""
     offset = _free_offset()
-    up = procs.start(cluster.Process("up", [sys.executable, "-m", "clusterkit.http", "up", "--offset", str(offset),
-                                            "--log-dir", str(log_dir)], port=44444 + offset), wait=30)
+    up = procs.start(cluster.Process("up", [sys.executable, "-m", "clusterkit.http", "up", "--offset", str(offset)],
+                                     port=44444 + offset, env={"CLUSTERKIT_LOG_DIR": str(log_dir)}), wait=30)
     for port in (9002, 9005, 45000, 46000):
         cluster.wait_listening("127.0.0.1", port + offset, 30)
     children = psutil.Process(up.pid).children()
     assert len(children) == 7
     assert status_of(exchange(44444 + offset, b"GET /page.html HTTP/1.0\r\n\r\n")) == 200
+    deadline = time.monotonic() + 10
+    while " lb event=request " not in _read(log_dir / "server_log.log"):
+        assert time.monotonic() < deadline, "the lb's request line never reached $CLUSTERKIT_LOG_DIR"
+        time.sleep(0.05)
     up.signal(signal.SIGINT)
     assert up.wait(timeout=30) == 0
     gone, alive = psutil.wait_procs(children, timeout=10)

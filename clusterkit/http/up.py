@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from .. import cluster
+from .. import cluster, logs
 
 BACKEND_PORTS = (9002, 9003, 9004, 9005)
 
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clusterkit.http up", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["up"], help="up: start everything, Ctrl-C stops it")
     p.add_argument("--offset", type=int, default=0, help="add this to every default port")
-    p.add_argument("--log-dir", default="logs", help="folder of the log files (default: logs)")
+    p.add_argument("--log-dir", default=logs.DEFAULT_LOG_DIR,
+                   help="folder of the log files (default: %(default)s, or $CLUSTERKIT_LOG_DIR)")
     args = p.parse_args(argv)
     o = args.offset
     log = ["--log-dir", args.log_dir]
