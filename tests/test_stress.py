@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import signal
 import time
 
 import pytest
@@ -370,6 +371,29 @@ def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keep
     assert proc.returncode == 0, proc.stderr
     assert row["complete"] == ab_complete == 200
     assert row["total_transferred_bytes"] == ab_bytes
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tmp_path, processes):
+    """As ApacheBench: Ctrl-C prints the results so far (it printed 'interrupted'
+    alone, and --json wrote nothing); exit 130."""
+    server = procs.start(cluster.echo_server("server1", cluster.free_port(), log_dir=str(log_dir)))
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen(cluster.python_script(
+        "ClientServer_StressTools.py", "--port", str(server.port), "--duration", "30", "--rate", "200", "-k",
+        "--processes", processes, "--quiet", "--json", str(out), "--log-dir", str(log_dir)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["complete"] > 0 and row["failed"] == 0
+    assert f"interrupted (Ctrl-C) after {row['complete']:,} requests" in stderr
+    assert "Complete requests" in stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -294,6 +294,6 @@ def main(argv: list[str] | None = None) -> int:
             Path(path).write_text(text)
     if ended_early:
         print(f"stress: run ended early: {ended_early}", file=sys.stderr)
-        return cli.EXIT_UNAVAILABLE
+        return cli.EXIT_INTERRUPTED if ended_early.startswith("interrupted") else cli.EXIT_UNAVAILABLE
     failed = sum(r["failed"] for r in rows)
     return cli.EXIT_OK if failed == 0 else cli.EXIT_FAILED

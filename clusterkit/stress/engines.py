@@ -225,6 +225,9 @@ def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above
         return
+    # Ctrl-C reaches every process of the terminal's group: the parent alone decides
+    # (it stops the run through the board, and this process reports what it has).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     board = Board(cfg.concurrency, min(cfg.processes, cfg.concurrency), shared)
     result, log = run_local(cfg, clients, start_ns, board, process, keep_log)
     conn.send((result.encode(), log))
@@ -245,6 +248,7 @@ class Watch:
         self.shares = shares(cfg)
         self.progress_cb = progress_cb
         self.reason: str | None = None
+        self.interrupted = False
 
     def tick(self) -> None:
         board = self.board
@@ -254,10 +258,18 @@ class Watch:
             board.stop()
             self.reason = self._dead()
 
+    def interrupt(self) -> None:
+        """Ctrl-C: stop every client; the run ends with what it has, as ApacheBench's does."""
+        self.board.stop()
+        self.interrupted = True
+        if self.reason is None:
+            self.reason = "interrupted (Ctrl-C) after {done:,} requests"
+
     def finish(self, result: RunResult) -> RunResult:
         if self.reason is None and self.board.all_refused(DEAD_STREAK):
             self.reason = self._dead()  # a run too short for tick() to see it
-        result.ended_early = self.reason
+        # The count is the result's: the board's, when the reason was found, missed what came after.
+        result.ended_early = self.reason.format(done=result.complete + result.failed) if self.reason else None
         result.machine_busy = busy_between(self.cpu_before, cpu_times())
         if self.progress_cb:
             self.progress_cb(self.board)
@@ -265,7 +277,7 @@ class Watch:
 
     def _dead(self) -> str:
         return (f"the target stopped accepting connections: every client's last {DEAD_STREAK} "
-                f"connects failed, after {self.board.done():,} requests")
+                "connects failed, after {done:,} requests")
 
 
 def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
@@ -286,8 +298,14 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
                 worker.join(0.02)
                 watch.tick()
         except KeyboardInterrupt:
-            board.stop()
-            worker.join(cfg.timeout + 2)
+            watch.interrupt()
+            # Waited for by polling: a join that Ctrl-C interrupted may not wait again.
+            # (A second Ctrl-C ends the wait, and the run, at once.)
+            deadline = time.monotonic() + cfg.timeout + 2
+            while "out" not in box and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if "out" not in box:
+                raise
         result, log = box["out"]
         return watch.finish(result), log
     ctx = multiprocessing.get_context("fork")
@@ -307,18 +325,23 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
     pending = list(children)
     try:
         while pending:
-            for item in list(pending):
-                p, conn = item
-                if conn.poll(0.02):
-                    data, log = conn.recv()
-                    merged.merge(RunResult.decode(data))
-                    logs_all.extend(log)
-                    p.join(5)
-                    pending.remove(item)
-                elif not p.is_alive():
-                    pending.remove(item)
-                    merged.errors["engine-crashed"] += 1
-            watch.tick()
+            try:
+                for item in list(pending):
+                    p, conn = item
+                    if conn.poll(0.02):
+                        data, log = conn.recv()
+                        merged.merge(RunResult.decode(data))
+                        logs_all.extend(log)
+                        p.join(5)
+                        pending.remove(item)
+                    elif not p.is_alive():
+                        pending.remove(item)
+                        merged.errors["engine-crashed"] += 1
+                watch.tick()
+            except KeyboardInterrupt:
+                if watch.interrupted:  # the second Ctrl-C: no report, at once
+                    raise
+                watch.interrupt()  # the first: the load processes stop and report what they have
     except KeyboardInterrupt:
         for p, _ in pending:
             p.terminate()
