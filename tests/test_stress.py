@@ -373,6 +373,25 @@ def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keep
     assert row["total_transferred_bytes"] == ab_bytes
 
 
+def test_spawn_and_kill_backend_mid_run_loses_nothing(log_dir, tmp_path):
+    """What make demo shows: the killed backend's share stops, no request fails."""
+    row, proc = run_json("--spawn", "-n", "600", "-c", "6", "--rate", "600", "--kill-backend", "server2@50%",
+                         log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert row["complete"] == 600 and row["failed"] == 0
+    backends = row["backends"]
+    assert sum(backends.values()) == 600
+    assert backends["server2"] < min(backends["server1"], backends["server3"]), backends
+    assert "killed mid-run: server2" in proc.stdout
+
+
+def test_a_kill_after_the_run_is_said_not_done(log_dir, tmp_path):
+    row, proc = run_json("--spawn", "-n", "20", "-c", "2", "--kill-backend", "server2@60", log_dir=log_dir,
+                         tmp_path=tmp_path)
+    assert proc.returncode == 0 and row["complete"] == 20
+    assert "the run ended before that; no backend was killed" in proc.stderr
+
+
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tmp_path, processes):
     """As ApacheBench: Ctrl-C prints the results so far (it printed 'interrupted'
@@ -407,6 +426,12 @@ def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tm
     (["--kill-backend", "server2@50%"], "--kill-backend needs --spawn"),
     (["--nice", "30"], "--nice must be between 0 and 19"),
     (["-n", "3", "-c", "10"], "-c 10 is more than -n 3"),
+    (["--spawn", "--kill-backend", "server9@1"], "no spawned backend named 'server9'"),
+    (["--spawn", "--kill-backend", "server2@nan"], "give a number of seconds above 0"),
+    (["--spawn", "--kill-backend", "server2@-1"], "give a number of seconds above 0"),
+    (["--spawn", "--kill-backend", "server2@150%"], "more than 0% and less than 100%"),
+    (["--spawn", "--duration", "2", "--kill-backend", "server2@3"], "the run lasts 2 s"),
+    (["--spawn", "--host", "::1"], "leave out --host, --port and --http"),
 ])
 def test_bad_options_are_one_clear_line_and_exit_2(args, message, log_dir):
     proc = stress(*args, log_dir=log_dir, timeout=30)

@@ -19,6 +19,10 @@ from .board import Board
 from .config import CONNECTIONS, ENGINES, StressConfig
 from .spawn import Killer, SpawnedCluster, parse_kill
 
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7000
+"""The target when neither --host/--port nor --http says: the balancer."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -26,14 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "with many concurrent clients; every reply is verified; the report has ApacheBench's "
                     "columns plus latency and rtt percentiles and requests per backend.")
     t = p.add_argument_group("target")
-    t.add_argument("--host", default="127.0.0.1", help="server or balancer address (default: %(default)s)")
-    t.add_argument("--port", type=cli.port_number, default=7000, help="its port (default: %(default)s)")
+    # Defaults filled in by make_configs: None says the option was not given (--spawn refuses them).
+    t.add_argument("--host", help=f"server or balancer address (default: {DEFAULT_HOST})")
+    t.add_argument("--port", type=cli.port_number, help=f"its port (default: {DEFAULT_PORT})")
     t.add_argument("--http", metavar="URL", help="stress an HTTP server with GET requests (HTTP/1.0, as "
                                                   "ApacheBench), e.g. http://127.0.0.1:45000/page.html")
     t.add_argument("--spawn", action="store_true",
                    help="start three echo servers and the balancer on free ports for this run, stop them after")
     t.add_argument("--kill-backend", metavar="NAME@T",
-                   help="with --spawn: kill -9 that backend T seconds (or T%% of the requests) into the run")
+                   help="with --spawn: kill -9 that backend (server1, server2 or server3) T seconds, or T%% "
+                        "of the requests (of --duration with --duration), into the run")
     w = p.add_argument_group("load")
     w.add_argument("-n", "--requests", type=cli.positive_int, default=1000, help="requests in all (default: 1000)")
     w.add_argument("-c", "--concurrency", type=cli.positive_int, default=10,
@@ -92,7 +98,8 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
     for c in levels:
         procs = engines.default_processes(c) if args.processes == "auto" else int(args.processes)
         configs.append(StressConfig(
-            host=args.host, port=args.port, http_url=args.http, requests=args.requests, concurrency=c,
+            host=args.host or DEFAULT_HOST, port=args.port or DEFAULT_PORT, http_url=args.http,
+            requests=args.requests, concurrency=c,
             duration=args.duration, message=(args.message or "").encode(), size=args.size,
             connection="keepalive" if args.keepalive else args.connection, pipeline=args.pipeline,
             rate=args.rate, warmup=args.warmup, timeout=args.timeout, engine=args.engine,
@@ -245,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     if kill and not args.spawn:
         raise cli.Fatal("--kill-backend needs --spawn (it kills a backend this run started)", cli.EXIT_USAGE)
+    if args.spawn and (args.host or args.port or args.http):
+        raise cli.Fatal("--spawn starts its own cluster on free ports of 127.0.0.1 and stresses its balancer: "
+                        "leave out --host, --port and --http", cli.EXIT_USAGE)
+    if kill and configs[0].duration and not kill[2] and kill[1] >= configs[0].duration:
+        raise cli.Fatal(f"--kill-backend {args.kill_backend}: the run lasts {configs[0].duration:g} s",
+                        cli.EXIT_USAGE)
     elog = logs.configure("stress", level=args.log_level, log_dir=args.log_dir, file_name=logs.CLIENT_LOG,
                           stderr_level="critical")
     spawned = None
@@ -262,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             killer = None
             if kill and spawned is not None and not killed:
-                killer = Killer(spawned, *kill, cfg.requests,
+                killer = Killer(spawned, *kill, cfg.requests, cfg.duration,
                                 lambda name: (killed.append(name),
                                               elog.line("WARNING", f"event=kill backend={name}")))
             progress = Progress(None if cfg.duration else cfg.requests, args.quiet,
@@ -288,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         if spawned is not None:
             spawned.stop()
     print_report(rows, killed)
+    if kill and not killed and rows:
+        print(f"warning: --kill-backend {args.kill_backend}: the run ended before that; no backend was killed",
+              file=sys.stderr)
     for path, text in ((args.json, report.to_json(rows)), (args.csv, report.to_csv(rows)),
                        (args.markdown, report.to_markdown(rows))):
         if path:

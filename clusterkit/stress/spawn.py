@@ -12,14 +12,16 @@ from ..balancer import balancer_process
 from ..config import ConfigError
 
 
+NAMES = ("server1", "server2", "server3")
+
+
 class SpawnedCluster:
     def __init__(self, log_dir: str, balancer_args: tuple[str, ...] = ()) -> None:
         self.group = cluster.ProcessGroup()
         ports = cluster.free_ports(5)
         self.servers: dict[str, cluster.Process] = {}
         try:
-            for i in range(3):
-                name = f"server{i + 1}"
+            for i, name in enumerate(NAMES):
                 self.servers[name] = self.group.start(cluster.echo_server(name, ports[i], log_dir=log_dir))
             backends = [f"{name}=127.0.0.1:{p.port}" for name, p in self.servers.items()]
             self.balancer = self.group.start(balancer_process(
@@ -39,26 +41,33 @@ class SpawnedCluster:
 
 
 def parse_kill(spec: str) -> tuple[str, float, bool]:
-    """``server2@1.5`` (seconds) or ``server2@50%`` (of the requests)."""
+    """``server2@1.5`` (seconds) or ``server2@50%`` (of the requests, or of --duration):
+    (name, seconds or fraction, whether a fraction)."""
     name, sep, when = spec.partition("@")
     if not sep or not name:
         raise ConfigError(f"--kill-backend {spec!r}: use NAME@SECONDS or NAME@PERCENT%")
+    if name not in NAMES:
+        raise ConfigError(f"--kill-backend {spec!r}: no spawned backend named {name!r} (have {', '.join(NAMES)})")
+    fraction = when.endswith("%")
     try:
-        if when.endswith("%"):
-            return name, float(when[:-1]) / 100, True
-        return name, float(when), False
+        at = float(when[:-1] if fraction else when)
     except ValueError:
         raise ConfigError(f"--kill-backend {spec!r}: {when!r} is not a number") from None
+    if fraction and not 0 < at < 100:
+        raise ConfigError(f"--kill-backend {spec!r}: mid-run is more than 0% and less than 100%")
+    if not fraction and not 0 < at < float("inf"):
+        raise ConfigError(f"--kill-backend {spec!r}: give a number of seconds above 0")
+    return name, at / 100 if fraction else at, fraction
 
 
 class Killer:
-    """Kills a spawned backend at a time or at a fraction of the requests done."""
+    """Kills a spawned backend at a time, or at a fraction of the requests done
+    (of the duration, for a run of --duration)."""
 
     def __init__(self, spawned: SpawnedCluster, name: str, at: float, fraction: bool, total: int,
-                 on_kill: Callable[[str], None]) -> None:
-        if name not in spawned.servers:
-            raise ConfigError(f"--kill-backend: no spawned backend named {name!r} "
-                              f"(have {', '.join(spawned.servers)})")
+                 duration: float | None, on_kill: Callable[[str], None]) -> None:
+        if fraction and duration:
+            at, fraction = at * duration, False
         self.spawned, self.name, self.at, self.fraction, self.total = spawned, name, at, fraction, total
         self.on_kill = on_kill
         self.done = False
