@@ -350,6 +350,31 @@ def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path, 
     assert "intended send time" not in closed_proc.stdout.replace("\n", " ")
 
 
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_open_loop_for_a_duration_sends_rate_times_duration(start_server, log_dir, tmp_path, engine):
+    """As wrk2: --rate R --duration D sends R x D requests (each client sent one more,
+    due at the end itself)."""
+    server = start_server("server1", "--log-level", "warning")
+    row, proc = run_json("--rate", "200", "--duration", "1", "-c", "4", "--engine", engine, "--port",
+                         str(server.port), log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (row["complete"], row["failed"], row["scheduled"]) == (200, 0, 200)
+
+
+def test_open_loop_says_how_many_requests_were_never_sent(log_dir, tmp_path):
+    """A client held past the end by a stalled answer leaves its later requests
+    unsent: neither complete nor failed, so the report says how many."""
+    fake = FakeServer("stall")  # answer 150 comes a second late
+    try:
+        row, proc = run_json("--rate", "200", "--duration", "1.2", "-c", "2", "-k", "--engine", "epoll",
+                             "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    unsent = row["scheduled"] - row["complete"] - row["failed"]
+    assert unsent > 10
+    assert f"{unsent:,} of the 240 requests the schedule had were never sent" in proc.stdout.replace("\n", " ")
+
+
 @pytest.mark.skipif(shutil.which("ab") is None, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 @pytest.mark.parametrize("keepalive", [False, True])

@@ -228,6 +228,11 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
                   "(if the request opened one) to confirmation, as ApacheBench's Total")
     console.print(f"target {r['target']}, engine {r['engine']} x {r['processes']} process(es), "
                   f"{r['connection']} connections; {timing}")
+    unsent = [r for r in rows if r["scheduled"] and r["scheduled"] - r["complete"] - r["failed"] > r["concurrency"]]
+    for r in unsent:
+        console.print(f"[yellow]warning: c={r['concurrency']}: {r['scheduled'] - r['complete'] - r['failed']:,} of "
+                      f"the {r['scheduled']:,} requests the schedule had were never sent: the clients were still "
+                      f"waiting for answers when the run ended (the server fell behind or stalled).[/]")
     busy = [r for r in rows if r["client_cpu_percent"] >= SATURATED]
     if busy:
         levels = ", ".join(f"c={r['concurrency']}: {r['client_cpu_percent']:.0f}%" for r in busy)

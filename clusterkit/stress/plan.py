@@ -165,7 +165,10 @@ class Client:
         self.start = 0  # what ApacheBench's "Total" counts from: the connect when the request opened it, else base
 
     def over(self, stop) -> bool:
-        return self.k >= self.limit or stop.is_set() or ns() >= self.deadline
+        if self.k >= self.limit or stop.is_set():
+            return True
+        # --rate: nor is a request due at or after the deadline (rate x duration in all, as wrk2).
+        return ns() >= self.deadline or bool(self.plan.interval) and self.plan.intended(self.k) >= self.deadline
 
     def due(self) -> int:
         """When the next request is due (--rate), or 0: now."""

@@ -51,6 +51,9 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
         "engine": cfg.engine, "processes": cfg.processes, "connection": cfg.connection,
         "concurrency": cfg.concurrency,
         "rate": cfg.rate,  # None: closed loop; else open loop at this many requests/s in all
+        # Open loop for a duration: the requests the schedule had; those never sent (the
+        # server held every client back past the end) are neither complete nor failed.
+        "scheduled": round(cfg.rate * (cfg.duration - cfg.warmup)) if cfg.rate and cfg.duration else None,
         "time_taken_s": round(t, 6),
         "complete": complete,
         "failed": r.failed,
