@@ -186,8 +186,9 @@ class FakeServer:
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 @pytest.mark.parametrize("behaviour, kind", [
-    ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("silent", "timeout"), ("endless", "bad-reply")])
+    ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("endless", "bad-reply")])
 def test_bad_servers_are_caught_and_counted_by_kind(behaviour, kind, engine, log_dir, tmp_path):
+    # (A silent server: test_a_target_that_never_answers_ends_the_run_early.)
     fake = FakeServer(behaviour)
     try:
         row, proc = run_json("-n", "20", "-c", "2", "--timeout", "0.5", "--port", str(fake.port), "--engine", engine,
@@ -268,6 +269,25 @@ def test_dead_target_ends_fast_with_a_clear_line(log_dir):
     assert "connection refused" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert time.monotonic() - started < 30  # generous: it only proves no hang
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_a_target_that_never_answers_ends_the_run_early(log_dir, tmp_path, engine):
+    """Every request would wait out --timeout: n/c of them in a row (100 x 5 s with
+    the defaults). Once every client has had three in a row, the run ends, as
+    ApacheBench ends at its first timeout."""
+    fake = FakeServer("silent")
+    started = time.monotonic()
+    try:
+        row, proc = run_json("-n", "400", "-c", "4", "--timeout", "1", "--engine", engine, "--port",
+                             str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert time.monotonic() - started < 60  # generous; without the rule: 100 x 1 s
+    assert proc.returncode == 69, proc.stderr
+    assert "run ended early: the target stopped answering: every client's last 3 requests timed out" \
+        in proc.stderr
+    assert row["complete"] == 0 and row["errors"] == {"timeout": row["failed"]} and row["failed"] < 40
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])

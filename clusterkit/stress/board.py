@@ -6,8 +6,9 @@ process writes only its own slots, so no lock is needed):
 
 - ``done[c]`` and ``failed[c]``: requests done and failed by client ``c``
   (failed holds one total per Recorder, in the slot of its first client);
-- ``streak[c]``: connects in a row that client ``c`` could not make (0 after a
-  success), which tells a dead target from a slow one;
+- ``streak[c]``: requests in a row for which client ``c`` got nothing back (a
+  failed connect, a timeout; 0 after any answer), which tells a dead target from
+  a slow one;
 - ``stop``: set by the watcher to end every client early;
 - a coarse latency histogram per process (four buckets per power of two of
   microseconds, so within 25%), enough for a live p50/p99. The exact
@@ -79,8 +80,8 @@ class Board:
         self.a[self.stop_slot] = 1
 
     def all_refused(self, streak: int, shares: list[int | None] | None = None) -> bool:
-        """Every client still meant to send (every client, without ``shares``) has
-        failed its last ``streak`` connects."""
+        """Every client still meant to send (every client, without ``shares``) got
+        nothing back for its last ``streak`` requests."""
         a, n = self.a, self.n
         active = [c for c in range(n) if shares is None or shares[c] is None or a[c] < shares[c]]
         return bool(active) and all(a[2 * n + c] >= streak for c in active)

@@ -235,12 +235,16 @@ def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process
 
 
 DEAD_STREAK = 3
-"""Connects in a row that every client must fail before the target counts as dead."""
+"""Requests in a row that every client must get nothing back for (failed connects,
+timeouts) before the target counts as dead: ApacheBench gives up at the first
+timeout; this waits for every client to see three, so a stall shorter than that
+is measured, not taken for a dead server."""
 
 
 class Watch:
     """What the watching process does every few tens of ms: report progress, and
-    end the run early when the target is dead (no client can connect any more)."""
+    end the run early when the target is dead (no client gets anything back any
+    more: its connects fail, or its requests time out)."""
 
     def __init__(self, cfg: StressConfig, board: Board, progress_cb) -> None:
         self.cpu_before = cpu_times()
@@ -269,15 +273,22 @@ class Watch:
         if self.reason is None and self.board.all_refused(DEAD_STREAK):
             self.reason = self._dead()  # a run too short for tick() to see it
         # The count is the result's: the board's, when the reason was found, missed what came after.
-        result.ended_early = self.reason.format(done=result.complete + result.failed) if self.reason else None
+        if self.reason:
+            errors = result.errors
+            refused = errors.get("refused", 0) + errors.get("connect-timeout", 0) + errors.get("connect-error", 0)
+            what = ("stopped answering: every client's last {n} requests timed out" if errors.get("timeout", 0)
+                    > refused else "stopped accepting connections: every client's last {n} connects failed")
+            result.ended_early = self.reason.format(done=result.complete + result.failed,
+                                                    what=what.format(n=DEAD_STREAK))
+        else:
+            result.ended_early = None
         result.machine_busy = busy_between(self.cpu_before, cpu_times())
         if self.progress_cb:
             self.progress_cb(self.board)
         return result
 
     def _dead(self) -> str:
-        return (f"the target stopped accepting connections: every client's last {DEAD_STREAK} "
-                "connects failed, after {done:,} requests")
+        return "the target {what}, after {done:,} requests"
 
 
 def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,

@@ -217,7 +217,10 @@ class Client:
         if self.base >= self.plan.warm_end:
             self.rec.whole(self.base, now, self.target.name, len(chunk), self.start)
         self.k += 1
-        self.progress[self.index] = self.k
+        progress = self.progress
+        progress[self.index] = self.k
+        if progress[self.streak_slot]:
+            progress[self.streak_slot] = 0
         return True
 
     def follow(self, now: int) -> bytes | None:
@@ -231,7 +234,6 @@ class Client:
     def connected(self) -> None:
         self.opened = self.connect_started
         self.rec.connected(ns() - self.connect_started)
-        self.progress[self.streak_slot] = 0
 
     def connect_failed(self, kind: str) -> None:
         """Every request the connection was for fails with ``kind``."""
@@ -254,8 +256,14 @@ class Client:
         if self.steady or self.target.http_request:
             self.target.learn(reader)
         self.k += self.batch
-        self.progress[self.index] = self.k
-        self.progress[self.failed_slot] = self.rec.result.failed
+        progress = self.progress
+        progress[self.index] = self.k
+        progress[self.failed_slot] = self.rec.result.failed
+        # The streak counts requests in a row that got nothing back (failed connects,
+        # timeouts): any answer, even a wrong one, says the target is alive.
+        outcomes = reader.outcomes if isinstance(reader, LineReader) else [reader.outcome]
+        progress[self.streak_slot] = progress[self.streak_slot] + 1 if all(
+            o is not None and o.label == "timeout" for o in outcomes) else 0
         return reader
 
 
