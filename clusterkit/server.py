@@ -56,6 +56,10 @@ from .protocol import LineFramer, SlowLineWatch, build_error, build_replies, che
 log = logging.getLogger("clusterkit.server")
 
 _BUSY = build_error("busy")
+_SHUTTING_DOWN = build_error("shutting-down")
+REJECT_LINGER = 2.0
+"""Seconds a refused connection is read (and what comes dropped) after its error line:
+closed on unread bytes, it would be reset, and the reset can destroy the line."""
 _LINE_TOO_LONG = build_error("line-too-long")
 _INCOMPLETE_LINE = build_error("incomplete-line")
 _IDLE = build_error("idle-timeout")
@@ -97,10 +101,12 @@ class EchoProtocol(asyncio.Protocol):
         self.last_activity = time.monotonic()
         if len(server.connections) >= server.config.max_connections or server.stopping:
             self.rejected = True
-            transport.write(_BUSY)
-            transport.close()
+            transport.write(_SHUTTING_DOWN if server.stopping else _BUSY)
+            transport.write_eof()  # then what the client sends is dropped until its EOF (eof_received)
+            asyncio.get_running_loop().call_later(REJECT_LINGER, transport.abort)
             if self.elog.warning:
-                self.elog.line("WARNING", f"event=reject conn={self.conn_id} peer={self.peer} reason=busy")
+                reason = "shutting-down" if server.stopping else "busy"
+                self.elog.line("WARNING", f"event=reject conn={self.conn_id} peer={self.peer} reason={reason}")
             return
         server.connections.add(self)
         high = server.config.write_high_water
@@ -111,6 +117,8 @@ class EchoProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # No clock read here: the idle sweep and the drain notice activity by
         # bytes_in changing between two of their rounds.
+        if self.rejected:
+            return
         self.bytes_in += len(data)
         messages = self.framer.feed(data)
         if messages:
@@ -127,6 +135,8 @@ class EchoProtocol(asyncio.Protocol):
             self._fail(_LINE_TOO_LONG, "line-too-long")
 
     def eof_received(self) -> bool:
+        if self.rejected:
+            return False
         if self.elog.info:
             self.elog.line("INFO", f"event=half-close conn={self.conn_id}")
         if self.framer.buffered and self.framer.error is None:
@@ -189,8 +199,12 @@ class EchoProtocol(asyncio.Protocol):
         self._fail(_LINE_TIMEOUT, "line-timeout")
 
     def close_quietly(self) -> None:
+        """A graceful stop's close of a quiet connection; a line begun and not ended
+        gets ``ERR shutting-down`` (it would not be answered: no silent drop)."""
         if not self.closing:
             self.closing = True
+            if self.framer.buffered and self.framer.error is None:
+                self.transport.write(_SHUTTING_DOWN)  # type: ignore[union-attr]
             self.transport.close()  # type: ignore[union-attr]
 
     def abort(self) -> None:

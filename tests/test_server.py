@@ -203,6 +203,18 @@ def test_sigterm_answers_every_message_in_flight_then_exits_zero(start_server):
     assert server.wait(timeout=15) == 0
 
 
+def test_sigterm_tells_a_client_with_a_line_begun_that_it_will_not_be_answered(start_server, connect):
+    """A graceful stop closed it silently (SPEC: no silent drop of an unfinished line)."""
+    server = start_server()
+    conn = connect(server.port)
+    conn.send(b"done\npartial")
+    time.sleep(0.3)
+    server.signal(signal.SIGTERM)
+    name = b"server1"
+    assert conn.read_all(timeout=15) == b"REPLY %s done\nACK %s 4\nERR shutting-down\n" % (name, name)
+    assert server.wait(timeout=15) == 0
+
+
 def test_idle_client_is_disconnected(start_server, connect):
     server = start_server("server1", "--idle-timeout", "0.3")
     conn = connect(server.port)

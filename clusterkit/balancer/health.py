@@ -6,7 +6,8 @@ A check opens a connection, sends ``health-check``, and passes when a correct
 connection is accepted, HAProxy's plain ``check``); anything else fails it with a short
 reason (``refused``, ``timeout``, ``closed``, ``bad-reply``; ``busy`` from a
 server at its connection limit, which a backend that stays full for ``fall``
-checks is taken out for, until it has room again). The pool turns
+checks is taken out for, until it has room again; ``shutting-down`` from a
+server in its graceful stop). The pool turns
 results into state changes (see pool.py). One task per backend; all of them
 are cancelled when the balancer stops.
 """
@@ -41,8 +42,8 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message") ->
                 responses = parser.feed(data)
                 if responses:
                     first = responses[0]
-                    if first.error == "busy":
-                        return "busy"
+                    if first.error in ("busy", "shutting-down"):
+                        return first.error
                     return None if first.matches(CHECK_MESSAGE) else "bad-reply"
     except TimeoutError:
         return "timeout"

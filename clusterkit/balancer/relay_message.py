@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 ERR_NO_BACKEND = build_error("no-backend")
 ERR_BUSY = build_error("busy")
+ERR_SHUTTING_DOWN = build_error("shutting-down")
 ERR_LINE_TOO_LONG = build_error("line-too-long")
 ERR_INCOMPLETE_LINE = build_error("incomplete-line")
 ERR_LINE_TIMEOUT = build_error("line-timeout")
@@ -98,6 +99,10 @@ class BackendSide(Stream):
             if data.startswith(ERR_BUSY):  # said as it took the connection: the backend is full
                 self.drop()
                 self.client.backend_busy(self)
+                return
+            if data.startswith(ERR_SHUTTING_DOWN):  # a backend stopping: as if it had closed
+                self.drop()
+                self.client.backend_lost(self, "shutting-down")
                 return
         self.client.backend_data(data)
 
