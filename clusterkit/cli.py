@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 
 from . import logs
+from .sockets import host_port
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,13 +50,13 @@ def listen_error(program: str, host: str, port: int, exc: OSError) -> Fatal:
         if 32768 <= port <= 60999:
             hint = (" (it lies in Linux's ephemeral range 32768-60999: after a load test,"
                     " TIME_WAIT sockets of outgoing connections can hold it for a minute)")
-        return Fatal(f"{program}: cannot listen on {host}:{port}: the port is already in use"
+        return Fatal(f"{program}: cannot listen on {host_port(host, port)}: the port is already in use"
                      f" by another process{hint}", EXIT_CANT_LISTEN)
     if exc.errno == errno.EACCES:
-        return Fatal(f"{program}: cannot listen on {host}:{port}: permission denied", EXIT_CANT_LISTEN)
+        return Fatal(f"{program}: cannot listen on {host_port(host, port)}: permission denied", EXIT_CANT_LISTEN)
     if exc.errno == errno.EADDRNOTAVAIL:
-        return Fatal(f"{program}: cannot listen on {host}:{port}: no such local address", EXIT_CANT_LISTEN)
-    return Fatal(f"{program}: cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_CANT_LISTEN)
+        return Fatal(f"{program}: cannot listen on {host_port(host, port)}: no such local address", EXIT_CANT_LISTEN)
+    return Fatal(f"{program}: cannot listen on {host_port(host, port)}: {exc.strerror or exc}", EXIT_CANT_LISTEN)
 
 
 def raise_fd_limit() -> None:

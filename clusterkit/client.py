@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from .protocol import DEFAULT_MAX_LINE, ProtocolError, Response, ResponseParser, message_line
+from .sockets import host_port
 
 _ns = time.perf_counter_ns
 
@@ -128,7 +129,7 @@ class Client:
             now = _ns()
             if not chunk:
                 self.close()
-                raise ClientError("closed", f"{self.host}:{self.port} closed the connection "
+                raise ClientError("closed", f"{host_port(self.host, self.port)} closed the connection "
                                             "before the reply was complete")
             if first_byte_at is None:
                 first_byte_at = now

@@ -52,6 +52,7 @@ import time
 from . import cli, logs, loops
 from .config import ConfigError, ServerConfig
 from .protocol import LineFramer, SlowLineWatch, build_error, build_replies, check_server_name
+from .sockets import host_port
 
 log = logging.getLogger("clusterkit.server")
 
@@ -346,7 +347,7 @@ async def _serve(config: ServerConfig, elog: logs.EventLog) -> None:
         await server.start()
     except OSError as exc:
         raise cli.listen_error(config.name, config.host, config.port, exc) from None
-    print(f"{config.name} listening on {config.host}:{server.port} "
+    print(f"{config.name} listening on {host_port(config.host, server.port)} "
           f"({loops.loop_name(config.loop)}, pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
     if elog.warning:
         elog.line("WARNING", f"event=listen host={config.host} port={server.port} loop={loops.loop_name(config.loop)}")

@@ -38,3 +38,8 @@ def local_shortage(exc: BaseException) -> bool:
     """A connect that failed for want of descriptors or memory here: the
     balancer's own limit, not the backend's fault, so no reason to mark it down."""
     return getattr(exc, "errno", None) in _SHORTAGES
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL or ``--backend`` writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -70,7 +70,7 @@ def test_least_connections_and_p2c():
 @pytest.mark.parametrize("text, expected", [
     ("127.0.0.1:7001", ("127.0.0.1", 7001, 1, "127.0.0.1:7001")),
     ("a=localhost:9:3", ("localhost", 9, 3, "a")),
-    ("[::1]:7001:2", ("::1", 7001, 2, "::1:7001")),
+    ("[::1]:7001:2", ("::1", 7001, 2, "[::1]:7001")),
 ])
 def test_backend_spec_parse(text, expected):
     b = BackendSpec.parse(text)

@@ -9,6 +9,7 @@ import sys
 
 from .. import cli, logs, loops
 from ..config import ConfigError
+from ..sockets import host_port
 from .app import Balancer
 from .config import ALGORITHMS, CHECKS, MODES, BackendSpec, BalancerConfig, from_toml
 
@@ -84,7 +85,7 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
         port = config.admin_port if balancer._server is not None else config.port
         raise cli.listen_error("balancer", config.host, port, exc) from None
     backends = ", ".join(f"{b.name}" for b in config.backends)
-    admin = f", admin http://{config.host}:{config.admin_port}/stats" if config.admin_port else ""
+    admin = f", admin http://{host_port(config.host, config.admin_port)}/stats" if config.admin_port else ""
     print(f"balancer listening on {config.host}:{balancer.port} (mode {config.mode}, {config.algorithm}, "
           f"backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
     if balancer.max_clients < config.max_connections:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigError, check, load_toml
 from ..protocol import DEFAULT_MAX_LINE
+from ..sockets import host_port
 
 MODES = ("message", "tcp")
 ALGORITHMS = ("roundrobin", "weighted", "leastconn", "p2c")
@@ -28,7 +29,7 @@ class BackendSpec:
         check(0 < self.port <= 65535, f"backend {self.host}:{self.port}: not a port number")
         check(self.weight >= 1, f"backend {self.host}:{self.port}: weight must be at least 1")
         if not self.name:
-            object.__setattr__(self, "name", f"{self.host}:{self.port}")
+            object.__setattr__(self, "name", host_port(self.host, self.port))
 
     @classmethod
     def parse(cls, text: str) -> BackendSpec:

@@ -25,6 +25,7 @@ import errno
 import logging
 from collections.abc import Callable
 
+from ..sockets import host_port
 from .algorithms import ALGORITHMS
 from .config import BackendSpec, BalancerConfig
 
@@ -110,7 +111,7 @@ class Backend:
     def snapshot(self) -> dict:
         lat = self.latency
         return {
-            "name": self.name, "address": f"{self.host}:{self.port}", "weight": self.weight,
+            "name": self.name, "address": host_port(self.host, self.port), "weight": self.weight,
             "state": self.state, "reason": self.reason, "active_connections": self.active,
             "connections": self.connections, "messages": self.messages, "failures": self.failures,
             "failovers_from": self.failovers, "checks_ok": self.checks_ok, "checks_failed": self.checks_failed,

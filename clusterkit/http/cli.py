@@ -10,6 +10,7 @@ import sys
 
 from .. import cli, logs, loops
 from ..config import ConfigError, load_toml
+from ..sockets import host_port
 from .config import HttpBackend, HttpServerConfig, ProxyConfig
 from .core import Limits
 from .static import DEFAULT_ROOT
@@ -45,7 +46,7 @@ def _server_parser(description: str, port: int | None, positional: bool = False)
 
 
 def _announce(program: str, host: str, port: int, extra: str = "") -> None:
-    print(f"{program} listening on http://{host}:{port}/page.html{extra} (pid {os.getpid()}); Ctrl-C to stop",
+    print(f"{program} listening on http://{host_port(host, port)}/page.html{extra} (pid {os.getpid()}); Ctrl-C to stop",
           file=sys.stderr, flush=True)
 
 
@@ -151,7 +152,7 @@ async def _serve_proxy(config: ProxyConfig, elog: logs.EventLog) -> None:
     except OSError as exc:
         raise cli.listen_error("lb", config.host, config.port, exc) from None
     _announce("lb", config.host, proxy.port,
-              " -> " + ", ".join(f"{b.name}@{b.host}:{b.port}" for b in config.backends))
+              " -> " + ", ".join(f"{b.name}@{host_port(b.host, b.port)}" for b in config.backends))
     await proxy.serve_until_stopped()
 
 

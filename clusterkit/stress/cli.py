@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from .. import cli, logs
 from ..config import ConfigError
+from ..sockets import host_port
 from . import engines, report
 from .board import Board
 from .config import CONNECTIONS, ENGINES, StressConfig
@@ -176,7 +177,7 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig) -> 
     if not elog.info or not entries:
         return
     offset = time.time() - time.perf_counter_ns() / 1e9
-    target = cfg.http_url or f"{cfg.host}:{cfg.port}"
+    target = cfg.http_url or host_port(cfg.host, cfg.port)
     entries.sort(key=lambda e: e[0])
     for i, (sent, backend, lat, rtt, kind) in enumerate(entries, 1):
         ts = logs.timestamp(offset + sent / 1e9)

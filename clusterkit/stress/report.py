@@ -12,6 +12,7 @@ import csv
 import io
 import json
 
+from ..sockets import host_port
 from .config import StressConfig
 from .metrics import PERCENTILES, TIMINGS, RunResult
 
@@ -47,7 +48,7 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
     t = r.seconds
     complete = r.complete
     return {
-        "target": cfg.http_url or f"{cfg.host}:{cfg.port}",
+        "target": cfg.http_url or host_port(cfg.host, cfg.port),
         "engine": cfg.engine, "processes": cfg.processes, "connection": cfg.connection,
         "concurrency": cfg.concurrency,
         "rate": cfg.rate,  # None: closed loop; else open loop at this many requests/s in all
