@@ -153,6 +153,12 @@ class RequestParser:
         # RFC 9112 3.2: an HTTP/1.1 request without Host, or with more than one, gets 400.
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             self._fail(HttpError(400, "no Host header" if hosts == 0 else "more than one Host header"))
+        method = self._parser.get_method()
+        if method not in ALLOWED_METHODS:
+            # Refused now, not once its body is in: a client waiting on "Expect:
+            # 100-continue" has its 405 at once (as from nginx; curl waited a second),
+            # and no body is read for nothing (the lingering close drops it).
+            self._fail(HttpError(405, f"method {method.decode('latin-1')}"))
 
     def on_body(self, body: bytes) -> None:
         self._body += len(body)
