@@ -594,6 +594,44 @@ def test_out_of_descriptors_clients_get_err_busy_and_no_backend_is_marked_down(p
     assert one_message(balancer.port, b"after").startswith(b"REPLY server")
 
 
+def test_the_admin_port_cannot_take_the_balancer_down(procs, log_dir):
+    """A never-ending request line on the admin port grew a buffer without bound and
+    stalled the loop the traffic shares, and 120 idle admin connections took every
+    descriptor, so the health checks failed (EMFILE) and marked every backend DOWN:
+    clients got ERR no-backend. Now: 431 past 8 KiB, at most 32 admin connections,
+    and a check that cannot be made here counts neither way."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    ports = cluster.free_ports(5)
+    backends = []
+    for i in range(3):
+        procs.start(cluster.echo_server(f"server{i + 1}", ports[i], log_dir=str(log_dir)))
+        backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
+    proc = balancer_process(ports[3], backends, *FAST_CHECKS, admin_port=ports[4], log_dir=str(log_dir))
+    proc.argv = ["prlimit", "--nofile=100:100", *proc.argv]
+    balancer = procs.start(proc)
+    with socket.create_connection(("127.0.0.1", ports[4]), timeout=10) as s:
+        try:
+            s.sendall(b"GET /" + b"a" * 100_000)
+        except OSError:
+            pass  # closed on us after the 431
+        assert s.recv(200).startswith(b"HTTP/1.1 431 ")
+    idle = []
+    for _ in range(120):
+        try:
+            idle.append(socket.create_connection(("127.0.0.1", ports[4]), timeout=10))
+        except OSError:
+            pass
+    try:
+        time.sleep(2)  # ten rounds of checks
+        assert one_message(balancer.port, b"still").startswith(b"REPLY server")
+        log = (log_dir / "server_log.log").read_text()
+        assert "backend-down" not in log
+    finally:
+        for c in idle:
+            c.close()
+
+
 @pytest.mark.parametrize("target", ["server", "balancer"])
 def test_a_line_trickled_too_slowly_gets_err_line_timeout_and_lines_in_pieces_do_not(procs, log_dir, connect,
                                                                                      target):

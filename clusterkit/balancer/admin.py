@@ -58,18 +58,34 @@ class PoolCollector:
                                   value=app.no_backend_errors)
 
 
+MAX_REQUEST = 8192
+"""Bytes of a request head; more is refused (431), as nginx's and HAProxy's buffers do.
+Unbounded, a never-ending request line stalled the loop the traffic shares."""
+MAX_ADMIN_CONNECTIONS = 32
+"""Admin connections open at once; more are closed at once, so that scrapers (or
+anyone) can never take the descriptors the clients and health checks need."""
+
+
 class AdminProtocol(asyncio.Protocol):
-    def __init__(self, app: Balancer, registry: CollectorRegistry) -> None:
+    def __init__(self, app: Balancer, registry: CollectorRegistry, open_: set) -> None:
         self.app = app
         self.registry = registry
+        self.open = open_  # every admin connection open now
         self.url = b""
         self.method = b""
+        self.received = 0
+        self.answered = False
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(10, transport.abort)
+        if len(self.open) >= MAX_ADMIN_CONNECTIONS:
+            self.answered = True
+            transport.abort()
+            return
+        self.open.add(self)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -79,10 +95,17 @@ class AdminProtocol(asyncio.Protocol):
         self.respond()
 
     def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return  # one request per connection: the rest is not read
+        self.received += len(data)
+        if self.received > MAX_REQUEST:
+            self.send(431, b"text/plain", b"request too large\n")
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self.send(400, b"text/plain", b"bad request\n")
+            if not self.answered:
+                self.send(400, b"text/plain", b"bad request\n")
 
     def respond(self) -> None:
         path = httptools.parse_url(self.url).path.decode("latin-1") if self.url else "/"
@@ -96,7 +119,9 @@ class AdminProtocol(asyncio.Protocol):
             self.send(404, b"text/plain", b"not found: try /stats or /metrics\n")
 
     def send(self, status: int, ctype: bytes, body: bytes, extra: bytes = b"") -> None:
-        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed"}[status]
+        self.answered = True
+        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+                  431: b"Request Header Fields Too Large"}[status]
         head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
                 % (status, reason, ctype, len(body), extra))
         assert self.transport is not None
@@ -105,9 +130,12 @@ class AdminProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
+        self.open.discard(self)
 
 
 async def start_admin(app: Balancer, host: str, port: int) -> asyncio.base_events.Server:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PoolCollector(app))
-    return await app.loop.create_server(lambda: AdminProtocol(app, registry), host, port, reuse_address=True)
+    open_: set[AdminProtocol] = set()
+    return await app.loop.create_server(lambda: AdminProtocol(app, registry, open_), host, port,
+                                        reuse_address=True)

@@ -17,9 +17,13 @@ from __future__ import annotations
 import asyncio
 
 from ..protocol import ProtocolError, ResponseParser
+from ..sockets import local_shortage
 from .pool import Backend, Pool
 
 CHECK_MESSAGE = b"health-check"
+NO_VERDICT = "local-shortage"
+"""A check that could not be made here (out of descriptors or memory): the backend
+is not to blame, and the check counts neither way (as the relays' connects)."""
 
 
 async def check_once(backend: Backend, timeout: float, kind: str = "message") -> str | None:
@@ -52,6 +56,8 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message") ->
     except ProtocolError:
         return "bad-reply"
     except OSError as exc:
+        if local_shortage(exc):
+            return NO_VERDICT
         return (exc.strerror or "error").lower().replace(" ", "-")
     finally:
         if writer is not None:
@@ -64,6 +70,6 @@ async def check_forever(pool: Pool, backend: Backend, interval: float, timeout: 
         reason = await check_once(backend, timeout, kind)
         if reason is None:
             pool.check_passed(backend)
-        else:
+        elif reason != NO_VERDICT:
             pool.check_failed(backend, f"check {reason}")
         await asyncio.sleep(interval)
