@@ -554,11 +554,8 @@ def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_pr
         assert data == b"ERR no-backend\n"
 
 
-@pytest.mark.parametrize("mode", ["message", "tcp"])
-def test_out_of_descriptors_clients_get_err_busy_and_no_backend_is_marked_down(procs, log_dir, mode):
-    """A flood past what the open-files limit holds (here 120): the balancer runs out
-    of descriptors, not its backends. Each client gets its answer or ERR busy, never
-    ERR no-backend, no backend goes down, and service goes on once the flood is gone."""
+def _cluster_with_few_files(procs, log_dir, nofile: int, *args: str, admin_port: int = 0) -> cluster.Process:
+    """Three servers and a balancer whose open-files limit is ``nofile`` (prlimit)."""
     if shutil.which("prlimit") is None:
         pytest.skip("prlimit (util-linux) is not installed")
     ports = cluster.free_ports(4)
@@ -566,9 +563,17 @@ def test_out_of_descriptors_clients_get_err_busy_and_no_backend_is_marked_down(p
     for i in range(3):
         procs.start(cluster.echo_server(f"server{i + 1}", ports[i], log_dir=str(log_dir)))
         backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
-    proc = balancer_process(ports[3], backends, "--mode", mode, "--admin-port", "0", log_dir=str(log_dir))
-    proc.argv = ["prlimit", "--nofile=120:120", *proc.argv]
-    balancer = procs.start(proc)
+    proc = balancer_process(ports[3], backends, *args, admin_port=admin_port, log_dir=str(log_dir))
+    proc.argv = ["prlimit", f"--nofile={nofile}:{nofile}", *proc.argv]
+    return procs.start(proc)
+
+
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_out_of_descriptors_clients_get_err_busy_and_no_backend_is_marked_down(procs, log_dir, mode):
+    """A flood past what the open-files limit holds (here 120): the balancer runs out
+    of descriptors, not its backends. Each client gets its answer or ERR busy, never
+    ERR no-backend, no backend goes down, and service goes on once the flood is gone."""
+    balancer = _cluster_with_few_files(procs, log_dir, 120, "--mode", mode)
     clients, answers = [], []
     for _ in range(150):
         try:
@@ -600,17 +605,9 @@ def test_the_admin_port_cannot_take_the_balancer_down(procs, log_dir):
     descriptor, so the health checks failed (EMFILE) and marked every backend DOWN:
     clients got ERR no-backend. Now: 431 past 8 KiB, at most 32 admin connections,
     and a check that cannot be made here counts neither way."""
-    if shutil.which("prlimit") is None:
-        pytest.skip("prlimit (util-linux) is not installed")
-    ports = cluster.free_ports(5)
-    backends = []
-    for i in range(3):
-        procs.start(cluster.echo_server(f"server{i + 1}", ports[i], log_dir=str(log_dir)))
-        backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
-    proc = balancer_process(ports[3], backends, *FAST_CHECKS, admin_port=ports[4], log_dir=str(log_dir))
-    proc.argv = ["prlimit", "--nofile=100:100", *proc.argv]
-    balancer = procs.start(proc)
-    with socket.create_connection(("127.0.0.1", ports[4]), timeout=10) as s:
+    admin_port = cluster.free_port()
+    balancer = _cluster_with_few_files(procs, log_dir, 100, *FAST_CHECKS, admin_port=admin_port)
+    with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as s:
         try:
             s.sendall(b"GET /" + b"a" * 100_000)
         except OSError:
@@ -619,7 +616,7 @@ def test_the_admin_port_cannot_take_the_balancer_down(procs, log_dir):
     idle = []
     for _ in range(120):
         try:
-            idle.append(socket.create_connection(("127.0.0.1", ports[4]), timeout=10))
+            idle.append(socket.create_connection(("127.0.0.1", admin_port), timeout=10))
         except OSError:
             pass
     try:
