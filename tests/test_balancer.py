@@ -162,6 +162,41 @@ def test_least_connections_prefers_the_idle_backend(lb, connect):
     assert server_of(one_message(lb.port)) == freed
 
 
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_least_connections_spreads_a_burst_of_connects(lb, mode):
+    """30 connects at once, 3 connections already on one backend: 11 each in the end.
+    Counted only once connected, tcp mode sent the burst to the two others
+    (3/15/15): a connect under way counts from when the backend is chosen, as in HAProxy."""
+    lb.start("--mode", mode, "--algorithm", "leastconn")
+    for name in ("server2", "server3"):  # so that the three held connections go to server1
+        lb.servers[name].stop()
+    for name in ("server2", "server3"):
+        lb.wait_state(name, ("DOWN",))
+    socks = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+            s.sendall(b"hold\n")
+            socks.append(s)
+            first = server_of(s.recv(200))
+        for name in ("server2", "server3"):
+            lb.restart(name)
+        for name in ("server2", "server3"):
+            lb.wait_state(name, ("UP",))
+        for _ in range(30):  # not waiting for each: the balancer sees them together
+            socks.append(socket.create_connection(("127.0.0.1", lb.port), timeout=10))
+        deadline = time.monotonic() + 10
+        while True:
+            active = {b["name"]: b["active_connections"] for b in lb.stats()["backends"]}
+            if sum(active.values()) == 33 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        for s in socks:
+            s.close()
+    assert sum(active.values()) == 33 and max(active.values()) - min(active.values()) <= 2, (first, active)
+
+
 def test_kill_9_backend_with_20000_pipelined_messages_loses_nothing(lb):
     lb.start()
     messages = [b"pipelined-%d" % i for i in range(20_000)]

@@ -104,6 +104,7 @@ class TcpSession:
                     return
                 continue
             self.backend = backend
+            backend.active += 1  # from now, as HAProxy counts: a burst of connects spreads under leastconn
             self.bsock = sock
             self.connecting = True
             self.connect_started = time.monotonic()
@@ -129,6 +130,7 @@ class TcpSession:
     def retry(self, exc: OSError) -> None:
         """The backend connection failed before it was up: try the next backend."""
         backend = self.backend
+        backend.active -= 1  # type: ignore[union-attr]
         self.events.drop(self.bsock)  # type: ignore[arg-type]
         self.bsock = None
         self.backend = None
@@ -138,9 +140,7 @@ class TcpSession:
 
     def connected(self) -> None:
         self.connecting = False
-        backend = self.backend
-        backend.active += 1  # type: ignore[union-attr]
-        backend.connections += 1  # type: ignore[union-attr]
+        self.backend.connections += 1  # type: ignore[union-attr]
         if self.to_backend:
             self.flush_to_backend()
         elif self.client_eof:
@@ -309,7 +309,7 @@ class TcpSession:
         events.drop(self.csock)
         if self.bsock is not None:
             events.drop(self.bsock)
-        if self.backend is not None and not self.connecting:
+        if self.backend is not None:
             self.backend.active -= 1
         admitted = self in self.app.connections
         self.app.connections.discard(self)
