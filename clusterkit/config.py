@@ -13,6 +13,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .protocol import DEFAULT_MAX_LINE, check_server_name, LocalProtocolError
@@ -37,16 +38,58 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def replace_from_mapping(obj: Any, values: dict[str, Any], where: str) -> Any:
-    """``dataclasses.replace`` with TOML keys (``max-line`` or ``max_line``), checked."""
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    changes = {}
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def typed_settings(cls: type, values: Any, where: str, settable: set[str] | None = None) -> dict[str, Any]:
+    """A TOML table's settings (``max-line`` or ``max_line``) as keyword arguments of
+    the dataclass ``cls``, each of its field's type (an int is a float too); an unknown key, or one not in ``settable``, is an error. So a
+    file gets the one-line errors a command line gets, not a TypeError later."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name not in fields:
+        if name not in fields or (settable is not None and name not in settable):
             raise ConfigError(f"{where}: unknown setting {key!r}")
-        changes[name] = value
-    return dataclasses.replace(obj, **changes)
+        annotation = fields[name].type  # a string, under ``from __future__ import annotations``
+        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(
+            annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+        if kind is not None:
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok, value = True, float(value)
+            if not ok:
+                raise ConfigError(f"{where}: {key} must be {_KINDS[kind]}, got {value!r}")
+        out[name] = value
+    return out
+
+
+def settings_and_backends(path: str, section: str, cls: type, settable: set[str], backend_cls: type,
+                          defaults: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """A balancer's config file: its ``[section]`` as keyword arguments of ``cls``
+    (``typed_settings``) and, when the file has ``[[backends]]``, ``backends``: a
+    ``backend_cls`` per entry, its fields typed, a port required, the rest filled
+    in by ``defaults(fields)``."""
+    data = load_toml(path)
+    unknown = set(data) - {section, "backends"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown tables {', '.join(sorted(unknown))} (use [{section}] and [[backends]])")
+    kwargs = typed_settings(cls, data.get(section, {}), f"{path} [{section}]", settable)
+    if "backends" in data:
+        entries = data["backends"]
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{path}: [[backends]] must list at least one backend")
+        backends = []
+        for i, entry in enumerate(entries):
+            where = f"{path} backends[{i}]"
+            fields = typed_settings(backend_cls, entry, where)
+            if "port" not in fields:
+                raise ConfigError(f"{where} needs at least a port")
+            backends.append(backend_cls(**{**defaults(fields), **fields}))
+        kwargs["backends"] = tuple(backends)
+    return kwargs
 
 
 @dataclass(frozen=True)

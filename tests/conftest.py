@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import pytest
@@ -115,3 +116,16 @@ def flood_until_dropped(port: int, timeout: float = 30.0) -> None:
 def flood():
     """``flood(port)``: see ``flood_until_dropped``."""
     return flood_until_dropped
+
+
+def assert_usage_error(script: str, *args: str, message: str) -> None:
+    """``script`` with ``args`` exits 2 at once with ``message`` in one clear line, no traceback."""
+    bad = subprocess.run(cluster.python_script(script, *args), capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def assert_bad_config(script: str, config_text: str, tmp_path, message: str, *args: str) -> None:
+    """``script --config`` a file of ``config_text`` is a usage error saying ``message``."""
+    path = tmp_path / "config.toml"
+    path.write_text(config_text)
+    assert_usage_error(script, "--config", str(path), *args, message=message)

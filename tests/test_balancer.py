@@ -19,6 +19,8 @@ from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
 
+from .conftest import assert_bad_config
+
 pytestmark = pytest.mark.timeout(90)
 
 FAST_CHECKS = ("--check-interval", "0.2", "--check-timeout", "0.5", "--rise", "2", "--fall", "2",
@@ -551,6 +553,36 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     same = subprocess.run(cluster.python_script("Load_Balancer.py", "--port", "7500", "--admin-port", "7500",
                                                 "--log-dir", str(log_dir)), capture_output=True, text=True, timeout=30)
     assert same.returncode == 2 and "--admin-port 7500 is the balancer's own --port" in same.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[backends]]\nport = "abc"\n', "port must be a whole number, got 'abc'"),
+    ('[balancer]\nrise = "two"\n', "rise must be a whole number"),
+    ("balancer = 5\n", "expected a table of settings"),
+    ("[[backends]]\nhost = 5\nport = 7001\n", "host must be a string"),
+    ("backends = []\n", "[[backends]] must list at least one backend"),
+    ("[[backends]]\nport = 7001\nwieght = 3\n", "unknown setting 'wieght'"),
+    ("[balancr]\nport = 1\n", "unknown tables balancr"),
+    ("[[backends]]\nport = true\n", "port must be a whole number, got True"),
+    ("[balancer]\nmax-line = 0\n", "--max-line must be at least 1"),
+    ('[[backends]]\nport = 7001\nname = "a b"\n', "no spaces or '='"),
+])
+def test_a_bad_config_file_is_one_clear_line(tmp_path, log_dir, text, message):
+    """Each was a traceback, or accepted (an empty backend list meant the default backends)."""
+    assert_bad_config("Load_Balancer.py", text, tmp_path, message, "--port", "0", "--admin-port", "0",
+                      "--log-dir", str(log_dir))
+
+
+def test_the_config_files_port_holds_unless_the_flag_is_given(tmp_path, procs, log_dir):
+    """The command line's defaults replaced the file's port, host and admin port."""
+    server = procs.start(cluster.echo_server("solo", cluster.free_port(), log_dir=str(log_dir)))
+    port = cluster.free_port()
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"[balancer]\nport = {port}\nadmin-port = 0\n\n[[backends]]\nname = \"solo\"\n"
+                    f"port = {server.port}\n")
+    procs.start(cluster.Process("lb", cluster.python_script("Load_Balancer.py", "--config", str(toml),
+                                                            "--log-dir", str(log_dir)), port=port))
+    assert one_message(port) == b"REPLY solo hi\nACK solo 2\n"
 
 
 @pytest.mark.parametrize("mode", ["tcp", "message"])

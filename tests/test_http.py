@@ -23,6 +23,8 @@ import pytest
 
 from clusterkit import cluster
 
+from .conftest import assert_bad_config
+
 pytestmark = pytest.mark.timeout(120)
 
 WWW = Path(cluster.ROOT) / "http_servers" / "www"
@@ -476,6 +478,21 @@ def test_lb_in_front_of_a_server_without_healthz_keeps_it_up(setup):
     bad = subprocess.run(cluster.python_script("http_servers/lb.py", "--check-path", "healthz"),
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--check-path 'healthz'" in bad.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[lb]\nhost = "x"\n', "unknown setting 'host'"),
+    ('[[backends]]\nhost = "127.0.0.1"\n', "needs at least a port"),
+    ('[lb]\nrise = "x"\n', "rise must be a whole number"),
+    ("backends = [1, 2]\n", "expected a table of settings"),
+    ("[[backends]]\nport = 70000\n", "not a port number: 70000"),
+    ('[[backends]]\nport = 9002\nname = "a"\n[[backends]]\nport = 9003\nname = "a"\n', "names must be unique"),
+    ("[[backends]]\nport = 9002\nweight = 2\n", "unknown setting 'weight'"),
+    ("backends = []\n", "[[backends]] must list at least one backend"),
+])
+def test_a_bad_lb_config_file_is_one_clear_line(tmp_path, log_dir, text, message):
+    """Each was a traceback, or accepted (an empty list meant the default backends)."""
+    assert_bad_config("http_servers/lb.py", text, tmp_path, message, "--port", "0", "--log-dir", str(log_dir))
 
 
 @pytest.mark.parametrize("script, args, message", [

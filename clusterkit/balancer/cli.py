@@ -19,10 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Load balancer of the TCP cluster: spreads clients over the echo servers, "
                     "health-checks them, and (in message mode) fails over without losing a message.")
-    p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=cli.port_number, default=d.port, help="port to listen on (default: %(default)s)")
-    p.add_argument("--admin-port", type=cli.port_number, default=d.admin_port,
-                   help="port of GET /stats (JSON) and /metrics (Prometheus); 0 turns it off (default: %(default)s)")
+    # Defaults None: a setting of --config stays unless the flag is given.
+    p.add_argument("--host", help=f"address to listen on (default: {d.host})")
+    p.add_argument("--port", type=cli.port_number, help=f"port to listen on (default: {d.port})")
+    p.add_argument("--admin-port", type=cli.port_number,
+                   help=f"port of GET /stats (JSON) and /metrics (Prometheus); 0 turns it off (default: {d.admin_port})")
     p.add_argument("--backend", action="append", metavar="[NAME=]HOST:PORT[:WEIGHT]",
                    help="a backend server; repeat for each (default: 127.0.0.1:7001, :7002, :7003)")
     p.add_argument("--config", metavar="FILE.toml",
@@ -69,8 +70,10 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
             kwargs[key] = value
     if args.backend:
         kwargs["backends"] = tuple(BackendSpec.parse(b) for b in args.backend)
-    kwargs.update(host=args.host, port=args.port, admin_port=args.admin_port, log_level=args.log_level,
-                  log_dir=args.log_dir, loop=args.loop)
+    for key in ("host", "port", "admin_port"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    kwargs.update(log_level=args.log_level, log_dir=args.log_dir, loop=args.loop)
     return BalancerConfig(**kwargs)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, check, load_toml
+from ..config import ConfigError, check, settings_and_backends
 from ..protocol import DEFAULT_MAX_LINE
 from ..sockets import host_port
 
@@ -28,6 +28,8 @@ class BackendSpec:
     def __post_init__(self) -> None:
         check(0 < self.port <= 65535, f"backend {self.host}:{self.port}: not a port number")
         check(self.weight >= 1, f"backend {self.host}:{self.port}: weight must be at least 1")
+        check(not any(c.isspace() or c == "=" for c in self.name),
+              f"backend name {self.name!r}: no spaces or '=' (it goes into key=value log lines)")
         if not self.name:
             object.__setattr__(self, "name", host_port(self.host, self.port))
 
@@ -42,13 +44,12 @@ class BackendSpec:
             parts = [host] + rest.lstrip(":").split(":")
         else:
             parts = text.split(":")
-        try:
-            if len(parts) == 2:
-                return cls(parts[0], int(parts[1]), name=name)
-            if len(parts) == 3:
-                return cls(parts[0], int(parts[1]), int(parts[2]), name=name)
-        except ValueError:
-            pass
+        numbers = parts[1:]
+        if len(parts) in (2, 3) and all(n.isdigit() for n in numbers):
+            try:
+                return cls(parts[0], *map(int, numbers), name=name)  # type: ignore[arg-type]
+            except ConfigError as exc:  # the real reason: port or weight out of range
+                raise ConfigError(f"--backend {text!r}: {exc}") from None
         raise ConfigError(f"--backend {text!r}: expected host:port or host:port:weight")
 
 
@@ -107,25 +108,18 @@ class BalancerConfig:
         check(self.admin_port == 0 or self.admin_port != self.port,
               f"--admin-port {self.admin_port} is the balancer's own --port: choose another (0 turns it off)")
         check(self.max_connections >= 1, "--max-connections must be at least 1")
+        check(self.max_line >= 1, "--max-line must be at least 1")
+        check(self.idle_timeout >= 0 and self.drain_timeout >= 0, "idle-timeout and drain-timeout must not be negative")
+        check(self.write_high_water >= 1 and self.max_pending_bytes >= 1,
+              "write-high-water and max-pending-bytes must be at least 1")
+
+
+FILE_SETTINGS = set(BalancerConfig.__dataclass_fields__) - {"backends", "extra", "drain_quiet"}
+"""What a config file's [balancer] table may set (backends come from [[backends]])."""
 
 
 def from_toml(path: str) -> dict:
-    """The settings of a TOML file as keyword arguments of ``BalancerConfig``."""
-    data = load_toml(path)
-    section = data.get("balancer", {})
-    kwargs: dict = {}
-    for key, value in section.items():
-        kwargs[key.replace("-", "_")] = value
-    backends = []
-    for i, b in enumerate(data.get("backends", [])):
-        if not isinstance(b, dict) or "port" not in b:
-            raise ConfigError(f"{path}: backends[{i}] needs at least a port")
-        backends.append(BackendSpec(b.get("host", "127.0.0.1"), int(b["port"]), int(b.get("weight", 1)),
-                                    b.get("name", "")))
-    if backends:
-        kwargs["backends"] = tuple(backends)
-    known = set(BalancerConfig.__dataclass_fields__)
-    unknown = set(kwargs) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
-    return kwargs
+    """The settings of a TOML file as keyword arguments of ``BalancerConfig``, each
+    of its type; anything unknown or of the wrong type is a one-line error."""
+    return settings_and_backends(path, "balancer", BalancerConfig, FILE_SETTINGS, BackendSpec,
+                                 lambda fields: {"host": "127.0.0.1"})

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .. import cli, logs, loops
-from ..config import ConfigError, load_toml
+from ..config import ConfigError, settings_and_backends
 from ..sockets import host_port
 from .config import HttpBackend, HttpServerConfig, ProxyConfig
 from .core import Limits
@@ -113,15 +113,21 @@ def main_backend(argv: list[str] | None = None) -> int:
     return _run_server(p.parse_args(argv), "http-backend", threaded=False)
 
 
+LB_FILE_SETTINGS = {f.name for f in dataclasses.fields(ProxyConfig)} - {"host", "port", "limits", "backends",
+                                                                         "log_level", "log_dir", "loop"}
+"""What a config file's [lb] table may set (the rest comes from the command line)."""
+
+
+def proxy_settings(path: str) -> dict:
+    """An lb.py TOML file's [lb] settings and [[backends]], each of its type."""
+    return settings_and_backends(path, "lb", ProxyConfig, LB_FILE_SETTINGS, HttpBackend,
+                                 lambda fields: {"host": "127.0.0.1", "name": f"backend-{fields['port']}"})
+
+
 def proxy_config(args) -> ProxyConfig:
     kwargs: dict = {}
     if args.config:
-        data = load_toml(args.config)
-        kwargs.update({k.replace("-", "_"): v for k, v in data.get("lb", {}).items()})
-        if data.get("backends"):
-            kwargs["backends"] = tuple(HttpBackend(b.get("host", "127.0.0.1"), int(b["port"]),
-                                                   b.get("name", f"backend-{b['port']}"))
-                                       for b in data["backends"])
+        kwargs = proxy_settings(args.config)
     if args.backend:
         backends = []
         for text in args.backend:
@@ -136,10 +142,6 @@ def proxy_config(args) -> ProxyConfig:
     for key in ("check_interval", "check_path", "rise", "fall", "response_timeout"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
-    known = {f.name for f in dataclasses.fields(ProxyConfig)}
-    unknown = set(kwargs) - known
-    if unknown:
-        raise ConfigError(f"{args.config}: unknown settings {', '.join(sorted(unknown))}")
     return ProxyConfig(host=args.host, port=args.port, limits=_limits(args), log_level=args.log_level,
                        log_dir=args.log_dir, loop=args.loop, **kwargs)
 

@@ -52,6 +52,11 @@ class HttpBackend:
     port: int
     name: str
 
+    def __post_init__(self) -> None:
+        check(0 < self.port <= 65535, f"backend {self.name}: not a port number: {self.port}")
+        check(bool(self.name) and not any(c.isspace() or c == "=" for c in self.name),
+              f"backend name {self.name!r}: give one, without spaces or '='")
+
 
 @dataclass(frozen=True)
 class ProxyConfig:
@@ -76,6 +81,8 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         check(len(self.backends) >= 1, "at least one backend is needed")
+        names = [b.name for b in self.backends]
+        check(len(set(names)) == len(names), "backend names must be unique")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
         check_positive(self, "connect_timeout", "response_timeout", "check_interval", "check_timeout")
         check(self.pool_size >= 0 and self.drain_timeout >= 0, "pool_size and drain_timeout must not be negative")
