@@ -46,17 +46,17 @@ class Fatal(Exception):
 def listen_error(program: str, host: str, port: int, exc: OSError) -> Fatal:
     """One clear line for a failed ``bind``/``listen``, naming the port and the cause."""
     if exc.errno == errno.EADDRINUSE:
-        hint = ""
+        why = "the port is already in use by another process"
         if 32768 <= port <= 60999:
-            hint = (" (it lies in Linux's ephemeral range 32768-60999: after a load test,"
+            why += (" (it lies in Linux's ephemeral range 32768-60999: after a load test,"
                     " TIME_WAIT sockets of outgoing connections can hold it for a minute)")
-        return Fatal(f"{program}: cannot listen on {host_port(host, port)}: the port is already in use"
-                     f" by another process{hint}", EXIT_CANT_LISTEN)
-    if exc.errno == errno.EACCES:
-        return Fatal(f"{program}: cannot listen on {host_port(host, port)}: permission denied", EXIT_CANT_LISTEN)
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return Fatal(f"{program}: cannot listen on {host_port(host, port)}: no such local address", EXIT_CANT_LISTEN)
-    return Fatal(f"{program}: cannot listen on {host_port(host, port)}: {exc.strerror or exc}", EXIT_CANT_LISTEN)
+    elif exc.errno == errno.EACCES:
+        why = "permission denied"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = "no such local address"
+    else:
+        why = str(exc.strerror or exc)
+    return Fatal(f"{program}: cannot listen on {host_port(host, port)}: {why}", EXIT_CANT_LISTEN)
 
 
 def raise_fd_limit() -> None:

@@ -52,8 +52,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.lingering is not None:
-            if not self.lingering.take(data):
-                self.transport.abort()  # type: ignore[union-attr]
+            self.lingering.take(data)
             return
         self.last_activity = time.monotonic()
         parser = self.parser
@@ -95,8 +94,7 @@ class HttpProtocol(asyncio.Protocol):
     def sweep(self, now: float) -> None:
         limits = self.server.config.limits
         if self.lingering is not None:
-            if self.lingering.over(now):
-                self.transport.abort()  # type: ignore[union-attr]
+            self.lingering.sweep(now)
             return
         if self.paused_since and now - self.paused_since > limits.keepalive_timeout:
             # It has not read its answers for that long (nginx's send_timeout): drop it,

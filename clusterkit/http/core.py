@@ -33,6 +33,7 @@ REASONS = {200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 ALLOWED_METHODS = (b"GET", b"HEAD")
+SERVER = b"clusterkit"
 
 
 def reason_phrase(status: int) -> bytes:
@@ -43,8 +44,6 @@ def reason_phrase(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
-
-SERVER = b"clusterkit"
 
 
 class HttpError(Exception):

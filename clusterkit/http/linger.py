@@ -40,21 +40,24 @@ def linger(sock: socket.socket) -> None:
 
 class Linger:
     """An asyncio transport's lingering close: begun here (the FIN goes after what
-    is buffered); the protocol gives it what it reads (``take``), and closes the
-    transport at the client's EOF (``eof_received`` returning False does) or when
-    its sweep finds it ``over``."""
+    is buffered); the protocol gives it what it reads (``take``) and its sweep
+    the time (``sweep``), and either ends the connection when the bounds are
+    passed; the client's EOF closes it before (``eof_received`` returning False)."""
 
-    __slots__ = ("until", "taken")
+    __slots__ = ("transport", "until", "taken")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         transport.write_eof()
+        self.transport = transport
         self.until = time.monotonic() + LINGER_SECONDS
         self.taken = 0
 
-    def take(self, data: bytes) -> bool:
-        """Drop ``data``; False once past LINGER_BYTES (abort then)."""
+    def take(self, data: bytes) -> None:
+        """Drop ``data``; past LINGER_BYTES, end the connection."""
         self.taken += len(data)
-        return self.taken <= LINGER_BYTES
+        if self.taken > LINGER_BYTES:
+            self.transport.abort()
 
-    def over(self, now: float) -> bool:
-        return now > self.until
+    def sweep(self, now: float) -> None:
+        if now > self.until:
+            self.transport.abort()

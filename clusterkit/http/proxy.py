@@ -438,8 +438,7 @@ class ProxyClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.lingering is not None:
-            if not self.lingering.take(data):
-                self.transport.abort()  # type: ignore[union-attr]
+            self.lingering.take(data)
             return
         self.last_activity = time.monotonic()
         parser = self.parser
@@ -514,8 +513,7 @@ class ProxyClient(asyncio.Protocol):
 
     def sweep(self, now: float, limits) -> None:
         if self.lingering is not None:
-            if self.lingering.over(now):
-                self.transport.abort()  # type: ignore[union-attr]
+            self.lingering.sweep(now)
             return
         if self.paused_since and not self.closing and now - self.paused_since > limits.keepalive_timeout:
             # It has not read its answers for that long (nginx's send_timeout): drop it;
