@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .protocol import DEFAULT_MAX_LINE, check_server_name, LocalProtocolError
@@ -38,13 +38,27 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def check_positive(config: Any, *names: str) -> None:
+    """Each of the ``config``'s settings ``names`` is above 0 (nan is not)."""
+    for name in names:
+        value = getattr(config, name)
+        check(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_backend_name(name: str) -> None:
+    check(not any(c.isspace() or c == "=" for c in name),
+          f"backend name {name!r}: no spaces or '=' (it goes into key=value log lines)")
+
+
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
 def typed_settings(cls: type, values: Any, where: str, settable: set[str] | None = None) -> dict[str, Any]:
     """A TOML table's settings (``max-line`` or ``max_line``) as keyword arguments of
-    the dataclass ``cls``, each of its field's type (an int is a float too); an unknown key, or one not in ``settable``, is an error. So a
-    file gets the one-line errors a command line gets, not a TypeError later."""
+    the dataclass ``cls``, each of its field's type (a whole number is a number too;
+    true is not a number); an unknown key, or one not in ``settable``, is an error.
+    So a file gets the one-line errors a command line gets, not a TypeError later."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -53,15 +67,11 @@ def typed_settings(cls: type, values: Any, where: str, settable: set[str] | None
         name = key.replace("-", "_")
         if name not in fields or (settable is not None and name not in settable):
             raise ConfigError(f"{where}: unknown setting {key!r}")
-        annotation = fields[name].type  # a string, under ``from __future__ import annotations``
-        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(
-            annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
-        if kind is not None:
-            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                ok, value = True, float(value)
-            if not ok:
-                raise ConfigError(f"{where}: {key} must be {_KINDS[kind]}, got {value!r}")
+        kind = _TYPES.get(fields[name].type)  # a string, under ``from __future__ import annotations``
+        if kind is float and type(value) is int:
+            value = float(value)
+        if kind is not None and type(value) is not kind:
+            raise ConfigError(f"{where}: {key} must be {_KINDS[kind]}, got {value!r}")
         out[name] = value
     return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, check, settings_and_backends
+from ..config import ConfigError, check, check_backend_name, check_positive, settings_and_backends
 from ..protocol import DEFAULT_MAX_LINE
 from ..sockets import host_port
 
@@ -28,8 +28,7 @@ class BackendSpec:
     def __post_init__(self) -> None:
         check(0 < self.port <= 65535, f"backend {self.host}:{self.port}: not a port number")
         check(self.weight >= 1, f"backend {self.host}:{self.port}: weight must be at least 1")
-        check(not any(c.isspace() or c == "=" for c in self.name),
-              f"backend name {self.name!r}: no spaces or '=' (it goes into key=value log lines)")
+        check_backend_name(self.name)
         if not self.name:
             object.__setattr__(self, "name", host_port(self.host, self.port))
 
@@ -100,8 +99,7 @@ class BalancerConfig:
         check(len(self.backends) >= 1, "at least one backend is needed")
         names = [b.name for b in self.backends]
         check(len(set(names)) == len(names), "backend names must be unique")
-        for key in ("check_interval", "check_timeout", "connect_timeout", "response_timeout"):
-            check(getattr(self, key) > 0, f"--{key.replace('_', '-')} must be positive")
+        check_positive(self, "check_interval", "check_timeout", "connect_timeout", "response_timeout")
         check(self.line_timeout >= 0, "--line-timeout must not be negative")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
         check(0 <= self.port <= 65535 and 0 <= self.admin_port <= 65535, "not a port number")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import check
+from ..config import check, check_backend_name, check_positive
 from .core import Limits
 from .static import DEFAULT_ROOT
 
@@ -12,12 +12,6 @@ from .static import DEFAULT_ROOT
 def check_limits(limits: Limits) -> None:
     check(limits.header_timeout > 0, f"--header-timeout must be positive, got {limits.header_timeout}")
     check(limits.keepalive_timeout > 0, f"--keepalive-timeout must be positive, got {limits.keepalive_timeout}")
-
-
-def check_positive(config, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        check(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -54,8 +48,8 @@ class HttpBackend:
 
     def __post_init__(self) -> None:
         check(0 < self.port <= 65535, f"backend {self.name}: not a port number: {self.port}")
-        check(bool(self.name) and not any(c.isspace() or c == "=" for c in self.name),
-              f"backend name {self.name!r}: give one, without spaces or '='")
+        check(bool(self.name), f"backend {self.host}:{self.port}: give it a name")
+        check_backend_name(self.name)
 
 
 @dataclass(frozen=True)
