@@ -229,11 +229,12 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
                   "(if the request opened one) to confirmation, as ApacheBench's Total")
     console.print(f"target {r['target']}, engine {r['engine']} x {r['processes']} process(es), "
                   f"{r['connection']} connections; {timing}")
-    unsent = [r for r in rows if r["scheduled"] and r["scheduled"] - r["complete"] - r["failed"] > r["concurrency"]]
-    for r in unsent:
-        console.print(f"[yellow]warning: c={r['concurrency']}: {r['scheduled'] - r['complete'] - r['failed']:,} of "
-                      f"the {r['scheduled']:,} requests the schedule had were never sent: the clients were still "
-                      f"waiting for answers when the run ended (the server fell behind or stalled).[/]")
+    for r in rows:
+        unsent = r["scheduled"] - r["complete"] - r["failed"] if r["scheduled"] else 0
+        if unsent > r["concurrency"]:
+            console.print(f"[yellow]warning: c={r['concurrency']}: {unsent:,} of the {r['scheduled']:,} requests "
+                          f"the schedule had were never sent: the clients were still waiting for answers when "
+                          f"the run ended (the server fell behind or stalled).[/]")
     busy = [r for r in rows if r["client_cpu_percent"] >= SATURATED]
     if busy:
         levels = ", ".join(f"c={r['concurrency']}: {r['client_cpu_percent']:.0f}%" for r in busy)
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     killed: list[str] = []
     ended_early = None
+    interrupted = False
     try:
         reached = preflight(configs[0])
         configs = [dataclasses.replace(c, address=reached) for c in configs]
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             elog.line("INFO", f"event=run concurrency={cfg.concurrency} complete={row['complete']} "
                               f"failed={row['failed']} rps={row['requests_per_second']}")
             if result.ended_early:
-                ended_early = result.ended_early
+                ended_early, interrupted = result.ended_early, result.interrupted
                 elog.line("ERROR", f"event=ended-early reason={logs.quote(ended_early)}")
                 break  # the rest of a sweep would only fail the same way
     finally:
@@ -316,6 +318,6 @@ def main(argv: list[str] | None = None) -> int:
             Path(path).write_text(text)
     if ended_early:
         print(f"stress: run ended early: {ended_early}", file=sys.stderr)
-        return cli.EXIT_INTERRUPTED if ended_early.startswith("interrupted") else cli.EXIT_UNAVAILABLE
+        return cli.EXIT_INTERRUPTED if interrupted else cli.EXIT_UNAVAILABLE
     failed = sum(r["failed"] for r in rows)
     return cli.EXIT_OK if failed == 0 else cli.EXIT_FAILED

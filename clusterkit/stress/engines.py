@@ -251,44 +251,45 @@ class Watch:
         self.board = board
         self.shares = shares(cfg)
         self.progress_cb = progress_cb
-        self.reason: str | None = None
-        self.interrupted = False
+        self.dead = False  # every client got nothing back for DEAD_STREAK requests in a row
+        self.interrupted = False  # Ctrl-C
 
     def tick(self) -> None:
         board = self.board
         if self.progress_cb:
             self.progress_cb(board)
-        if self.reason is None and board.all_refused(DEAD_STREAK, self.shares):
+        if not (self.dead or self.interrupted) and board.all_refused(DEAD_STREAK, self.shares):
             board.stop()
-            self.reason = self._dead()
+            self.dead = True
 
     def interrupt(self) -> None:
         """Ctrl-C: stop every client; the run ends with what it has, as ApacheBench's does."""
         self.board.stop()
         self.interrupted = True
-        if self.reason is None:
-            self.reason = "interrupted (Ctrl-C) after {done:,} requests"
 
     def finish(self, result: RunResult) -> RunResult:
-        if self.reason is None and self.board.all_refused(DEAD_STREAK):
-            self.reason = self._dead()  # a run too short for tick() to see it
-        # The count is the result's: the board's, when the reason was found, missed what came after.
-        if self.reason:
-            errors = result.errors
-            refused = errors.get("refused", 0) + errors.get("connect-timeout", 0) + errors.get("connect-error", 0)
-            what = ("stopped answering: every client's last {n} requests timed out" if errors.get("timeout", 0)
-                    > refused else "stopped accepting connections: every client's last {n} connects failed")
-            result.ended_early = self.reason.format(done=result.complete + result.failed,
-                                                    what=what.format(n=DEAD_STREAK))
-        else:
-            result.ended_early = None
+        if not self.interrupted and self.board.all_refused(DEAD_STREAK):
+            self.dead = True  # a run too short for tick() to see it
+        result.interrupted = self.interrupted and not self.dead
+        result.ended_early = self._reason(result) if self.dead or self.interrupted else None
         result.machine_busy = busy_between(self.cpu_before, cpu_times())
         if self.progress_cb:
             self.progress_cb(self.board)
         return result
 
-    def _dead(self) -> str:
-        return "the target {what}, after {done:,} requests"
+    def _reason(self, result: RunResult) -> str:
+        """Why the run ended early, counted from the result (the board, when the reason
+        was found, missed what came after)."""
+        done = result.complete + result.failed
+        if result.interrupted:
+            return f"interrupted (Ctrl-C) after {done:,} requests"
+        errors = result.errors
+        refused = errors.get("refused", 0) + errors.get("connect-timeout", 0) + errors.get("connect-error", 0)
+        if errors.get("timeout", 0) > refused:
+            what = f"stopped answering: every client's last {DEAD_STREAK} requests timed out"
+        else:
+            what = f"stopped accepting connections: every client's last {DEAD_STREAK} connects failed"
+        return f"the target {what}, after {done:,} requests"
 
 
 def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,

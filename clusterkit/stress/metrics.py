@@ -62,6 +62,7 @@ class RunResult:
     """ApacheBench's "Total": from the connect (when the request opened its connection,
     else from the send) to the end of the answer."""
     ended_early: str | None = None  # why the run stopped before its end, if it did
+    interrupted: bool = False  # ... and whether that was Ctrl-C (else a dead target)
     tool_cpu_s: float = 0.0  # CPU the load processes used, summed over them ...
     tool_wall_s: float = 0.0  # ... and the wall time they ran, summed the same way
     machine_busy: float | None = None  # share of all cores busy during the run (Linux), 0..1

@@ -261,9 +261,7 @@ class Client:
         progress[self.failed_slot] = self.rec.result.failed
         # The streak counts requests in a row that got nothing back (failed connects,
         # timeouts): any answer, even a wrong one, says the target is alive.
-        outcomes = reader.outcomes if isinstance(reader, LineReader) else [reader.outcome]
-        progress[self.streak_slot] = progress[self.streak_slot] + 1 if all(
-            o is not None and o.label == "timeout" for o in outcomes) else 0
+        progress[self.streak_slot] = progress[self.streak_slot] + 1 if all_timed_out(reader) else 0
         return reader
 
 
@@ -277,6 +275,13 @@ def all_ok(reader) -> bool:
     if isinstance(reader, LineReader):
         return all(o.ok for o in reader.outcomes)
     return reader.outcome is not None and reader.outcome.ok
+
+
+def all_timed_out(reader) -> bool:
+    """Nothing came back for any of the reader's requests before the timeout."""
+    if isinstance(reader, LineReader):
+        return all(o.label == "timeout" for o in reader.outcomes)
+    return reader.outcome is not None and reader.outcome.label == "timeout"
 
 
 def server_closes(reader) -> bool:
