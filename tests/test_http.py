@@ -614,6 +614,38 @@ def test_lb_relays_close_delimited_interim_and_unlisted_status_answers(setup):
         assert "backend-down" not in setup.log()
 
 
+def _answer_once_per_connection(conn: socket.socket) -> None:
+    """Answers one request with keep-alive, then closes when the next comes, unanswered:
+    the race of a pooled connection the backend closed while it sat idle."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    conn.recv(65536)  # the next request: closed without an answer
+    conn.close()
+
+
+def test_lb_retries_on_a_fresh_connection_when_a_pooled_one_was_closed_and_blames_nobody(setup):
+    """A request sent on a pooled connection the backend has closed meanwhile goes
+    once more over a new connection to the same backend, which stays up (with one
+    backend, blaming it would have been a 503)."""
+    with fake_backend(_answer_once_per_connection) as port:
+        lb = setup.server("lb.py", "--backend", f"fake=127.0.0.1:{port}", "--check-interval", "30")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            for _ in range(5):  # each request after the first finds the pooled connection stale
+                s.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+                data = b""
+                while not data.endswith(b"ok\n"):
+                    chunk = s.recv(65536)
+                    assert chunk, data
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data[:200]
+        assert "backend-down" not in setup.log()
+
+
 def _statuses_in(data: bytes) -> list[bytes]:
     return re.findall(rb"^HTTP/1\.[01] (\d+) ", data, re.MULTILINE)
 

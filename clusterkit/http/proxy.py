@@ -67,7 +67,8 @@ class BackendAnswer(NamedTuple):
 
 
 class BackendConn(asyncio.Protocol):
-    """One keep-alive connection to a backend; one request at a time."""
+    """One keep-alive connection to a backend; one request at a time, whose
+    answer or failure goes to the ``Exchange`` that sent it."""
 
     def __init__(self, backend: BackendState) -> None:
         self.backend = backend
@@ -76,7 +77,8 @@ class BackendConn(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future | None = None
+        self.owner: Exchange | None = None
+        self.answer: BackendAnswer | None = None  # complete, handed over once the parser returns
         self.closed = False
         self.uses = 0
         self.sent_at = 0.0
@@ -92,14 +94,13 @@ class BackendConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
 
-    def send(self, data: bytes) -> asyncio.Future:
+    def send(self, data: bytes, owner: Exchange) -> None:
         self._reset()
         self.uses += 1
         self.sent_at = time.monotonic()  # the proxy's sweep enforces the response timeout
-        self.waiter = self.loop.create_future()
+        self.owner = owner
         self.backend.busy.add(self)
         self.transport.write(data)  # type: ignore[union-attr]
-        return self.waiter
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -121,24 +122,36 @@ class BackendConn(asyncio.Protocol):
         self._complete(self.parser.should_keep_alive())
 
     def _complete(self, keep_alive: bool) -> None:
-        waiter, self.waiter = self.waiter, None
+        if self.owner is not None and self.answer is None:  # (a second, unasked-for answer is not taken)
+            self.answer = BackendAnswer(self.status, self.reason, self.headers, b"".join(self.body), keep_alive)
+
+    def _deliver(self) -> None:
+        answer, self.answer = self.answer, None
+        owner, self.owner = self.owner, None
         self.backend.busy.discard(self)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(BackendAnswer(self.status, self.reason, self.headers, b"".join(self.body), keep_alive))
+        if owner is not None:
+            owner.answered(self, answer)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self.closed = True  # not pooled again, even if an answer came before the garbage
+            if self.answer is not None:
+                self._deliver()
             self._fail(BadGateway(str(exc)))
             self.transport.abort()  # type: ignore[union-attr]
+            return
+        if self.answer is not None:  # handed over here, not inside the parser's callback
+            self._deliver()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if exc is None and self.waiter is not None and self.head_done and self._ends_at_close():
+        if exc is None and self.owner is not None and self.head_done and self._ends_at_close():
             # A body without Content-Length or chunked framing ends where the connection
             # does (RFC 9112 6.3): the close completes it, as HTTP/1.0 servers and CGI answer.
             self._complete(False)
+            self._deliver()
             return
         self._fail(ConnectionResetError("backend closed the connection"))
 
@@ -147,10 +160,13 @@ class BackendConn(asyncio.Protocol):
         return not framed and self.status not in (204, 304)
 
     def _fail(self, exc: Exception) -> None:
+        """The request in flight failed; its Exchange hears of it on the next turn
+        of the loop (so that a backend marked down fails its requests in one go
+        before any of them is sent on)."""
         self.backend.busy.discard(self)
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            self.loop.call_soon(owner.failed, self, exc)
 
     def close(self) -> None:
         self.closed = True
@@ -240,15 +256,6 @@ class Proxy:
 
     # -- forwarding ------------------------------------------------------------
 
-    async def _connection(self, b: BackendState, fresh: bool) -> BackendConn:
-        while b.idle and not fresh:
-            conn = b.idle.pop()
-            if not conn.closed:
-                return conn
-        async with asyncio.timeout(self.config.connect_timeout):
-            _, conn = await self.loop.create_connection(lambda: BackendConn(b), b.spec.host, b.spec.port)
-        return conn
-
     def _backend_request(self, req: Request, client_ip: str) -> bytes:
         forwarded = client_ip.encode()
         lines = []
@@ -268,59 +275,6 @@ class Proxy:
             lines.append(b"Host: \r\n")
         return (b"GET %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nVia: %s\r\nConnection: keep-alive\r\n\r\n"
                 % (req.target, b"".join(lines), forwarded, VIA))
-
-    async def forward(self, req: Request, client_ip: str) -> tuple[int, bytes, str]:
-        """(status, whole response for the client, backend name) for one GET/HEAD."""
-        data = self._backend_request(req, client_ip)
-        tried: set[int] = set()
-        timed_out: BackendState | None = None
-        while True:
-            b = self.choose(tried)
-            if b is None:
-                if timed_out is not None:
-                    return 504, error_response(HttpError(504, f"{timed_out.name} did not answer in time")), \
-                        timed_out.name
-                return 503, error_response(HttpError(503, "no healthy backend")), "-"
-            tried.add(b.index)
-            for fresh in (False, True):
-                try:
-                    conn = await self._connection(b, fresh)
-                except (OSError, TimeoutError) as exc:
-                    if local_shortage(exc):  # out of descriptors here: the backend is not to blame
-                        return 503, error_response(HttpError(503, "the balancer is out of descriptors")), "-"
-                    b.failures += 1
-                    self.mark(b, False, f"connect {type(exc).__name__}")
-                    break  # next backend
-                reused = conn.uses > 0
-                try:
-                    answer = await conn.send(data)
-                except TimeoutError:
-                    # As nginx's proxy_next_upstream (error timeout): the backend is taken
-                    # out and the request, idempotent, goes to the next one; 504 if none is left.
-                    conn.close()
-                    b.failures += 1
-                    timed_out = b
-                    self.mark(b, False, "response timeout")
-                    break  # next backend
-                except BadGateway:
-                    b.failures += 1
-                    return 502, error_response(HttpError(502, f"{b.name} sent a malformed answer")), b.name
-                except BackendDown:
-                    b.failures += 1
-                    break  # next backend
-                except ConnectionError as exc:
-                    conn.close()
-                    if reused and not fresh:
-                        continue  # a stale idle connection: once more on a fresh one
-                    b.failures += 1
-                    self.mark(b, False, f"{type(exc).__name__}")
-                    break  # next backend
-                if answer.keep_alive and not conn.closed and len(b.idle) < self.config.pool_size:
-                    b.idle.append(conn)
-                else:
-                    conn.close()
-                b.requests += 1
-                return answer.status, self._client_response(req, answer, b), b.name
 
     def _client_response(self, req: Request, answer: BackendAnswer, b: BackendState) -> bytes:
         status, body = answer.status, answer.body
@@ -386,6 +340,108 @@ class Proxy:
             c.transport.abort()  # type: ignore[union-attr]
 
 
+class Exchange:
+    """One request on its way through the balancer, for one ``ProxyClient``.
+
+    It goes to the next healthy backend in turn: over an idle pooled
+    connection when there is one (the steady state under keep-alive, handled
+    in callbacks, with no task or future per request), else over a new one.
+    A failure sends it on as nginx's ``proxy_next_upstream error timeout``
+    does (see the module's notes); the answer, or the error answer, goes back
+    to the client with ``client.answered``."""
+
+    __slots__ = ("proxy", "client", "req", "data", "tried", "timed_out", "backend", "fresh", "reused")
+
+    def __init__(self, proxy: Proxy, client: ProxyClient, req: Request) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.req = req
+        self.data = proxy._backend_request(req, client.peer)
+        self.tried: set[int] = set()
+        self.timed_out: BackendState | None = None  # the last backend that did not answer in time
+        self.backend: BackendState | None = None
+        self.fresh = False  # on a new connection (a pooled one was found closed)
+        self.reused = False  # the connection in use had carried earlier requests
+
+    def next_backend(self) -> None:
+        b = self.proxy.choose(self.tried)
+        if b is None:
+            if self.timed_out is not None:
+                self._error(504, f"{self.timed_out.name} did not answer in time", self.timed_out.name)
+            else:
+                self._error(503, "no healthy backend", "-")
+            return
+        self.tried.add(b.index)
+        self.backend = b
+        self.fresh = False
+        self.attempt()
+
+    def attempt(self) -> None:
+        b = self.backend
+        if not self.fresh:
+            idle = b.idle  # type: ignore[union-attr]
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    self.reused = conn.uses > 0
+                    conn.send(self.data, self)
+                    return
+        self.proxy.loop.create_task(self._connect(b))  # type: ignore[arg-type]
+
+    async def _connect(self, b: BackendState) -> None:
+        try:
+            async with asyncio.timeout(self.proxy.config.connect_timeout):
+                _, conn = await self.proxy.loop.create_connection(lambda: BackendConn(b), b.spec.host, b.spec.port)
+        except (OSError, TimeoutError) as exc:
+            if local_shortage(exc):  # out of descriptors here: the backend is not to blame
+                self._error(503, "the balancer is out of descriptors", "-")
+                return
+            b.failures += 1
+            self.proxy.mark(b, False, f"connect {type(exc).__name__}")
+            self.next_backend()
+            return
+        self.reused = False
+        conn.send(self.data, self)
+
+    def answered(self, conn: BackendConn, answer: BackendAnswer) -> None:
+        b = self.backend
+        if answer.keep_alive and not conn.closed and len(b.idle) < self.proxy.config.pool_size:  # type: ignore
+            b.idle.append(conn)  # type: ignore[union-attr]
+        else:
+            conn.close()
+        b.requests += 1  # type: ignore[union-attr]
+        self.client.answered(self.req, answer.status, self.proxy._client_response(self.req, answer, b), b.name)
+
+    def failed(self, conn: BackendConn, exc: Exception) -> None:
+        b: BackendState = self.backend  # type: ignore[assignment]
+        if isinstance(exc, BadGateway):
+            b.failures += 1
+            self._error(502, f"{b.name} sent a malformed answer", b.name)
+            return
+        if isinstance(exc, BackendDown):  # marked down while this waited: next backend
+            b.failures += 1
+            self.next_backend()
+            return
+        conn.close()
+        if isinstance(exc, TimeoutError):
+            # The backend is taken out and the request, idempotent, goes to the next one;
+            # 504 if none is left.
+            b.failures += 1
+            self.timed_out = b
+            self.proxy.mark(b, False, "response timeout")
+        elif self.reused and not self.fresh:
+            self.fresh = True  # a stale idle connection: once more on a fresh one
+            self.attempt()
+            return
+        else:
+            b.failures += 1
+            self.proxy.mark(b, False, type(exc).__name__)
+        self.next_backend()
+
+    def _error(self, status: int, why: str, backend: str) -> None:
+        self.client.answered(self.req, status, error_response(HttpError(status, why)), backend)
+
+
 def _alive(status_line: bytes) -> bool:
     """A health check passes on any HTTP answer below 500: the backend is up and
     speaks HTTP, even one that has no ``/healthz`` (nginx, ``python -m http.server``
@@ -403,11 +459,9 @@ class ProxyClient(asyncio.Protocol):
         self.elog = proxy.elog
         self.parser = RequestParser(proxy.config.limits)
         self.queue: deque[Request] = deque()
-        self.task: asyncio.Task | None = None
-        self.wake: asyncio.Future | None = None
-        self.drained: asyncio.Future | None = None  # set while answers wait for the client to read
+        self.exchange: Exchange | None = None  # the request on its way (one at a time, in order)
+        self.starting = False  # in _next, which goes on to the next request itself
         self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
-        self.forwarding = False
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
@@ -431,10 +485,9 @@ class ProxyClient(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused_since = 0.0
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
         if len(self.queue) < 16 and not self.closing:
             self.transport.resume_reading()  # type: ignore[union-attr]
+        self._next()
 
     def data_received(self, data: bytes) -> None:
         if self.lingering is not None:
@@ -449,45 +502,39 @@ class ProxyClient(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
         if len(self.queue) > 64:
             self.transport.pause_reading()  # type: ignore[union-attr]
-        if self.queue:
-            if self.task is None:
-                self.task = self.proxy.loop.create_task(self._answer())
-            elif self.wake is not None and not self.wake.done():
-                self.wake.set_result(None)
+        if self.exchange is None:
+            self._next()
 
-    async def _answer(self) -> None:
-        """The connection's one task: answers queued requests in order, then waits for more
-        (a future per wait is cheaper than a task per request)."""
-        proxy = self.proxy
-        loop = proxy.loop
-        while not self.closing:
-            if self.paused_since:
-                self.drained = loop.create_future()
-                await self.drained
-                self.drained = None
-                continue
-            if not self.queue:
-                self.wake = loop.create_future()
-                await self.wake
-                self.wake = None
-                continue
-            req = self.queue.popleft()
-            if isinstance(req, HttpError):
-                self._finish(error_response(req), "-", req.status, None, keep=False)
-                return
-            if req.method not in (b"GET", b"HEAD"):
-                self._finish(error_response(HttpError(405)), "-", 405, req, keep=False)
-                return
-            self.forwarding = True
-            try:
-                status, resp, backend = await proxy.forward(req, self.peer)
-            finally:
-                self.forwarding = False
-            self._finish(resp, backend, status, req, keep=req.keep_alive)
-            if not req.keep_alive:
-                return
-            if len(self.queue) < 16 and not self.closing and not self.paused_since:
-                self.transport.resume_reading()  # type: ignore[union-attr]
+    def _next(self) -> None:
+        """Send the queued requests on, one at a time: the next one goes once the
+        last is answered (``answered``), and not while the client leaves its
+        answers unread. Error answers (the parser's, 405) end the connection."""
+        if self.starting:
+            return  # an answer given at once (503): the loop below goes on
+        self.starting = True
+        try:
+            queue = self.queue
+            while queue and self.exchange is None and not self.closing and not self.paused_since:
+                req = queue.popleft()
+                if isinstance(req, HttpError):
+                    self._finish(error_response(req), "-", req.status, None, keep=False)
+                elif req.method not in (b"GET", b"HEAD"):
+                    self._finish(error_response(HttpError(405)), "-", 405, req, keep=False)
+                else:
+                    self.exchange = Exchange(self.proxy, self, req)
+                    self.exchange.next_backend()
+        finally:
+            self.starting = False
+
+    def answered(self, req: Request, status: int, resp: bytes, backend: str) -> None:
+        """The answer to the request on its way (from its Exchange)."""
+        self.exchange = None
+        self._finish(resp, backend, status, req, keep=req.keep_alive)
+        if self.closing:
+            return
+        if len(self.queue) < 16 and not self.paused_since:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self._next()
 
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool) -> None:
         if self.elog.info:
@@ -508,8 +555,6 @@ class ProxyClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.proxy.connections.discard(self)
-        if self.task is not None and not self.forwarding:
-            self.task.cancel()  # waiting for requests that will not come
 
     def sweep(self, now: float, limits) -> None:
         if self.lingering is not None:
@@ -521,7 +566,7 @@ class ProxyClient(asyncio.Protocol):
             self.closing = True
             self.transport.abort()  # type: ignore[union-attr]
             return
-        if self.closing or self.forwarding or self.queue:
+        if self.closing or self.exchange is not None or self.queue:
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
             self._finish(error_response(HttpError(408)), "-", 408, None, keep=False)
@@ -530,5 +575,5 @@ class ProxyClient(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
 
     def idle(self) -> bool:
-        return not self.forwarding and not self.queue
+        return self.exchange is None and not self.queue
 
