@@ -185,6 +185,8 @@ class BackendState:
         self.busy: set[BackendConn] = set()  # waiting for an answer
         self.requests = 0
         self.failures = 0
+        self.last_headers: list[tuple[bytes, bytes]] | None = None  # of its last answer,
+        self.last_kept = b""  # and the header lines the client got for them
 
 
 class Proxy:
@@ -278,9 +280,21 @@ class Proxy:
 
     def _client_response(self, req: Request, answer: BackendAnswer, b: BackendState) -> bytes:
         status, body = answer.status, answer.body
+        headers = answer.headers
+        if headers != b.last_headers:  # else as for its last answer (they differ by the Date, once a second)
+            b.last_headers, b.last_kept = headers, self._kept_headers(headers, b)
+        conn = b"keep-alive" if req.keep_alive else b"close"
+        head = (b"HTTP/%s %d %s\r\n%sDate: %s\r\nContent-Length: %d\r\nVia: %s\r\nConnection: %s\r\n\r\n"
+                % (req.version.encode(), status, answer.reason or reason_phrase(status), b.last_kept,
+                   http_date(), len(body), VIA, conn))
+        return head if req.method == b"HEAD" or status == 304 else head + body
+
+    @staticmethod
+    def _kept_headers(headers: list[tuple[bytes, bytes]], b: BackendState) -> bytes:
+        """The answer's header lines the client gets, with X-Backend added if the backend left it out."""
         lines = []
         has_backend = False
-        for k, v in answer.headers:
+        for k, v in headers:
             lk = k.lower()
             if lk in HOP_BY_HOP or lk == b"date":
                 continue
@@ -289,11 +303,7 @@ class Proxy:
             lines.append(b"%s: %s\r\n" % (k, v))
         if not has_backend:
             lines.append(b"X-Backend: %s\r\n" % b.name.encode())
-        conn = b"keep-alive" if req.keep_alive else b"close"
-        head = (b"HTTP/%s %d %s\r\n%sDate: %s\r\nContent-Length: %d\r\nVia: %s\r\nConnection: %s\r\n\r\n"
-                % (req.version.encode(), status, answer.reason or reason_phrase(status), b"".join(lines),
-                   http_date(), len(body), VIA, conn))
-        return head if req.method == b"HEAD" or status == 304 else head + body
+        return b"".join(lines)
 
     # -- serving ---------------------------------------------------------------
 
@@ -356,7 +366,7 @@ class Exchange:
         self.proxy = proxy
         self.client = client
         self.req = req
-        self.data = proxy._backend_request(req, client.peer)
+        self.data = client.backend_request(req)
         self.tried: set[int] = set()
         self.timed_out: BackendState | None = None  # the last backend that did not answer in time
         self.backend: BackendState | None = None
@@ -461,6 +471,8 @@ class ProxyClient(asyncio.Protocol):
         self.queue: deque[Request] = deque()
         self.exchange: Exchange | None = None  # the request on its way (one at a time, in order)
         self.starting = False  # in _next, which goes on to the next request itself
+        self.last_key: tuple | None = None  # the last request's target and headers,
+        self.last_data = b""  # and what went to the backend for it
         self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -525,6 +537,14 @@ class ProxyClient(asyncio.Protocol):
                     self.exchange.next_backend()
         finally:
             self.starting = False
+
+    def backend_request(self, req: Request) -> bytes:
+        """What goes to the backend for ``req``. A client that repeats its last
+        request (as load tools do) has the same bytes again."""
+        key = (req.target, req.headers)
+        if key != self.last_key:
+            self.last_key, self.last_data = key, self.proxy._backend_request(req, self.peer)
+        return self.last_data
 
     def answered(self, req: Request, status: int, resp: bytes, backend: str) -> None:
         """The answer to the request on its way (from its Exchange)."""
