@@ -696,6 +696,20 @@ def test_the_admin_port_cannot_take_the_balancer_down(procs, log_dir):
             c.close()
 
 
+def test_an_unfinished_admin_request_gets_408_and_an_idle_admin_connection_is_closed(procs, log_dir):
+    """The admin port dropped an unfinished request after 10 s without a word."""
+    ports = cluster.free_ports(3)
+    procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+    procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], admin_port=ports[2],
+                                 log_dir=str(log_dir)))
+    admin_port = ports[2]
+    with socket.create_connection(("127.0.0.1", admin_port), timeout=30) as begun, \
+            socket.create_connection(("127.0.0.1", admin_port), timeout=30) as silent:
+        begun.sendall(b"GET /sta")
+        assert begun.recv(200).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert silent.recv(200) == b""
+
+
 @pytest.mark.parametrize("target", ["server", "balancer"])
 def test_a_line_trickled_too_slowly_gets_err_line_timeout_and_lines_in_pieces_do_not(procs, log_dir, connect,
                                                                                      target):

@@ -61,6 +61,8 @@ class PoolCollector:
 MAX_REQUEST = 8192
 """Bytes of a request head; more is refused (431), as nginx's and HAProxy's buffers do.
 Unbounded, a never-ending request line stalled the loop the traffic shares."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds an admin connection has for its request: then 408 for one begun, a close for none."""
 MAX_ADMIN_CONNECTIONS = 32
 """Admin connections open at once; more are closed at once, so that scrapers (or
 anyone) can never take the descriptors the clients and health checks need."""
@@ -80,12 +82,20 @@ class AdminProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        self.timer = asyncio.get_running_loop().call_later(10, transport.abort)
+        self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self.timed_out)
         if len(self.open) >= MAX_ADMIN_CONNECTIONS:
             self.answered = True
             transport.abort()
             return
         self.open.add(self)
+
+    def timed_out(self) -> None:
+        """No whole request in time: a 408 for one begun (as the HTTP servers answer a
+        slow request head), else the close."""
+        if self.received and not self.answered:
+            self.send(408, b"text/plain", b"request timeout\n")
+        else:
+            self.transport.abort()  # type: ignore[union-attr]
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -121,7 +131,7 @@ class AdminProtocol(asyncio.Protocol):
     def send(self, status: int, ctype: bytes, body: bytes, extra: bytes = b"") -> None:
         self.answered = True
         reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-                  431: b"Request Header Fields Too Large"}[status]
+                  408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
                 % (status, reason, ctype, len(body), extra))
         assert self.transport is not None
