@@ -3,8 +3,10 @@
 Starts the four async backends (9002..9005), the load balancer (44444), the
 async server (45000) and the threaded server (46000) as child processes,
 prints where they are, and stops every one of them (by PID) on Ctrl-C or
-SIGTERM. ``--offset N`` adds N to every port, to run beside another copy or
-away from ports held in TIME_WAIT.
+SIGTERM. One that exits meanwhile (a backend killed to watch lb.py fail over)
+is reported and the others go on; ``up`` ends when none is left.
+``--offset N`` adds N to every port, to run beside another copy or away from
+ports held in TIME_WAIT.
 """
 
 from __future__ import annotations
@@ -53,10 +55,20 @@ def main(argv: list[str] | None = None) -> int:
   http://localhost:{45000 + o}/page.html   Server_async_http.py
   http://localhost:{46000 + o}/page.html   Server_thread_http.py
 logs in {args.log_dir}/server_log.log; Ctrl-C stops everything""", flush=True)
+        gone: set[str] = set()
         while not stop.wait(0.5):
-            dead = [p.name for p in group.processes if not p.alive()]
-            if dead:
-                print(f"error: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+            for proc in group.processes:
+                if proc.name not in gone and not proc.alive():
+                    gone.add(proc.name)
+                    _report_exit(proc)
+            if len(gone) == len(group.processes):
+                print("error: every server has exited", file=sys.stderr)
                 return 1
     print("stopped", flush=True)
     return 0
+
+
+def _report_exit(proc: cluster.Process) -> None:
+    then = ": lb.py takes it out and sends its requests to the others" if proc.name.startswith("backend") else ""
+    print(f"warning: {proc.name} exited (status {proc.popen.returncode}); the others go on{then}",  # type: ignore
+          file=sys.stderr, flush=True)
