@@ -120,8 +120,10 @@ def setup(procs, log_dir):
     return HttpSetup(procs, log_dir)
 
 
-@pytest.fixture(params=["Server_async_http.py", "Server_thread_http.py"])
+@pytest.fixture(params=["Server_async_http.py", "Server_thread_http.py", "lb.py"])
 def server(request, setup):
+    if request.param == "lb.py":
+        return setup.lb(1, "--header-timeout", "1")
     return setup.server(request.param, "--header-timeout", "1")
 
 
@@ -251,6 +253,8 @@ def test_get_head_conditional_and_http10_keepalive(server):
     not_modified = exchange(server.port, b"GET /page.html HTTP/1.1\r\nHost: t\r\nIf-None-Match: %s\r\n"
                                          b"Connection: close\r\n\r\n" % etag)
     assert status_of(not_modified) == 304
+    # RFC 9110 8.6: a 304 has no Content-Length but the 200's (lb.py said 0)
+    assert b"Content-Length" not in not_modified or b"Content-Length: %d\r\n" % len(body) in not_modified
     css = exchange(server.port, b"GET /style.css HTTP/1.0\r\n\r\n")
     assert b"Content-Type: text/css" in css and b"Connection: close" in css
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
@@ -674,7 +678,8 @@ def _read(path: Path) -> str:
 
 
 def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
-    """$CLUSTERKIT_LOG_DIR moves its logs as every program's (it wrote to logs/)."""
+    """$CLUSTERKIT_LOG_DIR moves its logs as every program's (it wrote to logs/). A
+    backend killed (to watch lb.py fail over) no longer stops everything."""
     offset = _free_offset()
     up = procs.start(cluster.Process("up", [sys.executable, "-m", "clusterkit.http", "up", "--offset", str(offset)],
                                      port=44444 + offset, env={"CLUSTERKIT_LOG_DIR": str(log_dir)}), wait=30)
@@ -687,6 +692,14 @@ def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
     while " lb event=request " not in _read(log_dir / "server_log.log"):
         assert time.monotonic() < deadline, "the lb's request line never reached $CLUSTERKIT_LOG_DIR"
         time.sleep(0.05)
+    backend2 = next(c for c in children if "backend2" in c.cmdline())
+    backend2.kill()
+    backend2.wait(10)
+    for _ in range(8):  # each of them, backend2's turn included, answered by another backend
+        assert status_of(exchange(44444 + offset, b"GET /page.html HTTP/1.0\r\n\r\n")) == 200
+    time.sleep(1)  # up's watch (twice a second) sees backend2 gone
+    assert up.alive(), up.stderr()
+    assert "warning: backend2 exited" in up.stderr()
     up.signal(signal.SIGINT)
     assert up.wait(timeout=30) == 0
     gone, alive = psutil.wait_procs(children, timeout=10)

@@ -283,11 +283,18 @@ class Proxy:
         headers = answer.headers
         if headers != b.last_headers:  # else as for its last answer (they differ by the Date, once a second)
             b.last_headers, b.last_kept = headers, self._kept_headers(headers, b)
-        conn = b"keep-alive" if req.keep_alive else b"close"
-        head = (b"HTTP/%s %d %s\r\n%sDate: %s\r\nContent-Length: %d\r\nVia: %s\r\nConnection: %s\r\n\r\n"
+        if not req.keep_alive:
+            conn = b"Connection: close\r\n"
+        elif req.version == "1.0":
+            conn = b"Connection: keep-alive\r\n"
+        else:
+            conn = b""  # keep-alive is HTTP/1.1's default (the servers do not say it either)
+        # No Content-Length for a 204 or 304 (RFC 9110 8.6): a 304's would have to be the 200's.
+        length = b"" if status in (204, 304) else b"Content-Length: %d\r\n" % len(body)
+        head = (b"HTTP/%s %d %s\r\n%sDate: %s\r\n%sVia: %s\r\n%s\r\n"
                 % (req.version.encode(), status, answer.reason or reason_phrase(status), b.last_kept,
-                   http_date(), len(body), VIA, conn))
-        return head if req.method == b"HEAD" or status == 304 else head + body
+                   http_date(), length, VIA, conn))
+        return head if req.method == b"HEAD" or status in (204, 304) else head + body
 
     @staticmethod
     def _kept_headers(headers: list[tuple[bytes, bytes]], b: BackendState) -> bytes:
