@@ -23,12 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "measure connect time, latency (send to first reply byte) and rtt (send to "
                     "confirmation).")
     p.add_argument("message", nargs="?", default="hello", help="the message to send (default: %(default)s)")
-    p.add_argument("--count", "-n", type=cli.positive_int, default=1, help="how many times to send it")
+    p.add_argument("--count", "-n", type=cli.positive_int, default=1, help="how many times to send it (default: %(default)s)")
     p.add_argument("--keepalive", "-k", action="store_true",
                    help="send all messages on one connection (default: a new connection per message)")
     p.add_argument("--host", default="127.0.0.1", help="server or balancer address (default: %(default)s)")
     p.add_argument("--port", type=cli.port_number, default=7000, help="port (default: %(default)s)")
-    p.add_argument("--timeout", type=cli.positive_float, default=5.0, help="seconds to wait for connect and for each reply")
+    p.add_argument("--timeout", type=cli.positive_float, default=5.0,
+                   help="seconds to wait for connect and for each reply (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     cli.add_logging_args(p)
     return p

@@ -416,6 +416,8 @@ def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keep
     assert proc.returncode == 0, proc.stderr
     assert row["complete"] == ab_complete == 200
     assert row["total_transferred_bytes"] == ab_bytes
+    footer = " ".join(proc.stdout.split())  # (as the terminal's width wraps it)
+    assert "rtt = send to the whole answer" in footer and "ACK" not in footer  # an HTTP answer has no ACK line
 
 
 def test_spawn_and_kill_backend_mid_run_loses_nothing(log_dir, tmp_path):

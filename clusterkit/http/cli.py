@@ -16,11 +16,13 @@ from .core import Limits
 from .static import DEFAULT_ROOT
 
 
-def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool = False) -> None:
+def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool = False,
+            event_loop: bool = True) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     if positional_port:
         p.add_argument("port_arg", nargs="?", type=cli.port_number, metavar="PORT", help="port to listen on")
-    p.add_argument("--port", type=cli.port_number, default=port, help="port to listen on (default: %(default)s)")
+    p.add_argument("--port", type=cli.port_number, default=port,
+                   help="port to listen on" + (" (default: %(default)s)" if port else " (the same as PORT)"))
     d = Limits()
     p.add_argument("--header-timeout", type=float, default=d.header_timeout,
                    help="seconds a client has to send a request head; slower gets 408 (default: %(default)s)")
@@ -28,7 +30,9 @@ def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool 
                    help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     p.add_argument("--max-header-bytes", type=cli.positive_int, default=d.max_header_bytes,
                    help="request headers larger than this get 431 (default: %(default)s)")
-    p.add_argument("--loop", choices=loops.LOOPS, default="auto", help="event loop (default: uvloop when installed)")
+    if event_loop:
+        p.add_argument("--loop", choices=loops.LOOPS, default="auto",
+                       help="event loop (default: uvloop when installed)")
     cli.add_logging_args(p)
 
 
@@ -37,9 +41,10 @@ def _limits(args) -> Limits:
                   max_header_bytes=args.max_header_bytes)
 
 
-def _server_parser(description: str, port: int | None, positional: bool = False) -> argparse.ArgumentParser:
+def _server_parser(description: str, port: int | None, positional: bool = False,
+                   event_loop: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    _common(p, port, positional)
+    _common(p, port, positional, event_loop)
     p.add_argument("--root", default=str(DEFAULT_ROOT), help="document root (default: http_servers/www)")
     p.add_argument("--name", default="", help="backend name sent in the X-Backend header")
     return p
@@ -70,7 +75,7 @@ def _run_server(args, program: str, threaded: bool) -> int:
         config = HttpServerConfig(program=program, host=args.host, port=port, name=name, root=args.root,
                                   limits=_limits(args), pool=getattr(args, "pool", 0), pin=getattr(args, "pin", False),
                                   log_level=args.log_level,
-                                  log_dir=args.log_dir, loop=args.loop)
+                                  log_dir=args.log_dir, loop=getattr(args, "loop", "auto"))
     except ConfigError as exc:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     cli.raise_fd_limit()
@@ -96,7 +101,8 @@ def main_async(argv: list[str] | None = None) -> int:
 
 @cli.main_wrapper
 def main_threaded(argv: list[str] | None = None) -> int:
-    p = _server_parser("The threaded HTTP server (blocking sockets) serving http_servers/www.", 46000)
+    p = _server_parser("The threaded HTTP server (blocking sockets) serving http_servers/www.", 46000,
+                       event_loop=False)
     p.add_argument("--pool", type=int, default=0,
                    help="0: a thread per connection (default; a thread whose connection ended waits 5 s "
                         "for the next); N: a bounded pool of N threads")

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--rate", type=float, help="open loop: this many requests per second in all; latency is "
                                               "counted from each request's intended send time (as wrk2)")
     w.add_argument("--warmup", type=float, default=0.0, help="seconds at the start not counted in the report")
-    w.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for connect and for each answer")
+    w.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for connect and for each answer (default: %(default)s)")
     w.add_argument("--sweep", metavar="C1,C2,...", help="run once per concurrency level, one table row each "
                                                          "(e.g. 1,3,5,8,10)")
     e = p.add_argument_group("engine")
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoll: one readiness loop on raw sockets per process, as ab and wrk (Linux; the "
                         "fastest with a new connection per request)")
     e.add_argument("--processes", default="auto",
-                   help="spread the clients over this many processes; auto = the number of cores, at most -c")
+                   help="spread the clients over this many processes (default: auto = the number of cores, "
+                        "at most -c)")
     e.add_argument("--nice", type=int, default=5,
                    help="lower the load's CPU priority by this much, 0-19 (default: 5): on a machine shared "
                         "with the server under test, the server runs first whenever both are ready, so the "
@@ -220,13 +221,15 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
         table.add_row(f"failed: {kind}", *[report.fmt(r["errors"].get(kind, 0)) for r in rows])
     console.print(table)
     r = rows[0]
+    # An HTTP answer has no confirmation line: its rtt ends with the whole answer.
+    end = "the whole answer" if str(r["target"]).startswith("http") else "the confirmation (ACK)"
     if r.get("rate"):
         timing = (f"open loop at {r['rate']:g} requests/s: latency, rtt and total are counted from each "
                   f"request's intended send time (as wrk2 does, so a stalled server cannot hide behind the "
-                  f"schedule); latency ends at the first reply byte, rtt and total at the confirmation (ACK)")
+                  f"schedule); latency ends at the first reply byte, rtt and total at {end}")
     else:
-        timing = ("latency = send to first reply byte, rtt = send to confirmation (ACK), total = connect "
-                  "(if the request opened one) to confirmation, as ApacheBench's Total")
+        timing = (f"latency = send to first reply byte, rtt = send to {end}, total = connect "
+                  f"(if the request opened one) to {end}, as ApacheBench's Total")
     console.print(f"target {r['target']}, engine {r['engine']} x {r['processes']} process(es), "
                   f"{r['connection']} connections; {timing}")
     for r in rows:
