@@ -26,3 +26,16 @@ def pin_to_core(index: int) -> int | None:
     except (AttributeError, OSError, IndexError, ZeroDivisionError):
         return None
     return core
+
+
+def pin_process(index: int) -> int | None:
+    """``pin_to_core`` for every thread of the process, those already running
+    too (the log writer's): Linux sets affinity per thread."""
+    core = pin_to_core(index)
+    if core is not None:
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                os.sched_setaffinity(int(tid), {core})
+        except OSError:  # a thread that ended meanwhile; no /proc
+            pass
+    return core

@@ -31,7 +31,7 @@ import threading
 import time
 
 from .. import logs
-from ..affinity import pin_to_core
+from ..affinity import pin_process
 from ..sockets import kernel_timeouts
 from .config import HttpServerConfig
 from .core import HttpError, RequestParser, build_response, error_response
@@ -208,7 +208,7 @@ class ThreadedHttpServer:
 
 def run_threaded(config: HttpServerConfig, elog: logs.EventLog, announce) -> None:
     server = ThreadedHttpServer(config, elog)
-    core = pin_to_core(-1) if config.pin else None  # before any worker thread starts: they inherit it
+    core = pin_process(-1) if config.pin else None  # before any worker thread starts: they inherit it
     announce(server.port, core)
     def on_signal(signum, frame):
         server.stop()
