@@ -46,10 +46,12 @@ class Fatal(Exception):
 def listen_error(program: str, host: str, port: int, exc: OSError) -> Fatal:
     """One clear line for a failed ``bind``/``listen``, naming the port and the cause."""
     if exc.errno == errno.EADDRINUSE:
-        why = "the port is already in use by another process"
+        why = "the port is already in use"
         if 32768 <= port <= 60999:
-            why += (" (it lies in Linux's ephemeral range 32768-60999: after a load test,"
-                    " TIME_WAIT sockets of outgoing connections can hold it for a minute)")
+            why += (" (by another program, or, as it lies in Linux's ephemeral range 32768-60999, by"
+                    " TIME_WAIT sockets of outgoing connections, which hold it for a minute after a load test)")
+        else:
+            why += " by another program"
     elif exc.errno == errno.EACCES:
         why = "permission denied"
     elif exc.errno == errno.EADDRNOTAVAIL:
