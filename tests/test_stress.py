@@ -99,6 +99,42 @@ def test_json_csv_markdown_and_table_agree(balanced, log_dir, tmp_path):
         assert f"{r['requests_per_second']:,.2f}".rstrip("0").rstrip(".") in proc.stdout
 
 
+def test_the_report_gives_a_local_servers_cpu_and_says_when_the_rate_is_only_a_lower_bound(procs, log_dir,
+                                                                                            tmp_path):
+    """A load generator slower than the server measured itself, and ranked two such
+    servers by noise. The report now gives the server's CPU (found in /proc by its
+    listening port) and calls the rate a lower bound when the server had room left
+    while the load or the machine was at its limit."""
+    from clusterkit.stress import report
+    from clusterkit.stress.server_cpu import listening_pids
+    port = cluster.free_port()
+    server = procs.start(cluster.echo_server("server1", port, "--log-level", "warning", log_dir=str(log_dir)))
+    assert listening_pids(port) == [server.pid]
+    row, proc = run_json("--port", str(port), "-k", "-c", "4", "--duration", "2", "--warmup", "0.5",
+                         log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < row["server_cpu_percent"] < 400  # (a share of one core; the server is single-threaded)
+    assert row["rate_is_lower_bound"] == report.lower_bound(row["client_cpu_percent"], row["machine_busy_percent"],
+                                                            row["server_cpu_percent"])
+    assert ("the server had room left" in " ".join(proc.stdout.split())) == row["rate_is_lower_bound"]
+    # the rule itself
+    assert report.lower_bound(97.0, 60.0, 55.0)  # the tool at its limit, the server half idle
+    assert report.lower_bound(50.0, 95.0, 70.0)  # two load processes and the server share full CPUs
+    assert not report.lower_bound(97.0, 99.0, 99.0)  # the server at its limit too: its rate
+    assert not report.lower_bound(20.0, 30.0, 10.0)  # nobody at a limit (a slow server, or -c 1)
+    assert not report.lower_bound(97.0, 99.0, None)  # a server elsewhere: unknown
+
+
+def test_the_benchmark_ranks_only_what_the_rates_support():
+    from bench.bench_stress import ranking_verdict
+    ref = ["C", "py"]  # the C generator: C > py
+    assert ranking_verdict({"C": 160, "py": 105}, {"C": False, "py": False}, ref) == "same"
+    assert ranking_verdict({"C": 80, "py": 85}, {"C": False, "py": False}, ref) == "DIFFERENT"
+    assert ranking_verdict({"C": 80, "py": 85}, {"C": True, "py": False}, ref) == "no claim (lower bound)"
+    assert ranking_verdict({"C": 90, "py": 85}, {"C": True, "py": False}, ref) == "same"  # >= 90 > 85
+    assert ranking_verdict({"C": 80, "py": 85}, {"C": True, "py": True}, ref) == "no claim (lower bound)"
+
+
 class FakeServer:
     """A line server that misbehaves in one chosen way (or answers HTTP without a length)."""
 

@@ -112,10 +112,7 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
 def preflight(cfg: StressConfig) -> tuple[int, tuple]:
     """A dead target ends the run at once with one clear line (exit 69); a live
     one gives the address that answered, (family, sockaddr)."""
-    host, port = cfg.host, cfg.port
-    if cfg.http_url:
-        url = urlsplit(cfg.http_url)
-        host, port = url.hostname or "127.0.0.1", url.port or 80
+    host, port = engines.target_address(cfg)
     try:
         with socket.create_connection((host, port), timeout=cfg.timeout) as sock:
             return sock.family, sock.getpeername()
@@ -189,10 +186,6 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig) -> 
             elog.line("WARNING", f"event=request n={i} target={target} sent={ts} error={kind}")
 
 
-SATURATED = 85.0
-"""Client CPU (% of a core per load process) from which the report warns that the tool set the pace."""
-MACHINE_FULL = 85.0
-"""Machine CPU busy (%) from which the report notes that client and server shared too little."""
 
 
 def print_report(rows: list[dict], killed: list[str]) -> None:
@@ -213,6 +206,8 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
     table.add_row("client CPU (% of a core per process)", *[report.fmt(r["client_cpu_percent"]) for r in rows])
     table.add_row("client CPU (cores)", *[report.fmt(r["client_cores"]) for r in rows])
     table.add_row("machine CPU busy (%)", *[report.fmt(r["machine_busy_percent"]) for r in rows])
+    if any(r["server_cpu_percent"] is not None for r in rows):
+        table.add_row("server CPU (% of a core)", *[report.fmt(r["server_cpu_percent"]) for r in rows])
     names = sorted({b for r in rows for b in r["backends"]})
     for name in names:
         table.add_row(f"answered by {name}", *[report.fmt(r["backends"].get(name, 0)) for r in rows])
@@ -238,13 +233,20 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
             console.print(f"[yellow]warning: c={r['concurrency']}: {unsent:,} of the {r['scheduled']:,} requests "
                           f"the schedule had were never sent: the clients were still waiting for answers when "
                           f"the run ended (the server fell behind or stalled).[/]")
-    busy = [r for r in rows if r["client_cpu_percent"] >= SATURATED]
+    spare = [r for r in rows if r["rate_is_lower_bound"]]
+    if spare:
+        levels = ", ".join(f"c={r['concurrency']}: {r['server_cpu_percent']:.0f}% of a core" for r in spare)
+        console.print(f"[yellow]warning: the server had room left ({levels}) while the load generator, or the "
+                      f"CPUs it shared with the server, was at its limit: this rate is the load's, only a lower "
+                      f"bound for the server, and cannot tell which of two such servers is faster. Drive it "
+                      f"with more --processes, from another machine, or with a C load generator.[/]")
+    busy = [r for r in rows if r["client_cpu_percent"] >= report.SATURATED and r not in spare]
     if busy:
         levels = ", ".join(f"c={r['concurrency']}: {r['client_cpu_percent']:.0f}%" for r in busy)
         console.print(f"[yellow]warning: the load generator was near its limit ({levels} of a core per process): "
                       f"it may have set the pace, not the server. Try --engine async, more --processes, "
                       f"or a C load generator to compare.[/]")
-    shared = [r for r in rows if (r["machine_busy_percent"] or 0) >= MACHINE_FULL and r not in busy]
+    shared = [r for r in rows if (r["machine_busy_percent"] or 0) >= report.MACHINE_FULL and r not in busy + spare]
     if shared:
         levels = ", ".join(f"c={r['concurrency']}: {r['machine_busy_percent']:.0f}% busy, "
                            f"{r['client_cores']:.2f} cores to the load generator" for r in shared)

@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from .. import loops
 from ..affinity import pin_to_core
@@ -40,6 +41,7 @@ from .async_engine import AsyncRunner
 from .epoll_engine import EpollRunner
 from .metrics import Recorder, RunResult, busy_between, cpu_times
 from .plan import Client, Plan, address, connect_error, ns, reusable, server_closes
+from .server_cpu import ServerCpu
 
 def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag) -> None:
     c = Client(cfg, index, plan, rec, board, board.failed_slot(index))
@@ -246,8 +248,10 @@ class Watch:
     end the run early when the target is dead (no client gets anything back any
     more: its connects fail, or its requests time out)."""
 
-    def __init__(self, cfg: StressConfig, board: Board, progress_cb) -> None:
+    def __init__(self, cfg: StressConfig, board: Board, progress_cb, server: ServerCpu, measure_from: int) -> None:
         self.cpu_before = cpu_times()
+        self.server = server
+        self.measure_from = measure_from  # when the warm-up ends: the server's CPU counts from then
         self.board = board
         self.shares = shares(cfg)
         self.progress_cb = progress_cb
@@ -255,6 +259,9 @@ class Watch:
         self.interrupted = False  # Ctrl-C
 
     def tick(self) -> None:
+        if self.measure_from and ns() >= self.measure_from:
+            self.measure_from = 0
+            self.server.start()
         board = self.board
         if self.progress_cb:
             self.progress_cb(board)
@@ -273,6 +280,8 @@ class Watch:
         result.interrupted = self.interrupted and not self.dead
         result.ended_early = self._reason(result) if self.dead or self.interrupted else None
         result.machine_busy = busy_between(self.cpu_before, cpu_times())
+        self.server.stop()
+        result.server_cpu_s = self.server.seconds
         if self.progress_cb:
             self.progress_cb(self.board)
         return result
@@ -295,12 +304,14 @@ class Watch:
 def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
         keep_log: bool = True) -> tuple[RunResult, list]:
     """Run the whole load; ``progress_cb(board)`` is called every few tens of ms."""
+    server = ServerCpu(*target_address(cfg))  # (looked for before the clock starts: it reads /proc)
     start_ns = ns() + 50_000_000  # a moment for every client (and process) to be ready
+    measure_from = start_ns + int(cfg.warmup * 1e9)
     procs = min(cfg.processes, cfg.concurrency)
     groups = [list(range(cfg.concurrency))[i::procs] for i in range(procs)]
     if procs == 1:
         board = Board(cfg.concurrency, 1)
-        watch = Watch(cfg, board, progress_cb)
+        watch = Watch(cfg, board, progress_cb, server, measure_from)
         box: dict = {}
         worker = threading.Thread(target=lambda: box.update(out=run_local(cfg, groups[0], start_ns, board, 0,
                                                                           keep_log)), daemon=True)
@@ -323,7 +334,7 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
     ctx = multiprocessing.get_context("fork")
     shared = ctx.Array("q", Board.size_for(cfg.concurrency, procs), lock=False)
     board = Board(cfg.concurrency, procs, shared)
-    watch = Watch(cfg, board, progress_cb)
+    watch = Watch(cfg, board, progress_cb, server, measure_from)
     children = []
     for i, group in enumerate(groups):
         parent_end, child_end = ctx.Pipe(duplex=False)
@@ -359,6 +370,13 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
             p.terminate()
         raise
     return watch.finish(merged), logs_all
+
+
+def target_address(cfg: StressConfig) -> tuple[str, int]:
+    if cfg.http_url:
+        url = urlsplit(cfg.http_url)
+        return url.hostname or "127.0.0.1", url.port or 80
+    return cfg.host, cfg.port
 
 
 def default_processes(concurrency: int) -> int:

@@ -66,6 +66,7 @@ class RunResult:
     tool_cpu_s: float = 0.0  # CPU the load processes used, summed over them ...
     tool_wall_s: float = 0.0  # ... and the wall time they ran, summed the same way
     machine_busy: float | None = None  # share of all cores busy during the run (Linux), 0..1
+    server_cpu_s: float | None = None  # CPU of the local server under test after the warm-up (server_cpu.py)
 
     @property
     def tool_busy(self) -> float:

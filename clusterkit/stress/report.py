@@ -47,6 +47,9 @@ def _pcts(hist) -> dict:
 def summarize(cfg: StressConfig, r: RunResult) -> dict:
     t = r.seconds
     complete = r.complete
+    client = round(r.tool_busy * 100, 1)
+    machine = None if r.machine_busy is None else round(r.machine_busy * 100, 1)
+    server = round(r.server_cpu_s / t * 100, 1) if r.server_cpu_s is not None and t else None
     return {
         "target": cfg.http_url or host_port(cfg.host, cfg.port),
         "engine": cfg.engine, "processes": cfg.processes, "connection": cfg.connection,
@@ -72,10 +75,32 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
         "errors": dict(sorted(r.errors.items())),
         "ended_early": r.ended_early,
         # Near 100%, the load generator was the bottleneck: the figures measure it, not the server.
-        "client_cpu_percent": round(r.tool_busy * 100, 1),
+        "client_cpu_percent": client,
         "client_cores": round(r.tool_cpu_s / t, 2) if t else 0.0,
-        "machine_busy_percent": None if r.machine_busy is None else round(r.machine_busy * 100, 1),
+        "machine_busy_percent": machine,
+        # The server's own CPU, when it runs here (% of a core; server_cpu.py).
+        "server_cpu_percent": server,
+        "rate_is_lower_bound": lower_bound(client, machine, server),
     }
+
+
+SATURATED = 85.0
+"""Client CPU (% of a core per load process) from which the load generator counts as at its limit."""
+MACHINE_FULL = 85.0
+"""Machine CPU busy (%) from which client and server count as short of CPU."""
+SERVER_SPARE = 95.0
+"""Server CPU (% of a core) below which the server had room left. Not lower: a server
+woken for every request spends more per request than a busy one, so a Python echo
+server at 80-90% of a core still took 20-30% more from a faster generator."""
+
+
+def lower_bound(client_cpu: float, machine_busy: float | None, server_cpu: float | None) -> bool:
+    """Whether the load, not the server, set the rate: the server had room left (it
+    used under SERVER_SPARE of a core) while the load generator, or the machine's CPUs
+    it shared with the server, was at its limit. The rate is then only a lower bound
+    for the server, and says nothing of which of two such servers is faster."""
+    return (server_cpu is not None and server_cpu < SERVER_SPARE
+            and (client_cpu >= SATURATED or (machine_busy or 0) >= MACHINE_FULL))
 
 
 def to_json(rows: list[dict]) -> str:
