@@ -9,8 +9,9 @@ turn" shows in the log); the request goes out as HTTP/1.1 keep-alive with
 added and ``X-Backend`` naming the backend. One log line per request names the
 backend that answered.
 
-Failures: a refused connect, a reset, a close before the answer or no answer
-within ``response_timeout`` marks the backend down (passive check) and the
+Failures: a refused connect, a reset, a close before the answer or no byte of
+it for ``response_timeout`` (between reads, as nginx's ``proxy_read_timeout``)
+marks the backend down (passive check) and the
 request, being idempotent (only GET and HEAD are served), is retried on the
 next backend, as nginx's ``proxy_next_upstream error timeout`` does; a
 backend the active checks mark down hands its waiting requests on at once,
@@ -80,8 +81,9 @@ class BackendConn(asyncio.Protocol):
         self.owner: Exchange | None = None
         self.answer: BackendAnswer | None = None  # complete, handed over once the parser returns
         self.closed = False
+        self.unasked = False  # an answer began that no request was waiting for
         self.uses = 0
-        self.sent_at = 0.0
+        self.waiting_since = 0.0  # the send, then the last bytes of the answer: the sweep's timeout counts from it
         self._reset()
 
     def _reset(self) -> None:
@@ -97,10 +99,14 @@ class BackendConn(asyncio.Protocol):
     def send(self, data: bytes, owner: Exchange) -> None:
         self._reset()
         self.uses += 1
-        self.sent_at = time.monotonic()  # the proxy's sweep enforces the response timeout
+        self.waiting_since = time.monotonic()  # the proxy's sweep enforces the response timeout
         self.owner = owner
         self.backend.busy.add(self)
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def on_message_begin(self) -> None:
+        if self.owner is None or self.answer is not None:
+            self.unasked = True
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -122,8 +128,9 @@ class BackendConn(asyncio.Protocol):
         self._complete(self.parser.should_keep_alive())
 
     def _complete(self, keep_alive: bool) -> None:
-        if self.owner is not None and self.answer is None:  # (a second, unasked-for answer is not taken)
+        if self.owner is not None and self.answer is None:
             self.answer = BackendAnswer(self.status, self.reason, self.headers, b"".join(self.body), keep_alive)
+            self._reset()  # (what the parser reads after it goes to new lists, not into this answer)
 
     def _deliver(self) -> None:
         answer, self.answer = self.answer, None
@@ -133,13 +140,25 @@ class BackendConn(asyncio.Protocol):
             owner.answered(self, answer)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
+        self.waiting_since = time.monotonic()  # a slow answer still coming is no timeout (nginx's read timeout)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.closed = True  # not pooled again, even if an answer came before the garbage
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # Garbage, or a 101 Switching Protocols nobody asked for: a broken backend.
+            self.closed = True  # not pooled again, even if an answer came before
             if self.answer is not None:
                 self._deliver()
-            self._fail(BadGateway(str(exc)))
+            self._fail(BadGateway(str(exc) or type(exc).__name__))
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        if self.unasked:
+            # An answer no request was waiting for (on an idle connection, or after the
+            # answer in the same read): left in the pool, it would pass for the answer to
+            # the next request, someone else's. The connection goes, as nginx drops it.
+            self.closed = True
+            if self.answer is not None:
+                self._deliver()
+            self._fail(ConnectionResetError("the backend sent an answer nobody asked for"))
             self.transport.abort()  # type: ignore[union-attr]
             return
         if self.answer is not None:  # handed over here, not inside the parser's callback
@@ -245,6 +264,8 @@ class Proxy:
                 reason = "check timeout"
             except OSError as exc:
                 reason = f"check {type(exc).__name__}"
+            except ValueError:  # a status line over asyncio's 64 KiB: no HTTP server's
+                reason = "check answered a line too long"
             finally:
                 if writer is not None:
                     writer.transport.abort()
@@ -335,13 +356,16 @@ class Proxy:
         timeout = self.config.response_timeout
         while True:
             await asyncio.sleep(0.25)
-            now = time.monotonic()
-            for c in list(self.connections):
-                c.sweep(now, limits)
-            for b in self.backends:
-                for conn in [c for c in b.busy if now - c.sent_at > timeout]:
-                    conn._fail(TimeoutError())
-                    conn.transport.abort()  # type: ignore[union-attr]
+            try:
+                now = time.monotonic()
+                for c in list(self.connections):
+                    c.sweep(now, limits)
+                for b in self.backends:
+                    for conn in [c for c in b.busy if now - c.waiting_since > timeout]:
+                        conn._fail(TimeoutError())
+                        conn.transport.abort()  # type: ignore[union-attr]
+            except Exception as exc:  # a bug must not end every deadline for good
+                self.loop.call_exception_handler({"message": "lb sweep failed", "exception": exc})
 
     def _abort_all(self) -> None:
         for c in list(self.connections):
@@ -479,6 +503,7 @@ class ProxyClient(asyncio.Protocol):
         self.queue: deque[Request] = deque()
         self.exchange: Exchange | None = None  # the request on its way (one at a time, in order)
         self.starting = False  # in _next, which goes on to the next request itself
+        self.eof = False  # the client is done sending (a half-close): close once all is answered
         self.last_key: tuple | None = None  # the last request's target and headers,
         self.last_data = b""  # and what went to the backend for it
         self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
@@ -525,6 +550,12 @@ class ProxyClient(asyncio.Protocol):
         if self.exchange is None:
             self._next()
 
+    def eof_received(self) -> bool:
+        """A half-close (``nc -N``, a client that sent all it had): what it sent is
+        still answered, then the connection closes."""
+        self.eof = True
+        return self.exchange is not None or bool(self.queue)  # (False: nothing due, close now)
+
     def _next(self) -> None:
         """Send the queued requests on, one at a time: the next one goes once the
         last is answered (``answered``), and not while the client leaves its
@@ -563,6 +594,9 @@ class ProxyClient(asyncio.Protocol):
         if len(self.queue) < 16 and not self.paused_since:
             self.transport.resume_reading()  # type: ignore[union-attr]
         self._next()
+        if self.eof and self.exchange is None and not self.queue and not self.closing:
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
 
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool) -> None:
         if self.elog.info:
