@@ -207,13 +207,21 @@ class ThreadedHttpServer:
 
 
 def run_threaded(config: HttpServerConfig, elog: logs.EventLog, announce) -> None:
-    server = ThreadedHttpServer(config, elog)
-    core = pin_process(-1) if config.pin else None  # before any worker thread starts: they inherit it
-    announce(server.port, core)
-    def on_signal(signum, frame):
-        server.stop()
+    server: ThreadedHttpServer | None = None
+    signalled = []
 
+    def on_signal(signum, frame):
+        signalled.append(signum)
+        if server is not None:
+            server.stop()
+
+    # Before the port opens: a Ctrl-C as soon as it is open is a graceful stop too.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    server = ThreadedHttpServer(config, elog)
+    if signalled:
+        server.stop()
+    core = pin_process(-1) if config.pin else None  # before any worker thread starts: they inherit it
+    announce(server.port, core)
     server.serve()
     server.drain()
