@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "measure connect time, latency (send to first reply byte) and rtt (send to "
                     "confirmation).")
     p.add_argument("message", nargs="?", default="hello", help="the message to send (default: %(default)s)")
-    p.add_argument("--count", "-n", type=cli.positive_int, default=1, help="how many times to send it (default: %(default)s)")
+    p.add_argument("--count", "-n", type=cli.positive_int, default=1,
+                   help="how many times to send it (default: %(default)s)")
     p.add_argument("--keepalive", "-k", action="store_true",
                    help="send all messages on one connection (default: a new connection per message)")
     p.add_argument("--host", default="127.0.0.1", help="server or balancer address (default: %(default)s)")

@@ -55,19 +55,12 @@ class StopSignal:
         self._event = asyncio.Event()
         self._on_force = on_force
         self.forced = False
-        self._installed = False
-        try:
-            # At once when made in the loop, as the servers make it before they listen:
-            # a Ctrl-C as soon as the port is open is a graceful stop too, not a
-            # KeyboardInterrupt (exit 130) from Python's default handler.
-            self._install(asyncio.get_running_loop())
-        except RuntimeError:  # no loop running yet: wait() installs them
-            pass
-
-    def _install(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Installed as it is made (in the running loop, before the server listens): a
+        # Ctrl-C as soon as the port is open is a graceful stop too, not Python's
+        # KeyboardInterrupt (exit 130).
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request)
-        self._installed = True
 
     def request(self) -> None:
         if self._event.is_set():
@@ -77,9 +70,7 @@ class StopSignal:
         self._event.set()
 
     async def wait(self) -> None:
-        """Wait for the first signal (the handlers installed, if they were not yet)."""
-        if not self._installed:
-            self._install(asyncio.get_running_loop())
+        """Wait for the first signal."""
         await self._event.wait()
 
 

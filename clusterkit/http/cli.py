@@ -178,7 +178,8 @@ def main_lb(argv: list[str] | None = None) -> int:
                                         "without it (nginx: 404) still counts as up (default: /healthz)")
     p.add_argument("--rise", type=cli.positive_int, help="good checks that bring a backend back (default: 2)")
     p.add_argument("--fall", type=cli.positive_int, help="failed checks that take a backend down (default: 2)")
-    p.add_argument("--response-timeout", type=float, help="seconds a backend may leave its answer without a byte (default: 10)")
+    p.add_argument("--response-timeout", type=float,
+                   help="seconds a backend may leave its answer without a byte (default: 10)")
     args = p.parse_args(argv)
     try:
         config = proxy_config(args)

@@ -145,24 +145,25 @@ class BackendConn(asyncio.Protocol):
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # Garbage, or a 101 Switching Protocols nobody asked for: a broken backend.
-            self.closed = True  # not pooled again, even if an answer came before
-            if self.answer is not None:
-                self._deliver()
-            self._fail(BadGateway(str(exc) or type(exc).__name__))
-            self.transport.abort()  # type: ignore[union-attr]
+            self._drop(BadGateway(str(exc) or type(exc).__name__))
             return
         if self.unasked:
             # An answer no request was waiting for (on an idle connection, or after the
             # answer in the same read): left in the pool, it would pass for the answer to
             # the next request, someone else's. The connection goes, as nginx drops it.
-            self.closed = True
-            if self.answer is not None:
-                self._deliver()
-            self._fail(ConnectionResetError("the backend sent an answer nobody asked for"))
-            self.transport.abort()  # type: ignore[union-attr]
+            self._drop(ConnectionResetError("the backend sent an answer nobody asked for"))
             return
         if self.answer is not None:  # handed over here, not inside the parser's callback
             self._deliver()
+
+    def _drop(self, exc: Exception) -> None:
+        """End a connection that cannot be trusted: an answer completed before the
+        trouble still goes to its request, else the request fails with ``exc``."""
+        self.closed = True  # never pooled again
+        if self.answer is not None:
+            self._deliver()
+        self._fail(exc)
+        self.transport.abort()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -392,7 +393,7 @@ class Exchange:
     does (see the module's notes); the answer, or the error answer, goes back
     to the client with ``client.answered``."""
 
-    __slots__ = ("proxy", "client", "req", "data", "tried", "timed_out", "backend", "fresh", "reused")
+    __slots__ = ("proxy", "client", "req", "data", "tried", "timed_out", "backend")
 
     def __init__(self, proxy: Proxy, client: ProxyClient, req: Request) -> None:
         self.proxy = proxy
@@ -402,8 +403,6 @@ class Exchange:
         self.tried: set[int] = set()
         self.timed_out: BackendState | None = None  # the last backend that did not answer in time
         self.backend: BackendState | None = None
-        self.fresh = False  # on a new connection (a pooled one was found closed)
-        self.reused = False  # the connection in use had carried earlier requests
 
     def next_backend(self) -> None:
         b = self.proxy.choose(self.tried)
@@ -415,17 +414,16 @@ class Exchange:
             return
         self.tried.add(b.index)
         self.backend = b
-        self.fresh = False
         self.attempt()
 
-    def attempt(self) -> None:
+    def attempt(self, fresh: bool = False) -> None:
+        """Send over an idle pooled connection of the backend, else (or ``fresh``) a new one."""
         b = self.backend
-        if not self.fresh:
+        if not fresh:
             idle = b.idle  # type: ignore[union-attr]
             while idle:
                 conn = idle.pop()
                 if not conn.closed:
-                    self.reused = conn.uses > 0
                     conn.send(self.data, self)
                     return
         self.proxy.loop.create_task(self._connect(b))  # type: ignore[arg-type]
@@ -442,7 +440,6 @@ class Exchange:
             self.proxy.mark(b, False, f"connect {type(exc).__name__}")
             self.next_backend()
             return
-        self.reused = False
         conn.send(self.data, self)
 
     def answered(self, conn: BackendConn, answer: BackendAnswer) -> None:
@@ -471,9 +468,10 @@ class Exchange:
             b.failures += 1
             self.timed_out = b
             self.proxy.mark(b, False, "response timeout")
-        elif self.reused and not self.fresh:
-            self.fresh = True  # a stale idle connection: once more on a fresh one
-            self.attempt()
+        elif conn.uses > 1:
+            # A pooled connection the backend closed while it was idle: once more on a
+            # new one (whose first request this is, so it is not tried a third time).
+            self.attempt(fresh=True)
             return
         else:
             b.failures += 1

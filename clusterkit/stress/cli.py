@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--rate", type=float, help="open loop: this many requests per second in all; latency is "
                                               "counted from each request's intended send time (as wrk2)")
     w.add_argument("--warmup", type=float, default=0.0, help="seconds at the start not counted in the report")
-    w.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for connect and for each answer (default: %(default)s)")
+    w.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for connect and for each answer (default: %(default)s)")
     w.add_argument("--sweep", metavar="C1,C2,...", help="run once per concurrency level, one table row each "
                                                          "(e.g. 1,3,5,8,10)")
     e = p.add_argument_group("engine")
@@ -112,7 +113,7 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
 def preflight(cfg: StressConfig) -> tuple[int, tuple]:
     """A dead target ends the run at once with one clear line (exit 69); a live
     one gives the address that answered, (family, sockaddr)."""
-    host, port = engines.target_address(cfg)
+    host, port = cfg.destination
     try:
         with socket.create_connection((host, port), timeout=cfg.timeout) as sock:
             return sock.family, sock.getpeername()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import select
 from dataclasses import dataclass
 from functools import cached_property
+from urllib.parse import urlsplit
 
 from ..config import check
 
@@ -61,6 +62,14 @@ class StressConfig:
         check(self.duration is not None or self.requests >= self.concurrency,
               f"-c {self.concurrency} is more than -n {self.requests}: each client sends at least one request")
         check(b"\n" not in self.message, "--message may not contain a newline")
+
+    @property
+    def destination(self) -> tuple[str, int]:
+        """The host and port the load goes to (the URL's with --http)."""
+        if self.http_url:
+            url = urlsplit(self.http_url)
+            return url.hostname or "127.0.0.1", url.port or 80
+        return self.host, self.port
 
     @cached_property  # asked once per request
     def keepalive(self) -> bool:

@@ -30,7 +30,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 from .. import loops
 from ..affinity import pin_to_core
@@ -304,7 +303,7 @@ class Watch:
 def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
         keep_log: bool = True) -> tuple[RunResult, list]:
     """Run the whole load; ``progress_cb(board)`` is called every few tens of ms."""
-    server = ServerCpu(*target_address(cfg))  # (looked for before the clock starts: it reads /proc)
+    server = ServerCpu(*cfg.destination)  # (looked for before the clock starts: it reads /proc)
     start_ns = ns() + 50_000_000  # a moment for every client (and process) to be ready
     measure_from = start_ns + int(cfg.warmup * 1e9)
     procs = min(cfg.processes, cfg.concurrency)
@@ -370,13 +369,6 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
             p.terminate()
         raise
     return watch.finish(merged), logs_all
-
-
-def target_address(cfg: StressConfig) -> tuple[str, int]:
-    if cfg.http_url:
-        url = urlsplit(cfg.http_url)
-        return url.hostname or "127.0.0.1", url.port or 80
-    return cfg.host, cfg.port
 
 
 def default_processes(concurrency: int) -> int:

@@ -27,10 +27,9 @@ class Target:
     def __init__(self, cfg: StressConfig, worker: int) -> None:
         self.cfg = cfg
         self.batch = cfg.pipeline
+        self.host, self.port = cfg.destination
         if cfg.http_url:
             url = urlsplit(cfg.http_url)
-            self.host = url.hostname or "127.0.0.1"
-            self.port = url.port or 80
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
             ka = b"Connection: Keep-Alive\r\n" if cfg.keepalive else b""
             host_header = url.netloc.encode()
@@ -39,7 +38,6 @@ class Target:
                                  b"Accept: */*\r\n%s\r\n" % (path.encode(), host_header, ka))
             self.known: KnownAnswer | None = None  # the last right answer (see HttpReader)
         else:
-            self.host, self.port = cfg.host, cfg.port
             self.http_request = b""
             self.name = ""  # the server that answered last, and its answer's frame (see Client.whole)
             self.head = self.tail = b""
