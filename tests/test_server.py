@@ -231,12 +231,18 @@ def test_connections_over_the_limit_are_told_busy(start_server, connect):
     assert c.read_all() == b"ERR busy\n"
 
 
-def test_port_taken_gives_one_clear_line_and_exit_71(log_dir):
+@pytest.mark.parametrize("program, taken", [("server1.py", "--port"), ("Load_Balancer.py", "--port"),
+                                            ("Load_Balancer.py", "--admin-port")])
+def test_port_taken_gives_one_clear_line_and_exit_71(log_dir, program, taken):
+    """The line names the port that was taken (the balancer has two)."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        proc = subprocess.run(cluster.python_script("server1.py", "--port", str(port), "--log-dir", str(log_dir)),
+        ports = {"--port": cluster.free_port(), "--admin-port": 0} if program == "Load_Balancer.py" else {}
+        ports[taken] = port
+        args = [x for flag, p in ports.items() for x in (flag, str(p))]
+        proc = subprocess.run(cluster.python_script(program, *args, "--log-dir", str(log_dir)),
                               capture_output=True, text=True, timeout=30)
     assert proc.returncode == 71
     lines = proc.stderr.strip().splitlines()

@@ -86,9 +86,9 @@ class Balancer:
         self.events = EpollSet(self.loop)
         cfg = self.config
         on_accept = partial(start_client if cfg.mode == "message" else start_session, self)
-        self._server = Listener(self.events, on_accept).listen(cfg.host, cfg.port, backlog=4096)
-        if cfg.admin_port:
+        if cfg.admin_port:  # first: once the traffic port answers, all of the balancer does
             self._admin = await start_admin(self, cfg.host, cfg.admin_port)
+        self._server = Listener(self.events, on_accept).listen(cfg.host, cfg.port, backlog=4096)
         for b in self.pool.backends:
             self._tasks.append(self.loop.create_task(
                 check_forever(self.pool, b, cfg.check_interval, cfg.check_timeout, cfg.check)))

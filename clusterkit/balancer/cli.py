@@ -85,7 +85,7 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
     try:
         await balancer.start()
     except OSError as exc:
-        port = config.admin_port if balancer._server is not None else config.port
+        port = config.admin_port if config.admin_port and balancer._admin is None else config.port
         raise cli.listen_error("balancer", config.host, port, exc) from None
     backends = ", ".join(f"{b.name}" for b in config.backends)
     admin = f", admin http://{host_port(config.host, config.admin_port)}/stats" if config.admin_port else ""
