@@ -740,6 +740,107 @@ def test_lb_survives_slow_upgraded_and_overlong_backend_answers(setup):
         assert setup.log().count("event=backend-down") == 1
 
 
+BIG = 64 * 1024 * 1024
+_streamed: dict[str, int] = {}  # bytes the streaming backend got out, by path
+
+
+def _answer_at_length(conn: socket.socket) -> None:
+    """/big: 64 MB with a Content-Length, written as the socket takes it; /chunked: 300 KB
+    in 10 KB chunks; /dies: 200 KB of a promised 1 MB, then the close; else 200."""
+    for head in _read_requests(conn):
+        path = head.split(b" ")[1].decode()
+        if path == "/big":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
+            piece = bytes(range(256)) * 4096  # 1 MB
+            _streamed[path] = 0
+            for _ in range(BIG // len(piece)):
+                conn.sendall(piece)
+                _streamed[path] += len(piece)
+        elif path == "/chunked":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(30):
+                conn.sendall(b"2800\r\n" + bytes([65 + i % 26]) * 10240 + b"\r\n")
+            conn.sendall(b"0\r\n\r\n")
+        elif path == "/dies":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"d" * 200_000)
+            time.sleep(0.3)
+            conn.close()
+            return
+        else:
+            conn.sendall(_ok(b"ok\n"))
+
+
+def _wait_still(path: str, seconds: float = 0.5) -> int:
+    """What the backend got out once it has stopped getting anything out for ``seconds``."""
+    deadline = time.monotonic() + 30
+    last = -1
+    while _streamed.get(path, 0) != last:
+        assert time.monotonic() < deadline, "the backend never stopped sending"
+        last = _streamed.get(path, 0)
+        time.sleep(seconds)
+    return last
+
+
+def test_lb_streams_a_long_answer_at_the_pace_its_client_reads_it(setup):
+    """A long answer was read whole into memory before a byte of it went on: 200 MB
+    answers to three clients took the balancer to 821 MB. Past 64 KB it now goes
+    on as it comes, and a client that does not read stops the backend's answer
+    (the backend cannot get more out), so the balancer holds a bounded part."""
+    with fake_backend(_answer_at_length) as port:
+        lb = setup.server("lb.py", "--backend", f"big=127.0.0.1:{port}", "--check-interval", "30")
+        rss = psutil.Process(lb.pid).memory_info().rss
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            out = _wait_still("/big")  # the client reads nothing yet
+            assert out < BIG // 2, f"the backend got {out} bytes out to a client that reads none"
+            assert psutil.Process(lb.pid).memory_info().rss - rss < 24 * 1024 * 1024
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: %d\r\n" % BIG in head
+            size, ok = len(body), body == (bytes(range(256)) * 4096)[:len(body)]
+            while size < BIG:
+                chunk = s.recv(1 << 20)
+                assert chunk, size
+                ok = ok and chunk == (bytes(range(256)) * 4096 * 2)[size % 256:size % 256 + len(chunk)]
+                size += len(chunk)
+            assert size == BIG and ok
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n")  # the same connection goes on
+            assert s.recv(65536).endswith(b"ok\n")
+        for version, framing in (("1.1", "Transfer-Encoding: chunked"), ("1.0", "Connection: close")):
+            conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+            conn._http_vsn_str = f"HTTP/{version}"
+            conn.request("GET", "/chunked")
+            resp = conn.getresponse()
+            body = resp.read()
+            assert framing in str(resp.headers) and "Content-Length" not in str(resp.headers), resp.headers
+            assert body == b"".join(bytes([65 + i % 26]) * 10240 for i in range(30))
+            conn.close()
+        assert "backend-down" not in setup.log()
+
+
+def test_lb_cuts_a_streamed_answer_its_backend_dies_in_and_drops_one_its_client_left(setup):
+    """Half of a long answer is with the client when its backend dies: it cannot go
+    to another backend, so the client's connection is cut (it must not take the part
+    for the whole), the backend is marked down, and a client that leaves half-way
+    ends its backend connection without anyone being blamed."""
+    with fake_backend(_answer_at_length) as port:
+        lb = setup.server("lb.py", "--backend", f"big=127.0.0.1:{port}", "--check-interval", "30")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+        setup.wait_log("event=request client=127.0.0.1 method=GET path=/big")
+        assert status_of(exchange(lb.port, b"GET /fine HTTP/1.0\r\n\r\n")) == 200
+        assert "backend-down" not in setup.log()
+        data = exchange(lb.port, b"GET /dies HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and len(data) < 1_000_000, len(data)
+        setup.wait_log("event=answer-cut")
+        setup.wait_log("event=backend-down backend=big")
+
+
 def _statuses_in(data: bytes) -> list[bytes]:
     return re.findall(rb"^HTTP/1\.[01] (\d+) ", data, re.MULTILINE)
 

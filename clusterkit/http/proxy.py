@@ -23,9 +23,15 @@ Active checks (``GET /healthz``, or ``--check-path``, every ``check_interval``;
 any answer below 500 passes) take a backend out after ``fall`` failed ones and
 bring it back after ``rise`` good ones.
 
-HEAD is forwarded as GET and the body dropped here: httptools' response
+HEAD is forwarded as GET and the body counted, not kept: httptools' response
 parser cannot be told that an answer has no body, and this keeps framing
 exact.
+
+A long answer (past ``STREAM_AFTER``) is streamed: its head goes to the client
+with the backend's ``Content-Length`` (or chunked, or close-delimited for an
+HTTP/1.0 client), then its body as it comes, and the backend is read only as
+fast as the client reads (``BackendConn.pause``). Such an answer is not
+retried: a failure half-way resets the client's connection.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"traile
 VIA = b"1.1 clusterkit-lb"
 WRITE_HIGH_WATER = 512 * 1024
 """Bytes of answers buffered for a client that does not read, before it is paused."""
+STREAM_AFTER = 64 * 1024
+"""An answer's body is relayed whole up to this many bytes (and retried on the next
+backend if its own fails it). Past it, the body is passed on as it comes, at the
+pace the client reads it (nginx's ``proxy_buffering`` with bounded buffers), so
+the balancer never holds a whole large answer; a failure then cuts it off."""
 
 
 class BadGateway(Exception):
@@ -63,8 +74,9 @@ class BackendAnswer(NamedTuple):
     status: int
     reason: bytes  # the backend's own reason phrase, passed on as HAProxy and nginx do
     headers: list[tuple[bytes, bytes]]
-    body: bytes
+    body: bytes  # what is left of it here (all of it unless streamed; none for HEAD)
     keep_alive: bool
+    length: int  # of the whole body
 
 
 class BackendConn(asyncio.Protocol):
@@ -83,12 +95,16 @@ class BackendConn(asyncio.Protocol):
         self.closed = False
         self.unasked = False  # an answer began that no request was waiting for
         self.uses = 0
+        self.count_only = False  # a HEAD's answer: its body is counted, not kept
+        self.paused = False  # reading stopped: a streamed answer's client reads slower than it comes
         self.waiting_since = 0.0  # the send, then the last bytes of the answer: the sweep's timeout counts from it
         self._reset()
 
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
+        self.held = 0  # bytes in self.body
+        self.length = 0  # of the body so far
         self.status = 0
         self.reason = b""
         self.head_done = False
@@ -99,6 +115,7 @@ class BackendConn(asyncio.Protocol):
     def send(self, data: bytes, owner: Exchange) -> None:
         self._reset()
         self.uses += 1
+        self.count_only = owner.req.method == b"HEAD"
         self.waiting_since = time.monotonic()  # the proxy's sweep enforces the response timeout
         self.owner = owner
         self.backend.busy.add(self)
@@ -119,7 +136,10 @@ class BackendConn(asyncio.Protocol):
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        self.length += len(body)
+        if not self.count_only:
+            self.body.append(body)
+            self.held += len(body)
 
     def on_message_complete(self) -> None:
         if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): the final one follows
@@ -129,7 +149,8 @@ class BackendConn(asyncio.Protocol):
 
     def _complete(self, keep_alive: bool) -> None:
         if self.owner is not None and self.answer is None:
-            self.answer = BackendAnswer(self.status, self.reason, self.headers, b"".join(self.body), keep_alive)
+            self.answer = BackendAnswer(self.status, self.reason, self.headers, b"".join(self.body), keep_alive,
+                                        self.length)
             self._reset()  # (what the parser reads after it goes to new lists, not into this answer)
 
     def _deliver(self) -> None:
@@ -155,6 +176,25 @@ class BackendConn(asyncio.Protocol):
             return
         if self.answer is not None:  # handed over here, not inside the parser's callback
             self._deliver()
+        elif self.held and self.owner is not None and (self.owner.streaming or self.held > STREAM_AFTER):
+            self.owner.stream(self)
+
+    def take_body(self) -> bytes:
+        """The body read so far, for a streamed answer; held no more here."""
+        body, self.body, self.held = b"".join(self.body), [], 0
+        return body
+
+    def pause(self) -> None:
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.waiting_since = time.monotonic()  # waiting for a slow client is not the backend's delay
+            if not self.closed:
+                self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _drop(self, exc: Exception) -> None:
         """End a connection that cannot be trusted: an answer completed before the
@@ -302,22 +342,44 @@ class Proxy:
                 % (req.target, b"".join(lines), forwarded, VIA))
 
     def _client_response(self, req: Request, answer: BackendAnswer, b: BackendState) -> bytes:
-        status, body = answer.status, answer.body
-        headers = answer.headers
+        status = answer.status
+        # No Content-Length for a 204 or 304 (RFC 9110 8.6): a 304's would have to be the 200's.
+        length = b"" if status in (204, 304) else b"Content-Length: %d\r\n" % answer.length
+        head = self._client_head(req, status, answer.reason, answer.headers, b, length, req.keep_alive)
+        return head if req.method == b"HEAD" or status in (204, 304) else head + answer.body
+
+    def _streamed_head(self, req: Request, conn: BackendConn, b: BackendState) -> tuple[bytes, bool, bool]:
+        """The head for an answer whose body is passed on as it comes: the head,
+        whether the body goes chunked, and whether the connection stays open."""
+        length = None
+        for k, v in conn.headers:
+            lk = k.lower()
+            if lk == b"transfer-encoding":
+                length = None
+                break
+            if lk == b"content-length":
+                length = v.strip()
+        if length is not None:  # the backend's own length (its parser checked the body against it)
+            framing, chunked, keep = b"Content-Length: %s\r\n" % length, False, req.keep_alive
+        elif req.version == "1.1":
+            framing, chunked, keep = b"Transfer-Encoding: chunked\r\n", True, req.keep_alive
+        else:  # an HTTP/1.0 client: the close ends the body
+            framing, chunked, keep = b"", False, False
+        return self._client_head(req, conn.status, conn.reason, conn.headers, b, framing, keep), chunked, keep
+
+    def _client_head(self, req: Request, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                     b: BackendState, framing: bytes, keep: bool) -> bytes:
         if headers != b.last_headers:  # else as for its last answer (they differ by the Date, once a second)
             b.last_headers, b.last_kept = headers, self._kept_headers(headers, b)
-        if not req.keep_alive:
+        if not keep:
             conn = b"Connection: close\r\n"
         elif req.version == "1.0":
             conn = b"Connection: keep-alive\r\n"
         else:
             conn = b""  # keep-alive is HTTP/1.1's default (the servers do not say it either)
-        # No Content-Length for a 204 or 304 (RFC 9110 8.6): a 304's would have to be the 200's.
-        length = b"" if status in (204, 304) else b"Content-Length: %d\r\n" % len(body)
-        head = (b"HTTP/%s %d %s\r\n%sDate: %s\r\n%sVia: %s\r\n%s\r\n"
-                % (req.version.encode(), status, answer.reason or reason_phrase(status), b.last_kept,
-                   http_date(), length, VIA, conn))
-        return head if req.method == b"HEAD" or status in (204, 304) else head + body
+        return (b"HTTP/%s %d %s\r\n%sDate: %s\r\n%sVia: %s\r\n%s\r\n"
+                % (req.version.encode(), status, reason or reason_phrase(status), b.last_kept,
+                   http_date(), framing, VIA, conn))
 
     @staticmethod
     def _kept_headers(headers: list[tuple[bytes, bytes]], b: BackendState) -> bytes:
@@ -362,7 +424,7 @@ class Proxy:
                 for c in list(self.connections):
                     c.sweep(now, limits)
                 for b in self.backends:
-                    for conn in [c for c in b.busy if now - c.waiting_since > timeout]:
+                    for conn in [c for c in b.busy if now - c.waiting_since > timeout and not c.paused]:
                         conn._fail(TimeoutError())
                         conn.transport.abort()  # type: ignore[union-attr]
             except Exception as exc:  # a bug must not end every deadline for good
@@ -391,9 +453,12 @@ class Exchange:
     in callbacks, with no task or future per request), else over a new one.
     A failure sends it on as nginx's ``proxy_next_upstream error timeout``
     does (see the module's notes); the answer, or the error answer, goes back
-    to the client with ``client.answered``."""
+    to the client with ``client.answered``. A long answer is streamed: its
+    head and body go to the client as they come (``stream``), the rest with
+    ``client.answered`` at the end."""
 
-    __slots__ = ("proxy", "client", "req", "data", "tried", "timed_out", "backend")
+    __slots__ = ("proxy", "client", "req", "data", "tried", "timed_out", "backend", "conn", "streaming",
+                 "chunked", "keep", "sent")
 
     def __init__(self, proxy: Proxy, client: ProxyClient, req: Request) -> None:
         self.proxy = proxy
@@ -403,6 +468,11 @@ class Exchange:
         self.tried: set[int] = set()
         self.timed_out: BackendState | None = None  # the last backend that did not answer in time
         self.backend: BackendState | None = None
+        self.conn: BackendConn | None = None  # the connection it was last sent on
+        self.streaming = False  # the answer's head went to the client: no retry from now on
+        self.chunked = False  # the streamed body goes in chunks (its length was not given)
+        self.keep = False  # the client's connection stays open after the streamed answer
+        self.sent = 0  # bytes of the streamed answer written to the client
 
     def next_backend(self) -> None:
         b = self.proxy.choose(self.tried)
@@ -424,6 +494,7 @@ class Exchange:
             while idle:
                 conn = idle.pop()
                 if not conn.closed:
+                    self.conn = conn
                     conn.send(self.data, self)
                     return
         self.proxy.loop.create_task(self._connect(b))  # type: ignore[arg-type]
@@ -440,19 +511,63 @@ class Exchange:
             self.proxy.mark(b, False, f"connect {type(exc).__name__}")
             self.next_backend()
             return
+        self.conn = conn
         conn.send(self.data, self)
 
     def answered(self, conn: BackendConn, answer: BackendAnswer) -> None:
         b = self.backend
+        if conn.paused:
+            conn.resume()
         if answer.keep_alive and not conn.closed and len(b.idle) < self.proxy.config.pool_size:  # type: ignore
             b.idle.append(conn)  # type: ignore[union-attr]
         else:
             conn.close()
         b.requests += 1  # type: ignore[union-attr]
-        self.client.answered(self.req, answer.status, self.proxy._client_response(self.req, answer, b), b.name)
+        if self.streaming:
+            rest = self._body_piece(answer.body) + (b"0\r\n\r\n" if self.chunked else b"")
+            self.client.answered(self.req, answer.status, rest, b.name, self.keep, self.sent + len(rest))
+        else:
+            self.client.answered(self.req, answer.status, self.proxy._client_response(self.req, answer, b),
+                                 b.name)
+
+    def stream(self, conn: BackendConn) -> None:
+        """Pass on the part of a long answer read so far (``STREAM_AFTER``); the
+        head first. The backend is read only as fast as the client takes it."""
+        if not self.streaming:
+            self.streaming = True
+            head, self.chunked, self.keep = self.proxy._streamed_head(self.req, conn, self.backend)  # type: ignore
+            self.client.write(head)
+            self.sent += len(head)
+        piece = self._body_piece(conn.take_body())
+        self.sent += len(piece)
+        self.client.write(piece)  # (a client that stops reading pauses the backend: ProxyClient.pause_writing)
+
+    def _body_piece(self, body: bytes) -> bytes:
+        if self.chunked and body:
+            return b"%x\r\n%s\r\n" % (len(body), body)
+        return body
+
+    def abandon(self) -> None:
+        """The client has gone: a streamed answer's connection is ended (the rest
+        of the answer is nobody's); one answered whole is still read and pooled."""
+        conn = self.conn
+        if self.streaming and conn is not None and conn.owner is self:
+            conn.owner = None
+            self.backend.busy.discard(conn)  # type: ignore[union-attr]
+            conn.closed = True
+            conn.transport.abort()  # type: ignore[union-attr]
+            if self.client.elog.info:  # what it got, as nginx logs it
+                self.client.log_request(self.req, conn.status, self.sent, self.backend.name)  # type: ignore
 
     def failed(self, conn: BackendConn, exc: Exception) -> None:
         b: BackendState = self.backend  # type: ignore[assignment]
+        if self.streaming:  # part of the answer is with the client: it cannot go elsewhere now
+            conn.close()
+            b.failures += 1
+            if not isinstance(exc, (BadGateway, BackendDown)):
+                self.proxy.mark(b, False, "response timeout" if isinstance(exc, TimeoutError) else type(exc).__name__)
+            self.client.cut(self.req, conn.status, b.name, self.sent)
+            return
         if isinstance(exc, BadGateway):
             b.failures += 1
             self._error(502, f"{b.name} sent a malformed answer", b.name)
@@ -525,9 +640,13 @@ class ProxyClient(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.paused_since = time.monotonic()
         self.transport.pause_reading()  # type: ignore[union-attr]
+        if self.exchange is not None and self.exchange.streaming:
+            self.exchange.conn.pause()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
         self.paused_since = 0.0
+        if self.exchange is not None and self.exchange.streaming:
+            self.exchange.conn.resume()  # type: ignore[union-attr]
         if len(self.queue) < 16 and not self.closing:
             self.transport.resume_reading()  # type: ignore[union-attr]
         self._next()
@@ -583,10 +702,12 @@ class ProxyClient(asyncio.Protocol):
             self.last_key, self.last_data = key, self.proxy._backend_request(req, self.peer)
         return self.last_data
 
-    def answered(self, req: Request, status: int, resp: bytes, backend: str) -> None:
-        """The answer to the request on its way (from its Exchange)."""
+    def answered(self, req: Request, status: int, resp: bytes, backend: str, keep: bool | None = None,
+                 size: int | None = None) -> None:
+        """The answer to the request on its way (from its Exchange); for a streamed
+        one, its last part, whether the connection stays and the whole answer's size."""
         self.exchange = None
-        self._finish(resp, backend, status, req, keep=req.keep_alive)
+        self._finish(resp, backend, status, req, req.keep_alive if keep is None else keep, size)
         if self.closing:
             return
         if len(self.queue) < 16 and not self.paused_since:
@@ -596,12 +717,34 @@ class ProxyClient(asyncio.Protocol):
             self.closing = True
             self.transport.close()  # type: ignore[union-attr]
 
-    def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool) -> None:
+    def write(self, data: bytes) -> None:
+        """Part of a streamed answer."""
+        if not self.closing:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def cut(self, req: Request, status: int, backend: str, sent: int) -> None:
+        """A streamed answer's backend failed half-way: the client's connection is
+        reset, so that it cannot take the part it got for the whole answer."""
+        self.exchange = None
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=answer-cut client={self.peer} path="
+                                      f"{logs.quote(req.target.decode('latin-1'))} backend={backend} bytes={sent}")
         if self.elog.info:
-            what = (f"method={req.method.decode('latin-1')} path={logs.quote(req.target.decode('latin-1'))} "
-                    f"ms={(time.monotonic() - req.started) * 1000:.3f}") if req else "method=- path=-"
-            self.elog.line("INFO", f"event=request client={self.peer} {what} status={status} "
-                                   f"bytes={len(resp)} backend={backend}")
+            self.log_request(req, status, sent, backend)
+        if not self.closing:
+            self.closing = True
+            self.transport.abort()  # type: ignore[union-attr]
+
+    def log_request(self, req: Request | None, status: int, size: int, backend: str) -> None:
+        what = (f"method={req.method.decode('latin-1')} path={logs.quote(req.target.decode('latin-1'))} "
+                f"ms={(time.monotonic() - req.started) * 1000:.3f}") if req else "method=- path=-"
+        self.elog.line("INFO", f"event=request client={self.peer} {what} status={status} bytes={size} "
+                               f"backend={backend}")
+
+    def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool,
+                size: int | None = None) -> None:
+        if self.elog.info:
+            self.log_request(req, status, len(resp) if size is None else size, backend)
         if self.closing:
             return
         self.transport.write(resp)  # type: ignore[union-attr]
@@ -615,6 +758,8 @@ class ProxyClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.proxy.connections.discard(self)
+        if self.exchange is not None:
+            self.exchange.abandon()
 
     def sweep(self, now: float, limits) -> None:
         if self.lingering is not None:
