@@ -12,6 +12,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -839,6 +840,19 @@ def test_lb_cuts_a_streamed_answer_its_backend_dies_in_and_drops_one_its_client_
         assert data.startswith(b"HTTP/1.1 200 OK\r\n") and len(data) < 1_000_000, len(data)
         setup.wait_log("event=answer-cut")
         setup.wait_log("event=backend-down backend=big")
+
+
+def test_lb_logs_499_for_an_answer_whose_client_left_before_it_came(setup):
+    """It logged status=200 and the answer's size for an answer nobody got. (A client
+    that only half-closes still gets its answer: test_lb_answers_a_client_that_half_closes...)"""
+    with fake_backend(_answer_slowly_or_oddly) as port:
+        lb = setup.server("lb.py", "--backend", f"odd=127.0.0.1:{port}", "--check-interval", "30")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.3)  # the request is with the backend
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # gone: a reset
+        setup.wait_log("path=/slow")
+        assert re.search(r"path=/slow ms=\S+ status=499 bytes=0 backend=odd", setup.log()), setup.log()[-500:]
 
 
 def _statuses_in(data: bytes) -> list[bytes]:

@@ -744,7 +744,10 @@ class ProxyClient(asyncio.Protocol):
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool,
                 size: int | None = None) -> None:
         if self.elog.info:
-            self.log_request(req, status, len(resp) if size is None else size, backend)
+            if self.closing:  # the client has gone: nobody got it (nginx's 499, "client closed request")
+                self.log_request(req, 499, 0, backend)
+            else:
+                self.log_request(req, status, len(resp) if size is None else size, backend)
         if self.closing:
             return
         self.transport.write(resp)  # type: ignore[union-attr]
