@@ -745,18 +745,27 @@ BIG = 64 * 1024 * 1024
 _streamed: dict[str, int] = {}  # bytes the streaming backend got out, by path
 
 
+_sick: list[int] = []  # not empty: health checks are answered 500
+
+
 def _answer_at_length(conn: socket.socket) -> None:
-    """/big: 64 MB with a Content-Length, written as the socket takes it; /chunked: 300 KB
-    in 10 KB chunks; /dies: 200 KB of a promised 1 MB, then the close; else 200."""
+    """/big: 64 MB with a Content-Length, written as the socket takes it (/medium: 1 MB,
+    /large: 8 MB; /late-big: 64 MB after a second); /chunked: 300 KB in 10 KB chunks; /dies: 200 KB of
+    a promised 1 MB, then the close; /healthz: 500 while _sick; else 200."""
     for head in _read_requests(conn):
         path = head.split(b" ")[1].decode()
-        if path == "/big":
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
+        if path in ("/big", "/medium", "/large", "/late-big"):
+            size = {"/medium": 1 << 20, "/large": 8 << 20}.get(path, BIG)
+            if path == "/late-big":
+                time.sleep(1)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
             piece = bytes(range(256)) * 4096  # 1 MB
             _streamed[path] = 0
-            for _ in range(BIG // len(piece)):
+            for _ in range(size // len(piece)):
                 conn.sendall(piece)
                 _streamed[path] += len(piece)
+        elif path == "/healthz" and _sick:
+            conn.sendall(b"HTTP/1.1 500 Sick\r\nContent-Length: 0\r\n\r\n")
         elif path == "/chunked":
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             for i in range(30):
@@ -836,10 +845,83 @@ def test_lb_cuts_a_streamed_answer_its_backend_dies_in_and_drops_one_its_client_
         setup.wait_log("event=request client=127.0.0.1 method=GET path=/big")
         assert status_of(exchange(lb.port, b"GET /fine HTTP/1.0\r\n\r\n")) == 200
         assert "backend-down" not in setup.log()
-        data = exchange(lb.port, b"GET /dies HTTP/1.1\r\nHost: t\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.sendall(b"GET /dies HTTP/1.1\r\nHost: t\r\n\r\n")
+            data = b""
+            with pytest.raises(ConnectionResetError):  # a FIN would pass for the end of an HTTP/1.0 body
+                while chunk := s.recv(65536):
+                    data += chunk
         assert data.startswith(b"HTTP/1.1 200 OK\r\n") and len(data) < 1_000_000, len(data)
         setup.wait_log("event=answer-cut")
         setup.wait_log("event=backend-down backend=big")
+
+
+def test_lb_lets_go_of_an_answer_whose_client_left_before_it_grew_long(setup):
+    """The client reset its connection before the answer came: the 64 MB answer
+    was read to the end for nobody."""
+    with fake_backend(_answer_at_length) as port:
+        lb = setup.server("lb.py", "--backend", f"big=127.0.0.1:{port}", "--check-interval", "30")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.sendall(b"GET /late-big HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.3)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        setup.wait_log("path=/late-big")
+        assert "status=499 bytes=0" in setup.log()
+        assert _wait_still("/late-big") < BIG // 2
+        assert "backend-down" not in setup.log()
+
+
+def _read_slowly(s: socket.socket, piece: int, slow_for: float = 60) -> bytes:
+    """An answer with a Content-Length, ``piece`` bytes every 0.1 s for ``slow_for``
+    seconds, then the rest as fast as it comes."""
+    data = b""
+    until = time.monotonic() + slow_for
+    while True:
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"Content-Length: (\d+)", head)
+        if length and len(body) >= int(length[1]):
+            return data
+        slow = time.monotonic() < until
+        chunk = s.recv(piece if slow else 1 << 20)
+        if not chunk:
+            return data
+        data += chunk
+        if slow:
+            time.sleep(0.1)
+
+
+def test_lb_keeps_a_slow_steady_reader_and_its_stream_through_a_backend_marked_down(setup):
+    """A client reading a long answer at 320 KB/s was dropped after --keepalive-timeout
+    (its write buffer never fell back to the low mark in time), as if it read nothing;
+    and a health check failing on the backend cut the answer, which had no other
+    backend to go to. Now the timeout counts from its last read, and the stream goes
+    on to its end."""
+    _sick.clear()
+    with fake_backend(_answer_at_length) as port:
+        lb = setup.server("lb.py", "--backend", f"big=127.0.0.1:{port}", "--keepalive-timeout", "1",
+                          "--check-interval", "0.2", "--fall", "1")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.sendall(b"GET /large HTTP/1.1\r\nHost: t\r\n\r\n")
+            threading.Timer(1.0, _sick.append, (1,)).start()
+            time.sleep(0.6)  # the balancer's buffers fill up, and it stops writing
+            data = _read_slowly(s, 32768, slow_for=2.5)
+        assert data.endswith(b"\r\n\r\n" + bytes(range(256)) * 4096 * 8), len(data)
+        assert "event=backend-down backend=big" in setup.log()
+        assert "answer-cut" not in setup.log() and "send-timeout" not in setup.log()
+    _sick.clear()
+
+
+def test_lb_sigterm_lets_a_streamed_answer_finish(setup):
+    """The answer was all read from the backend, so the client counted as idle, and
+    the stop reset it with half a megabyte still in its write buffer."""
+    with fake_backend(_answer_at_length) as port:
+        lb = setup.server("lb.py", "--backend", f"big=127.0.0.1:{port}", "--check-interval", "30")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.sendall(b"GET /large HTTP/1.1\r\nHost: t\r\n\r\n")
+            threading.Timer(0.3, lb.signal, (signal.SIGTERM,)).start()
+            data = _read_slowly(s, 262144)  # 2.6 MB/s: about 3 s, in the 5 s the stop waits
+        assert data.endswith(b"\r\n\r\n" + bytes(range(256)) * 4096 * 8), len(data)
+        assert lb.wait(timeout=30) == 0
 
 
 def test_lb_logs_499_for_an_answer_whose_client_left_before_it_came(setup):

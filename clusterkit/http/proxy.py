@@ -37,7 +37,11 @@ retried: a failure half-way resets the client's connection.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
+import socket
+import struct
+import termios
 import time
 from collections import deque
 from typing import NamedTuple
@@ -129,7 +133,8 @@ class BackendConn(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.head_done:  # (after the body: a chunked answer's trailer fields, dropped)
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -280,9 +285,13 @@ class Proxy:
                 while b.idle:
                     b.idle.popleft().close()
                 # Requests waiting on it go to the next backend now, not at their timeout.
+                # An answer already streaming cannot move: it goes on while it flows
+                # (HAProxy keeps a DOWN server's sessions too); the response timeout
+                # ends it if it stops.
                 for conn in list(b.busy):
-                    conn._fail(BackendDown(reason))
-                    conn.transport.abort()  # type: ignore[union-attr]
+                    if not (conn.owner is not None and conn.owner.streaming):
+                        conn._fail(BackendDown(reason))
+                        conn.transport.abort()  # type: ignore[union-attr]
             if self.elog.warning:
                 self.elog.line("WARNING", f"event={'backend-up' if up else 'backend-down'} backend={b.name} "
                                           f"reason={logs.quote(reason)}")
@@ -442,7 +451,10 @@ class Proxy:
                and any(not c.idle() for c in self.connections)):
             await asyncio.sleep(0.02)
         for c in list(self.connections):
-            c.transport.abort()  # type: ignore[union-attr]
+            if c.idle():
+                c.transport.close()  # type: ignore[union-attr]
+            else:
+                reset(c.transport)  # type: ignore[arg-type]
 
 
 class Exchange:
@@ -533,6 +545,10 @@ class Exchange:
     def stream(self, conn: BackendConn) -> None:
         """Pass on the part of a long answer read so far (``STREAM_AFTER``); the
         head first. The backend is read only as fast as the client takes it."""
+        if self.client.closing:  # gone before the answer grew long: nobody is to read the rest
+            self.streaming = True
+            self.abandon()
+            return
         if not self.streaming:
             self.streaming = True
             head, self.chunked, self.keep = self.proxy._streamed_head(self.req, conn, self.backend)  # type: ignore
@@ -556,8 +572,9 @@ class Exchange:
             self.backend.busy.discard(conn)  # type: ignore[union-attr]
             conn.closed = True
             conn.transport.abort()  # type: ignore[union-attr]
-            if self.client.elog.info:  # what it got, as nginx logs it
-                self.client.log_request(self.req, conn.status, self.sent, self.backend.name)  # type: ignore
+            if self.client.elog.info:  # what it got, as nginx logs it (499: nothing)
+                self.client.log_request(self.req, conn.status if self.sent else 499, self.sent,
+                                        self.backend.name)  # type: ignore[union-attr]
 
     def failed(self, conn: BackendConn, exc: Exception) -> None:
         b: BackendState = self.backend  # type: ignore[assignment]
@@ -597,6 +614,33 @@ class Exchange:
         self.client.answered(self.req, status, error_response(HttpError(status, why)), backend)
 
 
+def unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to the connection that its client has not taken yet: the
+    transport's buffer and the kernel's send queue. (The buffer alone moves in
+    steps as large as a third of the kernel's buffer, megabytes, however steadily
+    a slow client reads.)"""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            pass
+    return size
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """End a connection with a reset (RST), not a FIN: a client must not take the
+    part of an answer it got for the whole (an HTTP/1.0 body ends at the close)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
 def _alive(status_line: bytes) -> bool:
     """A health check passes on any HTTP answer below 500: the backend is up and
     speaks HTTP, even one that has no ``/healthz`` (nginx, ``python -m http.server``
@@ -620,6 +664,7 @@ class ProxyClient(asyncio.Protocol):
         self.last_key: tuple | None = None  # the last request's target and headers,
         self.last_data = b""  # and what went to the backend for it
         self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
+        self.buffered = 0  # while paused: what was unsent at the last sweep (less now: it read)
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
@@ -639,6 +684,7 @@ class ProxyClient(asyncio.Protocol):
     # parser's buffer and the write buffer's high-water mark, plus one answer).
     def pause_writing(self) -> None:
         self.paused_since = time.monotonic()
+        self.buffered = unsent(self.transport)  # type: ignore[arg-type]
         self.transport.pause_reading()  # type: ignore[union-attr]
         if self.exchange is not None and self.exchange.streaming:
             self.exchange.conn.pause()  # type: ignore[union-attr]
@@ -733,7 +779,7 @@ class ProxyClient(asyncio.Protocol):
             self.log_request(req, status, sent, backend)
         if not self.closing:
             self.closing = True
-            self.transport.abort()  # type: ignore[union-attr]
+            reset(self.transport)  # type: ignore[arg-type]
 
     def log_request(self, req: Request | None, status: int, size: int, backend: str) -> None:
         what = (f"method={req.method.decode('latin-1')} path={logs.quote(req.target.decode('latin-1'))} "
@@ -768,12 +814,19 @@ class ProxyClient(asyncio.Protocol):
         if self.lingering is not None:
             self.lingering.sweep(now)
             return
-        if self.paused_since and not self.closing and now - self.paused_since > limits.keepalive_timeout:
-            # It has not read its answers for that long (nginx's send_timeout): drop it;
-            # closing would wait for a buffer it never drains.
-            self.closing = True
-            self.transport.abort()  # type: ignore[union-attr]
-            return
+        if self.paused_since and not self.closing:
+            buffered = unsent(self.transport)  # type: ignore[arg-type]
+            if buffered < self.buffered:  # it reads, slowly: the timeout counts from its last read
+                self.paused_since = now
+            self.buffered = buffered
+            if now - self.paused_since > limits.keepalive_timeout:
+                # It has read nothing for that long (nginx's send_timeout): drop it;
+                # closing would wait for a buffer it never drains.
+                if self.elog.warning:
+                    self.elog.line("WARNING", f"event=send-timeout client={self.peer} buffered={buffered}")
+                self.closing = True
+                reset(self.transport)  # type: ignore[arg-type]
+                return
         if self.closing or self.exchange is not None or self.queue:
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
@@ -783,5 +836,6 @@ class ProxyClient(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
 
     def idle(self) -> bool:
-        return self.exchange is None and not self.queue
+        """Nothing on its way to the client, nor in the write buffer (a graceful stop waits for that)."""
+        return self.exchange is None and not self.queue and not self.transport.get_write_buffer_size()  # type: ignore
 
