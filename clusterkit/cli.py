@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import sys
 from collections.abc import Callable
 
@@ -83,15 +84,15 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:  # (also refuses nan)
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < value < math.inf:  # (also refuses nan)
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
     return value
 
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    if not 0 <= value < math.inf:  # (also refuses nan)
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {value}")
     return value
 
 

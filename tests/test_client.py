@@ -96,11 +96,12 @@ def test_cli_json_output(start_server, log_dir):
     assert row["reply"] == "REPLY server1 j" and row["rtt_ms"] >= row["latency_ms"] >= 0
 
 
-@pytest.mark.parametrize("timeout", ["-1", "0", "nan"])
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf"])
 def test_cli_bad_timeout_is_a_usage_error(timeout, log_dir):
-    """-1 was a traceback (ValueError from settimeout); 0 a misleading 'Operation now in progress'."""
+    """-1 was a traceback (ValueError from settimeout); 0 a misleading "Operation now in
+    progress"; inf an OverflowError."""
     proc = run_client("hello", "--port", "7001", "--timeout", timeout, log_dir=log_dir)
-    assert proc.returncode == 2 and "--timeout: must be positive" in proc.stderr
+    assert proc.returncode == 2 and "--timeout: must be a positive finite number" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -495,6 +495,32 @@ def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tm
     row = json.loads(out.read_text())["runs"][0]
     assert row["complete"] > 0 and row["failed"] == 0
     assert f"interrupted (Ctrl-C) after {row['complete']:,} requests" in stderr
+    assert "were never sent" not in stdout + stderr  # (the user ended it: no 'the server fell behind')
+
+
+def test_a_load_process_that_dies_leaves_the_others_report_and_a_failure(procs, log_dir, tmp_path):
+    """kill -9 of one load process was an EOFError traceback and no report at all."""
+    psutil = pytest.importorskip("psutil")
+    server = procs.start(cluster.echo_server("server1", cluster.free_port(), log_dir=str(log_dir)))
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen(cluster.python_script(
+        "ClientServer_StressTools.py", "--port", str(server.port), "--duration", "3", "--rate", "400", "-k",
+        "-c", "4", "--processes", "2", "--quiet", "--json", str(out), "--log-dir", str(log_dir)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while len(children := psutil.Process(proc.pid).children()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1)
+        children[0].kill()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 1, stderr
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["complete"] > 0 and row["errors"].get("engine-crashed") == 1
     assert "Complete requests" in stdout
 
 
@@ -504,6 +530,12 @@ def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tm
     (["--duration", "2", "--warmup", "3"], "--warmup must be shorter than --duration"),
     (["--processes", "x"], "--processes 'x': use a number, or auto"),
     (["--sweep", "1,x"], "use numbers like 1,3,5,8,10"),
+    (["--sweep", ","], "use numbers like 1,3,5,8,10"),
+    (["--timeout", "inf"], "--timeout must be a finite number of seconds"),
+    (["--duration", "inf"], "--duration must be a finite number of seconds"),
+    (["--duration", "2", "--warmup", "nan"], "--warmup must be a finite number of seconds"),
+    (["-n", "100", "--warmup", "5"], "--warmup needs --duration"),
+    (["--size", "4"], "--size must be at least 14"),
     (["--http", "https://127.0.0.1:1/"], "use a URL like http://"),
     (["--pipeline", "4"], "--pipeline needs --connection keepalive"),
     (["--kill-backend", "server2@50%"], "--kill-backend needs --spawn"),

@@ -89,6 +89,8 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
     if args.sweep:
         try:
             levels = [int(x) for x in args.sweep.split(",") if x.strip()]
+            if not levels:
+                raise ValueError
         except ValueError:
             raise ConfigError(f"--sweep {args.sweep!r}: use numbers like 1,3,5,8,10") from None
     if args.http:
@@ -189,7 +191,7 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig) -> 
 
 
 
-def print_report(rows: list[dict], killed: list[str]) -> None:
+def print_report(rows: list[dict], killed: list[str], interrupted: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -230,7 +232,7 @@ def print_report(rows: list[dict], killed: list[str]) -> None:
                   f"{r['connection']} connections; {timing}")
     for r in rows:
         unsent = r["scheduled"] - r["complete"] - r["failed"] if r["scheduled"] else 0
-        if unsent > r["concurrency"]:
+        if unsent > r["concurrency"] and not interrupted:  # (Ctrl-C: the user ended it, not the server)
             console.print(f"[yellow]warning: c={r['concurrency']}: {unsent:,} of the {r['scheduled']:,} requests "
                           f"the schedule had were never sent: the clients were still waiting for answers when "
                           f"the run ended (the server fell behind or stalled).[/]")
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if spawned is not None:
             spawned.stop()
-    print_report(rows, killed)
+    print_report(rows, killed, interrupted)
     if kill and not killed and rows:
         print(f"warning: --kill-backend {args.kill_backend}: the run ended before that; no backend was killed",
               file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import select
 from dataclasses import dataclass
 from functools import cached_property
@@ -10,6 +11,8 @@ from urllib.parse import urlsplit
 from ..config import check
 
 ENGINES = ("thread", "async", "epoll")
+MIN_SIZE = 14
+"""The shortest generated message: ``c001-`` and a 9-digit number."""
 CONNECTIONS = ("per-request", "keepalive")
 
 
@@ -49,11 +52,19 @@ class StressConfig:
         check(self.pipeline >= 1, "--pipeline must be at least 1")
         check(self.pipeline == 1 or self.connection == "keepalive", "--pipeline needs --connection keepalive")
         check(self.pipeline == 1 or self.http_url is None, "--pipeline is for the line protocol only")
+        for name, value in (("--timeout", self.timeout), ("--rate", self.rate), ("--duration", self.duration),
+                            ("--warmup", self.warmup)):
+            check(value is None or math.isfinite(value), f"{name} must be a finite number of seconds"
+                  if name != "--rate" else "--rate must be a finite number of requests per second")
         check(self.timeout > 0, "--timeout must be positive")
         check(self.rate is None or self.rate > 0, "--rate must be positive")
         check(self.duration is None or self.duration > 0, "--duration must be positive")
         check(self.warmup >= 0, "--warmup cannot be negative")
         check(self.duration is None or self.warmup < self.duration, "--warmup must be shorter than --duration")
+        # With -n the run may be over before the warm-up is, and nothing would be measured.
+        check(self.warmup == 0 or self.duration is not None, "--warmup needs --duration")
+        check(self.message or self.http_url or self.size >= MIN_SIZE,
+              f"--size must be at least {MIN_SIZE}: each message carries its client and number (c001-000000042)")
         check(self.processes >= 1, "--processes must be at least 1")
         check(0 <= self.nice <= 19, "--nice must be between 0 and 19")
         check(self.processes <= self.concurrency, "--processes cannot exceed -c")

@@ -351,14 +351,19 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
                 for item in list(pending):
                     p, conn = item
                     if conn.poll(0.02):
-                        data, log = conn.recv()
+                        try:
+                            data, log = conn.recv()
+                        except (EOFError, OSError):  # it died (kill -9) and its pipe closed: poll says so too
+                            pending.remove(item)
+                            _crashed(merged)
+                            continue
                         merged.merge(RunResult.decode(data))
                         logs_all.extend(log)
                         p.join(5)
                         pending.remove(item)
                     elif not p.is_alive():
                         pending.remove(item)
-                        merged.errors["engine-crashed"] += 1
+                        _crashed(merged)
                 watch.tick()
             except KeyboardInterrupt:
                 if watch.interrupted:  # the second Ctrl-C: no report, at once
@@ -369,6 +374,13 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
             p.terminate()
         raise
     return watch.finish(merged), logs_all
+
+
+def _crashed(result: RunResult) -> None:
+    """A load process died without its report: the others' results stand, and the
+    run counts one failure for it, so that it cannot pass for a clean run."""
+    result.errors["engine-crashed"] += 1
+    result.failed += 1
 
 
 def default_processes(concurrency: int) -> int:
