@@ -140,6 +140,9 @@ class Client:
                 raise ClientError("protocol", f"bad reply from the server: {exc}") from None
             done_at = now
         response = self._ready.pop(0)
+        if self._ready:  # more answers than messages: the server answered this one twice
+            self.close()
+            raise ClientError("extra-answer", "the server answered the message more than once")
         if response.error is not None:
             raise ClientError(response.error, f"the server answered ERR {response.error}")
         if not response.matches(data):

@@ -74,6 +74,9 @@ def test_err_line_and_wrong_echo_are_reported():
     with pytest.raises(ClientError) as info:
         client_send_message("x", port=fake(b"REPLY s x\n"))
     assert info.value.code == "closed"
+    with pytest.raises(ClientError) as info:  # answered twice: it was taken, and the next send crashed
+        client_send_message("x", port=fake(b"REPLY s x\nACK s 1\n" * 2))
+    assert info.value.code == "extra-answer"
 
 
 def test_cli_prints_both_replies_and_timings(start_server, log_dir):

@@ -179,6 +179,8 @@ class FakeServer:
                         n = self.count
                     if self.behaviour == "wrong-echo":
                         conn.sendall(b"REPLY fake %s!\nACK fake %d\n" % (m, len(m) + 1))
+                    elif self.behaviour == "twice":  # a balancer's resend gone wrong
+                        conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)) * 2)
                     elif self.behaviour == "missing-ack":
                         conn.sendall(b"REPLY fake %s\n" % m)
                         return
@@ -222,7 +224,7 @@ class FakeServer:
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 @pytest.mark.parametrize("behaviour, kind", [
-    ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("endless", "bad-reply")])
+    ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("endless", "bad-reply"), ("twice", "extra-answer")])
 def test_bad_servers_are_caught_and_counted_by_kind(behaviour, kind, engine, log_dir, tmp_path):
     # (A silent server: test_a_target_that_never_answers_ends_the_run_early.)
     fake = FakeServer(behaviour)

@@ -12,6 +12,7 @@ parsing it. Failures carry a kind:
     wrong-reply   the REPLY does not echo the message
     bad-ack       the ACK is missing, from another server, or has a wrong length
     bad-reply     not the protocol at all (or an answer growing without a line end)
+    extra-answer  another REPLY right behind the answer, for no message (answered twice)
     bad-response  HTTP the parser rejects (or a header block past 1 MiB)
     err:<code>    the server answered ERR <code>
     http-<status> a non-2xx HTTP status
@@ -75,6 +76,12 @@ class LineReader:
                 kind = "err:" + line[4:].decode("ascii", "replace") if line.startswith(b"ERR ") else "bad-reply"
                 self._record(False, kind, now, nl + 1 - pos)
                 pos = nl + 1
+        if pos < n and self.done and buf.startswith(b"REPLY ", pos):
+            # Another REPLY behind the last answer, for no message: the server answered
+            # one twice (a balancer's resend gone wrong). That answer fails.
+            last = self.outcomes[-1]
+            self.outcomes[-1] = Outcome(False, "extra-answer", last.first_ns, now, last.nbytes + n - pos)
+            pos = n
         self.buf = buf[pos:]
         if len(self.buf) > self.PENDING_MAX + 2 * len(messages[min(self.index, len(messages) - 1)]):
             # No answer is this long: a server streaming without line ends. Fail
