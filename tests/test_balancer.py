@@ -258,6 +258,33 @@ def test_sigstop_backend_under_load_moves_clients_and_comes_back_after_rise(lb):
     lb.wait_state("server1", ("UP",))
 
 
+def test_stats_do_not_blame_the_backend_a_stalled_ones_messages_moved_to(lb):
+    """The wait on a stopped backend was recorded as the latency of the backend its
+    messages were resent to (a healthy one showed a max as long as the stall)."""
+    lb.start()
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=20) as s:
+        parser = ResponseParser()
+
+        def ask(msg: bytes):
+            s.sendall(msg + b"\n")
+            got = []
+            while not got:
+                got = parser.feed(s.recv(65536))
+            return got[0]
+
+        first = ask(b"a").server.decode()
+        lb.servers[first].signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            moved = ask(b"b")
+            stall_ms = (time.monotonic() - started) * 1000
+            assert moved.server.decode() != first and moved.matches(b"b")
+            worst = max(b["latency_ms"]["max"] or 0 for b in lb.stats()["backends"] if b["name"] != first)
+            assert worst < stall_ms / 2, (worst, stall_ms)
+        finally:
+            lb.servers[first].signal(signal.SIGCONT)
+
+
 def test_all_backends_down_gives_err_no_backend_quickly_then_recovers(lb, connect):
     lb.start()
     for s in lb.servers.values():

@@ -467,6 +467,7 @@ class ClientSide(asyncio.Protocol):
         if self.elog.warning:
             self.elog.line("WARNING", f"event=failover conn={self.conn_id} from={backend.name if backend else '-'} "
                                       f"reason={reason} pending={len(self.pending)}")
+        self.burst_start = time.monotonic()  # the next backend's latency counts from the resend
         if not self.attach():
             self.answer_no_backend(0)
 
