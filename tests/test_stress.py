@@ -377,10 +377,16 @@ def test_report_says_how_busy_the_load_generator_was(start_server, log_dir, tmp_
     # one core plus the kernel's share on the other.
     assert 5 < row["client_cpu_percent"] < 200
     assert 0 < row["client_cores"] < 2.5
+    assert row["client_cores"] == pytest.approx(row["client_cpu_percent"] / 100, abs=0.011)
     assert row["machine_busy_percent"] is None or 0 < row["machine_busy_percent"] <= 100
     assert "client CPU (% of a core per process)" in proc.stdout
     if row["client_cpu_percent"] >= 85:
         assert "the load generator was near its limit" in proc.stdout.replace("\n", " ")
+    # A run of a few ms: its cores were its setup over the requests' time (5.65 on 2 cores).
+    row, proc = run_json("-n", "3", "-c", "1", "--size", "60000", "--port", str(server.port), log_dir=log_dir,
+                         tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert row["client_cores"] <= 1.05
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])

@@ -76,7 +76,9 @@ def summarize(cfg: StressConfig, r: RunResult) -> dict:
         "ended_early": r.ended_early,
         # Near 100%, the load generator was the bottleneck: the figures measure it, not the server.
         "client_cpu_percent": client,
-        "client_cores": round(r.tool_cpu_s / t, 2) if t else 0.0,
+        # The same measure in cores (over the load processes' own time, not the requests':
+        # a short run's setup in a time that small came to more cores than the machine has).
+        "client_cores": round(r.tool_busy * cfg.processes, 2),
         "machine_busy_percent": machine,
         # The server's own CPU, when it runs here (% of a core; server_cpu.py).
         "server_cpu_percent": server,
