@@ -506,6 +506,34 @@ def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tm
     assert "were never sent" not in stdout + stderr  # (the user ended it: no 'the server fell behind')
 
 
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_ctrl_c_does_not_wait_out_the_timeout_of_what_is_on_its_way(procs, log_dir, tmp_path, engine):
+    """With the server stopped (SIGSTOP), Ctrl-C took the thread and async engines
+    --timeout to obey (their clients waited in a recv), and counted what was on its
+    way as timeouts; the epoll engine let go at once, uncounted."""
+    server = procs.start(cluster.echo_server("server1", cluster.free_port(), log_dir=str(log_dir)))
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen(cluster.python_script(
+        "ClientServer_StressTools.py", "--port", str(server.port), "--duration", "60", "-k", "-c", "4",
+        "--timeout", "30", "--engine", engine, "--quiet", "--json", str(out), "--log-dir", str(log_dir)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        server.signal(signal.SIGSTOP)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        waited = time.monotonic() - stopped
+    finally:
+        proc.kill()
+        server.signal(signal.SIGCONT)
+    assert proc.returncode == 130, stderr
+    assert waited < 15, f"Ctrl-C took {waited:.1f} s with --timeout 30"
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["complete"] > 0 and row["failed"] == 0, row["errors"]
+
+
 def test_a_load_process_that_dies_leaves_the_others_report_and_a_failure(procs, log_dir, tmp_path):
     """kill -9 of one load process was an EOFError traceback and no report at all."""
     psutil = pytest.importorskip("psutil")

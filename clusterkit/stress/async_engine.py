@@ -109,6 +109,17 @@ class AsyncClient(Client, asyncio.Protocol):
             self.next()
         self.transport = None
 
+    def let_go(self) -> None:
+        """The run was stopped (Ctrl-C, a dead target): what is on its way is not
+        counted, as in the other engines, and nobody waits out its --timeout."""
+        self.reader = None
+        self.draining = False
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.abort()
+        if not self.done.done():
+            self.done.set_result(None)
+
     def check_timeout(self, now: int, timeout_ns: int) -> None:
         if self.draining and now - self.sent > timeout_ns and self.transport is not None:
             self.transport.abort()  # answered, but never closed; connection_lost goes on
@@ -170,6 +181,10 @@ class AsyncRunner:
         waiter = asyncio.gather(*(c.done for c in clients))
         while not waiter.done():
             await asyncio.wait([waiter], timeout=0.1)
+            if self.stop_event.is_set():
+                for c in clients:
+                    c.let_go()
+                break
             now = ns()
             for c in clients:
                 c.check_timeout(now, timeout_ns)

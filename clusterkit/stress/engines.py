@@ -42,7 +42,10 @@ from .metrics import Recorder, RunResult, busy_between, cpu_times
 from .plan import Client, Plan, address, connect_error, ns, reusable, server_closes
 from .server_cpu import ServerCpu
 
-def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag) -> None:
+def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag,
+                  socks: dict[int, socket.socket]) -> None:
+    """One client in a thread of its own, on a blocking socket (in ``socks`` while
+    open, so that a stopped run can wake it from a recv: ``wake``)."""
     c = Client(cfg, index, plan, rec, board, board.failed_slot(index))
     family, sockaddr = address(cfg, c.target)
     timeout_ns = int(cfg.timeout * 1e9)
@@ -74,6 +77,7 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                         c.connect_failed(connect_error(exc))
                         continue
                     c.connected()
+                    socks[index] = sock
                     if cfg.keepalive:  # one write per connection cannot meet Nagle's delay
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     shortened = False
@@ -109,6 +113,8 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
             if c.reader is None:  # counted by c.whole; the connection carries the next request
                 payload = c.follow(now)
                 continue
+            if stop.is_set():  # stopped (Ctrl-C, a dead target): what was on its way is not counted
+                break
             c.answered()
             if not reusable(cfg, reader):
                 if server_closes(reader):
@@ -116,8 +122,19 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 sock.close()
                 sock = None
     finally:
+        socks.pop(index, None)
         if sock is not None:
             sock.close()
+
+
+def wake(socks: dict[int, socket.socket]) -> None:
+    """Wake the clients blocked in a recv (or a connect) of a stopped run: they
+    would each wait out --timeout first."""
+    for sock in list(socks.values()):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def peer_closed(sock: socket.socket) -> bool:
@@ -185,13 +202,16 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
         # increment can be lost, and threads never contend on the same objects.
         # (The live histogram is shared, and may miss a count: it is only a view.)
         recs = [Recorder(RunResult(), keep_log, *live) for _ in plans]
-        threads = [threading.Thread(target=thread_client, args=(cfg, c, plan, rec, board, stop), daemon=True)
+        socks: dict[int, socket.socket] = {}
+        threads = [threading.Thread(target=thread_client, args=(cfg, c, plan, rec, board, stop, socks), daemon=True)
                    for (c, plan), rec in zip(plans, recs)]
         for t in threads:
             t.start()
         for t in threads:
             while t.is_alive():
                 t.join(0.1)
+                if stop.is_set():
+                    wake(socks)
     elif cfg.engine == "epoll":
         recs = [Recorder(RunResult(), keep_log, *live)]
         EpollRunner(cfg, recs[0], board, stop).run(plans)
