@@ -414,6 +414,15 @@ def test_open_loop_rate_shows_a_stall_that_closed_loop_hides(log_dir, tmp_path, 
     assert "intended send time" not in closed_proc.stdout.replace("\n", " ")
 
 
+def test_the_warm_up_s_connections_are_not_counted(start_server, log_dir, tmp_path):
+    """3001 connections for 1500 requests: the warm-up's were counted, and their connect times."""
+    server = start_server("server1", "--log-level", "warning")
+    row, proc = run_json("--duration", "2", "--rate", "400", "--warmup", "1", "-c", "4", "--port", str(server.port),
+                         log_dir=log_dir, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert abs(row["connections"] - row["complete"]) <= 4, row
+
+
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_open_loop_for_a_duration_sends_rate_times_duration(start_server, log_dir, tmp_path, engine):
     """As wrk2: --rate R --duration D sends R x D requests (each client sent one more,

@@ -231,7 +231,8 @@ class Client:
 
     def connected(self) -> None:
         self.opened = self.connect_started
-        self.rec.connected(ns() - self.connect_started)
+        if self.connect_started >= self.plan.warm_end:  # (the warm-up's are not counted either)
+            self.rec.connected(ns() - self.connect_started)
 
     def connect_failed(self, kind: str) -> None:
         """Every request the connection was for fails with ``kind``."""
