@@ -179,6 +179,9 @@ class FakeServer:
                         n = self.count
                     if self.behaviour == "wrong-echo":
                         conn.sendall(b"REPLY fake %s!\nACK fake %d\n" % (m, len(m) + 1))
+                    elif self.behaviour == "one-each":  # one message per connection, then the close
+                        conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
+                        return
                     elif self.behaviour == "twice":  # a balancer's resend gone wrong
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)) * 2)
                     elif self.behaviour == "missing-ack":
@@ -253,6 +256,21 @@ def test_keepalive_answers_of_every_shape_are_judged_one_by_one(engine, log_dir,
     assert row["errors"] == {"wrong-reply": 40}
     assert row["backends"] == {"fake": 160 - fake2, "fake2": fake2}
     assert row["total_transferred_bytes"] == fake.sent
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_keepalive_against_a_server_that_closes_after_each_answer_goes_again_on_a_new_connection(
+        engine, log_dir, tmp_path):
+    """Half the requests failed as 'closed': each second one went on the connection the
+    server had just closed, and never reached it. ApacheBench sends it again."""
+    fake = FakeServer("one-each")
+    try:
+        row, proc = run_json("-n", "200", "-c", "4", "-k", "--port", str(fake.port), "--engine", engine,
+                             log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 0, row["errors"]
+    assert row["complete"] == 200 and fake.count == 200
 
 
 def test_one_step_answers_count_as_the_reader_counts_them():

@@ -99,6 +99,10 @@ class AsyncClient(Client, asyncio.Protocol):
         self.next()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.reader is not None and self.server_closed_first(self.reader):  # again, on a new connection
+            self.transport = None
+            self._go()
+            return
         if self.reader is not None:
             self.reader.close(ns())
             self.transport = None

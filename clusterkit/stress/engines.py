@@ -115,6 +115,10 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 continue
             if stop.is_set():  # stopped (Ctrl-C, a dead target): what was on its way is not counted
                 break
+            if c.server_closed_first(reader):  # again, on a new connection
+                sock.close()
+                sock = None
+                continue
             c.answered()
             if not reusable(cfg, reader):
                 if server_closes(reader):

@@ -226,6 +226,9 @@ class EpollRunner:
                 return
             if not chunk:
                 self.drop(c)
+                if c.server_closed_first(reader):  # again, on a new connection
+                    self.go(c)
+                    return
                 reader.close(now)
                 self.finish(c)
                 return

@@ -37,7 +37,7 @@ class Outcome(NamedTuple):
 
 
 class LineReader:
-    __slots__ = ("messages", "buf", "pos", "index", "first_ns", "outcomes", "error")
+    __slots__ = ("messages", "buf", "pos", "index", "first_ns", "outcomes", "error", "received")
 
     PENDING_MAX = 65536
     """An unfinished answer longer than this (plus twice its message) fails as bad-reply."""
@@ -49,12 +49,14 @@ class LineReader:
         self.index = 0
         self.first_ns = 0
         self.outcomes: list[Outcome] = []
+        self.received = 0  # bytes fed
 
     @property
     def done(self) -> bool:
         return self.index >= len(self.messages)
 
     def feed(self, chunk: bytes, now: int) -> None:
+        self.received += len(chunk)
         buf = self.buf + chunk if self.buf else chunk
         pos = 0
         n = len(buf)
@@ -205,6 +207,10 @@ class HttpReader:
     @property
     def done(self) -> bool:
         return self.outcome is not None
+
+    @property
+    def received(self) -> int:
+        return self.nbytes
 
     def on_headers_complete(self) -> None:
         # Here, not after the message: llhttp resets its flags once a message is

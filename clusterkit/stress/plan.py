@@ -136,7 +136,7 @@ class Client:
 
     __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
                  "k", "reader", "batch", "sent", "base", "connect_started", "limit", "deadline", "steady",
-                 "expect", "stop_slot", "opened", "start")
+                 "expect", "stop_slot", "opened", "start", "reused", "resent")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
         self.cfg = cfg
@@ -161,6 +161,8 @@ class Client:
         self.stop_slot = board.stop_slot
         self.opened = 0  # when the connection the next request goes on was opened, if that request opens it
         self.start = 0  # what ApacheBench's "Total" counts from: the connect when the request opened it, else base
+        self.reused = False  # the request in flight went on a connection that carried one before
+        self.resent = -1  # the last request sent again (see server_closed_first)
 
     def over(self, stop) -> bool:
         if self.k >= self.limit or stop.is_set():
@@ -193,8 +195,19 @@ class Client:
         self.base = self.plan.intended(self.k) if self.plan.interval else self.sent
         opened = self.opened
         self.start = min(opened, self.base) if opened else self.base
+        self.reused = not opened
         self.opened = 0
         return payload
+
+    def server_closed_first(self, reader) -> bool:
+        """Whether the request in flight went on a kept-alive connection the server
+        had closed (a server that closes after each answer, or its idle timeout),
+        so that nothing at all came back. As ApacheBench does, that is no failure:
+        the engine sends the request again on a new connection, once."""
+        if not self.cfg.keepalive or not self.reused or reader.received or self.resent == self.k:
+            return False
+        self.resent = self.k
+        return True
 
     def whole(self, chunk: bytes, now: int) -> bool:
         """The steady state of a keep-alive line-protocol run in one step.
