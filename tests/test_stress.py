@@ -325,6 +325,8 @@ def test_dead_target_ends_fast_with_a_clear_line(log_dir):
     assert "connection refused" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert time.monotonic() - started < 30  # generous: it only proves no hang
+    proc = stress("-n", "10", "-c", "1", "--host", "::1", "--port", str(cluster.free_port()), log_dir=log_dir)
+    assert proc.returncode == 69 and "cannot connect to [::1]:" in proc.stderr, proc.stderr  # (was ::1:PORT)
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
@@ -444,12 +446,12 @@ def test_the_warm_up_s_connections_are_not_counted(start_server, log_dir, tmp_pa
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_open_loop_for_a_duration_sends_rate_times_duration(start_server, log_dir, tmp_path, engine):
     """As wrk2: --rate R --duration D sends R x D requests (each client sent one more,
-    due at the end itself)."""
+    due at the end itself; and with an interval rounded to whole ns, one too many)."""
     server = start_server("server1", "--log-level", "warning")
-    row, proc = run_json("--rate", "200", "--duration", "1", "-c", "4", "--engine", engine, "--port",
+    row, proc = run_json("--rate", "1500", "--duration", "1", "-c", "7", "--engine", engine, "--port",
                          str(server.port), log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (row["complete"], row["failed"], row["scheduled"]) == (200, 0, 200)
+    assert (row["complete"], row["failed"], row["scheduled"]) == (1500, 0, 1500)
 
 
 def test_open_loop_says_how_many_requests_were_never_sent(log_dir, tmp_path):
@@ -603,6 +605,7 @@ def test_a_load_process_that_dies_leaves_the_others_report_and_a_failure(procs, 
     (["--pipeline", "4"], "--pipeline needs --connection keepalive"),
     (["--kill-backend", "server2@50%"], "--kill-backend needs --spawn"),
     (["--nice", "30"], "--nice must be between 0 and 19"),
+    (["--json", "/nonexistent-dir/out.json"], "cannot write /nonexistent-dir/out.json: no directory"),
     (["-n", "3", "-c", "10"], "-c 10 is more than -n 3"),
     (["--spawn", "--kill-backend", "server9@1"], "no spawned backend named 'server9'"),
     (["--spawn", "--kill-backend", "server2@nan"], "give a number of seconds above 0"),

@@ -120,10 +120,11 @@ def preflight(cfg: StressConfig) -> tuple[int, tuple]:
         with socket.create_connection((host, port), timeout=cfg.timeout) as sock:
             return sock.family, sock.getpeername()
     except ConnectionRefusedError:
-        raise cli.Fatal(f"cannot connect to {host}:{port}: connection refused (is the server running? "
+        raise cli.Fatal(f"cannot connect to {host_port(host, port)}: connection refused (is the server running? "
                         f"--spawn starts a cluster for the run)", cli.EXIT_UNAVAILABLE) from None
     except OSError as exc:
-        raise cli.Fatal(f"cannot connect to {host}:{port}: {exc.strerror or exc}", cli.EXIT_UNAVAILABLE) from None
+        raise cli.Fatal(f"cannot connect to {host_port(host, port)}: {exc.strerror or exc}",
+                        cli.EXIT_UNAVAILABLE) from None
 
 
 class Progress:
@@ -265,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         kill = parse_kill(args.kill_backend) if args.kill_backend else None
     except (ConfigError, ValueError) as exc:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
+    for path in (args.json, args.csv, args.markdown):  # found out before the run, not after it
+        if path and not Path(path).resolve().parent.is_dir():
+            raise cli.Fatal(f"cannot write {path}: no directory {str(Path(path).resolve().parent)!r}",
+                            cli.EXIT_USAGE)
     if kill and not args.spawn:
         raise cli.Fatal("--kill-backend needs --spawn (it kills a backend this run started)", cli.EXIT_USAGE)
     if args.spawn and (args.host or args.port or args.http):

@@ -110,11 +110,15 @@ class Plan:
         self.deadline = start_ns + int(cfg.duration * 1e9) if cfg.duration else None
         self.warm_end = start_ns + int(cfg.warmup * 1e9)
         self.start = start_ns
-        self.interval = int(cfg.concurrency / cfg.rate * 1e9) if cfg.rate else 0
-        self.offset = int(self.interval * client / cfg.concurrency) if self.interval else 0
+        self.interval = int(cfg.concurrency / cfg.rate * 1e9) if cfg.rate else 0  # (about: 0 means none)
+        self.rate = cfg.rate or 0.0
+        self.slot = client  # this client's place in the schedule's turns
+        self.concurrency = cfg.concurrency
 
     def intended(self, k: int) -> int:
-        return self.start + self.offset + k * self.interval
+        # The schedule's (k * concurrency + slot)-th send, at exactly rate per second in
+        # all (an interval rounded to whole ns fitted one request too many into a run).
+        return self.start + int((k * self.concurrency + self.slot) * 1e9 / self.rate)
 
 
 def record(rec: Recorder, reader, base: int, start: int, warm_end: int) -> None:
