@@ -108,7 +108,9 @@ class Plan:
     def __init__(self, cfg: StressConfig, start_ns: int, share: int | None, client: int) -> None:
         self.share = share  # None: until the deadline
         self.deadline = start_ns + int(cfg.duration * 1e9) if cfg.duration else None
-        self.warm_end = start_ns + int(cfg.warmup * 1e9)
+        # 0 without a warm-up: a client's sleep to the start may wake a moment early,
+        # and what it sends or connects then is counted all the same.
+        self.warm_end = start_ns + int(cfg.warmup * 1e9) if cfg.warmup else 0
         self.start = start_ns
         self.interval = int(cfg.concurrency / cfg.rate * 1e9) if cfg.rate else 0  # (about: 0 means none)
         self.rate = cfg.rate or 0.0
