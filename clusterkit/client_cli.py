@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             except ClientError as exc:
                 if elog.warning:
                     elog.line("ERROR", f"event=error n={i} code={exc.code} detail={logs.quote(exc)}")
-                if rows and not args.json:
+                if args.json:  # what was answered, and the message that failed
+                    json.dump(rows + [{"n": i, "error": exc.code, "detail": str(exc)}], sys.stdout, indent=2)
+                    print()
+                elif rows:
                     _print_table(rows)
                 raise cli.Fatal(str(exc), EXIT_FOR_CODE.get(exc.code, cli.EXIT_FAILED)) from None
             finally:

@@ -99,6 +99,27 @@ def test_cli_json_output(start_server, log_dir):
     assert row["reply"] == "REPLY server1 j" and row["rtt_ms"] >= row["latency_ms"] >= 0
 
 
+def test_cli_json_output_keeps_the_answers_before_a_failure(log_dir):
+    """--json printed nothing at all when a later message failed."""
+    import json
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+
+    def serve_once():  # one message answered, then nobody listens
+        conn, _ = ls.accept()
+        conn.recv(100)
+        conn.sendall(b"REPLY only x\nACK only 1\n")
+        conn.close()
+        ls.close()
+
+    threading.Thread(target=serve_once, daemon=True).start()
+    proc = run_client("x", "-n", "2", "--port", str(ls.getsockname()[1]), "--json", log_dir=log_dir)
+    assert proc.returncode != 0
+    rows = json.loads(proc.stdout)
+    assert rows[0]["server"] == "only" and rows[1]["n"] == 2 and rows[1]["error"] == "connection-refused"
+
+
 @pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf"])
 def test_cli_bad_timeout_is_a_usage_error(timeout, log_dir):
     """-1 was a traceback (ValueError from settimeout); 0 a misleading "Operation now in

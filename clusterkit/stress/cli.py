@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --spawn: kill -9 that backend (server1, server2 or server3) T seconds, or T%% "
                         "of the requests (of --duration with --duration), into the run")
     w = p.add_argument_group("load")
-    w.add_argument("-n", "--requests", type=cli.positive_int, default=1000, help="requests in all (default: 1000)")
+    w.add_argument("-n", "--requests", type=cli.positive_int, help="requests in all (default: 1000)")
     w.add_argument("-c", "--concurrency", type=cli.positive_int, default=10,
                    help="concurrent clients (default: 10)")
     w.add_argument("--duration", type=float, help="run this many seconds instead of -n requests")
@@ -97,6 +97,8 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
         url = urlsplit(args.http)
         if url.scheme != "http" or not url.hostname:
             raise ConfigError(f"--http {args.http!r}: use a URL like http://127.0.0.1:45000/page.html")
+    if args.requests and args.duration:
+        raise ConfigError("give -n or --duration, not both: a run ends after one of them")
     if args.processes != "auto" and not args.processes.isdigit():
         raise ConfigError(f"--processes {args.processes!r}: use a number, or auto")
     configs = []
@@ -104,7 +106,7 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
         procs = engines.default_processes(c) if args.processes == "auto" else int(args.processes)
         configs.append(StressConfig(
             host=args.host or DEFAULT_HOST, port=args.port or DEFAULT_PORT, http_url=args.http,
-            requests=args.requests, concurrency=c,
+            requests=args.requests or 1000, concurrency=c,
             duration=args.duration, message=(args.message or "").encode(), size=args.size,
             connection="keepalive" if args.keepalive else args.connection, pipeline=args.pipeline,
             rate=args.rate, warmup=args.warmup, timeout=args.timeout, engine=args.engine,
@@ -229,7 +231,9 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
     else:
         timing = (f"latency = send to first reply byte, rtt = send to {end}, total = connect "
                   f"(if the request opened one) to {end}, as ApacheBench's Total")
-    console.print(f"target {r['target']}, engine {r['engine']} x {r['processes']} process(es), "
+    counts = sorted({row["processes"] for row in rows})  # (a sweep's levels may differ: auto is at most -c)
+    processes = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    console.print(f"target {r['target']}, engine {r['engine']} x {processes} process(es), "
                   f"{r['connection']} connections; {timing}")
     for r in rows:
         unsent = r["scheduled"] - r["complete"] - r["failed"] if r["scheduled"] else 0
