@@ -202,8 +202,9 @@ class BackendConn(asyncio.Protocol):
                 self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _drop(self, exc: Exception) -> None:
-        """End a connection that cannot be trusted: an answer completed before the
-        trouble still goes to its request, else the request fails with ``exc``."""
+        """End the connection now (it cannot be trusted, its backend is down, or it
+        took too long): an answer completed before the trouble still goes to its
+        request, else the request fails with ``exc``."""
         self.closed = True  # never pooled again
         if self.answer is not None:
             self._deliver()
@@ -290,8 +291,7 @@ class Proxy:
                 # ends it if it stops.
                 for conn in list(b.busy):
                     if not (conn.owner is not None and conn.owner.streaming):
-                        conn._fail(BackendDown(reason))
-                        conn.transport.abort()  # type: ignore[union-attr]
+                        conn._drop(BackendDown(reason))
             if self.elog.warning:
                 self.elog.line("WARNING", f"event={'backend-up' if up else 'backend-down'} backend={b.name} "
                                           f"reason={logs.quote(reason)}")
@@ -434,8 +434,7 @@ class Proxy:
                     c.sweep(now, limits)
                 for b in self.backends:
                     for conn in [c for c in b.busy if now - c.waiting_since > timeout and not c.paused]:
-                        conn._fail(TimeoutError())
-                        conn.transport.abort()  # type: ignore[union-attr]
+                        conn._drop(TimeoutError())
             except Exception as exc:  # a bug must not end every deadline for good
                 self.loop.call_exception_handler({"message": "lb sweep failed", "exception": exc})
 
@@ -546,8 +545,7 @@ class Exchange:
         """Pass on the part of a long answer read so far (``STREAM_AFTER``); the
         head first. The backend is read only as fast as the client takes it."""
         if self.client.closing:  # gone before the answer grew long: nobody is to read the rest
-            self.streaming = True
-            self.abandon()
+            self._let_go()
             return
         if not self.streaming:
             self.streaming = True
@@ -566,49 +564,40 @@ class Exchange:
     def abandon(self) -> None:
         """The client has gone: a streamed answer's connection is ended (the rest
         of the answer is nobody's); one answered whole is still read and pooled."""
+        if self.streaming:
+            self._let_go()
+
+    def _let_go(self) -> None:
         conn = self.conn
-        if self.streaming and conn is not None and conn.owner is self:
-            conn.owner = None
-            self.backend.busy.discard(conn)  # type: ignore[union-attr]
-            conn.closed = True
-            conn.transport.abort()  # type: ignore[union-attr]
+        if conn is not None and conn.owner is self:
+            conn.owner = None  # (nobody to tell of the failure)
+            conn._drop(ConnectionAbortedError("the client has gone"))
             if self.client.elog.info:  # what it got, as nginx logs it (499: nothing)
                 self.client.log_request(self.req, conn.status if self.sent else 499, self.sent,
                                         self.backend.name)  # type: ignore[union-attr]
 
     def failed(self, conn: BackendConn, exc: Exception) -> None:
         b: BackendState = self.backend  # type: ignore[assignment]
-        if self.streaming:  # part of the answer is with the client: it cannot go elsewhere now
-            conn.close()
-            b.failures += 1
-            if not isinstance(exc, (BadGateway, BackendDown)):
-                self.proxy.mark(b, False, "response timeout" if isinstance(exc, TimeoutError) else type(exc).__name__)
-            self.client.cut(self.req, conn.status, b.name, self.sent)
-            return
-        if isinstance(exc, BadGateway):
-            b.failures += 1
-            self._error(502, f"{b.name} sent a malformed answer", b.name)
-            return
-        if isinstance(exc, BackendDown):  # marked down while this waited: next backend
-            b.failures += 1
-            self.next_backend()
-            return
         conn.close()
-        if isinstance(exc, TimeoutError):
-            # The backend is taken out and the request, idempotent, goes to the next one;
-            # 504 if none is left.
-            b.failures += 1
-            self.timed_out = b
-            self.proxy.mark(b, False, "response timeout")
-        elif conn.uses > 1:
+        lost = not isinstance(exc, (BadGateway, BackendDown, TimeoutError))  # a reset or a close
+        if lost and conn.uses > 1 and not self.streaming:
             # A pooled connection the backend closed while it was idle: once more on a
             # new one (whose first request this is, so it is not tried a third time).
             self.attempt(fresh=True)
             return
-        else:
-            b.failures += 1
+        b.failures += 1
+        if isinstance(exc, TimeoutError):
+            self.timed_out = b  # (504 if no backend is left)
+            self.proxy.mark(b, False, "response timeout")
+        elif lost:
             self.proxy.mark(b, False, type(exc).__name__)
-        self.next_backend()
+        # (BackendDown: marked down already; BadGateway: it answers, only wrongly.)
+        if self.streaming:  # part of the answer is with the client: it cannot go elsewhere now
+            self.client.cut(self.req, conn.status, b.name, self.sent)
+        elif isinstance(exc, BadGateway):
+            self._error(502, f"{b.name} sent a malformed answer", b.name)
+        else:  # idempotent (GET, HEAD): the next backend
+            self.next_backend()
 
     def _error(self, status: int, why: str, backend: str) -> None:
         self.client.answered(self.req, status, error_response(HttpError(status, why)), backend)
@@ -789,13 +778,12 @@ class ProxyClient(asyncio.Protocol):
 
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool,
                 size: int | None = None) -> None:
-        if self.elog.info:
-            if self.closing:  # the client has gone: nobody got it (nginx's 499, "client closed request")
+        if self.closing:  # the client has gone: nobody got it (nginx's 499, "client closed request")
+            if self.elog.info:
                 self.log_request(req, 499, 0, backend)
-            else:
-                self.log_request(req, status, len(resp) if size is None else size, backend)
-        if self.closing:
             return
+        if self.elog.info:
+            self.log_request(req, status, len(resp) if size is None else size, backend)
         self.transport.write(resp)  # type: ignore[union-attr]
         if not keep:
             self.closing = True
