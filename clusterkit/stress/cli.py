@@ -122,11 +122,10 @@ def preflight(cfg: StressConfig) -> tuple[int, tuple]:
         with socket.create_connection((host, port), timeout=cfg.timeout) as sock:
             return sock.family, sock.getpeername()
     except ConnectionRefusedError:
-        raise cli.Fatal(f"cannot connect to {host_port(host, port)}: connection refused (is the server running? "
-                        f"--spawn starts a cluster for the run)", cli.EXIT_UNAVAILABLE) from None
+        why = "connection refused (is the server running? --spawn starts a cluster for the run)"
     except OSError as exc:
-        raise cli.Fatal(f"cannot connect to {host_port(host, port)}: {exc.strerror or exc}",
-                        cli.EXIT_UNAVAILABLE) from None
+        why = exc.strerror or str(exc)
+    raise cli.Fatal(f"cannot connect to {host_port(host, port)}: {why}", cli.EXIT_UNAVAILABLE)
 
 
 class Progress:
@@ -190,8 +189,6 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig) -> 
                               f"confirmation=ok latency_ms={lat / 1e6:.3f} rtt_ms={rtt / 1e6:.3f}")
         else:
             elog.line("WARNING", f"event=request n={i} target={target} sent={ts} error={kind}")
-
-
 
 
 def print_report(rows: list[dict], killed: list[str], interrupted: bool = False) -> None:
@@ -271,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     for path in (args.json, args.csv, args.markdown):  # found out before the run, not after it
-        if path and not Path(path).resolve().parent.is_dir():
-            raise cli.Fatal(f"cannot write {path}: no directory {str(Path(path).resolve().parent)!r}",
-                            cli.EXIT_USAGE)
+        folder = Path(path).resolve().parent if path else None
+        if folder is not None and not folder.is_dir():
+            raise cli.Fatal(f"cannot write {path}: no directory {str(folder)!r}", cli.EXIT_USAGE)
     if kill and not args.spawn:
         raise cli.Fatal("--kill-backend needs --spawn (it kills a backend this run started)", cli.EXIT_USAGE)
     if args.spawn and (args.host or args.port or args.http):

@@ -52,10 +52,9 @@ class StressConfig:
         check(self.pipeline >= 1, "--pipeline must be at least 1")
         check(self.pipeline == 1 or self.connection == "keepalive", "--pipeline needs --connection keepalive")
         check(self.pipeline == 1 or self.http_url is None, "--pipeline is for the line protocol only")
-        for name, value in (("--timeout", self.timeout), ("--rate", self.rate), ("--duration", self.duration),
-                            ("--warmup", self.warmup)):
-            check(value is None or math.isfinite(value), f"{name} must be a finite number of seconds"
-                  if name != "--rate" else "--rate must be a finite number of requests per second")
+        for name, value, unit in (("--timeout", self.timeout, "seconds"), ("--rate", self.rate, "requests per second"),
+                                  ("--duration", self.duration, "seconds"), ("--warmup", self.warmup, "seconds")):
+            check(value is None or math.isfinite(value), f"{name} must be a finite number of {unit}")
         check(self.timeout > 0, "--timeout must be positive")
         check(self.rate is None or self.rate > 0, "--rate must be positive")
         check(self.duration is None or self.duration > 0, "--duration must be positive")

@@ -112,8 +112,7 @@ class Plan:
         # and what it sends or connects then is counted all the same.
         self.warm_end = start_ns + int(cfg.warmup * 1e9) if cfg.warmup else 0
         self.start = start_ns
-        self.interval = int(cfg.concurrency / cfg.rate * 1e9) if cfg.rate else 0  # (about: 0 means none)
-        self.rate = cfg.rate or 0.0
+        self.rate = cfg.rate or 0.0  # requests/s in all (--rate); 0: closed loop, each sends when answered
         self.slot = client  # this client's place in the schedule's turns
         self.concurrency = cfg.concurrency
 
@@ -174,11 +173,11 @@ class Client:
         if self.k >= self.limit or stop.is_set():
             return True
         # --rate: nor is a request due at or after the deadline (rate x duration in all, as wrk2).
-        return ns() >= self.deadline or bool(self.plan.interval) and self.plan.intended(self.k) >= self.deadline
+        return ns() >= self.deadline or bool(self.plan.rate) and self.plan.intended(self.k) >= self.deadline
 
     def due(self) -> int:
         """When the next request is due (--rate), or 0: now."""
-        if not self.plan.interval:
+        if not self.plan.rate:
             return 0
         at = self.plan.intended(self.k)
         return at if at > ns() else 0
@@ -198,7 +197,7 @@ class Client:
             payload, self.reader, self.batch = target.request(
                 self.k, (share - self.k) if share is not None else self.cfg.pipeline)
         self.sent = ns()
-        self.base = self.plan.intended(self.k) if self.plan.interval else self.sent
+        self.base = self.plan.intended(self.k) if self.plan.rate else self.sent
         opened = self.opened
         self.start = min(opened, self.base) if opened else self.base
         self.reused = not opened
@@ -244,7 +243,7 @@ class Client:
         """After ``whole``: the next request's bytes when it goes out at once
         (no --rate wait, the client not over); None: the engine's general
         scheduling decides."""
-        if self.k >= self.limit or now >= self.deadline or self.plan.interval or self.progress[self.stop_slot]:
+        if self.k >= self.limit or now >= self.deadline or self.plan.rate or self.progress[self.stop_slot]:
             return None
         return self.request()
 
@@ -257,7 +256,7 @@ class Client:
         """Every request the connection was for fails with ``kind``."""
         share = self.plan.share
         batch = min(self.cfg.pipeline, (share - self.k) if share is not None else self.cfg.pipeline)
-        sent = self.plan.intended(self.k) if self.plan.interval else self.connect_started
+        sent = self.plan.intended(self.k) if self.plan.rate else self.connect_started
         now = ns()
         for _ in range(batch):
             self.rec.failed(sent, kind, now)
