@@ -49,22 +49,25 @@ def test_refused_and_timeout_are_client_errors():
     assert info.value.code == "timeout"
 
 
+def fake(reply: bytes) -> int:
+    """A server on a free port that answers one message with ``reply``, then closes
+    and stops listening; its port."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+
+    def serve():
+        conn, _ = ls.accept()
+        conn.recv(100)
+        conn.sendall(reply)
+        conn.close()
+        ls.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return ls.getsockname()[1]
+
+
 def test_err_line_and_wrong_echo_are_reported():
-    def fake(reply: bytes):
-        ls = socket.socket()
-        ls.bind(("127.0.0.1", 0))
-        ls.listen()
-
-        def serve():
-            conn, _ = ls.accept()
-            conn.recv(100)
-            conn.sendall(reply)
-            conn.close()
-            ls.close()
-
-        threading.Thread(target=serve, daemon=True).start()
-        return ls.getsockname()[1]
-
     with pytest.raises(ClientError) as info:
         client_send_message("x", port=fake(b"ERR no-backend\n"))
     assert info.value.code == "no-backend"
@@ -102,19 +105,8 @@ def test_cli_json_output(start_server, log_dir):
 def test_cli_json_output_keeps_the_answers_before_a_failure(log_dir):
     """--json printed nothing at all when a later message failed."""
     import json
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen()
-
-    def serve_once():  # one message answered, then nobody listens
-        conn, _ = ls.accept()
-        conn.recv(100)
-        conn.sendall(b"REPLY only x\nACK only 1\n")
-        conn.close()
-        ls.close()
-
-    threading.Thread(target=serve_once, daemon=True).start()
-    proc = run_client("x", "-n", "2", "--port", str(ls.getsockname()[1]), "--json", log_dir=log_dir)
+    port = fake(b"REPLY only x\nACK only 1\n")  # one message answered, then nobody listens
+    proc = run_client("x", "-n", "2", "--port", str(port), "--json", log_dir=log_dir)
     assert proc.returncode != 0
     rows = json.loads(proc.stdout)
     assert rows[0]["server"] == "only" and rows[1]["n"] == 2 and rows[1]["error"] == "connection-refused"
