@@ -50,18 +50,19 @@ def test_refused_and_timeout_are_client_errors():
 
 
 def fake(reply: bytes) -> int:
-    """A server on a free port that answers one message with ``reply``, then closes
-    and stops listening; its port."""
+    """A server on a free port that answers one message with ``reply`` and closes; it
+    stops listening once it has its one connection (so a next connect is refused,
+    not accepted by a listener about to close). Its port."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen()
 
     def serve():
         conn, _ = ls.accept()
+        ls.close()
         conn.recv(100)
         conn.sendall(reply)
         conn.close()
-        ls.close()
 
     threading.Thread(target=serve, daemon=True).start()
     return ls.getsockname()[1]
