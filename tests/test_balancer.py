@@ -574,6 +574,7 @@ def test_balancer_over_ipv6_loopback(procs, log_dir, mode):
         while chunk := s.recv(65536):
             data += chunk
     assert data == b"REPLY six over six\nACK six 8\n"
+    assert f"listening on [::1]:{balancer.port} " in balancer.stderr()  # (was ::1:PORT)
 
 
 def test_session_log_names_the_backends_used(lb, log_dir):

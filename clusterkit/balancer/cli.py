@@ -89,7 +89,7 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
         raise cli.listen_error("balancer", config.host, port, exc) from None
     backends = ", ".join(f"{b.name}" for b in config.backends)
     admin = f", admin http://{host_port(config.host, config.admin_port)}/stats" if config.admin_port else ""
-    print(f"balancer listening on {config.host}:{balancer.port} (mode {config.mode}, {config.algorithm}, "
+    print(f"balancer listening on {host_port(config.host, balancer.port)} (mode {config.mode}, {config.algorithm}, "
           f"backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
     if balancer.max_clients < config.max_connections:
         print(f"balancer: at most {balancer.max_clients} clients at once (the open-files limit allows no more; "
