@@ -1,0 +1,64 @@
+"""Lingering close, as nginx's ``lingering_close``: after an error answer the
+server says it is done (FIN), then reads and drops what the client still
+sends, for at most LINGER_SECONDS and LINGER_BYTES, before it closes.
+
+Why: closing a socket with unread bytes in it resets the connection, and the
+reset can reach the client before it has read the answer, which is then lost
+(a 414 after a 100 KB request line, a 400 in the middle of a pipelined batch).
+
+``linger(sock)`` for the threaded server's blocking sockets; ``Linger`` for the
+asyncio protocols (the async server, lb.py), whose sweep ends it; the
+balancer's raw sockets have theirs in ``balancer/epollset.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from .sockets import kernel_timeouts
+
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
+
+
+def linger(sock: socket.socket) -> None:
+    """A blocking socket's lingering close, up to the close itself (the caller's)."""
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + LINGER_SECONDS
+    taken = 0
+    while taken < LINGER_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        kernel_timeouts(sock, left)
+        data = sock.recv(65536)  # BlockingIOError (an OSError) when the timeout runs out
+        if not data:
+            return
+        taken += len(data)
+
+
+class Linger:
+    """An asyncio transport's lingering close: begun here (the FIN goes after what
+    is buffered); the protocol gives it what it reads (``take``) and its sweep
+    the time (``sweep``), and either ends the connection when the bounds are
+    passed; the client's EOF closes it before (``eof_received`` returning False)."""
+
+    __slots__ = ("transport", "until", "taken")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        transport.write_eof()
+        self.transport = transport
+        self.until = time.monotonic() + LINGER_SECONDS
+        self.taken = 0
+
+    def take(self, data: bytes) -> None:
+        """Drop ``data``; past LINGER_BYTES, end the connection."""
+        self.taken += len(data)
+        if self.taken > LINGER_BYTES:
+            self.transport.abort()
+
+    def sweep(self, now: float) -> None:
+        if now > self.until:
+            self.transport.abort()
