@@ -71,7 +71,7 @@ class EchoProtocol(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = ("server", "transport", "framer", "conn_id", "peer", "last_activity", "seen_bytes",
-                 "messages", "bytes_in", "bytes_out", "paused", "closing", "rejected", "elog",
+                 "messages", "bytes_in", "bytes_out", "paused", "closing", "rejected", "lingering", "elog",
                  "line_watch")
 
     def __init__(self, server: EchoServer) -> None:
@@ -89,6 +89,7 @@ class EchoProtocol(asyncio.Protocol):
         self.paused = False
         self.closing = False
         self.rejected = False
+        self.lingering = False  # its last line (an ERR) is written: what the client sends is dropped
         self.line_watch = SlowLineWatch()
 
     # -- asyncio.Protocol callbacks ---------------------------------------
@@ -118,7 +119,7 @@ class EchoProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # No clock read here: the idle sweep and the drain notice activity by
         # bytes_in changing between two of their rounds.
-        if self.rejected:
+        if self.rejected or self.lingering:
             return
         self.bytes_in += len(data)
         messages = self.framer.feed(data)
@@ -136,14 +137,14 @@ class EchoProtocol(asyncio.Protocol):
             self._fail(_LINE_TOO_LONG, "line-too-long")
 
     def eof_received(self) -> bool:
-        if self.rejected:
+        if self.rejected or self.lingering:
             return False
         if self.elog.info:
             self.elog.line("INFO", f"event=half-close conn={self.conn_id}")
         if self.framer.buffered and self.framer.error is None:
             # Bytes after the last '\n' are no message (SPEC.md): an error line says
             # so, after the replies already written, instead of a silent drop.
-            self._fail(_INCOMPLETE_LINE, "incomplete-line")
+            self._fail(_INCOMPLETE_LINE, "incomplete-line", linger=False)
             return True  # _fail closed the transport
         self.closing = True
         return False  # the transport closes once the replies are sent
@@ -169,18 +170,39 @@ class EchoProtocol(asyncio.Protocol):
 
     # -- closing ----------------------------------------------------------
 
-    def _fail(self, line: bytes, code: str) -> None:
-        """Send an error line and close (after the replies already written)."""
+    def _fail(self, line: bytes, code: str, linger: bool = True) -> None:
+        """Send an error line (after the replies already written) and close. Before
+        the client's EOF (``linger``) the close lingers, as the refusal does: the FIN
+        now, what the client still sends read and dropped until its EOF or
+        REJECT_LINGER seconds. Closed with the rest of a too-long line unread, the
+        connection was reset, and a client still sending (then ``shutdown``)
+        got an error instead of the ERR line."""
         if self.closing:
             return
         self.closing = True
         transport = self.transport
         assert transport is not None
-        transport.pause_reading()
         transport.write(line)
-        transport.close()
+        if linger:
+            self.lingering = True
+            transport.write_eof()
+            if not self.paused:
+                transport.resume_reading()
+            asyncio.get_running_loop().call_later(REJECT_LINGER, self._end_linger)
+        else:
+            transport.pause_reading()
+            transport.close()
         if self.elog.warning:
             self.elog.line("WARNING", f"event=error conn={self.conn_id} peer={self.peer} code={code}")
+
+    def _end_linger(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():  # the client still takes its answers: no cut
+            asyncio.get_running_loop().call_later(REJECT_LINGER, self._end_linger)
+            return
+        transport.abort()
 
     def note_activity(self, now: float) -> float:
         """Update and return the time of the last data seen (sampled by the server's rounds)."""

@@ -129,3 +129,15 @@ def assert_bad_config(script: str, config_text: str, tmp_path, message: str, *ar
     path = tmp_path / "config.toml"
     path.write_text(config_text)
     assert_usage_error(script, "--config", str(path), *args, message=message)
+
+
+def send_all_then_read(port: int, data: bytes) -> bytes:
+    """Send everything, half-close, then read to the end, as ``nc -N`` does: every
+    step must work (a reset on the way would fail the send, the shutdown or the read)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out

@@ -19,7 +19,7 @@ from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
 
-from .conftest import assert_bad_config
+from .conftest import assert_bad_config, send_all_then_read
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -351,6 +351,15 @@ def test_sigterm_with_traffic_in_flight_loses_nothing_and_exits_zero(lb, mode):
     assert lb.lb.wait(timeout=20) == 0
 
 
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_a_client_still_sending_its_too_long_line_reads_the_error_without_a_reset(lb, mode):
+    """ERR line-too-long (the balancer's own in message mode, the server's relayed in
+    tcp mode) while 2 MB of the line are still coming: no reset under the client."""
+    lb.start("--mode", mode, "--max-line", "1000")
+    answer = send_all_then_read(lb.port, b"fine\n" + b"y" * 2_000_000 + b"\nnever\n")
+    assert answer.endswith(b"ERR line-too-long\n") and answer.startswith(b"REPLY server"), answer[:200]
+
+
 def test_oversized_line_garbage_and_half_close(lb, connect):
     lb.start("--max-line", "100")
     conn = connect(lb.port)
@@ -473,6 +482,47 @@ def test_client_that_stops_reading_is_dropped_and_no_backend_is_blamed(lb, log_d
     assert [b["state"] for b in lb.stats()["backends"]] == ["UP"] * 3
 
 
+def late_message(port: int, text: bytes = b"late", delay: float = 0.3) -> bytes:
+    """One message sent a while after the connect (a slow client, or one descheduled):
+    the balancer may have answered and closed before it comes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        time.sleep(delay)
+        s.sendall(text + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_a_refused_client_that_sends_late_still_reads_its_error(lb, mode):
+    """The balancer refuses a client (over --max-connections; in tcp mode also with
+    no backend UP) as it connects, before the client has sent anything. It lingers
+    as nginx does: what the client sends next is read and dropped, not answered by
+    a reset that could destroy the ERR line (the client lost it every time)."""
+    lb.start("--mode", mode, "--max-connections", "1")
+    deadline = time.monotonic() + 10
+    while True:  # the start's probe connection may still count for a moment
+        held = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        held.sendall(b"hold\n")
+        answer = held.recv(200)
+        if answer.startswith(b"REPLY "):
+            break
+        held.close()
+        assert answer == b"ERR busy\n" and time.monotonic() < deadline, answer
+        time.sleep(0.05)
+    with held:
+        for _ in range(3):
+            assert late_message(lb.port) == b"ERR busy\n"
+    if mode == "tcp":
+        for name in ("server1", "server2", "server3"):
+            lb.servers[name].stop()
+        for name in ("server1", "server2", "server3"):
+            lb.wait_state(name, ("DOWN",))
+        assert late_message(lb.port) == b"ERR no-backend\n"
+
+
 def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs, log_dir):
     """An echo server at --max-connections says ERR busy as it takes a connection.
     That answers no message: the balancer moves the client to another backend
@@ -483,17 +533,33 @@ def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs,
     for i in range(3):
         procs.start(cluster.echo_server(f"server{i + 1}", ports[i], "--max-connections", limits[i],
                                         log_dir=str(log_dir)))
-    full = [socket.create_connection(("127.0.0.1", ports[1]), timeout=10)]  # server2 has no room left
+
+    def taken_in(port: int) -> socket.socket:
+        """A connection the server has counted (it answers it). One it is still counting
+        as open (the start's probe, the balancer's last) can make it say busy: ask again."""
+        deadline = time.monotonic() + 10
+        while True:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"fill\n")
+            data = b""
+            while data.count(b"\n") < 2 and (chunk := s.recv(200)):
+                data += chunk
+            if data.startswith(b"REPLY "):
+                return s
+            s.close()
+            assert data == b"ERR busy\n" and time.monotonic() < deadline, data
+            time.sleep(0.05)
+
+    full = [taken_in(ports[1])]  # server2 has no room left
     balancer = procs.start(balancer_process(ports[3], [f"server{i + 1}=127.0.0.1:{ports[i]}" for i in range(3)],
                                             "--check-interval", "30", admin_port=ports[4], log_dir=str(log_dir)))
     try:
         replies = [one_message(balancer.port, b"m%d" % i) for i in range(9)]
         assert all(r.startswith(b"REPLY server1 ") or r.startswith(b"REPLY server3 ") for r in replies), replies
-        time.sleep(0.5)  # the balancer's last backend connections are closed and gone
-        for port in (ports[0], ports[0], ports[2], ports[2]):
-            full.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-        time.sleep(0.2)  # the servers count them
+        for port in (ports[0], ports[0], ports[2], ports[2]):  # (once the balancer's last ones are gone)
+            full.append(taken_in(port))
         assert one_message(balancer.port) == b"ERR busy\n"
+        assert late_message(balancer.port) == b"ERR busy\n"  # (was a reset: said and closed before it came)
         with urllib.request.urlopen(f"http://127.0.0.1:{ports[4]}/stats", timeout=10) as r:
             backends = {b["name"]: b for b in json.load(r)["backends"]}
         assert all(b["state"] != "DOWN" for b in backends.values())
@@ -659,6 +725,12 @@ def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_pr
     balancer = procs.start(balancer_process(ports[1], [f"web=127.0.0.1:{ports[0]}"], *FAST_CHECKS, "--mode", "tcp",
                                             "--check", check, "--admin-port", "0", log_dir=str(log_dir)))
     time.sleep(1)  # several checks
+    if not up:  # two failed checks (--fall 2) take it out: by now, unless this run is slow
+        log = log_dir / "server_log.log"
+        deadline = time.monotonic() + 10
+        while "event=backend-down backend=web" not in log.read_text():
+            assert time.monotonic() < deadline, "the message check never took the backend out"
+            time.sleep(0.05)
     conn = connect(balancer.port)
     conn.send(b"GET /page.html HTTP/1.0\r\n\r\n")
     data = conn.read_all()

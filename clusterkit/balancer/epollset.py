@@ -13,8 +13,9 @@ balancer's own (user) CPU per connection came to 45-56 us on transports and
 
 What is here: ``EpollSet`` (the set and its dispatch), ``Listener`` (accepts),
 ``Stream`` (a connected socket with a write buffer and water marks),
-``SocketTransport`` (a Stream that drives an ``asyncio.Protocol``), and the
-backend helpers (``resolve``, ``start_connect``).
+``SocketTransport`` (a Stream that drives an ``asyncio.Protocol``),
+``linger_close`` (the end of a connection that was refused or cut short), and
+the backend helpers (``resolve``, ``start_connect``).
 
 Sockets are registered once, edge-triggered, for reading and writing
 (``WATCH``), and never modified: their owners read until a read comes back
@@ -34,6 +35,7 @@ from collections.abc import Callable
 import _socket
 
 from ..config import ConfigError
+from ..linger import LINGER_BYTES, LINGER_SECONDS
 from ..sockets import local_shortage
 from .pool import Backend
 
@@ -191,6 +193,45 @@ class Listener:
             self.events.watch(self.sockets[0], self._accept, IN)
 
 
+def linger_close(events: EpollSet, sock: _socket.socket) -> None:
+    """Close a client's socket whose answer (an ``ERR`` line) is written but whose
+    own bytes may still come: the FIN now, then what arrives is read and dropped
+    until its EOF, ``LINGER_BYTES`` or ``LINGER_SECONDS``, as nginx's
+    ``lingering_close`` (``linger.py``). Closed at once, a byte arriving after the
+    close resets the connection, and the reset can destroy the ERR line before
+    the client reads it: a client told ``ERR busy`` a moment before it sent its
+    message got a reset instead."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        events.drop(sock)
+        return
+    taken = 0
+
+    def on_event(ev: int) -> None:
+        nonlocal taken
+        while True:
+            try:
+                data = sock.recv(BUF)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            taken += len(data)
+            if not data or taken > LINGER_BYTES:
+                timer.cancel()
+                events.drop(sock)
+                return
+
+    # (dropped twice, by the timer after the EOF, does nothing: its descriptor is -1 then)
+    timer = events.loop.call_later(LINGER_SECONDS, events.drop, sock)
+    if sock.fileno() in events.handlers:
+        events.handlers[sock.fileno()] = on_event  # registered edge-triggered: the next arrival comes here
+    else:
+        events.watch(sock, on_event)
+    on_event(IN)  # what came already
+
+
 class Stream:
     """A connected non-blocking socket in the epoll set: read until empty, write
     through a buffer with water marks, reading paused and resumed. Subclasses
@@ -342,7 +383,7 @@ class SocketTransport(Stream, asyncio.Transport):
 
     def flushed(self) -> None:
         if self.closing:
-            self.finish(None)
+            self.finish(None, linger=True)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self.high = HIGH_WATER if high is None else high
@@ -356,15 +397,22 @@ class SocketTransport(Stream, asyncio.Transport):
             return
         self.closing = True
         if not self.out:
-            self.finish(None)
+            self.finish(None, linger=True)
 
     def abort(self) -> None:
         self.finish(None)
 
-    def finish(self, exc: Exception | None) -> None:
+    def finish(self, exc: Exception | None, linger: bool = False) -> None:
+        """The end: ``linger`` (a close once all is written) before the client's
+        EOF lingers (``linger_close``), so that what it still sends cannot reset
+        the connection before it has read the last answer."""
         if self.closed:
             return  # connection_lost is on its way already
-        self.drop()
+        if linger and not self.eof:
+            self.closed = self.closing = True
+            linger_close(self.events, self.sock)
+        else:
+            self.drop()
         # Let go of the protocol here (no event comes any more): the transport and
         # the protocol hold each other, and left so each pair would wait for the
         # garbage collector, whose passes cost the balancer ~2% of its time.

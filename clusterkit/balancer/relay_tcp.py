@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import _socket
 
 from ..sockets import local_shortage
-from .epollset import BUF, ERR, HANGUP, HUP, IN, OUT, EpollSet, connect_result, os_error, start_connect
+from .epollset import BUF, ERR, HANGUP, HUP, IN, OUT, EpollSet, connect_result, linger_close, os_error, start_connect
 from .pool import Backend, connect_failure
 from .relay_message import ERR_BUSY, ERR_NO_BACKEND
 
@@ -291,22 +291,25 @@ class TcpSession:
     # -- the end -----------------------------------------------------------------
 
     def refuse(self, line: bytes) -> None:
-        """Answer ``line`` and close. What the client already sent is read first:
-        closing a socket with unread bytes resets the connection, and the reset
-        could destroy the answer before the client reads it."""
+        """Answer ``line`` and close, lingering: what the client sends before or after
+        is read and dropped (``linger_close``), as a close with unread bytes resets
+        the connection and the reset could destroy the answer before it is read."""
         try:
             self.csock.send(line)
-            self.csock.recv(BUF)
         except OSError:
-            pass
-        self.end()
+            self.end()
+            return
+        self.end(linger=True)
 
-    def end(self) -> None:
+    def end(self, linger: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
         events = self.events
-        events.drop(self.csock)
+        if linger and not self.client_eof:
+            linger_close(events, self.csock)
+        else:
+            events.drop(self.csock)
         if self.bsock is not None:
             events.drop(self.bsock)
         if self.backend is not None:

@@ -19,7 +19,7 @@ import time
 from .. import logs, loops
 from .config import HttpServerConfig
 from .core import HttpError, RequestParser, error_response
-from .linger import Linger
+from ..linger import Linger
 from .static import StaticFiles
 
 _TIMEOUT_408 = error_response(HttpError(408, "request head too slow"))

@@ -52,7 +52,7 @@ from .. import logs, loops
 from ..sockets import local_shortage
 from .config import HttpBackend, ProxyConfig
 from .core import HttpError, Request, RequestParser, error_response, http_date, reason_phrase
-from .linger import Linger
+from ..linger import Linger
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"content-length"}

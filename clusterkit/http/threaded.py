@@ -35,7 +35,7 @@ from ..affinity import pin_process
 from ..sockets import kernel_timeouts
 from .config import HttpServerConfig
 from .core import HttpError, RequestParser, build_response, error_response
-from .linger import linger
+from ..linger import linger
 from .static import StaticFiles
 
 _BUSY = build_response(503, b"503 Service Unavailable: all worker threads are busy\n", keep_alive=False)
