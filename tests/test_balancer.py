@@ -78,8 +78,11 @@ def lb(procs, log_dir):
     return Cluster(procs, log_dir)
 
 
-def one_message(port: int, text: bytes = b"hi", timeout: float = 10) -> bytes:
+def one_message(port: int, text: bytes = b"hi", timeout: float = 10, delay: float = 0) -> bytes:
+    """``delay``: sent that long after the connect (a slow client, or one descheduled):
+    the balancer may have answered and closed before it comes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        time.sleep(delay)
         s.sendall(text + b"\n")
         s.shutdown(socket.SHUT_WR)
         data = b""
@@ -482,19 +485,6 @@ def test_client_that_stops_reading_is_dropped_and_no_backend_is_blamed(lb, log_d
     assert [b["state"] for b in lb.stats()["backends"]] == ["UP"] * 3
 
 
-def late_message(port: int, text: bytes = b"late", delay: float = 0.3) -> bytes:
-    """One message sent a while after the connect (a slow client, or one descheduled):
-    the balancer may have answered and closed before it comes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        time.sleep(delay)
-        s.sendall(text + b"\n")
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data
-
-
 @pytest.mark.parametrize("mode", ["message", "tcp"])
 def test_a_refused_client_that_sends_late_still_reads_its_error(lb, mode):
     """The balancer refuses a client (over --max-connections; in tcp mode also with
@@ -514,13 +504,13 @@ def test_a_refused_client_that_sends_late_still_reads_its_error(lb, mode):
         time.sleep(0.05)
     with held:
         for _ in range(3):
-            assert late_message(lb.port) == b"ERR busy\n"
+            assert one_message(lb.port, delay=0.3) == b"ERR busy\n"
     if mode == "tcp":
         for name in ("server1", "server2", "server3"):
             lb.servers[name].stop()
         for name in ("server1", "server2", "server3"):
             lb.wait_state(name, ("DOWN",))
-        assert late_message(lb.port) == b"ERR no-backend\n"
+        assert one_message(lb.port, delay=0.3) == b"ERR no-backend\n"
 
 
 def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs, log_dir):
@@ -559,7 +549,7 @@ def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs,
         for port in (ports[0], ports[0], ports[2], ports[2]):  # (once the balancer's last ones are gone)
             full.append(taken_in(port))
         assert one_message(balancer.port) == b"ERR busy\n"
-        assert late_message(balancer.port) == b"ERR busy\n"  # (was a reset: said and closed before it came)
+        assert one_message(balancer.port, delay=0.3) == b"ERR busy\n"  # (was a reset: said and closed before it came)
         with urllib.request.urlopen(f"http://127.0.0.1:{ports[4]}/stats", timeout=10) as r:
             backends = {b["name"]: b for b in json.load(r)["backends"]}
         assert all(b["state"] != "DOWN" for b in backends.values())
