@@ -51,6 +51,7 @@ import time
 
 from . import cli, logs, loops
 from .config import ConfigError, ServerConfig
+from .linger import LINGER_SECONDS
 from .protocol import LineFramer, SlowLineWatch, build_error, build_replies, check_server_name
 from .sockets import host_port
 
@@ -58,9 +59,6 @@ log = logging.getLogger("clusterkit.server")
 
 _BUSY = build_error("busy")
 _SHUTTING_DOWN = build_error("shutting-down")
-REJECT_LINGER = 2.0
-"""Seconds a refused connection is read (and what comes dropped) after its error line:
-closed on unread bytes, it would be reset, and the reset can destroy the line."""
 _LINE_TOO_LONG = build_error("line-too-long")
 _INCOMPLETE_LINE = build_error("incomplete-line")
 _IDLE = build_error("idle-timeout")
@@ -89,7 +87,7 @@ class EchoProtocol(asyncio.Protocol):
         self.paused = False
         self.closing = False
         self.rejected = False
-        self.lingering = False  # its last line (an ERR) is written: what the client sends is dropped
+        self.lingering = False  # its last line (an ERR, or a refusal) is written: what the client sends is dropped
         self.line_watch = SlowLineWatch()
 
     # -- asyncio.Protocol callbacks ---------------------------------------
@@ -104,8 +102,7 @@ class EchoProtocol(asyncio.Protocol):
         if len(server.connections) >= server.config.max_connections or server.stopping:
             self.rejected = True
             transport.write(_SHUTTING_DOWN if server.stopping else _BUSY)
-            transport.write_eof()  # then what the client sends is dropped until its EOF (eof_received)
-            asyncio.get_running_loop().call_later(REJECT_LINGER, transport.abort)
+            self._linger()
             if self.elog.warning:
                 reason = "shutting-down" if server.stopping else "busy"
                 self.elog.line("WARNING", f"event=reject conn={self.conn_id} peer={self.peer} reason={reason}")
@@ -119,7 +116,7 @@ class EchoProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # No clock read here: the idle sweep and the drain notice activity by
         # bytes_in changing between two of their rounds.
-        if self.rejected or self.lingering:
+        if self.lingering:
             return
         self.bytes_in += len(data)
         messages = self.framer.feed(data)
@@ -137,7 +134,7 @@ class EchoProtocol(asyncio.Protocol):
             self._fail(_LINE_TOO_LONG, "line-too-long")
 
     def eof_received(self) -> bool:
-        if self.rejected or self.lingering:
+        if self.lingering:
             return False
         if self.elog.info:
             self.elog.line("INFO", f"event=half-close conn={self.conn_id}")
@@ -171,12 +168,8 @@ class EchoProtocol(asyncio.Protocol):
     # -- closing ----------------------------------------------------------
 
     def _fail(self, line: bytes, code: str, linger: bool = True) -> None:
-        """Send an error line (after the replies already written) and close. Before
-        the client's EOF (``linger``) the close lingers, as the refusal does: the FIN
-        now, what the client still sends read and dropped until its EOF or
-        REJECT_LINGER seconds. Closed with the rest of a too-long line unread, the
-        connection was reset, and a client still sending (then ``shutdown``)
-        got an error instead of the ERR line."""
+        """Send an error line (after the replies already written) and close: before
+        the client's EOF (``linger``), a lingering close."""
         if self.closing:
             return
         self.closing = True
@@ -184,23 +177,30 @@ class EchoProtocol(asyncio.Protocol):
         assert transport is not None
         transport.write(line)
         if linger:
-            self.lingering = True
-            transport.write_eof()
-            if not self.paused:
-                transport.resume_reading()
-            asyncio.get_running_loop().call_later(REJECT_LINGER, self._end_linger)
+            self._linger()
         else:
             transport.pause_reading()
             transport.close()
         if self.elog.warning:
             self.elog.line("WARNING", f"event=error conn={self.conn_id} peer={self.peer} code={code}")
 
+    def _linger(self) -> None:
+        """The close after an error line, as nginx's ``lingering_close`` (``linger.py``):
+        the FIN once what is written is out, then what the client still sends is
+        dropped (``data_received``) until its EOF or LINGER_SECONDS. Closed on unread
+        bytes (a refused client's message, the rest of a too-long line), the
+        connection was reset, and a client still sending (then ``shutdown``) got
+        an error instead of the ERR line."""
+        self.lingering = True
+        self.transport.write_eof()  # type: ignore[union-attr]
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self._end_linger)
+
     def _end_linger(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         if transport.get_write_buffer_size():  # the client still takes its answers: no cut
-            asyncio.get_running_loop().call_later(REJECT_LINGER, self._end_linger)
+            asyncio.get_running_loop().call_later(LINGER_SECONDS, self._end_linger)
             return
         transport.abort()
 

@@ -485,6 +485,23 @@ def test_client_that_stops_reading_is_dropped_and_no_backend_is_blamed(lb, log_d
     assert [b["state"] for b in lb.stats()["backends"]] == ["UP"] * 3
 
 
+def taken_in(port: int) -> socket.socket:
+    """A connection the server (or balancer) has counted: it answers it. One still counted
+    as open (the start's probe, the balancer's last) can make it say busy: ask again."""
+    deadline = time.monotonic() + 10
+    while True:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"fill\n")
+        data = b""
+        while data.count(b"\n") < 2 and (chunk := s.recv(200)):
+            data += chunk
+        if data.startswith(b"REPLY "):
+            return s
+        s.close()
+        assert data == b"ERR busy\n" and time.monotonic() < deadline, data
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("mode", ["message", "tcp"])
 def test_a_refused_client_that_sends_late_still_reads_its_error(lb, mode):
     """The balancer refuses a client (over --max-connections; in tcp mode also with
@@ -492,17 +509,7 @@ def test_a_refused_client_that_sends_late_still_reads_its_error(lb, mode):
     as nginx does: what the client sends next is read and dropped, not answered by
     a reset that could destroy the ERR line (the client lost it every time)."""
     lb.start("--mode", mode, "--max-connections", "1")
-    deadline = time.monotonic() + 10
-    while True:  # the start's probe connection may still count for a moment
-        held = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
-        held.sendall(b"hold\n")
-        answer = held.recv(200)
-        if answer.startswith(b"REPLY "):
-            break
-        held.close()
-        assert answer == b"ERR busy\n" and time.monotonic() < deadline, answer
-        time.sleep(0.05)
-    with held:
+    with taken_in(lb.port):
         for _ in range(3):
             assert one_message(lb.port, delay=0.3) == b"ERR busy\n"
     if mode == "tcp":
@@ -523,22 +530,6 @@ def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs,
     for i in range(3):
         procs.start(cluster.echo_server(f"server{i + 1}", ports[i], "--max-connections", limits[i],
                                         log_dir=str(log_dir)))
-
-    def taken_in(port: int) -> socket.socket:
-        """A connection the server has counted (it answers it). One it is still counting
-        as open (the start's probe, the balancer's last) can make it say busy: ask again."""
-        deadline = time.monotonic() + 10
-        while True:
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            s.sendall(b"fill\n")
-            data = b""
-            while data.count(b"\n") < 2 and (chunk := s.recv(200)):
-                data += chunk
-            if data.startswith(b"REPLY "):
-                return s
-            s.close()
-            assert data == b"ERR busy\n" and time.monotonic() < deadline, data
-            time.sleep(0.05)
 
     full = [taken_in(ports[1])]  # server2 has no room left
     balancer = procs.start(balancer_process(ports[3], [f"server{i + 1}=127.0.0.1:{ports[i]}" for i in range(3)],

@@ -297,8 +297,7 @@ class TcpSession:
         try:
             self.csock.send(line)
         except OSError:
-            self.end()
-            return
+            pass  # gone already: linger_close finds that out and closes
         self.end(linger=True)
 
     def end(self, linger: bool = False) -> None:
