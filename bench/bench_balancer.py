@@ -1,10 +1,12 @@
 """Benchmark of Load_Balancer.py (issue 3): both modes against HAProxy.
 
 Three echo servers (``--log-level warning``, so they are not the limit) stand
-behind three balancers at once (ours at ``--log-level warning`` too, as the
+behind four balancers at once (ours at ``--log-level warning`` too, as the
 HAProxy anchor logs nothing): ours in ``--mode tcp``, ours in ``--mode
-message`` and HAProxy 2.6 (``mode tcp``, ``nbthread 1``, ``balance
-roundrobin``). The C load generator (bench/c/lineload) drives each in turn at
+message`` (as started by default: idle backend connections reused by later
+clients, reuse.py) and with ``--keepalive 0`` (a backend connection per
+client, as HAProxy's), and HAProxy 2.6 (``mode tcp``, ``nbthread 1``,
+``balance roundrobin``). The C load generator (bench/c/lineload) drives each in turn at
 concurrency 10 with 64-byte messages, on persistent connections and with one
 connection per message; rounds are interleaved and medians compared as ratios
 within this one run. Beside them, ``ref_relay.py`` (a flat Python epoll relay
@@ -30,7 +32,8 @@ from bench.common import BENCH, LOCK, median, print_table, run_lineload, spread 
 from clusterkit import cluster  # noqa: E402
 from clusterkit.balancer import balancer_process  # noqa: E402
 
-LABELS = {"tcp": "--mode tcp", "message": "--mode message", "ref relay": "ref_relay.py (Python ceiling)"}
+LABELS = {"tcp": "--mode tcp", "message": "--mode message", "message no reuse": "--mode message --keepalive 0",
+          "ref relay": "ref_relay.py (Python ceiling)"}
 TARGETS = {"persistent": {"tcp": 1.0, "message": 0.8}, "per-request": {"tcp": 0.9, "message": 0.9}}
 
 
@@ -47,7 +50,7 @@ def main() -> int:
     results: dict = {}
     with open(LOCK, "w") as lock, tempfile.TemporaryDirectory() as tmp, cluster.ProcessGroup() as group:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        ports = cluster.free_ports(7)
+        ports = cluster.free_ports(8)
         backends = []
         for i in range(3):
             group.start(cluster.echo_server(f"server{i + 1}", ports[i], "--log-level", "warning", log_dir=tmp))
@@ -58,6 +61,9 @@ def main() -> int:
                                                 log_dir=tmp)),
             "message": group.start(balancer_process(ports[4], backends, "--mode", "message", "--log-level", "warning",
                                                     log_dir=tmp)),
+            # Without its idle backend connections (reuse.py): a backend connection per client, as HAProxy's.
+            "message no reuse": group.start(balancer_process(ports[7], backends, "--mode", "message", "--keepalive",
+                                                             "0", "--log-level", "warning", log_dir=tmp)),
             "haproxy": group.start(anchors.haproxy(ports[5], [("127.0.0.1", p) for p in ports[:3]], tmp)),
             "ref relay": group.start(cluster.Process("ref-relay", [sys.executable, str(BENCH / "ref_relay.py"),
                                                                    str(ports[6])] + [str(p) for p in ports[:3]],
@@ -77,7 +83,7 @@ def main() -> int:
     verdicts = []
     for kind, res in results.items():
         ha = median(res["rps"]["haproxy"])
-        for name in ("tcp", "message", "haproxy", "ref relay"):
+        for name in ("tcp", "message", "message no reuse", "haproxy", "ref relay"):
             m = median(res["rps"][name])
             ratio = m / ha
             goal = TARGETS[kind].get(name)

@@ -35,10 +35,11 @@ class Cluster:
         self.lb: cluster.Process | None = None
         self.admin_port = 0
 
-    def start(self, *lb_args: str, names=("server1", "server2", "server3"), weights=None):
+    def start(self, *lb_args: str, names=("server1", "server2", "server3"), weights=None, server_args=()):
         ports = cluster.free_ports(len(names) + 2)
         for i, name in enumerate(names):
-            self.servers[name] = self.procs.start(cluster.echo_server(name, ports[i], log_dir=self.log_dir))
+            self.servers[name] = self.procs.start(cluster.echo_server(name, ports[i], *server_args,
+                                                                      log_dir=self.log_dir))
         backends = [f"{name}=127.0.0.1:{self.servers[name].port}" + (f":{weights[i]}" if weights else "")
                     for i, name in enumerate(names)]
         self.admin_port = ports[-1]
@@ -532,8 +533,10 @@ def test_a_backend_at_its_connection_limit_is_passed_over_not_marked_down(procs,
                                         log_dir=str(log_dir)))
 
     full = [taken_in(ports[1])]  # server2 has no room left
+    # --keepalive 0: no idle connection of the balancer's holds a place in a server (reuse.py).
     balancer = procs.start(balancer_process(ports[3], [f"server{i + 1}=127.0.0.1:{ports[i]}" for i in range(3)],
-                                            "--check-interval", "30", admin_port=ports[4], log_dir=str(log_dir)))
+                                            "--check-interval", "30", "--keepalive", "0", admin_port=ports[4],
+                                            log_dir=str(log_dir)))
     try:
         replies = [one_message(balancer.port, b"m%d" % i) for i in range(9)]
         assert all(r.startswith(b"REPLY server1 ") or r.startswith(b"REPLY server3 ") for r in replies), replies

@@ -41,6 +41,10 @@ class PoolCollector:
                                        labels=["backend"])
         conns = CounterMetricFamily("clusterkit_backend_connections", "client connections sent to the backend",
                                     labels=["backend"])
+        reused = CounterMetricFamily("clusterkit_backend_reused_connections",
+                                     "client connections that took an idle backend connection", labels=["backend"])
+        idle = GaugeMetricFamily("clusterkit_backend_idle_connections", "idle backend connections kept for reuse",
+                                 labels=["backend"])
         for b in app.pool.backends:
             up.add_metric([b.name], 1 if b.healthy else 0)
             for s in _STATES:
@@ -49,7 +53,9 @@ class PoolCollector:
             messages.add_metric([b.name], b.messages)
             failures.add_metric([b.name], b.failures)
             conns.add_metric([b.name], b.connections)
-        yield from (up, state, active, messages, failures, conns)
+            reused.add_metric([b.name], b.reused)
+            idle.add_metric([b.name], app.idle.count(b))
+        yield from (up, state, active, messages, failures, conns, reused, idle)
         yield GaugeMetricFamily("clusterkit_client_connections", "client connections open now",
                                 value=len(app.connections))
         yield CounterMetricFamily("clusterkit_failovers", "client connections moved to another backend",

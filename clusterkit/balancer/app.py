@@ -26,6 +26,7 @@ from .health import check_forever
 from .pool import Backend, Pool
 from .relay_message import start_client
 from .relay_tcp import start_session
+from .reuse import IdlePool
 
 
 FD_RESERVE = 32
@@ -60,6 +61,7 @@ class Balancer:
         self.no_backend_errors = 0
         self.stopping = False
         self.max_clients = client_limit(config.max_connections)
+        self.idle = IdlePool(config.keepalive if config.mode == "message" else 0)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
         for b in self.pool.backends:
@@ -71,6 +73,8 @@ class Balancer:
         self.started = time.time()
 
     def _state_changed(self, backend: Backend, old: str, new: str) -> None:
+        if not backend.healthy:
+            self.idle.close(backend)
         if self.elog.warning:
             event = "backend-up" if backend.healthy else "backend-down"
             self.elog.line("WARNING", f"event={event} backend={backend.name} from={old} to={new} "
@@ -100,6 +104,7 @@ class Balancer:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            self.idle.purge(now)
             slow_lines = cfg.line_timeout if cfg.mode == "message" else 0  # tcp: the backend's own
             for conn in list(self.connections):
                 conn.check_response_timeout(now, cfg.response_timeout)
@@ -130,6 +135,7 @@ class Balancer:
     async def shutdown(self) -> None:
         cfg = self.config
         self.stopping = True
+        self.idle.close()  # (and no connection goes back from now on)
         if self._server is not None:
             self._server.close()
         if self.elog.warning:
@@ -160,5 +166,5 @@ class Balancer:
             "total_connections": self.total_connections, "rejected": self.rejected, "failovers": self.failovers,
             "no_backend_errors": self.no_backend_errors,
             "messages": sum(b.messages for b in self.pool.backends),
-            "backends": [b.snapshot() for b in self.pool.backends],
+            "backends": [{**b.snapshot(), "idle_connections": self.idle.count(b)} for b in self.pool.backends],
         }

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--drain-timeout", float, "on SIGTERM, seconds to let in-flight messages finish"),
         ("--max-connections", cli.positive_int, "clients served at once; more get 'ERR busy'"),
         ("--max-line", cli.positive_int, "longest message in bytes"),
+        ("--keepalive", cli.non_negative_int, "message mode: idle backend connections kept per backend for the "
+                                              "next clients, as nginx's upstream keepalive; 0: a new backend "
+                                              "connection for every client"),
     ):
         default = getattr(d, flag[2:].replace("-", "_"))
         p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> BalancerConfig:
     kwargs: dict = from_toml(args.config) if args.config else {}
     for key in ("mode", "algorithm", "check", "check_interval", "check_timeout", "rise", "fall", "connect_timeout",
-                "response_timeout", "idle_timeout", "line_timeout", "drain_timeout", "max_connections", "max_line"):
+                "response_timeout", "idle_timeout", "line_timeout", "drain_timeout", "max_connections", "max_line",
+                "keepalive"):
         value = getattr(args, key)
         if value is not None:
             kwargs[key] = value

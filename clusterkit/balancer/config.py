@@ -84,6 +84,8 @@ class BalancerConfig:
     drain_quiet: float = 0.25
     max_connections: int = 10_000
     max_line: int = DEFAULT_MAX_LINE
+    keepalive: int = 32
+    """Message mode: idle backend connections kept per backend for later clients (reuse.py); 0: none."""
     max_pending_bytes: int = 4 * 2**20
     """Stop reading a client whose unanswered messages pass this many bytes."""
     write_high_water: int = 256 * 1024
@@ -107,6 +109,7 @@ class BalancerConfig:
               f"--admin-port {self.admin_port} is the balancer's own --port: choose another (0 turns it off)")
         check(self.max_connections >= 1, "--max-connections must be at least 1")
         check(self.max_line >= 1, "--max-line must be at least 1")
+        check(self.keepalive >= 0, "--keepalive must not be negative")
         check(self.idle_timeout >= 0 and self.drain_timeout >= 0, "idle-timeout and drain-timeout must not be negative")
         check(self.write_high_water >= 1 and self.max_pending_bytes >= 1,
               "write-high-water and max-pending-bytes must be at least 1")

@@ -96,6 +96,7 @@ class Backend:
         self.reason = "initial"
         self.active = 0  # client connections on it now
         self.connections = 0
+        self.reused = 0  # client connections that took an idle connection to it (message mode, reuse.py)
         self.messages = 0
         self.failures = 0
         self.failovers = 0
@@ -113,8 +114,8 @@ class Backend:
         return {
             "name": self.name, "address": host_port(self.host, self.port), "weight": self.weight,
             "state": self.state, "reason": self.reason, "active_connections": self.active,
-            "connections": self.connections, "messages": self.messages, "failures": self.failures,
-            "failovers_from": self.failovers, "checks_ok": self.checks_ok, "checks_failed": self.checks_failed,
+            "connections": self.connections, "reused_connections": self.reused, "messages": self.messages,
+            "failures": self.failures, "failovers_from": self.failovers, "checks_ok": self.checks_ok, "checks_failed": self.checks_failed,
             "latency_ms": {"count": lat.total, **{f"p{p}": _round(lat.percentile(p)) for p in (50, 90, 99)},
                            "max": _round(lat.max_ms) if lat.total else None},
         }

@@ -65,7 +65,9 @@ ERR_IDLE = build_error("idle-timeout")
 class BackendSide(Stream):
     """The balancer's connection to one backend, on behalf of one client: past
     ``write_high_water`` unsent, the client is not read; it is again at a
-    quarter. The client writes only once it is connected (``backend_connected``)."""
+    quarter. The client writes only once it is connected (``backend_connected``).
+    Between two clients it may wait in the balancer's ``IdlePool`` (``client``
+    None): anything the server sends or does then closes it."""
 
     def __init__(self, client: ClientSide, backend: Backend, events: EpollSet, sock: _socket.socket,
                  attempts: int) -> None:
@@ -74,7 +76,8 @@ class BackendSide(Stream):
         self.backend = backend
         self.attempts = attempts  # backends tried before this one, for this connect
         self.connecting = True
-        self.fresh = True  # nothing read from it yet
+        self.fresh = True  # nothing read from it yet (for this client)
+        self.reused = False  # it served an earlier client
 
     def on_event(self, ev: int) -> None:
         if self.connecting:
@@ -94,29 +97,40 @@ class BackendSide(Stream):
         self.client.backend_connect_failed(self, exc)
 
     def received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:  # idle: the server's idle notice, or worse; no client's answer
+            self.drop()
+            return
         if self.fresh:
+            if self.reused and data.startswith(ERR_IDLE):  # it closed this connection as we reused it
+                self.drop()
+                client.backend_lost(self, "idle-timeout")
+                return
             self.fresh = False
             if data.startswith(ERR_BUSY):  # said as it took the connection: the backend is full
                 self.drop()
-                self.client.backend_busy(self)
+                client.backend_busy(self)
                 return
             if data.startswith(ERR_SHUTTING_DOWN):  # a backend stopping: as if it had closed
                 self.drop()
-                self.client.backend_lost(self, "shutting-down")
+                client.backend_lost(self, "shutting-down")
                 return
-        self.client.backend_data(data)
+        client.backend_data(data)
 
     def ended(self) -> None:
         self.drop()
-        self.client.backend_lost(self, "closed")
+        if self.client is not None:
+            self.client.backend_lost(self, "closed")
 
     def failed(self, exc: OSError) -> None:
         # The failover comes soon, not inside the caller (a write may be ClientSide's own).
         self.drop()
-        self.events.loop.call_soon(self.client.backend_lost, self, "reset")
+        if self.client is not None:
+            self.events.loop.call_soon(self.client.backend_lost, self, "reset")
 
     def set_full(self, full: bool) -> None:
-        self.client.set_paused("backend-full", full)
+        if self.client is not None:
+            self.client.set_paused("backend-full", full)
 
     abort = Stream.drop
 
@@ -241,7 +255,7 @@ class ClientSide(asyncio.Protocol):
             self.connect_side = None
             self.connect_started = 0.0
             self.connecting = False
-        self.drop_backend()
+        self.keep_or_drop_backend()
         if self.elog.info:
             self.elog.line("INFO", f"event=session conn={self.conn_id} peer={_peer(self.transport)} "
                                    f"backends={','.join(self.used) or '-'} messages={self.answered} "
@@ -291,16 +305,24 @@ class ClientSide(asyncio.Protocol):
 
     # -- choosing and connecting a backend -----------------------------------
 
-    def attach(self, attempts: int = 0, exclude: Backend | None = None) -> bool:
-        """Pick a healthy backend (not ``exclude``) and start connecting; False when none is."""
-        backend = self.app.pool.choose(exclude)
+    def attach(self, attempts: int = 0, exclude: Backend | None = None, again: Backend | None = None) -> bool:
+        """Pick a healthy backend (not ``exclude``) and take an idle connection to it
+        or start connecting; False when none is healthy. ``again``: that backend once
+        more, on a new connection (its reused one was stale)."""
+        backend = again or self.app.pool.choose(exclude)
         if backend is None:
             return False
         self.backend = backend
         backend.active += 1
-        backend.connections += 1
         if not self.used or self.used[-1] != backend.name:
             self.used.append(backend.name)
+        if again is None:
+            backend.connections += 1
+            side = self.app.idle.take(backend)
+            if side is not None:
+                backend.reused += 1
+                self.use_idle(side, attempts)
+                return True
         self.connecting = True
         self.connect_started = time.monotonic()  # the sweep gives up a connect that takes too long
         try:
@@ -353,6 +375,28 @@ class ClientSide(asyncio.Protocol):
             side.write(message_lines(self.pending))
         else:
             self.settle()
+
+    def use_idle(self, side: BackendSide, attempts: int) -> None:
+        """Carry on with an idle connection from the pool, as if just connected."""
+        side.client = self
+        side.fresh = side.reused = True
+        side.attempts = attempts
+        self.backend_conn = side
+        if self.client_full:
+            side.pause_reading()
+        if self.pending:  # a failover: (re)send everything unanswered, in order
+            side.write(message_lines(self.pending))
+
+    def keep_or_drop_backend(self) -> None:
+        """The client is gone: its backend connection goes to the idle pool when
+        clean (every message answered, nothing half read or unsent), else closed."""
+        conn = self.backend_conn
+        if (conn is not None and not self.pending and not self.inbuf and not conn.out and not conn.read_paused
+                and not conn.closed and not conn.eof and not self.app.stopping and self.backend is not None
+                and self.backend.healthy and self.app.idle.put(conn)):
+            conn.client = None
+            self.backend_conn = None
+        self.drop_backend()
 
     def release_backend(self) -> None:
         if self.backend is not None:
@@ -446,6 +490,20 @@ class ClientSide(asyncio.Protocol):
     def backend_lost(self, side: BackendSide, reason: str) -> None:
         if side is not self.backend_conn:
             return  # an old connection we already gave up on
+        if side.reused and side.fresh and reason in ("closed", "reset", "idle-timeout"):
+            # Closed by the server as it was taken from the idle pool (reuse.py): stale,
+            # not a failure of the backend. Its messages go on a new connection to it.
+            backend = self.backend
+            self.drop_backend()
+            if self.closed:
+                return
+            if self.pending and backend is not None and backend.healthy and self.attach(again=backend):
+                return
+            if self.pending:
+                self.fail_over(reason)
+            else:
+                self.settle()
+            return
         self.fail_over(reason)
 
     def fail_over(self, reason: str) -> None:
