@@ -141,3 +141,19 @@ def test_an_idle_connection_closed_as_it_is_reused_costs_no_message_and_blames_n
         assert lb.stats()["failovers"] == 0
     finally:
         racer.close()
+
+
+def test_idle_connections_to_a_killed_backend_cost_no_message(lb):
+    """The demo's failover with one connection per message: SIGKILL a backend whose
+    connections wait idle in the pool. The balancer sees them close and drops them;
+    the next clients for it find it refusing, it is marked down, and every message
+    is answered by the others."""
+    lb.start(names=("server1", "server2"))
+    for i in range(10):
+        assert one_message(lb.port, b"before%d" % i).startswith(b"REPLY server")
+    assert backend_stats(lb, "server1")["idle_connections"] >= 1
+    lb.servers["server1"].kill()
+    replies = [one_message(lb.port, b"after%d" % i) for i in range(10)]
+    assert replies == [b"REPLY server2 after%d\nACK server2 %d\n" % (i, len(b"after%d" % i)) for i in range(10)]
+    b = backend_stats(lb, "server1")
+    assert b["state"] == "DOWN" and b["idle_connections"] == 0
