@@ -81,3 +81,17 @@ def test_backend_spec_parse(text, expected):
 def test_bad_backend_spec(text):
     with pytest.raises(ConfigError):
         BackendSpec.parse(text)
+
+
+def test_the_open_files_limit_bounds_clients_and_idle_backend_connections(monkeypatch):
+    """Two descriptors a client; idle backend connections (reuse.py) get at most a
+    quarter of what is left after the reserve."""
+    import resource
+
+    from clusterkit.balancer.app import client_limit
+
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (120, 120))
+    assert client_limit(10_000, 32, 3) == ((120 - 32 - 21) // 2, 7)
+    assert client_limit(10_000, 0, 3) == ((120 - 32) // 2, 0)
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1 << 20, 1 << 20))
+    assert client_limit(10_000, 32, 3) == (10_000, 32)

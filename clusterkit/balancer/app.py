@@ -33,19 +33,22 @@ FD_RESERVE = 32
 """Descriptors kept for the listeners, health checks, the admin endpoint and logs."""
 
 
-def client_limit(max_connections: int) -> int:
-    """``--max-connections``, lowered to what the open-files limit can hold: each
-    client needs two descriptors (its own and its backend's). HAProxy derives its
-    maxconn from ``ulimit -n`` the same way. Past it, clients get ``ERR busy``
-    rather than a balancer that cannot open backend connections."""
+def client_limit(max_connections: int, keepalive: int = 0, backends: int = 1) -> tuple[int, int]:
+    """``--max-connections`` and ``--keepalive``, lowered to what the open-files
+    limit can hold: each client needs two descriptors (its own and its
+    backend's); idle backend connections (reuse.py) get at most a quarter of
+    the rest. HAProxy derives its maxconn from ``ulimit -n`` the same way. Past
+    it, clients get ``ERR busy`` rather than a balancer that cannot open
+    backend connections."""
     try:
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ImportError, OSError):
-        return max_connections
+        return max_connections, keepalive
     if soft == resource.RLIM_INFINITY:
-        return max_connections
-    return max(1, min(max_connections, (soft - FD_RESERVE) // 2))
+        return max_connections, keepalive
+    keepalive = min(keepalive, (soft - FD_RESERVE) // 4 // backends)
+    return max(1, min(max_connections, (soft - FD_RESERVE - keepalive * backends) // 2)), max(0, keepalive)
 
 
 class Balancer:
@@ -60,8 +63,10 @@ class Balancer:
         self.failovers = 0
         self.no_backend_errors = 0
         self.stopping = False
-        self.max_clients = client_limit(config.max_connections)
-        self.idle = IdlePool(config.keepalive if config.mode == "message" else 0)
+        self.max_clients, keepalive = client_limit(config.max_connections,
+                                                   config.keepalive if config.mode == "message" else 0,
+                                                   len(config.backends))
+        self.idle = IdlePool(keepalive)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
         for b in self.pool.backends:
