@@ -59,11 +59,14 @@ def exchange(port: int, raw: bytes, timeout: float = 10, host: str = "127.0.0.1"
         try:
             while chunk := s.recv(65536):
                 data += chunk
-                if b"\r\n\r\n" in data and b"Connection: keep-alive" in data.split(b"\r\n\r\n")[0]:
-                    head, _, body = data.partition(b"\r\n\r\n")
-                    m = re.search(rb"Content-Length: (\d+)", head)
-                    if m and len(body) >= int(m.group(1)):
+                head, done, body = data.partition(b"\r\n\r\n")
+                m = re.search(rb"Content-Length: (\d+)", head)
+                if done and m and len(body) >= int(m.group(1)):
+                    if b"Connection: keep-alive" in head:
                         break
+                    # An HTTP/1.1 answer keeps the connection open: whatever else would come
+                    # (a second answer to a smuggled request) comes at once, not 10 s later.
+                    s.settimeout(1.0)
         except TimeoutError:
             pass
     return data
