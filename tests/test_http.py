@@ -1151,3 +1151,13 @@ def test_lb_out_of_descriptors_answers_503_and_marks_no_backend_down(setup):
         assert time.monotonic() < deadline, data[:100]
         time.sleep(0.1)
     assert status_of(data) == 200, data[:100]
+
+
+def test_an_unnamed_backend_on_a_default_port_is_named_as_lb_py_names_it():
+    """``async_server.py 9002`` without --name says X-Backend: backend1, the name lb.py's
+    log gives the backend on 9002; a port lb.py does not know gets backend-PORT."""
+    from clusterkit.http.config import DEFAULT_BACKENDS, ProxyConfig, backend_name
+
+    assert [backend_name(p) for p in (9002, 9003, 9004, 9005)] == ["backend1", "backend2", "backend3", "backend4"]
+    assert [b.name for b in ProxyConfig().backends] == [b.name for b in DEFAULT_BACKENDS]
+    assert backend_name(9100) == "backend-9100"

@@ -11,7 +11,7 @@ import sys
 from .. import cli, logs, loops
 from ..config import ConfigError, settings_and_backends
 from ..sockets import host_port
-from .config import HttpBackend, HttpServerConfig, ProxyConfig
+from .config import HttpBackend, HttpServerConfig, ProxyConfig, backend_name
 from .core import Limits
 from .static import DEFAULT_ROOT
 
@@ -46,7 +46,9 @@ def _server_parser(description: str, port: int | None, positional: bool = False,
     p = argparse.ArgumentParser(description=description)
     _common(p, port, positional, event_loop)
     p.add_argument("--root", default=str(DEFAULT_ROOT), help="document root (default: http_servers/www)")
-    p.add_argument("--name", default="", help="backend name sent in the X-Backend header")
+    p.add_argument("--name", default="", help="backend name sent in the X-Backend header (async_server.py's "
+                                               "default: backend1..backend4 on 9002..9005, as lb.py names "
+                                               "them, else backend-PORT)")
     return p
 
 
@@ -70,7 +72,7 @@ def _run_server(args, program: str, threaded: bool) -> int:
     port = getattr(args, "port_arg", None) or args.port
     if port is None:
         raise cli.Fatal(f"{program}: give the port (e.g. 9002)", cli.EXIT_USAGE)
-    name = args.name or (f"backend-{port}" if program == "http-backend" else "")
+    name = args.name or (backend_name(port) if program == "http-backend" else "")
     try:
         config = HttpServerConfig(program=program, host=args.host, port=port, name=name, root=args.root,
                                   limits=_limits(args), pool=getattr(args, "pool", 0), pin=getattr(args, "pin", False),

@@ -52,12 +52,21 @@ class HttpBackend:
         check_backend_name(self.name)
 
 
+DEFAULT_BACKENDS = tuple(HttpBackend("127.0.0.1", p, f"backend{i}") for i, p in enumerate((9002, 9003, 9004, 9005), 1))
+"""lb.py's backends when none are given: the four async_server.py of the README."""
+
+
+def backend_name(port: int) -> str:
+    """An async_server.py's name when ``--name`` is not given: lb.py's name for a default
+    port (``backend1`` on 9002), so that its X-Backend and lb.py's log agree; else ``backend-PORT``."""
+    return next((b.name for b in DEFAULT_BACKENDS if b.port == port), f"backend-{port}")
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     host: str = "127.0.0.1"
     port: int = 44444
-    backends: tuple[HttpBackend, ...] = tuple(
-        HttpBackend("127.0.0.1", p, f"backend{i}") for i, p in enumerate((9002, 9003, 9004, 9005), 1))
+    backends: tuple[HttpBackend, ...] = DEFAULT_BACKENDS
     limits: Limits = field(default_factory=Limits)
     connect_timeout: float = 1.0
     response_timeout: float = 10.0
