@@ -157,3 +157,25 @@ def test_idle_connections_to_a_killed_backend_cost_no_message(lb):
     assert replies == [b"REPLY server2 after%d\nACK server2 %d\n" % (i, len(b"after%d" % i)) for i in range(10)]
     b = backend_stats(lb, "server1")
     assert b["state"] == "DOWN" and b["idle_connections"] == 0
+
+
+def test_a_stop_closes_the_idle_connections_and_waits_for_none_of_them(lb, log_dir):
+    """SIGTERM: idle backend connections hold no message, so the drain does not wait
+    for them; they are closed (each server sees its close) and the exit is 0."""
+    lb.start(names=("server1",))
+    for i in range(5):
+        assert one_message(lb.port, b"m%d" % i).startswith(b"REPLY server1 ")
+    assert backend_stats(lb, "server1")["idle_connections"] >= 1
+    started = time.monotonic()
+    assert lb.lb.stop() == 0
+    assert time.monotonic() - started < 4  # (the drain's limit is 5 s: it did not run out)
+    log = log_dir / "server_log.log"
+    deadline = time.monotonic() + 10  # (written in batches)
+    while True:
+        lines = log.read_text().splitlines()
+        opened = [ln for ln in lines if " server1 event=open " in ln]
+        closed = [ln for ln in lines if " server1 event=close " in ln]
+        if len(closed) >= len(opened):
+            break
+        assert time.monotonic() < deadline, f"{len(opened) - len(closed)} connections to server1 never closed"
+        time.sleep(0.05)
