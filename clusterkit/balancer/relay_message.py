@@ -13,6 +13,10 @@ the backend is marked DOWN, and every pending message is sent again, in order,
 to another healthy backend. So the client sees each message answered exactly
 once and in order; a backend may see a message twice.
 
+The backend connection outlives its client when it is clean: it waits in the
+balancer's idle pool for the next client sent to that backend (``reuse.py``,
+``--keepalive``), which takes it instead of connecting.
+
 With no healthy backend, each pending and each new message gets
 ``ERR no-backend`` at once; the next message tries again, so service comes
 back by itself when a health check brings a backend UP.
