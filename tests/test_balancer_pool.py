@@ -95,3 +95,27 @@ def test_the_open_files_limit_bounds_clients_and_idle_backend_connections(monkey
     assert client_limit(10_000, 0, 3) == ((120 - 32) // 2, 0)
     monkeypatch.setattr(resource, "getrlimit", lambda what: (1 << 20, 1 << 20))
     assert client_limit(10_000, 32, 3) == (10_000, 32)
+
+
+def test_the_idle_pool_keeps_at_most_its_limit_newest_first_and_forgets_closed_ones():
+    from types import SimpleNamespace
+
+    from clusterkit.balancer.reuse import IdlePool
+
+    backend = object()
+
+    def conn():
+        c = SimpleNamespace(backend=backend, closed=False)
+        c.drop = lambda: setattr(c, "closed", True)
+        return c
+
+    pool = IdlePool(2)
+    a, b, c = conn(), conn(), conn()
+    assert pool.put(a) and pool.put(b) and not pool.put(c)  # full
+    b.drop()  # the server closed it while idle
+    assert pool.count(backend) == 1
+    assert pool.put(c)  # room again: the closed one is forgotten
+    assert pool.take(backend) is c and pool.take(backend) is a and pool.take(backend) is None
+    pool.put(a)
+    pool.close(backend)
+    assert a.closed and pool.take(backend) is None

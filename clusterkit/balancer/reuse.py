@@ -50,7 +50,9 @@ class IdlePool:
         """Keep ``side`` for a later client; False when there is no room (the caller closes it)."""
         conns = self.idle.setdefault(side.backend, [])
         if len(conns) >= self.limit:
-            return False
+            conns[:] = [(since, kept) for since, kept in conns if not kept.closed]  # (the purge's, early)
+            if len(conns) >= self.limit:
+                return False
         conns.append((time.monotonic(), side))
         return True
 
