@@ -115,7 +115,8 @@ class Backend:
             "name": self.name, "address": host_port(self.host, self.port), "weight": self.weight,
             "state": self.state, "reason": self.reason, "active_connections": self.active,
             "connections": self.connections, "reused_connections": self.reused, "messages": self.messages,
-            "failures": self.failures, "failovers_from": self.failovers, "checks_ok": self.checks_ok, "checks_failed": self.checks_failed,
+            "failures": self.failures, "failovers_from": self.failovers, "checks_ok": self.checks_ok,
+            "checks_failed": self.checks_failed,
             "latency_ms": {"count": lat.total, **{f"p{p}": _round(lat.percentile(p)) for p in (50, 90, 99)},
                            "max": _round(lat.max_ms) if lat.total else None},
         }

@@ -395,9 +395,9 @@ class ClientSide(asyncio.Protocol):
         """The client is gone: its backend connection goes to the idle pool when
         clean (every message answered, nothing half read or unsent), else closed."""
         conn = self.backend_conn
+        # (a connection whose EOF was read is closed already: Stream.read, BackendSide.ended)
         if (conn is not None and not self.pending and not self.inbuf and not conn.out and not conn.read_paused
-                and not conn.closed and not conn.eof and not self.app.stopping and self.backend is not None
-                and self.backend.healthy and self.app.idle.put(conn)):
+                and not conn.closed and conn.backend.healthy and not self.app.stopping and self.app.idle.put(conn)):
             conn.client = None
             self.backend_conn = None
         self.drop_backend()
@@ -497,16 +497,14 @@ class ClientSide(asyncio.Protocol):
         if side.reused and side.fresh and reason in ("closed", "reset", "idle-timeout"):
             # Closed by the server as it was taken from the idle pool (reuse.py): stale,
             # not a failure of the backend. Its messages go on a new connection to it.
-            backend = self.backend
+            backend = side.backend
             self.drop_backend()
-            if self.closed:
-                return
-            if self.pending and backend is not None and backend.healthy and self.attach(again=backend):
-                return
-            if self.pending:
-                self.fail_over(reason)
-            else:
+            if not self.pending:
                 self.settle()
+            elif backend.healthy:
+                self.attach(again=backend)
+            else:
+                self.fail_over(reason)  # (down already: it is not blamed twice)
             return
         self.fail_over(reason)
 

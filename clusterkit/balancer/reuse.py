@@ -50,7 +50,7 @@ class IdlePool:
         """Keep ``side`` for a later client; False when there is no room (the caller closes it)."""
         conns = self.idle.setdefault(side.backend, [])
         if len(conns) >= self.limit:
-            conns[:] = [(since, kept) for since, kept in conns if not kept.closed]  # (the purge's, early)
+            _forget_closed(conns)  # (the purge's, early)
             if len(conns) >= self.limit:
                 return False
         conns.append((time.monotonic(), side))
@@ -70,13 +70,12 @@ class IdlePool:
 
     def purge(self, now: float) -> None:
         """Close what has been idle past ``IDLE_SECONDS``, and forget what was closed."""
-        for backend, conns in self.idle.items():
-            if conns:
-                old = now - IDLE_SECONDS
-                for since, side in conns:
-                    if since < old:
-                        side.drop()
-                conns[:] = [(since, side) for since, side in conns if not side.closed]
+        old = now - IDLE_SECONDS
+        for conns in self.idle.values():
+            for since, side in conns:
+                if since < old:
+                    side.drop()
+            _forget_closed(conns)
 
     def close(self, backend: Backend | None = None) -> None:
         """Close the idle connections of ``backend`` (one going DOWN), or all (a stop)."""
@@ -85,3 +84,7 @@ class IdlePool:
                 for _, side in conns:
                     side.drop()
                 conns.clear()
+
+
+def _forget_closed(conns: list[tuple[float, BackendSide]]) -> None:
+    conns[:] = [(since, side) for since, side in conns if not side.closed]
