@@ -274,6 +274,48 @@ def test_get_head_conditional_and_http10_keepalive(server):
             assert b"HTTP/1.0 200 OK" in got and b"Connection: keep-alive" in got
 
 
+def _ranged(port: int, spec: bytes, extra: bytes = b"") -> tuple[int, bytes, bytes]:
+    data = exchange(port, b"GET /page.html HTTP/1.1\r\nHost: t\r\nRange: %s\r\n%sConnection: close\r\n\r\n"
+                    % (spec, extra))
+    head, _, body = data.partition(b"\r\n\r\n")
+    return status_of(data), head, body
+
+
+def test_one_byte_range_is_served_as_206_and_a_range_past_the_end_as_416(server):
+    page = (WWW / "page.html").read_bytes()
+    size = len(page)
+    whole = exchange(server.port, CLOSING_GET)
+    assert b"Accept-Ranges: bytes" in whole
+    etag = re.search(rb"ETag: (\S+)", whole).group(1)
+    for spec, first, last in ((b"bytes=10-19", 10, 19), (b"bytes=-5", size - 5, size - 1),
+                              (b"bytes=1660-", 1660, size - 1), (b"bytes=0-999999", 0, size - 1)):
+        status, head, body = _ranged(server.port, spec)
+        assert status == 206, spec
+        assert body == page[first:last + 1]
+        assert b"Content-Range: bytes %d-%d/%d\r\n" % (first, last, size) in head + b"\r\n"
+        assert b"Content-Length: %d\r\n" % (last - first + 1) in head + b"\r\n"
+    status, head, _ = _ranged(server.port, b"bytes=%d-" % size)
+    assert status == 416 and b"Content-Range: bytes */%d" % size in head
+    # Served whole (200): several ranges, a unit or a syntax not understood, a stale If-Range.
+    for spec, extra in ((b"bytes=0-1,5-6", b""), (b"items=0-1", b""), (b"bytes=9-2", b""),
+                        (b"bytes=0-1", b'If-Range: "not-the-etag"\r\n')):
+        status, _, body = _ranged(server.port, spec, extra)
+        assert (status, body) == (200, page), spec
+    status, _, body = _ranged(server.port, b"bytes=0-1", b"If-Range: %s\r\n" % etag)
+    assert (status, body) == (206, page[:2])
+
+
+@pytest.mark.parametrize("header, size, span", [
+    (b"bytes=0-0", 100, (0, 0)), (b"bytes=99-", 100, (99, 99)), (b"bytes= 3 - 4 ", 100, (3, 4)),
+    (b"BYTES=1-2", 100, (1, 2)), (b"bytes=-99999", 100, (0, 99)), (b"bytes=100-", 100, (-1, -1)),
+    (b"bytes=-0", 100, (-1, -1)), (b"bytes=-1", 0, (-1, -1)), (b"bytes=-", 100, None),
+    (b"bytes=a-b", 100, None), (b"bytes=1-2,3-4", 100, None), (b"bytes=10-5", 100, None), (None, 100, None),
+    (b"bytes=1" + b"0" * 30 + b"-", 100, None)])
+def test_range_header_parsing(header, size, span):
+    from clusterkit.http.ranges import wanted
+    assert wanted(header, size) == span
+
+
 def test_pipelined_requests_are_answered_in_order(server):
     raw = (b"GET /style.css HTTP/1.1\r\nHost: t\r\n\r\n" + b"GET /cluster.svg HTTP/1.1\r\nHost: t\r\n\r\n"
            + b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")

@@ -7,7 +7,8 @@ normalised and resolved (symlinks included) and must stay inside the root:
 a byte from outside ``www/``.
 
 What it is not: a general file server. Files over ``max_cached`` bytes are
-refused (404); directories are not listed; ``/`` serves ``page.html``.
+refused (404); directories are not listed; ``/`` serves ``page.html``. A
+``Range`` asking for one span gets it (206, ``ranges.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from urllib.parse import unquote_to_bytes
 
 from .. import logs
 from .core import SERVER, HttpError, Request, build_response, error_response, http_date
+from .ranges import UNSATISFIABLE, still_matches, wanted
 
 INDEX = "page.html"
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "http_servers" / "www"
@@ -91,8 +93,9 @@ class StaticFiles:
             ctype += "; charset=utf-8"
         etag = b'"%s"' % hashlib.blake2b(body, digest_size=8).hexdigest().encode()
         last_modified = formatdate(st.st_mtime, usegmt=True).encode()
-        fixed = (b"Server: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nLast-Modified: %s\r\nETag: %s\r\n%s"
-                 % (SERVER, ctype.encode(), len(body), last_modified, etag, self.backend_header))
+        fixed = (b"Server: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nLast-Modified: %s\r\nETag: %s\r\n"
+                 b"Accept-Ranges: bytes\r\n%s" % (SERVER, ctype.encode(), len(body), last_modified, etag,
+                                                   self.backend_header))
         return CachedFile(path, body, st.st_mtime, st.st_size, now, etag, last_modified, ctype.encode(), fixed)
 
     def lookup(self, raw_path: bytes) -> CachedFile | None:
@@ -157,9 +160,29 @@ class StaticFiles:
                          b"Last-Modified: %s\r\n%sConnection: %s\r\n\r\n"
                          % (version, SERVER, http_date(), entry.etag, entry.last_modified,
                             self.backend_header, conn))
+        if req.method == b"GET" and req.header(b"range") is not None:
+            span = wanted(req.header(b"range"), len(entry.body))
+            if span is not None and still_matches(req.header(b"if-range"), entry.etag, entry.last_modified):
+                return self._part(req, entry, span)
         head = b"HTTP/%s 200 OK\r\n%sDate: %s\r\nConnection: %s\r\n\r\n" % (
             version, entry.fixed_headers, http_date(), conn)
         return 200, head if req.method == b"HEAD" else head + entry.body
+
+    def _part(self, req: Request, entry: CachedFile, span: tuple[int, int]) -> tuple[int, bytes]:
+        """206 with the bytes ``span`` names, or 416 for a range past the end."""
+        size = len(entry.body)
+        if span == UNSATISFIABLE:
+            return 416, build_response(416, b"416 Range Not Satisfiable\n", keep_alive=req.keep_alive,
+                                       version=req.version,
+                                       headers=b"Content-Range: bytes */%d\r\n%s" % (size, self.backend_header))
+        first, last = span
+        head = (b"HTTP/%s 206 Partial Content\r\nServer: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                b"Content-Range: bytes %d-%d/%d\r\nLast-Modified: %s\r\nETag: %s\r\n%sDate: %s\r\n"
+                b"Connection: %s\r\n\r\n"
+                % (req.version.encode(), SERVER, entry.content_type, last - first + 1, first, last, size,
+                   entry.last_modified, entry.etag, self.backend_header, http_date(),
+                   b"keep-alive" if req.keep_alive else b"close"))
+        return 206, head + entry.body[first:last + 1]
 
 
 def _not_modified(req: Request, entry: CachedFile) -> bool:
