@@ -158,6 +158,7 @@ class FakeServer:
         self.sent = 0  # answer bytes sent
         self.lock = threading.Lock()
         self.closing = False
+        self.heads: list[bytes] = []  # http-unframed: what each request's first read brought
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self) -> None:
@@ -179,6 +180,7 @@ class FakeServer:
                 if not data:
                     return
                 if self.behaviour == "http-unframed":  # an HTTP/1.0 answer that the close ends
+                    self.heads.append(data)
                     conn.sendall(UNFRAMED)
                     return
                 buf += data
@@ -629,6 +631,11 @@ def test_a_load_process_that_dies_leaves_the_others_report_and_a_failure(procs, 
     (["--spawn", "--kill-backend", "server2@150%"], "more than 0% and less than 100%"),
     (["--spawn", "--duration", "2", "--kill-backend", "server2@3"], "the run lasts 2 s"),
     (["--spawn", "--host", "::1"], "leave out --host, --port and --http"),
+    (["-H", "X-A: 1"], "-H is for --http"),
+    (["--http", "http://127.0.0.1:1/", "-H", "no colon"], "use 'Name: value'"),
+    (["--http", "http://127.0.0.1:1/", "-H", "Bad Name: 1"], "use 'Name: value'"),
+    (["--http", "http://127.0.0.1:1/", "-H", "X-A: 1\r\nX-B: 2"], "no line breaks"),
+    (["--http", "http://127.0.0.1:1/", "-H", "Content-Length: 5"], "without a body"),
 ])
 def test_bad_options_are_one_clear_line_and_exit_2(args, message, log_dir):
     proc = stress(*args, log_dir=log_dir, timeout=30)
@@ -767,3 +774,20 @@ def test_http_answers_without_length_count_as_complete(log_dir, tmp_path, engine
     assert proc.returncode == 0, proc.stderr
     assert (row["complete"], row["failed"]) == (60, 0), row["errors"]
     assert row["total_transferred_bytes"] == 60 * len(UNFRAMED)
+
+
+@pytest.mark.parametrize("engine", ["thread", "epoll"])
+def test_http_headers_given_with_H_go_with_every_request_and_replace_the_tools_own(log_dir, tmp_path, engine):
+    server = FakeServer("http-unframed")
+    try:
+        row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/x", "-n", "6", "-c", "2", "--engine", engine,
+                             "-H", "X-Test:  one two ", "-H", "host: example.test", log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert (row["complete"], row["failed"]) == (6, 0), row["errors"]
+    assert len(server.heads) == 6
+    for head in server.heads:
+        assert head.startswith(b"GET /x HTTP/1.0\r\n") and head.endswith(b"\r\n\r\n")
+        assert b"\r\nX-Test: one two\r\n" in head and b"\r\nhost: example.test\r\n" in head
+        assert b"Host: 127.0.0.1" not in head and b"User-Agent: clusterkit-stress\r\n" in head

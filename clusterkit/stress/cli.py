@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--port", type=cli.port_number, help=f"its port (default: {DEFAULT_PORT})")
     t.add_argument("--http", metavar="URL", help="stress an HTTP server with GET requests (HTTP/1.0, as "
                                                   "ApacheBench), e.g. http://127.0.0.1:45000/page.html")
+    t.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="with --http: add this header to every request (repeatable); one named Host, "
+                        "User-Agent, Accept or Connection replaces the tool's own, as in ab")
     t.add_argument("--spawn", action="store_true",
                    help="start three echo servers and the balancer on free ports for this run, stop them after")
     t.add_argument("--kill-backend", metavar="NAME@T",
@@ -106,6 +109,7 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
         procs = engines.default_processes(c) if args.processes == "auto" else int(args.processes)
         configs.append(StressConfig(
             host=args.host or DEFAULT_HOST, port=args.port or DEFAULT_PORT, http_url=args.http,
+            headers=tuple(h.encode("latin-1", "replace") for h in args.header),
             requests=args.requests or 1000, concurrency=c,
             duration=args.duration, message=(args.message or "").encode(), size=args.size,
             connection="keepalive" if args.keepalive else args.connection, pipeline=args.pipeline,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import select
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +23,8 @@ class StressConfig:
     port: int = 7000
     http_url: str | None = None
     """Stress an HTTP server with GET requests instead of the line protocol."""
+    headers: tuple[bytes, ...] = ()
+    """--http: extra request header lines (``-H``, as ab and wrk), without CRLF."""
     requests: int = 1000
     concurrency: int = 10
     duration: float | None = None
@@ -72,6 +75,9 @@ class StressConfig:
         check(self.duration is not None or self.requests >= self.concurrency,
               f"-c {self.concurrency} is more than -n {self.requests}: each client sends at least one request")
         check(b"\n" not in self.message, "--message may not contain a newline")
+        check(not self.headers or self.http_url is not None, "-H is for --http")
+        for line in self.headers:
+            check_header(line)
 
     @property
     def destination(self) -> tuple[str, int]:
@@ -84,3 +90,18 @@ class StressConfig:
     @cached_property  # asked once per request
     def keepalive(self) -> bool:
         return self.connection == "keepalive"
+
+
+TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+NO_BODY = (b"content-length", b"transfer-encoding")
+
+
+def check_header(line: bytes) -> None:
+    """One -H line: ``Name: value``, a name HTTP allows, no line break, and no
+    header that announces a body (the tool sends GETs without one)."""
+    text = line.decode("latin-1")
+    name, colon, value = line.partition(b":")
+    check(bool(colon) and TOKEN.fullmatch(name) is not None,
+          f"-H {text!r}: use 'Name: value', e.g. -H 'Accept-Encoding: gzip'")
+    check(not any(c in value for c in (b"\r", b"\n", b"\0")), f"-H {text!r}: no line breaks in a header")
+    check(name.lower() not in NO_BODY, f"-H {text!r}: the tool sends GET requests without a body")

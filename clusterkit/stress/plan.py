@@ -31,11 +31,7 @@ class Target:
         if cfg.http_url:
             url = urlsplit(cfg.http_url)
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            ka = b"Connection: Keep-Alive\r\n" if cfg.keepalive else b""
-            host_header = url.netloc.encode()
-            # What ApacheBench sends, so both tools cost the server the same.
-            self.http_request = (b"GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: clusterkit-stress\r\n"
-                                 b"Accept: */*\r\n%s\r\n" % (path.encode(), host_header, ka))
+            self.http_request = http_request(path.encode(), url.netloc.encode(), cfg.keepalive, cfg.headers)
             self.known: KnownAnswer | None = None  # the last right answer (see HttpReader)
         else:
             self.http_request = b""
@@ -81,6 +77,18 @@ class Target:
             return msg + self.eol, LineReader([msg]), 1
         msgs = [self.message(k + j) for j in range(batch)]
         return message_lines(msgs), LineReader(msgs), batch
+
+
+def http_request(path: bytes, host: bytes, keepalive: bool, extra: tuple[bytes, ...]) -> bytes:
+    """What ApacheBench sends, so both tools cost the server the same; a -H
+    header named as one of these takes its place, as ab's does."""
+    ours = [(b"Host", host), (b"User-Agent", b"clusterkit-stress"), (b"Accept", b"*/*")]
+    if keepalive:
+        ours.append((b"Connection", b"Keep-Alive"))
+    given = {line.partition(b":")[0].strip().lower() for line in extra}
+    lines = [b"%s: %s\r\n" % (k, v) for k, v in ours if k.lower() not in given]
+    lines += [b"%s: %s\r\n" % (name.strip(), value.strip()) for name, _, value in (h.partition(b":") for h in extra)]
+    return b"GET %s HTTP/1.0\r\n%s\r\n" % (path, b"".join(lines))
 
 
 def address(cfg: StressConfig, target: Target) -> tuple[int, tuple]:
