@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import os
 import queue
 import re
@@ -667,6 +668,44 @@ def test_lb_relays_close_delimited_interim_and_unlisted_status_answers(setup):
         data = exchange(lb.port, b"GET /moved HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert data.startswith(b"HTTP/1.1 302 Found Elsewhere\r\n") and b"Location: /page.html" in data
         assert "backend-down" not in setup.log()
+
+
+def _answers_in_turn(answers: list[bytes]):
+    """A backend whose answers to the requests (but /healthz) are ``answers``, in turn."""
+    turn = itertools.count()
+
+    def answer(conn: socket.socket) -> None:
+        for head in _read_requests(conn):
+            conn.sendall(_ok(b"ok\n") if b" /healthz " in head else answers[next(turn) % len(answers)])
+    return answer
+
+
+def test_lb_relays_each_answer_as_sent_even_when_it_looks_like_the_last(setup):
+    """lb.py takes an answer that is its backend's last one again, but for the Date,
+    without parsing it (proxy.KnownAnswer). Answers of the same length that differ
+    anywhere else (the body, a header folded into the Date's place) are parsed and
+    relayed as sent; a HEAD between them too."""
+    def ok(date: bytes, body: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nDate: %s\r\nContent-Length: %d\r\n\r\n%s" % (date, len(body), body)
+
+    date = b"Mon, 02 Nov 2026 10:00:00 GMT"
+    answers = [ok(date, b"aaaa"), ok(date, b"aaaa"), ok(b"Tue, 03 Nov 2026 11:11:11 GMT", b"aaaa"),
+               ok(date, b"bbbb"), ok(b"x\r\nX-Folded: 1234567890123456", b"bbbb")]
+    assert len({len(a) for a in answers}) == 1
+    with fake_backend(_answers_in_turn(answers)) as port:
+        lb = setup.server("lb.py", "--backend", f"fake=127.0.0.1:{port}", "--check-interval", "30")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            got = []
+            for _ in range(2 * len(answers)):
+                s.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+                data = b""
+                while not (data.endswith(b"aaaa") or data.endswith(b"bbbb")):
+                    chunk = s.recv(65536)
+                    assert chunk, data
+                    data += chunk
+                got.append((data[-4:], b"X-Folded: 1234567890123456\r\n" in data))
+    expected = [(b"aaaa", False)] * 3 + [(b"bbbb", False), (b"bbbb", True)]
+    assert got == expected * 2
 
 
 def _answer_once_per_connection(conn: socket.socket) -> None:

@@ -23,6 +23,12 @@ Active checks (``GET /healthz``, or ``--check-path``, every ``check_interval``;
 any answer below 500 passes) take a backend out after ``fall`` failed ones and
 bring it back after ``rise`` good ones.
 
+The steady state under load costs little: an answer that is its backend's
+last one again, but for the ``Date`` value, whole in one read, is taken as
+that answer without the parser (``KnownAnswer``; anything else is parsed),
+and a client's repeated request likewise (``core.RequestParser``). Under
+``ab -k`` that took the balancer from 45-57 to 30-34 us of CPU per request.
+
 HEAD is forwarded as GET and the body counted, not kept: httptools' response
 parser cannot be told that an answer has no body, and this keeps framing
 exact.
@@ -83,6 +89,34 @@ class BackendAnswer(NamedTuple):
     length: int  # of the whole body
 
 
+KNOWN_MAX = 64 * 1024
+"""The longest answer a backend's ``KnownAnswer`` keeps."""
+
+
+class KnownAnswer(NamedTuple):
+    """A backend's last answer that came alone in one read, as bytes around its
+    ``Date`` value and as parsed: the same bytes again (with any date) are the
+    same answer, taken without the parser (``BackendConn.data_received``)."""
+    prefix: bytes  # up to the Date header's value
+    suffix: bytes  # after it
+    size: int
+    answer: BackendAnswer
+
+    @classmethod
+    def of(cls, data: bytes, answer: BackendAnswer) -> KnownAnswer:
+        head_end = data.find(b"\r\n\r\n")
+        i = data.find(b"\r\nDate: ", 0, head_end)
+        if i < 0:
+            return cls(data, b"", len(data), answer)  # no Date: the same bytes exactly
+        start = i + len(b"\r\nDate: ")
+        return cls(data[:start], data[data.find(b"\r\n", start):], len(data), answer)
+
+    def matches(self, data: bytes) -> bool:
+        """``data`` is this answer, its Date value (one line, of the same length) aside."""
+        return (len(data) == self.size and data.startswith(self.prefix) and data.endswith(self.suffix)
+                and data.find(b"\n", len(self.prefix), self.size - len(self.suffix)) < 0)
+
+
 class BackendConn(asyncio.Protocol):
     """One keep-alive connection to a backend; one request at a time, whose
     answer or failure goes to the ``Exchange`` that sent it."""
@@ -102,6 +136,8 @@ class BackendConn(asyncio.Protocol):
         self.count_only = False  # a HEAD's answer: its body is counted, not kept
         self.paused = False  # reading stopped: a streamed answer's client reads slower than it comes
         self.waiting_since = 0.0  # the send, then the last bytes of the answer: the sweep's timeout counts from it
+        self.between = True  # the parser is between answers
+        self.completed = 0  # answers the parser has finished
         self._reset()
 
     def _reset(self) -> None:
@@ -126,6 +162,7 @@ class BackendConn(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
 
     def on_message_begin(self) -> None:
+        self.between = False
         if self.owner is None or self.answer is not None:
             self.unasked = True
 
@@ -147,6 +184,8 @@ class BackendConn(asyncio.Protocol):
             self.held += len(body)
 
     def on_message_complete(self) -> None:
+        self.between = True
+        self.completed += 1
         if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): the final one follows
             self._reset()
             return
@@ -167,6 +206,15 @@ class BackendConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.waiting_since = time.monotonic()  # a slow answer still coming is no timeout (nginx's read timeout)
+        # The steady state under load: the answer the backend gave last, whole in one
+        # read, for a GET. A third of the balancer's time per request went to parsing it.
+        alone = self.between and self.owner is not None and self.answer is None and not self.count_only
+        known = self.backend.known
+        if alone and known is not None and known.matches(data):
+            self.answer = known.answer
+            self._deliver()
+            return
+        completed = self.completed
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -180,6 +228,8 @@ class BackendConn(asyncio.Protocol):
             self._drop(ConnectionResetError("the backend sent an answer nobody asked for"))
             return
         if self.answer is not None:  # handed over here, not inside the parser's callback
+            if alone and self.between and self.completed == completed + 1 and len(data) <= KNOWN_MAX:
+                self.backend.known = KnownAnswer.of(data, self.answer)
             self._deliver()
         elif self.held and self.owner is not None and (self.owner.streaming or self.held > STREAM_AFTER):
             self.owner.stream(self)
@@ -253,6 +303,7 @@ class BackendState:
         self.failures = 0
         self.last_headers: list[tuple[bytes, bytes]] | None = None  # of its last answer,
         self.last_kept = b""  # and the header lines the client got for them
+        self.known: KnownAnswer | None = None  # its last answer that came alone in one read
 
 
 class Proxy:

@@ -1,0 +1,69 @@
+"""The HTTP request parser without sockets: a request repeated byte for byte
+is taken without the parser, and gives what the parser gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from clusterkit.http.core import HttpError, Limits, RequestParser
+
+pytestmark = pytest.mark.timeout(30)
+
+R = (b"GET /page.html HTTP/1.0\r\nHost: t\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n"
+     b"Connection: Keep-Alive\r\n\r\n")
+R11 = b"GET /style.css HTTP/1.1\r\nHost: t\r\n\r\n"
+CLOSE = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+UPGRADE = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+BAD = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+
+
+class ParserOnly(RequestParser):
+    """The parser with its repeat shortcut off: every byte goes through httptools."""
+
+    @property
+    def _known(self):
+        return None
+
+    @_known.setter
+    def _known(self, value):
+        pass
+
+
+def outcome(parser: RequestParser, chunks: list[bytes]) -> list:
+    out = []
+    for chunk in chunks:
+        for r in parser.feed(chunk):
+            out.append((r.method, r.target, r.version, r.headers, r.keep_alive))
+        out.append(("error", parser.error.status if isinstance(parser.error, HttpError) else None, parser.last))
+    return out
+
+
+@pytest.mark.parametrize("chunks", [
+    [R, R, R],
+    [R11, R11, R, R11],
+    [R, R[:10], R],  # a request begun: the same bytes again are its continuation, not the known request
+    [R, R[:10], R[10:], R],
+    [R, R + R, R],  # two at once: parsed; the known one is still the single R
+    [R, R + R[:5], R[5:], R],
+    [R + R[:5], R[5:], R + R[:5], R[5:]],  # one request and the start of the next: not a known request
+    [R, CLOSE, R],
+    [CLOSE, CLOSE],
+    [R11, UPGRADE, UPGRADE],
+    [R, BAD, R],
+    [R11, R11 + b"\r\n", R11],
+])
+def test_a_repeated_request_gives_what_the_parser_gives(chunks):
+    assert outcome(RequestParser(Limits()), chunks) == outcome(ParserOnly(Limits()), chunks)
+
+
+def test_a_repeated_request_is_not_parsed_again_and_is_a_request_of_its_own():
+    parser = RequestParser(Limits())
+    first = parser.feed(R)[0]
+    again = parser.feed(R)[0]
+    assert again is not first and again.headers is first.headers  # taken from the known request
+    assert (again.method, again.target, again.version, again.keep_alive) == (b"GET", b"/page.html", "1.0", True)
+    assert again.started >= first.started
+    closing = RequestParser(Limits())
+    closing.feed(R11)
+    closing.feed(R11)
+    assert closing.feed(CLOSE)[0].keep_alive is False and closing.last and closing.feed(R11) == []
