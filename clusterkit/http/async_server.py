@@ -90,6 +90,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.parser.close()
 
     def sweep(self, now: float) -> None:
         limits = self.server.config.limits

@@ -263,6 +263,7 @@ class BackendConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = None  # (it holds this object: let both go without the garbage collector)
         if exc is None and self.owner is not None and self.head_done and self._ends_at_close():
             # A body without Content-Length or chunked framing ends where the connection
             # does (RFC 9112 6.3): the close completes it, as HTTP/1.0 servers and CGI answer.
@@ -846,6 +847,7 @@ class ProxyClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.proxy.connections.discard(self)
+        self.parser.close()
         if self.exchange is not None:
             self.exchange.abandon()
 

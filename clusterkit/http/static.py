@@ -155,12 +155,12 @@ class StaticFiles:
         if entry is None:
             return 404, build_response(404, b"404 Not Found\n", headers=self.backend_header, keep_alive=keep,
                                        head_only=req.method == b"HEAD", version=req.version)
-        if _not_modified(req, entry):
+        if req.conditional and _not_modified(req, entry):
             return 304, (b"HTTP/%s 304 Not Modified\r\nServer: %s\r\nDate: %s\r\nETag: %s\r\n"
                          b"Last-Modified: %s\r\n%sConnection: %s\r\n\r\n"
                          % (version, SERVER, http_date(), entry.etag, entry.last_modified,
                             self.backend_header, conn))
-        if req.method == b"GET" and req.header(b"range") is not None:
+        if req.conditional and req.method == b"GET" and req.header(b"range") is not None:
             span = wanted(req.header(b"range"), len(entry.body))
             if span is not None and still_matches(req.header(b"if-range"), entry.etag, entry.last_modified):
                 return self._part(req, entry, span)

@@ -180,6 +180,7 @@ class ThreadedHttpServer:
         except OSError:
             pass
         finally:
+            parser.close()
             with self.lock:
                 self.active.discard(conn)
             conn.close()
