@@ -147,6 +147,7 @@ class AdminProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
         self.open.discard(self)
+        self.parser = None  # (it holds this object: let both go without the garbage collector)
 
 
 async def start_admin(app: Balancer, host: str, port: int) -> asyncio.base_events.Server:
