@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import itertools
+import json
 import os
 import queue
 import re
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -206,6 +208,39 @@ def test_kill_9_backend_under_load_no_failed_get_then_back_up(setup):
     while "event=backend-up backend=backend2" not in setup.log():
         assert time.monotonic() < deadline, "backend2 never came back"
         time.sleep(0.1)
+
+
+def _admin(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.read()
+
+
+def test_lb_admin_port_shows_each_backend_and_a_dead_one_as_down(setup):
+    admin_port = cluster.free_port()
+    lb = setup.lb(4, "--admin-port", str(admin_port))
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+        for _ in range(40):
+            s.sendall(b"GET /style.css HTTP/1.1\r\nHost: t\r\n\r\n")
+            data = b""
+            while not (b"\r\n\r\n" in data and data.endswith(b"}\n")):
+                chunk = s.recv(65536)
+                assert chunk, data
+                data += chunk
+    stats = json.loads(_admin(admin_port, "/stats"))
+    assert stats["requests"] == 40
+    by_name = {b["name"]: b for b in stats["backends"]}
+    assert [by_name[f"backend{i}"]["requests"] for i in range(1, 5)] == [10, 10, 10, 10]
+    assert all(b["state"] == "UP" and b["failures"] == 0 and b["latency_ms"]["count"] == 10 for b in by_name.values())
+    assert all(b["latency_ms"]["p50"] > 0 and b["idle_connections"] >= 1 for b in by_name.values())
+    metrics = _admin(admin_port, "/metrics").decode()
+    assert 'clusterkit_http_backend_requests_total{backend="backend3"} 10.0' in metrics
+    setup.backends["backend2"].kill()
+    deadline = time.monotonic() + 20
+    while json.loads(_admin(admin_port, "/stats"))["backends"][1]["state"] != "DOWN":
+        assert time.monotonic() < deadline, "backend2 never shown down"
+        time.sleep(0.1)
+    assert json.loads(_admin(admin_port, "/stats"))["backends"][1]["reason"].startswith("check")
+    assert 'clusterkit_http_backend_up{backend="backend2"} 0.0' in _admin(admin_port, "/metrics").decode()
 
 
 @pytest.mark.parametrize("raw, status", [
@@ -545,6 +580,7 @@ def test_lb_in_front_of_a_server_without_healthz_keeps_it_up(setup):
     ('[[backends]]\nport = 9002\nname = "a"\n[[backends]]\nport = 9003\nname = "a"\n', "names must be unique"),
     ("[[backends]]\nport = 9002\nweight = 2\n", "unknown setting 'weight'"),
     ("backends = []\n", "[[backends]] must list at least one backend"),
+    ("[lb]\nadmin-port = 70000\n", "not a port number: 70000"),
 ])
 def test_a_bad_lb_config_file_is_one_clear_line(tmp_path, log_dir, text, message):
     """Each was a traceback, or accepted (an empty list meant the default backends)."""
@@ -557,6 +593,7 @@ def test_a_bad_lb_config_file_is_one_clear_line(tmp_path, log_dir, text, message
     ("Server_async_http.py", ["--header-timeout", "-1"], "--header-timeout must be positive"),
     ("Server_thread_http.py", ["--keepalive-timeout", "0"], "--keepalive-timeout must be positive"),
     ("async_server.py", ["9999", "--keepalive-timeout", "nan"], "--keepalive-timeout must be positive"),
+    ("lb.py", ["--port", "44470", "--admin-port", "44470"], "--admin-port 44470 is lb.py's own --port"),
 ])
 def test_bad_timeouts_are_one_clear_line_and_exit_2(script, args, message, log_dir):
     """A negative header timeout made every request in pieces a dropped connection."""

@@ -147,7 +147,7 @@ def proxy_config(args) -> ProxyConfig:
                 host = host[1:-1]
             backends.append(HttpBackend(host, int(port), name or f"backend-{port}"))
         kwargs["backends"] = tuple(backends)
-    for key in ("check_interval", "check_path", "rise", "fall", "response_timeout"):
+    for key in ("check_interval", "check_path", "rise", "fall", "response_timeout", "admin_port"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     return ProxyConfig(host=args.host, port=args.port, limits=_limits(args), log_level=args.log_level,
@@ -161,8 +161,14 @@ async def _serve_proxy(config: ProxyConfig, elog: logs.EventLog) -> None:
         await proxy.start()
     except OSError as exc:
         raise cli.listen_error("lb", config.host, config.port, exc) from None
+    if config.admin_port:
+        try:
+            await proxy.start_admin()
+        except OSError as exc:
+            raise cli.listen_error("lb admin", config.host, config.admin_port, exc) from None
+    admin = f", admin http://{host_port(config.host, config.admin_port)}/stats" if config.admin_port else ""
     _announce("lb", config.host, proxy.port,
-              " -> " + ", ".join(f"{b.name}@{host_port(b.host, b.port)}" for b in config.backends))
+              " -> " + ", ".join(f"{b.name}@{host_port(b.host, b.port)}" for b in config.backends) + admin)
     await proxy.serve_until_stopped()
 
 
@@ -182,6 +188,8 @@ def main_lb(argv: list[str] | None = None) -> int:
     p.add_argument("--fall", type=cli.positive_int, help="failed checks that take a backend down (default: 2)")
     p.add_argument("--response-timeout", type=float,
                    help="seconds a backend may leave its answer without a byte (default: 10)")
+    p.add_argument("--admin-port", type=cli.port_number,
+                   help="port of GET /stats (JSON) and /metrics (Prometheus) per backend (default: none)")
     args = p.parse_args(argv)
     try:
         config = proxy_config(args)

@@ -77,6 +77,8 @@ class ProxyConfig:
     fall: int = 2
     pool_size: int = 64
     """Idle keep-alive connections kept per backend."""
+    admin_port: int = 0
+    """GET /stats and /metrics here (http/stats.py); 0: none."""
     drain_timeout: float = 5.0
     log_level: str = "info"
     log_dir: str = "logs"
@@ -90,5 +92,8 @@ class ProxyConfig:
         check_positive(self, "connect_timeout", "response_timeout", "check_interval", "check_timeout")
         check(self.pool_size >= 0 and self.drain_timeout >= 0, "pool_size and drain_timeout must not be negative")
         check_limits(self.limits)
+        check(0 <= self.admin_port <= 65535, f"--admin-port: not a port number: {self.admin_port}")
+        check(not self.admin_port or self.admin_port != self.port,
+              f"--admin-port {self.admin_port} is lb.py's own --port: give it another")
         check(self.check_path.startswith("/") and not any(c in self.check_path for c in " \r\n"),
               f"--check-path {self.check_path!r}: use a path like /healthz")

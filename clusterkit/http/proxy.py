@@ -54,11 +54,13 @@ from typing import NamedTuple
 
 import httptools
 
-from .. import logs, loops
+from .. import admin, logs, loops
+from ..balancer.pool import LatencyHistogram
 from ..sockets import local_shortage
 from .config import HttpBackend, ProxyConfig
 from .core import HttpError, Request, RequestParser, error_response, http_date, reason_phrase
 from ..linger import Linger
+from .stats import ProxyCollector, proxy_stats
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"content-length"}
@@ -136,6 +138,7 @@ class BackendConn(asyncio.Protocol):
         self.count_only = False  # a HEAD's answer: its body is counted, not kept
         self.paused = False  # reading stopped: a streamed answer's client reads slower than it comes
         self.waiting_since = 0.0  # the send, then the last bytes of the answer: the sweep's timeout counts from it
+        self.sent_at = 0.0  # the request's send, for the backend's latency
         self.between = True  # the parser is between answers
         self.completed = 0  # answers the parser has finished
         self._reset()
@@ -156,7 +159,7 @@ class BackendConn(asyncio.Protocol):
         self._reset()
         self.uses += 1
         self.count_only = owner.req.method == b"HEAD"
-        self.waiting_since = time.monotonic()  # the proxy's sweep enforces the response timeout
+        self.sent_at = self.waiting_since = time.monotonic()  # the proxy's sweep enforces the response timeout
         self.owner = owner
         self.backend.busy.add(self)
         self.transport.write(data)  # type: ignore[union-attr]
@@ -200,7 +203,9 @@ class BackendConn(asyncio.Protocol):
     def _deliver(self) -> None:
         answer, self.answer = self.answer, None
         owner, self.owner = self.owner, None
-        self.backend.busy.discard(self)
+        backend = self.backend
+        backend.busy.discard(self)
+        backend.latency.record((time.monotonic() - self.sent_at) * 1000)
         if owner is not None:
             owner.answered(self, answer)  # type: ignore[arg-type]
 
@@ -302,6 +307,8 @@ class BackendState:
         self.busy: set[BackendConn] = set()  # waiting for an answer
         self.requests = 0
         self.failures = 0
+        self.reason = "start"  # of the last change between up and down
+        self.latency = LatencyHistogram()  # the request's send to its answer, ms
         self.last_headers: list[tuple[bytes, bytes]] | None = None  # of its last answer,
         self.last_kept = b""  # and the header lines the client got for them
         self.known: KnownAnswer | None = None  # its last answer that came alone in one read
@@ -316,8 +323,10 @@ class Proxy:
         self.connections: set[ProxyClient] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
+        self._admin: asyncio.base_events.Server | None = None
         self.stop_signal = loops.StopSignal(on_force=self._abort_all)
         self.conn_ids = itertools.count(1)
+        self.started = time.time()
 
     # -- choosing and state ----------------------------------------------------
 
@@ -334,6 +343,7 @@ class Proxy:
         if b.up != up:
             b.up = up
             b.streak = 0
+            b.reason = reason
             if not up:
                 while b.idle:
                     b.idle.popleft().close()
@@ -474,6 +484,12 @@ class Proxy:
             self.loop.create_task(self._check_forever(b))
         self.loop.create_task(self._sweep())
 
+    async def start_admin(self) -> None:
+        """/stats and /metrics on ``admin_port`` (``stats.py``)."""
+        cfg = self.config
+        self._admin = await admin.start_admin(self.loop, cfg.host, cfg.admin_port, lambda: proxy_stats(self),
+                                              ProxyCollector(self))
+
     async def _sweep(self) -> None:
         """Deadlines, checked four times a second rather than with a timer per request."""
         limits = self.config.limits
@@ -497,6 +513,8 @@ class Proxy:
     async def serve_until_stopped(self) -> None:
         await self.stop_signal.wait()
         self._server.close()  # type: ignore[union-attr]
+        if self._admin is not None:
+            self._admin.close()
         deadline = self.loop.time() + self.config.drain_timeout
         while (self.loop.time() < deadline and not self.stop_signal.forced
                and any(not c.idle() for c in self.connections)):

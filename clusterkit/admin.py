@@ -1,0 +1,113 @@
+"""An admin endpoint: ``GET /stats`` (JSON) and ``GET /metrics`` (Prometheus
+text format) on a port of its own, for the TCP balancer (``--admin-port``,
+default 7100) and the HTTP one (``lb.py --admin-port``).
+
+Requests are parsed with httptools (the C parser behind uvicorn); the metrics
+come from prometheus_client through a collector that reads the counters when
+scraped, so nothing is counted twice and the hot path pays nothing. One
+request per connection; the admin port is for humans and scrapers, not load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import httptools
+from prometheus_client import CollectorRegistry, generate_latest
+
+MAX_REQUEST = 8192
+"""Bytes of a request head; more is refused (431), as nginx's and HAProxy's buffers do.
+Unbounded, a never-ending request line stalled the loop the traffic shares."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds an admin connection has for its request: then 408 for one begun, a close for none."""
+MAX_ADMIN_CONNECTIONS = 32
+"""Admin connections open at once; more are closed at once, so that scrapers (or
+anyone) can never take the descriptors the clients and health checks need."""
+
+
+class AdminProtocol(asyncio.Protocol):
+    def __init__(self, stats: Callable[[], dict], registry: CollectorRegistry, open_: set) -> None:
+        self.stats = stats
+        self.registry = registry
+        self.open = open_  # every admin connection open now
+        self.url = b""
+        self.method = b""
+        self.received = 0
+        self.answered = False
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self.timed_out)
+        if len(self.open) >= MAX_ADMIN_CONNECTIONS:
+            self.answered = True
+            transport.abort()
+            return
+        self.open.add(self)
+
+    def timed_out(self) -> None:
+        """No whole request in time: a 408 for one begun (as the HTTP servers answer a
+        slow request head), else the close."""
+        if self.received and not self.answered:
+            self.send(408, b"text/plain", b"request timeout\n")
+        else:
+            self.transport.abort()  # type: ignore[union-attr]
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_message_complete(self) -> None:
+        self.method = self.parser.get_method()
+        self.respond()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return  # one request per connection: the rest is not read
+        self.received += len(data)
+        if self.received > MAX_REQUEST:
+            self.send(431, b"text/plain", b"request too large\n")
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self.answered:
+                self.send(400, b"text/plain", b"bad request\n")
+
+    def respond(self) -> None:
+        path = httptools.parse_url(self.url).path.decode("latin-1") if self.url else "/"
+        if self.method not in (b"GET", b"HEAD"):
+            self.send(405, b"text/plain", b"method not allowed\n", extra=b"Allow: GET, HEAD\r\n")
+        elif path == "/stats":
+            self.send(200, b"application/json", json.dumps(self.stats(), indent=2).encode() + b"\n")
+        elif path == "/metrics":
+            self.send(200, b"text/plain; version=0.0.4; charset=utf-8", generate_latest(self.registry))
+        else:
+            self.send(404, b"text/plain", b"not found: try /stats or /metrics\n")
+
+    def send(self, status: int, ctype: bytes, body: bytes, extra: bytes = b"") -> None:
+        self.answered = True
+        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+                  408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
+                % (status, reason, ctype, len(body), extra))
+        assert self.transport is not None
+        self.transport.write(head if self.method == b"HEAD" else head + body)
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        self.open.discard(self)
+        self.parser = None  # (it holds this object: let both go without the garbage collector)
+
+
+async def start_admin(loop: asyncio.AbstractEventLoop, host: str, port: int, stats: Callable[[], dict],
+                      collector) -> asyncio.base_events.Server:
+    """Serve ``stats()`` as /stats and what ``collector`` yields (a prometheus_client
+    custom collector) as /metrics on host:port."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    open_: set[AdminProtocol] = set()
+    return await loop.create_server(lambda: AdminProtocol(stats, registry, open_), host, port, reuse_address=True)
