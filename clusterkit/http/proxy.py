@@ -312,6 +312,7 @@ class BackendState:
         self.last_headers: list[tuple[bytes, bytes]] | None = None  # of its last answer,
         self.last_kept = b""  # and the header lines the client got for them
         self.known: KnownAnswer | None = None  # its last answer that came alone in one read
+        self.last_response: tuple | None = None  # and what a client got for it (Proxy._client_response)
 
 
 class Proxy:
@@ -413,11 +414,21 @@ class Proxy:
                 % (req.target, b"".join(lines), forwarded, VIA))
 
     def _client_response(self, req: Request, answer: BackendAnswer, b: BackendState) -> bytes:
+        """The answer as the client gets it. The same answer again (the backend's
+        KnownAnswer) for the same kind of request within the same second is the same
+        bytes: those are kept, and given again."""
+        date = http_date()
+        last = b.last_response
+        if (last is not None and last[0] is answer and last[1] is date and last[2] == req.version
+                and last[3] == req.keep_alive and last[4] == req.method):
+            return last[5]
         status = answer.status
         # No Content-Length for a 204 or 304 (RFC 9110 8.6): a 304's would have to be the 200's.
         length = b"" if status in (204, 304) else b"Content-Length: %d\r\n" % answer.length
         head = self._client_head(req, status, answer.reason, answer.headers, b, length, req.keep_alive)
-        return head if req.method == b"HEAD" or status in (204, 304) else head + answer.body
+        out = head if req.method == b"HEAD" or status in (204, 304) else head + answer.body
+        b.last_response = (answer, date, req.version, req.keep_alive, req.method, out)
+        return out
 
     def _streamed_head(self, req: Request, conn: BackendConn, b: BackendState) -> tuple[bytes, bool, bool]:
         """The head for an answer whose body is passed on as it comes: the head,
