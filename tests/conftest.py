@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -141,3 +143,42 @@ def send_all_then_read(port: int, data: bytes) -> bytes:
         while chunk := s.recv(65536):
             out += chunk
     return out
+
+
+@contextlib.contextmanager
+def fake_backend(answer):
+    """A backend on a free port whose ``answer(conn)`` serves each connection, in a
+    thread of its own; every connection is closed at the end. Yields the port."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(16)
+    ls.settimeout(0.1)
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve(conn):
+        try:
+            answer(conn)
+        except OSError:
+            pass
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = ls.accept()
+            except OSError:
+                continue
+            conn.settimeout(10)
+            conns.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield ls.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        ls.close()
+        for c in conns:
+            c.close()

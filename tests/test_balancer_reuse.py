@@ -14,6 +14,7 @@ import pytest
 from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 
+from .conftest import fake_backend
 from .test_balancer import Cluster, one_message
 
 pytestmark = pytest.mark.timeout(90)
@@ -76,21 +77,10 @@ class RacingBackend:
 
     def __init__(self, farewell: str) -> None:
         self.farewell = farewell
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.raced = threading.Event()
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         answered = 0
         buf = b""
         with conn:
@@ -111,9 +101,6 @@ class RacingBackend:
                     conn.sendall(b"REPLY racer %s\nACK racer %d\n" % (line, len(line)))
                     answered += 1
 
-    def close(self) -> None:
-        self.sock.close()
-
 
 @pytest.mark.parametrize("farewell", ["err", "close", "reset"])
 def test_an_idle_connection_closed_as_it_is_reused_costs_no_message_and_blames_nobody(procs, log_dir, farewell):
@@ -122,9 +109,9 @@ def test_an_idle_connection_closed_as_it_is_reused_costs_no_message_and_blames_n
     new connection to the same backend; the client sees only its answer, and the
     backend is neither marked down nor counted as failed."""
     racer = RacingBackend(farewell)
-    try:
+    with fake_backend(racer.serve) as port:
         ports = cluster.free_ports(2)
-        balancer = procs.start(balancer_process(ports[0], [f"racer=127.0.0.1:{racer.port}"], "--check-interval", "30",
+        balancer = procs.start(balancer_process(ports[0], [f"racer=127.0.0.1:{port}"], "--check-interval", "30",
                                                 admin_port=ports[1], log_dir=str(log_dir)))
         lb = Cluster(procs, log_dir)
         lb.lb, lb.admin_port = balancer, ports[1]
@@ -139,8 +126,6 @@ def test_an_idle_connection_closed_as_it_is_reused_costs_no_message_and_blames_n
         assert b["reused_connections"] == 1
         assert b["state"] == "UP" and b["failures"] == 0 and b["failovers_from"] == 0
         assert lb.stats()["failovers"] == 0
-    finally:
-        racer.close()
 
 
 def test_idle_connections_to_a_killed_backend_cost_no_message(lb):

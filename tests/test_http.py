@@ -3,7 +3,6 @@ raw sockets for every error case, faults, and a real browser."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import itertools
 import json
@@ -27,7 +26,7 @@ import pytest
 
 from clusterkit import cluster
 
-from .conftest import assert_bad_config
+from .conftest import assert_bad_config, fake_backend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -600,45 +599,6 @@ def test_bad_timeouts_are_one_clear_line_and_exit_2(script, args, message, log_d
     bad = subprocess.run(cluster.python_script(f"http_servers/{script}", *args, "--log-dir", str(log_dir)),
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
-
-
-@contextlib.contextmanager
-def fake_backend(answer):
-    """A backend on a free port whose ``answer(conn)`` serves each connection, in a
-    thread of its own; every connection is closed at the end. Yields the port."""
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(16)
-    ls.settimeout(0.1)
-    stop = threading.Event()
-    conns: list[socket.socket] = []
-
-    def serve(conn):
-        try:
-            answer(conn)
-        except OSError:
-            pass
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = ls.accept()
-            except OSError:
-                continue
-            conn.settimeout(10)
-            conns.append(conn)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        yield ls.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(5)
-        ls.close()
-        for c in conns:
-            c.close()
 
 
 @pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503)])
