@@ -75,6 +75,11 @@ class LatencyHistogram:
                 return min(_BOUNDS_MS[i] if i < len(_BOUNDS_MS) else self.max_ms, self.max_ms)
         return self.max_ms
 
+    def summary(self) -> dict:
+        """What /stats shows: the count, p50, p90, p99 and max in ms (None while empty)."""
+        return {"count": self.total, **{f"p{p}": _round(self.percentile(p)) for p in (50, 90, 99)},
+                "max": _round(self.max_ms) if self.total else None}
+
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
@@ -110,15 +115,13 @@ class Backend:
         return self.state in HEALTHY
 
     def snapshot(self) -> dict:
-        lat = self.latency
         return {
             "name": self.name, "address": host_port(self.host, self.port), "weight": self.weight,
             "state": self.state, "reason": self.reason, "active_connections": self.active,
             "connections": self.connections, "reused_connections": self.reused, "messages": self.messages,
             "failures": self.failures, "failovers_from": self.failovers, "checks_ok": self.checks_ok,
             "checks_failed": self.checks_failed,
-            "latency_ms": {"count": lat.total, **{f"p{p}": _round(lat.percentile(p)) for p in (50, 90, 99)},
-                           "max": _round(lat.max_ms) if lat.total else None},
+            "latency_ms": self.latency.summary(),
         }
 
 

@@ -160,7 +160,7 @@ class StaticFiles:
                          b"Last-Modified: %s\r\n%sConnection: %s\r\n\r\n"
                          % (version, SERVER, http_date(), entry.etag, entry.last_modified,
                             self.backend_header, conn))
-        if req.conditional and req.method == b"GET" and req.header(b"range") is not None:
+        if req.conditional and req.method == b"GET":
             span = wanted(req.header(b"range"), len(entry.body))
             if span is not None and still_matches(req.header(b"if-range"), entry.etag, entry.last_modified):
                 return self._part(req, entry, span)

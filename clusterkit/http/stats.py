@@ -17,18 +17,12 @@ if TYPE_CHECKING:
     from .proxy import BackendState, Proxy
 
 
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
 def backend_stats(b: BackendState) -> dict:
-    lat = b.latency
     return {
         "name": b.name, "address": host_port(b.spec.host, b.spec.port), "state": "UP" if b.up else "DOWN",
         "reason": b.reason, "requests": b.requests, "failures": b.failures, "in_flight": len(b.busy),
         "idle_connections": len(b.idle),
-        "latency_ms": {"count": lat.total, **{f"p{p}": _ms(lat.percentile(p)) for p in (50, 90, 99)},
-                       "max": _ms(lat.max_ms) if lat.total else None},
+        "latency_ms": b.latency.summary(),
     }
 
 
