@@ -183,6 +183,19 @@ class FakeServer:
                     self.heads.append(data)
                     conn.sendall(UNFRAMED)
                     return
+                if self.behaviour == "http-varied":
+                    buf += data
+                    while b"\r\n\r\n" in buf:
+                        head, buf = buf.split(b"\r\n\r\n", 1)
+                        keep = b"keep-alive" in head.lower()
+                        with self.lock:
+                            self.count += 1
+                            answer = varied_answer(self.count, keep)
+                            self.sent += len(answer)
+                        conn.sendall(answer)
+                        if not keep:
+                            return
+                    continue
                 buf += data
                 *lines, buf = buf.split(b"\n")
                 for m in lines:
@@ -745,6 +758,95 @@ def test_http_answers_seen_before_count_as_the_parser_counts_them(pieces):
         learned = quick.known_answer()
         known = learned or known
     assert fast >= 5  # the ones that were the same answer again went the quick way
+
+
+@pytest.mark.parametrize("keepalive, closes, verdict", [(False, True, "CLOSES"), (True, False, "AGAIN"),
+                                                       (True, True, "CLOSES"), (False, False, None)])
+def test_one_step_http_answers_count_as_the_reader_counts_them(keepalive, closes, verdict):
+    # plan.Client.whole takes an answer that is the client's last right one again
+    # (but for its Date) in one step; run with it and without, the counts agree.
+    # (A server that keeps open a connection the client closes after each request
+    # goes the general way: the client, not the answer, ends the connection.)
+    from clusterkit.stress.board import Board
+    from clusterkit.stress.config import StressConfig
+    from clusterkit.stress.metrics import Recorder, RunResult
+    from clusterkit.stress.plan import Client, Plan, ns
+
+    import clusterkit.stress.plan as plan_module
+    mode = b"Connection: close\r\n" if closes else b""
+
+    def answer(n: int) -> bytes:
+        date = b"Thu, 26 Nov 2026 05:00:%02d GMT" % (n % 60)
+        if n % 9 == 8:
+            return http_answer(date=date, status=b"500 Bad", extra=mode)  # as long as a 200, not 2xx
+        if n % 11 == 10:
+            return http_answer(date=date, backend=b"b2", extra=mode)  # another backend, same length
+        if n % 13 == 12:
+            return http_answer(date=date, body=b"y" * 50, extra=mode)  # another body, same length
+        return http_answer(date=date, extra=mode)
+
+    cfg = StressConfig(http_url="http://127.0.0.1:9/x", requests=80, concurrency=1,
+                       connection="keepalive" if keepalive else "per-request")
+    results, verdicts = {}, set()
+    for quick in (False, True):
+        board = Board(1, 1)
+        rec = Recorder(RunResult(), keep_log=True)
+        c = Client(cfg, 0, Plan(cfg, ns(), 80, 0), rec, board, board.failed_slot(0))
+        fast = 0
+        for n in range(80):
+            if not keepalive or n in (0, 40):
+                c.connect_started = ns()
+                c.connected()
+            c.request()
+            if not quick:
+                c.known = None
+            data = answer(n)
+            for chunk in [data[:30], data[30:]] if n % 7 == 6 else [data]:
+                got = c.whole(chunk, ns())
+                if got:
+                    verdicts.add(got)
+                    fast += 1
+                    break
+                c.reader.feed(chunk, ns())
+            if c.reader is not None:
+                c.reader.close(ns())  # (the server's close: a no-op for a complete answer)
+                c.answered()
+        rec.flush()
+        r = rec.result
+        results[quick] = (r.complete, r.failed, dict(r.errors), dict(r.backends), r.bytes_received,
+                          r.latency.get_total_count(), r.rtt.get_total_count(), r.total.get_total_count(),
+                          len(rec.log))
+        assert fast > 30 if quick and verdict else fast == 0
+    assert results[True] == results[False]
+    assert results[True][:4] == (72, 8, {"http-500": 8}, {"b1": 65, "b2": 7})
+    assert verdicts == ({getattr(plan_module, verdict)} if verdict else set())
+
+
+def varied_answer(n: int, keep_alive: bool) -> bytes:
+    """The n-th answer of FakeServer("http-varied"): mostly the same 200 but for
+    its Date; every 9th a 500 and every 11th from backend b2, both as long."""
+    date = b"Thu, 26 Nov 2026 05:00:%02d GMT" % (n % 60)
+    extra = b"" if keep_alive else b"Connection: close\r\n"
+    if n % 9 == 0:
+        return http_answer(date=date, status=b"500 Bad", extra=extra)
+    return http_answer(date=date, backend=b"b2" if n % 11 == 0 else b"b1", extra=extra)
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+@pytest.mark.parametrize("keepalive", [False, True])
+def test_http_answers_that_change_are_each_judged(log_dir, tmp_path, engine, keepalive):
+    # Answers the same but for their Date are taken in one step (plan.Client.whole);
+    # a 500 or another backend's answer of the same length among them is still seen.
+    server = FakeServer("http-varied")
+    try:
+        row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/", "-n", "198", "-c", "3",
+                             *(["-k"] if keepalive else []), "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        server.close()
+    assert server.count == 198
+    assert (row["complete"], row["failed"], row["errors"]) == (176, 22, {"http-500": 22})
+    assert row["backends"] == {"b1": 160, "b2": 16}
+    assert row["total_transferred_bytes"] == server.sent
 
 
 def test_http_header_block_without_end_fails_and_is_not_kept():

@@ -15,7 +15,7 @@ import time
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
-from .plan import FINE_NS, MS, Client, Plan, connect_error, ns, reusable, server_closes
+from .plan import AGAIN, CLOSES, FINE_NS, MS, Client, Plan, connect_error, ns, reusable, server_closes
 
 
 class AsyncClient(Client, asyncio.Protocol):
@@ -75,12 +75,17 @@ class AsyncClient(Client, asyncio.Protocol):
         if reader is None:
             return
         now = ns()
-        if self.whole(data, now):  # the steady state: the whole answer, as expected
+        verdict = self.whole(data, now)
+        if verdict == AGAIN:  # the steady state: the whole answer, as expected
             payload = self.follow(now)
             if payload is None:
                 self.next()
             else:
                 self.transport.write(payload)  # type: ignore[union-attr]
+            return
+        if verdict == CLOSES:
+            self.draining = True  # connection_lost goes on
+            self.sent = now
             return
         reader.feed(data, now)
         if reader.done:

@@ -39,7 +39,7 @@ from .config import StressConfig
 from .async_engine import AsyncRunner
 from .epoll_engine import EpollRunner
 from .metrics import Recorder, RunResult, busy_between, cpu_times
-from .plan import Client, Plan, address, connect_error, ns, reusable, server_closes
+from .plan import CLOSES, Client, Plan, address, connect_error, ns, reusable, server_closes
 from .server_cpu import ServerCpu
 
 def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag,
@@ -84,6 +84,7 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 payload = c.request()
             reader, sent = c.reader, c.sent
             out, payload = payload, None
+            verdict = 0
             try:
                 sock.sendall(out)
                 while not reader.done:
@@ -100,7 +101,8 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                         shortened = False
                     chunk = sock.recv(65536)
                     now = ns()
-                    if c.whole(chunk, now):  # the steady state: the whole answer, as expected
+                    verdict = c.whole(chunk, now)
+                    if verdict:  # the steady state: the whole answer, as expected
                         break
                     if not chunk:
                         reader.close(now)
@@ -110,8 +112,13 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 reader.close(ns(), "timeout")
             except OSError:
                 reader.close(ns())
-            if c.reader is None:  # counted by c.whole; the connection carries the next request
-                payload = c.follow(now)
+            if c.reader is None:  # counted by c.whole
+                if verdict == CLOSES:
+                    await_close(sock)
+                    sock.close()
+                    sock = None
+                    continue
+                payload = c.follow(now)  # the connection carries the next request
                 continue
             if stop.is_set():  # stopped (Ctrl-C, a dead target): what was on its way is not counted
                 break

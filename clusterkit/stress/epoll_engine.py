@@ -35,7 +35,7 @@ import _socket
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
-from .plan import FINE_NS, MS, Client, Plan, Target, address, connect_error, ns, reusable, server_closes
+from .plan import AGAIN, CLOSES, FINE_NS, MS, Client, Plan, Target, address, connect_error, ns, reusable, server_closes
 
 CHECK_NS = 100_000_000
 """How often deadlines and the stop flag are checked."""
@@ -217,12 +217,16 @@ class EpollRunner:
                     self.next(c)
                     return
                 continue
-            if c.whole(chunk, now):  # the steady state: the whole answer, as expected
+            verdict = c.whole(chunk, now)
+            if verdict == AGAIN:  # the steady state: the whole answer, as expected
                 payload = c.follow(now)
                 if payload is None:
                     self.next(c)
                 else:
                     self.send(c, payload)
+                return
+            if verdict == CLOSES:
+                self.closing(c, hangup)
                 return
             if not chunk:
                 self.drop(c)
@@ -240,16 +244,23 @@ class EpollRunner:
     def finish(self, c: EpollClient, hangup: int = 0) -> None:
         reader = c.answered()
         if c.sock is not None and server_closes(reader):
-            if not hangup:
-                # The FIN comes after the event was reported, so it brings an event of its own.
-                c.draining = True
-                c.sent = ns()  # the deadline for the close
-                return
-        elif reusable(self.cfg, reader):
+            self.closing(c, hangup)
+            return
+        if reusable(self.cfg, reader):
             self.next(c)
             return
         self.drop(c)
         self.next(c)
+
+    def closing(self, c: EpollClient, hangup: int) -> None:
+        """Answered, and the server closes the connection: close it when it has."""
+        if hangup:
+            self.drop(c)
+            self.next(c)
+            return
+        # The FIN comes after the event was reported, so it brings an event of its own.
+        c.draining = True
+        c.sent = ns()  # the deadline for the close
 
     def drop(self, c: EpollClient) -> None:
         sock = c.sock

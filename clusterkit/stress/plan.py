@@ -15,6 +15,11 @@ from .metrics import Recorder
 
 ns = time.perf_counter_ns
 MS = 1_000_000
+AGAIN = 1
+"""``Client.whole``: the answer was counted, and the connection carries the next request."""
+CLOSES = 2
+"""``Client.whole``: the answer was counted, and the server closes the connection now
+(an HTTP answer without keep-alive: the engine waits for its close, see ``server_closes``)."""
 FINE_NS = 50_000
 """The event engines wait for a --rate send due within the next ms in steps
 this long (handling I/O between them): event loops time in whole ms, and a
@@ -149,7 +154,7 @@ class Client:
 
     __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
                  "k", "reader", "batch", "sent", "base", "connect_started", "limit", "deadline", "steady",
-                 "expect", "stop_slot", "opened", "start", "reused", "resent")
+                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
         self.cfg = cfg
@@ -171,6 +176,8 @@ class Client:
         self.steady = cfg.keepalive and not cfg.http_url and cfg.pipeline == 1
         """Each answer can be checked in one step (``whole``), once a server has answered."""
         self.expect: bytes | None = None
+        self.known: KnownAnswer | None = None
+        """HTTP: the answer in flight, if it is the client's last right answer again (``whole``)."""
         self.stop_slot = board.stop_slot
         self.opened = 0  # when the connection the next request goes on was opened, if that request opens it
         self.start = 0  # what ApacheBench's "Total" counts from: the connect when the request opened it, else base
@@ -204,6 +211,7 @@ class Client:
             share = self.plan.share
             payload, self.reader, self.batch = target.request(
                 self.k, (share - self.k) if share is not None else self.cfg.pipeline)
+            self.known = target.known if target.http_request else None
         self.sent = ns()
         self.base = self.plan.intended(self.k) if self.plan.rate else self.sent
         opened = self.opened
@@ -222,30 +230,50 @@ class Client:
         self.resent = self.k
         return True
 
-    def whole(self, chunk: bytes, now: int) -> bool:
-        """The steady state of a keep-alive line-protocol run in one step.
+    def whole(self, chunk: bytes, now: int) -> int:
+        """The steady state of a run in one step: 0, or AGAIN or CLOSES.
 
-        When ``chunk`` is exactly the answer expected (the whole ``REPLY`` and
+        When ``chunk`` is exactly the answer expected, count it as ``answered``
+        would and say what becomes of the connection. Expected: for the line
+        protocol (keep-alive, one message at a time) the whole ``REPLY`` and
         ``ACK`` for the message in flight, from the server that answered the
-        last one), count it as ``answered`` would and return True: the
-        connection carries the next request. Anything else (part of an answer,
-        another server's, a wrong one, a close) returns False, and the engine
-        gives it to the reader, which judges it. Per answer this skips the
-        parse, the Outcome and the general counting: a third of the async and
-        epoll engines' time per request."""
-        if chunk != self.expect:
-            self.expect = None  # the reader takes over this answer
-            return False
-        self.expect = None
+        last one; for HTTP, the client's last right answer again but for its
+        Date (``KnownAnswer``), whole in one chunk. Anything else (part of an
+        answer, another server's, a wrong one, a close) returns 0, and the
+        engine gives it to the reader, which judges it. Per answer this skips
+        the parse, the Outcome and the general counting: a third of the async
+        and epoll engines' time per request with the line protocol, a sixth
+        with HTTP and a connection per request."""
+        expect = self.expect
+        if expect is not None:
+            self.expect = None  # (if not as expected, the reader takes over this answer)
+            if chunk != expect:
+                return 0
+            name = self.target.name
+            verdict = AGAIN
+        else:
+            known = self.known
+            if known is None:
+                return 0
+            self.known = None
+            if len(chunk) != len(known.data) or not known.fits(0, chunk):
+                return 0
+            if not known.keep_alive:
+                verdict = CLOSES
+            elif self.cfg.keepalive:
+                verdict = AGAIN
+            else:
+                return 0  # the server keeps open what the client closes: answered() decides
+            name = known.backend
         self.reader = None
         if self.base >= self.plan.warm_end:
-            self.rec.whole(self.base, now, self.target.name, len(chunk), self.start)
+            self.rec.whole(self.base, now, name, len(chunk), self.start)
         self.k += 1
         progress = self.progress
         progress[self.index] = self.k
         if progress[self.streak_slot]:
             progress[self.streak_slot] = 0
-        return True
+        return verdict
 
     def follow(self, now: int) -> bytes | None:
         """After ``whole``: the next request's bytes when it goes out at once
