@@ -242,8 +242,9 @@ class Client:
         answer, another server's, a wrong one, a close) returns 0, and the
         engine gives it to the reader, which judges it. Per answer this skips
         the parse, the Outcome and the general counting: a third of the async
-        and epoll engines' time per request with the line protocol, a sixth
-        with HTTP and a connection per request."""
+        and epoll engines' time per request with the line protocol; with HTTP
+        and a connection per request, a third of the epoll engine's user CPU
+        (20 to 13.6 us against nginx, where the kernel takes about 50)."""
         expect = self.expect
         if expect is not None:
             self.expect = None  # (if not as expected, the reader takes over this answer)
