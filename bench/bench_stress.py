@@ -15,7 +15,7 @@ to be trusted?
 2. ``--http`` against nginx serving page.html: requests/s and p50 latency
    next to ApacheBench's for the same run size.
 
-Usage: python bench/bench_stress.py [--seconds 3] [--rounds 2] [--json out.json]
+Usage: python bench/bench_stress.py [--seconds 3] [--rounds 2] [--http-rounds 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--http-rounds", type=int, default=5,
+                   help="interleaved ab / --http runs (a few seconds each; their ratio swings by 10-20%% per pair here)")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     rps: dict[str, dict[str, list[float]]] = {}
@@ -118,7 +120,7 @@ def main() -> int:
         if anchors.available("nginx") and shutil.which("ab"):
             nginx = group.start(anchors.nginx(ports[2], str(cluster.ROOT / "http_servers" / "www"), tmp))
             url = f"http://127.0.0.1:{nginx.port}/page.html"
-            for _ in range(args.rounds):
+            for _ in range(args.http_rounds):
                 ab = run_ab(url, 20000, 10)
                 tool = run_tool(tmp, "--http", url, "-n", "20000", "-c", "10", *HTTP_ENGINE)
                 # ab's percentiles are of its Total, from the connect to the end of the answer:
