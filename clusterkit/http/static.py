@@ -176,13 +176,10 @@ class StaticFiles:
                                        version=req.version,
                                        headers=b"Content-Range: bytes */%d\r\n%s" % (size, self.backend_header))
         first, last = span
-        head = (b"HTTP/%s 206 Partial Content\r\nServer: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                b"Content-Range: bytes %d-%d/%d\r\nLast-Modified: %s\r\nETag: %s\r\n%sDate: %s\r\n"
-                b"Connection: %s\r\n\r\n"
-                % (req.version.encode(), SERVER, entry.content_type, last - first + 1, first, last, size,
-                   entry.last_modified, entry.etag, self.backend_header, http_date(),
-                   b"keep-alive" if req.keep_alive else b"close"))
-        return 206, head + entry.body[first:last + 1]
+        return 206, build_response(206, entry.body[first:last + 1], content_type=entry.content_type,
+                                   keep_alive=req.keep_alive, version=req.version,
+                                   headers=b"Content-Range: bytes %d-%d/%d\r\nLast-Modified: %s\r\nETag: %s\r\n%s"
+                                   % (first, last, size, entry.last_modified, entry.etag, self.backend_header))
 
 
 def _not_modified(req: Request, entry: CachedFile) -> bool:

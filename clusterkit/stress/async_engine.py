@@ -84,8 +84,7 @@ class AsyncClient(Client, asyncio.Protocol):
                 self.transport.write(payload)  # type: ignore[union-attr]
             return
         if verdict == CLOSES:
-            self.draining = True  # connection_lost goes on
-            self.sent = now
+            self._await_close()
             return
         reader.feed(data, now)
         if reader.done:
@@ -95,13 +94,17 @@ class AsyncClient(Client, asyncio.Protocol):
         reader = self.answered()
         if not reusable(self.cfg, reader):
             if self.transport is not None and server_closes(reader):
-                self.draining = True  # connection_lost goes on
-                self.sent = ns()
+                self._await_close()
                 return
             transport, self.transport = self.transport, None
             if transport is not None:  # None when the server closed first
                 transport.close()
         self.next()
+
+    def _await_close(self) -> None:
+        """Answered, and the server closes the connection: connection_lost goes on."""
+        self.draining = True
+        self.sent = ns()  # the deadline for the close
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.reader is not None and self.server_closed_first(self.reader):  # again, on a new connection
