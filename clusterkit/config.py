@@ -28,6 +28,12 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_unique_names(names: list[str]) -> None:
+    """Backend names must differ: they key the logs, /stats and /metrics."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    check(not twice, f"backend names must be unique: {', '.join(twice)} given twice (name them: NAME=HOST:PORT)")
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:

@@ -593,6 +593,7 @@ def test_a_bad_lb_config_file_is_one_clear_line(tmp_path, log_dir, text, message
     ("Server_thread_http.py", ["--keepalive-timeout", "0"], "--keepalive-timeout must be positive"),
     ("async_server.py", ["9999", "--keepalive-timeout", "nan"], "--keepalive-timeout must be positive"),
     ("lb.py", ["--port", "44470", "--admin-port", "44470"], "--admin-port 44470 is lb.py's own --port"),
+    ("lb.py", ["--backend", "127.0.0.1:9002", "--backend", "[::1]:9002"], "backend1 given twice"),
 ])
 def test_bad_timeouts_are_one_clear_line_and_exit_2(script, args, message, log_dir):
     """A negative header timeout made every request in pieces a dropped connection."""
@@ -1261,3 +1262,16 @@ def test_an_unnamed_backend_on_a_default_port_is_named_as_lb_py_names_it():
     assert [backend_name(p) for p in (9002, 9003, 9004, 9005)] == ["backend1", "backend2", "backend3", "backend4"]
     assert [b.name for b in ProxyConfig().backends] == [b.name for b in DEFAULT_BACKENDS]
     assert backend_name(9100) == "backend-9100"
+
+
+def test_lb_names_an_unnamed_backend_as_the_backend_names_itself(tmp_path):
+    """``lb.py --backend 127.0.0.1:9002`` called it backend-9002 in its log and /stats
+    while the backend's X-Backend said backend1; so did a config file's [[backends]]."""
+    from clusterkit.http.cli import lb_parser, proxy_config
+
+    args = lb_parser().parse_args(["--backend", "127.0.0.1:9002", "--backend", "b=[::1]:9003",
+                                   "--backend", "127.0.0.1:9100"])
+    assert [b.name for b in proxy_config(args).backends] == ["backend1", "b", "backend-9100"]
+    (tmp_path / "lb.toml").write_text("[[backends]]\nport = 9003\n[[backends]]\nport = 9101\n")
+    args = lb_parser().parse_args(["--config", str(tmp_path / "lb.toml")])
+    assert [b.name for b in proxy_config(args).backends] == ["backend2", "backend-9101"]

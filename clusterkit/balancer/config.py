@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, check, check_backend_name, check_positive, settings_and_backends
+from ..config import (ConfigError, check, check_backend_name, check_positive, check_unique_names,
+                      settings_and_backends)
 from ..protocol import DEFAULT_MAX_LINE
 from ..sockets import host_port
 
@@ -99,8 +100,7 @@ class BalancerConfig:
         check(self.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}")
         check(self.check in CHECKS, f"--check must be one of {', '.join(CHECKS)}")
         check(len(self.backends) >= 1, "at least one backend is needed")
-        names = [b.name for b in self.backends]
-        check(len(set(names)) == len(names), "backend names must be unique")
+        check_unique_names([b.name for b in self.backends])
         check_positive(self, "check_interval", "check_timeout", "connect_timeout", "response_timeout")
         check(self.line_timeout >= 0, "--line-timeout must not be negative")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")

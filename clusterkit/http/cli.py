@@ -129,7 +129,7 @@ LB_FILE_SETTINGS = {f.name for f in dataclasses.fields(ProxyConfig)} - {"host", 
 def proxy_settings(path: str) -> dict:
     """An lb.py TOML file's [lb] settings and [[backends]], each of its type."""
     return settings_and_backends(path, "lb", ProxyConfig, LB_FILE_SETTINGS, HttpBackend,
-                                 lambda fields: {"host": "127.0.0.1", "name": f"backend-{fields['port']}"})
+                                 lambda fields: {"host": "127.0.0.1", "name": backend_name(fields["port"])})
 
 
 def proxy_config(args) -> ProxyConfig:
@@ -145,7 +145,7 @@ def proxy_config(args) -> ProxyConfig:
                 raise ConfigError(f"--backend {text!r}: expected [NAME=]HOST:PORT")
             if host.startswith("[") and host.endswith("]"):  # [::1]:9002
                 host = host[1:-1]
-            backends.append(HttpBackend(host, int(port), name or f"backend-{port}"))
+            backends.append(HttpBackend(host, int(port), name or backend_name(int(port))))
         kwargs["backends"] = tuple(backends)
     for key in ("check_interval", "check_path", "rise", "fall", "response_timeout", "admin_port"):
         if getattr(args, key) is not None:
@@ -172,13 +172,14 @@ async def _serve_proxy(config: ProxyConfig, elog: logs.EventLog) -> None:
     await proxy.serve_until_stopped()
 
 
-@cli.main_wrapper
-def main_lb(argv: list[str] | None = None) -> int:
+def lb_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="HTTP load balancer: round-robin per request over the async "
                                             "backends, keep-alive pools, health checks, retries, X-Backend.")
     _common(p, 44444)
     p.add_argument("--backend", action="append", metavar="[NAME=]HOST:PORT",
-                   help="a backend, IPv6 as [::1]:PORT; repeat for each (default: 127.0.0.1:9002..9005)")
+                   help="a backend, IPv6 as [::1]:PORT; repeat for each (default: 127.0.0.1:9002..9005). "
+                        "Unnamed, it is backend1..backend4 on 9002..9005, as async_server.py names itself, "
+                        "else backend-PORT")
     p.add_argument("--config", metavar="FILE.toml", help="settings and [[backends]] from TOML "
                                                          "(see http_servers/lb.example.toml)")
     p.add_argument("--check-interval", type=float, help="seconds between health checks (default: 1)")
@@ -190,7 +191,12 @@ def main_lb(argv: list[str] | None = None) -> int:
                    help="seconds a backend may leave its answer without a byte (default: 10)")
     p.add_argument("--admin-port", type=cli.port_number,
                    help="port of GET /stats (JSON) and /metrics (Prometheus) per backend (default: none)")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli.main_wrapper
+def main_lb(argv: list[str] | None = None) -> int:
+    args = lb_parser().parse_args(argv)
     try:
         config = proxy_config(args)
     except ConfigError as exc:

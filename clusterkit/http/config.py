@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import check, check_backend_name, check_positive
+from ..config import check, check_backend_name, check_positive, check_unique_names
 from .core import Limits
 from .static import DEFAULT_ROOT
 
@@ -86,8 +86,7 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         check(len(self.backends) >= 1, "at least one backend is needed")
-        names = [b.name for b in self.backends]
-        check(len(set(names)) == len(names), "backend names must be unique")
+        check_unique_names([b.name for b in self.backends])
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
         check_positive(self, "connect_timeout", "response_timeout", "check_interval", "check_timeout")
         check(self.pool_size >= 0 and self.drain_timeout >= 0, "pool_size and drain_timeout must not be negative")
