@@ -27,11 +27,15 @@ Connection states::
     open ──(EOF from client)────────────► closing ──(replies flushed)──► closed
     open ──(line too long / idle)───────► closing
     open ──(SIGTERM: draining, quiet)───► closing
-    open ──(drain timeout / 2nd signal)─► aborted ─────────────────────► closed
+    open ──(drain timeout)──────────────► closing (lingering)
+    open ──(2nd signal, or stuck after)─► aborted ─────────────────────► closed
 
 Graceful stop in uvicorn's order: close the listener, let each connection go
 on until it has been quiet for ``drain_quiet`` with its replies sent, wait at
-most ``drain_timeout``, then abort what is left; a second signal forces.
+most ``drain_timeout``; then a client still sending is wound up (``wind_up``:
+its replies go out, a line begun gets ``ERR shutting-down``, a lingering
+close), within ``LINGER_SECONDS``, and what is left then is cut. A second
+signal forces.
 
 What it is not: the accept loop itself. asyncio and uvloop keep accepting
 after EMFILE/ENFILE (asyncio pauses the listener for a second; libuv sheds the
@@ -230,6 +234,19 @@ class EchoProtocol(asyncio.Protocol):
                 self.transport.write(_SHUTTING_DOWN)  # type: ignore[union-attr]
             self.transport.close()  # type: ignore[union-attr]
 
+    def wind_up(self) -> None:
+        """A graceful stop's deadline (``--drain-timeout``) for a client still
+        sending: a line begun gets ``ERR shutting-down``, the replies written go
+        out, then a lingering close; what the client sends from now on is not
+        answered. Aborted, a client never quiet got a bare close, and the replies
+        it had not yet taken were thrown away."""
+        if self.closing:
+            return
+        self.closing = True
+        if self.framer.buffered and self.framer.error is None:
+            self.transport.write(_SHUTTING_DOWN)  # type: ignore[union-attr]
+        self._linger()
+
     def abort(self) -> None:
         self.closing = True
         self.transport.abort()  # type: ignore[union-attr]
@@ -308,6 +325,11 @@ class EchoServer:
                 if (conn.note_activity(now) < now - cfg.drain_quiet and not conn.paused
                         and conn.write_backlog() == 0):
                     conn.close_quietly()
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.wind_up()
+        deadline = loop.time() + LINGER_SECONDS  # for the replies still to go out, and the lingering closes
+        while self.connections and loop.time() < deadline and not self.stop_signal.forced:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()

@@ -355,6 +355,30 @@ def test_sigterm_with_traffic_in_flight_loses_nothing_and_exits_zero(lb, mode):
     assert lb.lb.wait(timeout=20) == 0
 
 
+def test_the_drain_deadline_relays_the_answers_due_then_closes(lb, connect):
+    """Messages waiting at a stalled backend when --drain-timeout ran out were cut
+    off with the connection: a bare close, and no word of them to the client. At
+    the deadline the balancer now reads nothing more, relays the answers still
+    due, says ERR shutting-down for the line begun, then closes."""
+    lb.start("--drain-timeout", "0.2", "--check-timeout", "5", "--response-timeout", "5", names=("server1",))
+    conn = connect(lb.port)
+    conn.send(b"ok\n")
+    assert conn.read_lines(2)[0] == b"REPLY server1 ok"
+    server = lb.servers["server1"]
+    server.signal(signal.SIGSTOP)
+    try:
+        conn.send(b"a\nb\nc\npart")
+        time.sleep(0.3)  # forwarded, not answered
+        lb.lb.signal(signal.SIGTERM)
+        time.sleep(0.6)  # past the drain deadline
+    finally:
+        server.signal(signal.SIGCONT)
+    responses = ResponseParser().feed(conn.read_all())
+    assert [(r.message, r.error) for r in responses] == [(b"a", None), (b"b", None), (b"c", None),
+                                                         (None, "shutting-down")]
+    assert lb.lb.wait(timeout=20) == 0
+
+
 @pytest.mark.parametrize("mode", ["message", "tcp"])
 def test_a_client_still_sending_its_too_long_line_reads_the_error_without_a_reset(lb, mode):
     """ERR line-too-long (the balancer's own in message mode, the server's relayed in

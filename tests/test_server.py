@@ -387,6 +387,40 @@ def test_a_client_that_never_stops_is_cut_at_the_drain_timeout(start_server):
         s.close()
 
 
+def test_a_line_begun_at_the_drain_deadline_gets_err_shutting_down(start_server):
+    """A client trickling a line when --drain-timeout ran out got a bare close;
+    the README promises ERR shutting-down for a line begun and not ended."""
+    server = start_server("server1", "--drain-timeout", "0.3")
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    s.sendall(b"first\n")
+    answer = b""
+    while answer.count(b"\n") < 2:
+        answer += s.recv(65536)
+    stop = threading.Event()
+
+    def trickle():
+        try:
+            while not stop.wait(0.05):
+                s.send(b"x")
+        except OSError:
+            pass
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    try:
+        time.sleep(0.2)
+        server.signal(signal.SIGTERM)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        assert data == b"ERR shutting-down\n"
+        assert server.wait(timeout=15) == 0
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        s.close()
+
+
 def test_listens_on_ipv6_loopback(procs, log_dir):
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")

@@ -7,8 +7,10 @@ closes clients idle past ``idle_timeout``; no timer per message.
 
 Graceful stop (SIGTERM/SIGINT), in uvicorn's order: close the listener, let
 each client connection go on until its messages are answered and it has been
-quiet for ``drain_quiet``, at most ``drain_timeout``; then close what is left.
-A second signal forces.
+quiet for ``drain_quiet``, at most ``drain_timeout``. Then what is left winds
+up (``wind_up``): in message mode the answers still due are relayed, a line
+begun gets ``ERR shutting-down``, and the session closes, within
+``WIND_UP_SECONDS``; what is left then is cut. A second signal forces.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from functools import partial
 
 from .. import logs, loops
+from ..linger import LINGER_SECONDS
 from .admin import start_admin
 from .config import BalancerConfig
 from .epollset import EpollSet, Listener, resolve
@@ -29,6 +32,9 @@ from .relay_tcp import start_session
 from .reuse import IdlePool
 
 
+WIND_UP_SECONDS = LINGER_SECONDS
+"""After ``--drain-timeout``: how long the connections left may take to hand over
+the answers still due (``wind_up``) and end their lingering closes."""
 FD_RESERVE = 32
 """Descriptors kept for the listeners, health checks, the admin endpoint and logs."""
 
@@ -151,6 +157,14 @@ class Balancer:
             for conn in list(self.connections):
                 if conn.idle() and conn.note_activity(now) < now - cfg.drain_quiet:
                     conn.close()
+            await asyncio.sleep(0.02)
+        # The deadline: what is left winds up (the answers due, then the close) for at most
+        # WIND_UP_SECONDS more, and so do the lingering closes, lest an exit reset them.
+        for conn in list(self.connections):
+            conn.wind_up()
+        deadline = self.loop.time() + WIND_UP_SECONDS
+        while ((self.connections or self.events.lingering) and self.loop.time() < deadline
+               and not self.stop_signal.forced):
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()

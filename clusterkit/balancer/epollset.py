@@ -62,6 +62,7 @@ class EpollSet:
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.gone: set[int] = set()  # descriptors closed during this batch of events
+        self.lingering: set[_socket.socket] = set()  # in linger_close: a graceful stop waits for them
         loop.add_reader(self.ep.fileno(), self._ready)
 
     def watch(self, sock: socket.socket | _socket.socket, handler: Callable[[int], None],
@@ -207,6 +208,11 @@ def linger_close(events: EpollSet, sock: _socket.socket) -> None:
         events.drop(sock)
         return
     taken = 0
+    events.lingering.add(sock)
+
+    def end() -> None:
+        events.lingering.discard(sock)
+        events.drop(sock)  # (twice, by the timer after the EOF, does nothing: its descriptor is -1 then)
 
     def on_event(ev: int) -> None:
         nonlocal taken
@@ -220,11 +226,10 @@ def linger_close(events: EpollSet, sock: _socket.socket) -> None:
             taken += len(data)
             if not data or taken > LINGER_BYTES:
                 timer.cancel()
-                events.drop(sock)
+                end()
                 return
 
-    # (dropped twice, by the timer after the EOF, does nothing: its descriptor is -1 then)
-    timer = events.loop.call_later(LINGER_SECONDS, events.drop, sock)
+    timer = events.loop.call_later(LINGER_SECONDS, end)
     if sock.fileno() in events.handlers:
         events.handlers[sock.fileno()] = on_event  # registered edge-triggered: the next arrival comes here
     else:

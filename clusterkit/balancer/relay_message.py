@@ -606,6 +606,18 @@ class ClientSide(asyncio.Protocol):
         if not self.pending and not self.connecting:
             self.settle()
 
+    def wind_up(self) -> None:
+        """A graceful stop's deadline (``--drain-timeout``): nothing more is read;
+        the answers still due are relayed, a line begun gets ``ERR shutting-down``
+        (after them), then the close. Aborted, the messages in flight were lost
+        without a word to the client."""
+        if self.closed or self.error_after_pending is not None:
+            return
+        self.error_after_pending = ERR_SHUTTING_DOWN if self.framer.buffered else b""
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        if not self.pending and not self.connecting:
+            self.settle()
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()

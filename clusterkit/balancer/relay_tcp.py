@@ -351,5 +351,9 @@ class TcpSession:
     def close(self) -> None:
         self.end()
 
+    def wind_up(self) -> None:
+        """A graceful stop's deadline: a byte relay knows no message to finish."""
+        self.end()
+
     def abort(self) -> None:
         self.end()
