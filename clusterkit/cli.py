@@ -103,6 +103,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def peer_port(text: str) -> int:
+    """A port to connect to: 1-65535 (0 means "any" only to a listener)."""
+    value = port_number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("port 0 is no port to connect to")
+    return value
+
+
 def port_number(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -133,6 +141,11 @@ def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str]
                 raise
             print(f"error: {exc}", file=sys.stderr)
             return exc.code
+        except logs.LogDirError as exc:
+            if debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -10,6 +10,7 @@ classes next to their code and use the helpers here (``load_toml``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -40,15 +41,25 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # (TOML is UTF-8)
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:  # a folder, no permission
+        raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
 
 
 def check_positive(config: Any, *names: str) -> None:
-    """Each of the ``config``'s settings ``names`` is above 0 (nan is not)."""
+    """Each of the ``config``'s settings ``names`` is above 0 and finite (nan is not):
+    a check interval of inf left a backend that went down down for good."""
     for name in names:
         value = getattr(config, name)
-        check(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+        check(0 < value < math.inf, f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+
+
+def check_non_negative(config: Any, *names: str) -> None:
+    """Each of the ``config``'s settings ``names`` is 0 or more, and finite."""
+    for name in names:
+        value = getattr(config, name)
+        check(0 <= value < math.inf, f"--{name.replace('_', '-')} must be 0 or more, and finite, got {value}")
 
 
 def check_backend_name(name: str) -> None:
@@ -139,10 +150,8 @@ class ServerConfig:
             raise ConfigError(f"--name: {exc.detail}") from None
         check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
         check(self.max_line >= 1, "--max-line must be at least 1")
-        check(self.idle_timeout >= 0, "--idle-timeout must not be negative")
-        check(self.line_timeout >= 0, "--line-timeout must not be negative")
+        check_non_negative(self, "idle_timeout", "line_timeout", "drain_timeout")
         check(self.max_connections >= 1, "--max-connections must be at least 1")
-        check(self.drain_timeout >= 0, "--drain-timeout must not be negative")
         check(self.backlog >= 1, "--backlog must be at least 1")
         check(self.write_high_water >= 1024, "write high-water mark must be at least 1024 bytes")
 

@@ -62,6 +62,10 @@ def quote(value: object) -> str:
     return text
 
 
+class LogDirError(Exception):
+    """The log folder cannot be made or written to (a bad ``--log-dir``)."""
+
+
 class LineWriter:
     """Appends whole lines to a file from a background thread (see module doc)."""
 
@@ -197,7 +201,11 @@ def configure(program: str, *, level: str | int = "info", log_dir: str | os.Path
     shutdown()
     numeric = parse_level(level)
     log_dir = Path(log_dir if log_dir is not None else DEFAULT_LOG_DIR)
-    writer = LineWriter(log_dir / file_name)
+    try:
+        writer = LineWriter(log_dir / file_name)
+    except OSError as exc:
+        raise LogDirError(f"--log-dir {log_dir}: cannot write {file_name} there: "
+                          f"{exc.strerror or exc}") from None
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

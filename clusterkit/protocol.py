@@ -191,7 +191,7 @@ def build_error(code: str | bytes) -> bytes:
 
 def check_server_name(name: str) -> bytes:
     """A server name as it goes on the wire: printable ASCII, no spaces."""
-    raw = name.encode("ascii", "replace")
+    raw = name.encode("utf-8", "replace")  # (non-ASCII: bytes >= 128, refused below)
     if not raw or any(b <= 32 or b >= 127 for b in raw):
         raise LocalProtocolError("bad-server-name", f"{name!r}: use printable ASCII without spaces")
     return raw

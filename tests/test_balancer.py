@@ -19,7 +19,7 @@ from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
 
-from .conftest import assert_bad_config, send_all_then_read
+from .conftest import assert_bad_config, assert_usage_error, send_all_then_read
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -687,11 +687,31 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     ("[[backends]]\nport = true\n", "port must be a whole number, got True"),
     ("[balancer]\nmax-line = 0\n", "--max-line must be at least 1"),
     ('[[backends]]\nport = 7001\nname = "a b"\n', "no spaces or '='"),
+    ('[balancer]\nlog-level = "warning"\n', "unknown setting 'log-level'"),  # (was taken, and ignored)
+    ("[balancer]\ncheck-interval = inf\n", "--check-interval must be positive and finite, got inf"),
+    ("[balancer]\ndrain-timeout = -1.0\n", "--drain-timeout must be 0 or more"),
 ])
 def test_a_bad_config_file_is_one_clear_line(tmp_path, log_dir, text, message):
     """Each was a traceback, or accepted (an empty backend list meant the default backends)."""
     assert_bad_config("Load_Balancer.py", text, tmp_path, message, "--port", "0", "--admin-port", "0",
                       "--log-dir", str(log_dir))
+
+
+@pytest.mark.parametrize("flag, value", [("--check-interval", "inf"), ("--response-timeout", "nan"),
+                                         ("--drain-timeout", "inf"), ("--idle-timeout", "-1")])
+def test_a_timeout_that_is_no_finite_number_is_a_usage_error(flag, value, log_dir):
+    """--check-interval inf was taken: a backend that went down stayed down for good."""
+    assert_usage_error("Load_Balancer.py", flag, value, "--log-dir", str(log_dir), message=f"argument {flag}")
+
+
+def test_a_config_file_that_cannot_be_read_is_one_clear_line(tmp_path, log_dir):
+    """A file not in UTF-8 was a traceback; a folder a bare "[Errno 21]" and exit 1."""
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[balancer]\nmode = "m\xe9ssage"\n')
+    assert_usage_error("Load_Balancer.py", "--config", str(latin), "--log-dir", str(log_dir),
+                       message="not valid TOML")
+    assert_usage_error("Load_Balancer.py", "--config", str(tmp_path), "--log-dir", str(log_dir),
+                       message="cannot read it")
 
 
 def test_the_config_files_port_holds_unless_the_flag_is_given(tmp_path, procs, log_dir):

@@ -16,7 +16,7 @@ import pytest
 from clusterkit import cluster
 from clusterkit.protocol import ResponseParser
 
-from .conftest import send_all_then_read
+from .conftest import assert_usage_error, send_all_then_read
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -274,10 +274,28 @@ def test_port_taken_gives_one_clear_line_and_exit_71(log_dir, program, taken):
     assert "Traceback" not in proc.stderr
 
 
-def test_bad_option_is_a_usage_error(log_dir):
-    proc = subprocess.run(cluster.python_script("server1.py", "--name", "two words", "--log-dir", str(log_dir)),
+@pytest.mark.parametrize("name", ["two words", "s\u00e9rv\u00e9r"])
+def test_bad_option_is_a_usage_error(log_dir, name):
+    """A non-ASCII name was taken, and went on the wire as s?rv?r."""
+    proc = subprocess.run(cluster.python_script("server1.py", "--name", name, "--log-dir", str(log_dir)),
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["server1.py", "Load_Balancer.py", "client.py", "ClientServer_StressTools.py",
+                                    "http_servers/lb.py", "http_servers/Server_thread_http.py"])
+def test_a_log_dir_that_cannot_be_one_is_a_usage_error_that_names_it(script, tmp_path):
+    """It was a bare "[Errno 17] File exists: ..." and exit 1."""
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert_usage_error(script, "--port", str(cluster.free_port()), "--log-dir", str(a_file),
+                       message=f"--log-dir {a_file}: cannot write")
+
+
+@pytest.mark.parametrize("script", ["client.py", "ClientServer_StressTools.py"])
+def test_port_0_is_no_port_to_connect_to(script, log_dir):
+    """client.py took it, then said "connection refused by 127.0.0.1:0" (exit 69)."""
+    assert_usage_error(script, "--port", "0", "--log-dir", str(log_dir), message="port 0 is no port to connect to")
 
 
 LOG_LINE = re.compile(

@@ -39,18 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="health check: message (a real exchange, the default) or connect (a TCP connect only, "
                         "for --mode tcp in front of servers that do not speak the line protocol)")
     for flag, kind, text in (
-        ("--check-interval", float, "seconds between two health checks of a backend (HAProxy's inter)"),
-        ("--check-timeout", float, "seconds a health check may take"),
+        ("--check-interval", cli.positive_float, "seconds between two health checks of a backend (HAProxy's inter)"),
+        ("--check-timeout", cli.positive_float, "seconds a health check may take"),
         ("--rise", cli.positive_int, "good checks in a row that bring a down backend back"),
         ("--fall", cli.positive_int, "failed checks in a row that take a backend down"),
-        ("--connect-timeout", float, "seconds to connect to a backend before trying the next"),
-        ("--response-timeout", float, "seconds a backend may leave a message unanswered before "
+        ("--connect-timeout", cli.positive_float, "seconds to connect to a backend before trying the next"),
+        ("--response-timeout", cli.positive_float, "seconds a backend may leave a message unanswered before "
                                       "its clients are moved to another backend"),
-        ("--idle-timeout", float, "seconds a client may stay silent, or leave its answers unread, before it is "
+        ("--idle-timeout", cli.non_negative_float, "seconds a client may stay silent, or leave its answers unread, before it is "
                                   "disconnected, 0 for never"),
-        ("--line-timeout", float, "message mode: seconds a client may take to finish a line it began; "
+        ("--line-timeout", cli.non_negative_float, "message mode: seconds a client may take to finish a line it began; "
                                   "slower gets 'ERR line-timeout' (a slowloris), 0 for never"),
-        ("--drain-timeout", float, "on SIGTERM, seconds to let in-flight messages finish"),
+        ("--drain-timeout", cli.non_negative_float, "on SIGTERM, seconds to let in-flight messages finish"),
         ("--max-connections", cli.positive_int, "clients served at once; more get 'ERR busy'"),
         ("--max-line", cli.positive_int, "longest message in bytes"),
         ("--keepalive", cli.non_negative_int, "message mode: idle backend connections kept per backend for the "

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import (ConfigError, check, check_backend_name, check_positive, check_unique_names,
-                      settings_and_backends)
+from ..config import (ConfigError, check, check_backend_name, check_non_negative, check_positive,
+                      check_unique_names, settings_and_backends)
 from ..protocol import DEFAULT_MAX_LINE
 from ..sockets import host_port
 
@@ -102,7 +102,7 @@ class BalancerConfig:
         check(len(self.backends) >= 1, "at least one backend is needed")
         check_unique_names([b.name for b in self.backends])
         check_positive(self, "check_interval", "check_timeout", "connect_timeout", "response_timeout")
-        check(self.line_timeout >= 0, "--line-timeout must not be negative")
+        check_non_negative(self, "line_timeout", "idle_timeout", "drain_timeout")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
         check(0 <= self.port <= 65535 and 0 <= self.admin_port <= 65535, "not a port number")
         check(self.admin_port == 0 or self.admin_port != self.port,
@@ -110,13 +110,14 @@ class BalancerConfig:
         check(self.max_connections >= 1, "--max-connections must be at least 1")
         check(self.max_line >= 1, "--max-line must be at least 1")
         check(self.keepalive >= 0, "--keepalive must not be negative")
-        check(self.idle_timeout >= 0 and self.drain_timeout >= 0, "idle-timeout and drain-timeout must not be negative")
         check(self.write_high_water >= 1 and self.max_pending_bytes >= 1,
               "write-high-water and max-pending-bytes must be at least 1")
 
 
-FILE_SETTINGS = set(BalancerConfig.__dataclass_fields__) - {"backends", "extra", "drain_quiet"}
-"""What a config file's [balancer] table may set (backends come from [[backends]])."""
+FILE_SETTINGS = set(BalancerConfig.__dataclass_fields__) - {"backends", "extra", "drain_quiet", "log_level",
+                                                            "log_dir", "loop"}
+"""What a config file's [balancer] table may set (backends come from [[backends]]; how
+and where the process logs, and its event loop, from the command line, as lb.py's)."""
 
 
 def from_toml(path: str) -> dict:

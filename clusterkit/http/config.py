@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import check, check_backend_name, check_positive, check_unique_names
+from ..config import check, check_backend_name, check_non_negative, check_positive, check_unique_names
 from .core import Limits
 from .static import DEFAULT_ROOT
 
 
 def check_limits(limits: Limits) -> None:
-    check(limits.header_timeout > 0, f"--header-timeout must be positive, got {limits.header_timeout}")
-    check(limits.keepalive_timeout > 0, f"--keepalive-timeout must be positive, got {limits.keepalive_timeout}")
+    check_positive(limits, "header_timeout", "keepalive_timeout")
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class HttpServerConfig:
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
         check(self.pool >= 0, "--pool must not be negative")
-        check(self.drain_timeout >= 0, "--drain-timeout must not be negative")
+        check_non_negative(self, "drain_timeout")
         check_limits(self.limits)
 
 
@@ -89,7 +88,8 @@ class ProxyConfig:
         check_unique_names([b.name for b in self.backends])
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
         check_positive(self, "connect_timeout", "response_timeout", "check_interval", "check_timeout")
-        check(self.pool_size >= 0 and self.drain_timeout >= 0, "pool_size and drain_timeout must not be negative")
+        check(self.pool_size >= 0, "pool_size must not be negative")
+        check_non_negative(self, "drain_timeout")
         check_limits(self.limits)
         check(0 <= self.admin_port <= 65535, f"--admin-port: not a port number: {self.admin_port}")
         check(not self.admin_port or self.admin_port != self.port,

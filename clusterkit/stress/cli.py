@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("target")
     # Defaults filled in by make_configs: None says the option was not given (--spawn refuses them).
     t.add_argument("--host", help=f"server or balancer address (default: {DEFAULT_HOST})")
-    t.add_argument("--port", type=cli.port_number, help=f"its port (default: {DEFAULT_PORT})")
+    t.add_argument("--port", type=cli.peer_port, help=f"its port (default: {DEFAULT_PORT})")
     t.add_argument("--http", metavar="URL", help="stress an HTTP server with GET requests (HTTP/1.0, as "
                                                   "ApacheBench), e.g. http://127.0.0.1:45000/page.html")
     t.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
