@@ -2,12 +2,16 @@
 shared core, serving ``www/`` from memory.
 
 HTTP/1.0 and 1.1, keep-alive (HTTP/1.0 ``Connection: keep-alive`` too, as
-``ab -k`` sends), pipelining (answers go out in order, all answers of one
-read in one write), GET and HEAD. Flow control: reading stops while the
-client does not take our answers. Deadlines, checked by one sweep per server
-rather than a timer per request: a request head not complete within
-``header_timeout`` gets 408 (slowloris), an idle keep-alive connection is
-closed after ``keepalive_timeout``. Graceful stop as the TCP server does it.
+``ab -k`` sends), pipelining (answers go out in order, the answers of one
+read in one write, ``ANSWER_BUDGET`` bytes at a time), GET and HEAD. Flow
+control: reading stops while the client does not take our answers, and so
+does answering the pipelined requests already read (``waiting``). Deadlines,
+checked by one sweep per server rather than a timer per request: a request
+head not complete within ``header_timeout`` gets 408 (slowloris), an idle
+keep-alive connection is closed after ``keepalive_timeout``, and so is one
+whose client has taken none of its answers for that long (nginx's
+``send_timeout``: a client that reads slowly but reads is served). Graceful
+stop as the TCP server does it.
 """
 
 from __future__ import annotations
@@ -18,16 +22,14 @@ import time
 
 from .. import logs, loops
 from .config import HttpServerConfig
-from .core import HttpError, RequestParser, error_response
+from .core import HttpError, Request, RequestParser, error_response
 from ..linger import Linger
 from .static import StaticFiles
-
-_TIMEOUT_408 = error_response(HttpError(408, "request head too slow"))
 
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "peer", "last_activity", "closing", "elog", "static", "conn_id",
-                 "paused_since", "lingering")
+                 "paused_since", "unsent", "lingering", "waiting")
 
     def __init__(self, server: AsyncHttpServer) -> None:
         self.server = server
@@ -37,7 +39,9 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
-        self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
+        self.paused_since = 0.0  # since when the client has taken none of its answers (0: it reads)
+        self.unsent = 0  # bytes of answers not yet taken, as the last sweep saw them
+        self.waiting: list[Request] = []  # pipelined requests read, to be answered once the client takes more
         self.lingering: Linger | None = None  # after an error answer, until the close
         self.last_activity = time.monotonic()
         self.conn_id = 0
@@ -55,18 +59,36 @@ class HttpProtocol(asyncio.Protocol):
             self.lingering.take(data)
             return
         self.last_activity = time.monotonic()
-        parser = self.parser
-        requests = parser.feed(data)
-        if requests:
-            out, keep = self.static.answer(requests, self.peer, self.elog)
-            transport = self.transport
+        requests = self.parser.feed(data)
+        if self.waiting:  # (reading pauses while requests wait; should bytes come, they keep their turn)
+            self.waiting += requests
+        elif requests:
+            self._answer(requests)
+        elif self.parser.error is not None:
+            self._refuse(self.parser.error)
+
+    def _answer(self, requests: list[Request]) -> None:
+        """Answer in order, a budget at a time, while the client takes them; the rest
+        wait for ``resume_writing``. A request the parser refused comes after them."""
+        transport = self.transport
+        static = self.static
+        while True:
+            out, keep, n = static.answer(requests, self.peer, self.elog)
             transport.write(out)  # type: ignore[union-attr]
             if not keep:
                 self.closing = True
                 transport.close()  # type: ignore[union-attr]
                 return
-        if parser.error is not None:
-            self._refuse(parser.error)
+            if n == len(requests):
+                break
+            requests = requests[n:]
+            if self.paused_since:
+                self.waiting = requests
+                return
+        if self.waiting:
+            self.waiting = []
+        if self.parser.error is not None:
+            self._refuse(self.parser.error)
 
     def _refuse(self, exc: HttpError) -> None:
         if self.elog.warning:
@@ -81,11 +103,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused_since = time.monotonic()
+        self.unsent = 0
         self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
         self.paused_since = 0.0
-        if not self.closing:
+        if self.waiting and not self.closing:
+            self._answer(self.waiting)
+        if not self.closing and not self.paused_since:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -97,26 +122,33 @@ class HttpProtocol(asyncio.Protocol):
         if self.lingering is not None:
             self.lingering.sweep(now)
             return
-        if self.paused_since and now - self.paused_since > limits.keepalive_timeout:
-            # It has not read its answers for that long (nginx's send_timeout): drop it,
-            # also when closing, which would wait for a buffer it never drains.
-            self.paused_since = 0.0
-            self.closing = True
-            self.transport.abort()  # type: ignore[union-attr]
-            return
+        if self.paused_since:
+            unsent = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+            if unsent != self.unsent:  # it took some since the last sweep: its clock starts again
+                self.unsent = unsent
+                self.paused_since = now
+            elif now - self.paused_since > limits.keepalive_timeout:
+                # It has taken nothing for that long (nginx's send_timeout): drop it,
+                # also when closing, which would wait for a buffer it never drains.
+                self.paused_since = 0.0
+                self.closing = True
+                self.transport.abort()  # type: ignore[union-attr]
+                return
         if self.closing:
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
             self.closing = True
             if self.elog.warning:
                 self.elog.line("WARNING", f"event=refused client={self.peer} status=408 reason=slow-head")
-            self._answer_and_linger(_TIMEOUT_408)
+            self._answer_and_linger(error_response(HttpError(408, "request head too slow"),
+                                                   self.static.backend_header))
         elif not self.parser.in_progress and now - self.last_activity > limits.keepalive_timeout:
             self.closing = True
             self.transport.close()  # type: ignore[union-attr]
 
     def idle(self) -> bool:
-        return not self.parser.in_progress and self.transport.get_write_buffer_size() == 0  # type: ignore[union-attr]
+        return (not self.parser.in_progress and not self.waiting
+                and self.transport.get_write_buffer_size() == 0)  # type: ignore[union-attr]
 
 
 class AsyncHttpServer:

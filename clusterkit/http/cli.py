@@ -69,7 +69,10 @@ async def _serve_async(config: HttpServerConfig, elog: logs.EventLog) -> None:
 
 
 def _run_server(args, program: str, threaded: bool) -> int:
-    port = getattr(args, "port_arg", None) or args.port
+    given = getattr(args, "port_arg", None)
+    if given is not None and args.port is not None and given != args.port:
+        raise cli.Fatal(f"{program}: PORT {given} and --port {args.port}: give one of them", cli.EXIT_USAGE)
+    port = given if given is not None else args.port
     if port is None:
         raise cli.Fatal(f"{program}: give the port (e.g. 9002)", cli.EXIT_USAGE)
     name = args.name or (backend_name(port) if program == "http-backend" else "")

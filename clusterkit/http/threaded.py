@@ -38,7 +38,7 @@ from .core import HttpError, RequestParser, build_response, error_response
 from ..linger import linger
 from .static import StaticFiles
 
-_BUSY = build_response(503, b"503 Service Unavailable: all worker threads are busy\n", keep_alive=False)
+BUSY_BODY = b"503 Service Unavailable: all worker threads are busy\n"
 
 
 class ThreadCache:
@@ -120,7 +120,8 @@ class ThreadedHttpServer:
                     self.queue.put_nowait((conn, addr[0]))
                 except queue.Full:
                     try:
-                        conn.sendall(_BUSY)
+                        conn.sendall(build_response(503, BUSY_BODY, keep_alive=False,
+                                                    headers=self.static.backend_header))
                     except OSError:
                         pass
                     conn.close()
@@ -162,11 +163,12 @@ class ThreadedHttpServer:
                 if not data:
                     return
                 requests = parser.feed(data)
-                if requests:
-                    out, keep = self.static.answer(requests, peer, elog)
+                while requests:  # a budget of answers at a time (StaticFiles.answer)
+                    out, keep, n = self.static.answer(requests, peer, elog)
                     conn.sendall(out)
                     if not keep:
                         return
+                    requests = requests[n:] if n < len(requests) else None
                 if parser.error is not None:
                     raise parser.error
         except HttpError as exc:
