@@ -1363,3 +1363,29 @@ def test_a_408_carries_the_time_it_is_sent(setup):
     assert status_of(answer) == 408
     date = re.search(rb"Date: ([^\r]+)", answer).group(1).decode()
     assert email.utils.parsedate_to_datetime(date).timestamp() >= int(asked) - 1
+
+
+@pytest.mark.parametrize("script", ["Server_async_http.py", "Server_thread_http.py"])
+def test_expect_100_continue_is_answered_at_once(setup, script):
+    """curl waited a second for its body's go-ahead (nginx says 100 Continue at once)."""
+    server = setup.server(script)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /page.html HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"hello")
+        data = b""
+        while b"</html>" not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert status_of(data) == 200
+
+
+def test_an_if_modified_since_in_the_future_is_no_date(setup):
+    """A date after the server's clock got 304 (RFC 9110 13.1.3: ignore it; nginx: 200)."""
+    server = setup.server("Server_async_http.py")
+    future = exchange(server.port, b"GET /page.html HTTP/1.0\r\nIf-Modified-Since: Tue, 01 Jan 2030 00:00:00 GMT"
+                                   b"\r\n\r\n")
+    now = email.utils.formatdate(time.time(), usegmt=True).encode()
+    recent = exchange(server.port, b"GET /page.html HTTP/1.0\r\nIf-Modified-Since: %s\r\n\r\n" % now)
+    assert (status_of(future), status_of(recent)) == (200, 304)

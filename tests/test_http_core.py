@@ -67,3 +67,38 @@ def test_a_repeated_request_is_not_parsed_again_and_is_a_request_of_its_own():
     closing.feed(R11)
     closing.feed(R11)
     assert closing.feed(CLOSE)[0].keep_alive is False and closing.last and closing.feed(R11) == []
+
+
+@pytest.mark.parametrize("connection, keep", [(b"keep-alive, close", False), (b"Close, keep-alive", False),
+                                              (b"keep-alive", True), (b"keep-alive, closed-caption", True)])
+def test_close_among_the_connection_options_closes(connection, keep):
+    """HTTP/1.0 ``Connection: keep-alive, close`` was kept open (llhttp's reading);
+    close wins, as nginx has it (RFC 9112 9.3)."""
+    [r] = RequestParser(Limits()).feed(b"GET / HTTP/1.0\r\nConnection: %s\r\n\r\n" % connection)
+    assert r.keep_alive is keep
+
+
+@pytest.mark.parametrize("host, good", [(b"a b", False), (b"t/x", False), (b"a@b", False), (b"t", True),
+                                        (b"127.0.0.1:45000", True), (b"[::1]:44444", True), (b"", True),
+                                        (b"x.example:", True)])
+def test_a_host_header_must_be_a_host(host, good):
+    """``Host: a b`` was served (RFC 9112 3.2: 400, as nginx answers)."""
+    parser = RequestParser(Limits())
+    ready = parser.feed(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+    assert (len(ready) == 1 and parser.error is None) if good else (not ready and parser.error.status == 400)
+
+
+def test_a_body_awaited_on_expect_100_continue_is_asked_for_once():
+    """Nothing said 100 Continue: curl sent its body a second late."""
+    parser = RequestParser(Limits())
+    head = b"GET / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    assert parser.feed(head) == [] and parser.expects_continue
+    parser.expects_continue = False  # (the server said it)
+    [r] = parser.feed(b"hello")
+    assert r.target == b"/" and not parser.expects_continue
+    # The body in the same read (a client that did not wait), no body, HTTP/1.0: no 100.
+    for request in (head + b"hello", b"GET / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n",
+                    b"GET / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"):
+        parser = RequestParser(Limits())
+        parser.feed(request)
+        assert not parser.expects_continue, request

@@ -22,7 +22,7 @@ import time
 
 from .. import logs, loops
 from .config import HttpServerConfig
-from .core import HttpError, Request, RequestParser, error_response
+from .core import CONTINUE, HttpError, Request, RequestParser, error_response
 from ..linger import Linger
 from .static import StaticFiles
 
@@ -59,13 +59,18 @@ class HttpProtocol(asyncio.Protocol):
             self.lingering.take(data)
             return
         self.last_activity = time.monotonic()
-        requests = self.parser.feed(data)
+        parser = self.parser
+        requests = parser.feed(data)
         if self.waiting:  # (reading pauses while requests wait; should bytes come, they keep their turn)
             self.waiting += requests
         elif requests:
             self._answer(requests)
-        elif self.parser.error is not None:
-            self._refuse(self.parser.error)
+        elif parser.error is not None:
+            self._refuse(parser.error)
+        if parser.expects_continue:  # after the answers before it; none while they wait
+            parser.expects_continue = False
+            if not (self.closing or self.waiting):
+                self.transport.write(CONTINUE)  # type: ignore[union-attr]
 
     def _answer(self, requests: list[Request]) -> None:
         """Answer in order, a budget at a time, while the client takes them; the rest

@@ -7,13 +7,20 @@ wraps it as a sans-I/O object: bytes in, ``Request`` objects out, or an
 ``HttpError`` whose status says what was wrong:
 
     400  malformed request, Content-Length with Transfer-Encoding, two Content-Lengths,
-         an HTTP/1.1 request without Host or with two
+         an HTTP/1.1 request without Host or with two, a Host that is no host[:port]
     405  a method other than GET or HEAD (with ``Allow``)
     408  headers not complete within the header timeout (decided by the server)
     413  a body larger than ``max_body``
     414  a request target longer than ``max_url``
     431  request headers larger than ``max_header_bytes``
     505  an HTTP version other than 1.0 and 1.1
+
+``Connection: close`` closes whatever else the header says (``keep-alive,
+close`` from an HTTP/1.0 client kept the connection open, as llhttp reads
+it). A request with a body and ``Expect: 100-continue`` sets
+``expects_continue`` when its head is complete: the server says ``100
+Continue`` (``CONTINUE``), and the client sends its body at once instead of
+after its own timeout (curl: a second).
 
 A request that arrives again byte for byte, alone in one read (what ab, wrk
 and a balancer's keep-alive connections send), is taken as the same request
@@ -25,6 +32,7 @@ proxy feed it and write what ``build_response`` returns.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -41,6 +49,9 @@ ALLOWED_METHODS = (b"GET", b"HEAD")
 CONDITIONAL = (b"if-none-match", b"if-modified-since", b"range")
 """Request headers that can change a static answer (``Request.conditional``)."""
 SERVER = b"clusterkit"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+HOST = re.compile(rb"([A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(:[0-9]*)?")
+"""RFC 9112 3.2's Host: uri-host [":" port] (a reg-name, an IPv4 address or an [IPv6] one)."""
 
 
 def reason_phrase(status: int) -> bytes:
@@ -113,6 +124,9 @@ class RequestParser:
         self._conditional = True
         self.in_progress = False
         """Bytes of a request head have arrived and the head is not complete yet."""
+        self.expects_continue = False
+        """A head with ``Expect: 100-continue`` and a body is complete: say ``CONTINUE``, then clear it."""
+        self._close = False  # the request's Connection header says close
         self.head_started = 0.0
         self._open = False  # between a message's first byte and its end (head or body)
         self._known: bytes | None = None  # the bytes of the last request that came alone in one read,
@@ -148,17 +162,26 @@ class RequestParser:
         lengths = []
         chunked = False
         conditional = False
+        close = False
+        expect = False
+        bad_host = False
         for k, v in self._headers:
             k = k.lower()
             if k == b"host":
                 hosts += 1
+                bad_host = bad_host or HOST.fullmatch(v.strip()) is None
             elif k == b"content-length":
                 lengths.append(v)
             elif k == b"transfer-encoding":
                 chunked = True
             elif k in CONDITIONAL:
                 conditional = True
+            elif k == b"connection":
+                close = close or b"close" in (t.strip() for t in v.lower().split(b","))
+            elif k == b"expect":
+                expect = v.strip().lower() == b"100-continue"
         self._conditional = conditional
+        self._close = close
         if len(lengths) > 1:
             self._fail(HttpError(400, "more than one Content-Length"))
         if lengths and chunked:
@@ -171,12 +194,16 @@ class RequestParser:
         # RFC 9112 3.2: an HTTP/1.1 request without Host, or with more than one, gets 400.
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             self._fail(HttpError(400, "no Host header" if hosts == 0 else "more than one Host header"))
+        if bad_host:
+            self._fail(HttpError(400, "a Host header that is no host[:port]"))
         method = self._parser.get_method()
         if method not in ALLOWED_METHODS:
             # Refused now, not once its body is in: a client waiting on "Expect:
             # 100-continue" has its 405 at once (as from nginx; curl waited a second),
             # and no body is read for nothing (the lingering close drops it).
             self._fail(HttpError(405, f"method {method.decode('latin-1')}"))
+        if expect and version == "1.1" and (chunked or (lengths and lengths[0].strip() not in (b"", b"0"))):
+            self.expects_continue = True
 
     def on_body(self, body: bytes) -> None:
         self._body += len(body)
@@ -185,8 +212,9 @@ class RequestParser:
 
     def on_message_complete(self) -> None:
         self._open = False
+        self.expects_continue = False  # its body came unasked: no 100 now (it would follow the answer)
         p = self._parser
-        keep_alive = p.should_keep_alive()
+        keep_alive = p.should_keep_alive() and not self._close
         self.ready.append(Request(p.get_method(), self._url, p.get_http_version(), self._headers, keep_alive,
                                   conditional=self._conditional))
         if not keep_alive:

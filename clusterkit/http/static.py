@@ -225,8 +225,10 @@ def _not_modified(req: Request, entry: CachedFile) -> bool:
     ims = req.header(b"if-modified-since")
     if ims is not None:
         try:
-            return parsedate_to_datetime(ims.decode("latin-1")).timestamp() >= int(entry.mtime)
+            since = parsedate_to_datetime(ims.decode("latin-1")).timestamp()
         except (TypeError, ValueError):
             return False
+        # A date later than the server's clock is no date (RFC 9110 13.1.3): the file goes out.
+        return int(entry.mtime) <= since <= time.time()
     return False
 

@@ -34,7 +34,7 @@ from .. import logs
 from ..affinity import pin_process
 from ..sockets import kernel_timeouts
 from .config import HttpServerConfig
-from .core import HttpError, RequestParser, build_response, error_response
+from .core import CONTINUE, HttpError, RequestParser, build_response, error_response
 from ..linger import linger
 from .static import StaticFiles
 
@@ -169,6 +169,9 @@ class ThreadedHttpServer:
                     if not keep:
                         return
                     requests = requests[n:] if n < len(requests) else None
+                if parser.expects_continue:
+                    parser.expects_continue = False
+                    conn.sendall(CONTINUE)
                 if parser.error is not None:
                     raise parser.error
         except HttpError as exc:
