@@ -86,10 +86,23 @@ class Balancer:
     def _state_changed(self, backend: Backend, old: str, new: str) -> None:
         if not backend.healthy:
             self.idle.close(backend)
+            if self.config.mode == "message" and self.loop is not None:
+                self.loop.call_soon(self._move_clients, backend)  # (not inside the failure that marked it)
         if self.elog.warning:
             event = "backend-up" if backend.healthy else "backend-down"
             self.elog.line("WARNING", f"event={event} backend={backend.name} from={old} to={new} "
                                       f"reason={logs.quote(backend.reason)}")
+
+    def _move_clients(self, backend: Backend) -> None:
+        """Message mode: the clients of a backend just marked DOWN leave it now, its
+        unanswered messages resent elsewhere (a client with none takes a healthy
+        backend at its next message). Before, each waited out its own response
+        timeout on a stalled backend, even one the health checks had given up on."""
+        if backend.healthy:
+            return
+        for conn in list(self.connections):
+            if conn.backend is backend and conn.backend_conn is not None and not conn.closed:
+                conn.fail_over("backend-down")
 
     @property
     def port(self) -> int:

@@ -95,6 +95,9 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
     admin = f", admin http://{host_port(config.host, config.admin_port)}/stats" if config.admin_port else ""
     print(f"balancer listening on {host_port(config.host, balancer.port)} (mode {config.mode}, {config.algorithm}, "
           f"backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    if config.algorithm != "weighted" and any(b.weight != 1 for b in config.backends):
+        print(f"balancer: the backends' weights are for --algorithm weighted; {config.algorithm} spreads clients "
+              f"without them", file=sys.stderr, flush=True)
     if balancer.max_clients < config.max_connections:
         print(f"balancer: at most {balancer.max_clients} clients at once (the open-files limit allows no more; "
               f"--max-connections is {config.max_connections}): more get 'ERR busy'", file=sys.stderr, flush=True)
