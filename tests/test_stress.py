@@ -183,6 +183,23 @@ class FakeServer:
                     self.heads.append(data)
                     conn.sendall(UNFRAMED)
                     return
+                if self.behaviour.startswith("http-twice"):  # every answer twice: at once, or 10 ms later
+                    buf += data
+                    while b"\r\n\r\n" in buf:
+                        _, buf = buf.split(b"\r\n\r\n", 1)
+                        with self.lock:
+                            self.count += 1
+                        answer = http_answer()
+                        try:
+                            if self.behaviour == "http-twice":
+                                conn.sendall(answer * 2)
+                            else:
+                                conn.sendall(answer)
+                                time.sleep(0.01)
+                                conn.sendall(answer)
+                        except OSError:  # the client closed a connection out of step
+                            return
+                    continue
                 if self.behaviour == "http-varied":
                     buf += data
                     while b"\r\n\r\n" in buf:
@@ -494,6 +511,33 @@ def test_open_loop_says_how_many_requests_were_never_sent(log_dir, tmp_path):
     unsent = row["scheduled"] - row["complete"] - row["failed"]
     assert unsent > 10
     assert f"{unsent:,} of the 240 requests the schedule had were never sent" in proc.stdout.replace("\n", " ")
+
+
+def test_open_loop_cut_short_by_a_dead_target_says_so_not_that_the_server_stalled(start_server, log_dir, tmp_path):
+    """The rest of the schedule of a run that a dead target ended early was put down
+    to 'the server fell behind or stalled'."""
+    server = start_server("server1")
+    path = tmp_path / "out.json"
+    run = subprocess.Popen(cluster.python_script("ClientServer_StressTools.py", "--rate", "200", "--duration", "30",
+                                                 "-c", "4", "--port", str(server.port), "--quiet", "--json", str(path),
+                                                 "--log-dir", str(log_dir)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_answered(log_dir)
+        time.sleep(0.3)
+        server.kill()
+        out, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 69, err
+    row = json.loads(path.read_text())["runs"][0]
+    unsent = row["scheduled"] - row["complete"] - row["failed"]
+    text = " ".join(out.split())
+    assert (f"{unsent:,} of the 6,000 requests the schedule had were never sent: the run ended early, as the target "
+            f"stopped accepting connections") in text, text
+    assert "fell behind" not in text
 
 
 @pytest.mark.skipif(shutil.which("ab") is None, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
@@ -893,3 +937,33 @@ def test_http_headers_given_with_H_go_with_every_request_and_replace_the_tools_o
         assert head.startswith(b"GET /x HTTP/1.0\r\n") and head.endswith(b"\r\n\r\n")
         assert b"\r\nX-Test: one two\r\n" in head and b"\r\nhost: example.test\r\n" in head
         assert b"Host: 127.0.0.1" not in head and b"User-Agent: clusterkit-stress\r\n" in head
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+@pytest.mark.parametrize("behaviour, rate", [("http-twice", None), ("http-twice-late", None),
+                                             ("http-twice-late", "200")])
+def test_http_keepalive_answers_nobody_asked_for_fail_as_extra_answer(log_dir, tmp_path, engine, behaviour, rate):
+    """A server that answers every keep-alive request twice (in one write, or the
+    second copy 10 ms later) got 'Complete 200, Failed 0' from -n 200 -c 4 -k,
+    having received about 100 requests: each spare answer was taken as the next
+    request's. Now: a copy in the same read fails the request it came with; a copy
+    on an idle connection (--rate: 20 ms between sends) fails the next one; a copy
+    that came while the next request was in flight put the connection out of step,
+    which shows at its end: the server still answers after the client's last
+    request (plan.Client.lingers)."""
+    server = FakeServer(behaviour)
+    try:
+        row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/", "-k", "-n", "200", "-c", "4",
+                             *(["--rate", rate] if rate else []), "--engine", engine, "--timeout", "2",
+                             log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        server.close()
+    assert proc.returncode == 1, proc.stderr
+    assert row["complete"] + row["failed"] == 200
+    assert set(row["errors"]) == {"extra-answer"}, row["errors"]
+    if behaviour == "http-twice":  # every answer came with its copy: every request failed
+        assert (row["failed"], server.count) == (200, 200)
+    elif rate:  # an idle connection's copy fails the next request, which goes on a new connection
+        assert row["failed"] >= 50 and row["complete"] <= server.count
+    else:  # at least each client's last connection ended out of step
+        assert row["failed"] >= 4

@@ -15,7 +15,7 @@ import time
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
-from .plan import AGAIN, CLOSES, FINE_NS, MS, Client, Plan, connect_error, ns, reusable, server_closes
+from .plan import AGAIN, CLOSES, FINE_NS, MS, Client, Plan, connect_error, extra_answer, ns, reusable, server_closes
 
 
 class AsyncClient(Client, asyncio.Protocol):
@@ -73,6 +73,12 @@ class AsyncClient(Client, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader = self.reader
         if reader is None:
+            if not self.draining and self.transport is not None:
+                # An answer nobody asked for, on an idle keep-alive connection (its
+                # client waits for a --rate send): the send reconnects.
+                self.unasked()
+                transport, self.transport = self.transport, None
+                transport.close()
             return
         now = ns()
         verdict = self.whole(data, now)
@@ -86,8 +92,17 @@ class AsyncClient(Client, asyncio.Protocol):
         if verdict == CLOSES:
             self._await_close()
             return
+        if reader.done:  # more after the last answer (see Client.lingers)
+            extra_answer(reader)
+            self._finish()  # (no longer reusable: closes the connection)
+            return
         reader.feed(data, now)
         if reader.done:
+            if self.lingers(reader, now):
+                # Half-close, and wait: connection_lost counts it, or more comes (the deadline: check_timeout).
+                self.transport.write_eof()  # type: ignore[union-attr]
+                self.sent = now
+                return
             self._finish()
 
     def _finish(self) -> None:

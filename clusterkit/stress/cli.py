@@ -239,9 +239,12 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
     for r in rows:
         unsent = r["scheduled"] - r["complete"] - r["failed"] if r["scheduled"] else 0
         if unsent > r["concurrency"] and not interrupted:  # (Ctrl-C: the user ended it, not the server)
+            # A run cut short (a dead target) left the rest of its schedule unsent: no stall.
+            cause = (f"the run ended early, as {r['ended_early']}" if r["ended_early"] else
+                     "the clients were still waiting for answers when the run ended (the server fell behind "
+                     "or stalled)")
             console.print(f"[yellow]warning: c={r['concurrency']}: {unsent:,} of the {r['scheduled']:,} requests "
-                          f"the schedule had were never sent: the clients were still waiting for answers when "
-                          f"the run ended (the server fell behind or stalled).[/]")
+                          f"the schedule had were never sent: {cause}.[/]")
     spare = [r for r in rows if r["rate_is_lower_bound"]]
     if spare:
         levels = ", ".join(f"c={r['concurrency']}: {r['server_cpu_percent']:.0f}% of a core" for r in spare)

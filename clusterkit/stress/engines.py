@@ -39,7 +39,7 @@ from .config import StressConfig
 from .async_engine import AsyncRunner
 from .epoll_engine import EpollRunner
 from .metrics import Recorder, RunResult, busy_between, cpu_times
-from .plan import CLOSES, Client, Plan, address, connect_error, ns, reusable, server_closes
+from .plan import CLOSES, Client, Plan, address, connect_error, extra_answer, ns, reusable, server_closes
 from .server_cpu import ServerCpu
 
 def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag,
@@ -60,7 +60,10 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 at = c.due()
                 if at:
                     time.sleep(max(0, at - ns()) / 1e9)
-                    if sock is not None and peer_closed(sock):  # closed while we waited: reopen
+                    news = idle_news(sock) if sock is not None else None
+                    if news is not None:  # closed while we waited, or an answer nobody asked for: reopen
+                        if news:
+                            c.unasked()
                         sock.close()
                         sock = None
                 if sock is None:
@@ -126,6 +129,11 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 sock.close()
                 sock = None
                 continue
+            if c.lingers(reader, ns()):
+                if shortened:
+                    kernel_timeouts(sock, cfg.timeout)
+                if linger(sock):
+                    extra_answer(reader)
             c.answered()
             if not reusable(cfg, reader):
                 if server_closes(reader):
@@ -148,15 +156,26 @@ def wake(socks: dict[int, socket.socket]) -> None:
             pass
 
 
-def peer_closed(sock: socket.socket) -> bool:
-    """Whether the server closed this idle keep-alive connection (a server's
-    idle timeout, between --rate sends); one non-blocking peek."""
+def idle_news(sock: socket.socket) -> bytes | None:
+    """What came on this idle keep-alive connection (between --rate sends), in
+    one non-blocking peek: None, nothing; b"", the server closed it (its idle
+    timeout); else bytes of an answer nobody asked for (plan.Client.unasked)."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
-        return False
+        return None
     except OSError:
-        return True
+        return b""
+
+
+def linger(sock: socket.socket) -> bool:
+    """Half-close after the last answer and read until the server closes (bounded
+    by the socket's kernel timeout): whether anything came first (plan.Client.lingers)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        return bool(sock.recv(65536))
+    except OSError:  # includes BlockingIOError: the kernel timeout ran out
+        return False
 
 
 def await_close(sock: socket.socket) -> None:

@@ -35,7 +35,8 @@ import _socket
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
-from .plan import AGAIN, CLOSES, FINE_NS, MS, Client, Plan, Target, address, connect_error, ns, reusable, server_closes
+from .plan import (AGAIN, CLOSES, FINE_NS, MS, Client, Plan, Target, address, connect_error, extra_answer, ns,
+                   reusable, server_closes)
 
 CHECK_NS = 100_000_000
 """How often deadlines and the stop flag are checked."""
@@ -209,7 +210,10 @@ class EpollRunner:
             if reader is None:
                 if not c.draining:
                     # An idle keep-alive connection (its client waits for a --rate
-                    # send) that the server closed: the send reconnects.
+                    # send) that the server closed, or that brought an answer nobody
+                    # asked for: the send reconnects.
+                    if chunk:
+                        c.unasked()
                     self.drop(c)
                     return
                 if not chunk:  # the server's close after its answer
@@ -233,11 +237,24 @@ class EpollRunner:
                 if c.server_closed_first(reader):  # again, on a new connection
                     self.go(c)
                     return
-                reader.close(now)
+                reader.close(now)  # (a no-op after the last answer: see lingers)
+                self.finish(c)
+                return
+            if reader.done:  # more after the last answer (see Client.lingers)
+                extra_answer(reader)
+                self.drop(c)
                 self.finish(c)
                 return
             reader.feed(chunk, now)
             if reader.done:
+                if c.lingers(reader, now):
+                    # Half-close, and read on: the server's close, or more (the deadline: check).
+                    try:
+                        c.sock.shutdown(socket.SHUT_WR)
+                    except OSError:  # (reset: the recv says so)
+                        pass
+                    c.sent = now
+                    continue
                 self.finish(c, hangup)
                 return
 

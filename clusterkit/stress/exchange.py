@@ -12,7 +12,9 @@ parsing it. Failures carry a kind:
     wrong-reply   the REPLY does not echo the message
     bad-ack       the ACK is missing, from another server, or has a wrong length
     bad-reply     not the protocol at all (or an answer growing without a line end)
-    extra-answer  another REPLY right behind the answer, for no message (answered twice)
+    extra-answer  another answer right behind the answer, for no request (answered twice); or,
+                  on a kept-alive connection, bytes while no request was in flight (the
+                  engine fails the next request so: ``plan.Client.unasked``)
     bad-response  HTTP the parser rejects (or a header block past 1 MiB)
     err:<code>    the server answered ERR <code>
     http-<status> a non-2xx HTTP status
@@ -194,6 +196,7 @@ class HttpReader:
     _date = (0, 0)
     _length = -1  # head + Content-Length, when given
     complete = False
+    extra = False  # more came right behind the complete answer: another answer, for no request
     headers_done = False
     framed = False  # Content-Length or chunked: else the body ends with the connection
     keep_alive = False
@@ -218,6 +221,11 @@ class HttpReader:
         # read as "close".
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
+
+    def on_message_begin(self) -> None:
+        # (llhttp begins a message at the first byte that is no line end.)
+        if self.complete:
+            self.extra = True
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -264,11 +272,17 @@ class HttpReader:
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError:
-            self._end(Outcome(False, "bad-response", self.first_ns, now, self.nbytes))
+            self._end(Outcome(False, "extra-answer" if self.extra else "bad-response", self.first_ns, now,
+                              self.nbytes))
             return
         if self.headers_done and self._head_parts:
             self._scan()
-        if self.complete:
+        if self.extra:
+            # Bytes right behind a complete answer on a kept-alive connection: the
+            # server answered twice (what the line protocol calls extra-answer too).
+            # Taken as the next request's answer, it would put every later one out of step.
+            self._end(Outcome(False, "extra-answer", self.first_ns, now, self.nbytes))
+        elif self.complete:
             status = self.parser.get_status_code()
             ok = 200 <= status < 300
             self._end(Outcome(ok, self.backend if ok else f"http-{status}", self.first_ns, now, self.nbytes))

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from ..protocol import message_line, message_lines
 from .config import StressConfig
-from .exchange import HttpReader, KnownAnswer, LineReader
+from .exchange import HttpReader, KnownAnswer, LineReader, Outcome
 from .metrics import Recorder
 
 ns = time.perf_counter_ns
@@ -72,6 +72,14 @@ class Target:
             name = o.label.encode("ascii", "replace")
             self.head = b"REPLY %s " % name
             self.tail = b"\nACK %s %d\n" % (name, len(reader.messages[0]))
+
+    def forget(self) -> None:
+        """Let the next answer be read and judged in full (no ``Client.whole``)."""
+        if self.http_request:
+            self.known = None
+        else:
+            self.name = ""
+            self.head = self.tail = b""
 
     def request(self, k: int, count: int) -> tuple[bytes, LineReader | HttpReader, int]:
         if self.http_request:
@@ -154,7 +162,7 @@ class Client:
 
     __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
                  "k", "reader", "batch", "sent", "base", "connect_started", "limit", "deadline", "steady",
-                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent")
+                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
         self.cfg = cfg
@@ -183,6 +191,7 @@ class Client:
         self.start = 0  # what ApacheBench's "Total" counts from: the connect when the request opened it, else base
         self.reused = False  # the request in flight went on a connection that carried one before
         self.resent = -1  # the last request sent again (see server_closed_first)
+        self.extra = False  # an answer nobody asked for came while idle: the next request fails (see unasked)
 
     def over(self, stop) -> bool:
         if self.k >= self.limit or stop.is_set():
@@ -205,8 +214,7 @@ class Client:
             payload = msg + target.eol
             self.reader = LineReader([msg])
             self.batch = 1
-            if target.head:
-                self.expect = target.head + msg + target.tail
+            self.expect = target.head + msg + target.tail if target.head else None
         else:
             share = self.plan.share
             payload, self.reader, self.batch = target.request(
@@ -229,6 +237,17 @@ class Client:
             return False
         self.resent = self.k
         return True
+
+    def unasked(self) -> None:
+        """Bytes came on the kept-alive connection while no request was in flight:
+        an answer nobody asked for (the server answered one twice). The engine
+        closes the connection (taken as the next request's answer, the spare
+        one would put every later answer out of step), and the next request
+        fails as ``extra-answer``, as an answer right behind another fails the
+        request it came with (``exchange``). That request goes the reader's way
+        (not ``whole``), so that ``answered`` counts it."""
+        self.extra = True
+        self.target.forget()
 
     def whole(self, chunk: bytes, now: int) -> int:
         """The steady state of a run in one step: 0, or AGAIN or CLOSES.
@@ -262,6 +281,8 @@ class Client:
             if not known.keep_alive:
                 verdict = CLOSES
             elif self.cfg.keepalive:
+                if self.finishing(now):
+                    return 0  # the last answer on the connection: the engine lingers (see lingers)
                 verdict = AGAIN
             else:
                 return 0  # the server keeps open what the client closes: answered() decides
@@ -275,6 +296,28 @@ class Client:
         if progress[self.streak_slot]:
             progress[self.streak_slot] = 0
         return verdict
+
+    def finishing(self, now: int) -> bool:
+        """Whether the request in flight is the client's last (its share sent, or
+        the run's end reached)."""
+        k = self.k + self.batch
+        plan = self.plan
+        return k >= self.limit or now >= self.deadline or bool(plan.rate) and plan.intended(k) >= self.deadline
+
+    def lingers(self, reader, now: int) -> bool:
+        """Whether to half-close the connection and wait (up to --timeout) for the
+        server's close before counting this answer: HTTP keep-alive, the client's
+        last answer, right, on a connection the server keeps.
+
+        Why: an HTTP answer says nothing of the request it answers. A server that
+        answers a request twice, the copy a moment later, has its copy taken as
+        the next request's answer (it arrives while that request is in flight),
+        the real one as the one after, and so on: every later answer on that
+        connection is one out of step, and looks right. Only the end shows it: the
+        server still sends an answer after the client's last. Bytes before the
+        close then fail this answer as ``extra-answer`` (the engine calls
+        ``extra_answer``). A server that is in step closes at once."""
+        return bool(self.target.http_request) and reusable(self.cfg, reader) and self.finishing(now)
 
     def follow(self, now: int) -> bytes | None:
         """After ``whole``: the next request's bytes when it goes out at once
@@ -306,6 +349,9 @@ class Client:
         """Count the answer (complete, or closed by ``reader.close``); returns its reader."""
         reader = self.reader
         self.reader = None
+        if self.extra:  # (see unasked)
+            self.extra = False
+            extra_answer(reader)
         record(self.rec, reader, self.base, self.start, self.plan.warm_end)
         if self.steady or self.target.http_request:
             self.target.learn(reader)
@@ -323,6 +369,18 @@ def reusable(cfg: StressConfig, reader) -> bool:
     """Whether the connection carries the next request too: keep-alive asked
     for, every answer right, and (HTTP) the server keeping it open."""
     return cfg.keepalive and all_ok(reader) and not (isinstance(reader, HttpReader) and not reader.keep_alive)
+
+
+def extra_answer(reader) -> None:
+    """Fail the reader's first answer as ``extra-answer`` (Client.unasked, Client.lingers),
+    unless it failed already: a timeout then still counts towards a dead target."""
+    if isinstance(reader, LineReader):
+        o = reader.outcomes[0]
+        if o.ok:
+            reader.outcomes[0] = Outcome(False, "extra-answer", o.first_ns, o.done_ns, o.nbytes)
+    elif reader.outcome is not None and reader.outcome.ok:
+        o = reader.outcome
+        reader.outcome = Outcome(False, "extra-answer", o.first_ns, o.done_ns, o.nbytes)
 
 
 def all_ok(reader) -> bool:
