@@ -1365,10 +1365,10 @@ def test_a_408_carries_the_time_it_is_sent(setup):
     assert email.utils.parsedate_to_datetime(date).timestamp() >= int(asked) - 1
 
 
-@pytest.mark.parametrize("script", ["Server_async_http.py", "Server_thread_http.py"])
+@pytest.mark.parametrize("script", ["Server_async_http.py", "Server_thread_http.py", "lb.py"])
 def test_expect_100_continue_is_answered_at_once(setup, script):
     """curl waited a second for its body's go-ahead (nginx says 100 Continue at once)."""
-    server = setup.server(script)
+    server = setup.lb(1) if script == "lb.py" else setup.server(script)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"GET /page.html HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
         assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"

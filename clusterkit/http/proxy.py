@@ -4,10 +4,14 @@ connections.
 
 Per request: round-robin over healthy backends (also between the requests of
 one keep-alive client, so "each request is served by a different backend in
-turn" shows in the log); the request goes out as HTTP/1.1 keep-alive with
-``X-Forwarded-For`` and ``Via`` added; the answer comes back with ``Via``
-added and ``X-Backend`` naming the backend. One log line per request names the
-backend that answered.
+turn" shows in the log); the request goes out as HTTP/1.1 keep-alive with the
+client's address appended to ``X-Forwarded-For`` and our entry to ``Via``, as
+nginx's ``$proxy_add_x_forwarded_for`` and RFC 9110 7.6.3 do; the answer comes
+back with our ``Via`` entry appended and ``X-Backend`` naming the backend.
+Hop-by-hop fields, and those a ``Connection`` header names, are not passed on
+either way. A request that is within the limits but would not be with what we
+add gets 431 here, not from a backend with the same limits. One log line per
+request names the backend that answered.
 
 Failures: a refused connect, a reset, a close before the answer or no byte of
 it for ``response_timeout`` (between reads, as nginx's ``proxy_read_timeout``)
@@ -58,13 +62,19 @@ from .. import admin, logs, loops
 from ..balancer.pool import LatencyHistogram
 from ..sockets import local_shortage
 from .config import HttpBackend, ProxyConfig
-from .core import HttpError, Request, RequestParser, error_response, http_date, reason_phrase
+from .core import CONTINUE, HttpError, Request, RequestParser, error_response, http_date, reason_phrase
 from ..linger import Linger
 from .stats import ProxyCollector, proxy_stats
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"content-length"}
+"""Never passed on (RFC 9110 7.6.1), with the fields a ``Connection`` header names
+(``connection_named``). Content-Length: the balancer frames what it sends itself."""
+CONNECTION_MODES = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))
+"""``Connection`` values that name no other field, as nearly every client and
+server spells them: not split (others are, ``connection_named``)."""
 VIA = b"1.1 clusterkit-lb"
+"""The balancer's entry, appended to the ``Via`` it received (RFC 9110 7.6.3), both ways."""
 WRITE_HIGH_WATER = 512 * 1024
 """Bytes of answers buffered for a client that does not read, before it is paused."""
 STREAM_AFTER = 64 * 1024
@@ -72,6 +82,17 @@ STREAM_AFTER = 64 * 1024
 backend if its own fails it). Past it, the body is passed on as it comes, at the
 pace the client reads it (nginx's ``proxy_buffering`` with bounded buffers), so
 the balancer never holds a whole large answer; a failure then cuts it off."""
+
+
+def connection_named(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
+    """``named`` with the fields a ``Connection`` value lists (lower case): a proxy
+    removes them (RFC 9110 7.6.1). Never Host, which a request cannot go without
+    (and no client can make hop-by-hop)."""
+    names = {name for name in (part.strip(b" \t").lower() for part in value.split(b","))
+             if name and name != b"host" and name not in HOP_BY_HOP}
+    if not names:
+        return named
+    return names if named is None else named | names
 
 
 class BadGateway(Exception):
@@ -310,7 +331,8 @@ class BackendState:
         self.reason = "start"  # of the last change between up and down
         self.latency = LatencyHistogram()  # the request's send to its answer, ms
         self.last_headers: list[tuple[bytes, bytes]] | None = None  # of its last answer,
-        self.last_kept = b""  # and the header lines the client got for them
+        self.last_kept = b""  # and the header lines the client got for them,
+        self.last_via = VIA  # and its Via value
         self.known: KnownAnswer | None = None  # its last answer that came alone in one read
         self.last_response: tuple | None = None  # and what a client got for it (Proxy._client_response)
 
@@ -320,6 +342,13 @@ class Proxy:
         self.config = config
         self.elog = elog
         self.backends = [BackendState(b, i) for i, b in enumerate(config.backends)]
+        # Within the limits, a request to a backend has room for this many header
+        # lines besides the X-Forwarded-For and Via added, and this many bytes but
+        # its target (_backend_request). One no longer than ``short`` is within
+        # both (a line takes 5 bytes at least): the common case, one comparison.
+        self.fields_room = config.limits.max_headers - 2
+        self.bytes_room = config.limits.max_header_bytes + len(b"GET  HTTP/1.1\r\n\r\n")
+        self.short = min(5 * self.fields_room + 4, config.limits.max_header_bytes)
         self.next = 0
         self.connections: set[ProxyClient] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -393,25 +422,53 @@ class Proxy:
     # -- forwarding ------------------------------------------------------------
 
     def _backend_request(self, req: Request, client_ip: str) -> bytes:
-        forwarded = client_ip.encode()
+        """What goes to the backend for ``req``: HTTP/1.1 keep-alive, without the
+        hop-by-hop fields and those its ``Connection`` names, with the client's
+        address appended to its ``X-Forwarded-For`` and our entry to its ``Via``
+        (each one line, the received lines combined in order: RFC 9110 5.3).
+
+        Raises ``HttpError(431)`` when that request is over the limits (ours, the
+        backends' by default) though the client's was not: a backend would refuse
+        it, so it is refused here, before any backend is used, exactly where the
+        backend's parser would (it counts a field as name, value and 4 bytes, as
+        each line here is written)."""
         lines = []
         host = False
+        forwarded: list[bytes] | None = None  # the X-Forwarded-For and Via values received, if any
+        via: list[bytes] | None = None
+        named: set[bytes] | None = None  # other fields the Connection header names
         for k, v in req.headers:
             lk = k.lower()
-            if lk in HOP_BY_HOP or lk == b"via":
+            if lk in HOP_BY_HOP:
+                if lk == b"connection" and v not in CONNECTION_MODES:
+                    named = connection_named(v, named)
                 continue
             if lk == b"x-forwarded-for":
-                forwarded = v + b", " + forwarded
+                if v:
+                    forwarded = [v] if forwarded is None else forwarded + [v]
+                continue
+            if lk == b"via":
+                if v:
+                    via = [v] if via is None else via + [v]
                 continue
             host = host or lk == b"host"
             lines.append(b"%s: %s\r\n" % (k, v))
+        if named:  # (rare: a Connection header may come after the fields it names)
+            lines = [line for line in lines if line[:line.index(b":")].lower() not in named]
+            forwarded = None if b"x-forwarded-for" in named else forwarded
+            via = None if b"via" in named else via
         if not host:
             # An HTTP/1.0 client may leave Host out; HTTP/1.1 to the backend needs one,
             # empty when the target names no authority (RFC 9112 3.2).
             lines.append(b"Host: \r\n")
+        xff = client_ip.encode() if forwarded is None else b", ".join(forwarded + [client_ip.encode()])
         # (keep-alive is HTTP/1.1's default: no Connection header, one header less to parse)
-        return (b"GET %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nVia: %s\r\n\r\n"
-                % (req.target, b"".join(lines), forwarded, VIA))
+        target = req.target
+        data = (b"GET %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nVia: %s\r\n\r\n"
+                % (target, b"".join(lines), xff, VIA if via is None else b", ".join(via + [VIA])))
+        if len(data) > self.short and (len(data) - len(target) > self.bytes_room or len(lines) > self.fields_room):
+            raise HttpError(431, "request headers too large with X-Forwarded-For and Via added")
+        return data
 
     def _client_response(self, req: Request, answer: BackendAnswer, b: BackendState) -> bytes:
         """The answer as the client gets it. The same answer again (the backend's
@@ -452,7 +509,8 @@ class Proxy:
     def _client_head(self, req: Request, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                      b: BackendState, framing: bytes, keep: bool) -> bytes:
         if headers != b.last_headers:  # else as for its last answer (they differ by the Date, once a second)
-            b.last_headers, b.last_kept = headers, self._kept_headers(headers, b)
+            b.last_kept, b.last_via = self._kept_headers(headers, b)
+            b.last_headers = headers
         if not keep:
             conn = b"Connection: close\r\n"
         elif req.version == "1.0":
@@ -461,23 +519,34 @@ class Proxy:
             conn = b""  # keep-alive is HTTP/1.1's default (the servers do not say it either)
         return (b"HTTP/%s %d %s\r\n%sDate: %s\r\n%sVia: %s\r\n%s\r\n"
                 % (req.version.encode(), status, reason or reason_phrase(status), b.last_kept,
-                   http_date(), framing, VIA, conn))
+                   http_date(), framing, b.last_via, conn))
 
     @staticmethod
-    def _kept_headers(headers: list[tuple[bytes, bytes]], b: BackendState) -> bytes:
-        """The answer's header lines the client gets, with X-Backend added if the backend left it out."""
+    def _kept_headers(headers: list[tuple[bytes, bytes]], b: BackendState) -> tuple[bytes, bytes]:
+        """The answer's header lines the client gets, with X-Backend added if the
+        backend left it out, and the ``Via`` value: the backend's with our entry
+        appended. Hop-by-hop fields and those its ``Connection`` names stay here."""
+        named: set[bytes] | None = None
+        for k, v in headers:
+            if k.lower() == b"connection" and v not in CONNECTION_MODES:
+                named = connection_named(v, named)
         lines = []
+        via = []
         has_backend = False
         for k, v in headers:
             lk = k.lower()
-            if lk in HOP_BY_HOP or lk == b"date":
+            if lk in HOP_BY_HOP or lk == b"date" or (named is not None and lk in named):
+                continue
+            if lk == b"via":
+                if v:
+                    via.append(v)
                 continue
             if lk == b"x-backend":
                 has_backend = True
             lines.append(b"%s: %s\r\n" % (k, v))
         if not has_backend:
             lines.append(b"X-Backend: %s\r\n" % b.name.encode())
-        return b"".join(lines)
+        return b"".join(lines), b", ".join(via + [VIA])
 
     # -- serving ---------------------------------------------------------------
 
@@ -552,11 +621,11 @@ class Exchange:
     __slots__ = ("proxy", "client", "req", "data", "tried", "timed_out", "backend", "conn", "streaming",
                  "chunked", "keep", "sent")
 
-    def __init__(self, proxy: Proxy, client: ProxyClient, req: Request) -> None:
+    def __init__(self, proxy: Proxy, client: ProxyClient, req: Request, data: bytes) -> None:
         self.proxy = proxy
         self.client = client
         self.req = req
-        self.data = client.backend_request(req)
+        self.data = data  # what goes to the backend (ProxyClient.backend_request)
         self.tried: set[int] = set()
         self.timed_out: BackendState | None = None  # the last backend that did not answer in time
         self.backend: BackendState | None = None
@@ -782,6 +851,10 @@ class ProxyClient(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
         if self.exchange is None:
             self._next()
+        if parser.expects_continue:  # (said only when nothing is due before it)
+            parser.expects_continue = False
+            if self.exchange is None and not self.queue and not self.closing:
+                self.transport.write(CONTINUE)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         """A half-close (``nc -N``, a client that sent all it had): what it sent is
@@ -805,14 +878,21 @@ class ProxyClient(asyncio.Protocol):
                 elif req.method not in (b"GET", b"HEAD"):
                     self._finish(error_response(HttpError(405)), "-", 405, req, keep=False)
                 else:
-                    self.exchange = Exchange(self.proxy, self, req)
+                    try:
+                        data = self.backend_request(req)
+                    except HttpError as exc:  # (431: what would go to the backend is over the limits)
+                        self._finish(error_response(exc), "-", exc.status, req, keep=False)
+                        continue
+                    self.exchange = Exchange(self.proxy, self, req, data)
                     self.exchange.next_backend()
         finally:
             self.starting = False
 
     def backend_request(self, req: Request) -> bytes:
-        """What goes to the backend for ``req``. A client that repeats its last
-        request (as load tools do) has the same bytes again."""
+        """What goes to the backend for ``req`` (``Proxy._backend_request``, which may
+        raise ``HttpError``). A client that repeats its last request (as load tools
+        do) has the same bytes again: they depend on its target and header fields
+        alone (and the client's address), all in the key."""
         key = (req.target, req.headers)
         if key != self.last_key:
             self.last_key, self.last_data = key, self.proxy._backend_request(req, self.peer)
