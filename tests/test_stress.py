@@ -107,6 +107,10 @@ def test_json_csv_markdown_and_table_agree(balanced, log_dir, tmp_path):
         cells = [x.strip() for x in line.strip("|").split("|")]
         assert cells[0] == str(r["concurrency"]) and cells[2] == "300" and cells[3] == "0"
         assert f"{r['requests_per_second']:,.2f}".rstrip("0").rstrip(".") in proc.stdout
+    # SPEC.md's percentiles (the markdown had p50 and p99 only): a row per level and measure.
+    assert "| Concurrency level | ms | p50 | p90 | p99 | p99.9 | max |" in md
+    assert sum(line.startswith(("| 1 | latency |", "| 3 | latency |", "| 1 | rtt |", "| 3 | rtt |"))
+               for line in md) == 4
 
 
 def test_the_report_gives_a_local_servers_cpu_and_says_when_the_rate_is_only_a_lower_bound(procs, log_dir,

@@ -3,8 +3,9 @@
 Each file is read once and kept with its ready-made response headers; a
 ``stat`` at most once a second per file notices edits. Paths are decoded,
 normalised and resolved (symlinks included) and must stay inside the root:
-``..``, ``%2e%2e``, ``%2f`` and symlinks pointing outside all get 404, never
-a byte from outside ``www/``.
+``..`` and ``%2e%2e`` (also as ``..%2f``), and symlinks pointing outside all get
+404, never a byte from outside ``www/``; ``%2f`` is a ``/`` like any other
+(``/%2fpage.html`` is ``//page.html``, inside the root).
 
 Memory: one copy of each file, keyed by the file it resolves to (``/a``,
 ``//a`` and ``/%61`` share it), at most ``max_cache_bytes`` in all (past it

@@ -252,13 +252,14 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
                       f"CPUs it shared with the server, was at its limit: this rate is the load's, only a lower "
                       f"bound for the server, and cannot tell which of two such servers is faster. Drive it "
                       f"with more --processes, from another machine, or with a C load generator.[/]")
-    busy = [r for r in rows if r["client_cpu_percent"] >= report.SATURATED and r not in spare]
+    judged = [r for r in rows if r["time_taken_s"] >= report.JUDGED_SECONDS]
+    busy = [r for r in judged if r["client_cpu_percent"] >= report.SATURATED and r not in spare]
     if busy:
         levels = ", ".join(f"c={r['concurrency']}: {r['client_cpu_percent']:.0f}%" for r in busy)
         console.print(f"[yellow]warning: the load generator was near its limit ({levels} of a core per process): "
                       f"it may have set the pace, not the server. Try --engine async, more --processes, "
                       f"or a C load generator to compare.[/]")
-    shared = [r for r in rows if (r["machine_busy_percent"] or 0) >= report.MACHINE_FULL and r not in busy + spare]
+    shared = [r for r in judged if (r["machine_busy_percent"] or 0) >= report.MACHINE_FULL and r not in busy + spare]
     if shared:
         levels = ", ".join(f"c={r['concurrency']}: {r['machine_busy_percent']:.0f}% busy, "
                            f"{r['client_cores']:.2f} cores to the load generator" for r in shared)
