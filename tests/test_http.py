@@ -1389,3 +1389,19 @@ def test_an_if_modified_since_in_the_future_is_no_date(setup):
     now = email.utils.formatdate(time.time(), usegmt=True).encode()
     recent = exchange(server.port, b"GET /page.html HTTP/1.0\r\nIf-Modified-Since: %s\r\n\r\n" % now)
     assert (status_of(future), status_of(recent)) == (200, 304)
+
+
+def test_idle_connections_do_not_hold_a_thread_pool_from_a_waiting_client(setup):
+    """Two connections that sent nothing held a --pool 2 server from everyone else
+    for the whole keep-alive timeout (15 s); a pool thread now lets go of an idle
+    connection when a client waits for it."""
+    server = setup.server("Server_thread_http.py", "--pool", "2")
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both taken by the pool's threads
+        started = time.monotonic()
+        assert status_of(exchange(server.port, CLOSING_GET, timeout=20)) == 200
+        assert time.monotonic() - started < 8  # (the keep-alive timeout is 15 s)
+    finally:
+        for s in idle:
+            s.close()

@@ -5,7 +5,11 @@ Why two designs: thread-per-connection is the classic teaching model (and
 what the original assignment built); a bounded pool is what it should become
 under load, because threads cost memory and the GIL. With ``--pool N``,
 accepted connections wait in a bounded queue; when it is full, a new client
-gets 503 at once instead of waiting unseen.
+gets 503 at once instead of waiting unseen. A pool thread does not sit on an
+idle connection (keep-alive between requests, or one that has sent nothing)
+while others wait for a thread: it closes it within ``POOL_IDLE_CHECK`` (two
+idle connections held a ``--pool 2`` server from everyone else for the whole
+keep-alive timeout).
 
 Deadlines live on the sockets: the request head must arrive within
 ``header_timeout`` (408 otherwise), an idle keep-alive connection is closed
@@ -39,6 +43,8 @@ from ..linger import linger
 from .static import StaticFiles
 
 BUSY_BODY = b"503 Service Unavailable: all worker threads are busy\n"
+POOL_IDLE_CHECK = 0.25
+"""Seconds between a pool thread's looks at the queue while its connection is idle."""
 
 
 class ThreadCache:
@@ -138,7 +144,10 @@ class ThreadedHttpServer:
         elog = self.elog
         with self.lock:
             self.active.add(conn)
-        current = limits.keepalive_timeout
+        # Idle, a pool thread looks at its queue every POOL_IDLE_CHECK seconds.
+        idle_wait = limits.keepalive_timeout if self.queue is None else min(POOL_IDLE_CHECK, limits.keepalive_timeout)
+        current = idle_wait
+        idle_since = time.monotonic()
         # A client that does not read its answer for this long is cut off.
         kernel_timeouts(conn, current, send=max(limits.keepalive_timeout, limits.header_timeout))
         try:
@@ -151,17 +160,21 @@ class ThreadedHttpServer:
                         raise HttpError(408, "request head too slow")
                     current = left
                     kernel_timeouts(conn, left)
-                elif current != limits.keepalive_timeout:
-                    current = limits.keepalive_timeout
+                elif current != idle_wait:
+                    current = idle_wait
                     kernel_timeouts(conn, current)
                 try:
                     data = conn.recv(65536)
                 except BlockingIOError:  # SO_RCVTIMEO ran out
                     if parser.in_progress:
                         raise HttpError(408, "request head too slow") from None
-                    return
+                    if (self.queue is None or not self.queue.empty()
+                            or time.monotonic() - idle_since >= limits.keepalive_timeout):
+                        return  # idle for the keep-alive timeout, or a pool thread someone waits for
+                    continue
                 if not data:
                     return
+                idle_since = time.monotonic()
                 requests = parser.feed(data)
                 while requests:  # a budget of answers at a time (StaticFiles.answer)
                     out, keep, n = self.static.answer(requests, peer, elog)
