@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .protocol import DEFAULT_MAX_LINE, check_server_name, LocalProtocolError
+from .protocol import DEFAULT_MAX_LINE, MAX_MAX_LINE, check_server_name, LocalProtocolError
 
 
 class ConfigError(ValueError):
@@ -27,6 +27,11 @@ class ConfigError(ValueError):
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_max_line(max_line: int) -> None:
+    check(1 <= max_line <= MAX_MAX_LINE, f"--max-line must be 1 to {MAX_MAX_LINE} bytes (64 MiB), got {max_line}: "
+                                         f"a line is held whole until it ends")
 
 
 def check_unique_names(names: list[str]) -> None:
@@ -149,7 +154,7 @@ class ServerConfig:
         except LocalProtocolError as exc:
             raise ConfigError(f"--name: {exc.detail}") from None
         check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
-        check(self.max_line >= 1, "--max-line must be at least 1")
+        check_max_line(self.max_line)
         check_non_negative(self, "idle_timeout", "line_timeout", "drain_timeout")
         check(self.max_connections >= 1, "--max-connections must be at least 1")
         check(self.backlog >= 1, "--backlog must be at least 1")

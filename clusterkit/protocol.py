@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 DEFAULT_MAX_LINE = 65536
+MAX_MAX_LINE = 64 << 20
+"""The largest ``--max-line`` taken: a line is held whole until it ends, per connection."""
 """Longest message, in bytes, not counting the line terminator."""
 
 REPLY = b"REPLY"

@@ -723,7 +723,8 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     ("[[backends]]\nport = 7001\nwieght = 3\n", "unknown setting 'wieght'"),
     ("[balancr]\nport = 1\n", "unknown tables balancr"),
     ("[[backends]]\nport = true\n", "port must be a whole number, got True"),
-    ("[balancer]\nmax-line = 0\n", "--max-line must be at least 1"),
+    ("[balancer]\nmax-line = 0\n", "--max-line must be 1 to"),
+    ("[balancer]\nmax-line = 99999999999999\n", "--max-line must be 1 to"),
     ('[[backends]]\nport = 7001\nname = "a b"\n', "no spaces or '='"),
     ('[balancer]\nlog-level = "warning"\n', "unknown setting 'log-level'"),  # (was taken, and ignored)
     ("[balancer]\ncheck-interval = inf\n", "--check-interval must be positive and finite, got inf"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import (ConfigError, check, check_backend_name, check_non_negative, check_positive,
+from ..config import (ConfigError, check, check_backend_name, check_max_line, check_non_negative, check_positive,
                       check_unique_names, settings_and_backends)
 from ..protocol import DEFAULT_MAX_LINE
 from ..sockets import host_port
@@ -108,7 +108,7 @@ class BalancerConfig:
         check(self.admin_port == 0 or self.admin_port != self.port,
               f"--admin-port {self.admin_port} is the balancer's own --port: choose another (0 turns it off)")
         check(self.max_connections >= 1, "--max-connections must be at least 1")
-        check(self.max_line >= 1, "--max-line must be at least 1")
+        check_max_line(self.max_line)
         check(self.keepalive >= 0, "--keepalive must not be negative")
         check(self.write_high_water >= 1 and self.max_pending_bytes >= 1,
               "write-high-water and max-pending-bytes must be at least 1")
