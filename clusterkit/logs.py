@@ -171,6 +171,7 @@ class EventLog:
         self.debug = writer is not None and level <= logging.DEBUG
         self.info = writer is not None and level <= logging.INFO
         self.warning = writer is not None and level <= logging.WARNING
+        self.error = writer is not None and level <= logging.ERROR
         self._prefix = {name: f" {name} {program} " for name in ("DEBUG", "INFO", "WARNING", "ERROR")}
 
     def line(self, level: str, text: str) -> None:

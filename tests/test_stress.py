@@ -359,7 +359,7 @@ def test_one_step_answers_count_as_the_reader_counts_them():
         r = rec.result
         results[steady] = (quick, r.complete, r.failed, dict(r.errors), dict(r.backends), r.bytes_received,
                            r.latency.get_total_count(), r.rtt.get_total_count(), r.total.get_total_count(),
-                           len(rec.log))
+                           len(rec.entries()))
     assert results[False][0] == 0 and results[True][0] > 20  # most answers went the one-step way ...
     assert results[True][1:] == results[False][1:]  # ... and counted the same
 
@@ -863,7 +863,7 @@ def test_one_step_http_answers_count_as_the_reader_counts_them(keepalive, closes
         r = rec.result
         results[quick] = (r.complete, r.failed, dict(r.errors), dict(r.backends), r.bytes_received,
                           r.latency.get_total_count(), r.rtt.get_total_count(), r.total.get_total_count(),
-                          len(rec.log))
+                          len(rec.entries()))
         assert fast > 30 if quick and verdict else fast == 0
     assert results[True] == results[False]
     assert results[True][:4] == (72, 8, {"http-500": 8}, {"b1": 65, "b2": 7})
@@ -971,3 +971,34 @@ def test_http_keepalive_answers_nobody_asked_for_fail_as_extra_answer(log_dir, t
         assert row["failed"] >= 50 and row["complete"] <= server.count
     else:  # at least each client's last connection ended out of step
         assert row["failed"] >= 4
+
+
+def test_log_level_warning_keeps_the_failed_requests_and_nothing_else(log_dir):
+    """At --log-level warning the failed requests' lines were dropped (they were written
+    only with info on) and the INFO event=run line was written; at error, nothing."""
+    fake = FakeServer("wrong-echo")  # every request fails: wrong-reply
+    try:
+        for level, failures in (("warning", 6), ("error", 0)):
+            folder = log_dir / level
+            proc = stress("-n", "6", "-c", "2", "--port", str(fake.port), "--log-level", level, log_dir=folder)
+            assert proc.returncode == 1
+            text = (folder / "client_log.log").read_text() if (folder / "client_log.log").exists() else ""
+            assert text.count(" WARNING stress event=request ") == failures, text
+            assert text.count("error=wrong-reply") == failures, text
+            assert " INFO " not in text, text
+    finally:
+        fake.close()
+
+
+def test_the_per_request_log_is_bounded(monkeypatch):
+    """Every request was kept until the end of the run: 190 bytes each, unbounded."""
+    from clusterkit.stress.metrics import KEEP_ALL, Recorder, RunResult
+
+    rec = Recorder(RunResult(), KEEP_ALL, log_cap=10)
+    for i in range(25):
+        rec.whole(i, i + 1000, "s", 10, i)
+        if i % 5 == 0:
+            rec.failed(i, "timeout", i + 5)
+    entries = rec.entries()
+    assert len([e for e in entries if e[4] is None]) == 10 and len([e for e in entries if e[4]]) == 5
+    assert rec.result.complete == 25

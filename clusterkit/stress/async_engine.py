@@ -101,7 +101,7 @@ class AsyncClient(Client, asyncio.Protocol):
             if self.lingers(reader, now):
                 # Half-close, and wait: connection_lost counts it, or more comes (the deadline: check_timeout).
                 self.transport.write_eof()  # type: ignore[union-attr]
-                self.sent = now
+                self.sent = self.linger_clock(now, int(self.cfg.timeout * 1e9))
                 return
             self._finish()
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from .. import cli, logs
 from ..config import ConfigError
 from ..sockets import host_port
-from . import engines, report
+from . import engines, metrics, report
 from .board import Board
 from .config import CONNECTIONS, ENGINES, StressConfig
 from .spawn import Killer, SpawnedCluster, parse_kill
@@ -179,13 +179,17 @@ class Progress:
             self.live.stop()
 
 
-def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig) -> None:
-    """One line per request, written after the run so logging never slows it."""
-    if not elog.info or not entries:
+def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig, requests: int) -> None:
+    """One line per request (at warning level, per failed request), written after the
+    run so logging never slows it; at most about LOG_KEPT of each kind (metrics.py)."""
+    if not elog.warning or not entries:
         return
     offset = time.time() - time.perf_counter_ns() / 1e9
     target = cfg.http_url or host_port(cfg.host, cfg.port)
     entries.sort(key=lambda e: e[0])
+    if elog.info and len(entries) < requests:
+        elog.line("INFO", f"event=log-capped target={target} logged={len(entries)} requests={requests} "
+                          f"(past {metrics.LOG_KEPT:,} answers a run, only failures are logged one by one)")
     for i, (sent, backend, lat, rtt, kind) in enumerate(entries, 1):
         ts = logs.timestamp(offset + sent / 1e9)
         if kind is None:
@@ -307,25 +311,28 @@ def main(argv: list[str] | None = None) -> int:
             if kill and spawned is not None and not killed:
                 killer = Killer(spawned, *kill, cfg.requests, cfg.duration,
                                 lambda name: (killed.append(name),
-                                              elog.line("WARNING", f"event=kill backend={name}")))
+                                              elog.warning and elog.line("WARNING", f"event=kill backend={name}")))
             progress = Progress(None if cfg.duration else cfg.requests, args.quiet,
                                 killer.progress if killer else None)
             if killer:
                 killer.start()
             try:
-                result, entries = engines.run(cfg, progress.update, keep_log=elog.info)
+                keep = metrics.KEEP_ALL if elog.info else metrics.KEEP_FAILURES if elog.warning else metrics.KEEP_NONE
+                result, entries = engines.run(cfg, progress.update, keep_log=keep)
             finally:
                 progress.close()
                 if killer:
                     killer.cancel()
-            write_request_log(elog, entries, cfg)
+            write_request_log(elog, entries, cfg, result.complete + result.failed)
             row = report.summarize(cfg, result)
             rows.append(row)
-            elog.line("INFO", f"event=run concurrency={cfg.concurrency} complete={row['complete']} "
-                              f"failed={row['failed']} rps={row['requests_per_second']}")
+            if elog.info:
+                elog.line("INFO", f"event=run concurrency={cfg.concurrency} complete={row['complete']} "
+                                  f"failed={row['failed']} rps={row['requests_per_second']}")
             if result.ended_early:
                 ended_early, interrupted = result.ended_early, result.interrupted
-                elog.line("ERROR", f"event=ended-early reason={logs.quote(ended_early)}")
+                if elog.error:
+                    elog.line("ERROR", f"event=ended-early reason={logs.quote(ended_early)}")
                 break  # the rest of a sweep would only fail the same way
     finally:
         if spawned is not None:

@@ -38,8 +38,9 @@ from .board import Board, StopFlag
 from .config import StressConfig
 from .async_engine import AsyncRunner
 from .epoll_engine import EpollRunner
-from .metrics import Recorder, RunResult, busy_between, cpu_times
-from .plan import CLOSES, Client, Plan, address, connect_error, extra_answer, ns, reusable, server_closes
+from .metrics import KEEP_ALL, LOG_KEPT, Recorder, RunResult, busy_between, cpu_times
+from .plan import (CLOSES, LINGER_NS, Client, Plan, address, connect_error, extra_answer, ns, reusable,
+                   server_closes)
 from .server_cpu import ServerCpu
 
 def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag,
@@ -130,8 +131,7 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 sock = None
                 continue
             if c.lingers(reader, ns()):
-                if shortened:
-                    kernel_timeouts(sock, cfg.timeout)
+                kernel_timeouts(sock, min(cfg.timeout, LINGER_NS / 1e9))
                 if linger(sock):
                     extra_answer(reader)
             c.answered()
@@ -199,7 +199,7 @@ def shares(cfg: StressConfig) -> list[int | None]:
 
 
 def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board, process: int,
-              keep_log: bool) -> tuple[RunResult, list]:
+              keep_log: int) -> tuple[RunResult, list]:
     """Run this process's clients; called in a thread of its own or in a load
     process. Before starting the clients it lowers that thread's priority
     (``--nice``; Linux applies it per thread, and threads started later
@@ -231,7 +231,8 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
         # One Recorder per thread: no counter is shared between threads, so no
         # increment can be lost, and threads never contend on the same objects.
         # (The live histogram is shared, and may miss a count: it is only a view.)
-        recs = [Recorder(RunResult(), keep_log, *live) for _ in plans]
+        cap = LOG_KEPT // cfg.concurrency  # (this thread's share: one client's)
+        recs = [Recorder(RunResult(), keep_log, *live, log_cap=cap) for _ in plans]
         socks: dict[int, socket.socket] = {}
         threads = [threading.Thread(target=thread_client, args=(cfg, c, plan, rec, board, stop, socks), daemon=True)
                    for (c, plan), rec in zip(plans, recs)]
@@ -243,18 +244,18 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
                 if stop.is_set():
                     wake(socks)
     elif cfg.engine == "epoll":
-        recs = [Recorder(RunResult(), keep_log, *live)]
+        recs = [Recorder(RunResult(), keep_log, *live, log_cap=LOG_KEPT * len(clients) // cfg.concurrency)]
         EpollRunner(cfg, recs[0], board, stop).run(plans)
     else:
         # One event loop thread: its clients can share a Recorder safely.
-        recs = [Recorder(RunResult(), keep_log, *live)]
+        recs = [Recorder(RunResult(), keep_log, *live, log_cap=LOG_KEPT * len(clients) // cfg.concurrency)]
         loops.run(AsyncRunner(cfg, recs[0], board, stop).run(plans))
     result = RunResult()
     log: list = []
     for rec in recs:
         rec.flush()
         result.merge(rec.result)
-        log.extend(rec.log or [])
+        log.extend(rec.entries())
     result.tool_cpu_s = time.process_time() - cpu0
     result.tool_wall_s = time.monotonic() - wall0
     gc.unfreeze()
@@ -271,7 +272,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process: int, conn, keep_log: bool,
+def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process: int, conn, keep_log: int,
            parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above
@@ -351,7 +352,7 @@ class Watch:
 
 
 def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
-        keep_log: bool = True) -> tuple[RunResult, list]:
+        keep_log: int = KEEP_ALL) -> tuple[RunResult, list]:
     """Run the whole load; ``progress_cb(board)`` is called every few tens of ms."""
     server = ServerCpu(*cfg.destination)  # (looked for before the clock starts: it reads /proc)
     start_ns = ns() + 50_000_000  # a moment for every client (and process) to be ready

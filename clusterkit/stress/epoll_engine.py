@@ -253,7 +253,7 @@ class EpollRunner:
                         c.sock.shutdown(socket.SHUT_WR)
                     except OSError:  # (reset: the recv says so)
                         pass
-                    c.sent = now
+                    c.sent = c.linger_clock(now, self.timeout_ns)
                     continue
                 self.finish(c, hangup)
                 return

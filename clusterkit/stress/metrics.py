@@ -116,6 +116,15 @@ class RunResult:
         return r
 
 
+KEEP_NONE, KEEP_FAILURES, KEEP_ALL = 0, 1, 2
+"""What a Recorder keeps for the per-request log: nothing (--log-level error), the
+failed requests (warning), every request (info)."""
+LOG_KEPT = 1_000_000
+"""Requests kept for the per-request log in one run, in all (about 190 bytes each):
+past it, the answers are counted but not logged one by one, the failures still
+are, up to as many again. Unbounded, a long --duration run held every request."""
+
+
 class Recorder:
     """Per-worker timings, flushed into a RunResult's histograms.
 
@@ -126,11 +135,12 @@ class Recorder:
     async engine's time.
     """
 
-    __slots__ = ("result", "lat", "rtt", "both", "con", "tot", "log", "live", "live_base")
+    __slots__ = ("result", "lat", "rtt", "both", "con", "tot", "log", "answers", "fails", "log_cap", "live", "live_base")
 
     DISTINCT = 100_000  # flush past this many distinct values (only with very spread timings)
 
-    def __init__(self, result: RunResult, keep_log: bool, live=None, live_base: int = 0) -> None:
+    def __init__(self, result: RunResult, keep_log: int = KEEP_ALL, live=None, live_base: int = 0,
+                 log_cap: int = LOG_KEPT) -> None:
         self.result = result
         self.live = live  # the board's array: a coarse histogram for the live view (see board.py)
         self.live_base = live_base
@@ -139,7 +149,10 @@ class Recorder:
         self.both: dict[int, int] = {}  # answers whose first byte was their last: latency = rtt
         self.con: dict[int, int] = {}
         self.tot: dict[int, int] = {}
-        self.log: list[tuple] | None = [] if keep_log else None
+        self.answers: list[tuple] = []  # for the per-request log, up to log_cap
+        self.log: list[tuple] | None = self.answers if keep_log >= KEEP_ALL else None  # None: full, or not kept
+        self.fails: list[tuple] | None = [] if keep_log >= KEEP_FAILURES else None  # failures, up to log_cap
+        self.log_cap = log_cap
 
     def ok(self, sent_ns: int, latency_ns: int, rtt_ns: int, backend: str, nbytes: int, done_ns: int,
            start_ns: int) -> None:
@@ -158,8 +171,11 @@ class Recorder:
         self.tot[tot_us] = self.tot.get(tot_us, 0) + 1
         if self.live is not None:
             self.live[self.live_base + (BUCKET_OF[lat_us] if lat_us < LIVE_CACHE else bucket(lat_us))] += 1
-        if self.log is not None:
-            self.log.append((sent_ns, backend, latency_ns, rtt_ns, None))
+        log = self.log
+        if log is not None:
+            log.append((sent_ns, backend, latency_ns, rtt_ns, None))
+            if len(log) >= self.log_cap:
+                self.log = None  # (self.answers keeps it)
         if len(rtt) >= self.DISTINCT:
             self.flush()
 
@@ -181,8 +197,11 @@ class Recorder:
         tot[tot_us] = tot.get(tot_us, 0) + 1
         if self.live is not None:
             self.live[self.live_base + (BUCKET_OF[us] if us < LIVE_CACHE else bucket(us))] += 1
-        if self.log is not None:
-            self.log.append((sent_ns, backend, done_ns - sent_ns, done_ns - sent_ns, None))
+        log = self.log
+        if log is not None:
+            log.append((sent_ns, backend, done_ns - sent_ns, done_ns - sent_ns, None))
+            if len(log) >= self.log_cap:
+                self.log = None  # (self.answers keeps it)
         if len(both) >= self.DISTINCT:
             self.flush()
 
@@ -192,8 +211,9 @@ class Recorder:
         r.bytes_received += nbytes
         r.errors[kind] += 1
         self._span(sent_ns, done_ns)
-        if self.log is not None:
-            self.log.append((sent_ns, "-", None, None, kind))
+        fails = self.fails
+        if fails is not None and len(fails) < self.log_cap:
+            fails.append((sent_ns, "-", None, None, kind))
 
     def _span(self, sent_ns: int, done_ns: int) -> None:
         """Widen the run's window (first send to last answer) to include this request."""
@@ -206,6 +226,10 @@ class Recorder:
     def connected(self, ns: int) -> None:
         us = ns // 1000 or 1
         self.con[us] = self.con.get(us, 0) + 1
+
+    def entries(self) -> list[tuple]:
+        """What the per-request log gets: the answers and the failures kept."""
+        return self.answers + (self.fails or [])
 
     def flush(self) -> None:
         r = self.result

@@ -20,6 +20,9 @@ AGAIN = 1
 CLOSES = 2
 """``Client.whole``: the answer was counted, and the server closes the connection now
 (an HTTP answer without keep-alive: the engine waits for its close, see ``server_closes``)."""
+LINGER_NS = 500_000_000
+"""How long a client waits, at the end of an HTTP keep-alive run, for the server to
+close after its half-close (``Client.lingers``): a copy of an answer comes at once."""
 FINE_NS = 50_000
 """The event engines wait for a --rate send due within the next ms in steps
 this long (handling I/O between them): event loops time in whole ms, and a
@@ -316,8 +319,15 @@ class Client:
         connection is one out of step, and looks right. Only the end shows it: the
         server still sends an answer after the client's last. Bytes before the
         close then fail this answer as ``extra-answer`` (the engine calls
-        ``extra_answer``). A server that is in step closes at once."""
+        ``extra_answer``). A server that is in step closes at once; one that
+        keeps the connection after the half-close costs its client LINGER_NS
+        (or --timeout, if shorter) at the end of the run, outside its timings."""
         return bool(self.target.http_request) and reusable(self.cfg, reader) and self.finishing(now)
+
+    def linger_clock(self, now: int, timeout_ns: int) -> int:
+        """What to set ``sent`` to while lingering, so that the engine's --timeout
+        check ends the wait LINGER_NS from now (or at --timeout, if sooner)."""
+        return now - max(0, timeout_ns - LINGER_NS)
 
     def follow(self, now: int) -> bytes | None:
         """After ``whole``: the next request's bytes when it goes out at once
