@@ -57,7 +57,8 @@ class ClientError(Exception):
 
 
 def _encode(message: str | bytes) -> bytes:
-    data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+    # surrogateescape: the bytes a command line gave, also when they are no UTF-8 (SPEC: any byte but \n).
+    data = message.encode("utf-8", "surrogateescape") if isinstance(message, str) else bytes(message)
     if b"\n" in data:
         raise ValueError("a message is one line: it may not contain a newline")
     return data
@@ -76,12 +77,38 @@ class Client:
         self.connect_ms: float | None = None
         self._parser = ResponseParser(max_line)
         self._ready: list[Response] = []
+        self._addresses: list[tuple] | None = None  # the name looked up once, before any connect is timed
+
+    def _resolve(self) -> list[tuple]:
+        if self._addresses is None:
+            try:
+                self._addresses = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise ClientError("connect-failed", f"cannot resolve {self.host!r}: {exc.strerror or exc}") from None
+        return self._addresses
+
+    def _open(self) -> socket.socket:
+        """``socket.create_connection`` without its name lookup (done before the clock starts)."""
+        error: OSError | None = None
+        for family, kind, proto, _, address in self._resolve():
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(address)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        assert error is not None
+        raise error
 
     def connect(self) -> float:
-        """Open the connection; returns the connect time in ms."""
+        """Open the connection; returns the connect time in ms: the TCP connect's
+        (SPEC), not the name lookup's, which took 1.7 ms the first time in a process."""
+        self._resolve()
         start = _ns()
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock = self._open()
         except ConnectionRefusedError:
             raise ClientError("connection-refused",
                               f"connection refused by {self.host}:{self.port} (is the server running?)") from None
@@ -144,7 +171,8 @@ class Client:
             self.close()
             raise ClientError("extra-answer", "the server answered the message more than once")
         if response.error is not None:
-            raise ClientError(response.error, f"the server answered ERR {response.error}")
+            why = " (the balancer has no healthy backend)" if response.error == "no-backend" else ""
+            raise ClientError(response.error, f"the server answered ERR {response.error}{why}")
         if not response.matches(data):
             raise ClientError("wrong-reply", f"the reply does not echo the message "
                                              f"(got {response.message[:60]!r}, length {response.length})")

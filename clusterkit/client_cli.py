@@ -14,7 +14,7 @@ from . import cli, logs
 from .client import Client, ClientError, ClientResult
 
 EXIT_FOR_CODE = {"connection-refused": cli.EXIT_UNAVAILABLE, "connect-failed": cli.EXIT_UNAVAILABLE,
-                 "timeout": cli.EXIT_TIMEOUT}
+                 "no-backend": cli.EXIT_UNAVAILABLE, "timeout": cli.EXIT_TIMEOUT}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if elog.info:
                     elog.line("INFO", f"event=send n={i} target={args.host}:{args.port} "
-                                      f"bytes={len(args.message.encode())} keepalive={int(args.keepalive)}")
+                                      f"bytes={len(args.message.encode('utf-8', 'surrogateescape'))} "
+                                      f"keepalive={int(args.keepalive)}")
                 result = client.send_message(args.message)
             except ClientError as exc:
                 if elog.warning:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -128,3 +129,39 @@ def test_cli_against_a_closed_port_is_one_line_and_exit_69(log_dir):
     assert proc.stderr.strip().count("\n") == 0 and "refused" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "code=connection-refused" in (log_dir / "client_log.log").read_text()
+
+
+def test_the_connect_time_is_the_tcp_connects_not_the_name_lookups(start_server, monkeypatch):
+    """client.py timed socket.create_connection, name lookup included: 2.2 ms for a
+    0.1 ms connect, the first time in a process (the stress tool looks up first)."""
+    from clusterkit import client as client_module
+
+    server = start_server("server1")
+    clock = [0]
+    real_lookup = socket.getaddrinfo
+
+    def slow_lookup(*args, **kwargs):
+        clock[0] += 10**9  # a lookup that takes a second, on this clock
+        return real_lookup(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "_ns", lambda: clock[0])
+    monkeypatch.setattr(socket, "getaddrinfo", slow_lookup)
+    c = client_module.Client("127.0.0.1", server.port)
+    try:
+        assert c.connect() < 1000
+    finally:
+        c.close()
+
+
+def test_a_message_of_any_bytes_but_newline_goes_from_the_command_line(start_server, log_dir):
+    """A message that is no UTF-8 was a traceback (SPEC: any byte but \\n may appear)."""
+    server = start_server("server1")
+    proc = run_client("\udcff\udcfeok", "--port", str(server.port), "--json", log_dir=log_dir)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)[0]["confirmation"].endswith(" 4")
+
+
+def test_err_no_backend_is_exit_69_the_peer_unavailable(log_dir):
+    """It was exit 1, as a wrong answer; cli.py's table gives 69 to "no backend"."""
+    proc = run_client("x", "--port", str(fake(b"ERR no-backend\n")), log_dir=log_dir)
+    assert proc.returncode == 69 and "no healthy backend" in proc.stderr, proc.stderr
