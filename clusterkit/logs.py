@@ -72,6 +72,7 @@ class LineWriter:
     def __init__(self, path: str | os.PathLike, *, max_pending: int = 200_000,
                  flush_interval: float = 0.05) -> None:
         self.path = Path(path)
+        self.program = "log"  # who writes (configure says): the overflow line names it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._queue: collections.deque[str] = collections.deque()
@@ -96,7 +97,7 @@ class LineWriter:
         n = len(queue)
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
-            queue.append(f"{timestamp()} WARNING log event=log-dropped lines={dropped}")
+            queue.append(f"{timestamp()} WARNING {self.program} event=log-dropped lines={dropped}")
             n += 1
         if not n:
             return
@@ -204,6 +205,7 @@ def configure(program: str, *, level: str | int = "info", log_dir: str | os.Path
     log_dir = Path(log_dir if log_dir is not None else DEFAULT_LOG_DIR)
     try:
         writer = LineWriter(log_dir / file_name)
+        writer.program = program
     except OSError as exc:
         raise LogDirError(f"--log-dir {log_dir}: cannot write {file_name} there: "
                           f"{exc.strerror or exc}") from None

@@ -451,3 +451,17 @@ def test_listens_on_ipv6_loopback(procs, log_dir):
     with socket.create_connection(("::1", server.port), timeout=10) as s:
         s.sendall(b"six\n")
         assert s.recv(100).startswith(b"REPLY server1 six\n")
+
+
+def test_lines_dropped_on_overflow_are_said_by_the_program_that_dropped_them(tmp_path):
+    """The overflow line said "log", not which of the processes sharing the file lost lines."""
+    from clusterkit import logs
+
+    elog = logs.configure("server7", log_dir=tmp_path)
+    try:
+        writer = elog.writer
+        writer.dropped = 3  # as a full queue counts them
+        writer.flush()
+    finally:
+        logs.shutdown()
+    assert " WARNING server7 event=log-dropped lines=3" in (tmp_path / logs.SERVER_LOG).read_text()
