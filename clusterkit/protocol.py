@@ -28,9 +28,9 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 DEFAULT_MAX_LINE = 65536
+"""Longest message, in bytes, not counting the line terminator."""
 MAX_MAX_LINE = 64 << 20
 """The largest ``--max-line`` taken: a line is held whole until it ends, per connection."""
-"""Longest message, in bytes, not counting the line terminator."""
 
 REPLY = b"REPLY"
 ACK = b"ACK"

@@ -243,8 +243,14 @@ class EchoProtocol(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
+        transport = self.transport
         if self.framer.buffered and self.framer.error is None:
-            self.transport.write(_SHUTTING_DOWN)  # type: ignore[union-attr]
+            transport.write(_SHUTTING_DOWN)  # type: ignore[union-attr]
+        elif not transport.get_write_buffer_size():  # type: ignore[union-attr]
+            transport.close()  # type: ignore[union-attr]  # idle between messages: closed as nginx closes idle ones
+            return
+        if transport.is_closing():  # type: ignore[union-attr]  # (a write that failed at once)
+            return
         self._linger()
 
     def abort(self) -> None:

@@ -318,6 +318,29 @@ def test_clients_leave_a_backend_the_health_checks_mark_down_at_once(lb, connect
         stalled.signal(signal.SIGCONT)
 
 
+def test_clients_stay_on_a_backend_that_is_down_for_being_full(lb, connect):
+    """A backend at its --max-connections fails its checks (check busy) and is marked
+    down, yet serves the clients it has: moving them off (to no other backend) gave
+    each of their messages ERR no-backend."""
+    lb.start("--check-interval", "0.5", names=("server1",), server_args=("--max-connections", "2"))
+    clients = []
+    for i in range(2):
+        for _ in range(50):  # (a check may hold the slot a moment: ERR busy, then again)
+            c = connect(lb.port)
+            c.send(b"hello%d\n" % i)
+            if c.read_lines(2)[0] == b"REPLY server1 hello%d" % i:
+                clients.append(c)
+                break
+            time.sleep(0.05)
+    assert len(clients) == 2
+    lb.wait_state("server1", ("DOWN",))
+    time.sleep(0.5)  # (a move would have come by now)
+    for n in range(20):
+        for i, c in enumerate(clients):
+            c.send(b"m%d-%d\n" % (i, n))
+            assert c.read_lines(2)[0] == b"REPLY server1 m%d-%d" % (i, n)
+
+
 def test_stats_do_not_blame_the_backend_a_stalled_ones_messages_moved_to(lb):
     """The wait on a stopped backend was recorded as the latency of the backend its
     messages were resent to (a healthy one showed a max as long as the stall)."""

@@ -1332,6 +1332,9 @@ def test_one_copy_of_a_file_however_its_path_is_spelled(tmp_path):
     assert files.lookup(b"/other.bin").body == b"o" * 1000
     assert files.cached_bytes <= 1500 and len(files.files) == 1
     assert files.lookup(b"/big.bin").body == b"b" * 1000
+    (tmp_path / "big.bin").unlink()  # gone: its copy goes too, once the path is looked at again
+    files.lookup(b"/big.bin").checked -= 2  # (as if a second had passed)
+    assert files.lookup(b"/big.bin") is None and files.cached_bytes == 0 and not files.files
 
 
 def test_a_client_that_reads_slowly_but_reads_gets_the_whole_file(setup, tmp_path):
@@ -1405,3 +1408,30 @@ def test_idle_connections_do_not_hold_a_thread_pool_from_a_waiting_client(setup)
     finally:
         for s in idle:
             s.close()
+
+
+@pytest.mark.parametrize("seventh", [b"", b"GET /big.bin HTTP/1.1\r\nHost: t\r\n"])
+def test_answers_on_their_way_are_not_overtaken_by_a_408_or_an_idle_close(setup, tmp_path, seventh):
+    """While pipelined answers went out to a client reading slowly but steadily, the
+    async server's sweep judged the client by when it last sent: a head it had begun
+    got a 408 in place of the answers still waiting their turn, or the keep-alive
+    timeout closed the connection on them. (What becomes of the begun head after
+    them is the header timeout's to say.)"""
+    (tmp_path / "big.bin").write_bytes(os.urandom(1 << 20))
+    # (Timeouts above the steps, of about a second, in which uvloop hands answers to the kernel.)
+    server = setup.server("Server_async_http.py", "--root", str(tmp_path), "--header-timeout", "2.5",
+                          "--keepalive-timeout", "2.5")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n" * 12 + seventh)
+        data = b""
+        deadline = time.monotonic() + 60
+        while len(data) < 12 * (1 << 20):  # (more than the kernel buffers: some wait their turn)
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            assert time.monotonic() < deadline
+            data += chunk
+            time.sleep(0.03)  # about 2 MB/s: 6 s for the twelve
+    heads = re.findall(rb"HTTP/1.1 (\d+) ", data)
+    assert heads[:12] == [b"200"] * 12 and len(data) >= 12 * (1 << 20), heads

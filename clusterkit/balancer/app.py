@@ -97,12 +97,15 @@ class Balancer:
         """Message mode: the clients of a backend just marked DOWN leave it now, its
         unanswered messages resent elsewhere (a client with none takes a healthy
         backend at its next message). Before, each waited out its own response
-        timeout on a stalled backend, even one the health checks had given up on."""
-        if backend.healthy:
+        timeout on a stalled backend, even one the health checks had given up on.
+        Not when no other backend is healthy (its clients would get ERR no-backend
+        from a backend that may well be serving them), nor from a backend that is
+        only full (``check busy``: it serves the clients it has)."""
+        if backend.healthy or "busy" in backend.reason or not any(b.healthy for b in self.pool.backends):
             return
         for conn in list(self.connections):
             if conn.backend is backend and conn.backend_conn is not None and not conn.closed:
-                conn.fail_over("backend-down")
+                conn.fail_over("backend-down", blame=False)
 
     @property
     def port(self) -> int:
@@ -172,7 +175,9 @@ class Balancer:
                     conn.close()
             await asyncio.sleep(0.02)
         # The deadline: what is left winds up (the answers due, then the close) for at most
-        # WIND_UP_SECONDS more, and so do the lingering closes, lest an exit reset them.
+        # WIND_UP_SECONDS more, and so do their lingering closes, lest an exit reset them
+        # (not those of quiet connections closed before, which have nothing on its way).
+        self.events.lingering.clear()
         for conn in list(self.connections):
             conn.wind_up()
         deadline = self.loop.time() + WIND_UP_SECONDS

@@ -508,8 +508,9 @@ class ClientSide(asyncio.Protocol):
             return
         self.fail_over(reason)
 
-    def fail_over(self, reason: str) -> None:
-        """Drop the current backend; resend what is pending elsewhere."""
+    def fail_over(self, reason: str, blame: bool = True) -> None:
+        """Drop the current backend; resend what is pending elsewhere. ``blame``: count
+        a traffic error against the backend (not when it is down already)."""
         backend = self.backend
         had_pending = bool(self.pending)
         self.drop_backend()
@@ -520,7 +521,8 @@ class ClientSide(asyncio.Protocol):
             self.settle()
             return  # idle: the next message picks a backend
         if backend is not None:
-            self.app.pool.traffic_error(backend, reason)
+            if blame:
+                self.app.pool.traffic_error(backend, reason)
             backend.failovers += 1
         self.failovers += 1
         self.app.failovers += 1
@@ -612,6 +614,9 @@ class ClientSide(asyncio.Protocol):
         (after them), then the close. Aborted, the messages in flight were lost
         without a word to the client."""
         if self.closed or self.error_after_pending is not None:
+            return
+        if not (self.pending or self.connecting or self.framer.buffered):
+            self.transport.abort()  # type: ignore[union-attr]  # idle between messages: closed as nginx closes idle ones
             return
         self.error_after_pending = ERR_SHUTTING_DOWN if self.framer.buffered else b""
         self.transport.pause_reading()  # type: ignore[union-attr]

@@ -29,7 +29,7 @@ from .static import StaticFiles
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "peer", "last_activity", "closing", "elog", "static", "conn_id",
-                 "paused_since", "unsent", "lingering", "waiting")
+                 "paused_since", "unsent", "stalled_since", "lingering", "waiting")
 
     def __init__(self, server: AsyncHttpServer) -> None:
         self.server = server
@@ -39,8 +39,9 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
-        self.paused_since = 0.0  # since when the client has taken none of its answers (0: it reads)
+        self.paused_since = 0.0  # when the answers passed the high-water mark (0: below it)
         self.unsent = 0  # bytes of answers not yet taken, as the last sweep saw them
+        self.stalled_since = 0.0  # since when that has not changed
         self.waiting: list[Request] = []  # pipelined requests read, to be answered once the client takes more
         self.lingering: Linger | None = None  # after an error answer, until the close
         self.last_activity = time.monotonic()
@@ -108,11 +109,15 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused_since = time.monotonic()
-        self.unsent = 0
         self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
         self.paused_since = 0.0
+        # Its requests waited on us, not we on it: a head not read meanwhile is not slow.
+        now = time.monotonic()
+        self.last_activity = now
+        if self.parser.in_progress:
+            self.parser.head_started = now
         if self.waiting and not self.closing:
             self._answer(self.waiting)
         if not self.closing and not self.paused_since:
@@ -127,18 +132,21 @@ class HttpProtocol(asyncio.Protocol):
         if self.lingering is not None:
             self.lingering.sweep(now)
             return
-        if self.paused_since:
-            unsent = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        unsent = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        if unsent or self.waiting:
+            # Answers on their way: what counts is whether the client takes them (nginx's
+            # send_timeout), not how long ago it sent (a 408 or an idle close now would
+            # overtake them, or cut requests still waiting for their turn).
             if unsent != self.unsent:  # it took some since the last sweep: its clock starts again
                 self.unsent = unsent
-                self.paused_since = now
-            elif now - self.paused_since > limits.keepalive_timeout:
-                # It has taken nothing for that long (nginx's send_timeout): drop it,
-                # also when closing, which would wait for a buffer it never drains.
-                self.paused_since = 0.0
+                self.stalled_since = now
+            elif now - self.stalled_since > limits.keepalive_timeout:
+                # It has taken nothing for that long: drop it, also when closing,
+                # which would wait for a buffer it never drains.
                 self.closing = True
                 self.transport.abort()  # type: ignore[union-attr]
-                return
+            return
+        self.unsent = 0
         if self.closing:
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:

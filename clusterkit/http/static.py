@@ -119,7 +119,9 @@ class StaticFiles:
         if entry is not None and now - entry.checked < 1.0:
             return entry
         path = self.resolve(raw_path)
-        if path is None:
+        if path is None:  # gone (or never there): its copy goes too
+            if entry is not None:
+                self._forget(entry.path)
             self.cache.pop(raw_path, None)
             return None
         entry = self.files.get(path)
@@ -134,7 +136,8 @@ class StaticFiles:
                 entry = None
         if entry is None:
             entry = self._load(path, now)
-            if entry is None:
+            if entry is None:  # grown past max_cached, or unreadable
+                self._forget(path)
                 self.cache.pop(raw_path, None)
                 return None
             self._keep(entry)
@@ -142,6 +145,11 @@ class StaticFiles:
             self.cache.clear()
         self.cache[raw_path] = entry
         return entry
+
+    def _forget(self, path: Path) -> None:
+        old = self.files.pop(path, None)
+        if old is not None:
+            self.cached_bytes -= old.size
 
     def _keep(self, entry: CachedFile) -> None:
         old = self.files.get(entry.path)

@@ -248,7 +248,13 @@ class Client:
         one would put every later answer out of step), and the next request
         fails as ``extra-answer``, as an answer right behind another fails the
         request it came with (``exchange``). That request goes the reader's way
-        (not ``whole``), so that ``answered`` counts it."""
+        (not ``whole``), so that ``answered`` counts it.
+
+        HTTP only: a line-protocol server says ``ERR idle-timeout`` on an idle
+        connection and closes it, which is no answer to anyone; an extra REPLY
+        would be judged by the next request's reader anyway (a wrong reply)."""
+        if not self.target.http_request:
+            return
         self.extra = True
         self.target.forget()
 

@@ -151,7 +151,7 @@ def to_markdown(rows: list[dict]) -> str:
         cells += [fmt(r["latency_ms"]["p50"]), fmt(r["latency_ms"]["p99"]), fmt(r["rtt_ms"]["p99"])]
         lines.append("| " + " | ".join(cells) + " |")
     keys = [f"p{p}" for p in PERCENTILES] + ["max"]
-    lines += ["", "| Concurrency level | ms | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    lines += ["", "| Concurrency level | measure (ms) | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
     for r in rows:
         for measure in ("latency", "rtt"):
             values = r[f"{measure}_ms"]
