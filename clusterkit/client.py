@@ -83,8 +83,9 @@ class Client:
         if self._addresses is None:
             try:
                 self._addresses = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise ClientError("connect-failed", f"cannot resolve {self.host!r}: {exc.strerror or exc}") from None
+            except (socket.gaierror, UnicodeError) as exc:  # (UnicodeError: a label over 63 characters)
+                raise ClientError("connect-failed", f"cannot resolve {self.host!r}: "
+                                                    f"{getattr(exc, 'strerror', None) or exc}") from None
         return self._addresses
 
     def _open(self) -> socket.socket:

@@ -1332,9 +1332,18 @@ def test_one_copy_of_a_file_however_its_path_is_spelled(tmp_path):
     assert files.lookup(b"/other.bin").body == b"o" * 1000
     assert files.cached_bytes <= 1500 and len(files.files) == 1
     assert files.lookup(b"/big.bin").body == b"b" * 1000
+    changed = tmp_path / "other.bin"  # changed: the old copy goes under every spelling
+    changed.write_bytes(b"O" * 900)
+    for spelling in (b"/other.bin", b"//other.bin"):
+        files.lookup(spelling).checked -= 2  # (as if a second had passed)
+    assert files.lookup(b"/other.bin").body == b"O" * 900
+    assert all(e.body != b"o" * 1000 for e in files.cache.values()) and files.cached_bytes <= 1500
+    assert files.cached_bytes == sum(e.size for e in files.files.values())
+    files.lookup(b"/big.bin")
     (tmp_path / "big.bin").unlink()  # gone: its copy goes too, once the path is looked at again
     files.lookup(b"/big.bin").checked -= 2  # (as if a second had passed)
-    assert files.lookup(b"/big.bin") is None and files.cached_bytes == 0 and not files.files
+    assert files.lookup(b"/big.bin") is None and all(p.name != "big.bin" for p in files.files)
+    assert files.cached_bytes == sum(e.size for e in files.files.values())
 
 
 def test_a_client_that_reads_slowly_but_reads_gets_the_whole_file(setup, tmp_path):

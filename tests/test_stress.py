@@ -230,6 +230,10 @@ class FakeServer:
                         return
                     elif self.behaviour == "twice":  # a balancer's resend gone wrong
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)) * 2)
+                    elif self.behaviour == "twice-late":  # the copy 50 ms later
+                        conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
+                        time.sleep(0.05)
+                        conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
                     elif self.behaviour == "missing-ack":
                         conn.sendall(b"REPLY fake %s\n" % m)
                         return
@@ -1014,3 +1018,11 @@ def test_a_line_servers_idle_notice_between_rate_sends_is_no_failure(engine, sta
                          "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert row["failed"] == 0 and row["complete"] >= 6, row["errors"]
+    # A REPLY and ACK again on the idle connection still fails the next request.
+    fake = FakeServer("twice-late")
+    try:
+        row, proc = run_json("--port", str(fake.port), "-k", "-c", "1", "-n", "6", "--rate", "4",
+                             "--engine", engine, log_dir=log_dir, tmp_path=tmp_path, name="twice.json")
+    finally:
+        fake.close()
+    assert row["errors"].get("extra-answer", 0) >= 2, row["errors"]

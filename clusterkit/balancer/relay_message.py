@@ -616,7 +616,12 @@ class ClientSide(asyncio.Protocol):
         if self.closed or self.error_after_pending is not None:
             return
         if not (self.pending or self.connecting or self.framer.buffered):
-            self.transport.abort()  # type: ignore[union-attr]  # idle between messages: closed as nginx closes idle ones
+            # Idle between messages: closed as nginx closes idle ones; answers it has
+            # not taken yet go out first (then the lingering close, waited for).
+            if self.transport.out:  # type: ignore[union-attr]
+                self.transport.close()  # type: ignore[union-attr]
+            else:
+                self.transport.abort()  # type: ignore[union-attr]
             return
         self.error_after_pending = ERR_SHUTTING_DOWN if self.framer.buffered else b""
         self.transport.pause_reading()  # type: ignore[union-attr]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
+import threading
 import time
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
@@ -68,6 +69,7 @@ class StaticFiles:
         self.cache: dict[bytes, CachedFile] = {}  # by request path, as written
         self.files: dict[Path, CachedFile] = {}  # by the file it resolves to: one copy each
         self.cached_bytes = 0
+        self.lock = threading.Lock()
 
     def resolve(self, raw_path: bytes) -> Path | None:
         """The file a request path names, or None when it is outside the root or missing."""
@@ -118,6 +120,10 @@ class StaticFiles:
         entry = self.cache.get(raw_path)
         if entry is not None and now - entry.checked < 1.0:
             return entry
+        with self.lock:  # (the threaded server's threads: one at a time past here)
+            return self._lookup(raw_path, entry, now)
+
+    def _lookup(self, raw_path: bytes, entry: CachedFile | None, now: float) -> CachedFile | None:
         path = self.resolve(raw_path)
         if path is None:  # gone (or never there): its copy goes too
             if entry is not None:
@@ -147,13 +153,17 @@ class StaticFiles:
         return entry
 
     def _forget(self, path: Path) -> None:
+        """The file's copy goes, under every spelling of its path (rare: a file
+        changed, deleted or grown past max_cached)."""
         old = self.files.pop(path, None)
         if old is not None:
             self.cached_bytes -= old.size
+            for spelling in [k for k, e in self.cache.items() if e is old]:
+                del self.cache[spelling]
 
     def _keep(self, entry: CachedFile) -> None:
-        old = self.files.get(entry.path)
-        self.cached_bytes += entry.size - (old.size if old is not None else 0)
+        self._forget(entry.path)  # (its old copy, if the file changed)
+        self.cached_bytes += entry.size
         if self.cached_bytes > self.max_cache_bytes:
             self.files.clear()
             self.cache.clear()

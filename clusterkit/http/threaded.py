@@ -7,7 +7,7 @@ under load, because threads cost memory and the GIL. With ``--pool N``,
 accepted connections wait in a bounded queue; when it is full, a new client
 gets 503 at once instead of waiting unseen. A pool thread does not sit on an
 idle connection (keep-alive between requests, or one that has sent nothing)
-while others wait for a thread: it closes it within ``POOL_IDLE_CHECK`` (two
+while others wait for a thread: it closes it once idle ``POOL_IDLE_YIELD`` (two
 idle connections held a ``--pool 2`` server from everyone else for the whole
 keep-alive timeout).
 
@@ -45,6 +45,10 @@ from .static import StaticFiles
 BUSY_BODY = b"503 Service Unavailable: all worker threads are busy\n"
 POOL_IDLE_CHECK = 0.25
 """Seconds between a pool thread's looks at the queue while its connection is idle."""
+POOL_IDLE_YIELD = 1.0
+"""Seconds a connection must have been idle before a pool thread lets go of it for a
+waiting client: shorter, and ab -k with more clients than threads met closes between
+its requests (ab counts the request it had just sent as failed)."""
 
 
 class ThreadCache:
@@ -168,8 +172,9 @@ class ThreadedHttpServer:
                 except BlockingIOError:  # SO_RCVTIMEO ran out
                     if parser.in_progress:
                         raise HttpError(408, "request head too slow") from None
-                    if (self.queue is None or not self.queue.empty()
-                            or time.monotonic() - idle_since >= limits.keepalive_timeout):
+                    idle_for = time.monotonic() - idle_since
+                    if (self.queue is None or idle_for >= limits.keepalive_timeout
+                            or (idle_for >= POOL_IDLE_YIELD and not self.queue.empty())):
                         return  # idle for the keep-alive timeout, or a pool thread someone waits for
                     continue
                 if not data:

@@ -76,7 +76,7 @@ class AsyncClient(Client, asyncio.Protocol):
             if not self.draining and self.transport is not None:
                 # An answer nobody asked for, on an idle keep-alive connection (its
                 # client waits for a --rate send): the send reconnects.
-                self.unasked()
+                self.unasked(data)
                 transport, self.transport = self.transport, None
                 transport.close()
             return

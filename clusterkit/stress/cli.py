@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import socket
 import sys
 import time
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                           stderr_level="critical")
     spawned = None
     if args.spawn:
-        spawned = SpawnedCluster(args.log_dir)
+        # (absolute: the processes run in the repository, and the logs go where this run's go)
+        spawned = SpawnedCluster(os.path.abspath(args.log_dir))
         print(f"spawned server1..3 and the balancer on 127.0.0.1:{spawned.port} "
               f"(admin http://127.0.0.1:{spawned.admin_port}/stats)", file=sys.stderr)
         configs = [dataclasses.replace(c, host="127.0.0.1", port=spawned.port) for c in configs]

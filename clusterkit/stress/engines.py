@@ -64,7 +64,7 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                     news = idle_news(sock) if sock is not None else None
                     if news is not None:  # closed while we waited, or an answer nobody asked for: reopen
                         if news:
-                            c.unasked()
+                            c.unasked(news)
                         sock.close()
                         sock = None
                 if sock is None:
@@ -161,7 +161,7 @@ def idle_news(sock: socket.socket) -> bytes | None:
     one non-blocking peek: None, nothing; b"", the server closed it (its idle
     timeout); else bytes of an answer nobody asked for (plan.Client.unasked)."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return sock.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return None
     except OSError:

@@ -213,7 +213,7 @@ class EpollRunner:
                     # send) that the server closed, or that brought an answer nobody
                     # asked for: the send reconnects.
                     if chunk:
-                        c.unasked()
+                        c.unasked(chunk)
                     self.drop(c)
                     return
                 if not chunk:  # the server's close after its answer

@@ -241,7 +241,7 @@ class Client:
         self.resent = self.k
         return True
 
-    def unasked(self) -> None:
+    def unasked(self, data: bytes) -> None:
         """Bytes came on the kept-alive connection while no request was in flight:
         an answer nobody asked for (the server answered one twice). The engine
         closes the connection (taken as the next request's answer, the spare
@@ -250,10 +250,10 @@ class Client:
         request it came with (``exchange``). That request goes the reader's way
         (not ``whole``), so that ``answered`` counts it.
 
-        HTTP only: a line-protocol server says ``ERR idle-timeout`` on an idle
-        connection and closes it, which is no answer to anyone; an extra REPLY
-        would be judged by the next request's reader anyway (a wrong reply)."""
-        if not self.target.http_request:
+        But for a line server's notice on an idle connection, one ``ERR`` line
+        before it closes (``ERR idle-timeout``, ``ERR shutting-down``): no answer
+        to anyone, and no failure."""
+        if not self.target.http_request and data.startswith(b"ERR ") and data.find(b"\n") in (-1, len(data) - 1):
             return
         self.extra = True
         self.target.forget()
