@@ -136,16 +136,11 @@ def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str]
         debug = "--debug" in args
         try:
             return main(args)
-        except Fatal as exc:
+        except (Fatal, logs.LogDirError) as exc:  # (a bad --log-dir: a usage error)
             if debug:
                 raise
             print(f"error: {exc}", file=sys.stderr)
-            return exc.code
-        except logs.LogDirError as exc:
-            if debug:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return getattr(exc, "code", EXIT_USAGE)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -70,9 +70,9 @@ class LineWriter:
     """Appends whole lines to a file from a background thread (see module doc)."""
 
     def __init__(self, path: str | os.PathLike, *, max_pending: int = 200_000,
-                 flush_interval: float = 0.05) -> None:
+                 flush_interval: float = 0.05, program: str = "log") -> None:
         self.path = Path(path)
-        self.program = "log"  # who writes (configure says): the overflow line names it
+        self.program = program  # who writes: the overflow line names it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._queue: collections.deque[str] = collections.deque()
@@ -204,8 +204,7 @@ def configure(program: str, *, level: str | int = "info", log_dir: str | os.Path
     numeric = parse_level(level)
     log_dir = Path(log_dir if log_dir is not None else DEFAULT_LOG_DIR)
     try:
-        writer = LineWriter(log_dir / file_name)
-        writer.program = program
+        writer = LineWriter(log_dir / file_name, program=program)
     except OSError as exc:
         raise LogDirError(f"--log-dir {log_dir}: cannot write {file_name} there: "
                           f"{exc.strerror or exc}") from None

@@ -73,6 +73,13 @@ class StopSignal:
         """Wait for the first signal."""
         await self._event.wait()
 
+    async def settle(self, busy: Callable[[], bool], seconds: float) -> None:
+        """While ``busy()``, for at most ``seconds``, unless a second signal forces."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while busy() and loop.time() < deadline and not self.forced:
+            await asyncio.sleep(0.02)
+
 
 
 async def create_server(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol],

@@ -334,9 +334,8 @@ class EchoServer:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.wind_up()
-        deadline = loop.time() + LINGER_SECONDS  # for the replies still to go out, and the lingering closes
-        while self.connections and loop.time() < deadline and not self.stop_signal.forced:
-            await asyncio.sleep(0.02)
+        # (for the replies still to go out, and the lingering closes)
+        await self.stop_signal.settle(lambda: bool(self.connections), LINGER_SECONDS)
         for conn in list(self.connections):
             conn.abort()
         if self._sweeper is not None:

@@ -180,10 +180,7 @@ class Balancer:
         self.events.lingering.clear()
         for conn in list(self.connections):
             conn.wind_up()
-        deadline = self.loop.time() + WIND_UP_SECONDS
-        while ((self.connections or self.events.lingering) and self.loop.time() < deadline
-               and not self.stop_signal.forced):
-            await asyncio.sleep(0.02)
+        await self.stop_signal.settle(lambda: bool(self.connections or self.events.lingering), WIND_UP_SECONDS)
         for conn in list(self.connections):
             conn.abort()
         for task in self._tasks:

@@ -29,7 +29,7 @@ from .static import StaticFiles
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "peer", "last_activity", "closing", "elog", "static", "conn_id",
-                 "paused_since", "unsent", "stalled_since", "lingering", "waiting")
+                 "paused", "unsent", "stalled_since", "lingering", "waiting")
 
     def __init__(self, server: AsyncHttpServer) -> None:
         self.server = server
@@ -39,7 +39,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
-        self.paused_since = 0.0  # when the answers passed the high-water mark (0: below it)
+        self.paused = False  # the answers passed the high-water mark (writing paused)
         self.unsent = 0  # bytes of answers not yet taken, as the last sweep saw them
         self.stalled_since = 0.0  # since when that has not changed
         self.waiting: list[Request] = []  # pipelined requests read, to be answered once the client takes more
@@ -88,7 +88,7 @@ class HttpProtocol(asyncio.Protocol):
             if n == len(requests):
                 break
             requests = requests[n:]
-            if self.paused_since:
+            if self.paused:
                 self.waiting = requests
                 return
         if self.waiting:
@@ -108,11 +108,11 @@ class HttpProtocol(asyncio.Protocol):
         self.lingering = Linger(self.transport)  # type: ignore[arg-type]
 
     def pause_writing(self) -> None:
-        self.paused_since = time.monotonic()
+        self.paused = True
         self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
-        self.paused_since = 0.0
+        self.paused = False
         # Its requests waited on us, not we on it: a head not read meanwhile is not slow.
         now = time.monotonic()
         self.last_activity = now
@@ -120,7 +120,7 @@ class HttpProtocol(asyncio.Protocol):
             self.parser.head_started = now
         if self.waiting and not self.closing:
             self._answer(self.waiting)
-        if not self.closing and not self.paused_since:
+        if not self.closing and not self.paused:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:

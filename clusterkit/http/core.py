@@ -54,8 +54,17 @@ HOST = re.compile(rb"([A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(:[0-9]*)?
 """RFC 9112 3.2's Host: uri-host [":" port] (a reg-name, an IPv4 address or an [IPv6] one)."""
 _GOOD_HOSTS: set[bytes] = set()
 """Host values found good (at most 256): the regex costs a microsecond, a set look-up nothing."""
-_CONNECTION = {b"keep-alive": False, b"Keep-Alive": False, b"close": True, b"Close": True}
-"""Connection values as nearly every client spells them: whether they say close, without a split."""
+_USUAL_CONNECTION = {v: frozenset((v.lower(),)) for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close")}
+"""Connection values as nearly every client and server spells them: their options without a split."""
+
+
+def connection_options(value: bytes) -> frozenset[bytes]:
+    """The options a ``Connection`` value lists, lower case (RFC 9110 7.6.1):
+    ``close``, ``keep-alive``, or the names of hop-by-hop fields."""
+    usual = _USUAL_CONNECTION.get(value)
+    if usual is not None:
+        return usual
+    return frozenset(o for o in (part.strip(b" \t").lower() for part in value.split(b",")) if o)
 
 
 def good_host(value: bytes) -> bool:
@@ -191,8 +200,7 @@ class RequestParser:
             elif k in CONDITIONAL:
                 conditional = True
             elif k == b"connection":
-                says = _CONNECTION.get(v)
-                close = close or (says if says is not None else b"close" in (t.strip() for t in v.lower().split(b",")))
+                close = close or b"close" in connection_options(v)
             elif k == b"expect":
                 expect = v.strip().lower() == b"100-continue"
         self._conditional = conditional

@@ -62,7 +62,8 @@ from .. import admin, logs, loops
 from ..balancer.pool import LatencyHistogram
 from ..sockets import local_shortage
 from .config import HttpBackend, ProxyConfig
-from .core import CONTINUE, HttpError, Request, RequestParser, error_response, http_date, reason_phrase
+from .core import (CONTINUE, HttpError, Request, RequestParser, connection_options, error_response, http_date,
+                   reason_phrase)
 from ..linger import Linger
 from .stats import ProxyCollector, proxy_stats
 
@@ -70,9 +71,9 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"traile
               b"upgrade", b"content-length"}
 """Never passed on (RFC 9110 7.6.1), with the fields a ``Connection`` header names
 (``connection_named``). Content-Length: the balancer frames what it sends itself."""
-CONNECTION_MODES = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))
-"""``Connection`` values that name no other field, as nearly every client and
-server spells them: not split (others are, ``connection_named``)."""
+NOT_NAMED = frozenset(HOP_BY_HOP | {b"close", b"host"})
+"""``Connection`` options that name no field to drop: the connection's modes, the
+hop-by-hop fields dropped anyway, and Host, which a request cannot go without."""
 VIA = b"1.1 clusterkit-lb"
 """The balancer's entry, appended to the ``Via`` it received (RFC 9110 7.6.3), both ways."""
 WRITE_HIGH_WATER = 512 * 1024
@@ -88,8 +89,7 @@ def connection_named(value: bytes, named: set[bytes] | None) -> set[bytes] | Non
     """``named`` with the fields a ``Connection`` value lists (lower case): a proxy
     removes them (RFC 9110 7.6.1). Never Host, which a request cannot go without
     (and no client can make hop-by-hop)."""
-    names = {name for name in (part.strip(b" \t").lower() for part in value.split(b","))
-             if name and name != b"host" and name not in HOP_BY_HOP}
+    names = connection_options(value) - NOT_NAMED
     if not names:
         return named
     return names if named is None else named | names
@@ -440,7 +440,7 @@ class Proxy:
         for k, v in req.headers:
             lk = k.lower()
             if lk in HOP_BY_HOP:
-                if lk == b"connection" and v not in CONNECTION_MODES:
+                if lk == b"connection":
                     named = connection_named(v, named)
                 continue
             if lk == b"x-forwarded-for":
@@ -528,7 +528,7 @@ class Proxy:
         appended. Hop-by-hop fields and those its ``Connection`` names stay here."""
         named: set[bytes] | None = None
         for k, v in headers:
-            if k.lower() == b"connection" and v not in CONNECTION_MODES:
+            if k.lower() == b"connection":
                 named = connection_named(v, named)
         lines = []
         via = []

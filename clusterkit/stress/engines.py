@@ -227,12 +227,12 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
     plans = [(c, Plan(cfg, start_ns, all_shares[c], c)) for c in clients]
     stop = StopFlag(board)
     live = (board.a, board.hist_offset(process))
+    cap = LOG_KEPT * len(clients) // cfg.concurrency  # this process's share of the per-request log
     if cfg.engine == "thread":
         # One Recorder per thread: no counter is shared between threads, so no
         # increment can be lost, and threads never contend on the same objects.
         # (The live histogram is shared, and may miss a count: it is only a view.)
-        cap = LOG_KEPT // cfg.concurrency  # (this thread's share: one client's)
-        recs = [Recorder(RunResult(), keep_log, *live, log_cap=cap) for _ in plans]
+        recs = [Recorder(RunResult(), keep_log, *live, log_cap=cap // len(plans)) for _ in plans]
         socks: dict[int, socket.socket] = {}
         threads = [threading.Thread(target=thread_client, args=(cfg, c, plan, rec, board, stop, socks), daemon=True)
                    for (c, plan), rec in zip(plans, recs)]
@@ -244,11 +244,11 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
                 if stop.is_set():
                     wake(socks)
     elif cfg.engine == "epoll":
-        recs = [Recorder(RunResult(), keep_log, *live, log_cap=LOG_KEPT * len(clients) // cfg.concurrency)]
+        recs = [Recorder(RunResult(), keep_log, *live, log_cap=cap)]
         EpollRunner(cfg, recs[0], board, stop).run(plans)
     else:
         # One event loop thread: its clients can share a Recorder safely.
-        recs = [Recorder(RunResult(), keep_log, *live, log_cap=LOG_KEPT * len(clients) // cfg.concurrency)]
+        recs = [Recorder(RunResult(), keep_log, *live, log_cap=cap)]
         loops.run(AsyncRunner(cfg, recs[0], board, stop).run(plans))
     result = RunResult()
     log: list = []
