@@ -1419,6 +1419,73 @@ def test_idle_connections_do_not_hold_a_thread_pool_from_a_waiting_client(setup)
             s.close()
 
 
+def test_pool_threads_take_turns_between_keepalive_clients(setup):
+    """A pool thread held its keep-alive connection until it closed or idled for a
+    second, so a client beyond the pool's size waited for the others to stop, and got
+    its answer only when the server closed an idle one under its client (ab -k counts
+    the request it had just sent there as failed). Now the thread puts its connection
+    back in the queue once it has answered, and takes the next client's."""
+    server = setup.server("Server_thread_http.py", "--pool", "1")
+    get = b"GET /page.html HTTP/1.1\r\nHost: t\r\n\r\n"
+    first = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    second = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    try:
+        for _ in range(3):  # the two take turns; neither connection is closed between
+            for conn in (first, second):
+                conn.request("GET", "/page.html")
+                resp = conn.getresponse()
+                assert resp.status == 200 and len(resp.read()) == 1669
+                assert not resp.will_close
+        first.sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):  # still open: nothing, not even an EOF, comes
+            first.sock.recv(1)
+    finally:
+        first.close()
+        second.close()
+    assert status_of(exchange(server.port, get.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))) == 200
+
+
+@pytest.mark.skipif(not HAS_AB, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
+def test_apachebench_keepalive_with_more_clients_than_pool_threads(setup):
+    server = setup.server("Server_thread_http.py", "--pool", "2")
+    ab = subprocess.run(["ab", "-k", "-n", "2000", "-c", "6", f"http://127.0.0.1:{server.port}/page.html"],
+                        capture_output=True, text=True, timeout=90)
+    assert ab.returncode == 0, ab.stderr
+    assert re.search(r"Failed requests:\s+0\b", ab.stdout), ab.stdout
+    assert re.search(r"Keep-Alive requests:\s+2000\b", ab.stdout), ab.stdout
+
+
+def test_a_full_pool_answers_503_without_a_reset(setup, tmp_path):
+    """With every pool thread busy and the queue full, a new client gets 503; its
+    close used to come with the client's request unread, so the kernel reset the
+    connection, and the reset could destroy the 503 (ab stopped the whole run)."""
+    (tmp_path / "big.bin").write_bytes(b"x" * (64 << 20))
+    server = setup.server("Server_thread_http.py", "--pool", "1", "--root", str(tmp_path))
+    stuck = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    waiting: list[socket.socket] = []
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")  # never read: the thread is stuck sending
+        stuck.recv(1)
+        for _ in range(128):  # the queue's room
+            waiting.append(socket.create_connection(("127.0.0.1", server.port), timeout=20))
+        time.sleep(0.3)  # all of them taken from the listen backlog
+        statuses = []
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+                s.sendall(b"GET /page.html HTTP/1.1\r\nHost: t\r\n\r\n" * 300)  # unread when refused
+                time.sleep(0.3)  # the close has come by now
+                answer = b""
+                while chunk := s.recv(65536):  # to the EOF, as ab does (a reset raises here)
+                    answer += chunk
+                statuses.append(status_of(answer))
+        assert statuses == [503] * 3
+    finally:
+        stuck.close()
+        for s in waiting:
+            s.close()
+
+
 @pytest.mark.parametrize("seventh", [b"", b"GET /big.bin HTTP/1.1\r\nHost: t\r\n"])
 def test_answers_on_their_way_are_not_overtaken_by_a_408_or_an_idle_close(setup, tmp_path, seventh):
     """While pipelined answers went out to a client reading slowly but steadily, the

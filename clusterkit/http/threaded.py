@@ -5,9 +5,16 @@ Why two designs: thread-per-connection is the classic teaching model (and
 what the original assignment built); a bounded pool is what it should become
 under load, because threads cost memory and the GIL. With ``--pool N``,
 accepted connections wait in a bounded queue; when it is full, a new client
-gets 503 at once instead of waiting unseen. A pool thread does not sit on an
-idle connection (keep-alive between requests, or one that has sent nothing)
-while others wait for a thread: it closes it once idle ``POOL_IDLE_YIELD`` (two
+gets 503 at once instead of waiting unseen. While connections wait in the
+queue, the threads take turns: a thread that has answered a connection's
+requests puts the connection back at the end of the queue and takes the next
+one (the parser, with any half-received request, goes along), so more
+keep-alive clients than threads are all served, each in its turn; held until
+it closed, a connection kept the clients behind it waiting for the whole run
+(``ab -k -c 20`` against ``--pool 16``: four clients waited until the others
+were done). Nor does a thread sit on an idle connection (keep-alive between
+requests, or one that has sent nothing) while others wait: it puts it back
+after ``POOL_IDLE_CHECK``, and closes it once idle ``POOL_IDLE_YIELD`` (two
 idle connections held a ``--pool 2`` server from everyone else for the whole
 keep-alive timeout).
 
@@ -33,6 +40,7 @@ import signal
 import socket
 import threading
 import time
+from typing import NamedTuple
 
 from .. import logs
 from ..affinity import pin_process
@@ -43,12 +51,24 @@ from ..linger import linger
 from .static import StaticFiles
 
 BUSY_BODY = b"503 Service Unavailable: all worker threads are busy\n"
+POOL_QUEUE = 128
+"""At least this many accepted connections wait for a pool thread (8 per thread with
+more threads) before a new client gets 503: enough for ``ab -c 100``."""
+MAX_REFUSING = 64
+"""Clients told 503 at once, at most (each lingers in a thread for up to 2 s)."""
 POOL_IDLE_CHECK = 0.25
 """Seconds between a pool thread's looks at the queue while its connection is idle."""
 POOL_IDLE_YIELD = 1.0
 """Seconds a connection must have been idle before a pool thread lets go of it for a
 waiting client: shorter, and ab -k with more clients than threads met closes between
 its requests (ab counts the request it had just sent as failed)."""
+
+
+class Turn(NamedTuple):
+    """A pool connection put back in the queue: what the thread that takes it next needs."""
+    parser: RequestParser  # with what it has of a request not yet whole
+    timeout: float  # the socket's receive timeout as it stands
+    idle_since: float
 
 
 class ThreadCache:
@@ -107,8 +127,10 @@ class ThreadedHttpServer:
         self.stopping = threading.Event()
         self.active: set[socket.socket] = set()
         self.lock = threading.Lock()
-        self.queue: queue.Queue | None = queue.Queue(maxsize=max(16, config.pool * 4)) if config.pool else None
+        self.queue: queue.Queue | None = queue.Queue(maxsize=max(POOL_QUEUE, config.pool * 8)) if config.pool else None
         self.threads = ThreadCache(self._handle)
+        self.refusals = ThreadCache(self._refuse)
+        self.refusing = threading.BoundedSemaphore(MAX_REFUSING)  # a slot per client being told 503
 
     def serve(self) -> None:
         if self.queue is not None:
@@ -129,31 +151,49 @@ class ThreadedHttpServer:
                 try:
                     self.queue.put_nowait((conn, addr[0]))
                 except queue.Full:
-                    try:
-                        conn.sendall(build_response(503, BUSY_BODY, keep_alive=False,
-                                                    headers=self.static.backend_header))
-                    except OSError:
-                        pass
-                    conn.close()
+                    # As many as MAX_REFUSING at once; more wait (and the clients behind them
+                    # in the listen backlog) rather than be closed without a word.
+                    self.refusing.acquire()
+                    self.refusals.submit(conn)
         self.sock.close()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """503 and a lingering close, for a client the full queue has no room for (in
+        a thread of its own: the lingering takes up to 2 s). Closed at once, what the
+        client sent meanwhile would turn the close into a reset, which can destroy
+        the 503 before the client reads it (and ab stops the whole run at a reset)."""
+        try:
+            conn.sendall(build_response(503, BUSY_BODY, keep_alive=False, headers=self.static.backend_header))
+            linger(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self.refusing.release()
 
     def _worker(self) -> None:
         while True:
-            conn, peer = self.queue.get()  # type: ignore[union-attr]
-            self._handle(conn, peer)
+            self._handle(*self.queue.get())  # type: ignore[union-attr]
 
-    def _handle(self, conn: socket.socket, peer: str) -> None:
+    def _handle(self, conn: socket.socket, peer: str, turn: Turn | None = None) -> None:
+        """Serve a connection until it ends, or (pool) until its turn does: then it
+        goes back to the queue with ``turn``, what the next thread needs of it."""
         limits = self.config.limits
-        parser = RequestParser(limits)
         elog = self.elog
+        pool = self.queue
         with self.lock:
             self.active.add(conn)
         # Idle, a pool thread looks at its queue every POOL_IDLE_CHECK seconds.
-        idle_wait = limits.keepalive_timeout if self.queue is None else min(POOL_IDLE_CHECK, limits.keepalive_timeout)
-        current = idle_wait
-        idle_since = time.monotonic()
-        # A client that does not read its answer for this long is cut off.
-        kernel_timeouts(conn, current, send=max(limits.keepalive_timeout, limits.header_timeout))
+        idle_wait = limits.keepalive_timeout if pool is None else min(POOL_IDLE_CHECK, limits.keepalive_timeout)
+        if turn is None:
+            parser = RequestParser(limits)
+            current = idle_wait
+            idle_since = time.monotonic()
+            # A client that does not read its answer for this long is cut off.
+            kernel_timeouts(conn, current, send=max(limits.keepalive_timeout, limits.header_timeout))
+        else:
+            parser, current, idle_since = turn
+        requeued = False
         try:
             while not self.stopping.is_set():
                 # Between requests: the keep-alive timeout; within a head: what is left of the
@@ -173,9 +213,12 @@ class ThreadedHttpServer:
                     if parser.in_progress:
                         raise HttpError(408, "request head too slow") from None
                     idle_for = time.monotonic() - idle_since
-                    if (self.queue is None or idle_for >= limits.keepalive_timeout
-                            or (idle_for >= POOL_IDLE_YIELD and not self.queue.empty())):
+                    if (pool is None or idle_for >= limits.keepalive_timeout
+                            or (idle_for >= POOL_IDLE_YIELD and not pool.empty())):
                         return  # idle for the keep-alive timeout, or a pool thread someone waits for
+                    if not pool.empty() and self._requeue(conn, peer, Turn(parser, current, idle_since)):
+                        requeued = True
+                        return
                     continue
                 if not data:
                     return
@@ -192,6 +235,10 @@ class ThreadedHttpServer:
                     conn.sendall(CONTINUE)
                 if parser.error is not None:
                     raise parser.error
+                if pool is not None and not pool.empty() and self._requeue(conn, peer,
+                                                                           Turn(parser, current, idle_since)):
+                    requeued = True
+                    return
         except HttpError as exc:
             if elog.warning:
                 elog.line("WARNING", f"event=refused client={peer} status={exc.status} reason={logs.quote(exc.detail)}")
@@ -203,10 +250,20 @@ class ThreadedHttpServer:
         except OSError:
             pass
         finally:
-            parser.close()
             with self.lock:
                 self.active.discard(conn)
-            conn.close()
+            if not requeued:
+                parser.close()
+                conn.close()
+
+    def _requeue(self, conn: socket.socket, peer: str, turn: Turn) -> bool:
+        """Put a connection whose turn is over at the end of the pool's queue (False
+        when the queue is full: it is served on)."""
+        try:
+            self.queue.put_nowait((conn, peer, turn))  # type: ignore[union-attr]
+        except queue.Full:
+            return False
+        return True
 
     def stop(self) -> None:
         self.stopping.set()
