@@ -825,7 +825,7 @@ def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_pr
     conn.send(b"GET /page.html HTTP/1.0\r\n\r\n")
     data = conn.read_all()
     if up:
-        assert data.startswith(b"HTTP/1.0 200"), data[:200]
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
     else:
         assert data == b"ERR no-backend\n"
 

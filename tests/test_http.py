@@ -27,7 +27,7 @@ import pytest
 
 from clusterkit import cluster
 
-from .conftest import assert_bad_config, fake_backend
+from .conftest import assert_bad_config, fake_backend, send_all_then_read
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -307,7 +307,7 @@ def test_get_head_conditional_and_http10_keepalive(server):
                 got += s.recv(65536)
                 if got.count(b"\r\n\r\n") and len(got.partition(b"\r\n\r\n")[2]) >= len(body):
                     break
-            assert b"HTTP/1.0 200 OK" in got and b"Connection: keep-alive" in got
+            assert b"HTTP/1.1 200 OK" in got and b"Connection: keep-alive" in got
 
 
 def _ranged(port: int, spec: bytes, extra: bytes = b"") -> tuple[int, bytes, bytes]:
@@ -718,8 +718,8 @@ def test_each_client_gets_its_own_version_and_connection_mode_when_the_answer_re
         for raw, first_line, connection in (
                 (SIMPLE_GET, b"HTTP/1.1 200 OK", None),  # each differs from the one before in one way
                 (CLOSING_GET, b"HTTP/1.1 200 OK", b"Connection: close"),
-                (b"GET /page.html HTTP/1.0\r\n\r\n", b"HTTP/1.0 200 OK", b"Connection: close"),
-                (HTTP10_KEEPALIVE, b"HTTP/1.0 200 OK", b"Connection: keep-alive")):
+                (b"GET /page.html HTTP/1.0\r\n\r\n", b"HTTP/1.1 200 OK", b"Connection: close"),
+                (HTTP10_KEEPALIVE, b"HTTP/1.1 200 OK", b"Connection: keep-alive")):
             data = exchange(lb.port, raw)
             head = data.partition(b"\r\n\r\n")[0]
             assert head.startswith(first_line + b"\r\n"), (raw, head)
@@ -1417,6 +1417,31 @@ def test_idle_connections_do_not_hold_a_thread_pool_from_a_waiting_client(setup)
     finally:
         for s in idle:
             s.close()
+
+
+def test_absolute_form_targets_are_served_and_targets_without_a_path_refused(server):
+    """'GET http://x' (no path) and targets httptools cannot take apart ('http://x:abc/')
+    raised while the batch was answered: the connection closed without a word and
+    the answers before them in the batch were lost; lb.py took that silence for a
+    dead backend and marked every backend down, one after the other."""
+    good = b"GET /page.html HTTP/1.1\r\nHost: t\r\n\r\n"
+    absolute = [b"GET http://x HTTP/1.1\r\nHost: t\r\n\r\n",
+                b"GET http://x:45/page.html?q=1 HTTP/1.1\r\nHost: t\r\n\r\n",
+                b"HEAD HTTP://[::1]:8/ HTTP/1.1\r\nHost: t\r\n\r\n"]
+    data = send_all_then_read(server.port, good + b"".join(absolute)
+                              + b"GET http://x:abc/ HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert re.findall(rb"HTTP/1.1 (\d+) ", data) == [b"200", b"200", b"200", b"200", b"400"], data[-300:]
+    for target in (b"http://", b"http:///a", b"ftp://x/page.html", b"x/page.html", b"http://x:99999/a"):
+        data = send_all_then_read(server.port, good + b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+        assert re.findall(rb"HTTP/1.1 (\d+) ", data) == [b"200", b"400"], (target, data[-300:])
+    assert status_of(exchange(server.port, CLOSING_GET)) == 200  # (lb.py: its backends are still up)
+
+
+def test_an_if_modified_since_past_the_year_9999_is_no_date(server):
+    """It overflowed the date parser: the connection closed with no answer."""
+    data = exchange(server.port, b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                                 b"If-Modified-Since: Fri, 27 Nov 99999999999 05:11:20 GMT\r\n\r\n")
+    assert status_of(data) == 200 and data.endswith((WWW / "page.html").read_bytes())
 
 
 def test_pool_threads_take_turns_between_keepalive_clients(setup):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 FIXED_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
 AB_GET = b"GET /page.html HTTP/1.0\r\nHost: t\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n\r\n"
 AB_FORWARDED = (b"GET /page.html HTTP/1.1\r\nHost: t\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n"
-                b"X-Forwarded-For: 127.0.0.1\r\nVia: 1.1 clusterkit-lb")
+                b"X-Forwarded-For: 127.0.0.1\r\nVia: 1.0 clusterkit-lb")
 TWO_FORWARDED_FOR = (b"GET /x HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\n"
                      b"Connection: close\r\n\r\n")
 EVIL_VIA = b"GET /x HTTP/1.1\r\nHost: t\r\nVia: 1.0 evil\r\nConnection: close\r\n\r\n"
@@ -118,6 +118,34 @@ def test_fields_the_connection_header_names_are_not_forwarded(recorded):
     head = heads.get(timeout=10)
     assert not _names(head) & set(HOP_FIELDS), head
     assert _fields(head, b"X-Kept") == [b"end-to-end"] and _fields(head, b"Host") == [b"t"]
+
+
+def test_an_http10_request_without_host_goes_with_the_balancers_address_and_version(recorded):
+    """It went with an empty Host, which nginx refuses with 400 (and HAProxy's
+    default health check sends no Host); its Via entry said 1.1."""
+    start, heads = recorded
+    port = start()
+    assert status_of(exchange(port, b"GET /x HTTP/1.0\r\n\r\n")) == 200
+    head = heads.get(timeout=10)
+    assert _fields(head, b"Host") == [b"127.0.0.1:%d" % port] and _fields(head, b"Via") == [b"1.0 clusterkit-lb"]
+
+
+def test_an_absolute_form_target_goes_as_its_path_with_its_authority_as_host(recorded):
+    """RFC 9112 3.2.2: the target's authority stands for the Host header."""
+    start, heads = recorded
+    exchange(start(), b"GET http://Example.org:8080/x?y=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    head = heads.get(timeout=10)
+    assert head.startswith(b"GET /x?y=1 HTTP/1.1\r\n") and _fields(head, b"Host") == [b"Example.org:8080"]
+
+
+def test_a_head_goes_without_its_range(recorded):
+    """A HEAD goes to the backend as a GET; with its Range it got a 206 where the
+    backend itself answers a HEAD 200 (RFC 9110 14.2: Range is for GET only)."""
+    start, heads = recorded
+    exchange(start(), b"HEAD /x HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1\r\nIf-Range: \"e\"\r\n"
+                      b"Connection: close\r\n\r\n")
+    head = heads.get(timeout=10)
+    assert head.startswith(b"GET /x ") and not _names(head) & {b"range", b"if-range"}, head
 
 
 def test_connection_cannot_drop_what_lb_adds_nor_the_host(recorded):

@@ -120,6 +120,8 @@ class Request:
     conditional: bool = True
     """It may have a header that changes the answer (``If-None-Match``,
     ``If-Modified-Since``, ``Range``); False: it has none (the parser knows)."""
+    path: bytes = b"/"
+    """The target's path, without its query (``split_target``)."""
 
     def header(self, name: bytes) -> bytes | None:
         name = name.lower()
@@ -128,9 +130,25 @@ class Request:
                 return v
         return None
 
-    @property
-    def path(self) -> bytes:
-        return httptools.parse_url(self.target).path if self.target else b"/"
+
+def split_target(target: bytes) -> tuple[bytes, bytes, bytes | None] | None:
+    """A request target as (origin-form target, path, authority), RFC 9112 3.2:
+    origin-form as it came, and its path; absolute-form (``GET http://h:8/p?q``)
+    as its path and query (``/`` when it names no path, as nginx takes it) and
+    its host[:port], which stands for the Host header (3.2.2); None for any
+    other form, or a target httptools cannot take apart (a 400)."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if target[:1] == b"/":
+        return (target, url.path, None) if url.path else None
+    if url.schema is None or url.schema.lower() not in (b"http", b"https") or not url.host:
+        return None
+    path = url.path or b"/"
+    host = b"[%s]" % url.host if b":" in url.host else url.host
+    return (path if url.query is None else path + b"?" + url.query, path,
+            host if url.port is None else b"%s:%d" % (host, url.port))
 
 
 class RequestParser:
@@ -157,6 +175,7 @@ class RequestParser:
 
     def _reset(self) -> None:
         self._url = b""
+        self._path = b"/"
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._body = 0
@@ -225,6 +244,12 @@ class RequestParser:
             # 100-continue" has its 405 at once (as from nginx; curl waited a second),
             # and no body is read for nothing (the lingering close drops it).
             self._fail(HttpError(405, f"method {method.decode('latin-1')}"))
+        parts = split_target(self._url)
+        if parts is None:
+            self._fail(HttpError(400, "a request target that names no path"))
+        self._url, self._path, authority = parts
+        if authority is not None:  # absolute-form: its authority is the Host (RFC 9112 3.2.2)
+            self._headers = [(k, v) for k, v in self._headers if k.lower() != b"host"] + [(b"Host", authority)]
         if expect and version == "1.1" and (chunked or (lengths and lengths[0].strip() not in (b"", b"0"))):
             self.expects_continue = True
 
@@ -239,7 +264,7 @@ class RequestParser:
         p = self._parser
         keep_alive = p.should_keep_alive() and not self._close
         self.ready.append(Request(p.get_method(), self._url, p.get_http_version(), self._headers, keep_alive,
-                                  conditional=self._conditional))
+                                  conditional=self._conditional, path=self._path))
         if not keep_alive:
             self.last = True
 
@@ -295,7 +320,7 @@ class RequestParser:
         if not known.keep_alive:
             self.last = True
         return Request(known.method, known.target, known.version, known.headers, known.keep_alive,
-                       conditional=known.conditional)
+                       conditional=known.conditional, path=known.path)
 
     def close(self) -> None:
         """The connection is over: nothing more is parsed, and the parser lets go
@@ -322,12 +347,14 @@ def http_date(now: float | None = None) -> bytes:
 
 
 def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"text/plain; charset=utf-8",
-                   headers: bytes = b"", keep_alive: bool = True, head_only: bool = False,
-                   version: str = "1.1") -> bytes:
-    """A whole response; ``headers`` are extra header lines, each ending in CRLF."""
+                   headers: bytes = b"", keep_alive: bool = True, head_only: bool = False) -> bytes:
+    """A whole response; ``headers`` are extra header lines, each ending in CRLF.
+    HTTP/1.1 to every client, as nginx: a server sends its highest version within
+    the request's major one (RFC 9110 6.2); an HTTP/1.0 client's keep-alive is
+    in ``Connection``, which is always there."""
     conn = b"keep-alive" if keep_alive else b"close"
-    head = (b"HTTP/%s %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-            b"%sConnection: %s\r\n\r\n" % (version.encode(), status, reason_phrase(status),
+    head = (b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"%sConnection: %s\r\n\r\n" % (status, reason_phrase(status),
                                            SERVER, http_date(), content_type, len(body), headers, conn))
     return head if head_only or status == 304 else head + body
 

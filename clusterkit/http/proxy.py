@@ -75,7 +75,10 @@ NOT_NAMED = frozenset(HOP_BY_HOP | {b"close", b"host"})
 """``Connection`` options that name no field to drop: the connection's modes, the
 hop-by-hop fields dropped anyway, and Host, which a request cannot go without."""
 VIA = b"1.1 clusterkit-lb"
-"""The balancer's entry, appended to the ``Via`` it received (RFC 9110 7.6.3), both ways."""
+"""The balancer's entry, appended to the ``Via`` it received (RFC 9110 7.6.3), both ways;
+``VIA_10`` on the request of an HTTP/1.0 client."""
+VIA_10 = b"1.0 clusterkit-lb"
+RANGE_FIELDS = (b"range", b"if-range")
 WRITE_HIGH_WATER = 512 * 1024
 """Bytes of answers buffered for a client that does not read, before it is paused."""
 STREAM_AFTER = 64 * 1024
@@ -353,6 +356,7 @@ class Proxy:
         self.connections: set[ProxyClient] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
+        self.own_host = b"Host: localhost\r\n"  # (the real one once listening: start)
         self._admin: asyncio.base_events.Server | None = None
         self.stop_signal = loops.StopSignal(on_force=self._abort_all)
         self.conn_ids = itertools.count(1)
@@ -437,12 +441,15 @@ class Proxy:
         forwarded: list[bytes] | None = None  # the X-Forwarded-For and Via values received, if any
         via: list[bytes] | None = None
         named: set[bytes] | None = None  # other fields the Connection header names
+        head = req.method == b"HEAD"
         for k, v in req.headers:
             lk = k.lower()
             if lk in HOP_BY_HOP:
                 if lk == b"connection":
                     named = connection_named(v, named)
                 continue
+            if head and lk in RANGE_FIELDS:
+                continue  # a HEAD goes as a GET: its Range would make the answer a 206 (RFC 9110 14.2)
             if lk == b"x-forwarded-for":
                 if v:
                     forwarded = [v] if forwarded is None else forwarded + [v]
@@ -458,14 +465,16 @@ class Proxy:
             forwarded = None if b"x-forwarded-for" in named else forwarded
             via = None if b"via" in named else via
         if not host:
-            # An HTTP/1.0 client may leave Host out; HTTP/1.1 to the backend needs one,
-            # empty when the target names no authority (RFC 9112 3.2).
-            lines.append(b"Host: \r\n")
+            # An HTTP/1.0 client may leave Host out; HTTP/1.1 to the backend needs one: the
+            # balancer's own address, the one the client reached (nginx sends the upstream's
+            # name; an empty Host, which RFC 9112 3.2 also allows, gets nginx's 400).
+            lines.append(self.own_host)
         xff = client_ip.encode() if forwarded is None else b", ".join(forwarded + [client_ip.encode()])
         # (keep-alive is HTTP/1.1's default: no Connection header, one header less to parse)
         target = req.target
+        ours = VIA if req.version == "1.1" else VIA_10  # the version received (RFC 9110 7.6.3)
         data = (b"GET %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nVia: %s\r\n\r\n"
-                % (target, b"".join(lines), xff, VIA if via is None else b", ".join(via + [VIA])))
+                % (target, b"".join(lines), xff, ours if via is None else b", ".join(via + [ours])))
         if len(data) > self.short and (len(data) - len(target) > self.bytes_room or len(lines) > self.fields_room):
             raise HttpError(431, "request headers too large with X-Forwarded-For and Via added")
         return data
@@ -517,8 +526,8 @@ class Proxy:
             conn = b"Connection: keep-alive\r\n"
         else:
             conn = b""  # keep-alive is HTTP/1.1's default (the servers do not say it either)
-        return (b"HTTP/%s %d %s\r\n%sDate: %s\r\n%sVia: %s\r\n%s\r\n"
-                % (req.version.encode(), status, reason or reason_phrase(status), b.last_kept,
+        return (b"HTTP/1.1 %d %s\r\n%sDate: %s\r\n%sVia: %s\r\n%s\r\n"
+                % (status, reason or reason_phrase(status), b.last_kept,
                    http_date(), framing, b.last_via, conn))
 
     @staticmethod
@@ -560,6 +569,8 @@ class Proxy:
         cfg = self.config
         self._server = await loops.create_server(self.loop, lambda: ProxyClient(self), cfg.host, cfg.port,
                                                      backlog=4096, reuse_address=True)
+        host = cfg.host.encode("idna")
+        self.own_host = b"Host: %s:%d\r\n" % (b"[%s]" % host if b":" in host else host, self.port)
         for b in self.backends:
             self.loop.create_task(self._check_forever(b))
         self.loop.create_task(self._sweep())

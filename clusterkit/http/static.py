@@ -184,8 +184,14 @@ class StaticFiles:
             if req.method not in (b"GET", b"HEAD"):
                 status, resp, keep = 405, error_response(HttpError(405), self.backend_header), False
             else:
-                status, resp = self.respond(req)
-                keep = req.keep_alive
+                try:
+                    status, resp = self.respond(req)
+                    keep = req.keep_alive
+                except Exception as exc:  # a bug here: a 500 and the close, not a silent drop of the batch
+                    if elog.error:
+                        elog.line("ERROR", f"event=error client={peer} status=500 "
+                                           f"reason={logs.quote(f'{type(exc).__name__}: {exc}')}")
+                    status, resp, keep = 500, error_response(HttpError(500), self.backend_header), False
             out.append(resp)
             if elog.info:
                 elog.line("INFO", f"event=request client={peer} method={req.method.decode('latin-1')} "
@@ -201,26 +207,25 @@ class StaticFiles:
         """(status, whole response) for a GET or HEAD request."""
         path = req.path
         keep = req.keep_alive
-        version = req.version.encode()
         conn = b"keep-alive" if keep else b"close"
         if path == b"/healthz":
             return 200, build_response(200, b"ok\n", headers=self.backend_header, keep_alive=keep,
-                                       head_only=req.method == b"HEAD", version=req.version)
+                                       head_only=req.method == b"HEAD")
         entry = self.lookup(path)
         if entry is None:
             return 404, build_response(404, b"404 Not Found\n", headers=self.backend_header, keep_alive=keep,
-                                       head_only=req.method == b"HEAD", version=req.version)
+                                       head_only=req.method == b"HEAD")
         if req.conditional and _not_modified(req, entry):
-            return 304, (b"HTTP/%s 304 Not Modified\r\nServer: %s\r\nDate: %s\r\nETag: %s\r\n"
+            return 304, (b"HTTP/1.1 304 Not Modified\r\nServer: %s\r\nDate: %s\r\nETag: %s\r\n"
                          b"Last-Modified: %s\r\n%sConnection: %s\r\n\r\n"
-                         % (version, SERVER, http_date(), entry.etag, entry.last_modified,
+                         % (SERVER, http_date(), entry.etag, entry.last_modified,
                             self.backend_header, conn))
         if req.conditional and req.method == b"GET":
             span = wanted(req.header(b"range"), len(entry.body))
             if span is not None and still_matches(req.header(b"if-range"), entry.etag, entry.last_modified):
                 return self._part(req, entry, span)
-        head = b"HTTP/%s 200 OK\r\n%sDate: %s\r\nConnection: %s\r\n\r\n" % (
-            version, entry.fixed_headers, http_date(), conn)
+        head = b"HTTP/1.1 200 OK\r\n%sDate: %s\r\nConnection: %s\r\n\r\n" % (
+            entry.fixed_headers, http_date(), conn)
         return 200, head if req.method == b"HEAD" else head + entry.body
 
     def _part(self, req: Request, entry: CachedFile, span: tuple[int, int]) -> tuple[int, bytes]:
@@ -228,11 +233,10 @@ class StaticFiles:
         size = len(entry.body)
         if span == UNSATISFIABLE:
             return 416, build_response(416, b"416 Range Not Satisfiable\n", keep_alive=req.keep_alive,
-                                       version=req.version,
                                        headers=b"Content-Range: bytes */%d\r\n%s" % (size, self.backend_header))
         first, last = span
         return 206, build_response(206, entry.body[first:last + 1], content_type=entry.content_type,
-                                   keep_alive=req.keep_alive, version=req.version,
+                                   keep_alive=req.keep_alive,
                                    headers=b"Content-Range: bytes %d-%d/%d\r\nLast-Modified: %s\r\nETag: %s\r\n%s"
                                    % (first, last, size, entry.last_modified, entry.etag, self.backend_header))
 
@@ -245,7 +249,7 @@ def _not_modified(req: Request, entry: CachedFile) -> bool:
     if ims is not None:
         try:
             since = parsedate_to_datetime(ims.decode("latin-1")).timestamp()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (a year past 9999 overflows)
             return False
         # A date later than the server's clock is no date (RFC 9110 13.1.3): the file goes out.
         return int(entry.mtime) <= since <= time.time()

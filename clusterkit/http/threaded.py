@@ -173,7 +173,12 @@ class ThreadedHttpServer:
 
     def _worker(self) -> None:
         while True:
-            self._handle(*self.queue.get())  # type: ignore[union-attr]
+            job = self.queue.get()  # type: ignore[union-attr]
+            try:
+                self._handle(*job)
+            except Exception as exc:  # a bug: the connection is gone (closed), the pool keeps its thread
+                if self.elog.error:
+                    self.elog.line("ERROR", f"event=error reason={logs.quote(f'{type(exc).__name__}: {exc}')}")
 
     def _handle(self, conn: socket.socket, peer: str, turn: Turn | None = None) -> None:
         """Serve a connection until it ends, or (pool) until its turn does: then it
