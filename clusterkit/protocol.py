@@ -307,22 +307,33 @@ class _RawLineFramer:
         return lines
 
 
-def count_complete_responses(buf: bytes | bytearray, start: int = 0,
-                             limit: int | None = None) -> tuple[int, int, bool]:
-    """Count the complete responses in ``buf[start:]`` without parsing them.
+MORE, OFF, NOTICE, CLOSED = range(4)
+"""Why ``match_answers`` stopped counting: the buffer (or the messages) ran out; the
+next whole line is no answer to the next message; it is a connection notice; the
+last answer counted ends the connection."""
+CONNECTION_NOTICES = frozenset({b"ERR idle-timeout", b"ERR shutting-down", b"ERR busy"})
+"""A server's ERR lines about its connection (said as it closes it, or refuses it),
+not about a message: never a message's answer."""
+CLOSING_ANSWER = b"ERR line-too-long"
+"""The answer to a line too long, after which the server closes the connection."""
 
-    Returns ``(responses, end, bad)``: how many whole responses (a ``REPLY``
-    line plus its ``ACK`` line, or one ``ERR`` line) begin at ``start``, at
-    most ``limit`` of them; the offset just after the last one counted; and
-    whether what follows is already known not to be a response (a whole line
-    that is neither, or a ``REPLY`` whose next line is not an ``ACK``). A
-    relay uses this to forward replies as whole units and to catch a backend
-    that does not speak the protocol.
-    """
+
+def match_answers(buf: bytes | bytearray, messages: Iterable[bytes]) -> tuple[int, int, int]:
+    """How many of ``messages`` (in order) ``buf`` answers with whole answers from its
+    start, without parsing them: a ``REPLY`` that echoes the message, with an ``ACK``
+    line after it, or one ``ERR`` line in place of the pair.
+
+    Returns ``(answers, end, why)``: the count; the offset just after the last answer
+    counted; and why counting stopped (``MORE``: the buffer or the messages ran out,
+    with a line maybe half there; ``OFF``: the next whole line is no answer to the
+    next message, a ``REPLY`` echoing another message or without its ``ACK``, or
+    not the protocol at all; ``NOTICE``: a line of ``CONNECTION_NOTICES`` is at
+    ``end``; ``CLOSED``: the last answer counted is ``CLOSING_ANSWER``). A relay
+    uses this to forward answers as whole units and to catch a backend that
+    answers another message, or twice, or not in the protocol."""
     count = 0
-    pos = start
-    n = len(buf)
-    while pos < n and (limit is None or count < limit):
+    pos = 0
+    for message in messages:
         nl = buf.find(b"\n", pos)
         if nl < 0:
             break
@@ -330,12 +341,19 @@ def count_complete_responses(buf: bytes | bytearray, start: int = 0,
             nl2 = buf.find(b"\n", nl + 1)
             if nl2 < 0:
                 break
-            if not buf.startswith(b"ACK ", nl + 1):
-                return count, pos, True
+            sp = buf.find(b" ", pos + 6, nl)  # after the server's name (it has no spaces)
+            if (sp < 0 or nl - sp - 1 != len(message) or not buf.startswith(message, sp + 1)
+                    or not buf.startswith(b"ACK ", nl + 1)):
+                return count, pos, OFF
             pos = nl2 + 1
         elif buf.startswith(b"ERR ", pos):
+            line = bytes(buf[pos:nl])
+            if line in CONNECTION_NOTICES:
+                return count, pos, NOTICE
             pos = nl + 1
+            if line == CLOSING_ANSWER:
+                return count + 1, pos, CLOSED
         else:
-            return count, pos, True
+            return count, pos, OFF
         count += 1
-    return count, pos, False
+    return count, pos, MORE

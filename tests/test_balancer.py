@@ -19,7 +19,7 @@ from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
 
-from .conftest import assert_bad_config, assert_usage_error, send_all_then_read
+from .conftest import LineConn, assert_bad_config, assert_usage_error, send_all_then_read
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -532,15 +532,121 @@ def test_backend_that_does_not_speak_the_protocol_is_failed_over(procs, log_dir)
     assert "event=backend-down backend=junk from=FALLING to=DOWN reason=bad-reply" in log
 
 
-@pytest.mark.parametrize("mode", ["message", "tcp"])
-def test_client_that_never_reads_does_not_grow_balancer_memory(lb, mode):
+def _odd_backend(answer):
+    """A listening backend (close it at the end) that answers the messages of each
+    read with ``answer(messages)``: the bytes to send, and whether to close then.
+    Each connection in a thread."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while data := conn.recv(65536):
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                out, close = answer(lines)
+                conn.sendall(out)
+                if close:
+                    return
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+def _pair(name: bytes, m: bytes) -> bytes:
+    return b"REPLY %s %s\nACK %s %d\n" % (name, m, name, len(m))
+
+
+def test_a_backend_that_answers_twice_is_failed_over_and_no_answer_comes_twice(procs, log_dir):
+    """Answers were counted, not matched: a backend answering each message twice
+    had its second copy relayed as the answer to the next message (m0, m0, m1,
+    m1, ...) and stayed up. An answer that does not echo the message it answers
+    is now off the protocol: what is pending goes to another backend."""
+    double = _odd_backend(lambda lines: (b"".join(_pair(b"double", m) * 2 for m in lines), False))
+    try:
+        ports = cluster.free_ports(2)
+        procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+        balancer = procs.start(balancer_process(
+            ports[1], [f"double=127.0.0.1:{double.getsockname()[1]}", f"server1=127.0.0.1:{ports[0]}"],
+            "--check-interval", "30", log_dir=str(log_dir)))
+        messages = [b"m%d" % i for i in range(200)]
+        for _ in range(2):  # (one of the two goes to double first)
+            responses = pipeline(balancer.port, messages)
+            assert [r.message for r in responses] == messages and all(r.error is None for r in responses)
+        for _ in range(3):  # one message a connection: each answered once, whoever answers
+            assert ResponseParser().feed(one_message(balancer.port, b"solo"))[0].message == b"solo"
+    finally:
+        double.close()
+
+
+def test_a_connection_notice_in_place_of_an_answer_is_no_answer(procs, log_dir):
+    """A server whose idle timeout fired as the balancer sent a message says 'ERR
+    idle-timeout' and closes: the client got that line as its message's answer.
+    Now the message goes again, on a new connection, and nobody is blamed."""
+    noticed = []
+
+    def answer(lines):
+        if b"second" in lines and not noticed:  # once: its idle timeout fired as 'second' came
+            noticed.append(True)
+            return b"ERR idle-timeout\n", True
+        return b"".join(_pair(b"idler", m) for m in lines), False
+
+    idler = _odd_backend(answer)
+    try:
+        port = cluster.free_ports(1)[0]
+        balancer = procs.start(balancer_process(port, [f"idler=127.0.0.1:{idler.getsockname()[1]}"],
+                                                "--check", "connect", "--check-interval", "30",
+                                                log_dir=str(log_dir)))
+        conn = LineConn(balancer.port)
+        conn.send(b"first\n")
+        assert conn.read_lines(2) == [b"REPLY idler first", b"ACK idler 5"]
+        conn.send(b"second\n")
+        assert conn.read_lines(2) == [b"REPLY idler second", b"ACK idler 6"]
+        conn.close()
+        assert one_message(balancer.port, b"third") == _pair(b"idler", b"third")  # not marked down
+    finally:
+        idler.close()
+
+
+def test_a_line_too_long_for_the_backends_takes_none_of_them_down(lb, log_dir):
+    """The balancer's line limit above its servers': each such line was relayed,
+    answered ERR line-too-long and the close, and the close counted against the
+    backend, so three lines took the whole cluster down (ERR no-backend for
+    everyone). Now the client's session ends there, as with the server itself."""
+    lb.start("--max-line", "100000")
+    for _ in range(4):
+        data = send_all_then_read(lb.port, b"x" * 70000 + b"\nafter\n")
+        assert data == b"ERR line-too-long\n"
+    assert [b["state"] for b in lb.stats()["backends"]] == ["UP"] * 3
+    assert ResponseParser().feed(one_message(lb.port, b"fine"))[0].message == b"fine"
+    assert "event=backend-down" not in (log_dir / "server_log.log").read_text()
+
+
+@pytest.mark.parametrize("mode, size, backends", [("message", 64, "up"), ("tcp", 64, "up"), ("message", 2, "up"),
+                                                  ("message", 2, "none")])
+def test_client_that_never_reads_does_not_grow_balancer_memory(lb, mode, size, backends):
+    """With 2-byte messages the queue of pending ones held 75 MB under the 4 MiB
+    limit (it counted their bytes, not what each costs); with no backend up, a
+    client's ERR no-backend answers piled up without end (300 MB in 2 s)."""
     lb.start("--mode", mode)
+    if backends == "none":
+        for name in ("server1", "server2", "server3"):
+            lb.servers[name].stop()
+            lb.wait_state(name, ("DOWN",))
     proc = psutil.Process(lb.lb.pid)
     before = proc.memory_info().rss
     s = socket.create_connection(("127.0.0.1", lb.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     s.settimeout(3)
-    block = (b"v" * 63 + b"\n") * 16384
+    block = (b"v" * (size - 1) + b"\n") * (2**20 // size)
     sent = 0
     try:
         while sent < 50 * 2**20:
@@ -825,7 +931,7 @@ def test_tcp_mode_with_connect_checks_relays_a_server_that_does_not_speak_the_pr
     conn.send(b"GET /page.html HTTP/1.0\r\n\r\n")
     data = conn.read_all()
     if up:
-        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+        assert data.startswith(b"HTTP/1.0 200"), data[:200]
     else:
         assert data == b"ERR no-backend\n"
 

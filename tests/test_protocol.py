@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from clusterkit.protocol import (
-    LineFramer, LineTooLong, LocalProtocolError, RemoteProtocolError, ResponseParser, SlowLineWatch,
-    build_error, build_replies, check_server_name, count_complete_responses,
+    CLOSED, MORE, NOTICE, OFF, LineFramer, LineTooLong, LocalProtocolError, RemoteProtocolError, ResponseParser,
+    SlowLineWatch, build_error, build_replies, check_server_name, match_answers,
 )
 
 SIMPLE = b"hello\n"
@@ -121,7 +121,7 @@ def test_client_and_server_in_memory(messages, client_cuts, server_cuts):
     for sent, resp in zip(messages, responses):
         assert resp.server == NAME
         assert resp.matches(sent)
-    assert count_complete_responses(server_out) == (len(messages), len(server_out), False)
+    assert match_answers(server_out, messages) == (len(messages), len(server_out), MORE)
 
 
 def test_reply_keeps_a_trailing_cr_and_the_ack_confirms_it():
@@ -158,20 +158,34 @@ def test_partial_reply_is_not_reported_until_its_ack():
     assert resp.matches(b"hi")
 
 
-def test_count_complete_responses_stops_at_a_half_pair():
+def test_match_answers_stops_at_a_half_pair():
     buf = build_replies(NAME, [b"a", b"b"]) + b"REPLY server1 c\n"
-    n, end, bad = count_complete_responses(buf)
-    assert n == 2 and buf[end:] == b"REPLY server1 c\n" and not bad
-    assert count_complete_responses(build_error("busy")) == (1, 9, False)
+    n, end, why = match_answers(buf, [b"a", b"b", b"c"])
+    assert n == 2 and buf[end:] == b"REPLY server1 c\n" and why == MORE
+    assert match_answers(build_error("oops"), [b"x"]) == (1, 9, MORE)  # an ERR takes a message's place
+    assert match_answers(build_replies(NAME, [b"a", b"b"]), [b"a"]) == (1, len(build_replies(NAME, [b"a"])), MORE)
 
 
-@pytest.mark.parametrize("tail", [b"garbage\n", b"REPLY server1 c\nnot an ack\n", b"ACK server1 1\n", b"\n"])
-def test_count_complete_responses_flags_what_is_not_a_response(tail):
+@pytest.mark.parametrize("tail", [b"garbage\n", b"REPLY server1 c\nnot an ack\n", b"ACK server1 1\n", b"\n",
+                                  b"REPLY server1 b\nACK server1 1\n", b"REPLY server1 cc\nACK server1 2\n",
+                                  b"REPLY server1\nACK server1 1\n"])
+def test_match_answers_flags_what_is_not_the_next_messages_answer(tail):
     good = build_replies(NAME, [b"a", b"b"])
-    n, end, bad = count_complete_responses(good + tail + build_replies(NAME, [b"c"]))
-    assert (n, end, bad) == (2, len(good), True)
+    n, end, why = match_answers(good + tail + build_replies(NAME, [b"c"]), [b"a", b"b", b"c"])
+    assert (n, end, why) == (2, len(good), OFF)
     # Not yet a whole line: not known to be bad.
-    assert count_complete_responses(good + b"garb") == (2, len(good), False)
+    assert match_answers(good + b"garb", [b"a", b"b", b"c"]) == (2, len(good), MORE)
+
+
+@pytest.mark.parametrize("notice", [b"ERR idle-timeout\n", b"ERR shutting-down\n", b"ERR busy\n"])
+def test_match_answers_takes_no_connection_notice_for_an_answer(notice):
+    good = build_replies(NAME, [b"a"])
+    assert match_answers(good + notice, [b"a", b"b"]) == (1, len(good), NOTICE)
+
+
+def test_match_answers_stops_after_an_answer_that_ends_the_connection():
+    good = build_replies(NAME, [b"a"]) + b"ERR line-too-long\n"
+    assert match_answers(good + build_replies(NAME, [b"c"]), [b"a", b"b", b"c"]) == (2, len(good), CLOSED)
 
 
 def test_bad_names_and_codes_are_local_errors():

@@ -3,10 +3,13 @@ relays each reply pair as one unit, failing over without losing a message.
 
 How it works. Each client connection has one backend connection and a queue
 (``pending``) of the messages forwarded to it that have no complete reply yet.
-Backend bytes are cut at the end of the last complete response
-(``count_complete_responses``: a ``REPLY`` line with its ``ACK``, or an ``ERR``
-line) and written to the client in one piece; as many messages leave the
-queue. When the backend dies (EOF, reset) or leaves the oldest message
+Backend bytes are cut at the end of the last complete answer
+(``match_answers``: a ``REPLY`` line echoing the pending message, with its
+``ACK``, or an ``ERR`` line) and written to the client in one piece; as many
+messages leave the queue. An answer to another message (a backend answering
+twice) or off the protocol is a broken backend's; a server's notice about its
+connection (``ERR idle-timeout``) is nobody's answer: the message goes again.
+When the backend dies (EOF, reset) or leaves the oldest message
 unanswered past the response timeout (checked by the balancer's sweep, not by
 a timer per message), its connection is dropped with any half reply it sent,
 the backend is marked DOWN, and every pending message is sent again, in order,
@@ -49,7 +52,8 @@ from typing import TYPE_CHECKING
 
 import _socket
 
-from ..protocol import LineFramer, SlowLineWatch, build_error, count_complete_responses, message_lines
+from ..protocol import (MORE, NOTICE, OFF, LineFramer, SlowLineWatch, build_error, match_answers,
+                        message_lines)
 from ..sockets import local_shortage
 from .epollset import ERR, HUP, OUT, EpollSet, SocketTransport, Stream, connect_result, os_error, start_connect
 from .pool import Backend, connect_failure
@@ -64,6 +68,11 @@ ERR_LINE_TOO_LONG = build_error("line-too-long")
 ERR_INCOMPLETE_LINE = build_error("incomplete-line")
 ERR_LINE_TIMEOUT = build_error("line-timeout")
 ERR_IDLE = build_error("idle-timeout")
+MESSAGE_COST = 64
+"""Bytes a pending message costs the balancer beyond its own (the bytes object and
+its place in the queue), counted against ``max_pending_bytes``: counted by their
+length alone, a client's 2-byte messages held 75 MB per connection under the
+4 MiB limit."""
 
 
 class BackendSide(Stream):
@@ -146,7 +155,8 @@ class ClientSide(asyncio.Protocol):
                  "connecting", "pending", "pending_bytes", "inbuf", "used", "paused", "client_full", "eof",
                  "closed", "rejected", "error_after_pending", "answered", "failovers", "no_backend_errors",
                  "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered", "stall_since",
-                 "connect_side", "connect_started", "lines", "line_watch")
+                 "connect_side", "connect_started", "lines", "line_watch", "no_backend_logged",
+                 "no_backend_unlogged")
 
     def __init__(self, app: Balancer) -> None:
         self.app = app
@@ -173,6 +183,8 @@ class ClientSide(asyncio.Protocol):
         self.answered = 0
         self.failovers = 0
         self.no_backend_errors = 0
+        self.no_backend_logged = -1.0  # when its last event=no-backend line was written
+        self.no_backend_unlogged = 0
         self.bytes_in = 0
         self.seen_bytes = 0
         self.last_activity = time.monotonic()
@@ -214,7 +226,7 @@ class ClientSide(asyncio.Protocol):
                 self.pending.extend(messages)
                 whole = aligned and framer.buffered == 0 and framer.error is None
                 out = data if whole else message_lines(messages)
-                self.pending_bytes += len(out)
+                self.pending_bytes += len(out) + MESSAGE_COST * len(messages)
                 conn = self.backend_conn
                 if conn is not None and not self.connecting:
                     conn.write(out)
@@ -237,13 +249,18 @@ class ClientSide(asyncio.Protocol):
         return True  # keep the write side open for the replies still due
 
     def pause_writing(self) -> None:
+        # The client takes its answers no faster than this: neither the backend nor the
+        # client is read meanwhile (the answers the balancer itself gives, ERR no-backend,
+        # would pile up without end for a client that sends and never reads).
         self.client_full = True
+        self.set_paused("client-full", True)
         conn = self.backend_conn
         if conn is not None:
             conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.client_full = False
+        self.set_paused("client-full", False)
         self.stall_since = None  # the backend is read again: its silence counts from now
         conn = self.backend_conn
         if conn is not None:
@@ -425,7 +442,8 @@ class ClientSide(asyncio.Protocol):
         else:
             view = data
         pending = self.pending
-        n, end, bad = count_complete_responses(view, 0, len(pending))
+        n, end, why = match_answers(view, pending)
+        notice = bytes(view[end:view.find(b"\n", end)]) if why == NOTICE else b""
         if n:
             if end == len(view):
                 out = bytes(view) if view is buf else view
@@ -449,31 +467,74 @@ class ClientSide(asyncio.Protocol):
                 self.burst_start = None
                 if self.paused:
                     self.set_paused("pending", False)
-                self.settle()
+                if why == MORE and not buf:
+                    self.settle()
             else:
                 popleft = pending.popleft
                 freed = 0
                 for _ in range(n):
-                    freed += len(popleft()) + 1
+                    freed += len(popleft()) + 1 + MESSAGE_COST
                 self.pending_bytes = max(0, self.pending_bytes - freed)
                 if backend is not None:
                     backend.messages += n
                 if "pending" in self.paused and self.pending_bytes < self.config.max_pending_bytes // 2:
                     self.set_paused("pending", False)
         elif view is not buf:
-            if pending:
-                buf += view  # a response cut in two: wait for the rest
-            # else: unsolicited bytes (e.g. the backend's idle notice): not a reply to anyone
-        elif not pending:
-            buf.clear()
-        if bad:
-            # Off-protocol bytes: where an answer is due, the backend is broken and what
-            # it has not answered goes to another one; after the last answer, nobody's reply.
-            buf.clear()
-            if pending:
+            buf += view  # an answer cut in two: wait for the rest (or see below)
+        if why == MORE:
+            if not buf:
+                return
+            if not pending:  # bytes nobody asked for (an answer twice): the connection goes
+                self.fail_over("unasked")
+            elif len(buf) > self.config.max_line + 1024:
                 self.fail_over("bad-reply")
-        elif len(buf) > self.config.max_line + 1024:
+        elif why == OFF:  # not an answer to the message it should answer: the backend is broken
             self.fail_over("bad-reply")
+        elif why == NOTICE:
+            self.backend_notice(notice)
+        else:  # CLOSED: a line too long for the backend; the session ends as it would there
+            self.line_too_long_for_backend()
+
+    def backend_notice(self, notice: bytes) -> None:
+        """The backend said, where an answer was due, that it is closing the connection
+        (idle-timeout: it took the connection for idle as a message came; shutting-down;
+        busy): what is pending goes on another connection, and the backend is not to
+        blame. The notice was nobody's answer, and counted as one it was a client's."""
+        reason = notice[4:].decode("ascii", "replace")
+        backend = self.backend
+        if reason == "idle-timeout" and backend is not None and backend.healthy:
+            self.retry_on(backend)
+        else:
+            self.fail_over(reason, blame=False)
+
+    def retry_on(self, backend: Backend) -> None:
+        """The connection to ``backend`` went stale: what is pending goes to it again,
+        on a new connection."""
+        self.drop_backend()
+        if self.closed:
+            return
+        if not self.pending:
+            self.settle()
+        else:
+            self.attach(again=backend)
+
+    def line_too_long_for_backend(self) -> None:
+        """The backend answered a message ``ERR line-too-long`` (its limit is below the
+        balancer's) and closes the connection, as a server does. The client has the
+        answer; its session ends there, as it would with the server itself, and the
+        backend is not to blame: the line was the client's."""
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=error conn={self.conn_id} code=line-too-long "
+                                      f"backend={self.backend.name if self.backend else '-'}")
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.drop_backend()
+        if self.closed:
+            return
+        if self.error_after_pending is None:
+            self.error_after_pending = b""
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self.settle()
 
     def backend_busy(self, side: BackendSide) -> None:
         """The backend is at its connection limit: full, not down (no backend is
@@ -497,12 +558,8 @@ class ClientSide(asyncio.Protocol):
         if side.reused and side.fresh and reason in ("closed", "reset", "idle-timeout"):
             # Closed by the server as it was taken from the idle pool (reuse.py): stale,
             # not a failure of the backend. Its messages go on a new connection to it.
-            backend = side.backend
-            self.drop_backend()
-            if not self.pending:
-                self.settle()
-            elif backend.healthy:
-                self.attach(again=backend)
+            if side.backend.healthy:
+                self.retry_on(side.backend)
             else:
                 self.fail_over(reason)  # (down already: it is not blamed twice)
             return
@@ -544,8 +601,14 @@ class ClientSide(asyncio.Protocol):
             self.transport.write(ERR_NO_BACKEND * count)  # type: ignore[union-attr]
             self.no_backend_errors += count
             self.app.no_backend_errors += count
-            if self.elog.warning:
-                self.elog.line("WARNING", f"event=no-backend conn={self.conn_id} messages={count}")
+            self.no_backend_unlogged += count
+            if self.elog.warning:  # a line a second at most per client (its messages since the last)
+                now = time.monotonic()
+                if now - self.no_backend_logged >= 1.0:
+                    self.elog.line("WARNING", f"event=no-backend conn={self.conn_id} "
+                                              f"messages={self.no_backend_unlogged}")
+                    self.no_backend_logged = now
+                    self.no_backend_unlogged = 0
         self.set_paused("pending", False)
         self.settle()
 
