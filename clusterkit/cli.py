@@ -103,6 +103,12 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def host_name(text: str) -> str:
+    """A ``--host`` value: a name or an address, IPv6 also in brackets as in URLs
+    (``[::1]``, which the resolver does not know)."""
+    return text[1:-1] if text.startswith("[") and text.endswith("]") else text
+
+
 def peer_port(text: str) -> int:
     """A port to connect to: 1-65535 (0 means "any" only to a listener)."""
     value = port_number(text)

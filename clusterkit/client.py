@@ -174,9 +174,10 @@ class Client:
         if response.error is not None:
             why = " (the balancer has no healthy backend)" if response.error == "no-backend" else ""
             raise ClientError(response.error, f"the server answered ERR {response.error}{why}")
-        if not response.matches(data):
-            raise ClientError("wrong-reply", f"the reply does not echo the message "
-                                             f"(got {response.message[:60]!r}, length {response.length})")
+        if response.message != data:
+            raise ClientError("wrong-reply", f"the reply does not echo the message (got {response.message[:60]!r})")
+        if response.length != len(data):
+            raise ClientError("bad-ack", f"the confirmation gives length {response.length}, not {len(data)}")
         server = response.server.decode("ascii", "replace")
         return ClientResult(
             message=data, server=server,

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many times to send it (default: %(default)s)")
     p.add_argument("--keepalive", "-k", action="store_true",
                    help="send all messages on one connection (default: a new connection per message)")
-    p.add_argument("--host", default="127.0.0.1", help="server or balancer address (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", type=cli.host_name,
+                   help="server or balancer address (default: %(default)s)")
     p.add_argument("--port", type=cli.peer_port, default=7000, help="port (default: %(default)s)")
     p.add_argument("--timeout", type=cli.positive_float, default=5.0,
                    help="seconds to wait for connect and for each reply (default: %(default)s)")

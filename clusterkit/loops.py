@@ -46,10 +46,20 @@ def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
         return runner.run(main)
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a server gracefully: SIGINT, SIGTERM, and SIGHUP (the
+    terminal it runs in closed) unless it is ignored (``nohup``). Left to Python,
+    SIGHUP killed a server on the spot, without a drain or a log line."""
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        return signal.SIGINT, signal.SIGTERM
+    return signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+
+
 class StopSignal:
     """How every server here stops, in uvicorn's order: the first SIGINT or SIGTERM
-    asks for a graceful stop (``wait()`` returns, the server drains); a second one
-    sets ``forced`` and calls ``on_force`` (abort whatever is left)."""
+    (or SIGHUP: ``stop_signals``) asks for a graceful stop (``wait()`` returns, the
+    server drains); a second one sets ``forced`` and calls ``on_force`` (abort
+    whatever is left)."""
 
     def __init__(self, on_force: Callable[[], None] | None = None) -> None:
         self._event = asyncio.Event()
@@ -59,7 +69,7 @@ class StopSignal:
         # Ctrl-C as soon as the port is open is a graceful stop too, not Python's
         # KeyboardInterrupt (exit 130).
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self.request)
 
     def request(self) -> None:

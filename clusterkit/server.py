@@ -358,7 +358,7 @@ def build_parser(name: str, port: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=f"{name}: a TCP echo server of the cluster. Each message line gets "
                     f"'REPLY <name> <message>' and 'ACK <name> <length>' (line protocol v1).")
-    p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
+    p.add_argument("--host", default=d.host, type=cli.host_name, help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=cli.port_number, default=port,
                    help="port to listen on, 0 for any free port (default: %(default)s)")
     p.add_argument("--name", default=name, help="server name put in every reply (default: %(default)s)")

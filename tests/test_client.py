@@ -76,6 +76,9 @@ def test_err_line_and_wrong_echo_are_reported():
     with pytest.raises(ClientError) as info:
         client_send_message("x", port=fake(b"REPLY s y\nACK s 1\n"))
     assert info.value.code == "wrong-reply"
+    with pytest.raises(ClientError) as info:  # the echo is right: it was called wrong-reply
+        client_send_message("x", port=fake(b"REPLY s x\nACK s 2\n"))
+    assert info.value.code == "bad-ack"
     with pytest.raises(ClientError) as info:
         client_send_message("x", port=fake(b"REPLY s x\n"))
     assert info.value.code == "closed"
@@ -94,6 +97,18 @@ def test_cli_prints_both_replies_and_timings(start_server, log_dir):
         assert word in proc.stdout
     log = (log_dir / "client_log.log").read_text()
     assert log.count("event=reply") == 3 and "rtt_ms=" in log and "latency_ms=" in log
+
+
+def test_an_ipv6_host_in_brackets_as_in_urls(procs, log_dir):
+    """``--host [::1]`` was 'cannot resolve' (exit 69); the bracket form is the URL one."""
+    try:
+        port = cluster.free_port("::1")
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    server = procs.start(cluster.echo_server("six", port, log_dir=str(log_dir), host="::1"))
+    proc = run_client("over six", "--host", "[::1]", "--port", str(server.port), log_dir=log_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "REPLY six over six" in proc.stdout
 
 
 def test_cli_json_output(start_server, log_dir):

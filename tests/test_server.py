@@ -381,6 +381,24 @@ def test_ctrl_c_the_moment_the_port_opens_is_a_graceful_stop(script, log_dir):
             proc.stop()
 
 
+@pytest.mark.parametrize("script", ["server1.py", "Load_Balancer.py", "http_servers/Server_thread_http.py",
+                                    "http_servers/Server_async_http.py", "http_servers/lb.py"])
+def test_sighup_is_a_graceful_stop(script, log_dir):
+    """A closed terminal's SIGHUP killed every server on the spot (Python's default):
+    no drain, no log line. It is a graceful stop now, as SIGTERM, unless ignored (nohup)."""
+    port = cluster.free_port()
+    extra = ["--admin-port", "0"] if script == "Load_Balancer.py" else []
+    proc = cluster.Process(script, cluster.python_script(script, "--port", str(port), "--log-dir", str(log_dir),
+                                                         *extra), port=port)
+    proc.start()
+    try:
+        proc.signal(signal.SIGHUP)
+        assert proc.wait(timeout=15) == 0, proc.stderr()
+        assert "Traceback" not in proc.stderr()
+    finally:
+        proc.stop()
+
+
 def test_a_client_that_never_stops_is_cut_at_the_drain_timeout(start_server):
     server = start_server("server1", "--drain-timeout", "1")
     s = socket.create_connection(("127.0.0.1", server.port), timeout=20)

@@ -6,7 +6,8 @@
  * generator does. One thread, epoll, level-triggered, non-blocking sockets.
  * For each line M it writes "REPLY <name> M\n" and "ACK <name> <len>\n"; a
  * '\r' before '\n' is dropped; a line longer than 65536 bytes gets
- * "ERR line-too-long" and a close.
+ * "ERR line-too-long" and a close; bytes after the last '\n' at the client's
+ * EOF get "ERR incomplete-line".
  *
  * What it is not: a server to deploy. No logging, no timeouts, no graceful
  * stop (SIGTERM ends it at once).
@@ -82,7 +83,11 @@ static int flush(struct conn *c) {
 static int on_read(struct conn *c) {
     char buf[65536];
     ssize_t r = recv(c->fd, buf, sizeof buf, 0);
-    if (r == 0) { c->closing = 1; return 0; }
+    if (r == 0) {  /* the client is done: bytes after its last '\n' are no message */
+        if (c->in_len) append(c, "ERR incomplete-line\n", 20);
+        c->closing = 1;
+        return 0;
+    }
     if (r < 0) return errno == EAGAIN ? 0 : -1;
     char *p = buf, *end = buf + r;
     while (p < end) {
@@ -96,10 +101,12 @@ static int on_read(struct conn *c) {
         }
         size_t n = (size_t)(nl - p);
         if (c->in_len) {
-            if (c->in_len + n > MAX_LINE + 1) goto too_long;
-            reserve(&c->in, &c->in_cap, c->in_len + n);
+            size_t all = c->in_len + n;
+            char last = n ? p[n - 1] : c->in[c->in_len - 1];
+            if (all > MAX_LINE + 1 || (all == MAX_LINE + 1 && last != '\r')) goto too_long;
+            reserve(&c->in, &c->in_cap, all);
             memcpy(c->in + c->in_len, p, n);
-            reply(c, c->in, c->in_len + n);
+            reply(c, c->in, all);
             c->in_len = 0;
         } else {
             if (n > MAX_LINE + 1 || (n == MAX_LINE + 1 && p[n - 1] != '\r')) goto too_long;

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load balancer of the TCP cluster: spreads clients over the echo servers, "
                     "health-checks them, and (in message mode) fails over without losing a message.")
     # Defaults None: a setting of --config stays unless the flag is given.
-    p.add_argument("--host", help=f"address to listen on (default: {d.host})")
+    p.add_argument("--host", type=cli.host_name,
+                   help=f"address to listen on (default: {d.host})")
     p.add_argument("--port", type=cli.port_number, help=f"port to listen on (default: {d.port})")
     p.add_argument("--admin-port", type=cli.port_number,
                    help=f"port of GET /stats (JSON) and /metrics (Prometheus); 0 turns it off (default: {d.admin_port})")

@@ -18,7 +18,8 @@ from .static import DEFAULT_ROOT
 
 def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool = False,
             event_loop: bool = True) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", type=cli.host_name,
+                   help="address to listen on (default: %(default)s)")
     if positional_port:
         p.add_argument("port_arg", nargs="?", type=cli.port_number, metavar="PORT", help="port to listen on")
     p.add_argument("--port", type=cli.port_number, default=port,

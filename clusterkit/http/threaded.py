@@ -42,7 +42,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from .. import logs
+from .. import logs, loops
 from ..affinity import pin_process
 from ..sockets import kernel_timeouts
 from .config import HttpServerConfig
@@ -302,8 +302,8 @@ def run_threaded(config: HttpServerConfig, elog: logs.EventLog, announce) -> Non
             server.stop()
 
     # Before the port opens: a Ctrl-C as soon as it is open is a graceful stop too.
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in loops.stop_signals():
+        signal.signal(sig, on_signal)
     server = ThreadedHttpServer(config, elog)
     if signalled:
         server.stop()

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from .. import cluster, logs
+from .. import cluster, logs, loops
 
 BACKEND_PORTS = (9002, 9003, 9004, 9005)
 
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     log = ["--log-dir", args.log_dir]
     stop = threading.Event()
     # Both set explicitly: a shell starts background jobs with SIGINT ignored.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    for sig in loops.stop_signals():
+        signal.signal(sig, lambda *_: stop.set())
     with cluster.ProcessGroup() as group:
         try:
             backends = []

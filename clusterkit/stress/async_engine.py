@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import socket
 import time
 
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
-from .plan import AGAIN, CLOSES, FINE_NS, MS, Client, Plan, connect_error, extra_answer, ns, reusable, server_closes
+from .plan import (AGAIN, CLOSES, FINE_NS, MS, Client, Plan, address, connect_error, extra_answer, ns, reusable,
+                   server_closes)
 
 
 class AsyncClient(Client, asyncio.Protocol):
@@ -24,6 +26,7 @@ class AsyncClient(Client, asyncio.Protocol):
     def __init__(self, runner: AsyncRunner, index: int, plan: Plan, failed_slot: int) -> None:
         super().__init__(runner.cfg, index, plan, runner.rec, runner.board, failed_slot)
         self.runner = runner
+        self.family, self.sockaddr = address(runner.cfg, self.target)
         self.transport: asyncio.Transport | None = None
         self.draining = False
         """Answered; waiting for the server to close (see plan.server_closes)."""
@@ -52,14 +55,26 @@ class AsyncClient(Client, asyncio.Protocol):
             self._send()
 
     async def _connect(self) -> None:
+        # The TCP connect alone is timed; the transport is made of the connected socket.
+        # (With create_connection under the timeout, one that ran out after
+        # connection_made had sent the request closed that connection unseen: the
+        # client waited for its close for ever, and the run with it.)
+        loop = self.runner.loop
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
             async with asyncio.timeout(self.cfg.timeout):
-                await self.runner.loop.create_connection(lambda: self, self.target.host, self.target.port)
-        except OSError as exc:
-            self.connect_failed(connect_error(exc))
+                await loop.sock_connect(sock, self.sockaddr)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            self.connect_failed("connect-timeout" if isinstance(exc, TimeoutError) else connect_error(exc))
             self.next()
-        except TimeoutError:
-            self.connect_failed("connect-timeout")
+            return
+        try:
+            await loop.create_connection(lambda: self, sock=sock)
+        except OSError as exc:  # (gone already: a reset)
+            sock.close()
+            self.connect_failed(connect_error(exc))
             self.next()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "columns plus latency and rtt percentiles and requests per backend.")
     t = p.add_argument_group("target")
     # Defaults filled in by make_configs: None says the option was not given (--spawn refuses them).
-    t.add_argument("--host", help=f"server or balancer address (default: {DEFAULT_HOST})")
+    t.add_argument("--host", type=cli.host_name, help=f"server or balancer address (default: {DEFAULT_HOST})")
     t.add_argument("--port", type=cli.peer_port, help=f"its port (default: {DEFAULT_PORT})")
     t.add_argument("--http", metavar="URL", help="stress an HTTP server with GET requests (HTTP/1.0, as "
                                                   "ApacheBench), e.g. http://127.0.0.1:45000/page.html")
@@ -98,7 +98,11 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
         except ValueError:
             raise ConfigError(f"--sweep {args.sweep!r}: use numbers like 1,3,5,8,10") from None
     if args.http:
-        url = urlsplit(args.http)
+        try:
+            url = urlsplit(args.http)
+            url.port  # (raises for a port out of range, or not a number)
+        except ValueError as exc:
+            raise ConfigError(f"--http {args.http!r}: {exc}") from None
         if url.scheme != "http" or not url.hostname:
             raise ConfigError(f"--http {args.http!r}: use a URL like http://127.0.0.1:45000/page.html")
     if args.requests and args.duration:
@@ -112,7 +116,7 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
             host=args.host or DEFAULT_HOST, port=args.port or DEFAULT_PORT, http_url=args.http,
             headers=tuple(h.encode("latin-1", "replace") for h in args.header),
             requests=args.requests or 1000, concurrency=c,
-            duration=args.duration, message=(args.message or "").encode(), size=args.size,
+            duration=args.duration, message=None if args.message is None else args.message.encode(), size=args.size,
             connection="keepalive" if args.keepalive else args.connection, pipeline=args.pipeline,
             rate=args.rate, warmup=args.warmup, timeout=args.timeout, engine=args.engine,
             processes=min(procs, c), pin=args.pin, nice=args.nice))

@@ -14,6 +14,8 @@ from ..config import check
 ENGINES = ("thread", "async", "epoll")
 MIN_SIZE = 14
 """The shortest generated message: ``c001-`` and a 9-digit number."""
+MAX_SECONDS = 365 * 86400.0
+"""The longest --duration or --timeout (1e308 overflowed the clock's nanoseconds)."""
 CONNECTIONS = ("per-request", "keepalive")
 
 
@@ -29,7 +31,8 @@ class StressConfig:
     concurrency: int = 10
     duration: float | None = None
     """Run for this many seconds instead of a fixed number of requests."""
-    message: bytes = b""
+    message: bytes | None = None
+    """The message every request sends (``--message``; may be empty); None: a unique one each."""
     size: int = 64
     connection: str = "per-request"
     pipeline: int = 1
@@ -60,12 +63,13 @@ class StressConfig:
             check(value is None or math.isfinite(value), f"{name} must be a finite number of {unit}")
         check(self.timeout > 0, "--timeout must be positive")
         check(self.rate is None or self.rate > 0, "--rate must be positive")
-        check(self.duration is None or self.duration > 0, "--duration must be positive")
+        check(self.duration is None or 0 < self.duration <= MAX_SECONDS, "--duration must be positive, at most a year")
+        check(self.timeout <= MAX_SECONDS, "--timeout must be at most a year")
         check(self.warmup >= 0, "--warmup cannot be negative")
         check(self.duration is None or self.warmup < self.duration, "--warmup must be shorter than --duration")
         # With -n the run may be over before the warm-up is, and nothing would be measured.
         check(self.warmup == 0 or self.duration is not None, "--warmup needs --duration")
-        check(self.message or self.http_url or self.size >= MIN_SIZE,
+        check(self.message is not None or self.http_url or self.size >= MIN_SIZE,
               f"--size must be at least {MIN_SIZE}: each message carries its client and number (c001-000000042)")
         check(self.processes >= 1, "--processes must be at least 1")
         check(0 <= self.nice <= 19, "--nice must be between 0 and 19")
@@ -74,7 +78,7 @@ class StressConfig:
         # report's concurrency (and its time per request) untrue.
         check(self.duration is not None or self.requests >= self.concurrency,
               f"-c {self.concurrency} is more than -n {self.requests}: each client sends at least one request")
-        check(b"\n" not in self.message, "--message may not contain a newline")
+        check(b"\n" not in (self.message or b""), "--message may not contain a newline")
         check(not self.headers or self.http_url is not None, "-H is for --http")
         for line in self.headers:
             check_header(line)

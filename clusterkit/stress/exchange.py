@@ -80,11 +80,13 @@ class LineReader:
                 kind = "err:" + line[4:].decode("ascii", "replace") if line.startswith(b"ERR ") else "bad-reply"
                 self._record(False, kind, now, nl + 1 - pos)
                 pos = nl + 1
-        if pos < n and self.done and buf.startswith(b"REPLY ", pos):
-            # Another REPLY behind the last answer, for no message: the server answered
-            # one twice (a balancer's resend gone wrong). That answer fails.
+        if pos < n and self.done:
+            # Bytes behind the last answer, for no message: the server answered one twice
+            # (a balancer's resend gone wrong), or sent more than the protocol's lines.
+            # That answer fails, unless it failed already (an ACK before its REPLY).
             last = self.outcomes[-1]
-            self.outcomes[-1] = Outcome(False, "extra-answer", last.first_ns, now, last.nbytes + n - pos)
+            self.outcomes[-1] = Outcome(False, "extra-answer" if last.ok else last.label, last.first_ns, now,
+                                        last.nbytes + n - pos)
             pos = n
         self.buf = buf[pos:]
         if len(self.buf) > self.PENDING_MAX + 2 * len(messages[min(self.index, len(messages) - 1)]):

@@ -39,14 +39,15 @@ class Target:
         if cfg.http_url:
             url = urlsplit(cfg.http_url)
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            self.http_request = http_request(path.encode(), url.netloc.encode(), cfg.keepalive, cfg.headers)
+            host = url.netloc.rpartition("@")[2]  # (user:password@ is no part of Host)
+            self.http_request = http_request(path.encode(), host.encode(), cfg.keepalive, cfg.headers)
             self.known: KnownAnswer | None = None  # the last right answer (see HttpReader)
         else:
             self.http_request = b""
             self.name = ""  # the server that answered last, and its answer's frame (see Client.whole)
             self.head = self.tail = b""
             self.eol = b"\n"  # what ends a message's line (message_line: b"\r\n" after a message ending in \r)
-            if cfg.message:
+            if cfg.message is not None:
                 self.fixed = cfg.message
                 self.eol = message_line(cfg.message)[len(cfg.message):]
             else:
@@ -164,7 +165,8 @@ class Client:
     I/O."""
 
     __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
-                 "k", "reader", "batch", "sent", "base", "connect_started", "limit", "deadline", "steady",
+                 "k", "reader", "batch", "sent", "due_by", "timeout_ns", "base", "connect_started", "limit", "deadline",
+                 "steady",
                  "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
@@ -180,6 +182,8 @@ class Client:
         self.reader = None  # the answer being waited for
         self.batch = 0
         self.sent = 0
+        self.due_by = 0  # the send + --timeout: an answer complete later is a timeout (late)
+        self.timeout_ns = int(cfg.timeout * 1e9)
         self.base = 0  # what latency counts from: the send, or with --rate the intended send
         self.connect_started = 0
         self.limit = plan.share if plan.share is not None else sys.maxsize
@@ -224,6 +228,7 @@ class Client:
                 self.k, (share - self.k) if share is not None else self.cfg.pipeline)
             self.known = target.known if target.http_request else None
         self.sent = ns()
+        self.due_by = self.sent + self.timeout_ns
         self.base = self.plan.intended(self.k) if self.plan.rate else self.sent
         opened = self.opened
         self.start = min(opened, self.base) if opened else self.base
@@ -273,6 +278,9 @@ class Client:
         and epoll engines' time per request with the line protocol; with HTTP
         and a connection per request, a third of the epoll engine's user CPU
         (20 to 13.6 us against nginx, where the kernel takes about 50)."""
+        if now > self.due_by:  # late: a timeout (answered judges it)
+            self.expect = self.known = None
+            return 0
         expect = self.expect
         if expect is not None:
             self.expect = None  # (if not as expected, the reader takes over this answer)
@@ -368,6 +376,8 @@ class Client:
         if self.extra:  # (see unasked)
             self.extra = False
             extra_answer(reader)
+        silent = all_timed_out(reader)
+        fail_late(reader, self.due_by)
         record(self.rec, reader, self.base, self.start, self.plan.warm_end)
         if self.steady or self.target.http_request:
             self.target.learn(reader)
@@ -377,14 +387,36 @@ class Client:
         progress[self.failed_slot] = self.rec.result.failed
         # The streak counts requests in a row that got nothing back (failed connects,
         # timeouts): any answer, even a wrong one, says the target is alive.
-        progress[self.streak_slot] = progress[self.streak_slot] + 1 if all_timed_out(reader) else 0
+        progress[self.streak_slot] = progress[self.streak_slot] + 1 if silent else 0
         return reader
+
+
+def fail_late(reader, due_by: int) -> None:
+    """An answer complete after ``due_by`` (its send and --timeout) fails as a
+    ``timeout``, as the thread engine's socket timeout fails it: the event engines
+    look at their clients' deadlines ten times a second, and counted as complete
+    what came between a deadline and their next look."""
+    if isinstance(reader, LineReader):
+        outcomes = reader.outcomes
+        for i, o in enumerate(outcomes):
+            if o.ok and o.done_ns > due_by:
+                outcomes[i] = Outcome(False, "timeout", o.first_ns, o.done_ns, o.nbytes)
+    elif reader.outcome is not None and reader.outcome.ok and reader.outcome.done_ns > due_by:
+        o = reader.outcome
+        reader.outcome = Outcome(False, "timeout", o.first_ns, o.done_ns, o.nbytes)
 
 
 def reusable(cfg: StressConfig, reader) -> bool:
     """Whether the connection carries the next request too: keep-alive asked
-    for, every answer right, and (HTTP) the server keeping it open."""
-    return cfg.keepalive and all_ok(reader) and not (isinstance(reader, HttpReader) and not reader.keep_alive)
+    for, and every answer right (the line protocol), or (HTTP) a whole answer,
+    whatever its status (a 404 is a failed request, not a broken connection:
+    ab keeps it too), with the server keeping the connection open."""
+    if not cfg.keepalive:
+        return False
+    if isinstance(reader, HttpReader):
+        o = reader.outcome
+        return o is not None and (o.ok or o.label.startswith("http-")) and reader.keep_alive
+    return all_ok(reader)
 
 
 def extra_answer(reader) -> None:
