@@ -106,7 +106,10 @@ def non_negative_float(text: str) -> float:
 def host_name(text: str) -> str:
     """A ``--host`` value: a name or an address, IPv6 also in brackets as in URLs
     (``[::1]``, which the resolver does not know)."""
-    return text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not host:
+        raise argparse.ArgumentTypeError("give a host name or address")  # ('' would mean every interface)
+    return host
 
 
 def peer_port(text: str) -> int:

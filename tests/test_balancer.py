@@ -583,6 +583,15 @@ def test_a_backend_that_answers_twice_is_failed_over_and_no_answer_comes_twice(p
             assert [r.message for r in responses] == messages and all(r.error is None for r in responses)
         for _ in range(3):  # one message a connection: each answered once, whoever answers
             assert ResponseParser().feed(one_message(balancer.port, b"solo"))[0].message == b"solo"
+        # The copy of a last answer, with nothing more due, was only the end of that
+        # connection; it is a broken backend's too.
+        ports = cluster.free_ports(2)
+        alone = Cluster(procs, log_dir)
+        alone.admin_port = ports[1]
+        alone.lb = procs.start(balancer_process(ports[0], [f"double=127.0.0.1:{double.getsockname()[1]}"],
+                                                "--check-interval", "30", admin_port=ports[1], log_dir=str(log_dir)))
+        assert one_message(alone.port, b"once") == _pair(b"double", b"once")
+        alone.wait_state("double", ("DOWN",))
     finally:
         double.close()
 

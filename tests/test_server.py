@@ -293,6 +293,13 @@ def test_a_log_dir_that_cannot_be_one_is_a_usage_error_that_names_it(script, tmp
                        message=f"--log-dir {a_file}: cannot write")
 
 
+@pytest.mark.parametrize("script", ["server1.py", "Load_Balancer.py", "client.py", "ClientServer_StressTools.py",
+                                    "http_servers/lb.py", "http_servers/Server_async_http.py"])
+def test_an_empty_host_in_brackets_is_a_usage_error(script, log_dir):
+    """``--host []`` is no host (asyncio would have listened on every interface)."""
+    assert_usage_error(script, "--host", "[]", "--log-dir", str(log_dir), message="give a host name or address")
+
+
 @pytest.mark.parametrize("script", ["client.py", "ClientServer_StressTools.py"])
 def test_port_0_is_no_port_to_connect_to(script, log_dir):
     """client.py took it, then said "connection refused by 127.0.0.1:0" (exit 69)."""

@@ -69,6 +69,7 @@ def test_counts_are_exact_through_the_balancer(balanced, log_dir, tmp_path):
     assert row["total_ms"]["p50"] >= row["rtt_ms"]["p50"] and row["total_ms"]["max"] >= row["connect_ms"]["max"]
     log = (log_dir / "client_log.log").read_text()
     assert log.count("event=request ") == 1000 and "rtt_ms=" in log and "backend=server" in log
+    assert log.count(" connect_ms=") == 1000  # (SPEC: the client log has the connects; one per request here)
 
 
 def test_processes_merge_to_the_same_totals(balanced, log_dir, tmp_path):

@@ -52,8 +52,8 @@ from typing import TYPE_CHECKING
 
 import _socket
 
-from ..protocol import (MORE, NOTICE, OFF, LineFramer, SlowLineWatch, build_error, match_answers,
-                        message_lines)
+from ..protocol import (CONNECTION_NOTICES, MORE, NOTICE, OFF, LineFramer, SlowLineWatch, build_error,
+                        match_answers, message_lines)
 from ..sockets import local_shortage
 from .epollset import ERR, HUP, OUT, EpollSet, SocketTransport, Stream, connect_result, os_error, start_connect
 from .pool import Backend, connect_failure
@@ -277,6 +277,8 @@ class ClientSide(asyncio.Protocol):
             self.connect_started = 0.0
             self.connecting = False
         self.keep_or_drop_backend()
+        if self.no_backend_unlogged and self.elog.warning:  # (see answer_no_backend)
+            self.elog.line("WARNING", f"event=no-backend conn={self.conn_id} messages={self.no_backend_unlogged}")
         if self.elog.info:
             self.elog.line("INFO", f"event=session conn={self.conn_id} peer={_peer(self.transport)} "
                                    f"backends={','.join(self.used) or '-'} messages={self.answered} "
@@ -484,8 +486,8 @@ class ClientSide(asyncio.Protocol):
         if why == MORE:
             if not buf:
                 return
-            if not pending:  # bytes nobody asked for (an answer twice): the connection goes
-                self.fail_over("unasked")
+            if not pending:  # bytes nobody asked for: the connection goes
+                self.backend_unasked()
             elif len(buf) > self.config.max_line + 1024:
                 self.fail_over("bad-reply")
         elif why == OFF:  # not an answer to the message it should answer: the backend is broken
@@ -494,6 +496,22 @@ class ClientSide(asyncio.Protocol):
             self.backend_notice(notice)
         else:  # CLOSED: a line too long for the backend; the session ends as it would there
             self.line_too_long_for_backend()
+
+    def backend_unasked(self) -> None:
+        """Bytes from the backend with every message answered: its connection goes.
+        A second copy of the last answer, or anything but a notice about the
+        connection (a server's idle notice), is a broken backend's, and blamed."""
+        stray = bytes(self.inbuf)
+        first = stray.split(b"\n", 1)[0]
+        notice = first in CONNECTION_NOTICES or (
+            b"\n" not in stray and any(n.startswith(first) for n in CONNECTION_NOTICES))
+        backend = self.backend
+        self.fail_over("unasked")  # (nothing pending: only the connection goes)
+        if not notice and backend is not None:
+            if self.elog.warning:
+                self.elog.line("WARNING", f"event=error conn={self.conn_id} code=unasked-answer "
+                                          f"backend={backend.name}")
+            self.app.pool.traffic_error(backend, "bad-reply")
 
     def backend_notice(self, notice: bytes) -> None:
         """The backend said, where an answer was due, that it is closing the connection

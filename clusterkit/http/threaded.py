@@ -255,18 +255,23 @@ class ThreadedHttpServer:
         except OSError:
             pass
         finally:
-            with self.lock:
-                self.active.discard(conn)
             if not requeued:
+                with self.lock:
+                    self.active.discard(conn)
                 parser.close()
                 conn.close()
 
     def _requeue(self, conn: socket.socket, peer: str, turn: Turn) -> bool:
         """Put a connection whose turn is over at the end of the pool's queue (False
-        when the queue is full: it is served on)."""
+        when the queue is full: it is served on). It leaves ``active`` first: once
+        queued, another thread may take it and add it before this one is done."""
+        with self.lock:
+            self.active.discard(conn)
         try:
             self.queue.put_nowait((conn, peer, turn))  # type: ignore[union-attr]
         except queue.Full:
+            with self.lock:
+                self.active.add(conn)
             return False
         return True
 

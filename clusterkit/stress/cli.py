@@ -195,11 +195,12 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig, req
     if elog.info and len(entries) < requests:
         elog.line("INFO", f"event=log-capped target={target} logged={len(entries)} requests={requests} "
                           f"(past {metrics.LOG_KEPT:,} answers a run, only failures are logged one by one)")
-    for i, (sent, backend, lat, rtt, kind) in enumerate(entries, 1):
+    for i, (sent, backend, lat, rtt, kind, start) in enumerate(entries, 1):
         ts = logs.timestamp(offset + sent / 1e9)
         if kind is None:
+            connect = f" connect_ms={(sent - start) / 1e6:.3f}" if start < sent else ""  # (it opened its connection)
             elog.line("INFO", f"event=request n={i} target={target} sent={ts} backend={backend} reply=ok "
-                              f"confirmation=ok latency_ms={lat / 1e6:.3f} rtt_ms={rtt / 1e6:.3f}")
+                              f"confirmation=ok{connect} latency_ms={lat / 1e6:.3f} rtt_ms={rtt / 1e6:.3f}")
         else:
             elog.line("WARNING", f"event=request n={i} target={target} sent={ts} error={kind}")
 

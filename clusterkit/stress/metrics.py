@@ -173,7 +173,7 @@ class Recorder:
             self.live[self.live_base + (BUCKET_OF[lat_us] if lat_us < LIVE_CACHE else bucket(lat_us))] += 1
         log = self.log
         if log is not None:
-            log.append((sent_ns, backend, latency_ns, rtt_ns, None))
+            log.append((sent_ns, backend, latency_ns, rtt_ns, None, start_ns))
             if len(log) >= self.log_cap:
                 self.log = None  # (self.answers keeps it)
         if len(rtt) >= self.DISTINCT:
@@ -199,7 +199,7 @@ class Recorder:
             self.live[self.live_base + (BUCKET_OF[us] if us < LIVE_CACHE else bucket(us))] += 1
         log = self.log
         if log is not None:
-            log.append((sent_ns, backend, done_ns - sent_ns, done_ns - sent_ns, None))
+            log.append((sent_ns, backend, done_ns - sent_ns, done_ns - sent_ns, None, start_ns))
             if len(log) >= self.log_cap:
                 self.log = None  # (self.answers keeps it)
         if len(both) >= self.DISTINCT:
@@ -213,7 +213,7 @@ class Recorder:
         self._span(sent_ns, done_ns)
         fails = self.fails
         if fails is not None and len(fails) < self.log_cap:
-            fails.append((sent_ns, "-", None, None, kind))
+            fails.append((sent_ns, "-", None, None, kind, sent_ns))
 
     def _span(self, sent_ns: int, done_ns: int) -> None:
         """Widen the run's window (first send to last answer) to include this request."""
@@ -228,7 +228,9 @@ class Recorder:
         self.con[us] = self.con.get(us, 0) + 1
 
     def entries(self) -> list[tuple]:
-        """What the per-request log gets: the answers and the failures kept."""
+        """What the per-request log gets: the answers and the failures kept, each
+        (sent, backend, latency, rtt, failure kind or None, start: its connect
+        when the request opened its connection, else sent), in ns."""
         return self.answers + (self.fails or [])
 
     def flush(self) -> None:
