@@ -1480,6 +1480,23 @@ def test_apachebench_keepalive_with_more_clients_than_pool_threads(setup):
     assert re.search(r"Keep-Alive requests:\s+2000\b", ab.stdout), ab.stdout
 
 
+def test_a_slowloris_does_not_hold_a_pool_thread(setup):
+    """A pool thread waited for the rest of a trickled head for the whole header
+    timeout while other clients queued; it now gives them their turn meanwhile."""
+    server = setup.server("Server_thread_http.py", "--pool", "1", "--header-timeout", "8")
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    try:
+        slow.sendall(b"GET /page.html HTTP/1.1\r\nHost: slow\r\nX-Trickle: z")
+        time.sleep(0.3)  # taken by the only thread
+        started = time.monotonic()
+        assert status_of(exchange(server.port, CLOSING_GET, timeout=20)) == 200
+        assert time.monotonic() - started < 5  # (not the 8 s of the header timeout)
+        slow.settimeout(20)
+        assert b" 408 " in slow.recv(4096).split(b"\r\n")[0]  # and the slowloris still times out
+    finally:
+        slow.close()
+
+
 def test_a_full_pool_answers_503_without_a_reset(setup, tmp_path):
     """With every pool thread busy and the queue full, a new client gets 503; its
     close used to come with the client's request unread, so the kernel reset the

@@ -202,13 +202,15 @@ class ThreadedHttpServer:
         try:
             while not self.stopping.is_set():
                 # Between requests: the keep-alive timeout; within a head: what is left of the
-                # header timeout. Changing it is a system call, so only when it changes.
+                # header timeout (a pool thread looks at its queue meanwhile, as when idle: a
+                # slowloris held it for the whole header timeout). Changing it is a system
+                # call, so only when it changes.
                 if parser.in_progress:
                     left = limits.header_timeout - (time.monotonic() - parser.head_started)
                     if left <= 0:
                         raise HttpError(408, "request head too slow")
-                    current = left
-                    kernel_timeouts(conn, left)
+                    current = left if pool is None else min(left, idle_wait)
+                    kernel_timeouts(conn, current)
                 elif current != idle_wait:
                     current = idle_wait
                     kernel_timeouts(conn, current)
@@ -216,7 +218,12 @@ class ThreadedHttpServer:
                     data = conn.recv(65536)
                 except BlockingIOError:  # SO_RCVTIMEO ran out
                     if parser.in_progress:
-                        raise HttpError(408, "request head too slow") from None
+                        if pool is None or time.monotonic() - parser.head_started >= limits.header_timeout:
+                            raise HttpError(408, "request head too slow") from None
+                        if not pool.empty() and self._requeue(conn, peer, Turn(parser, current, idle_since)):
+                            requeued = True
+                            return
+                        continue
                     idle_for = time.monotonic() - idle_since
                     if (pool is None or idle_for >= limits.keepalive_timeout
                             or (idle_for >= POOL_IDLE_YIELD and not pool.empty())):
