@@ -23,8 +23,8 @@ Unbounded, a never-ending request line stalled the loop the traffic shares."""
 REQUEST_TIMEOUT = 10.0
 """Seconds an admin connection has for its request: then 408 for one begun, a close for none."""
 MAX_ADMIN_CONNECTIONS = 32
-"""Admin connections open at once; more are closed at once, so that scrapers (or
-anyone) can never take the descriptors the clients and health checks need."""
+"""Admin connections open at once; more get a 503 and are closed at once, so that
+scrapers (or anyone) can never take the descriptors the clients and health checks need."""
 
 
 class AdminProtocol(asyncio.Protocol):
@@ -42,9 +42,8 @@ class AdminProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self.timed_out)
-        if len(self.open) >= MAX_ADMIN_CONNECTIONS:
-            self.answered = True
-            transport.abort()
+        if len(self.open) >= MAX_ADMIN_CONNECTIONS:  # (a 503 and the close: a reset told nothing)
+            self.send(503, b"text/plain", b"too many admin connections at once: try again\n")
             return
         self.open.add(self)
 
@@ -90,7 +89,8 @@ class AdminProtocol(asyncio.Protocol):
     def send(self, status: int, ctype: bytes, body: bytes, extra: bytes = b"") -> None:
         self.answered = True
         reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-                  408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+                  408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+                  503: b"Service Unavailable"}[status]
         head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
                 % (status, reason, ctype, len(body), extra))
         assert self.transport is not None

@@ -1015,6 +1015,8 @@ def test_the_admin_port_cannot_take_the_balancer_down(procs, log_dir):
         assert one_message(balancer.port, b"still").startswith(b"REPLY server")
         log = (log_dir / "server_log.log").read_text()
         assert "backend-down" not in log
+        with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as late:  # (a reset said nothing)
+            assert late.recv(200).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     finally:
         for c in idle:
             c.close()
