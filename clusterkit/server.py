@@ -374,8 +374,8 @@ def build_parser(name: str, port: int) -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=cli.positive_int, default=d.max_connections,
                    help="clients served at once; more get 'ERR busy' and a close (default: %(default)s)")
     p.add_argument("--drain-timeout", type=cli.non_negative_float, default=d.drain_timeout,
-                   help="on SIGTERM/SIGINT, seconds to finish in-flight messages before "
-                        "closing (default: %(default)s)")
+                   help="on SIGTERM/SIGINT/SIGHUP: seconds a connection may go on (it is served until "
+                        "quiet) before it is closed (default: %(default)s)")
     p.add_argument("--loop", choices=loops.LOOPS, default="auto",
                    help="event loop: uvloop when installed (auto), or force one (default: %(default)s)")
     cli.add_logging_args(p)

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "disconnected, 0 for never"),
         ("--line-timeout", cli.non_negative_float, "message mode: seconds a client may take to finish a line it began; "
                                   "slower gets 'ERR line-timeout' (a slowloris), 0 for never"),
-        ("--drain-timeout", cli.non_negative_float, "on SIGTERM, seconds to let in-flight messages finish"),
+        ("--drain-timeout", cli.non_negative_float, "on SIGTERM/SIGINT/SIGHUP: seconds a client may go on "
+                                                    "(served until quiet) before it is wound up"),
         ("--max-connections", cli.positive_int, "clients served at once; more get 'ERR busy'"),
         ("--max-line", cli.positive_int, "longest message in bytes"),
         ("--keepalive", cli.non_negative_int, "message mode: idle backend connections kept per backend for the "

@@ -28,7 +28,8 @@ def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool 
     p.add_argument("--header-timeout", type=float, default=d.header_timeout,
                    help="seconds a client has to send a request head; slower gets 408 (default: %(default)s)")
     p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
-                   help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+                   help="seconds an idle keep-alive connection stays open, and a client that takes "
+                        "none of its answers is kept (default: %(default)s)")
     p.add_argument("--max-header-bytes", type=cli.positive_int, default=d.max_header_bytes,
                    help="request headers larger than this get 431 (default: %(default)s)")
     if event_loop:
@@ -47,9 +48,9 @@ def _server_parser(description: str, port: int | None, positional: bool = False,
     p = argparse.ArgumentParser(description=description)
     _common(p, port, positional, event_loop)
     p.add_argument("--root", default=str(DEFAULT_ROOT), help="document root (default: http_servers/www)")
-    p.add_argument("--name", default="", help="backend name sent in the X-Backend header (async_server.py's "
-                                               "default: backend1..backend4 on 9002..9005, as lb.py names "
-                                               "them, else backend-PORT)")
+    p.add_argument("--name", default="", help="backend name sent in the X-Backend header (default: "
+                                               + ("backend1..backend4 on 9002..9005, as lb.py names them, else "
+                                                  "backend-PORT)" if positional else "none, no X-Backend)"))
     return p
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import threading
 
@@ -22,7 +23,7 @@ BACKEND_PORTS = (9002, 9003, 9004, 9005)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clusterkit.http up", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m clusterkit.http", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["up"], help="up: start everything, Ctrl-C stops it")
     p.add_argument("--offset", type=int, default=0, help="add this to every default port")
     p.add_argument("--log-dir", default=logs.DEFAULT_LOG_DIR,
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     # Both set explicitly: a shell starts background jobs with SIGINT ignored.
     for sig in loops.stop_signals():
         signal.signal(sig, lambda *_: stop.set())
+    taken = _in_use([*(port + o for port in BACKEND_PORTS), 44444 + o, 45000 + o, 46000 + o])
+    if taken:
+        # (Started anyway, each would find its port open, another program's, and be taken for ready.)
+        print(f"error: port {taken} is in use by another program (the HTTP set-up running already?); "
+              f"stop it, or move every port with --offset N", file=sys.stderr)
+        return 71
     with cluster.ProcessGroup() as group:
         try:
             backends = []
@@ -66,6 +73,17 @@ logs in {args.log_dir}/server_log.log; Ctrl-C stops everything""", flush=True)
                 return 1
     print("stopped", flush=True)
     return 0
+
+
+def _in_use(ports: list[int]) -> int | None:
+    """The first of ``ports`` something already listens on (127.0.0.1), if any."""
+    for port in ports:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            continue
+        return port
+    return None
 
 
 def _report_exit(proc: cluster.Process) -> None:

@@ -56,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new connection per request (default, as client_send_message and ab) or keep-alive")
     w.add_argument("-k", "--keepalive", action="store_true", help="same as --connection keepalive")
     w.add_argument("--pipeline", type=cli.positive_int, default=1,
-                   help="messages in flight per connection (keep-alive, line protocol)")
+                   help="messages in flight per connection (keep-alive, line protocol; default: %(default)s)")
     w.add_argument("--rate", type=float, help="open loop: this many requests per second in all; latency is "
                                               "counted from each request's intended send time (as wrk2)")
-    w.add_argument("--warmup", type=float, default=0.0, help="seconds at the start not counted in the report")
+    w.add_argument("--warmup", type=float, default=0.0,
+                   help="seconds at the start not counted in the report (needs --duration)")
     w.add_argument("--timeout", type=float, default=5.0,
                    help="seconds to wait for connect and for each answer (default: %(default)s)")
     w.add_argument("--sweep", metavar="C1,C2,...", help="run once per concurrency level, one table row each "
