@@ -1105,19 +1105,19 @@ def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
     assert not alive
 
 
-def test_up_with_a_port_taken_by_another_program_says_so_and_starts_nothing(log_dir):
+def test_up_with_a_port_taken_by_another_program_says_so_and_starts_nothing(procs, log_dir):
     """Each server found its port open (the other program's) and was taken for ready:
     up said it was running, then that everything had exited (exit 1)."""
     offset = _free_offset()
     squatter = socket.create_server(("127.0.0.1", 45000 + offset))
     try:
-        proc = subprocess.run([sys.executable, "-m", "clusterkit.http", "up", "--offset", str(offset)],
-                              capture_output=True, text=True, timeout=60, env={**os.environ,
-                                                                               "CLUSTERKIT_LOG_DIR": str(log_dir)})
+        # (procs stops it with SIGTERM, which up passes on to what it started, should it start anything)
+        up = procs.start(cluster.Process("up", [sys.executable, "-m", "clusterkit.http", "up", "--offset",
+                                                str(offset)], env={"CLUSTERKIT_LOG_DIR": str(log_dir)}))
+        assert up.wait(timeout=60) == 71, up.stderr()
     finally:
         squatter.close()
-    assert proc.returncode == 71, proc.stderr
-    assert f"port {45000 + offset} is in use" in proc.stderr and "running" not in proc.stdout
+    assert f"port {45000 + offset} is in use" in up.stderr()
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a single core: nothing to pin")
