@@ -34,8 +34,9 @@ HEALTHY = (UP, FALLING)
 
 log = logging.getLogger("clusterkit.balancer")
 
-# Latency buckets in milliseconds (upper bounds), for cheap percentiles.
-_BOUNDS_MS = [round(0.01 * 1.15 ** i, 4) for i in range(110)]
+# Latency buckets in milliseconds (upper bounds), for cheap percentiles: 2% apart,
+# from 10 us to 77 s (15% apart, the p50, p90 and p99 of three backends read the same).
+_BOUNDS_MS = [0.01 * 1.02 ** i for i in range(800)]
 
 
 def connect_failure(exc: BaseException) -> str:
@@ -49,7 +50,7 @@ def connect_failure(exc: BaseException) -> str:
 
 
 class LatencyHistogram:
-    """A fixed log-bucket histogram: one bisect per value, percentiles within 15%."""
+    """A fixed log-bucket histogram: one bisect per value, percentiles within 2%."""
 
     __slots__ = ("counts", "total", "max_ms")
 
