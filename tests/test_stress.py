@@ -448,7 +448,9 @@ def test_target_dying_mid_run_ends_it_early_with_a_clear_line(start_server, log_
     assert "Traceback" not in err
     row = json.loads(path.read_text())["runs"][0]
     assert row["complete"] > 0 and row["ended_early"]
-    assert row["errors"].get("refused", 0) > 0
+    # A few refused connects each, not the hundreds to thousands that piled up while the
+    # watcher looked (901, 404 and 2,141 in the three engines): past three, a client waits.
+    assert 0 < row["errors"].get("refused", 0) < 200, row["errors"]
 
 
 def test_live_view_shows_rate_and_latency_percentiles(start_server, log_dir):

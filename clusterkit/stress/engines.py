@@ -39,7 +39,7 @@ from .config import StressConfig
 from .async_engine import AsyncRunner
 from .epoll_engine import EpollRunner
 from .metrics import KEEP_ALL, LOG_KEPT, Recorder, RunResult, busy_between, cpu_times
-from .plan import (CLOSES, LINGER_NS, Client, Plan, address, connect_error, extra_answer, ns, reusable,
+from .plan import (CLOSES, DEAD_STREAK, LINGER_NS, Client, Plan, address, connect_error, extra_answer, ns, reusable,
                    server_closes)
 from .server_cpu import ServerCpu
 
@@ -284,13 +284,6 @@ def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process
     result, log = run_local(cfg, clients, start_ns, board, process, keep_log)
     conn.send((result.encode(), log))
     conn.close()
-
-
-DEAD_STREAK = 3
-"""Requests in a row that every client must get nothing back for (failed connects,
-timeouts) before the target counts as dead: ApacheBench gives up at the first
-timeout; this waits for every client to see three, so a stall shorter than that
-is measured, not taken for a dead server."""
 
 
 class Watch:

@@ -158,6 +158,16 @@ def record(rec: Recorder, reader, base: int, start: int, warm_end: int) -> None:
             rec.failed(base, o.label, o.done_ns, o.nbytes)
 
 
+DEAD_STREAK = 3
+"""Requests in a row that every client must get nothing back for (failed connects,
+timeouts) before the target counts as dead: ApacheBench gives up at the first
+timeout; this waits for every client to see three, so a stall shorter than that
+is measured, not taken for a dead server."""
+BACKOFF_NS = 20 * MS
+"""How long a client that got nothing back for DEAD_STREAK requests waits before
+its next one, while the watcher looks (a target back again is found by the next)."""
+
+
 class Client:
     """One client's place in its plan, the same in every engine: which request
     is next and when, what was sent at what time, and how answers and failed
@@ -207,7 +217,12 @@ class Client:
         return ns() >= self.deadline or bool(self.plan.rate) and self.plan.intended(self.k) >= self.deadline
 
     def due(self) -> int:
-        """When the next request is due (--rate), or 0: now."""
+        """When the next request is due: with --rate, its time; after DEAD_STREAK
+        requests in a row got nothing back, BACKOFF_NS from now (the watcher is about
+        to call the target dead; without the wait, refused connects piled up by
+        the thousand first); else 0, now."""
+        if self.progress[self.streak_slot] >= DEAD_STREAK:
+            return ns() + BACKOFF_NS
         if not self.plan.rate:
             return 0
         at = self.plan.intended(self.k)
