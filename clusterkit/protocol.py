@@ -311,10 +311,10 @@ MORE, OFF, NOTICE, CLOSED = range(4)
 """Why ``match_answers`` stopped counting: the buffer (or the messages) ran out; the
 next whole line is no answer to the next message; it is a connection notice; the
 last answer counted ends the connection."""
-CONNECTION_NOTICES = frozenset({b"ERR idle-timeout", b"ERR shutting-down", b"ERR busy"})
+CONNECTION_NOTICES = frozenset(build_error(code)[:-1] for code in ("idle-timeout", "shutting-down", "busy"))
 """A server's ERR lines about its connection (said as it closes it, or refuses it),
 not about a message: never a message's answer."""
-CLOSING_ANSWER = b"ERR line-too-long"
+CLOSING_ANSWER = build_error("line-too-long")[:-1]
 """The answer to a line too long, after which the server closes the connection."""
 
 

@@ -499,20 +499,8 @@ def test_bytes_after_the_last_newline_get_err_incomplete_line_after_the_answers(
 def test_backend_that_does_not_speak_the_protocol_is_failed_over(procs, log_dir):
     """A backend answering garbage: its clients get their answers from a good
     backend, never the garbage, and it is marked down with the reason."""
-    bad = socket.create_server(("127.0.0.1", 0))
+    bad = _odd_backend(lambda lines: (b"garbage here\n" * len(lines), False))
     bad_port = bad.getsockname()[1]
-
-    def serve_garbage() -> None:
-        while True:
-            try:
-                conn, _ = bad.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(b"garbage here\n" * data.count(b"\n"))
-
-    threading.Thread(target=serve_garbage, daemon=True).start()
     try:
         ports = cluster.free_ports(2)
         procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))

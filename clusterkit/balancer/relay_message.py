@@ -114,20 +114,7 @@ class BackendSide(Stream):
         if client is None:  # idle: the server's idle notice, or worse; no client's answer
             self.drop()
             return
-        if self.fresh:
-            if self.reused and data.startswith(ERR_IDLE):  # it closed this connection as we reused it
-                self.drop()
-                client.backend_lost(self, "idle-timeout")
-                return
-            self.fresh = False
-            if data.startswith(ERR_BUSY):  # said as it took the connection: the backend is full
-                self.drop()
-                client.backend_busy(self)
-                return
-            if data.startswith(ERR_SHUTTING_DOWN):  # a backend stopping: as if it had closed
-                self.drop()
-                client.backend_lost(self, "shutting-down")
-                return
+        self.fresh = False  # (a notice about the connection, first or later: ClientSide.backend_notice)
         client.backend_data(data)
 
     def ended(self) -> None:
@@ -514,16 +501,17 @@ class ClientSide(asyncio.Protocol):
             self.app.pool.traffic_error(backend, "bad-reply")
 
     def backend_notice(self, notice: bytes) -> None:
-        """The backend said, where an answer was due, that it is closing the connection
-        (idle-timeout: it took the connection for idle as a message came; shutting-down;
-        busy): what is pending goes on another connection, and the backend is not to
-        blame. The notice was nobody's answer, and counted as one it was a client's."""
-        reason = notice[4:].decode("ascii", "replace")
-        backend = self.backend
-        if reason == "idle-timeout" and backend is not None and backend.healthy:
-            self.retry_on(backend)
+        """The backend said, where an answer was due, what becomes of the connection:
+        full (``ERR busy``, as it takes it: another backend), stopping (``ERR
+        shutting-down``: as a close), or closed as idle just as a message came (``ERR
+        idle-timeout``: stale). Nobody's answer: counted as one, it was a client's."""
+        side = self.backend_conn
+        if side is None:
+            return
+        if notice == ERR_BUSY[:-1]:
+            self.backend_busy(side)
         else:
-            self.fail_over(reason, blame=False)
+            self.backend_lost(side, notice[4:].decode("ascii", "replace"))
 
     def retry_on(self, backend: Backend) -> None:
         """The connection to ``backend`` went stale: what is pending goes to it again,
@@ -573,9 +561,10 @@ class ClientSide(asyncio.Protocol):
     def backend_lost(self, side: BackendSide, reason: str) -> None:
         if side is not self.backend_conn:
             return  # an old connection we already gave up on
-        if side.reused and side.fresh and reason in ("closed", "reset", "idle-timeout"):
-            # Closed by the server as it was taken from the idle pool (reuse.py): stale,
-            # not a failure of the backend. Its messages go on a new connection to it.
+        if reason == "idle-timeout" or (side.reused and side.fresh and reason in ("closed", "reset")):
+            # Closed by the server as idle just as a message came, or as it was taken from
+            # the idle pool (reuse.py): stale, not a failure of the backend. Its messages
+            # go on a new connection to it.
             if side.backend.healthy:
                 self.retry_on(side.backend)
             else:

@@ -220,15 +220,12 @@ class ThreadedHttpServer:
                     if parser.in_progress:
                         if pool is None or time.monotonic() - parser.head_started >= limits.header_timeout:
                             raise HttpError(408, "request head too slow") from None
-                        if not pool.empty() and self._requeue(conn, peer, Turn(parser, current, idle_since)):
-                            requeued = True
-                            return
-                        continue
-                    idle_for = time.monotonic() - idle_since
-                    if (pool is None or idle_for >= limits.keepalive_timeout
-                            or (idle_for >= POOL_IDLE_YIELD and not pool.empty())):
-                        return  # idle for the keep-alive timeout, or a pool thread someone waits for
-                    if not pool.empty() and self._requeue(conn, peer, Turn(parser, current, idle_since)):
+                    else:
+                        idle_for = time.monotonic() - idle_since
+                        if (pool is None or idle_for >= limits.keepalive_timeout
+                                or (idle_for >= POOL_IDLE_YIELD and not pool.empty())):
+                            return  # idle for the keep-alive timeout, or a pool thread someone waits for
+                    if self._requeue(conn, peer, Turn(parser, current, idle_since)):
                         requeued = True
                         return
                     continue
@@ -247,8 +244,7 @@ class ThreadedHttpServer:
                     conn.sendall(CONTINUE)
                 if parser.error is not None:
                     raise parser.error
-                if pool is not None and not pool.empty() and self._requeue(conn, peer,
-                                                                           Turn(parser, current, idle_since)):
+                if pool is not None and self._requeue(conn, peer, Turn(parser, current, idle_since)):
                     requeued = True
                     return
         except HttpError as exc:
@@ -269,9 +265,12 @@ class ThreadedHttpServer:
                 conn.close()
 
     def _requeue(self, conn: socket.socket, peer: str, turn: Turn) -> bool:
-        """Put a connection whose turn is over at the end of the pool's queue (False
-        when the queue is full: it is served on). It leaves ``active`` first: once
-        queued, another thread may take it and add it before this one is done."""
+        """Put a connection whose turn is over at the end of the pool's queue, when
+        others wait there (False when none does, or the queue is full: it is served
+        on). It leaves ``active`` first: once queued, another thread may take it and
+        add it before this one is done."""
+        if self.queue.empty():  # type: ignore[union-attr]
+            return False
         with self.lock:
             self.active.discard(conn)
         try:
