@@ -17,9 +17,11 @@ What it runs, all on free loopback ports and stopped by PID afterwards:
   verdicts (met or not) go into the report (skipped with QUICK=1).
 
 The pieces live in ``bench/report/`` (runners, grid, targets, failover,
-charts, render); this file only sequences them. Each grid cell is the median of ``--reps`` repetitions (default 3) with the
-spread shown. Nothing is pinned to a core: the load generator and the servers
-share the machine's cores, as they would on a laptop.
+charts, render); this file only sequences them. Each grid cell is the median
+of ``--reps`` repetitions (default 5) with the spread shown; the repetitions
+are interleaved (each round runs every target at every level once). Nothing
+is pinned to a core: the load generator and the servers share the machine's
+cores, as they would on a laptop.
 """
 
 from __future__ import annotations
@@ -78,16 +80,19 @@ def versions() -> dict:
 def http_grid(workdir: str, levels, reps: int, n: int, quick: bool) -> dict:
     out = {}
     has_ab = shutil.which("ab") is not None
+    measures = {}
     with cluster.ProcessGroup() as group:
         for name, url in targets.http_targets(group, workdir, with_http_server=not quick).items():
-            entry = out[name] = {"available": url is not None, "ab": {}, "stress": {}}
+            out[name] = {"available": url is not None, "ab": {}, "stress": {}}
             if url is None:
                 continue
-            print(f"  {name}", flush=True)
             if has_ab:
-                entry["ab"] = grid.sweep(levels, reps, lambda c: run_ab(url, n, c, workdir))
-            entry["stress"] = grid.sweep(levels, reps, lambda c: run_stress(workdir, "--http", url, "-n", str(n),
-                                                                            "-c", str(c), *STRESS_ENGINE))
+                measures[(name, "ab")] = lambda c, url=url: run_ab(url, n, c, workdir)
+            measures[(name, "stress")] = lambda c, url=url: run_stress(workdir, "--http", url, "-n", str(n),
+                                                                       "-c", str(c), *STRESS_ENGINE)
+        print(f"  {', '.join(name for name in out if out[name]['available'])}", flush=True)
+        for (name, tool), cells in grid.sweep(levels, reps, measures).items():
+            out[name][tool] = cells
     return out
 
 
@@ -97,22 +102,25 @@ STRESS_ENGINE = ("--engine", "epoll")
 
 def tcp_grid(workdir: str, levels, reps: int, n: int) -> dict:
     out = {}
+    measures = {}
     with cluster.ProcessGroup() as group:
         for name, port in targets.tcp_targets(group, workdir).items():
-            entry = out[name] = {"available": port is not None, "per-request": {}, "keepalive": {}}
+            out[name] = {"available": port is not None, "per-request": {}, "keepalive": {}}
             if port is None:
                 continue
-            print(f"  {name}", flush=True)
             for conn in ("per-request", "keepalive"):
-                entry[conn] = grid.sweep(levels, reps, lambda c: run_stress(
-                    workdir, "--port", str(port), "-n", str(n), "-c", str(c), "--connection", conn, *STRESS_ENGINE))
+                measures[(name, conn)] = lambda c, port=port, conn=conn: run_stress(
+                    workdir, "--port", str(port), "-n", str(n), "-c", str(c), "--connection", conn, *STRESS_ENGINE)
+        print(f"  {', '.join(name for name in out if out[name]['available'])}", flush=True)
+        for (name, conn), cells in grid.sweep(levels, reps, measures).items():
+            out[name][conn] = cells
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 repetition, 2 levels, no speed targets")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per cell (default: 3)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions per cell, interleaved (default: 5)")
     p.add_argument("--requests", "-n", type=int, default=1000, help="requests per cell (default: 1000)")
     p.add_argument("--out", help="report folder (default: reports/<date>)")
     args = p.parse_args()

@@ -32,6 +32,14 @@ def cell(rows: list[dict]) -> dict:
     return out
 
 
-def sweep(levels: tuple[int, ...], reps: int, measure: Callable[[int], dict]) -> dict[int, dict]:
-    """One cell per concurrency level; ``measure(c)`` runs one repetition."""
-    return {c: cell([measure(c) for _ in range(reps)]) for c in levels}
+def sweep(levels: tuple[int, ...], reps: int, measures: dict[str, Callable[[int], dict]]) -> dict[str, dict[int, dict]]:
+    """One cell per series and concurrency level; ``measures[name](c)`` runs one
+    repetition. The repetitions are interleaved: each round runs every series at
+    every level once, so a burst of load from elsewhere on the machine costs
+    every series a repetition, not one series its whole row."""
+    rows: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in levels} for name in measures}
+    for _ in range(reps):
+        for name, measure in measures.items():
+            for c in levels:
+                rows[name][c].append(measure(c))
+    return {name: {c: cell(runs) for c, runs in by_level.items()} for name, by_level in rows.items()}

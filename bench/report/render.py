@@ -58,9 +58,10 @@ def render(results: dict, out: Path) -> None:
     md = [f"# Performance report, {results['date']}", "",
           f"Machine: {m['cores']} cores, {m['platform']}, Python {m['python']}; {m['nginx']}; "
           f"{m['haproxy']}; {m['ab']}; {m['wrk']}.", "",
-          f"Each cell: {results['requests']} requests, the median of {results['reps']} repetition(s); "
-          "the spread column is half the range of requests/s over the median. The load generators and the "
-          "servers share the cores; only the threaded HTTP server keeps its threads on one core (its default), "
+          f"Each cell: {results['requests']} requests, the median of {results['reps']} repetition(s), "
+          "interleaved (each round runs every target at every level once); the spread column is half the "
+          "range of requests/s over the median. The load generators and the servers share "
+          "the cores; only the threaded HTTP server keeps its threads on one core (its default), "
           "and the stress tool runs at nice 5 (its default). Reproduce with `make bench` "
           f"(this run{' was QUICK=1 and' if results['quick'] else ''} took {results['duration_s']:.0f} s).", "",
           "## Headline: concurrency 10, ratios to the anchors", "", *headline(results), "",
