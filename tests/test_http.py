@@ -762,6 +762,36 @@ def test_lb_retries_on_a_fresh_connection_when_a_pooled_one_was_closed_and_blame
         assert "backend-down" not in setup.log()
 
 
+def test_lb_counts_no_pooled_connection_its_backend_has_closed_as_idle(setup):
+    """/stats and /metrics: a pooled connection the backend closed (its keep-alive
+    timeout) leaves the idle count at once, not when a request finds it closed."""
+    close_now = threading.Event()
+
+    def answer_then_close_when_told(conn: socket.socket) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        close_now.wait(30)
+        conn.close()
+
+    admin_port = cluster.free_port()
+    with fake_backend(answer_then_close_when_told) as port:
+        lb = setup.server("lb.py", "--backend", f"fake=127.0.0.1:{port}", "--check-interval", "30",
+                          "--admin-port", str(admin_port))
+        assert exchange(lb.port, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").endswith(b"ok\n")
+        assert json.loads(_admin(admin_port, "/stats"))["backends"][0]["idle_connections"] == 1  # pooled
+        close_now.set()
+        deadline = time.monotonic() + 20
+        while json.loads(_admin(admin_port, "/stats"))["backends"][0]["idle_connections"]:
+            assert time.monotonic() < deadline, "a connection the backend closed still counted as idle"
+            time.sleep(0.05)
+        assert 'clusterkit_http_backend_idle_connections{backend="fake"} 0.0' in _admin(admin_port, "/metrics").decode()
+
+
 def _read_requests(conn: socket.socket):
     """The request heads on a connection, one by one (the health checks' too)."""
     buf = b""

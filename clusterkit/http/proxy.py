@@ -293,6 +293,11 @@ class BackendConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.parser = None  # (it holds this object: let both go without the garbage collector)
+        if self.owner is None:  # idle, maybe pooled: closed by its backend (its keep-alive timeout)
+            try:
+                self.backend.idle.remove(self)  # (/stats counted it as idle until a request found it closed)
+            except ValueError:
+                pass
         if exc is None and self.owner is not None and self.head_done and self._ends_at_close():
             # A body without Content-Length or chunked framing ends where the connection
             # does (RFC 9112 6.3): the close completes it, as HTTP/1.0 servers and CGI answer.
