@@ -730,16 +730,23 @@ def test_each_client_gets_its_own_version_and_connection_mode_when_the_answer_re
         assert head_only.endswith(b"\r\n\r\n") and b"<html" not in head_only
 
 
-def _answer_once_per_connection(conn: socket.socket) -> None:
-    """Answers one request with keep-alive, then closes when the next comes, unanswered:
-    the race of a pooled connection the backend closed while it sat idle."""
+def _answer_one_request(conn: socket.socket) -> bool:
+    """Reads a request head and answers it with keep-alive; False if the connection closed first."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = conn.recv(65536)
         if not chunk:
-            return
+            return False
         buf += chunk
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    return True
+
+
+def _answer_once_per_connection(conn: socket.socket) -> None:
+    """Answers one request with keep-alive, then closes when the next comes, unanswered:
+    the race of a pooled connection the backend closed while it sat idle."""
+    if not _answer_one_request(conn):
+        return
     conn.recv(65536)  # the next request: closed without an answer
     conn.close()
 
@@ -768,14 +775,8 @@ def test_lb_counts_no_pooled_connection_its_backend_has_closed_as_idle(setup):
     close_now = threading.Event()
 
     def answer_then_close_when_told(conn: socket.socket) -> None:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            buf += chunk
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
-        close_now.wait(30)
+        if _answer_one_request(conn):
+            close_now.wait(30)
         conn.close()
 
     admin_port = cluster.free_port()
