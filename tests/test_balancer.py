@@ -151,6 +151,26 @@ def test_round_robin_spreads_300_connections_exactly(lb):
     assert 'clusterkit_backend_messages_total{backend="server2"} 100.0' in lb.metrics()
 
 
+def test_tcp_mode_counts_the_bytes_it_relays_and_no_messages(lb, connect):
+    """A byte relay sees no messages: /stats says null, not 0 after a million, and
+    shows the bytes each way per backend, an open connection's included."""
+    lb.start("--mode", "tcp")
+    for i in range(3):  # one connection to each backend, 6 bytes out and the two answer lines back
+        one_message(lb.port, b"tcp%02d" % i)
+    c = connect(lb.port)  # and one still open
+    c.send(b"open1\n")
+    c.read_lines(2)
+    stats = lb.stats()
+    assert stats["messages"] is None and all(b["messages"] is None for b in stats["backends"])
+    assert sorted(b["bytes_in"] for b in stats["backends"]) == [6, 6, 12]  # round robin: one had two
+    answer = len(b"REPLY tcp00\n") + len(b"ACK server1 6\n")
+    assert all(b["bytes_out"] >= answer for b in stats["backends"])
+    busiest = max(stats["backends"], key=lambda b: b["bytes_in"])["name"]
+    metrics = lb.metrics()
+    assert f'clusterkit_backend_bytes_in_total{{backend="{busiest}"}} 12.0' in metrics
+    assert "clusterkit_backend_messages_total" not in metrics
+
+
 def test_weights_are_honoured(lb):
     lb.start("--algorithm", "weighted", weights=(3, 1, 1))
     counts: dict[str, int] = {}

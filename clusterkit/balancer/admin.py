@@ -39,7 +39,15 @@ class PoolCollector:
                                      "client connections that took an idle backend connection", labels=["backend"])
         idle = GaugeMetricFamily("clusterkit_backend_idle_connections", "idle backend connections kept for reuse",
                                  labels=["backend"])
+        tcp = app.config.mode == "tcp"  # a byte relay: bytes each way, no messages
+        relayed = [CounterMetricFamily(f"clusterkit_backend_bytes_{way}", f"bytes relayed {what}",
+                                       labels=["backend"])
+                   for way, what in (("in", "from the clients"), ("out", "to the clients"))] if tcp else []
         for b in app.pool.backends:
+            if tcp:
+                counts = app.relayed(b)
+                relayed[0].add_metric([b.name], counts["bytes_in"])
+                relayed[1].add_metric([b.name], counts["bytes_out"])
             up.add_metric([b.name], 1 if b.healthy else 0)
             for s in _STATES:
                 state.add_metric([b.name, s], 1 if b.state == s else 0)
@@ -49,7 +57,8 @@ class PoolCollector:
             conns.add_metric([b.name], b.connections)
             reused.add_metric([b.name], b.reused)
             idle.add_metric([b.name], app.idle.count(b))
-        yield from (up, state, active, messages, failures, conns, reused, idle)
+        yield from (up, state, active, *relayed, failures, conns, reused, idle) if tcp else (
+            up, state, active, messages, failures, conns, reused, idle)
         yield GaugeMetricFamily("clusterkit_client_connections", "client connections open now",
                                 value=len(app.connections))
         yield CounterMetricFamily("clusterkit_failovers", "client connections moved to another backend",

@@ -199,6 +199,16 @@ class Balancer:
             "client_connections": len(self.connections), "max_clients": self.max_clients,
             "total_connections": self.total_connections, "rejected": self.rejected, "failovers": self.failovers,
             "no_backend_errors": self.no_backend_errors,
-            "messages": sum(b.messages for b in self.pool.backends),
-            "backends": [{**b.snapshot(), "idle_connections": self.idle.count(b)} for b in self.pool.backends],
+            "messages": None if self.config.mode == "tcp" else sum(b.messages for b in self.pool.backends),
+            "backends": [{**b.snapshot(), "idle_connections": self.idle.count(b), **self.relayed(b)}
+                         for b in self.pool.backends],
         }
+
+    def relayed(self, b: Backend) -> dict:
+        """--mode tcp: the bytes relayed through the backend, its open connections'
+        included, as HAProxy counts them; no messages (a byte relay sees none)."""
+        if self.config.mode != "tcp":
+            return {}
+        live = [s for s in self.connections if s.backend is b]
+        return {"messages": None, "bytes_in": b.bytes_in + sum(s.bytes_in for s in live),
+                "bytes_out": b.bytes_out + sum(s.bytes_out for s in live)}

@@ -104,6 +104,8 @@ class Backend:
         self.connections = 0
         self.reused = 0  # client connections that took an idle connection to it (message mode, reuse.py)
         self.messages = 0
+        self.bytes_in = 0  # --mode tcp, its client connections that have ended: from the clients,
+        self.bytes_out = 0  # and to them (a byte relay sees no messages)
         self.failures = 0
         self.failovers = 0
         self.checks_ok = 0

@@ -311,8 +311,11 @@ class TcpSession:
             events.drop(self.csock)
         if self.bsock is not None:
             events.drop(self.bsock)
-        if self.backend is not None:
-            self.backend.active -= 1
+        backend = self.backend
+        if backend is not None:
+            backend.active -= 1
+            backend.bytes_in += self.bytes_in
+            backend.bytes_out += self.bytes_out
         admitted = self in self.app.connections
         self.app.connections.discard(self)
         if self.elog.info and admitted:
