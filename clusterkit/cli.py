@@ -31,7 +31,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
-EXIT_CANT_LISTEN = 71
+EXIT_OSERR = 71
+"""sysexits' EX_OSERR: something here ran out or is taken (a port to listen on; the stress
+tool's local ports or descriptors), not the peer's fault."""
 EXIT_TIMEOUT = 75
 EXIT_INTERRUPTED = 130
 
@@ -59,7 +61,7 @@ def listen_error(program: str, host: str, port: int, exc: OSError) -> Fatal:
         why = "no such local address"
     else:
         why = str(exc.strerror or exc)
-    return Fatal(f"{program}: cannot listen on {host_port(host, port)}: {why}", EXIT_CANT_LISTEN)
+    return Fatal(f"{program}: cannot listen on {host_port(host, port)}: {why}", EXIT_OSERR)
 
 
 def raise_fd_limit() -> None:

@@ -403,6 +403,43 @@ def test_dead_target_ends_fast_with_a_clear_line(log_dir):
     assert proc.returncode == 69 and "cannot connect to [::1]:" in proc.stderr, proc.stderr  # (was ::1:PORT)
 
 
+IN_NAMESPACE = """
+import json, subprocess, sys
+from clusterkit import cluster
+log_dir, out, engine = sys.argv[1:4]
+with cluster.ProcessGroup() as group:
+    server = group.start(cluster.echo_server("server1", 7001, "--log-level", "warning", log_dir=log_dir))
+    proc = subprocess.run(cluster.python_script("ClientServer_StressTools.py", "--port", "7001", "-n", "300", "-c", "2",
+                                                "--engine", engine, "--quiet", "--log-dir", log_dir, "--json", out),
+                          capture_output=True, text=True, timeout=90)
+    print(json.dumps({"rc": proc.returncode, "stderr": proc.stderr}))
+"""
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_running_out_of_local_ports_is_not_blamed_on_the_target(log_dir, tmp_path, engine):
+    """A connection per request leaves each local port in TIME_WAIT for a minute:
+    with 8 ports (a network and PID namespace of the test's own, whose processes all
+    die with it), the run ends early saying this machine ran out of local ports and
+    exits 71; it said the target stopped accepting connections (exit 69)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -n (root, or user namespaces) for a network namespace of its own")
+    out = tmp_path / "out.json"
+    setup = ('ip link set lo up && sysctl -q -w net.ipv4.ip_local_port_range="40000 40007" net.ipv4.tcp_tw_reuse=0 '
+             '&& exec "$0" -c "$1" "$2" "$3" "$4"')
+    proc = subprocess.run(["unshare", "-n", "-p", "--fork", "--kill-child", "sh", "-c", setup, sys.executable,
+                           IN_NAMESPACE, str(log_dir), str(out), engine],
+                          cwd=cluster.ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rc"] == 71, result["stderr"]
+    assert "run ended early: this machine ran out of local ports to connect from" in result["stderr"]
+    assert "the target was not at fault" in result["stderr"] and "Traceback" not in result["stderr"]
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["errors"].get("no-local-port", 0) >= 6 and "connect-error" not in row["errors"], row["errors"]
+    assert row["complete"] + row["failed"] < 300
+
+
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_a_target_that_never_answers_ends_the_run_early(log_dir, tmp_path, engine):
     """Every request would wait out --timeout: n/c of them in a row (100 x 5 s with

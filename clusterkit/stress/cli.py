@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     killed: list[str] = []
     ended_early = None
-    interrupted = False
+    interrupted = shortage = False
     try:
         reached = preflight(configs[0])
         configs = [dataclasses.replace(c, address=reached) for c in configs]
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 elog.line("INFO", f"event=run concurrency={cfg.concurrency} complete={row['complete']} "
                                   f"failed={row['failed']} rps={row['requests_per_second']}")
             if result.ended_early:
-                ended_early, interrupted = result.ended_early, result.interrupted
+                ended_early, interrupted, shortage = result.ended_early, result.interrupted, result.local_shortage
                 if elog.error:
                     elog.line("ERROR", f"event=ended-early reason={logs.quote(ended_early)}")
                 break  # the rest of a sweep would only fail the same way
@@ -355,6 +355,6 @@ def main(argv: list[str] | None = None) -> int:
             Path(path).write_text(text)
     if ended_early:
         print(f"stress: run ended early: {ended_early}", file=sys.stderr)
-        return cli.EXIT_INTERRUPTED if interrupted else cli.EXIT_UNAVAILABLE
+        return cli.EXIT_INTERRUPTED if interrupted else cli.EXIT_OSERR if shortage else cli.EXIT_UNAVAILABLE
     failed = sum(r["failed"] for r in rows)
     return cli.EXIT_OK if failed == 0 else cli.EXIT_FAILED

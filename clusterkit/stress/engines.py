@@ -337,6 +337,13 @@ class Watch:
             return f"interrupted (Ctrl-C) after {done:,} requests"
         errors = result.errors
         refused = errors.get("refused", 0) + errors.get("connect-timeout", 0) + errors.get("connect-error", 0)
+        ports, descriptors = errors.get("no-local-port", 0), errors.get("no-descriptor", 0)
+        if max(ports, descriptors) > max(refused, errors.get("timeout", 0)):
+            result.local_shortage = True
+            what = ("local ports to connect from (each connection leaves one in TIME_WAIT for a minute: "
+                    "use -k, or fewer requests)" if ports >= descriptors else
+                    "file descriptors (raise the open-files limit, ulimit -n, or lower -c)")
+            return f"this machine ran out of {what}, after {done:,} requests; the target was not at fault"
         if errors.get("timeout", 0) > refused:
             what = f"stopped answering: every client's last {DEAD_STREAK} requests timed out"
         else:

@@ -149,8 +149,8 @@ class EpollRunner:
             # The C socket type: socket.socket's Python-level __init__ and close cost
             # about a microsecond per connection.
             sock = _socket.socket(self.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        except OSError:  # out of file descriptors
-            self.connect_failed(c, "connect-error")
+        except OSError as exc:  # out of file descriptors
+            self.connect_failed(c, connect_error(exc))
             return
         code = sock.connect_ex(self.sockaddr)
         if code not in (0, errno.EINPROGRESS):

@@ -3,6 +3,7 @@ sends it (``Plan``), and how its outcome is counted (``record``)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 import time
@@ -119,12 +120,19 @@ def address(cfg: StressConfig, target: Target) -> tuple[int, tuple]:
     return family, sockaddr
 
 
+LOCAL_SHORTAGES = {errno.EADDRNOTAVAIL: "no-local-port", errno.EMFILE: "no-descriptor",
+                   errno.ENFILE: "no-descriptor"}
+"""Connects that failed for want of something here, not at the target: a local port
+(every one of the ephemeral range in use or in TIME_WAIT towards the target), or a
+file descriptor (the open-files limit)."""
+
+
 def connect_error(exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
     if isinstance(exc, (TimeoutError, BlockingIOError)):  # BlockingIOError: SO_SNDTIMEO ran out
         return "connect-timeout"
-    return "connect-error"
+    return LOCAL_SHORTAGES.get(exc.errno, "connect-error")  # type: ignore[arg-type]
 
 
 class Plan:
