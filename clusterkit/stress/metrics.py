@@ -121,7 +121,7 @@ KEEP_NONE, KEEP_FAILURES, KEEP_ALL = 0, 1, 2
 """What a Recorder keeps for the per-request log: nothing (--log-level error), the
 failed requests (warning), every request (info)."""
 LOG_KEPT = 1_000_000
-"""Requests kept for the per-request log in one run, in all (about 190 bytes each):
+"""Requests kept for the per-request log in one run, in all (about 190 bytes each, twice while merged):
 past it, the answers are counted but not logged one by one, the failures still
 are, up to as many again. Unbounded, a long --duration run held every request."""
 
