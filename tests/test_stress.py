@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -401,6 +402,48 @@ def test_dead_target_ends_fast_with_a_clear_line(log_dir):
     assert time.monotonic() - started < 30  # generous: it only proves no hang
     proc = stress("-n", "10", "-c", "1", "--host", "::1", "--port", str(cluster.free_port()), log_dir=log_dir)
     assert proc.returncode == 69 and "cannot connect to [::1]:" in proc.stderr, proc.stderr  # (was ::1:PORT)
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_out_of_descriptors_every_request_is_counted_and_none_blamed_on_the_target(procs, log_dir, tmp_path, engine):
+    """Under an open-files limit of 64, 200 clients: the connects that find no
+    descriptor fail as no-descriptor, and every request is counted. The thread
+    engine's clients died of it (the requests they had left went missing, exit 0),
+    the async engine's waited for ever."""
+    server = procs.start(cluster.echo_server("server1", cluster.free_port(), "--log-level", "warning",
+                                             log_dir=str(log_dir)))
+    path = tmp_path / "out.json"
+    proc = subprocess.run(cluster.python_script("ClientServer_StressTools.py", "--port", str(server.port), "-n", "2000",
+                                                "-c", "200", "--engine", engine, "--quiet", "--log-dir", str(log_dir),
+                                                "--json", str(path)),
+                          capture_output=True, text=True, timeout=90,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    row = json.loads(path.read_text())["runs"][0]
+    assert row["complete"] + row["failed"] == 2000, row
+    assert row["failed"] and set(row["errors"]) == {"no-descriptor"}, row["errors"]
+    assert proc.returncode == 1
+
+
+def test_a_thread_client_that_dies_of_a_bug_is_counted_as_failed(procs, log_dir, monkeypatch, capfd):
+    """A client thread that raised went quietly: its requests were missing from the
+    counts and the run passed for a clean one."""
+    from clusterkit.stress import engines
+    from clusterkit.stress.config import StressConfig
+
+    server = procs.start(cluster.echo_server("server1", cluster.free_port(), "--log-level", "warning",
+                                             log_dir=str(log_dir)))
+    request = engines.Client.request
+
+    def buggy(self):
+        if self.index == 1 and self.k == 3:
+            raise RuntimeError("a bug")
+        return request(self)
+
+    monkeypatch.setattr(engines.Client, "request", buggy)
+    result, _ = engines.run(StressConfig(port=server.port, requests=40, concurrency=2, pin=False))
+    assert result.complete == 23 and result.errors == {"engine-crashed": 1}, (result.complete, result.errors)
+    assert "RuntimeError: a bug" in capfd.readouterr().err
 
 
 IN_NAMESPACE = """

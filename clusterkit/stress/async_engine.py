@@ -60,13 +60,15 @@ class AsyncClient(Client, asyncio.Protocol):
         # connection_made had sent the request closed that connection unseen: the
         # client waited for its close for ever, and the run with it.)
         loop = self.runner.loop
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock = None
         try:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)  # (out of descriptors: the except)
+            sock.setblocking(False)
             async with asyncio.timeout(self.cfg.timeout):
                 await loop.sock_connect(sock, self.sockaddr)
         except (OSError, TimeoutError) as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self.connect_failed("connect-timeout" if isinstance(exc, TimeoutError) else connect_error(exc))
             self.next()
             return

@@ -29,6 +29,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 from .. import loops
@@ -75,9 +76,10 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                         # connect, recv or send (Linux bounds connect by SO_SNDTIMEO).
                         kernel_timeouts(sock, cfg.timeout, send=cfg.timeout)
                         sock.connect(sockaddr)
-                    except OSError as exc:
-                        sock.close()
-                        sock = None
+                    except OSError as exc:  # (from socket() too: out of descriptors)
+                        if sock is not None:
+                            sock.close()
+                            sock = None
                         c.connect_failed(connect_error(exc))
                         continue
                     c.connected()
@@ -140,6 +142,9 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                     await_close(sock)
                 sock.close()
                 sock = None
+    except Exception:  # a bug: said, and counted, so that the run cannot pass for a clean one
+        traceback.print_exc()
+        _crashed(rec)
     finally:
         socks.pop(index, None)
         if sock is not None:
@@ -427,9 +432,13 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
     return watch.finish(merged), logs_all
 
 
-def _crashed(result: RunResult) -> None:
-    """A load process died without its report: the others' results stand, and the
-    run counts one failure for it, so that it cannot pass for a clean run."""
+def _crashed(result: RunResult | Recorder) -> None:
+    """A load process (or a thread engine's client) died without its report: the
+    others' results stand, and the run counts one failure for it, so that it cannot
+    pass for a clean run."""
+    if isinstance(result, Recorder):
+        result.failed(ns(), "engine-crashed", ns())
+        return
     result.errors["engine-crashed"] += 1
     result.failed += 1
 
