@@ -18,8 +18,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +65,26 @@ def wait_listening(host: str, port: int, timeout: float = 10.0, proc: subprocess
             time.sleep(0.02)
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and the stop signals wait until the block is done, then take effect:
+    one that came inside ``Popen()`` raised there with the child already running,
+    and nobody kept its PID to stop it. (Main thread only: elsewhere, none come.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            signal.raise_signal(signum)  # (a signal ignored before stays ignored)
+
+
 class Process:
     """One child process started from a command line."""
 
@@ -89,8 +111,9 @@ class Process:
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.env:
             env.update(self.env)
-        self.popen = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=self._stderr)
+        with signals_held():
+            self.popen = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=self._stderr)
         if self.port is not None and wait:
             try:
                 wait_listening(self.host, self.port, wait, self.popen)

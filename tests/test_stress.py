@@ -722,6 +722,48 @@ def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tm
     assert "were never sent" not in stdout + stderr  # (the user ended it: no 'the server fell behind')
 
 
+@pytest.mark.parametrize("when", ["starting", "running"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_ends_a_spawned_run_as_ctrl_c_does_and_leaves_no_server_behind(log_dir, tmp_path, sig, when):
+    """SIGTERM or SIGHUP killed the tool on the spot (no report), and the three
+    servers and the balancer it had spawned ran on; so did those a Ctrl-C during
+    the start left. Now: the report of what was done, exit 130, nothing left."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen(cluster.python_script(
+        "ClientServer_StressTools.py", "--spawn", "--duration", "30", "--rate", "200", "-k", "--quiet",
+        "--json", str(out), "--log-dir", str(log_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        tool = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while True:  # its children: the spawned servers (and the balancer, and load processes, once running)
+            seen.update((c.pid, c) for c in tool.children(recursive=True))
+            server_log = log_dir / "server_log.log"  # (a hundred message lines: the health checks make a few a second)
+            if (when == "starting" and seen) or (when == "running" and server_log.exists()
+                                                 and server_log.read_text().count("event=message") > 100):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, "never got there"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        for child in seen.values():
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+    left = [c.pid for c in seen.values() if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"left running: {left}"
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    if when == "running":
+        row = json.loads(out.read_text())["runs"][0]
+        assert row["complete"] > 0 and row["failed"] == 0, row["errors"]
+        assert f"interrupted ({sig.name}) after {row['complete']:,} requests" in stderr
+
+
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_ctrl_c_does_not_wait_out_the_timeout_of_what_is_on_its_way(procs, log_dir, tmp_path, engine):
     """With the server stopped (SIGSTOP), Ctrl-C took the thread and async engines

@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .. import cli, logs
+from .. import cli, logs, loops
 from ..config import ConfigError
 from ..sockets import host_port
 from . import engines, metrics, report
@@ -278,6 +279,10 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
                       f"a server on the same machine had only what was left.[/]")
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise engines.Stopped(signal.Signals(signum).name)
+
+
 @cli.main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -301,17 +306,24 @@ def main(argv: list[str] | None = None) -> int:
     elog = logs.configure("stress", level=args.log_level, log_dir=args.log_dir, file_name=logs.CLIENT_LOG,
                           stderr_level="critical")
     spawned = None
-    if args.spawn:
-        # (absolute: the processes run in the repository, and the logs go where this run's go)
-        spawned = SpawnedCluster(os.path.abspath(args.log_dir))
-        print(f"spawned server1..3 and the balancer on 127.0.0.1:{spawned.port} "
-              f"(admin http://127.0.0.1:{spawned.admin_port}/stats)", file=sys.stderr)
-        configs = [dataclasses.replace(c, host="127.0.0.1", port=spawned.port) for c in configs]
     rows: list[dict] = []
     killed: list[str] = []
     ended_early = None
     interrupted = shortage = False
+    # SIGTERM and SIGHUP (unless nohup) end the run as Ctrl-C does: the report of what
+    # was done, and a spawned cluster stopped. Left to Python, they killed the tool on
+    # the spot, and its spawned servers and balancer ran on.
+    previous = {sig: signal.getsignal(sig) for sig in loops.stop_signals()}
+    for sig in previous:
+        if sig != signal.SIGINT:
+            signal.signal(sig, _interrupt)
     try:
+        if args.spawn:
+            # (absolute: the processes run in the repository, and the logs go where this run's go)
+            spawned = SpawnedCluster(os.path.abspath(args.log_dir))
+            print(f"spawned server1..3 and the balancer on 127.0.0.1:{spawned.port} "
+                  f"(admin http://127.0.0.1:{spawned.admin_port}/stats)", file=sys.stderr)
+            configs = [dataclasses.replace(c, host="127.0.0.1", port=spawned.port) for c in configs]
         reached = preflight(configs[0])
         configs = [dataclasses.replace(c, address=reached) for c in configs]
         for cfg in configs:
@@ -344,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                 break  # the rest of a sweep would only fail the same way
     finally:
         if spawned is not None:
+            for sig in previous:  # a second signal must not cut the stop short
+                signal.signal(sig, signal.SIG_IGN)
             spawned.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print_report(rows, killed, interrupted)
     if kill and not killed and rows:
         print(f"warning: --kill-backend {args.kill_backend}: the run ended before that; no backend was killed",

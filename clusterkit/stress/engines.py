@@ -291,6 +291,10 @@ def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process
     conn.close()
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) ends the run as Ctrl-C does; its name is the text."""
+
+
 class Watch:
     """What the watching process does every few tens of ms: report progress, and
     end the run early when the target is dead (no client gets anything back any
@@ -305,6 +309,7 @@ class Watch:
         self.progress_cb = progress_cb
         self.dead = False  # every client got nothing back for DEAD_STREAK requests in a row
         self.interrupted = False  # Ctrl-C
+        self.how = "Ctrl-C"  # or the stop signal's name
 
     def tick(self) -> None:
         if self.measure_from and ns() >= self.measure_from:
@@ -317,10 +322,12 @@ class Watch:
             board.stop()
             self.dead = True
 
-    def interrupt(self) -> None:
-        """Ctrl-C: stop every client; the run ends with what it has, as ApacheBench's does."""
+    def interrupt(self, exc: KeyboardInterrupt) -> None:
+        """Ctrl-C (or a stop signal: ``Stopped``): stop every client; the run ends with
+        what it has, as ApacheBench's does."""
         self.board.stop()
         self.interrupted = True
+        self.how = str(exc) if isinstance(exc, Stopped) else "Ctrl-C"
 
     def finish(self, result: RunResult) -> RunResult:
         if not self.interrupted and self.board.all_refused(DEAD_STREAK):
@@ -339,7 +346,7 @@ class Watch:
         was found, missed what came after)."""
         done = result.complete + result.failed
         if result.interrupted:
-            return f"interrupted (Ctrl-C) after {done:,} requests"
+            return f"interrupted ({self.how}) after {done:,} requests"
         errors = result.errors
         refused = errors.get("refused", 0) + errors.get("connect-timeout", 0) + errors.get("connect-error", 0)
         ports, descriptors = errors.get("no-local-port", 0), errors.get("no-descriptor", 0)
@@ -375,8 +382,8 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
             while worker.is_alive():
                 worker.join(0.02)
                 watch.tick()
-        except KeyboardInterrupt:
-            watch.interrupt()
+        except KeyboardInterrupt as exc:
+            watch.interrupt(exc)
             # Waited for by polling: a join that Ctrl-C interrupted may not wait again.
             # (A second Ctrl-C ends the wait, and the run, at once.)
             deadline = time.monotonic() + cfg.timeout + 2
@@ -421,10 +428,10 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
                         pending.remove(item)
                         _crashed(merged)
                 watch.tick()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 if watch.interrupted:  # the second Ctrl-C: no report, at once
                     raise
-                watch.interrupt()  # the first: the load processes stop and report what they have
+                watch.interrupt(exc)  # the first: the load processes stop and report what they have
     except KeyboardInterrupt:
         for p, _ in pending:
             p.terminate()

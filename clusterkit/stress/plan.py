@@ -185,7 +185,7 @@ class Client:
     __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
                  "k", "reader", "batch", "sent", "due_by", "timeout_ns", "base", "connect_started", "limit", "deadline",
                  "steady",
-                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra")
+                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra", "short")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
         self.cfg = cfg
@@ -217,6 +217,7 @@ class Client:
         self.reused = False  # the request in flight went on a connection that carried one before
         self.resent = -1  # the last request sent again (see server_closed_first)
         self.extra = False  # an answer nobody asked for came while idle: the next request fails (see unasked)
+        self.short = False  # its last connect found no descriptor here: the next waits a moment (see due)
 
     def over(self, stop) -> bool:
         if self.k >= self.limit or stop.is_set():
@@ -228,8 +229,11 @@ class Client:
         """When the next request is due: with --rate, its time; after DEAD_STREAK
         requests in a row got nothing back, BACKOFF_NS from now (the watcher is about
         to call the target dead; without the wait, refused connects piled up by
-        the thousand first); else 0, now."""
-        if self.progress[self.streak_slot] >= DEAD_STREAK:
+        the thousand first); BACKOFF_NS too after a connect that found no file
+        descriptor here (other clients' close soon, and a target is not dead for
+        it); else 0, now."""
+        if self.short or self.progress[self.streak_slot] >= DEAD_STREAK:
+            self.short = False
             return ns() + BACKOFF_NS
         if not self.plan.rate:
             return 0
@@ -390,7 +394,10 @@ class Client:
         self.k += batch
         self.progress[self.index] = self.k
         self.progress[self.failed_slot] = self.rec.result.failed
-        self.progress[self.streak_slot] += 1
+        if kind == "no-descriptor":  # (this machine's limit: no sign of a dead target)
+            self.short = True
+        else:
+            self.progress[self.streak_slot] += 1
 
     def answered(self):
         """Count the answer (complete, or closed by ``reader.close``); returns its reader."""

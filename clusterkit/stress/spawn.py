@@ -27,7 +27,7 @@ class SpawnedCluster:
             self.balancer = self.group.start(balancer_process(
                 ports[3], backends, "--check-interval", "0.5", "--response-timeout", "1", *balancer_args,
                 admin_port=ports[4], log_dir=log_dir))
-        except Exception:
+        except BaseException:  # (Ctrl-C or a stop signal while starting too: nothing is left behind)
             self.group.stop()
             raise
         self.port = self.balancer.port
