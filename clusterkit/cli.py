@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -145,6 +146,13 @@ def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str]
     def wrapped(argv: list[str] | None = None) -> int:
         args = sys.argv[1:] if argv is None else argv
         debug = "--debug" in args
+        # Started with stdout or stderr closed (2>&-): Python leaves None there, and the
+        # first print raised, after the run, its report lost. They go nowhere instead
+        # (and take their descriptors: a log file opened as descriptor 2 got tracebacks).
+        if sys.stdout is None:
+            sys.stdout = open(os.devnull, "w")
+        if sys.stderr is None:
+            sys.stderr = open(os.devnull, "w")
         try:
             return main(args)
         except (Fatal, logs.LogDirError) as exc:  # (a bad --log-dir: a usage error)

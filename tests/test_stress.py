@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import resource
 import shutil
@@ -722,6 +723,20 @@ def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tm
     assert "were never sent" not in stdout + stderr  # (the user ended it: no 'the server fell behind')
 
 
+def test_the_report_survives_a_closed_stderr_and_a_narrow_output(procs, log_dir):
+    """Started with stderr closed (2>&-), the tool failed at its first word to it,
+    after the run, with no report; and piped (80 columns), a sweep's table cut its
+    numbers to '5,065…' and its labels to 'laten…'."""
+    server = procs.start(cluster.echo_server("server1", cluster.free_port(), log_dir=str(log_dir)))
+    proc = subprocess.run(cluster.python_script(
+        "ClientServer_StressTools.py", "--port", str(server.port), "-n", "100", "--sweep", "1,2,3,4,5,6,7,8,9,10",
+        "--log-dir", str(log_dir)), stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2), text=True, timeout=90)
+    assert proc.returncode == 0
+    assert "Complete requests" in proc.stdout and "latency p99.9 (ms)" in proc.stdout
+    assert "…" not in proc.stdout
+    assert "100 │" in proc.stdout.split("Complete requests")[1].splitlines()[0]
+
+
 @pytest.mark.parametrize("when", ["starting", "running"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stop_signal_ends_a_spawned_run_as_ctrl_c_does_and_leaves_no_server_behind(log_dir, tmp_path, sig, when):
@@ -840,7 +855,8 @@ def test_a_load_process_that_dies_leaves_the_others_report_and_a_failure(procs, 
     (["--pipeline", "4"], "--pipeline needs --connection keepalive"),
     (["--kill-backend", "server2@50%"], "--kill-backend needs --spawn"),
     (["--nice", "30"], "--nice must be between 0 and 19"),
-    (["--json", "/nonexistent-dir/out.json"], "cannot write /nonexistent-dir/out.json: no directory"),
+    (["--json", "/nonexistent-dir/out.json"], "--json: cannot write /nonexistent-dir/out.json: no directory"),
+    (["--csv", "/tmp"], "--csv: cannot write /tmp: a directory"),
     (["-n", "3", "-c", "10"], "-c 10 is more than -n 3"),
     (["--spawn", "--kill-backend", "server9@1"], "no spawned backend named 'server9'"),
     (["--spawn", "--kill-backend", "server2@nan"], "give a number of seconds above 0"),

@@ -178,7 +178,10 @@ class Progress:
         if self.live is not None:
             self.live.update(text)
         elif not self.quiet and now - self.last_print >= 1.0:
-            print(f"progress: {text}", file=sys.stderr, flush=True)
+            try:
+                print(f"progress: {text}", file=sys.stderr, flush=True)
+            except OSError:  # (stderr on a full disk, or gone): the run and its report matter more
+                self.quiet = True
             self.last_print = now
 
     def close(self) -> None:
@@ -233,6 +236,9 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
     kinds = sorted({k for r in rows for k in r["errors"]})
     for kind in kinds:
         table.add_row(f"failed: {kind}", *[report.fmt(r["errors"].get(kind, 0)) for r in rows])
+    needed = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if needed > console.width:  # (80 columns when not a terminal): wider, rather than numbers cut to "28,2…"
+        console = Console(width=needed)
     console.print(table)
     r = rows[0]
     # An HTTP answer has no confirmation line: its rtt ends with the whole answer.
@@ -291,10 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         kill = parse_kill(args.kill_backend) if args.kill_backend else None
     except (ConfigError, ValueError) as exc:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
-    for path in (args.json, args.csv, args.markdown):  # found out before the run, not after it
-        folder = Path(path).resolve().parent if path else None
-        if folder is not None and not folder.is_dir():
-            raise cli.Fatal(f"cannot write {path}: no directory {str(folder)!r}", cli.EXIT_USAGE)
+    for option, path in (("--json", args.json), ("--csv", args.csv), ("--markdown", args.markdown)):
+        if not path:  # (found out before the run, not after it)
+            continue
+        folder = Path(path).resolve().parent
+        if not folder.is_dir():
+            raise cli.Fatal(f"{option}: cannot write {path}: no directory {str(folder)!r}", cli.EXIT_USAGE)
+        if Path(path).is_dir() or not os.access(path if Path(path).exists() else folder, os.W_OK):
+            raise cli.Fatal(f"{option}: cannot write {path}: " +
+                            ("a directory" if Path(path).is_dir() else "permission denied"), cli.EXIT_USAGE)
     if kill and not args.spawn:
         raise cli.Fatal("--kill-backend needs --spawn (it kills a backend this run started)", cli.EXIT_USAGE)
     if args.spawn and (args.host or args.port or args.http):
