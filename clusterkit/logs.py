@@ -81,6 +81,8 @@ class LineWriter:
         self._wake = threading.Event()
         self._closed = False
         self.dropped = 0
+        self._torn = False  # a write stopped mid-line (disk full): the next begins with a newline
+        self._failing = False  # said on stderr that lines are being lost (once, until a write goes through)
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -95,25 +97,45 @@ class LineWriter:
         """Write everything queued so far (from any thread)."""
         queue = self._queue
         n = len(queue)
-        if self.dropped:
-            dropped, self.dropped = self.dropped, 0
+        dropped = self.dropped
+        if dropped:
+            self.dropped = 0
             queue.append(f"{timestamp()} WARNING {self.program} event=log-dropped lines={dropped}")
             n += 1
         if not n:
             return
         popleft = queue.popleft
         lines = [popleft() for _ in range(n)]
-        data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
+        data = ("\n" if self._torn else "") + "\n".join(lines) + "\n"
         # One write per flush keeps lines whole next to other processes' writes.
-        view = memoryview(data)
+        view = memoryview(data.encode("utf-8", "backslashreplace"))
         while view:
             try:
                 written = os.write(self._fd, view)
             except InterruptedError:
                 continue
-            except OSError:
-                return  # disk full or gone: drop rather than stall the program
+            except OSError as exc:  # disk full or gone: drop rather than stall the program
+                self._lost(view, exc, dropped)
+                return
+            self._torn = view[written - 1] != 10 if written else self._torn  # (10: a newline)
             view = view[written:]
+        self._failing = False
+
+    def _lost(self, rest: memoryview, exc: OSError, carried: int) -> None:
+        """What a failed write left unwritten is counted (an ``event=log-dropped``
+        line says how many once lines go through again) and said once on stderr;
+        a line it cut short is ended by the next write, so none runs into another.
+        ``carried``: the count of the log-dropped line that ended the write (it is
+        the last line, so never written whole when the write failed)."""
+        self.dropped += bytes(rest).count(b"\n") - (1 if carried else 0) + carried
+        if not self._failing:
+            self._failing = True
+            try:
+                print(f"{self.program}: cannot write the log {self.path}: {exc.strerror or exc}; its lines are "
+                      f"dropped until it can be written (then counted in an event=log-dropped line)",
+                      file=sys.stderr, flush=True)
+            except (OSError, ValueError, AttributeError):  # (no stderr either)
+                pass
 
     def _run(self) -> None:
         while not self._closed:

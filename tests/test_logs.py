@@ -1,0 +1,64 @@
+"""The log writer when its file cannot be written: lines lost are counted and
+said, and none runs into another (SPEC: no torn lines)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+import pytest
+
+from clusterkit import logs
+
+pytestmark = pytest.mark.timeout(30)
+
+LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ \S+ ")
+
+
+def test_a_full_disk_is_said_once_and_the_lost_lines_counted(tmp_path, capsys):
+    path = tmp_path / "server_log.log"
+    path.symlink_to("/dev/full")  # every write: ENOSPC
+    writer = logs.LineWriter(path, program="server1", flush_interval=3600)
+    try:
+        for i in range(10):
+            writer.write(f"line {i}")
+        writer.flush()
+        for i in range(5):
+            writer.write(f"more {i}")
+        writer.flush()
+    finally:
+        writer.close()
+    err = capsys.readouterr().err
+    assert err.count("cannot write the log") == 1 and "No space left on device" in err, err
+    assert writer.dropped == 15
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_no_line_run_into_the_next(tmp_path, monkeypatch):
+    """A write that stopped mid-line left half a line, and the next write's first
+    line ran on from it: '2026-11-272026-11-27T13:22:48.632Z INFO ...'."""
+    path = tmp_path / "server_log.log"
+    writer = logs.LineWriter(path, program="server1", flush_interval=3600)
+    real_write = os.write
+    calls = []
+
+    def full_after_a_few_bytes(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:15]))  # half the first line goes
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    try:
+        for i in range(3):
+            writer.write(f"{logs.timestamp()} INFO server1 event=first n={i}")
+        monkeypatch.setattr(logs.os, "write", full_after_a_few_bytes)
+        writer.flush()
+        monkeypatch.setattr(logs.os, "write", real_write)  # space again
+        writer.write(f"{logs.timestamp()} INFO server1 event=second")
+        writer.flush()
+    finally:
+        writer.close()
+    lines = path.read_text().splitlines()
+    assert len(lines[0]) == 15  # the piece that went, on a line of its own
+    assert all(LINE.match(line) and line.count("Z INFO") + line.count("Z WARNING") == 1 for line in lines[1:]), lines
+    assert [line.split(" ", 3)[3] for line in lines[1:]] == ["event=second", "event=log-dropped lines=3"]
