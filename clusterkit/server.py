@@ -57,7 +57,7 @@ from . import cli, logs, loops
 from .config import ConfigError, ServerConfig
 from .linger import LINGER_SECONDS
 from .protocol import LineFramer, SlowLineWatch, build_error, build_replies, check_server_name
-from .sockets import host_port
+from .sockets import descriptor_room, host_port
 
 log = logging.getLogger("clusterkit.server")
 
@@ -103,10 +103,14 @@ class EchoProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         self.last_activity = time.monotonic()
-        if len(server.connections) >= server.config.max_connections or server.stopping:
+        if len(server.connections) >= server.max_clients or server.stopping:
             self.rejected = True
             transport.write(_SHUTTING_DOWN if server.stopping else _BUSY)
-            self._linger()
+            if server.refusing < server.max_refusing:
+                server.refusing += 1
+                self._linger()
+            else:  # a flood: no descriptor to spare for a lingering close (what it sent may reset it)
+                transport.close()
             if self.elog.warning:
                 reason = "shutting-down" if server.stopping else "busy"
                 self.elog.line("WARNING", f"event=reject conn={self.conn_id} peer={self.peer} reason={reason}")
@@ -161,6 +165,8 @@ class EchoProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.rejected:
+            if self.lingering:
+                self.server.refusing -= 1
             return
         self.server.connections.discard(self)
         self.server.total_messages += self.messages
@@ -261,6 +267,16 @@ class EchoProtocol(asyncio.Protocol):
         return self.transport.get_write_buffer_size()  # type: ignore[union-attr]
 
 
+def client_limit(max_connections: int) -> int:
+    """``--max-connections``, lowered to what the open-files limit holds, with an
+    eighth of it left for the clients told ``ERR busy`` (each keeps its descriptor
+    while its close lingers). Past the limit, the event loop closed new connections
+    without a word (uvloop) or logged a traceback per accept (asyncio); clients got
+    a bare close and the log said nothing."""
+    room = descriptor_room()
+    return max_connections if room is None else max(1, min(max_connections, room - room // 8))
+
+
 class EchoServer:
     """Listens, tracks connections, sweeps idle ones, stops gracefully."""
 
@@ -269,6 +285,11 @@ class EchoServer:
         self.elog = elog or logs.EventLog(config.name, None, logging.CRITICAL)
         self.name_bytes = check_server_name(config.name)
         self.connections: set[EchoProtocol] = set()
+        self.max_clients = client_limit(config.max_connections)
+        room = descriptor_room()
+        self.max_refusing = 1 << 16 if room is None else max(1, room // 8)
+        """Clients told ``ERR busy`` whose close lingers at once; more are closed at once."""
+        self.refusing = 0
         self.conn_ids = itertools.count(1)
         self.total_messages = 0
         self.stopping = False
@@ -398,8 +419,12 @@ async def _serve(config: ServerConfig, elog: logs.EventLog) -> None:
         raise cli.listen_error(config.name, config.host, config.port, exc) from None
     print(f"{config.name} listening on {host_port(config.host, server.port)} "
           f"({loops.loop_name(config.loop)}, pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    if server.max_clients < config.max_connections:
+        print(f"{config.name}: at most {server.max_clients} clients at once (the open-files limit allows no more; "
+              f"--max-connections is {config.max_connections}): more get 'ERR busy'", file=sys.stderr, flush=True)
     if elog.warning:
-        elog.line("WARNING", f"event=listen host={config.host} port={server.port} loop={loops.loop_name(config.loop)}")
+        elog.line("WARNING", f"event=listen host={config.host} port={server.port} loop={loops.loop_name(config.loop)} "
+                             f"max_clients={server.max_clients}")
     await server.serve_until_stopped()
 
 

@@ -43,3 +43,19 @@ def local_shortage(exc: BaseException) -> bool:
 def host_port(host: str, port: int) -> str:
     """``host:port`` as a URL or ``--backend`` writes it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+FD_RESERVE = 32
+"""Descriptors a program keeps for itself (its log, listeners, checks) when it
+sizes its connection limit to the open-files limit."""
+
+
+def descriptor_room() -> int | None:
+    """Descriptors the open-files limit leaves for connections once FD_RESERVE are
+    kept; None when there is no limit (or it cannot be read)."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else max(0, soft - FD_RESERVE)

@@ -490,3 +490,44 @@ def test_lines_dropped_on_overflow_are_said_by_the_program_that_dropped_them(tmp
     finally:
         logs.shutdown()
     assert " WARNING server7 event=log-dropped lines=3" in (tmp_path / logs.SERVER_LOG).read_text()
+
+
+def test_clients_past_the_open_files_limit_get_err_busy_not_a_bare_close(procs, log_dir):
+    """Under an open-files limit of 64 the server took every connection the limit
+    let the event loop accept and closed the rest unseen (uvloop): clients got a
+    bare close and the log said nothing. Its limit now fits the open-files limit,
+    said at start; past it, 'ERR busy'."""
+    import select
+
+    port = cluster.free_port()
+    # (sh sets the limit and becomes the server: the PID is the server's)
+    proc = procs.start(cluster.Process("server1", ["sh", "-c", 'ulimit -n 64 && exec "$0" "$@"', *cluster.python_script(
+        "server1.py", "--port", str(port), "--log-dir", str(log_dir))], port=port))
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    try:
+        got: dict[socket.socket, bytes] = {s: b"" for s in socks}
+        ended: set[socket.socket] = set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # what comes unasked: ERR busy and the close, for those turned away
+            ready, _, _ = select.select([s for s in socks if s not in ended], [], [], 0.2)
+            for s in ready:
+                chunk = s.recv(4096)
+                got[s] += chunk
+                if not chunk:
+                    ended.add(s)
+        busy = [s for s in socks if got[s] == b"ERR busy\n"]
+        served = [s for s in socks if not got[s] and s not in ended]
+        assert len(busy) + len(served) == 100, [got[s] for s in socks if s not in busy and s not in served][:5]
+        assert busy and served
+        for i, s in enumerate(served):
+            s.sendall(b"hi%d\n" % i)
+            answer = b""
+            while answer.count(b"\n") < 2:
+                chunk = s.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer == b"REPLY server1 hi%d\nACK server1 %d\n" % (i, len(b"hi%d" % i)), answer
+    finally:
+        for s in socks:
+            s.close()
+    assert f"at most {len(served)} clients at once (the open-files limit allows no more" in proc.stderr()

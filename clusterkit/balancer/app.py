@@ -22,6 +22,7 @@ from functools import partial
 
 from .. import logs, loops
 from ..linger import LINGER_SECONDS
+from ..sockets import descriptor_room
 from .admin import start_admin
 from .config import BalancerConfig
 from .epollset import EpollSet, Listener, resolve
@@ -35,10 +36,6 @@ from .reuse import IdlePool
 WIND_UP_SECONDS = LINGER_SECONDS
 """After ``--drain-timeout``: how long the connections left may take to hand over
 the answers still due (``wind_up``) and end their lingering closes."""
-FD_RESERVE = 32
-"""Descriptors kept for the listeners, health checks, the admin endpoint and logs."""
-
-
 def client_limit(max_connections: int, keepalive: int = 0, backends: int = 1) -> tuple[int, int]:
     """``--max-connections`` and ``--keepalive``, lowered to what the open-files
     limit can hold: each client needs two descriptors (its own and its
@@ -46,15 +43,11 @@ def client_limit(max_connections: int, keepalive: int = 0, backends: int = 1) ->
     the rest. HAProxy derives its maxconn from ``ulimit -n`` the same way. Past
     it, clients get ``ERR busy`` rather than a balancer that cannot open
     backend connections."""
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError):
+    room = descriptor_room()
+    if room is None:
         return max_connections, keepalive
-    if soft == resource.RLIM_INFINITY:
-        return max_connections, keepalive
-    keepalive = min(keepalive, (soft - FD_RESERVE) // 4 // backends)
-    return max(1, min(max_connections, (soft - FD_RESERVE - keepalive * backends) // 2)), max(0, keepalive)
+    keepalive = min(keepalive, room // 4 // backends)
+    return max(1, min(max_connections, (room - keepalive * backends) // 2)), max(0, keepalive)
 
 
 class Balancer:
