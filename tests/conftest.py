@@ -182,3 +182,27 @@ def fake_backend(answer):
         ls.close()
         for c in conns:
             c.close()
+
+
+def under_open_files_limit(name: str, script: str, port: int, *args: str, limit: int = 64):
+    """A server started with ``ulimit -n`` set (sh sets it and becomes the server: the PID is the server's)."""
+    from clusterkit import cluster
+    return cluster.Process(name, ["sh", "-c", f'ulimit -n {limit} && exec "$0" "$@"',
+                                  *cluster.python_script(script, "--port", str(port), *args)], port=port)
+
+
+def unasked(socks: list, seconds: float = 5) -> tuple[dict, set]:
+    """What each socket receives without asking for ``seconds`` (a refusal, say),
+    and which of them the other side closed."""
+    import select
+    got = {s: b"" for s in socks}
+    ended: set = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([s for s in socks if s not in ended], [], [], 0.2)
+        for s in ready:
+            chunk = s.recv(65536)
+            got[s] += chunk
+            if not chunk:
+                ended.add(s)
+    return got, ended

@@ -27,7 +27,7 @@ import pytest
 
 from clusterkit import cluster
 
-from .conftest import assert_bad_config, fake_backend, send_all_then_read
+from .conftest import assert_bad_config, fake_backend, send_all_then_read, unasked, under_open_files_limit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -1599,3 +1599,29 @@ def test_answers_on_their_way_are_not_overtaken_by_a_408_or_an_idle_close(setup,
             time.sleep(0.03)  # about 2 MB/s: 6 s for the twelve
     heads = re.findall(rb"HTTP/1.1 (\d+) ", data)
     assert heads[:12] == [b"200"] * 12 and len(data) >= 12 * (1 << 20), heads
+
+
+def test_async_server_past_the_open_files_limit_answers_503_not_a_bare_close(setup, log_dir):
+    """Under an open-files limit of 64, clients past what the event loop could
+    accept got a bare close and the log said nothing (uvloop closes them unseen)."""
+    port = cluster.free_port()
+    proc = setup.procs.start(under_open_files_limit("async", "http_servers/Server_async_http.py", port,
+                                                    "--log-dir", str(log_dir)))
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    try:
+        got, ended = unasked(socks)  # a 503 and the close, for those turned away
+        busy = [s for s in socks if got[s].startswith(b"HTTP/1.1 503 ")]
+        served = [s for s in socks if not got[s] and s not in ended]
+        assert len(busy) + len(served) == 100, [got[s] for s in socks if s not in busy and s not in served][:5]
+        assert busy and served
+        for s in served:  # HTTP/1.0: the answer, then the close
+            s.sendall(b"GET /page.html HTTP/1.0\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+            assert status_of(answer) == 200 and answer.endswith(b"</html>\n"), answer[:200]
+    finally:
+        for s in socks:
+            s.close()
+    assert f"at most {len(served)} clients at once (the open-files limit allows no more)" in proc.stderr()
+    setup.wait_log("event=busy refused=")

@@ -16,7 +16,7 @@ import pytest
 from clusterkit import cluster
 from clusterkit.protocol import ResponseParser
 
-from .conftest import assert_usage_error, send_all_then_read
+from .conftest import assert_usage_error, send_all_then_read, unasked, under_open_files_limit
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -497,24 +497,11 @@ def test_clients_past_the_open_files_limit_get_err_busy_not_a_bare_close(procs, 
     let the event loop accept and closed the rest unseen (uvloop): clients got a
     bare close and the log said nothing. Its limit now fits the open-files limit,
     said at start; past it, 'ERR busy'."""
-    import select
-
     port = cluster.free_port()
-    # (sh sets the limit and becomes the server: the PID is the server's)
-    proc = procs.start(cluster.Process("server1", ["sh", "-c", 'ulimit -n 64 && exec "$0" "$@"', *cluster.python_script(
-        "server1.py", "--port", str(port), "--log-dir", str(log_dir))], port=port))
+    proc = procs.start(under_open_files_limit("server1", "server1.py", port, "--log-dir", str(log_dir)))
     socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
     try:
-        got: dict[socket.socket, bytes] = {s: b"" for s in socks}
-        ended: set[socket.socket] = set()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # what comes unasked: ERR busy and the close, for those turned away
-            ready, _, _ = select.select([s for s in socks if s not in ended], [], [], 0.2)
-            for s in ready:
-                chunk = s.recv(4096)
-                got[s] += chunk
-                if not chunk:
-                    ended.add(s)
+        got, ended = unasked(socks)  # ERR busy and the close, for those turned away
         busy = [s for s in socks if got[s] == b"ERR busy\n"]
         served = [s for s in socks if not got[s] and s not in ended]
         assert len(busy) + len(served) == 100, [got[s] for s in socks if s not in busy and s not in served][:5]

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 
 from .. import logs, loops
+from ..sockets import descriptor_room
 from .config import HttpServerConfig
 from .core import CONTINUE, HttpError, Request, RequestParser, error_response
 from ..linger import Linger
@@ -51,9 +53,22 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "-"
-        self.conn_id = next(self.server.conn_ids)
-        self.server.connections.add(self)
+        server = self.server
+        self.conn_id = next(server.conn_ids)
         transport.set_write_buffer_limits(high=512 * 1024)
+        open_now = len(server.connections)
+        if open_now >= server.max_clients:  # the open-files limit is near: 503, not a close unseen
+            server.refused_busy()
+            busy = error_response(HttpError(503, "too many connections"), self.static.backend_header)
+            if open_now < server.room:  # (the lingering close keeps its descriptor a while)
+                server.connections.add(self)
+                self._answer_and_linger(busy)
+            else:  # a flood: closed at once (what it sent may reset it)
+                self.closing = True
+                transport.write(busy)
+                transport.close()
+            return
+        server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.lingering is not None:
@@ -170,6 +185,14 @@ class AsyncHttpServer:
         self.elog = elog
         self.static = StaticFiles(config.root, config.name)
         self.connections: set[HttpProtocol] = set()
+        room = descriptor_room()
+        self.room = sys.maxsize if room is None else room
+        self.max_clients = self.room - self.room // 8
+        """Clients served at once: what the open-files limit holds, an eighth kept for
+        the lingering closes of those told 503. Past the limit, the event loop
+        closed new connections unseen (uvloop) and the log said nothing."""
+        self.busy_logged = 0.0  # the last event=busy line (one a second at most)
+        self.busy_unlogged = 0
         self.conn_ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self.stop_signal = loops.StopSignal(on_force=self._abort_all)
@@ -178,6 +201,15 @@ class AsyncHttpServer:
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
+
+    def refused_busy(self) -> None:
+        """Count a client told 503 for want of descriptors; a warning line a second says how many."""
+        self.busy_unlogged += 1
+        now = time.monotonic()
+        if self.elog.warning and now - self.busy_logged >= 1.0:
+            self.elog.line("WARNING", f"event=busy refused={self.busy_unlogged} open={len(self.connections)} "
+                                      f"max_clients={self.max_clients} reason=open-files-limit")
+            self.busy_logged, self.busy_unlogged = now, 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

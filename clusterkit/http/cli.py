@@ -67,6 +67,9 @@ async def _serve_async(config: HttpServerConfig, elog: logs.EventLog) -> None:
     except OSError as exc:
         raise cli.listen_error(config.program, config.host, config.port, exc) from None
     _announce(config.program, config.host, server.port, f" ({loops.loop_name(config.loop)})")
+    if server.max_clients < 10_000:
+        print(f"{config.program}: at most {server.max_clients} clients at once (the open-files limit allows no "
+              f"more): more get 503", file=sys.stderr, flush=True)
     await server.serve_until_stopped()
 
 
