@@ -31,6 +31,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SERVER_LOG = "server_log.log"
@@ -154,6 +155,24 @@ class LineWriter:
             os.close(self._fd)
         except OSError:
             pass
+
+
+class Tally:
+    """A warning that may come thousands of times a second (a client turned away):
+    counted, and said in one line a second at most, with the count since the last."""
+
+    def __init__(self, elog: EventLog, event: str, counted: str) -> None:
+        self.elog = elog
+        self.head = f"event={event} {counted}="
+        self.said = 0.0
+        self.unsaid = 0
+
+    def count(self, details: Callable[[], str]) -> None:
+        self.unsaid += 1
+        now = time.monotonic()
+        if self.elog.warning and now - self.said >= 1.0:
+            self.elog.line("WARNING", f"{self.head}{self.unsaid} {details()}")
+            self.said, self.unsaid = now, 0
 
 
 class _Formatter(logging.Formatter):

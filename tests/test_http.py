@@ -1601,12 +1601,14 @@ def test_answers_on_their_way_are_not_overtaken_by_a_408_or_an_idle_close(setup,
     assert heads[:12] == [b"200"] * 12 and len(data) >= 12 * (1 << 20), heads
 
 
-def test_async_server_past_the_open_files_limit_answers_503_not_a_bare_close(setup, log_dir):
+@pytest.mark.parametrize("script", ["Server_async_http.py", "lb.py"])
+def test_past_the_open_files_limit_clients_get_503_not_a_bare_close(setup, log_dir, script):
     """Under an open-files limit of 64, clients past what the event loop could
     accept got a bare close and the log said nothing (uvloop closes them unseen)."""
     port = cluster.free_port()
-    proc = setup.procs.start(under_open_files_limit("async", "http_servers/Server_async_http.py", port,
-                                                    "--log-dir", str(log_dir)))
+    extra = ["--backend", f"backend1=127.0.0.1:{setup.backend('backend1').port}"] if script == "lb.py" else []
+    proc = setup.procs.start(under_open_files_limit(script, f"http_servers/{script}", port,
+                                                    "--log-dir", str(log_dir), *extra))
     socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
     try:
         got, ended = unasked(socks)  # a 503 and the close, for those turned away

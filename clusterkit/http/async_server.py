@@ -58,7 +58,8 @@ class HttpProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=512 * 1024)
         open_now = len(server.connections)
         if open_now >= server.max_clients:  # the open-files limit is near: 503, not a close unseen
-            server.refused_busy()
+            server.turned_away.count(lambda: f"open={open_now} max_clients={server.max_clients} "
+                                       "reason=open-files-limit")
             busy = error_response(HttpError(503, "too many connections"), self.static.backend_header)
             if open_now < server.room:  # (the lingering close keeps its descriptor a while)
                 server.connections.add(self)
@@ -191,8 +192,7 @@ class AsyncHttpServer:
         """Clients served at once: what the open-files limit holds, an eighth kept for
         the lingering closes of those told 503. Past the limit, the event loop
         closed new connections unseen (uvloop) and the log said nothing."""
-        self.busy_logged = 0.0  # the last event=busy line (one a second at most)
-        self.busy_unlogged = 0
+        self.turned_away = logs.Tally(elog, "busy", "refused")  # clients told 503 for want of descriptors
         self.conn_ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self.stop_signal = loops.StopSignal(on_force=self._abort_all)
@@ -201,15 +201,6 @@ class AsyncHttpServer:
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
-
-    def refused_busy(self) -> None:
-        """Count a client told 503 for want of descriptors; a warning line a second says how many."""
-        self.busy_unlogged += 1
-        now = time.monotonic()
-        if self.elog.warning and now - self.busy_logged >= 1.0:
-            self.elog.line("WARNING", f"event=busy refused={self.busy_unlogged} open={len(self.connections)} "
-                                      f"max_clients={self.max_clients} reason=open-files-limit")
-            self.busy_logged, self.busy_unlogged = now, 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

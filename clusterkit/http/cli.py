@@ -67,10 +67,15 @@ async def _serve_async(config: HttpServerConfig, elog: logs.EventLog) -> None:
     except OSError as exc:
         raise cli.listen_error(config.program, config.host, config.port, exc) from None
     _announce(config.program, config.host, server.port, f" ({loops.loop_name(config.loop)})")
-    if server.max_clients < 10_000:
-        print(f"{config.program}: at most {server.max_clients} clients at once (the open-files limit allows no "
-              f"more): more get 503", file=sys.stderr, flush=True)
+    _say_limit(config.program, server.max_clients)
     await server.serve_until_stopped()
+
+
+def _say_limit(program: str, max_clients: int) -> None:
+    """A client limit the open-files limit set low is said at start."""
+    if max_clients < 10_000:
+        print(f"{program}: at most {max_clients} clients at once (the open-files limit allows no more): "
+              f"more get 503", file=sys.stderr, flush=True)
 
 
 def _run_server(args, program: str, threaded: bool) -> int:
@@ -177,6 +182,7 @@ async def _serve_proxy(config: ProxyConfig, elog: logs.EventLog) -> None:
     admin = f", admin http://{host_port(config.host, config.admin_port)}/stats" if config.admin_port else ""
     _announce("lb", config.host, proxy.port,
               " -> " + ", ".join(f"{b.name}@{host_port(b.host, b.port)}" for b in config.backends) + admin)
+    _say_limit("lb", proxy.max_clients)
     await proxy.serve_until_stopped()
 
 

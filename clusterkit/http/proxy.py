@@ -51,6 +51,7 @@ import fcntl
 import itertools
 import socket
 import struct
+import sys
 import termios
 import time
 from collections import deque
@@ -60,7 +61,7 @@ import httptools
 
 from .. import admin, logs, loops
 from ..balancer.pool import LatencyHistogram
-from ..sockets import local_shortage
+from ..sockets import descriptor_room, local_shortage
 from .config import HttpBackend, ProxyConfig
 from .core import (CONTINUE, HttpError, Request, RequestParser, connection_options, error_response, http_date,
                    reason_phrase)
@@ -359,6 +360,15 @@ class Proxy:
         self.short = min(5 * self.fields_room + 4, config.limits.max_header_bytes)
         self.next = 0
         self.connections: set[ProxyClient] = set()
+        room = descriptor_room()
+        self.room = sys.maxsize if room is None else room
+        # Two descriptors a client (its own, its backend connection's), beside the idle pool's.
+        self.max_clients = sys.maxsize if room is None else max(
+            1, (room - room // 8 - min(config.pool_size * len(self.backends), room // 4)) // 2)
+        """Clients served at once: what the open-files limit holds (an eighth kept for the
+        lingering closes of those told 503). Past the limit, uvloop closed new
+        connections unseen, and the log said nothing."""
+        self.turned_away = logs.Tally(elog, "busy", "refused")  # clients told 503 for want of descriptors
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self.own_host = b"Host: localhost\r\n"  # (the real one once listening: start)
@@ -831,8 +841,22 @@ class ProxyClient(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "-"
-        self.proxy.connections.add(self)
+        proxy = self.proxy
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        open_now = len(proxy.connections)
+        if open_now >= proxy.max_clients:  # the open-files limit is near: 503, not a close unseen
+            proxy.turned_away.count(lambda: f"open={open_now} max_clients={proxy.max_clients} "
+                                       "reason=open-files-limit")
+            self.closing = True
+            busy = error_response(HttpError(503, "too many connections"))
+            transport.write(busy)
+            if open_now < proxy.room // 2:  # (the lingering close keeps its descriptor a while)
+                proxy.connections.add(self)
+                self.lingering = Linger(transport)
+            else:  # a flood: closed at once (what it sent may reset it)
+                transport.close()
+            return
+        proxy.connections.add(self)
 
     # Flow control: a client that does not read its answers stops being read from
     # and answered, so what the balancer holds for it stays bounded (the queue, the
