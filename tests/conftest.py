@@ -206,3 +206,26 @@ def unasked(socks: list, seconds: float = 5) -> tuple[dict, set]:
             if not chunk:
                 ended.add(s)
     return got, ended
+
+
+def turned_away_or_in(socks: list, refusal: bytes, seconds: float = 5) -> tuple[list, list]:
+    """Clients connected at once to a server at its limit: each is either turned away
+    (``refusal`` comes unasked, then the close) or in (nothing comes): never a bare
+    close. Returns (turned away, in); both must have some."""
+    got, ended = unasked(socks, seconds)
+    away = [s for s in socks if got[s].startswith(refusal) and s in ended]
+    taken = [s for s in socks if not got[s] and s not in ended]
+    assert len(away) + len(taken) == len(socks), [got[s] for s in socks if s not in away and s not in taken][:5]
+    assert away and taken
+    return away, taken
+
+
+def two_lines(sock: socket.socket, message: bytes) -> bytes:
+    """Send a message line, read its answer: the REPLY and ACK lines."""
+    sock.sendall(message + b"\n")
+    answer = b""
+    while answer.count(b"\n") < 2:
+        chunk = sock.recv(4096)
+        assert chunk, (message, answer)
+        answer += chunk
+    return answer

@@ -19,7 +19,8 @@ from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
 
-from .conftest import LineConn, assert_bad_config, assert_usage_error, send_all_then_read
+from .conftest import (LineConn, assert_bad_config, assert_usage_error, send_all_then_read, turned_away_or_in,
+                       two_lines)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -1069,3 +1070,26 @@ def test_a_line_trickled_too_slowly_gets_err_line_timeout_and_lines_in_pieces_do
     answers = ResponseParser().feed(busy.read_all())
     assert [r.message for r in answers] == [b"piece%d" % i for i in range(15)]
     assert slow.read_all() == b"REPLY server1 one\nACK server1 3\nERR line-timeout\n"
+
+
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_a_flood_past_the_open_files_limit_gets_err_busy_and_the_clients_in_are_served(procs, log_dir, mode):
+    """With ulimit -n 64, 100 clients at once: those past the limit get ERR busy,
+    the others are served. The lingering closes of the refused held the
+    descriptors the backend connections needed (connect-emfile, timeouts)."""
+    ports = cluster.free_ports(4)
+    for i in range(3):
+        procs.start(cluster.echo_server(f"server{i + 1}", ports[i], log_dir=str(log_dir)))
+    backends = [f"server{i + 1}=127.0.0.1:{ports[i]}" for i in range(3)]
+    proc = balancer_process(ports[3], backends, "--mode", mode, log_dir=str(log_dir))
+    proc.argv = ["sh", "-c", 'ulimit -n 64 && exec "$0" "$@"', *proc.argv]  # (sh becomes the balancer: its PID)
+    procs.start(proc)
+    socks = [socket.create_connection(("127.0.0.1", ports[3]), timeout=10) for _ in range(100)]
+    try:
+        _, served = turned_away_or_in(socks, b"ERR busy\n", 3)
+        for i, s in enumerate(served):
+            answer = two_lines(s, b"m%d" % i)
+            assert answer.startswith(b"REPLY server") and answer.split(b"\n")[0].endswith(b" m%d" % i), answer
+    finally:
+        for s in socks:
+            s.close()

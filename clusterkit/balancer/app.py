@@ -40,14 +40,15 @@ def client_limit(max_connections: int, keepalive: int = 0, backends: int = 1) ->
     """``--max-connections`` and ``--keepalive``, lowered to what the open-files
     limit can hold: each client needs two descriptors (its own and its
     backend's); idle backend connections (reuse.py) get at most a quarter of
-    the rest. HAProxy derives its maxconn from ``ulimit -n`` the same way. Past
-    it, clients get ``ERR busy`` rather than a balancer that cannot open
-    backend connections."""
+    the rest, the lingering closes of clients told ``ERR busy`` an eighth.
+    HAProxy derives its maxconn from ``ulimit -n`` the same way. Past it,
+    clients get ``ERR busy`` rather than a balancer that cannot open backend
+    connections."""
     room = descriptor_room()
     if room is None:
         return max_connections, keepalive
     keepalive = min(keepalive, room // 4 // backends)
-    return max(1, min(max_connections, (room - keepalive * backends) // 2)), max(0, keepalive)
+    return max(1, min(max_connections, (room - room // 8 - keepalive * backends) // 2)), max(0, keepalive)
 
 
 class Balancer:

@@ -36,7 +36,7 @@ import _socket
 
 from ..config import ConfigError
 from ..linger import LINGER_BYTES, LINGER_SECONDS
-from ..sockets import local_shortage
+from ..sockets import descriptor_room, local_shortage
 from .pool import Backend
 
 IN, OUT, RDHUP, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP, select.EPOLLERR, select.EPOLLHUP
@@ -63,6 +63,10 @@ class EpollSet:
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.gone: set[int] = set()  # descriptors closed during this batch of events
         self.lingering: set[_socket.socket] = set()  # in linger_close: a graceful stop waits for them
+        room = descriptor_room()
+        self.max_lingering = 1 << 16 if room is None else max(1, room // 8)
+        """Lingering closes at once; past it a refused client's socket is closed at once (a flood
+        of them held the descriptors the backends' connections needed: connect-emfile)."""
         loop.add_reader(self.ep.fileno(), self._ready)
 
     def watch(self, sock: socket.socket | _socket.socket, handler: Callable[[int], None],
@@ -202,6 +206,9 @@ def linger_close(events: EpollSet, sock: _socket.socket) -> None:
     close resets the connection, and the reset can destroy the ERR line before
     the client reads it: a client told ``ERR busy`` a moment before it sent its
     message got a reset instead."""
+    if len(events.lingering) >= events.max_lingering:  # a flood: no descriptor to spare (it may reset)
+        events.drop(sock)
+        return
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
