@@ -1569,6 +1569,7 @@ def test_a_full_pool_answers_503_without_a_reset(setup, tmp_path):
                     answer += chunk
                 statuses.append(status_of(answer))
         assert statuses == [503] * 3
+        setup.wait_log("event=busy refused=1 pool=1 reason=queue-full")  # (the first said; the next within a second)
     finally:
         stuck.close()
         for s in waiting:
