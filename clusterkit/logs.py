@@ -28,6 +28,7 @@ import atexit
 import collections
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -84,6 +85,7 @@ class LineWriter:
         self.dropped = 0
         self._torn = False  # a write stopped mid-line (disk full): the next begins with a newline
         self._failing = False  # said on stderr that lines are being lost (once, until a write goes through)
+        self.reopen_asked = False  # SIGUSR1: the writer thread opens the file again (``_reopen``)
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -143,6 +145,26 @@ class LineWriter:
             self._wake.wait(self._flush_interval)
             self._wake.clear()
             self.flush()
+            if self.reopen_asked:
+                self.reopen_asked = False
+                self._reopen()
+
+    def _reopen(self) -> None:
+        """Open the file by its name again, as nginx does on SIGUSR1: after logrotate
+        moved it (or someone deleted it, or its folder), lines go to the new file,
+        not on into the old one. What was queued went to the old one first."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:  # the old file goes on
+            self._lost(memoryview(b""), exc, 0)
+            return
+        old, self._fd = self._fd, fd
+        self._torn = False
+        try:
+            os.close(old)
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._closed:
@@ -263,7 +285,18 @@ def configure(program: str, *, level: str | int = "info", log_dir: str | os.Path
     logging.captureWarnings(True)
     elog = EventLog(program, writer, numeric)
     _active.update(writer=writer, elog=elog)
+    try:  # kill -USR1: open the log file again (logrotate's postrotate, as for nginx)
+        signal.signal(signal.SIGUSR1, _reopen_asked)
+    except (ValueError, AttributeError):  # (not the main thread; no SIGUSR1 here)
+        pass
     return elog
+
+
+def _reopen_asked(signum: int, frame) -> None:
+    """SIGUSR1's handler: the writer thread reopens (a flag only: nothing here may block)."""
+    writer = _active.get("writer")
+    if isinstance(writer, LineWriter):
+        writer.reopen_asked = True
 
 
 def shutdown() -> None:

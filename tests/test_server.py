@@ -510,3 +510,40 @@ def test_clients_past_the_open_files_limit_get_err_busy_not_a_bare_close(procs, 
         for s in socks:
             s.close()
     assert f"at most {len(served)} clients at once (the open-files limit allows no more" in proc.stderr()
+
+
+@pytest.mark.parametrize("script", ["server1.py", "http_servers/Server_thread_http.py"])
+def test_sigusr1_reopens_the_log_file_after_logrotate_moved_it(procs, log_dir, script):
+    """As nginx: the file renamed away, kill -USR1 and the lines go to a new file of
+    the old name (SIGUSR1 killed the servers; without a reopen they wrote on into the
+    renamed file for good)."""
+    port = cluster.free_port()
+    proc = procs.start(cluster.Process("s", cluster.python_script(script, "--port", str(port), "--log-dir",
+                                                                  str(log_dir)), port=port))
+    log = log_dir / "server_log.log"
+
+    def touch(text: bytes) -> str:
+        """A message or a request; what its log line has that no other has."""
+        if script != "server1.py":
+            assert send_all_then_read(port, b"GET /page.html?%s HTTP/1.0\r\n\r\n" % text).startswith(b"HTTP/1.1 200")
+            return text.decode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert two_lines(s, text).startswith(b"REPLY")
+            return "peer=127.0.0.1:%d " % s.getsockname()[1]
+
+    def wait_for(path, text: str) -> None:
+        deadline = time.monotonic() + 20
+        while not (path.exists() and text in path.read_text()):
+            assert time.monotonic() < deadline, f"{text} never in {path}"
+            time.sleep(0.05)
+
+    wait_for(log, touch(b"before"))
+    rotated = log.rename(log_dir / "server_log.log.1")
+    proc.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 20
+    while not log.exists():  # made by the reopen (the writer thread's, within its flush interval)
+        assert time.monotonic() < deadline and proc.alive(), "no new log file"
+        time.sleep(0.05)
+    after = touch(b"after")
+    wait_for(log, after)
+    assert proc.alive() and after not in rotated.read_text()
