@@ -48,7 +48,10 @@ class Linger:
     __slots__ = ("transport", "until", "taken")
 
     def __init__(self, transport: asyncio.Transport) -> None:
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # gone already (the standard loop says so; uvloop does not)
+            transport.abort()
         self.transport = transport
         self.until = time.monotonic() + LINGER_SECONDS
         self.taken = 0

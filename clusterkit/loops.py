@@ -15,6 +15,7 @@ import _socket
 import signal
 import socket
 import struct
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -108,11 +109,42 @@ async def create_server(loop: asyncio.AbstractEventLoop, factory: Callable[[], a
     5 µs with its exception.)
     """
     if not _is_uvloop(loop):
+        _quiet_accept_errors(loop)
         return await loop.create_server(factory, host, port, backlog=backlog, **kwargs)
     batch = _Batch(loop, factory)
     server = await loop.create_server(batch.accepted, host, port, backlog=backlog, **kwargs)
     batch.attach(server)
     return server
+
+
+ACCEPT_ERROR = "socket.accept() out of system resource"
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """The standard loop, out of descriptors, reports every failed accept of its
+    batch (up to ``backlog`` a turn), each with a traceback: 270,000 lines in a few
+    seconds, and a loop too busy logging to serve. Said here once a second, with
+    how many more, and without the traceback (the errno says it all)."""
+    previous = loop.get_exception_handler()
+    said, unsaid = 0.0, 0
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        nonlocal said, unsaid
+        if context.get("message") == ACCEPT_ERROR:
+            now = time.monotonic()
+            if now - said < 1.0:
+                unsaid += 1
+                return
+            exc = context.get("exception")
+            context = {"message": f"{ACCEPT_ERROR}: {exc} ({unsaid} more like it since the last said; "
+                                  f"the server takes new connections again as others close)"}
+            said, unsaid = now, 0
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    loop.set_exception_handler(handler)
 
 
 def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:

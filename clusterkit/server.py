@@ -202,7 +202,11 @@ class EchoProtocol(asyncio.Protocol):
         connection was reset, and a client still sending (then ``shutdown``) got
         an error instead of the ERR line."""
         self.lingering = True
-        self.transport.write_eof()  # type: ignore[union-attr]
+        try:
+            self.transport.write_eof()  # type: ignore[union-attr]
+        except OSError:  # gone already (the standard loop says so; uvloop does not)
+            self.transport.abort()  # type: ignore[union-attr]
+            return
         asyncio.get_running_loop().call_later(LINGER_SECONDS, self._end_linger)
 
     def _end_linger(self) -> None:

@@ -547,3 +547,26 @@ def test_sigusr1_reopens_the_log_file_after_logrotate_moved_it(procs, log_dir, s
     after = touch(b"after")
     wait_for(log, after)
     assert proc.alive() and after not in rotated.read_text()
+
+
+def test_the_standard_loop_out_of_descriptors_says_so_once_a_second_and_recovers(procs, log_dir):
+    """--loop asyncio under ulimit -n 64 with 200 clients: the loop reported every
+    failed accept with a traceback (270,000 lines in a few seconds), and a
+    rejected client already gone raised in connection_made."""
+    port = cluster.free_port()
+    proc = procs.start(under_open_files_limit("server1", "server1.py", port, "--loop", "asyncio",
+                                              "--log-dir", str(log_dir)))
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+    time.sleep(2)
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 30
+    while True:  # once the clients have gone (the loop works through what it accepted meanwhile)
+        answer = send_all_then_read(port, b"again\n")  # (ERR busy while they are still counted)
+        if answer.startswith(b"REPLY"):
+            break
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.2)
+    err = proc.stderr()
+    assert "Traceback" not in err and err.count("\n") < 60, err[-3000:]
+    assert "socket.accept() out of system resource: [Errno 24]" in err
