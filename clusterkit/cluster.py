@@ -74,7 +74,8 @@ def signals_held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # (One ignored stays ignored: the child inherits it, as under nohup it must.)
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) != signal.SIG_IGN]
     before = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
         yield
@@ -180,11 +181,12 @@ class ProcessGroup:
         raise KeyError(name)
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            try:
-                proc.stop()
-            except Exception:  # keep stopping the rest
-                pass
+        with signals_held():  # (a second Ctrl-C must not leave the rest running)
+            for proc in reversed(self.processes):
+                try:
+                    proc.stop()
+                except Exception:  # keep stopping the rest
+                    pass
 
     def __enter__(self) -> ProcessGroup:
         return self

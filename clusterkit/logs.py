@@ -83,6 +83,7 @@ class LineWriter:
         self._wake = threading.Event()
         self._closed = False
         self.dropped = 0
+        self.lost = 0  # lines a failed write took (the flushing thread's count)
         self._torn = False  # a write stopped mid-line (disk full): the next begins with a newline
         self._failing = False  # said on stderr that lines are being lost (once, until a write goes through)
         self.reopen_asked = False  # SIGUSR1: the writer thread opens the file again (``_reopen``)
@@ -100,37 +101,41 @@ class LineWriter:
         """Write everything queued so far (from any thread)."""
         queue = self._queue
         n = len(queue)
-        dropped = self.dropped
+        dropped = self.dropped + self.lost
         if dropped:
-            self.dropped = 0
+            self.dropped = self.lost = 0
             queue.append(f"{timestamp()} WARNING {self.program} event=log-dropped lines={dropped}")
             n += 1
         if not n:
             return
         popleft = queue.popleft
         lines = [popleft() for _ in range(n)]
-        data = ("\n" if self._torn else "") + "\n".join(lines) + "\n"
+        torn = self._torn
+        data = ("\n" if torn else "") + "\n".join(lines) + "\n"
         # One write per flush keeps lines whole next to other processes' writes.
         view = memoryview(data.encode("utf-8", "backslashreplace"))
+        whole = len(view)
         while view:
             try:
                 written = os.write(self._fd, view)
             except InterruptedError:
                 continue
             except OSError as exc:  # disk full or gone: drop rather than stall the program
-                self._lost(view, exc, dropped)
+                # (the newline that ends a torn line is no line of its own)
+                self._lost(bytes(view).count(b"\n") - (torn and len(view) == whole), exc, dropped)
                 return
             self._torn = view[written - 1] != 10 if written else self._torn  # (10: a newline)
             view = view[written:]
         self._failing = False
 
-    def _lost(self, rest: memoryview, exc: OSError, carried: int) -> None:
-        """What a failed write left unwritten is counted (an ``event=log-dropped``
-        line says how many once lines go through again) and said once on stderr;
-        a line it cut short is ended by the next write, so none runs into another.
-        ``carried``: the count of the log-dropped line that ended the write (it is
-        the last line, so never written whole when the write failed)."""
-        self.dropped += bytes(rest).count(b"\n") - (1 if carried else 0) + carried
+    def _lost(self, lines: int, exc: OSError, carried: int) -> None:
+        """The ``lines`` a failed write left unwritten are counted (an
+        ``event=log-dropped`` line says how many once lines go through again) and
+        said once on stderr; a line it cut short is ended by the next write, so none
+        runs into another. ``carried``: the count of the log-dropped line that ended
+        the write (it is the last line, so never written whole when the write
+        failed). (``lost`` is the flushing thread's own: ``dropped`` is ``write``'s.)"""
+        self.lost += lines - (1 if carried else 0) + carried
         if not self._failing:
             self._failing = True
             try:
@@ -157,7 +162,7 @@ class LineWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:  # the old file goes on
-            self._lost(memoryview(b""), exc, 0)
+            self._lost(0, exc, 0)
             return
         old, self._fd = self._fd, fd
         self._torn = False
@@ -188,13 +193,21 @@ class Tally:
         self.head = f"event={event} {counted}="
         self.said = 0.0
         self.unsaid = 0
+        self.details: Callable[[], str] = str
 
     def count(self, details: Callable[[], str]) -> None:
         self.unsaid += 1
-        now = time.monotonic()
-        if self.elog.warning and now - self.said >= 1.0:
-            self.elog.line("WARNING", f"{self.head}{self.unsaid} {details()}")
-            self.said, self.unsaid = now, 0
+        self.details = details
+        self.flush()
+
+    def flush(self, now: bool = False) -> None:
+        """Say what was counted since the last line, if a second has passed (or
+        ``now``): from a sweep, and at the stop, so the end of a burst is said too."""
+        clock = time.monotonic()
+        if self.unsaid and (now or clock - self.said >= 1.0):
+            if self.elog.warning:
+                self.elog.line("WARNING", f"{self.head}{self.unsaid} {self.details()}")
+            self.said, self.unsaid = clock, 0
 
 
 class _Formatter(logging.Formatter):

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from .sockets import descriptor_room
+
 T = TypeVar("T")
 LOOPS = ("auto", "uvloop", "asyncio")
 
@@ -127,22 +129,35 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     how many more, and without the traceback (the errno says it all)."""
     previous = loop.get_exception_handler()
     said, unsaid = 0.0, 0
+    last = None  # the last failed accept's exception
 
-    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        nonlocal said, unsaid
-        if context.get("message") == ACCEPT_ERROR:
-            now = time.monotonic()
-            if now - said < 1.0:
-                unsaid += 1
-                return
-            exc = context.get("exception")
-            context = {"message": f"{ACCEPT_ERROR}: {exc} ({unsaid} more like it since the last said; "
-                                  f"the server takes new connections again as others close)"}
-            said, unsaid = now, 0
+    def say(context: dict) -> None:
         if previous is None:
             loop.default_exception_handler(context)
         else:
             previous(loop, context)
+
+    def say_rest() -> None:  # a second after a burst's first: its end is said too
+        nonlocal said, unsaid
+        if unsaid:
+            say({"message": f"{ACCEPT_ERROR}: {last} ({unsaid} more like it since the last said)"})
+            said, unsaid = time.monotonic(), 0
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        nonlocal said, unsaid, last
+        if context.get("message") != ACCEPT_ERROR:
+            say(context)
+            return
+        last = context.get("exception")
+        now = time.monotonic()
+        if now - said < 1.0:
+            if not unsaid:
+                loop.call_later(1.0, say_rest)
+            unsaid += 1
+            return
+        say({"message": f"{ACCEPT_ERROR}: {last} ({unsaid} more like it since the last said; the server "
+                        f"takes new connections again as others close)"})
+        said, unsaid = now, 0
 
     loop.set_exception_handler(handler)
 
@@ -173,6 +188,12 @@ class _Batch:
         self.server: asyncio.AbstractServer | None = None
         self.listeners: list[tuple[int, int, int, int]] = []  # (family, type, proto, fd) of each TCP listener
         self.accepts = 0
+        room = descriptor_room()
+        self.cap = 1 << 30 if room is None else max(1, room // 16)
+        """Connections taken in one look, at most: the servers count theirs in
+        ``connection_made`` and turn away those past their limit, which a whole
+        queue taken at once would overshoot, to EMFILE (and libuv then closes the
+        rest of the queue unseen)."""
 
     def attach(self, server: asyncio.AbstractServer) -> None:
         self.server = server
@@ -201,7 +222,7 @@ class _Batch:
                 waiting = _QUEUED.unpack_from(listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 32), 24)[0]
                 if waiting < LONG_QUEUE:
                     continue
-                for _ in range(waiting):
+                for _ in range(min(waiting, self.cap)):
                     try:
                         conn, _ = listener._accept()
                     except OSError:  # gone meanwhile; EMFILE and the like are left to libuv

@@ -397,7 +397,8 @@ def build_parser(name: str, port: int) -> argparse.ArgumentParser:
                    help="seconds a client may take to finish a line it began; slower gets "
                         "'ERR line-timeout' and a close (a slowloris), 0 for never (default: %(default)s)")
     p.add_argument("--max-connections", type=cli.positive_int, default=d.max_connections,
-                   help="clients served at once; more get 'ERR busy' and a close (default: %(default)s)")
+                   help="clients served at once, lowered to what the open-files limit holds; more get "
+                        "'ERR busy' and a close (default: %(default)s)")
     p.add_argument("--drain-timeout", type=cli.non_negative_float, default=d.drain_timeout,
                    help="on SIGTERM/SIGINT/SIGHUP: seconds a connection may go on (it is served until "
                         "quiet) before it is closed (default: %(default)s)")

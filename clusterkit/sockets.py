@@ -31,12 +31,12 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
 
 
-_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 
 
 def local_shortage(exc: BaseException) -> bool:
-    """A connect that failed for want of descriptors or memory here: the
-    balancer's own limit, not the backend's fault, so no reason to mark it down."""
+    """A connect that failed for want of descriptors, memory or a local port here:
+    the balancer's own limit, not the backend's fault, so no reason to mark it down."""
     return getattr(exc, "errno", None) in _SHORTAGES
 
 

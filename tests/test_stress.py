@@ -779,6 +779,31 @@ def test_a_stop_signal_ends_a_spawned_run_as_ctrl_c_does_and_leaves_no_server_be
         assert f"interrupted ({sig.name}) after {row['complete']:,} requests" in stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_the_whole_group_still_gives_the_report(procs, log_dir, tmp_path, sig):
+    """A hangup, or timeout(1) and systemd, signal the whole process group: the load
+    processes died of it with a traceback each, and the report had nothing but
+    engine-crashed. The parent alone decides, as for Ctrl-C."""
+    server = procs.start(cluster.echo_server("server1", cluster.free_port(), log_dir=str(log_dir)))
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen(cluster.python_script(
+        "ClientServer_StressTools.py", "--port", str(server.port), "--duration", "30", "--rate", "200", "-k",
+        "--processes", "2", "--quiet", "--json", str(out), "--log-dir", str(log_dir)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_answered(log_dir)
+        time.sleep(0.5)
+        os.killpg(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["complete"] > 0 and row["failed"] == 0, row["errors"]
+    assert f"interrupted ({sig.name}) after {row['complete']:,} requests" in stderr
+
+
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_ctrl_c_does_not_wait_out_the_timeout_of_what_is_on_its_way(procs, log_dir, tmp_path, engine):
     """With the server stopped (SIGSTOP), Ctrl-C took the thread and async engines

@@ -217,6 +217,7 @@ class AsyncHttpServer:
             now = time.monotonic()
             for conn in list(self.connections):
                 conn.sweep(now)
+            self.turned_away.flush()
 
     def _abort_all(self) -> None:
         for conn in list(self.connections):
@@ -225,6 +226,7 @@ class AsyncHttpServer:
     async def serve_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         await self.stop_signal.wait()
+        self.turned_away.flush(now=True)
         if self._server is not None:
             self._server.close()
         deadline = loop.time() + self.config.drain_timeout

@@ -609,6 +609,7 @@ class Proxy:
                 for b in self.backends:
                     for conn in [c for c in b.busy if now - c.waiting_since > timeout and not c.paused]:
                         conn._drop(TimeoutError())
+                self.turned_away.flush()
             except Exception as exc:  # a bug must not end every deadline for good
                 self.loop.call_exception_handler({"message": "lb sweep failed", "exception": exc})
 
@@ -618,6 +619,7 @@ class Proxy:
 
     async def serve_until_stopped(self) -> None:
         await self.stop_signal.wait()
+        self.turned_away.flush(now=True)
         self._server.close()  # type: ignore[union-attr]
         if self._admin is not None:
             self._admin.close()

@@ -158,6 +158,7 @@ class ThreadedHttpServer:
                     self.refusing.acquire()
                     self.refusals.submit(conn)
         self.sock.close()
+        self.turned_away.flush(now=True)
 
     def _refuse(self, conn: socket.socket) -> None:
         """503 and a lingering close, for a client the full queue has no room for (in

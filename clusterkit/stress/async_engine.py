@@ -117,7 +117,11 @@ class AsyncClient(Client, asyncio.Protocol):
         if reader.done:
             if self.lingers(reader, now):
                 # Half-close, and wait: connection_lost counts it, or more comes (the deadline: check_timeout).
-                self.transport.write_eof()  # type: ignore[union-attr]
+                try:
+                    self.transport.write_eof()  # type: ignore[union-attr]
+                except OSError:  # reset already (the standard loop raises; uvloop does not): connection_lost counts
+                    self.transport.abort()  # type: ignore[union-attr]
+                    return
                 self.sent = self.linger_clock(now, int(self.cfg.timeout * 1e9))
                 return
             self._finish()

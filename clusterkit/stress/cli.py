@@ -19,6 +19,7 @@ from ..config import ConfigError
 from ..sockets import host_port
 from . import engines, metrics, report
 from .board import Board
+from .plan import LOCAL_SHORTAGES
 from .config import CONNECTIONS, ENGINES, StressConfig
 from .spawn import Killer, SpawnedCluster, parse_kill
 
@@ -136,6 +137,10 @@ def preflight(cfg: StressConfig) -> tuple[int, tuple]:
         why = "connection refused (is the server running? --spawn starts a cluster for the run)"
     except OSError as exc:
         why = exc.strerror or str(exc)
+        if exc.errno in LOCAL_SHORTAGES:  # this machine's, not the target's (a run just before used the ports)
+            raise cli.Fatal(f"cannot connect to {host_port(host, port)}: {why}: this machine ran out of "
+                            f"{'local ports' if LOCAL_SHORTAGES[exc.errno] == 'no-local-port' else 'descriptors'}"
+                            f"; the target was not at fault", cli.EXIT_OSERR) from None
     raise cli.Fatal(f"cannot connect to {host_port(host, port)}: {why}", cli.EXIT_UNAVAILABLE)
 
 
@@ -216,9 +221,9 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
 
     console = Console()
     table = Table(title="stress test" + (f" (killed mid-run: {', '.join(killed)})" if killed else ""))
-    table.add_column("metric")
+    table.add_column("metric", overflow="fold")  # (too narrow a terminal: wrapped, never cut)
     for r in rows:
-        table.add_column(f"c={r['concurrency']}", justify="right")
+        table.add_column(f"c={r['concurrency']}", justify="right", overflow="fold")
     for key, label in report.COLUMNS:
         table.add_row(label, *[report.fmt(r[key]) for r in rows])
     for group in report.TIMING_GROUPS:
@@ -237,7 +242,7 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
     for kind in kinds:
         table.add_row(f"failed: {kind}", *[report.fmt(r["errors"].get(kind, 0)) for r in rows])
     needed = console.measure(table, options=console.options.update_width(10_000)).maximum
-    if needed > console.width:  # (80 columns when not a terminal): wider, rather than numbers cut to "28,2…"
+    if needed > console.width and not console.is_terminal:  # (80 columns): wider, not numbers cut to "28,2…"
         console = Console(width=needed)
     console.print(table)
     r = rows[0]

@@ -268,11 +268,11 @@ def run_local(cfg: StressConfig, clients: list[int], start_ns: int, board: Board
 
 
 def _die_with_parent() -> None:
-    """Linux: have the kernel SIGTERM this process if the parent dies (even by
+    """Linux: have the kernel SIGKILL this process if the parent dies (even by
     SIGKILL), so a killed run never leaves its load processes behind."""
     try:
         import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -282,9 +282,11 @@ def _child(cfg: StressConfig, clients: list[int], start_ns: int, shared, process
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above
         return
-    # Ctrl-C reaches every process of the terminal's group: the parent alone decides
-    # (it stops the run through the board, and this process reports what it has).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches every process of the terminal's group, and so may a stop signal
+    # (a hangup; timeout and systemd signal the group): the parent alone decides (it
+    # stops the run through the board, and this process reports what it has).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     board = Board(cfg.concurrency, min(cfg.processes, cfg.concurrency), shared)
     result, log = run_local(cfg, clients, start_ns, board, process, keep_log)
     conn.send((result.encode(), log))
@@ -349,13 +351,12 @@ class Watch:
             return f"interrupted ({self.how}) after {done:,} requests"
         errors = result.errors
         refused = errors.get("refused", 0) + errors.get("connect-timeout", 0) + errors.get("connect-error", 0)
-        ports, descriptors = errors.get("no-local-port", 0), errors.get("no-descriptor", 0)
-        if max(ports, descriptors) > max(refused, errors.get("timeout", 0)):
+        ports = errors.get("no-local-port", 0)  # (no-descriptor never ends a run: see Client.connect_failed)
+        if ports > max(refused, errors.get("timeout", 0)):
             result.local_shortage = True
-            what = ("local ports to connect from (each connection leaves one in TIME_WAIT for a minute: "
-                    "use -k, or fewer requests)" if ports >= descriptors else
-                    "file descriptors (raise the open-files limit, ulimit -n, or lower -c)")
-            return f"this machine ran out of {what}, after {done:,} requests; the target was not at fault"
+            return (f"this machine ran out of local ports to connect from (each connection leaves one in "
+                    f"TIME_WAIT for a minute: use -k, or fewer requests), after {done:,} requests; the target "
+                    f"was not at fault")
         if errors.get("timeout", 0) > refused:
             what = f"stopped answering: every client's last {DEAD_STREAK} requests timed out"
         else:
@@ -434,7 +435,7 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
                 watch.interrupt(exc)  # the first: the load processes stop and report what they have
     except KeyboardInterrupt:
         for p, _ in pending:
-            p.terminate()
+            p.kill()  # (they ignore SIGTERM: the parent decides)
         raise
     return watch.finish(merged), logs_all
 

@@ -232,12 +232,10 @@ class Client:
         the thousand first); BACKOFF_NS too after a connect that found no file
         descriptor here (other clients' close soon, and a target is not dead for
         it); else 0, now."""
+        at = self.plan.intended(self.k) if self.plan.rate else 0
         if self.short or self.progress[self.streak_slot] >= DEAD_STREAK:
             self.short = False
-            return ns() + BACKOFF_NS
-        if not self.plan.rate:
-            return 0
-        at = self.plan.intended(self.k)
+            return max(ns() + BACKOFF_NS, at)  # (never ahead of --rate's schedule)
         return at if at > ns() else 0
 
     def request(self) -> bytes:
