@@ -120,10 +120,13 @@ def test_an_idle_connection_closed_as_it_is_reused_costs_no_message_and_blames_n
         while not backend_stats(lb, "racer")["idle_connections"]:  # back in the pool
             assert time.monotonic() < deadline, "the connection never went back to the pool"
             time.sleep(0.05)
+        # (The start's probe, a client that connects and leaves, may have left its backend
+        # connection in the pool for "one" to take, when it was up before the probe left.)
+        reused = backend_stats(lb, "racer")["reused_connections"]
         assert one_message(balancer.port, b"two") == b"REPLY racer two\nACK racer 3\n"
         assert racer.raced.is_set()
         b = backend_stats(lb, "racer")
-        assert b["reused_connections"] == 1
+        assert b["reused_connections"] == reused + 1
         assert b["state"] == "UP" and b["failures"] == 0 and b["failovers_from"] == 0
         assert lb.stats()["failovers"] == 0
 
