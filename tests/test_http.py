@@ -1152,6 +1152,16 @@ def test_up_with_a_port_taken_by_another_program_says_so_and_starts_nothing(proc
     assert f"port {45000 + offset} is in use" in up.stderr()
 
 
+@pytest.mark.parametrize("offset", ["-20000", "30000"])
+def test_up_with_an_offset_that_leaves_the_port_range_is_a_usage_error(offset, log_dir):
+    """The first server said 'not a port number: -10998' in its own usage error, and
+    up called it a server that did not start (exit 71)."""
+    proc = subprocess.run([sys.executable, "-m", "clusterkit.http", "up", "--offset", offset, "--log-dir",
+                           str(log_dir)], cwd=cluster.ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--offset {offset}: the ports would be" in proc.stderr and "not all within 1-65535" in proc.stderr
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a single core: nothing to pin")
 def test_threaded_server_keeps_its_threads_on_one_core_unless_told_not_to(setup):
     pinned = setup.server("Server_thread_http.py")

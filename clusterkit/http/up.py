@@ -30,12 +30,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder of the log files (default: %(default)s, or $CLUSTERKIT_LOG_DIR)")
     args = p.parse_args(argv)
     o = args.offset
+    ports = [*(port + o for port in BACKEND_PORTS), 44444 + o, 45000 + o, 46000 + o]
+    if not all(0 < port < 65536 for port in ports):  # (each server said so in a usage error of its own)
+        p.error(f"--offset {o}: the ports would be {min(ports)} to {max(ports)}, not all within 1-65535")
     log = ["--log-dir", args.log_dir]
     stop = threading.Event()
     # Both set explicitly: a shell starts background jobs with SIGINT ignored.
     for sig in loops.stop_signals():
         signal.signal(sig, lambda *_: stop.set())
-    taken = _in_use([*(port + o for port in BACKEND_PORTS), 44444 + o, 45000 + o, 46000 + o])
+    taken = _in_use(ports)
     if taken:
         # (Started anyway, each would find its port open, another program's, and be taken for ready.)
         print(f"error: port {taken} is in use by another program (the HTTP set-up running already?); "
