@@ -39,6 +39,17 @@ def linger(sock: socket.socket) -> None:
         taken += len(data)
 
 
+def refuse(transport: asyncio.Transport, answer: bytes, lingering: bool) -> Linger | None:
+    """Answer a client turned away and close: with a lingering close (returned, for
+    the protocol to feed and sweep), or, in a flood with no descriptor to spare for
+    one, at once (what the client sent meanwhile may reset it)."""
+    transport.write(answer)
+    if lingering:
+        return Linger(transport)
+    transport.close()
+    return None
+
+
 class Linger:
     """An asyncio transport's lingering close: begun here (the FIN goes after what
     is buffered); the protocol gives it what it reads (``take``) and its sweep

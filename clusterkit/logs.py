@@ -185,29 +185,33 @@ class LineWriter:
 
 
 class Tally:
-    """A warning that may come thousands of times a second (a client turned away):
-    counted, and said in one line a second at most, with the count since the last."""
+    """Something that may happen thousands of times a second (a client turned away, a
+    failed accept): counted, and said by ``say(count)`` once a second at most, with
+    the count since it was last said. ``flush`` says the rest (from a sweep, and
+    ``now`` at the stop); given ``later`` (a loop's ``call_later``), it says the rest
+    by itself a second on."""
 
-    def __init__(self, elog: EventLog, event: str, counted: str) -> None:
-        self.elog = elog
-        self.head = f"event={event} {counted}="
+    __slots__ = ("say", "later", "said", "unsaid")
+
+    def __init__(self, say: Callable[[int], None], later: Callable[..., object] | None = None) -> None:
+        self.say = say
+        self.later = later
         self.said = 0.0
         self.unsaid = 0
-        self.details: Callable[[], str] = str
 
-    def count(self, details: Callable[[], str]) -> None:
-        self.unsaid += 1
-        self.details = details
-        self.flush()
+    def count(self, n: int = 1) -> None:
+        self.unsaid += n
+        if not self.flush() and self.later is not None and self.unsaid == n:
+            self.later(1.0, self.flush)  # (the first held back since the last said)
 
-    def flush(self, now: bool = False) -> None:
-        """Say what was counted since the last line, if a second has passed (or
-        ``now``): from a sweep, and at the stop, so the end of a burst is said too."""
+    def flush(self, now: bool = False) -> bool:
+        """Say what was counted since the last time, if a second has passed (or ``now``)."""
         clock = time.monotonic()
-        if self.unsaid and (now or clock - self.said >= 1.0):
-            if self.elog.warning:
-                self.elog.line("WARNING", f"{self.head}{self.unsaid} {self.details()}")
-            self.said, self.unsaid = clock, 0
+        if not self.unsaid or not (now or clock - self.said >= 1.0):
+            return False
+        self.say(self.unsaid)
+        self.said, self.unsaid = clock, 0
+        return True
 
 
 class _Formatter(logging.Formatter):
@@ -254,6 +258,13 @@ class EventLog:
     def line(self, level: str, text: str) -> None:
         if self.writer is not None:
             self.writer.write(timestamp() + self._prefix[level] + text)
+
+    def tally(self, text: Callable[[int], str], later: Callable[..., object] | None = None) -> Tally:
+        """A ``Tally`` said as a warning line, ``text(count)``."""
+        def say(count: int) -> None:
+            if self.warning:
+                self.line("WARNING", text(count))
+        return Tally(say, later)
 
 
 _active: dict[str, object] = {}

@@ -15,10 +15,10 @@ import _socket
 import signal
 import socket
 import struct
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from .logs import Tally
 from .sockets import descriptor_room
 
 T = TypeVar("T")
@@ -126,9 +126,8 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     """The standard loop, out of descriptors, reports every failed accept of its
     batch (up to ``backlog`` a turn), each with a traceback: 270,000 lines in a few
     seconds, and a loop too busy logging to serve. Said here once a second, with
-    how many more, and without the traceback (the errno says it all)."""
+    how many, and without the traceback (the errno says it all)."""
     previous = loop.get_exception_handler()
-    said, unsaid = 0.0, 0
     last = None  # the last failed accept's exception
 
     def say(context: dict) -> None:
@@ -137,27 +136,17 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
         else:
             previous(loop, context)
 
-    def say_rest() -> None:  # a second after a burst's first: its end is said too
-        nonlocal said, unsaid
-        if unsaid:
-            say({"message": f"{ACCEPT_ERROR}: {last} ({unsaid} more like it since the last said)"})
-            said, unsaid = time.monotonic(), 0
+    failed = Tally(lambda n: say({"message": f"{ACCEPT_ERROR}: {last} ({n} failed accepts since the last "
+                                             f"said; the server takes new connections again as others close)"}),
+                   later=loop.call_later)
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        nonlocal said, unsaid, last
+        nonlocal last
         if context.get("message") != ACCEPT_ERROR:
             say(context)
             return
         last = context.get("exception")
-        now = time.monotonic()
-        if now - said < 1.0:
-            if not unsaid:
-                loop.call_later(1.0, say_rest)
-            unsaid += 1
-            return
-        say({"message": f"{ACCEPT_ERROR}: {last} ({unsaid} more like it since the last said; the server "
-                        f"takes new connections again as others close)"})
-        said, unsaid = now, 0
+        failed.count()
 
     loop.set_exception_handler(handler)
 

@@ -57,7 +57,7 @@ from . import cli, logs, loops
 from .config import ConfigError, ServerConfig
 from .linger import LINGER_SECONDS
 from .protocol import LineFramer, SlowLineWatch, build_error, build_replies, check_server_name
-from .sockets import descriptor_room, host_port
+from .sockets import client_room, host_port, linger_room
 
 log = logging.getLogger("clusterkit.server")
 
@@ -271,16 +271,6 @@ class EchoProtocol(asyncio.Protocol):
         return self.transport.get_write_buffer_size()  # type: ignore[union-attr]
 
 
-def client_limit(max_connections: int) -> int:
-    """``--max-connections``, lowered to what the open-files limit holds, with an
-    eighth of it left for the clients told ``ERR busy`` (each keeps its descriptor
-    while its close lingers). Past the limit, the event loop closed new connections
-    without a word (uvloop) or logged a traceback per accept (asyncio); clients got
-    a bare close and the log said nothing."""
-    room = descriptor_room()
-    return max_connections if room is None else max(1, min(max_connections, room - room // 8))
-
-
 class EchoServer:
     """Listens, tracks connections, sweeps idle ones, stops gracefully."""
 
@@ -289,9 +279,8 @@ class EchoServer:
         self.elog = elog or logs.EventLog(config.name, None, logging.CRITICAL)
         self.name_bytes = check_server_name(config.name)
         self.connections: set[EchoProtocol] = set()
-        self.max_clients = client_limit(config.max_connections)
-        room = descriptor_room()
-        self.max_refusing = 1 << 16 if room is None else max(1, room // 8)
+        self.max_clients = client_room(config.max_connections)  # (what the open-files limit holds)
+        self.max_refusing = linger_room()
         """Clients told ``ERR busy`` whose close lingers at once; more are closed at once."""
         self.refusing = 0
         self.conn_ids = itertools.count(1)

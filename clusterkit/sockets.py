@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import sys
 
 
 def kernel_timeouts(sock: socket.socket, recv: float, send: float | None = None) -> None:
@@ -50,6 +51,11 @@ FD_RESERVE = 32
 sizes its connection limit to the open-files limit."""
 
 
+LINGER_SHARE = 8
+"""One part in this of the room goes to the lingering closes of clients turned away
+(each keeps its descriptor a while); past it, they are closed at once."""
+
+
 def descriptor_room() -> int | None:
     """Descriptors the open-files limit leaves for connections once FD_RESERVE are
     kept; None when there is no limit (or it cannot be read)."""
@@ -59,3 +65,21 @@ def descriptor_room() -> int | None:
     except (ImportError, OSError):
         return None
     return None if soft == resource.RLIM_INFINITY else max(0, soft - FD_RESERVE)
+
+
+def client_room(max_clients: int, per_client: int = 1, kept: int = 0) -> int:
+    """``max_clients``, lowered to what the open-files limit holds: ``per_client``
+    descriptors a client, once ``kept`` (an idle pool's) and the lingering closes'
+    share are set aside. Past it a server turns clients away (ERR busy, 503) rather
+    than run out: then the event loop closed new connections unseen (uvloop) or
+    logged a traceback per accept (asyncio), and clients met a bare close."""
+    room = descriptor_room()
+    if room is None:
+        return max_clients
+    return max(1, min(max_clients, (room - room // LINGER_SHARE - kept) // per_client))
+
+
+def linger_room() -> int:
+    """Lingering closes at once of clients turned away (``LINGER_SHARE``)."""
+    room = descriptor_room()
+    return sys.maxsize if room is None else max(1, room // LINGER_SHARE)

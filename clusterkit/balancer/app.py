@@ -22,7 +22,7 @@ from functools import partial
 
 from .. import logs, loops
 from ..linger import LINGER_SECONDS
-from ..sockets import descriptor_room
+from ..sockets import client_room, descriptor_room
 from .admin import start_admin
 from .config import BalancerConfig
 from .epollset import EpollSet, Listener, resolve
@@ -48,7 +48,7 @@ def client_limit(max_connections: int, keepalive: int = 0, backends: int = 1) ->
     if room is None:
         return max_connections, keepalive
     keepalive = min(keepalive, room // 4 // backends)
-    return max(1, min(max_connections, (room - room // 8 - keepalive * backends) // 2)), max(0, keepalive)
+    return client_room(max_connections, 2, keepalive * backends), max(0, keepalive)
 
 
 class Balancer:

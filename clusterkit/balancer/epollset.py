@@ -36,7 +36,7 @@ import _socket
 
 from ..config import ConfigError
 from ..linger import LINGER_BYTES, LINGER_SECONDS
-from ..sockets import descriptor_room, local_shortage
+from ..sockets import linger_room, local_shortage
 from .pool import Backend
 
 IN, OUT, RDHUP, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP, select.EPOLLERR, select.EPOLLHUP
@@ -63,8 +63,7 @@ class EpollSet:
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.gone: set[int] = set()  # descriptors closed during this batch of events
         self.lingering: set[_socket.socket] = set()  # in linger_close: a graceful stop waits for them
-        room = descriptor_room()
-        self.max_lingering = 1 << 16 if room is None else max(1, room // 8)
+        self.max_lingering = linger_room()
         """Lingering closes at once; past it a refused client's socket is closed at once (a flood
         of them held the descriptors the backends' connections needed: connect-emfile)."""
         loop.add_reader(self.ep.fileno(), self._ready)

@@ -22,10 +22,10 @@ import sys
 import time
 
 from .. import logs, loops
-from ..sockets import descriptor_room
+from ..sockets import client_room, linger_room
 from .config import HttpServerConfig
 from .core import CONTINUE, HttpError, Request, RequestParser, error_response
-from ..linger import Linger
+from ..linger import Linger, refuse
 from .static import StaticFiles
 
 
@@ -58,16 +58,13 @@ class HttpProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=512 * 1024)
         open_now = len(server.connections)
         if open_now >= server.max_clients:  # the open-files limit is near: 503, not a close unseen
-            server.turned_away.count(lambda: f"open={open_now} max_clients={server.max_clients} "
-                                       "reason=open-files-limit")
-            busy = error_response(HttpError(503, "too many connections"), self.static.backend_header)
-            if open_now < server.room:  # (the lingering close keeps its descriptor a while)
+            server.turned_away.count()
+            self.closing = True
+            self.lingering = refuse(transport, error_response(HttpError(503, "too many connections"),
+                                                              self.static.backend_header),
+                                    open_now < server.max_clients + server.max_lingering)
+            if self.lingering is not None:  # (swept, and waited for at a stop, as the others)
                 server.connections.add(self)
-                self._answer_and_linger(busy)
-            else:  # a flood: closed at once (what it sent may reset it)
-                self.closing = True
-                transport.write(busy)
-                transport.close()
             return
         server.connections.add(self)
 
@@ -186,13 +183,10 @@ class AsyncHttpServer:
         self.elog = elog
         self.static = StaticFiles(config.root, config.name)
         self.connections: set[HttpProtocol] = set()
-        room = descriptor_room()
-        self.room = sys.maxsize if room is None else room
-        self.max_clients = self.room - self.room // 8
-        """Clients served at once: what the open-files limit holds, an eighth kept for
-        the lingering closes of those told 503. Past the limit, the event loop
-        closed new connections unseen (uvloop) and the log said nothing."""
-        self.turned_away = logs.Tally(elog, "busy", "refused")  # clients told 503 for want of descriptors
+        self.max_clients = client_room(sys.maxsize)  # served at once: what the open-files limit holds
+        self.max_lingering = linger_room()  # clients told 503 whose close lingers, beyond those
+        self.turned_away = elog.tally(lambda n: f"event=busy refused={n} open={len(self.connections)} "
+                                                f"max_clients={self.max_clients} reason=open-files-limit")
         self.conn_ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self.stop_signal = loops.StopSignal(on_force=self._abort_all)

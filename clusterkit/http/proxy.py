@@ -61,11 +61,11 @@ import httptools
 
 from .. import admin, logs, loops
 from ..balancer.pool import LatencyHistogram
-from ..sockets import descriptor_room, local_shortage
+from ..sockets import client_room, descriptor_room, linger_room, local_shortage
 from .config import HttpBackend, ProxyConfig
 from .core import (CONTINUE, HttpError, Request, RequestParser, connection_options, error_response, http_date,
                    reason_phrase)
-from ..linger import Linger
+from ..linger import Linger, refuse
 from .stats import ProxyCollector, proxy_stats
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
@@ -360,15 +360,13 @@ class Proxy:
         self.short = min(5 * self.fields_room + 4, config.limits.max_header_bytes)
         self.next = 0
         self.connections: set[ProxyClient] = set()
-        room = descriptor_room()
-        self.room = sys.maxsize if room is None else room
-        # Two descriptors a client (its own, its backend connection's), beside the idle pool's.
-        self.max_clients = sys.maxsize if room is None else max(
-            1, (room - room // 8 - min(config.pool_size * len(self.backends), room // 4)) // 2)
-        """Clients served at once: what the open-files limit holds (an eighth kept for the
-        lingering closes of those told 503). Past the limit, uvloop closed new
-        connections unseen, and the log said nothing."""
-        self.turned_away = logs.Tally(elog, "busy", "refused")  # clients told 503 for want of descriptors
+        # Served at once: what the open-files limit holds, two descriptors a client (its
+        # own, its backend connection's), beside the idle pool's (a quarter at most).
+        room = descriptor_room() or 0
+        self.max_clients = client_room(sys.maxsize, 2, min(config.pool_size * len(self.backends), room // 4))
+        self.max_lingering = linger_room()  # clients told 503 whose close lingers, beyond those
+        self.turned_away = elog.tally(lambda n: f"event=busy refused={n} open={len(self.connections)} "
+                                                f"max_clients={self.max_clients} reason=open-files-limit")
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self.own_host = b"Host: localhost\r\n"  # (the real one once listening: start)
@@ -847,16 +845,12 @@ class ProxyClient(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         open_now = len(proxy.connections)
         if open_now >= proxy.max_clients:  # the open-files limit is near: 503, not a close unseen
-            proxy.turned_away.count(lambda: f"open={open_now} max_clients={proxy.max_clients} "
-                                       "reason=open-files-limit")
+            proxy.turned_away.count()
             self.closing = True
-            busy = error_response(HttpError(503, "too many connections"))
-            transport.write(busy)
-            if open_now < proxy.room // 2:  # (the lingering close keeps its descriptor a while)
+            self.lingering = refuse(transport, error_response(HttpError(503, "too many connections")),
+                                    open_now < proxy.max_clients + proxy.max_lingering)
+            if self.lingering is not None:  # (swept, and waited for at a stop, as the others)
                 proxy.connections.add(self)
-                self.lingering = Linger(transport)
-            else:  # a flood: closed at once (what it sent may reset it)
-                transport.close()
             return
         proxy.connections.add(self)
 

@@ -131,7 +131,7 @@ class ThreadedHttpServer:
         self.threads = ThreadCache(self._handle)
         self.refusals = ThreadCache(self._refuse)
         self.refusing = threading.BoundedSemaphore(MAX_REFUSING)  # a slot per client being told 503
-        self.turned_away = logs.Tally(elog, "busy", "refused")  # those clients, said a line a second at most
+        self.turned_away = elog.tally(lambda n: f"event=busy refused={n} pool={config.pool} reason=queue-full")
 
     def serve(self) -> None:
         if self.queue is not None:
@@ -152,7 +152,7 @@ class ThreadedHttpServer:
                 try:
                     self.queue.put_nowait((conn, addr[0]))
                 except queue.Full:
-                    self.turned_away.count(lambda: f"pool={self.config.pool} reason=queue-full")
+                    self.turned_away.count()
                     # As many as MAX_REFUSING at once; more wait (and the clients behind them
                     # in the listen backlog) rather than be closed without a word.
                     self.refusing.acquire()
