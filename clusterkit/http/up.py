@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 
-from .. import cluster, logs, loops
+from .. import cli, cluster, logs, loops
 
 BACKEND_PORTS = (9002, 9003, 9004, 9005)
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         # (Started anyway, each would find its port open, another program's, and be taken for ready.)
         print(f"error: port {taken} is in use by another program (the HTTP set-up running already?); "
               f"stop it, or move every port with --offset N", file=sys.stderr)
-        return 71
+        return cli.EXIT_OSERR
     with cluster.ProcessGroup() as group:
         try:
             backends = []
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 "http_servers/Server_thread_http.py", "--port", str(46000 + o), *log), port=46000 + o))
         except RuntimeError as exc:
             print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 71
+            return cli.EXIT_OSERR
         print(f"""HTTP set-up running:
   http://localhost:{44444 + o}/page.html   lb.py over backend1..4 (ports {', '.join(str(x + o) for x in BACKEND_PORTS)})
   http://localhost:{45000 + o}/page.html   Server_async_http.py

@@ -19,8 +19,8 @@ from ..config import ConfigError
 from ..sockets import host_port
 from . import engines, metrics, report
 from .board import Board
-from .plan import LOCAL_SHORTAGES
 from .config import CONNECTIONS, ENGINES, StressConfig
+from .plan import connect_error
 from .spawn import Killer, SpawnedCluster, parse_kill
 
 DEFAULT_HOST = "127.0.0.1"
@@ -137,10 +137,10 @@ def preflight(cfg: StressConfig) -> tuple[int, tuple]:
         why = "connection refused (is the server running? --spawn starts a cluster for the run)"
     except OSError as exc:
         why = exc.strerror or str(exc)
-        if exc.errno in LOCAL_SHORTAGES:  # this machine's, not the target's (a run just before used the ports)
-            raise cli.Fatal(f"cannot connect to {host_port(host, port)}: {why}: this machine ran out of "
-                            f"{'local ports' if LOCAL_SHORTAGES[exc.errno] == 'no-local-port' else 'descriptors'}"
-                            f"; the target was not at fault", cli.EXIT_OSERR) from None
+        short = {"no-local-port": "local ports", "no-descriptor": "descriptors"}.get(connect_error(exc))
+        if short:  # this machine's, not the target's (a run just before used the ports)
+            raise cli.Fatal(f"cannot connect to {host_port(host, port)}: {why}: this machine ran out of {short}; "
+                            f"the target was not at fault", cli.EXIT_OSERR) from None
     raise cli.Fatal(f"cannot connect to {host_port(host, port)}: {why}", cli.EXIT_UNAVAILABLE)
 
 

@@ -144,7 +144,7 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 sock = None
     except Exception:  # a bug: said, and counted, so that the run cannot pass for a clean one
         traceback.print_exc()
-        _crashed(rec)
+        rec.failed(ns(), "engine-crashed", ns())
     finally:
         socks.pop(index, None)
         if sock is not None:
@@ -440,13 +440,9 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
     return watch.finish(merged), logs_all
 
 
-def _crashed(result: RunResult | Recorder) -> None:
-    """A load process (or a thread engine's client) died without its report: the
-    others' results stand, and the run counts one failure for it, so that it cannot
-    pass for a clean run."""
-    if isinstance(result, Recorder):
-        result.failed(ns(), "engine-crashed", ns())
-        return
+def _crashed(result: RunResult) -> None:
+    """A load process died without its report: the others' results stand, and the
+    run counts one failure for it, so that it cannot pass for a clean run."""
     result.errors["engine-crashed"] += 1
     result.failed += 1
 

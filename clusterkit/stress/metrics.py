@@ -62,7 +62,7 @@ class RunResult:
     """ApacheBench's "Total": from the connect (when the request opened its connection,
     else from the send) to the end of the answer."""
     ended_early: str | None = None  # why the run stopped before its end, if it did
-    local_shortage: bool = False  # it stopped for want of local ports or descriptors, not the target's fault
+    local_shortage: bool = False  # it stopped for want of local ports here, not for the target
     interrupted: bool = False  # ... and whether that was Ctrl-C (else a dead target)
     tool_cpu_s: float = 0.0  # CPU the load processes used, summed over them ...
     tool_wall_s: float = 0.0  # ... and the wall time they ran, summed the same way
