@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -400,6 +402,13 @@ def test_all_backends_down_gives_err_no_backend_quickly_then_recovers(lb, connec
     assert time.monotonic() - started < 5  # generous: it answers at once, this only proves no hang
     conn.send(b"still?\n")
     assert conn.read_lines(1) == [b"ERR no-backend"]
+    # Logged once a second at most: the first at once, the second a second on by itself
+    # (not only when the client leaves, as before).
+    log_file = Path(lb.log_dir) / "server_log.log"
+    deadline = time.monotonic() + 15
+    while (said := sum(map(int, re.findall(r"event=no-backend conn=\d+ messages=(\d+)", log_file.read_text())))) < 2:
+        assert time.monotonic() < deadline, f"no-backend answers logged: {said} of 2"
+        time.sleep(0.05)
     lb.restart("server2")
     deadline = time.monotonic() + 20
     while True:
@@ -722,6 +731,14 @@ def test_a_refused_client_that_sends_late_still_reads_its_error(lb, mode):
     with taken_in(lb.port):
         for _ in range(3):
             assert one_message(lb.port, delay=0.3) == b"ERR busy\n"
+    # Logged, a line a second at most (they went unsaid), the rest of a burst by the sweep
+    # (and taken_in may have been refused too, while the start's probe was still counted).
+    log_file = Path(lb.log_dir) / "server_log.log"
+    deadline = time.monotonic() + 15
+    while (said := sum(map(int, re.findall(r"event=busy refused=(\d+) open=\d max_clients=1 reason=max-connections",
+                                           log_file.read_text())))) < 3:
+        assert time.monotonic() < deadline, f"refusals logged: {said} of 3"
+        time.sleep(0.05)
     if mode == "tcp":
         for name in ("server1", "server2", "server3"):
             lb.servers[name].stop()

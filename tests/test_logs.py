@@ -16,6 +16,20 @@ pytestmark = pytest.mark.timeout(30)
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ \S+ ")
 
 
+def disk_full_after(size: int):
+    """An ``os.write`` for a disk that fills up: the first write puts ``size`` bytes
+    (half a line), every later one fails with ENOSPC."""
+    real_write = os.write
+    calls = []
+
+    def write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:size]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write
+
+
 def test_a_full_disk_is_said_once_and_the_lost_lines_counted(tmp_path, capsys):
     path = tmp_path / "server_log.log"
     path.symlink_to("/dev/full")  # every write: ENOSPC
@@ -40,14 +54,7 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_line_run_into_the_next(tmp_p
     path = tmp_path / "server_log.log"
     writer = logs.LineWriter(path, program="server1", flush_interval=3600)
     real_write = os.write
-    calls = []
-
-    def full_after_a_few_bytes(fd, data):
-        calls.append(len(data))
-        if len(calls) == 1:
-            return real_write(fd, bytes(data[:15]))  # half the first line goes
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
+    full_after_a_few_bytes = disk_full_after(15)
     try:
         for i in range(3):
             writer.write(f"{logs.timestamp()} INFO server1 event=first n={i}")
@@ -62,3 +69,26 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_line_run_into_the_next(tmp_p
     assert len(lines[0]) == 15  # the piece that went, on a line of its own
     assert all(LINE.match(line) and line.count("Z INFO") + line.count("Z WARNING") == 1 for line in lines[1:]), lines
     assert [line.split(" ", 3)[3] for line in lines[1:]] == ["event=second", "event=log-dropped lines=3"]
+
+
+def test_lines_lost_after_a_torn_write_are_counted_once_each(tmp_path, monkeypatch):
+    """The newline that ends a torn line (see above) is no line of its own: a second
+    failed write after the torn one counted it as one more line lost."""
+    path = tmp_path / "server_log.log"
+    writer = logs.LineWriter(path, program="server1", flush_interval=3600)
+    real_write = os.write
+    full_after_a_few_bytes = disk_full_after(15)
+    try:
+        writer.write(f"{logs.timestamp()} INFO server1 event=first")
+        monkeypatch.setattr(logs.os, "write", full_after_a_few_bytes)
+        writer.flush()  # torn: 15 bytes of it went
+        for i in range(2):
+            writer.write(f"{logs.timestamp()} INFO server1 event=lost n={i}")
+        writer.flush()  # nothing goes
+        monkeypatch.setattr(logs.os, "write", real_write)
+        writer.flush()
+    finally:
+        writer.close()
+    lines = path.read_text().splitlines()
+    assert len(lines[0]) == 15 and len(lines) == 2, lines
+    assert lines[1].split(" ", 3)[3] == "event=log-dropped lines=3"  # the first, and the two

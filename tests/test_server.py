@@ -407,6 +407,29 @@ def test_sighup_is_a_graceful_stop(script, log_dir):
         proc.stop()
 
 
+def test_a_server_started_under_nohup_keeps_sighup_ignored(log_dir):
+    """Started by a program whose SIGHUP is ignored (nohup ... --spawn), a server
+    must ignore it too. cluster.Process holds the stop signals while it starts a
+    child; a handler of its own in place of SIG_IGN made the child's SIGHUP the
+    default again, so the server took it for a graceful stop."""
+    port = cluster.free_port()
+    proc = cluster.Process("server1", cluster.python_script("server1.py", "--port", str(port),
+                                                            "--log-dir", str(log_dir)), port=port)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    try:
+        proc.signal(signal.SIGHUP)
+        time.sleep(1.5)  # (a graceful stop of an idle server takes a few ms)
+        assert proc.alive(), proc.stderr()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert two_lines(s, b"still here") == b"REPLY server1 still here\nACK server1 10\n"
+    finally:
+        proc.stop()
+
+
 def test_a_client_that_never_stops_is_cut_at_the_drain_timeout(start_server):
     server = start_server("server1", "--drain-timeout", "1")
     s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
@@ -493,14 +516,23 @@ def test_lines_dropped_on_overflow_are_said_by_the_program_that_dropped_them(tmp
     assert " WARNING server7 event=log-dropped lines=3" in (tmp_path / logs.SERVER_LOG).read_text()
 
 
-def test_clients_past_the_open_files_limit_get_err_busy_not_a_bare_close(procs, log_dir):
+@pytest.mark.parametrize("queued", [False, True])
+def test_clients_past_the_open_files_limit_get_err_busy_not_a_bare_close(procs, log_dir, queued):
     """Under an open-files limit of 64 the server took every connection the limit
     let the event loop accept and closed the rest unseen (uvloop): clients got a
     bare close and the log said nothing. Its limit now fits the open-files limit,
-    said at start; past it, 'ERR busy'."""
+    said at start; past it, 'ERR busy'. ``queued``: the clients all wait in the
+    listen queue (the server stopped while they connect), which the server takes
+    a part at a time (loops._Batch): taken whole, it ran out of descriptors, and
+    uvloop closed the rest of the queue unseen (about half the clients)."""
     port = cluster.free_port()
     proc = procs.start(under_open_files_limit("server1", "server1.py", port, "--log-dir", str(log_dir)))
-    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    if queued:
+        proc.signal(signal.SIGSTOP)
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    finally:
+        proc.signal(signal.SIGCONT)
     try:
         _, served = turned_away_or_in(socks, b"ERR busy\n")
         for i, s in enumerate(served):

@@ -1258,3 +1258,30 @@ def test_a_line_servers_idle_notice_between_rate_sends_is_no_failure(engine, sta
     finally:
         fake.close()
     assert row["errors"].get("extra-answer", 0) >= 2, row["errors"]
+
+
+@pytest.mark.parametrize("why", ["no-descriptor", "dead-streak"])
+def test_a_backoff_never_sends_ahead_of_the_rate_schedule(why):
+    # After a connect that found no descriptor, or a streak of requests that got
+    # nothing back, a client waits BACKOFF_NS before its next send; with --rate, a
+    # send due later than that still waits for its time (it went out early).
+    from clusterkit.stress.board import Board
+    from clusterkit.stress.config import StressConfig
+    from clusterkit.stress.metrics import Recorder, RunResult
+    from clusterkit.stress.plan import BACKOFF_NS, DEAD_STREAK, Client, Plan, ns
+
+    cfg = StressConfig(port=9, rate=2, duration=60, concurrency=1)  # a send every 500 ms
+    board = Board(1, 1)
+    start = ns()
+    c = Client(cfg, 0, Plan(cfg, start, None, 0), Recorder(RunResult()), board, board.failed_slot(0))
+    c.k = 3  # the fourth send is due 1.5 s after the start
+    if why == "no-descriptor":
+        c.short = True
+    else:
+        c.progress[c.streak_slot] = DEAD_STREAK
+    before = ns()
+    assert c.due() == start + 1_500_000_000
+    c.k = 0  # due at the start, long past: the backoff counts from now
+    if why == "no-descriptor":
+        c.short = True
+    assert c.due() >= before + BACKOFF_NS

@@ -67,6 +67,9 @@ class Balancer:
                                                    config.keepalive if config.mode == "message" else 0,
                                                    len(config.backends))
         self.idle = IdlePool(keepalive)
+        # Clients told ERR busy at the limit: a line a second at most (the sweep says the rest).
+        self.turned_away = elog.tally(lambda n: f"event=busy refused={n} open={len(self.connections)} "
+                                                f"max_clients={self.max_clients} reason=max-connections")
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
         for b in self.pool.backends:
@@ -126,6 +129,7 @@ class Balancer:
             await asyncio.sleep(period)
             now = time.monotonic()
             self.idle.purge(now)
+            self.turned_away.flush()
             slow_lines = cfg.line_timeout if cfg.mode == "message" else 0  # tcp: the backend's own
             for conn in list(self.connections):
                 conn.check_response_timeout(now, cfg.response_timeout)
@@ -144,6 +148,8 @@ class Balancer:
         conn.conn_id = next(self.conn_ids)
         if len(self.connections) >= self.max_clients or self.stopping:
             self.rejected += 1
+            if not self.stopping:
+                self.turned_away.count()
             return False
         self.connections.add(conn)
         self.total_connections += 1
@@ -156,6 +162,7 @@ class Balancer:
     async def shutdown(self) -> None:
         cfg = self.config
         self.stopping = True
+        self.turned_away.flush(now=True)
         self.idle.close()  # (and no connection goes back from now on)
         if self._server is not None:
             self._server.close()

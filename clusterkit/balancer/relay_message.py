@@ -608,7 +608,8 @@ class ClientSide(asyncio.Protocol):
             self.no_backend_errors += count
             self.app.no_backend_errors += count
             if self.no_backend_said is None:  # a line a second at most per client (its messages since the last)
-                self.no_backend_said = self.elog.tally(lambda n: f"event=no-backend conn={self.conn_id} messages={n}")
+                self.no_backend_said = self.elog.tally(lambda n: f"event=no-backend conn={self.conn_id} messages={n}",
+                                                       later=self.app.loop.call_later)
             self.no_backend_said.count(count)
         self.set_paused("pending", False)
         self.settle()

@@ -40,7 +40,7 @@ import signal
 import socket
 import threading
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .. import logs, loops
 from ..affinity import pin_process
@@ -131,7 +131,10 @@ class ThreadedHttpServer:
         self.threads = ThreadCache(self._handle)
         self.refusals = ThreadCache(self._refuse)
         self.refusing = threading.BoundedSemaphore(MAX_REFUSING)  # a slot per client being told 503
-        self.turned_away = elog.tally(lambda n: f"event=busy refused={n} pool={config.pool} reason=queue-full")
+        # Counted by the accepting thread; the rest of a burst is said a second on by a timer's.
+        self.tally_lock = threading.Lock()
+        self.turned_away = elog.tally(lambda n: f"event=busy refused={n} pool={config.pool} reason=queue-full",
+                                      later=self._later)
 
     def serve(self) -> None:
         if self.queue is not None:
@@ -152,13 +155,24 @@ class ThreadedHttpServer:
                 try:
                     self.queue.put_nowait((conn, addr[0]))
                 except queue.Full:
-                    self.turned_away.count()
+                    with self.tally_lock:
+                        self.turned_away.count()
                     # As many as MAX_REFUSING at once; more wait (and the clients behind them
                     # in the listen backlog) rather than be closed without a word.
                     self.refusing.acquire()
                     self.refusals.submit(conn)
         self.sock.close()
-        self.turned_away.flush(now=True)
+        with self.tally_lock:
+            self.turned_away.flush(now=True)
+
+    def _later(self, delay: float, say_rest: Callable[[], object]) -> None:
+        """``Tally``'s ``later`` without an event loop: a daemon timer thread."""
+        def run() -> None:
+            with self.tally_lock:
+                say_rest()
+        timer = threading.Timer(delay, run)
+        timer.daemon = True
+        timer.start()
 
     def _refuse(self, conn: socket.socket) -> None:
         """503 and a lingering close, for a client the full queue has no room for (in
