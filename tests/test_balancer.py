@@ -445,12 +445,15 @@ def test_sigterm_with_traffic_in_flight_loses_nothing_and_exits_zero(lb, mode):
     assert lb.lb.wait(timeout=20) == 0
 
 
-def test_the_drain_deadline_relays_the_answers_due_then_closes(lb, connect):
+@pytest.mark.parametrize("resumed", [True, False])
+def test_the_drain_deadline_relays_the_answers_due_then_closes(lb, connect, resumed):
     """Messages waiting at a stalled backend when --drain-timeout ran out were cut
     off with the connection: a bare close, and no word of them to the client. At
     the deadline the balancer now reads nothing more, relays the answers still
-    due, says ERR shutting-down for the line begun, then closes."""
-    lb.start("--drain-timeout", "0.2", "--check-timeout", "5", "--response-timeout", "5", names=("server1",))
+    due, says ERR shutting-down for the line begun, then closes. A backend still
+    stalled when the wind-up ends (not ``resumed``): each message waiting on it
+    gets ERR shutting-down in its place, then the line begun's."""
+    lb.start("--drain-timeout", "0.2", "--check-timeout", "5", "--response-timeout", "30", names=("server1",))
     conn = connect(lb.port)
     conn.send(b"ok\n")
     assert conn.read_lines(2)[0] == b"REPLY server1 ok"
@@ -460,13 +463,15 @@ def test_the_drain_deadline_relays_the_answers_due_then_closes(lb, connect):
         conn.send(b"a\nb\nc\npart")
         time.sleep(0.3)  # forwarded, not answered
         lb.lb.signal(signal.SIGTERM)
-        time.sleep(0.6)  # past the drain deadline
+        if resumed:
+            time.sleep(0.6)  # past the drain deadline
+            server.signal(signal.SIGCONT)
+        responses = ResponseParser().feed(conn.read_all())
+        assert lb.lb.wait(timeout=20) == 0
     finally:
         server.signal(signal.SIGCONT)
-    responses = ResponseParser().feed(conn.read_all())
-    assert [(r.message, r.error) for r in responses] == [(b"a", None), (b"b", None), (b"c", None),
-                                                         (None, "shutting-down")]
-    assert lb.lb.wait(timeout=20) == 0
+    answers = [(b"a", None), (b"b", None), (b"c", None)] if resumed else [(None, "shutting-down")] * 3
+    assert [(r.message, r.error) for r in responses] == answers + [(None, "shutting-down")]
 
 
 @pytest.mark.parametrize("mode", ["message", "tcp"])

@@ -10,7 +10,9 @@ each client connection go on until its messages are answered and it has been
 quiet for ``drain_quiet``, at most ``drain_timeout``. Then what is left winds
 up (``wind_up``): in message mode the answers still due are relayed, a line
 begun gets ``ERR shutting-down``, and the session closes, within
-``WIND_UP_SECONDS``; what is left then is cut. A second signal forces.
+``WIND_UP_SECONDS``; a message still unanswered then (its backend stalled)
+gets ``ERR shutting-down`` too (``give_up``), and what is left is cut. A second
+signal forces.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from .reuse import IdlePool
 WIND_UP_SECONDS = LINGER_SECONDS
 """After ``--drain-timeout``: how long the connections left may take to hand over
 the answers still due (``wind_up``) and end their lingering closes."""
+GIVE_UP_SECONDS = 0.5
+"""After that: how long the lingering closes of connections told ``ERR shutting-down``
+for their messages still unanswered (``give_up``) may take."""
+
+
 def client_limit(max_connections: int, keepalive: int = 0, backends: int = 1) -> tuple[int, int]:
     """``--max-connections`` and ``--keepalive``, lowered to what the open-files
     limit can hold: each client needs two descriptors (its own and its
@@ -182,6 +189,11 @@ class Balancer:
         for conn in list(self.connections):
             conn.wind_up()
         await self.stop_signal.settle(lambda: bool(self.connections or self.events.lingering), WIND_UP_SECONDS)
+        # Messages still unanswered then get ERR shutting-down (give_up), whose closes
+        # linger a moment; what is left after that is cut.
+        for conn in list(self.connections):
+            conn.give_up()
+        await self.stop_signal.settle(lambda: bool(self.connections or self.events.lingering), GIVE_UP_SECONDS)
         for conn in list(self.connections):
             conn.abort()
         for task in self._tasks:

@@ -693,6 +693,19 @@ class ClientSide(asyncio.Protocol):
         if not self.pending and not self.connecting:
             self.settle()
 
+    def give_up(self) -> None:
+        """The wind-up's end: each message still unanswered (its backend stalled)
+        gets ``ERR shutting-down`` in place of its answer, then the close, after
+        the line begun's. Cut off with the connection, they went without a word."""
+        count = len(self.pending)
+        if self.closed or self.transport is None or not count or self.client_full or self.transport.is_closing():
+            self.abort()  # (a client that takes nothing gets nothing more)
+            return
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.drop_backend()
+        self.finish_with(ERR_SHUTTING_DOWN * count + (self.error_after_pending or b""))
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
