@@ -605,28 +605,50 @@ def test_bad_timeouts_are_one_clear_line_and_exit_2(script, args, message, log_d
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503)])
+@pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503), ("cut", 502)])
 def test_balancer_answers_502_503_504_when_no_backend_can(setup, behaviour, status):
+    """Each says Connection: close, and means it: the connection closed at once,
+    not after the keep-alive timeout (ab -k waited 60 s for 8 such answers).
+    ``cut``: the backend's answer ends short, a close, on every backend; a
+    502 naming the last, and no backend marked down, as they still answer
+    their checks (blamed at once, one such request took every backend down,
+    and everyone got 503s until the checks brought them back)."""
     def answer(conn):
         request = conn.recv(65536)
-        if behaviour == "garbage" or b"/healthz" in request:
-            # health checks pass, so the answer to the real request decides
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n" if b"/healthz" in request
-                         else b"\x00\x01 not http at all\r\n\r\n")
+        if b"/healthz" in request:  # health checks pass, so the answer to the real request decides
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        elif behaviour == "garbage":
+            conn.sendall(b"\x00\x01 not http at all\r\n\r\n")
+        elif behaviour == "cut":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"c" * 500)
+            conn.close()
 
-    with fake_backend(answer) as port:
+    with fake_backend(answer) as port, fake_backend(answer) as port2:
         if behaviour == "none":
             port = cluster.free_port()
-        lb = setup.server("lb.py", "--backend", f"only=127.0.0.1:{port}", "--response-timeout", "0.5",
-                          "--check-interval", "0.2")
+        backends = ["--backend", f"only=127.0.0.1:{port}"]
+        if behaviour == "cut":
+            backends += ["--backend", f"other=127.0.0.1:{port2}"]
+        lb = setup.server("lb.py", *backends, "--response-timeout", "0.5", "--check-interval", "0.2",
+                          "--keepalive-timeout", "60", "--log-level", "info")
+        keep_alive = b"GET /page.html HTTP/1.1\r\nHost: t\r\n\r\n"
         if behaviour == "none":
             deadline = time.monotonic() + 10
             while status_of(exchange(lb.port, CLOSING_GET)) != 503:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        else:
-            data = exchange(lb.port, CLOSING_GET)
-            assert status_of(data) == status, data[:100]
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=20) as s:
+            s.sendall(keep_alive * 2)  # (the second is not answered: the connection ends after the first)
+            data = b""
+            while chunk := s.recv(65536):  # to the close: within the 20 s timeout, not the 60 s keep-alive
+                data += chunk
+        assert status_of(data) == status and data.count(b"HTTP/1.1 ") == 1, data[:300]
+        assert b"\r\nConnection: close\r\n" in data
+        if behaviour == "cut":
+            assert re.search(rb"\r\nX-Backend: (only|other)\r\n", data) is None  # (our own answer)
+            setup.wait_log("event=backend-error backend=other reason=")  # its check passed
+            assert "backend-down" not in setup.log()
+            assert re.search(r"path=/page.html ms=\S+ status=502 bytes=\d+ backend=(only|other)\n", setup.log())
 
 
 FAKE_ANSWERS = {
@@ -973,10 +995,12 @@ def test_lb_streams_a_long_answer_at_the_pace_its_client_reads_it(setup):
 
 
 def test_lb_cuts_a_streamed_answer_its_backend_dies_in_and_drops_one_its_client_left(setup):
-    """Half of a long answer is with the client when its backend dies: it cannot go
-    to another backend, so the client's connection is cut (it must not take the part
-    for the whole), the backend is marked down, and a client that leaves half-way
-    ends its backend connection without anyone being blamed."""
+    """Half of a long answer is with the client when its backend closes the
+    connection: it cannot go to another backend, so the client's connection is cut
+    (it must not take the part for the whole); the backend is checked at once, and
+    as it still answers its check, it stays up (a backend killed fails it and goes
+    down: see the kill -9 test); a client that leaves half-way ends its backend
+    connection without anyone being blamed."""
     with fake_backend(_answer_at_length) as port:
         lb = setup.server("lb.py", "--backend", f"big=127.0.0.1:{port}", "--check-interval", "30")
         with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
@@ -994,7 +1018,9 @@ def test_lb_cuts_a_streamed_answer_its_backend_dies_in_and_drops_one_its_client_
                     data += chunk
         assert data.startswith(b"HTTP/1.1 200 OK\r\n") and len(data) < 1_000_000, len(data)
         setup.wait_log("event=answer-cut")
-        setup.wait_log("event=backend-down backend=big")
+        setup.wait_log('event=backend-error backend=big reason=ConnectionResetError check="check passed"')
+        assert "backend-down" not in setup.log()
+        assert status_of(exchange(lb.port, b"GET /fine HTTP/1.0\r\n\r\n")) == 200
 
 
 def test_lb_lets_go_of_an_answer_whose_client_left_before_it_grew_long(setup):

@@ -13,16 +13,23 @@ either way. A request that is within the limits but would not be with what we
 add gets 431 here, not from a backend with the same limits. One log line per
 request names the backend that answered.
 
-Failures: a refused connect, a reset, a close before the answer or no byte of
-it for ``response_timeout`` (between reads, as nginx's ``proxy_read_timeout``)
-marks the backend down (passive check) and the
-request, being idempotent (only GET and HEAD are served), is retried on the
-next backend, as nginx's ``proxy_next_upstream error timeout`` does; a
-backend the active checks mark down hands its waiting requests on at once,
-so a hung (SIGSTOPped) backend costs its clients the detection time, not the
-timeout. A stale pooled connection (closed by the backend while idle) is
-retried once on a fresh connection without blaming the backend. Nothing
-healthy: 503; a timeout with no backend left: 504; a malformed answer: 502.
+Failures: a refused connect, or no byte of the answer for ``response_timeout``
+(between reads, as nginx's ``proxy_read_timeout``) marks the backend down
+(passive check) and the request, being idempotent (only GET and HEAD are
+served), is retried on the next backend, as nginx's ``proxy_next_upstream error
+timeout`` does. A reset, or a close before the whole answer, is retried on the
+next backend too, but only makes the backend a suspect (``suspect``): one health
+check at once, and down only if that fails. A killed backend refuses it, and is
+down within a millisecond; one that broke one connection (a request that
+crashes it, an answer cut short) keeps serving the others: blamed at once, one
+such request tried on each backend in turn took them all down, and everyone got
+503s until the checks brought them back. A backend the active checks mark down
+hands its waiting requests on at once, so a hung (SIGSTOPped) backend costs its
+clients the detection time, not the timeout. A stale pooled connection (closed
+by the backend while idle) is retried once on a fresh connection without
+blaming the backend. Nothing healthy: 503; a timeout with no backend left: 504;
+a malformed answer, or every backend breaking the connection: 502. Our own
+error answers say ``Connection: close`` and mean it.
 Active checks (``GET /healthz``, or ``--check-path``, every ``check_interval``;
 any answer below 500 passes) take a backend out after ``fall`` failed ones and
 bring it back after ``rise`` good ones.
@@ -338,6 +345,7 @@ class BackendState:
         self.requests = 0
         self.failures = 0
         self.reason = "start"  # of the last change between up and down
+        self.suspected = False  # a check of its own is on its way (Proxy.suspect)
         self.latency = LatencyHistogram()  # the request's send to its answer, ms
         self.last_headers: list[tuple[bytes, bytes]] | None = None  # of its last answer,
         self.last_kept = b""  # and the header lines the client got for them,
@@ -405,29 +413,51 @@ class Proxy:
                 self.elog.line("WARNING", f"event={'backend-up' if up else 'backend-down'} backend={b.name} "
                                           f"reason={logs.quote(reason)}")
 
-    async def _check_forever(self, b: BackendState) -> None:
+    async def _check(self, b: BackendState) -> tuple[bool, str]:
+        """One health check: whether it passed, and what it found."""
         cfg = self.config
         host = f"[{b.spec.host}]" if ":" in b.spec.host else b.spec.host
         request = b"GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (cfg.check_path.encode(), host.encode())
+        writer = None
+        try:
+            async with asyncio.timeout(cfg.check_timeout):
+                reader, writer = await asyncio.open_connection(b.spec.host, b.spec.port)
+                writer.write(request)
+                status_line = await reader.readline()
+                ok = _alive(status_line)
+                return ok, "check passed" if ok else f"check answered {status_line[:40]!r}"
+        except TimeoutError:
+            return False, "check timeout"
+        except OSError as exc:
+            return False, f"check {type(exc).__name__}"
+        except ValueError:  # a status line over asyncio's 64 KiB: no HTTP server's
+            return False, "check answered a line too long"
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+
+    def suspect(self, b: BackendState, failure: str) -> None:
+        """A connection to ``b`` broke (``failure``): check it now, and mark it down
+        if the check fails (HAProxy's ``observe layer4`` with a fast check)."""
+        if b.up and not b.suspected:
+            b.suspected = True
+            self.loop.create_task(self._check_suspect(b, failure))
+
+    async def _check_suspect(self, b: BackendState, failure: str) -> None:
+        try:
+            ok, reason = await self._check(b)
+        finally:
+            b.suspected = False
+        if not ok:
+            self.mark(b, False, f"{failure}, then {reason}")
+        elif self.elog.warning:  # (nginx: "upstream prematurely closed connection")
+            self.elog.line("WARNING", f"event=backend-error backend={b.name} reason={failure} "
+                                      f"check={logs.quote(reason)}")
+
+    async def _check_forever(self, b: BackendState) -> None:
+        cfg = self.config
         while True:
-            ok, reason = False, "timeout"
-            writer = None
-            try:
-                async with asyncio.timeout(cfg.check_timeout):
-                    reader, writer = await asyncio.open_connection(b.spec.host, b.spec.port)
-                    writer.write(request)
-                    status_line = await reader.readline()
-                    ok = _alive(status_line)
-                    reason = "check passed" if ok else f"check answered {status_line[:40]!r}"
-            except TimeoutError:
-                reason = "check timeout"
-            except OSError as exc:
-                reason = f"check {type(exc).__name__}"
-            except ValueError:  # a status line over asyncio's 64 KiB: no HTTP server's
-                reason = "check answered a line too long"
-            finally:
-                if writer is not None:
-                    writer.transport.abort()
+            ok, reason = await self._check(b)
             if ok == b.up:
                 b.streak = 0
             else:
@@ -644,7 +674,7 @@ class Exchange:
     head and body go to the client as they come (``stream``), the rest with
     ``client.answered`` at the end."""
 
-    __slots__ = ("proxy", "client", "req", "data", "tried", "timed_out", "backend", "conn", "streaming",
+    __slots__ = ("proxy", "client", "req", "data", "tried", "timed_out", "broke", "backend", "conn", "streaming",
                  "chunked", "keep", "sent")
 
     def __init__(self, proxy: Proxy, client: ProxyClient, req: Request, data: bytes) -> None:
@@ -654,6 +684,7 @@ class Exchange:
         self.data = data  # what goes to the backend (ProxyClient.backend_request)
         self.tried: set[int] = set()
         self.timed_out: BackendState | None = None  # the last backend that did not answer in time
+        self.broke: BackendState | None = None  # the last backend that broke the connection (reset, close)
         self.backend: BackendState | None = None
         self.conn: BackendConn | None = None  # the connection it was last sent on
         self.streaming = False  # the answer's head went to the client: no retry from now on
@@ -666,6 +697,8 @@ class Exchange:
         if b is None:
             if self.timed_out is not None:
                 self._error(504, f"{self.timed_out.name} did not answer in time", self.timed_out.name)
+            elif self.broke is not None:
+                self._error(502, f"{self.broke.name} closed the connection without a whole answer", self.broke.name)
             else:
                 self._error(503, "no healthy backend", "-")
             return
@@ -766,7 +799,8 @@ class Exchange:
             self.timed_out = b  # (504 if no backend is left)
             self.proxy.mark(b, False, "response timeout")
         elif lost:
-            self.proxy.mark(b, False, type(exc).__name__)
+            self.broke = b  # (502 if no backend is left)
+            self.proxy.suspect(b, type(exc).__name__)
         # (BackendDown: marked down already; BadGateway: it answers, only wrongly.)
         if self.streaming:  # part of the answer is with the client: it cannot go elsewhere now
             self.client.cut(self.req, conn.status, b.name, self.sent)
@@ -776,7 +810,8 @@ class Exchange:
             self.next_backend()
 
     def _error(self, status: int, why: str, backend: str) -> None:
-        self.client.answered(self.req, status, error_response(HttpError(status, why)), backend)
+        # (error_response says Connection: close: the connection ends after it)
+        self.client.answered(self.req, status, error_response(HttpError(status, why)), backend, keep=False)
 
 
 def unsent(transport: asyncio.Transport) -> int:
