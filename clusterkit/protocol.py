@@ -318,10 +318,19 @@ CLOSING_ANSWER = build_error("line-too-long")[:-1]
 """The answer to a line too long, after which the server closes the connection."""
 
 
+def _confirms(buf: bytes | bytearray, start: int, end: int, name: bytes | bytearray, message: bytes) -> bool:
+    """Whether ``buf[start:end]`` is the line ``ACK <name> <len(message)>``."""
+    length = b"%d" % len(message)
+    return (end - start == 5 + len(name) + len(length) and buf.startswith(b"ACK ", start)
+            and buf.startswith(name, start + 4) and buf[start + 4 + len(name)] == 32  # (a space)
+            and buf.startswith(length, end - len(length)))
+
+
 def match_answers(buf: bytes | bytearray, messages: Iterable[bytes]) -> tuple[int, int, int]:
     """How many of ``messages`` (in order) ``buf`` answers with whole answers from its
-    start, without parsing them: a ``REPLY`` that echoes the message, with an ``ACK``
-    line after it, or one ``ERR`` line in place of the pair.
+    start, without parsing them: a ``REPLY`` that echoes the message, with the
+    ``ACK`` line that confirms it (the same server's name, the message's length)
+    after it, or one ``ERR`` line in place of the pair.
 
     Returns ``(answers, end, why)``: the count; the offset just after the last answer
     counted; and why counting stopped (``MORE``: the buffer or the messages ran out,
@@ -343,7 +352,7 @@ def match_answers(buf: bytes | bytearray, messages: Iterable[bytes]) -> tuple[in
                 break
             sp = buf.find(b" ", pos + 6, nl)  # after the server's name (it has no spaces)
             if (sp < 0 or nl - sp - 1 != len(message) or not buf.startswith(message, sp + 1)
-                    or not buf.startswith(b"ACK ", nl + 1)):
+                    or not _confirms(buf, nl + 1, nl2, buf[pos + 6:sp], message)):
                 return count, pos, OFF
             pos = nl2 + 1
         elif buf.startswith(b"ERR ", pos):

@@ -619,6 +619,39 @@ def test_a_backend_that_answers_twice_is_failed_over_and_no_answer_comes_twice(p
         double.close()
 
 
+@pytest.mark.parametrize("broken", ["ack-length", "ack-name", "notice-always"])
+def test_a_backend_whose_answers_are_never_right_is_failed_over_and_marked_down(procs, log_dir, broken):
+    """``ack-length``, ``ack-name``: an ACK that does not confirm its REPLY was
+    relayed, and the backend stayed up (its clients' messages failed as bad-ack
+    for good). ``notice-always``: a backend that says 'ERR idle-timeout' to every
+    message, on new connections too, was reconnected to thousands of times a
+    second, as if each were a stale connection, and the message waited for ever.
+    Now each is a broken backend's: what is pending goes to the other one."""
+    def answer(lines):
+        if broken == "notice-always":
+            return b"ERR idle-timeout\n", True
+        acks = {"ack-length": lambda m: b"ACK odd %d\n" % (len(m) + 1), "ack-name": lambda m: b"ACK even %d\n" % len(m)}
+        return b"".join(b"REPLY odd %s\n" % m + acks[broken](m) for m in lines), False
+
+    odd = _odd_backend(answer)
+    try:
+        ports = cluster.free_ports(3)
+        procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+        lb = Cluster(procs, log_dir)
+        lb.admin_port = ports[2]
+        lb.lb = procs.start(balancer_process(
+            ports[1], [f"odd=127.0.0.1:{odd.getsockname()[1]}", f"server1=127.0.0.1:{ports[0]}"],
+            "--check", "connect", "--check-interval", "30", admin_port=ports[2], log_dir=str(log_dir)))
+        messages = [b"m%d" % i for i in range(50)]
+        for _ in range(2):  # (one of the two goes to odd first)
+            responses = pipeline(lb.lb.port, messages)
+            assert all(r.matches(m) and r.server == b"server1" for r, m in zip(responses, messages))
+            assert len(responses) == len(messages)
+        lb.wait_state("odd", ("DOWN",))
+    finally:
+        odd.close()
+
+
 def test_a_connection_notice_in_place_of_an_answer_is_no_answer(procs, log_dir):
     """A server whose idle timeout fired as the balancer sent a message says 'ERR
     idle-timeout' and closes: the client got that line as its message's answer.

@@ -168,7 +168,13 @@ def test_match_answers_stops_at_a_half_pair():
 
 @pytest.mark.parametrize("tail", [b"garbage\n", b"REPLY server1 c\nnot an ack\n", b"ACK server1 1\n", b"\n",
                                   b"REPLY server1 b\nACK server1 1\n", b"REPLY server1 cc\nACK server1 2\n",
-                                  b"REPLY server1\nACK server1 1\n"])
+                                  b"REPLY server1\nACK server1 1\n",
+                                  # the ACK that does not confirm its REPLY: another length, another
+                                  # server's name, a bare or a padded line (a relay passed these on)
+                                  b"REPLY server1 c\nACK server1 2\n", b"REPLY server1 c\nACK server2 1\n",
+                                  b"REPLY server1 c\nACK server11 1\n", b"REPLY server1 c\nACK \n",
+                                  b"REPLY server1 c\nACK server1 11\n", b"REPLY server1 c\nACK server1 1 \n",
+                                  b"REPLY server1 c\nACK server1x1\n"])
 def test_match_answers_flags_what_is_not_the_next_messages_answer(tail):
     good = build_replies(NAME, [b"a", b"b"])
     n, end, why = match_answers(good + tail + build_replies(NAME, [b"c"]), [b"a", b"b", b"c"])

@@ -92,6 +92,7 @@ class BackendSide(Stream):
         self.connecting = True
         self.fresh = True  # nothing read from it yet (for this client)
         self.reused = False  # it served an earlier client
+        self.served = 0  # answers relayed from it (to any client): it has been idle between messages
 
     def on_event(self, ev: int) -> None:
         if self.connecting:
@@ -444,6 +445,8 @@ class ClientSide(asyncio.Protocol):
                     buf += view[end:]
             self.transport.write(out)  # type: ignore[union-attr]
             self.answered += n
+            if self.backend_conn is not None:
+                self.backend_conn.served += n
             backend = self.backend
             if n == len(pending):
                 pending.clear()
@@ -560,10 +563,13 @@ class ClientSide(asyncio.Protocol):
     def backend_lost(self, side: BackendSide, reason: str) -> None:
         if side is not self.backend_conn:
             return  # an old connection we already gave up on
-        if reason == "idle-timeout" or (side.reused and side.fresh and reason in ("closed", "reset")):
+        if ((reason == "idle-timeout" and (side.served or side.reused))
+                or (side.reused and side.fresh and reason in ("closed", "reset"))):
             # Closed by the server as idle just as a message came, or as it was taken from
             # the idle pool (reuse.py): stale, not a failure of the backend. Its messages
-            # go on a new connection to it.
+            # go on a new connection to it. (Not said of a new connection's first answer:
+            # a backend that says so there is broken, and a retry for each such answer
+            # reconnected to it thousands of times a second, and the message waited for ever.)
             if side.backend.healthy:
                 self.retry_on(side.backend)
             else:
