@@ -114,6 +114,12 @@ def test_json_csv_markdown_and_table_agree(balanced, log_dir, tmp_path):
     assert "| Concurrency level | measure (ms) | p50 | p90 | p99 | p99.9 | max |" in md
     assert sum(line.startswith(("| 1 | latency |", "| 3 | latency |", "| 1 | rtt |", "| 3 | rtt |"))
                for line in md) == 4
+    # and the requests each backend answered (SPEC.md), as the table and the JSON have them
+    names = sorted(rows[0]["backends"])
+    assert "| Concurrency level | " + " | ".join(f"answered by {n}" for n in names) + " |" in md
+    for r in rows:
+        counts = [f"{r['backends'][n]:,}" for n in names]
+        assert f"| {r['concurrency']} | " + " | ".join(counts) + " |" in md
 
 
 def test_the_report_gives_a_local_servers_cpu_and_says_when_the_rate_is_only_a_lower_bound(procs, log_dir,

@@ -143,7 +143,9 @@ def fmt(value) -> str:
 
 def to_markdown(rows: list[dict]) -> str:
     """The assignment's table (SPEC.md's columns, one row per concurrency level),
-    then the latency and rtt percentiles SPEC.md asks for, a row per level and measure."""
+    then the latency and rtt percentiles SPEC.md asks for, a row per level and
+    measure, then the requests each backend answered and the failures by kind, a
+    row per level."""
     head = [label for _, label in COLUMNS] + ["latency p50 (ms)", "latency p99 (ms)", "rtt p99 (ms)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -156,4 +158,12 @@ def to_markdown(rows: list[dict]) -> str:
         for measure in ("latency", "rtt"):
             values = r[f"{measure}_ms"]
             lines.append(f"| {r['concurrency']} | {measure} | " + " | ".join(fmt(values[k]) for k in keys) + " |")
+    backends = sorted({name for r in rows for name in r["backends"]})
+    kinds = sorted({kind for r in rows for kind in r["errors"]})
+    head = [f"answered by {name}" for name in backends] + [f"failed: {kind}" for kind in kinds]
+    if head:
+        lines += ["", "| Concurrency level | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+        for r in rows:
+            cells = [fmt(r["backends"].get(name, 0)) for name in backends] + [fmt(r["errors"].get(k, 0)) for k in kinds]
+            lines.append(f"| {r['concurrency']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
