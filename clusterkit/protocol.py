@@ -318,12 +318,15 @@ CLOSING_ANSWER = build_error("line-too-long")[:-1]
 """The answer to a line too long, after which the server closes the connection."""
 
 
-def _confirms(buf: bytes | bytearray, start: int, end: int, name: bytes | bytearray, message: bytes) -> bool:
-    """Whether ``buf[start:end]`` is the line ``ACK <name> <len(message)>``."""
-    length = b"%d" % len(message)
-    return (end - start == 5 + len(name) + len(length) and buf.startswith(b"ACK ", start)
-            and buf.startswith(name, start + 4) and buf[start + 4 + len(name)] == 32  # (a space)
-            and buf.startswith(length, end - len(length)))
+_digits: dict[int, bytes] = {}
+"""Message lengths as an ACK line writes them (``match_answers``), as they come."""
+
+
+def _digits_of(size: int) -> bytes:
+    if len(_digits) > 100_000:
+        _digits.clear()
+    digits = _digits[size] = b"%d" % size
+    return digits
 
 
 def match_answers(buf: bytes | bytearray, messages: Iterable[bytes]) -> tuple[int, int, int]:
@@ -351,8 +354,12 @@ def match_answers(buf: bytes | bytearray, messages: Iterable[bytes]) -> tuple[in
             if nl2 < 0:
                 break
             sp = buf.find(b" ", pos + 6, nl)  # after the server's name (it has no spaces)
-            if (sp < 0 or nl - sp - 1 != len(message) or not buf.startswith(message, sp + 1)
-                    or not _confirms(buf, nl + 1, nl2, buf[pos + 6:sp], message)):
+            size = len(message)
+            digits = _digits.get(size) or _digits_of(size)
+            if (sp < 0 or nl - sp - 1 != size or not buf.startswith(message, sp + 1)
+                    # the ACK that confirms it: ACK, the same name and space, the message's length
+                    or nl2 - nl - sp + pos != len(digits) or not buf.startswith(b"ACK ", nl + 1)
+                    or buf[nl + 5:nl + sp - pos] != buf[pos + 6:sp + 1] or not buf.startswith(digits, nl + sp - pos)):
                 return count, pos, OFF
             pos = nl2 + 1
         elif buf.startswith(b"ERR ", pos):
