@@ -117,6 +117,18 @@ def tcp_grid(workdir: str, levels, reps: int, n: int) -> dict:
     return out
 
 
+def commit() -> str | None:
+    """The code measured: its git commit, marked ``-dirty`` when the tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cluster.ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cluster.ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("-dirty" if dirty else "")) or None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 repetition, 2 levels, no speed targets")
@@ -132,6 +144,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "commit": commit(), "argv": sys.argv[1:],
                      "machine": versions(), "quick": quick, "reps": reps, "requests": n, "levels": list(levels)}
     with tempfile.TemporaryDirectory() as tmp:
         print("HTTP grid ...", flush=True)

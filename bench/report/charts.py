@@ -1,7 +1,11 @@
 """PNG charts of the grid (matplotlib, Agg backend: no display needed).
 
-One line per target against concurrency; anchors are dashed so the project's
-own programs stand out. Only drawing here: the series come from render.py.
+One line per target against concurrency, each point the median of the
+repetitions, with a bar from the slowest to the fastest repetition on the
+requests/s charts; anchors are dashed so the project's own programs stand out.
+Ticks at the measured levels; requests/s from 0, so gaps are not magnified;
+latency on a log scale where it spans decades, with plain numbers on the axis.
+Only drawing here: the series come from render.py.
 """
 
 from __future__ import annotations
@@ -12,22 +16,43 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 
 def line_chart(series: dict[str, dict], key: str, title: str, ylabel: str, path: Path, log: bool = False) -> None:
     """``series``: {label: {concurrency: cell}}; plots ``cell[key]`` against concurrency."""
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    levels: set[int] = set()
+    colours: dict[str, str] = {}  # a colour per target: "name, per-request" and "name, keepalive" share it
     for name, cells in series.items():
         if not cells:
             continue
+        target = name.rsplit(", ", 1)[0]
+        colour = colours.setdefault(target, f"C{len(colours) % 10}")
+        marker = "s" if name.endswith("per-request") else "o"
         xs = sorted(int(c) for c in cells)
-        ys = [cells[c if c in cells else str(c)][key] for c in xs]
-        ax.plot(xs, ys, marker="o", label=name, linestyle="--" if "anchor" in name else "-")
-    ax.set_title(title)
-    ax.set_xlabel("concurrency")
+        levels.update(xs)
+        picked = [cells[c if c in cells else str(c)] for c in xs]
+        ys = [cell[key] for cell in picked]
+        style = "--" if "anchor" in name else "-"
+        runs = [cell.get("rps_runs") or [] for cell in picked] if key == "requests_per_second" else []
+        if runs and all(runs):  # the slowest and the fastest repetition
+            err = [[y - min(r) for y, r in zip(ys, runs)], [max(r) - y for y, r in zip(ys, runs)]]
+            ax.errorbar(xs, ys, yerr=err, marker=marker, label=name, linestyle=style, capsize=3, color=colour)
+        else:
+            ax.plot(xs, ys, marker=marker, label=name, linestyle=style, color=colour)
+    ax.set_title(title + " (dashed: anchors)")
+    ax.set_xlabel("concurrency (clients at once)")
     ax.set_ylabel(ylabel)
+    ax.set_xticks(sorted(levels))
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
     if log:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    else:
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(plain)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()

@@ -1,7 +1,9 @@
-"""Failover cells: N requests through each balancer, one backend SIGKILLed halfway.
+"""Failover cells: N requests through each balancer, one backend SIGKILLed mid-run.
 
-The load is open-loop (``--rate``) so "halfway" is a point in time the kill
-timer can hit; the kill is by PID (``Process.kill``). Each balancer gets fresh
+The load is open-loop (``--rate``) so the middle of the run is a point in time
+the kill timer can aim at (it starts with the stress tool's process, whose own
+start-up takes part of it: the kill lands about a third of the way in); the
+kill is by PID (``Process.kill``). Each balancer gets fresh
 backends so one run's dead server does not leak into the next.
 """
 
@@ -59,6 +61,7 @@ def failover(workdir: str, requests: int = 1000, rate: int = 500) -> list[dict]:
             finally:
                 timer.cancel()
             runs.append({"balancer": name, "ours": "HAProxy" not in name, "available": True, "requests": requests,
+                         "rate": rate, "kill_after_s": requests / rate / 2,
                          "complete": row["complete"], "failed": row["failed"], "errors": row["errors"],
                          "backends": row["backends"], "killed": victim.name})
     return runs
