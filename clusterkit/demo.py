@@ -21,7 +21,8 @@ def main() -> int:
     code = stress_main(DEMO_ARGS + sys.argv[1:])
     if code == 0:
         print("demo: every message answered exactly once although server2 was killed mid-run; "
-              "see logs/server_log.log for the failover", file=sys.stderr)
+              "logs/server_log.log has the balancer's event=backend-down for it (and an event=failover "
+              "for each client that had a message waiting on it then)", file=sys.stderr)
     return code
 
 

@@ -4,8 +4,14 @@
 # missing; the tests that need a missing tool skip with that reason.
 set -u
 want=()
-command -v ab >/dev/null 2>&1       || want+=(apache2-utils)
-command -v chromium >/dev/null 2>&1 || want+=(chromium)
+if [ "${1:-}" = "--venv" ]; then
+  # Only what `python3 -m venv` needs on Debian (ensurepip), for the Makefile's venv step.
+  python3 -c 'import ensurepip' >/dev/null 2>&1 && exit 0
+  want+=("python3-venv" "python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv")
+else
+  command -v ab >/dev/null 2>&1       || want+=(apache2-utils)
+  command -v chromium >/dev/null 2>&1 || want+=(chromium)
+fi
 if [ "${1:-}" = "--bench" ]; then
   command -v wrk >/dev/null 2>&1     || want+=(wrk)
   command -v nginx >/dev/null 2>&1   || want+=(nginx-light)
@@ -13,7 +19,11 @@ if [ "${1:-}" = "--bench" ]; then
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "note: please install ${want[*]} (Debian packages); tests that need them will skip" >&2
+  if [ "${1:-}" = "--venv" ]; then
+    echo "note: python3 cannot make a virtual environment here: please install ${want[0]} (Debian)" >&2
+  else
+    echo "note: please install ${want[*]} (Debian packages); tests that need them will skip" >&2
+  fi
   exit 0
 fi
 echo "installing ${want[*]} from Debian's packages ..." >&2

@@ -1163,19 +1163,32 @@ def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
     assert not alive
 
 
-def test_up_with_a_port_taken_by_another_program_says_so_and_starts_nothing(procs, log_dir):
-    """Each server found its port open (the other program's) and was taken for ready:
-    up said it was running, then that everything had exited (exit 1)."""
+@pytest.mark.parametrize("held", ["listening", "bound"])
+def test_up_with_a_port_taken_by_another_program_says_so_and_starts_nothing(procs, log_dir, held):
+    """``listening``: each server found its port open (the other program's) and was
+    taken for ready: up said it was running, then that everything had exited (exit
+    1). ``bound``: a port not listened on but still bound (a connection's local
+    port, as TIME_WAIT holds them after a load test): up passed on the server's
+    reason as a quoted string, with '\\n' in it, after a line of its own wrapper."""
     offset = _free_offset()
-    squatter = socket.create_server(("127.0.0.1", 45000 + offset))
+    if held == "listening":
+        holder = socket.create_server(("127.0.0.1", 45000 + offset))
+    else:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 46000 + offset))  # bound, not listening: the servers before it start
     try:
         # (procs stops it with SIGTERM, which up passes on to what it started, should it start anything)
         up = procs.start(cluster.Process("up", [sys.executable, "-m", "clusterkit.http", "up", "--offset",
                                                 str(offset)], env={"CLUSTERKIT_LOG_DIR": str(log_dir)}))
         assert up.wait(timeout=60) == 71, up.stderr()
     finally:
-        squatter.close()
-    assert f"port {45000 + offset} is in use" in up.stderr()
+        holder.close()
+    said = up.stderr().strip().splitlines()
+    if held == "listening":
+        assert f"port {45000 + offset} is in use" in up.stderr()
+    else:
+        assert said[-1].startswith(f"error: http-threaded: cannot listen on 127.0.0.1:{46000 + offset}: "), said
+        assert "stderr:" not in up.stderr() and "\\n" not in up.stderr()
 
 
 @pytest.mark.parametrize("offset", ["-20000", "30000"])

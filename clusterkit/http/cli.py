@@ -66,7 +66,8 @@ async def _serve_async(config: HttpServerConfig, elog: logs.EventLog) -> None:
         await server.start()
     except OSError as exc:
         raise cli.listen_error(config.program, config.host, config.port, exc) from None
-    _announce(config.program, config.host, server.port, f" ({loops.loop_name(config.loop)})")
+    named = f"{config.program} {config.name}" if config.name else config.program
+    _announce(named, config.host, server.port, f" ({loops.loop_name(config.loop)})")
     _say_limit(config.program, server.max_clients)
     await server.serve_until_stopped()
 

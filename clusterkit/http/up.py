@@ -23,7 +23,7 @@ BACKEND_PORTS = (9002, 9003, 9004, 9005)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clusterkit.http", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m clusterkit.http", description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("command", choices=["up"], help="up: start everything, Ctrl-C stops it")
     p.add_argument("--offset", type=int, default=0, help="add this to every default port")
     p.add_argument("--log-dir", default=logs.DEFAULT_LOG_DIR,
@@ -45,20 +45,24 @@ def main(argv: list[str] | None = None) -> int:
               f"stop it, or move every port with --offset N", file=sys.stderr)
         return cli.EXIT_OSERR
     with cluster.ProcessGroup() as group:
+        starting = None
         try:
             backends = []
             for i, port in enumerate(BACKEND_PORTS, 1):
-                group.start(cluster.Process(f"backend{i}", cluster.python_script(
-                    "http_servers/async_server.py", str(port + o), "--name", f"backend{i}", *log), port=port + o))
+                starting = cluster.Process(f"backend{i}", cluster.python_script(
+                    "http_servers/async_server.py", str(port + o), "--name", f"backend{i}", *log), port=port + o)
+                group.start(starting)
                 backends += ["--backend", f"backend{i}=127.0.0.1:{port + o}"]
-            group.start(cluster.Process("lb", cluster.python_script(
-                "http_servers/lb.py", "--port", str(44444 + o), *backends, *log), port=44444 + o))
-            group.start(cluster.Process("async", cluster.python_script(
-                "http_servers/Server_async_http.py", "--port", str(45000 + o), *log), port=45000 + o))
-            group.start(cluster.Process("threaded", cluster.python_script(
-                "http_servers/Server_thread_http.py", "--port", str(46000 + o), *log), port=46000 + o))
+            for name, script, port in (("lb", "lb.py", 44444), ("async", "Server_async_http.py", 45000),
+                                       ("threaded", "Server_thread_http.py", 46000)):
+                extra = backends if name == "lb" else []
+                starting = cluster.Process(name, cluster.python_script(
+                    f"http_servers/{script}", "--port", str(port + o), *extra, *log), port=port + o)
+                group.start(starting)
         except RuntimeError as exc:
-            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            # The server's own words (a port taken, and why), not our wrapper's.
+            said = starting.stderr().strip().splitlines() if starting is not None else []
+            print(said[-1] if said else f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
             return cli.EXIT_OSERR
         print(f"""HTTP set-up running:
   http://localhost:{44444 + o}/page.html   lb.py over backend1..4 (ports {', '.join(str(x + o) for x in BACKEND_PORTS)})

@@ -237,7 +237,7 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
         table.add_row("server CPU (% of a core)", *[report.fmt(r["server_cpu_percent"]) for r in rows])
     names = sorted({b for r in rows for b in r["backends"]})
     for name in names:
-        table.add_row(f"answered by {name}", *[report.fmt(r["backends"].get(name, 0)) for r in rows])
+        table.add_row(report.answered_by(name), *[report.fmt(r["backends"].get(name, 0)) for r in rows])
     kinds = sorted({k for r in rows for k in r["errors"]})
     for kind in kinds:
         table.add_row(f"failed: {kind}", *[report.fmt(r["errors"].get(kind, 0)) for r in rows])

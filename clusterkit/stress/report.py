@@ -141,6 +141,11 @@ def fmt(value) -> str:
     return str(value)
 
 
+def answered_by(backend: str) -> str:
+    """The label of a backend's count: "-" is an answer that named none (no X-Backend)."""
+    return "answered (no X-Backend header)" if backend == "-" else f"answered by {backend}"
+
+
 def to_markdown(rows: list[dict]) -> str:
     """The assignment's table (SPEC.md's columns, one row per concurrency level),
     then the latency and rtt percentiles SPEC.md asks for, a row per level and
@@ -160,7 +165,7 @@ def to_markdown(rows: list[dict]) -> str:
             lines.append(f"| {r['concurrency']} | {measure} | " + " | ".join(fmt(values[k]) for k in keys) + " |")
     backends = sorted({name for r in rows for name in r["backends"]})
     kinds = sorted({kind for r in rows for kind in r["errors"]})
-    head = [f"answered by {name}" for name in backends] + [f"failed: {kind}" for kind in kinds]
+    head = [answered_by(name) for name in backends] + [f"failed: {kind}" for kind in kinds]
     if head:
         lines += ["", "| Concurrency level | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
         for r in rows:
