@@ -202,7 +202,16 @@ class Tally:
     def count(self, n: int = 1) -> None:
         self.unsaid += n
         if not self.flush() and self.later is not None and self.unsaid == n:
-            self.later(1.0, self.flush)  # (the first held back since the last said)
+            self._say_later()  # (the first held back since the last said)
+
+    def _say_later(self) -> None:
+        self.later(max(0.001, self.said + 1.0 - time.monotonic()), self._flush_later)  # type: ignore[misc]
+
+    def _flush_later(self) -> None:
+        # A loop's timer may fire a moment before the second is up (uvloop's clock is
+        # a turn's, in whole ms): then again for the rest, lest the count stay unsaid.
+        if self.unsaid and not self.flush():
+            self._say_later()
 
     def flush(self, now: bool = False) -> bool:
         """Say what was counted since the last time, if a second has passed (or ``now``)."""
