@@ -39,15 +39,21 @@ def linger(sock: socket.socket) -> None:
         taken += len(data)
 
 
-def refuse(transport: asyncio.Transport, answer: bytes, lingering: bool) -> Linger | None:
-    """Answer a client turned away and close: with a lingering close (returned, for
-    the protocol to feed and sweep), or, in a flood with no descriptor to spare for
-    one, at once (what the client sent meanwhile may reset it)."""
+def turn_away(server, protocol, transport: asyncio.Transport, answer: bytes) -> None:
+    """An HTTP server at its client limit (``server.max_clients``: the open-files
+    limit near) turns ``protocol``'s client away: ``answer`` (a 503), counted in
+    ``server.turned_away``, then a lingering close (``protocol.lingering``, fed and
+    swept by the protocol, among ``server.connections`` so that a stop waits for
+    it), or, past ``server.max_lingering`` of them, in a flood with no descriptor
+    to spare, a close at once (what the client sent meanwhile may reset it)."""
+    server.turned_away.count()
+    protocol.closing = True
     transport.write(answer)
-    if lingering:
-        return Linger(transport)
-    transport.close()
-    return None
+    if len(server.connections) < server.max_clients + server.max_lingering:
+        protocol.lingering = Linger(transport)
+        server.connections.add(protocol)
+    else:
+        transport.close()
 
 
 class Linger:

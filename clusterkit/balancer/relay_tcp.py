@@ -358,9 +358,7 @@ class TcpSession:
         """A graceful stop's deadline: a byte relay knows no message to finish."""
         self.end()
 
-    def give_up(self) -> None:
-        """The wind-up's end: no message to answer in a byte relay."""
-        self.end()
+    give_up = wind_up  # (the wind-up's end: no message to answer either)
 
     def abort(self) -> None:
         self.end()

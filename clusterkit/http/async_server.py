@@ -25,7 +25,7 @@ from .. import logs, loops
 from ..sockets import client_room, linger_room
 from .config import HttpServerConfig
 from .core import CONTINUE, HttpError, Request, RequestParser, error_response
-from ..linger import Linger, refuse
+from ..linger import Linger, turn_away
 from .static import StaticFiles
 
 
@@ -56,15 +56,9 @@ class HttpProtocol(asyncio.Protocol):
         server = self.server
         self.conn_id = next(server.conn_ids)
         transport.set_write_buffer_limits(high=512 * 1024)
-        open_now = len(server.connections)
-        if open_now >= server.max_clients:  # the open-files limit is near: 503, not a close unseen
-            server.turned_away.count()
-            self.closing = True
-            self.lingering = refuse(transport, error_response(HttpError(503, "too many connections"),
-                                                              self.static.backend_header),
-                                    open_now < server.max_clients + server.max_lingering)
-            if self.lingering is not None:  # (swept, and waited for at a stop, as the others)
-                server.connections.add(self)
+        if len(server.connections) >= server.max_clients:  # the open-files limit is near: 503, not a close unseen
+            turn_away(server, self, transport, error_response(HttpError(503, "too many connections"),
+                                                              self.static.backend_header))
             return
         server.connections.add(self)
 

@@ -72,7 +72,7 @@ from ..sockets import client_room, descriptor_room, linger_room, local_shortage
 from .config import HttpBackend, ProxyConfig
 from .core import (CONTINUE, HttpError, Request, RequestParser, connection_options, error_response, http_date,
                    reason_phrase)
-from ..linger import Linger, refuse
+from ..linger import Linger, turn_away
 from .stats import ProxyCollector, proxy_stats
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
@@ -878,14 +878,8 @@ class ProxyClient(asyncio.Protocol):
         self.peer = peer[0] if peer else "-"
         proxy = self.proxy
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        open_now = len(proxy.connections)
-        if open_now >= proxy.max_clients:  # the open-files limit is near: 503, not a close unseen
-            proxy.turned_away.count()
-            self.closing = True
-            self.lingering = refuse(transport, error_response(HttpError(503, "too many connections")),
-                                    open_now < proxy.max_clients + proxy.max_lingering)
-            if self.lingering is not None:  # (swept, and waited for at a stop, as the others)
-                proxy.connections.add(self)
+        if len(proxy.connections) >= proxy.max_clients:  # the open-files limit is near: 503, not a close unseen
+            turn_away(proxy, self, transport, error_response(HttpError(503, "too many connections")))
             return
         proxy.connections.add(self)
 
