@@ -111,9 +111,12 @@ class EchoProtocol(asyncio.Protocol):
                 self._linger()
             else:  # a flood: no descriptor to spare for a lingering close (what it sent may reset it)
                 transport.close()
-            if self.elog.warning:
-                reason = "shutting-down" if server.stopping else "busy"
-                self.elog.line("WARNING", f"event=reject conn={self.conn_id} peer={self.peer} reason={reason}")
+            if server.stopping:  # (few: the listener closes as the stop begins)
+                if self.elog.warning:
+                    self.elog.line("WARNING", f"event=reject conn={self.conn_id} peer={self.peer} "
+                                              f"reason=shutting-down")
+            else:  # a flood of these is a line a second, not a line each
+                server.turned_away.count()
             return
         server.connections.add(self)
         high = server.config.write_high_water
@@ -280,9 +283,15 @@ class EchoServer:
         self.name_bytes = check_server_name(config.name)
         self.connections: set[EchoProtocol] = set()
         self.max_clients = client_room(config.max_connections)  # (what the open-files limit holds)
+        self._limit = "max-connections" if self.max_clients == config.max_connections else "open-files-limit"
         self.max_refusing = linger_room()
         """Clients told ``ERR busy`` whose close lingers at once; more are closed at once."""
         self.refusing = 0
+        self.turned_away = self.elog.tally(
+            lambda n: f"event=busy refused={n} open={len(self.connections)} max_clients={self.max_clients} "
+                      f"reason={self._limit}",
+            later=lambda delay, say: asyncio.get_running_loop().call_later(delay, say))
+        """Clients told ``ERR busy``: a line a second at most, with the count (``logs.Tally``)."""
         self.conn_ids = itertools.count(1)
         self.total_messages = 0
         self.stopping = False
@@ -333,6 +342,7 @@ class EchoServer:
     async def shutdown(self) -> None:
         cfg = self.config
         self.stopping = True
+        self.turned_away.flush(now=True)
         if self._server is not None:
             self._server.close()
         if self.elog.warning:

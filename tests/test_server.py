@@ -257,6 +257,37 @@ def test_connections_over_the_limit_are_told_busy(start_server, connect):
     assert c.read_all() == b"ERR busy\n"
 
 
+def test_clients_turned_away_are_counted_in_a_line_a_second_not_a_line_each(start_server, connect, log_dir):
+    """A flood of refused clients wrote a line each (event=reject): a client
+    connecting in a loop could fill the disk. Now one event=busy line a second at
+    most, with the count, and the last of a burst by itself a second on (the
+    server has no sweep to say it with --idle-timeout 0 and --line-timeout 0)."""
+    server = start_server("server1", "--max-connections", "1", "--idle-timeout", "0", "--line-timeout", "0")
+    deadline = time.monotonic() + 10
+    refused = 30
+    while True:  # (the readiness probe may still hold the one place for a moment: one more refused)
+        held = connect(server.port)
+        held.send(b"x\n")
+        if held.read_lines(2) == pairs("server1", [b"x"]):
+            break
+        assert time.monotonic() < deadline
+        refused += 1
+        held.close()
+        time.sleep(0.05)
+    for _ in range(30):
+        c = connect(server.port)
+        assert c.read_all() == b"ERR busy\n"
+        c.close()
+    log_file = log_dir / "server_log.log"
+    pattern = r"event=busy refused=(\d+) open=1 max_clients=1 reason=max-connections"
+    deadline = time.monotonic() + 15
+    while (said := sum(map(int, re.findall(pattern, log_file.read_text())))) < refused:
+        assert time.monotonic() < deadline, f"refusals logged: {said} of {refused}"
+        time.sleep(0.05)
+    text = log_file.read_text()
+    assert said == refused and len(re.findall(pattern, text)) < 30 and "event=reject" not in text
+
+
 @pytest.mark.parametrize("program, taken", [("server1.py", "--port"), ("Load_Balancer.py", "--port"),
                                             ("Load_Balancer.py", "--admin-port")])
 def test_port_taken_gives_one_clear_line_and_exit_71(log_dir, program, taken):
