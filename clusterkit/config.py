@@ -108,7 +108,7 @@ def settings_and_backends(path: str, section: str, cls: type, settable: set[str]
     unknown = set(data) - {section, "backends"}
     if unknown:
         raise ConfigError(f"{path}: unknown tables {', '.join(sorted(unknown))} (use [{section}] and [[backends]])")
-    kwargs = typed_settings(cls, data.get(section, {}), f"{path} [{section}]", settable)
+    kwargs = _unbracketed(typed_settings(cls, data.get(section, {}), f"{path} [{section}]", settable))
     if "backends" in data:
         entries = data["backends"]
         if not isinstance(entries, list) or not entries:
@@ -116,12 +116,21 @@ def settings_and_backends(path: str, section: str, cls: type, settable: set[str]
         backends = []
         for i, entry in enumerate(entries):
             where = f"{path} backends[{i}]"
-            fields = typed_settings(backend_cls, entry, where)
+            fields = _unbracketed(typed_settings(backend_cls, entry, where))
             if "port" not in fields:
                 raise ConfigError(f"{where} needs at least a port")
             backends.append(backend_cls(**{**defaults(fields), **fields}))
         kwargs["backends"] = tuple(backends)
     return kwargs
+
+
+def _unbracketed(fields: dict[str, Any]) -> dict[str, Any]:
+    """An IPv6 ``host`` also in brackets, as ``--host`` and ``--backend`` take it
+    (``"[::1]"``, which the resolver does not know)."""
+    host = fields.get("host")
+    if isinstance(host, str) and host.startswith("[") and host.endswith("]"):
+        fields["host"] = host[1:-1]
+    return fields
 
 
 @dataclass(frozen=True)

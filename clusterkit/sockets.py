@@ -15,6 +15,7 @@ own lack of descriptors or memory, which says nothing about the backend.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import struct
 import sys
@@ -44,6 +45,28 @@ def local_shortage(exc: BaseException) -> bool:
 def host_port(host: str, port: int) -> str:
     """``host:port`` as a URL or ``--backend`` writes it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_listener(listening: list[tuple], family: int, sockaddr: tuple) -> bool:
+    """Whether a backend at ``sockaddr`` is one of our own listening sockets
+    (``listening``: their ``getsockname()``): a balancer given its own address as
+    a backend would connect to itself in a loop, a connection more on every lap.
+    A wildcard listener (``0.0.0.0``, ``::``) is every address of this machine of
+    its family: an address is one when a socket can be bound to it."""
+    for here in listening:
+        if here[1] != sockaddr[1] or (len(here) == 4) != (family == socket.AF_INET6):
+            continue
+        if here[0] not in ("0.0.0.0", "::"):
+            if ipaddress.ip_address(here[0].partition("%")[0]) == ipaddress.ip_address(sockaddr[0].partition("%")[0]):
+                return True
+            continue
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((sockaddr[0], 0, *sockaddr[2:]))
+            return True
+        except OSError:  # (EADDRNOTAVAIL: another machine's)
+            continue
+    return False
 
 
 FD_RESERVE = 32

@@ -20,6 +20,7 @@ import pytest
 from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
+from clusterkit.sockets import is_listener
 
 from .conftest import (LineConn, assert_bad_config, assert_usage_error, send_all_then_read, turned_away_or_in,
                        two_lines)
@@ -870,6 +871,67 @@ def test_tcp_mode_backend_names_resolve_at_start(procs, log_dir):
                                                "0", "--backend", "nowhere.invalid:7001", "--log-dir", str(log_dir)),
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "nowhere.invalid" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("script, flags", [("Load_Balancer.py", ("--mode", "message", "--admin-port", "0")),
+                                           ("Load_Balancer.py", ("--mode", "tcp", "--admin-port", "0")),
+                                           ("Load_Balancer.py", ("--admin-port", "0", "--algorithm", "leastconn")),
+                                           ("http_servers/lb.py", ())])
+def test_a_backend_at_the_balancers_own_address_is_refused(script, flags, log_dir):
+    """It started, and connected to itself in a loop: 17,000 connections in 3 s
+    (``python Load_Balancer.py --port 7001``, meant for server1, does this); lb.py
+    sent each request round itself until its headers grew past the limit. Also
+    by name (localhost)."""
+    port = cluster.free_port()
+    host = "localhost" if "leastconn" in flags else "127.0.0.1"
+    bad = subprocess.run(cluster.python_script(script, "--port", str(port), *flags, "--backend", f"{host}:{port}",
+                                               "--backend", f"127.0.0.1:{cluster.free_port()}",
+                                               "--log-dir", str(log_dir)),
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert f"{host}:{port}" in bad.stderr and "own address" in bad.stderr, bad.stderr
+
+
+def test_a_wildcard_listener_is_every_address_of_its_family():
+    """(Checked without listening on every interface.)"""
+    assert is_listener([("0.0.0.0", 7000)], socket.AF_INET, ("127.0.0.1", 7000))
+    assert is_listener([("0.0.0.0", 7000)], socket.AF_INET, ("127.0.0.2", 7000))  # (all of 127/8 is local)
+    assert not is_listener([("0.0.0.0", 7000)], socket.AF_INET, ("127.0.0.1", 7001))
+    assert not is_listener([("0.0.0.0", 7000)], socket.AF_INET, ("192.0.2.1", 7000))  # (TEST-NET: not here)
+    assert not is_listener([("0.0.0.0", 7000)], socket.AF_INET6, ("::1", 7000, 0, 0))
+    assert is_listener([("127.0.0.1", 7000)], socket.AF_INET, ("127.0.0.1", 7000))
+    assert not is_listener([("127.0.0.1", 7000)], socket.AF_INET, ("127.0.0.2", 7000))
+
+
+def test_lb_refuses_a_backend_name_that_does_not_resolve(log_dir):
+    """As Load_Balancer.py, nginx and HAProxy do; it started and answered 503 to everything."""
+    bad = subprocess.run(cluster.python_script("http_servers/lb.py", "--port", "0", "--backend", "nowhere.invalid:9002",
+                                               "--log-dir", str(log_dir)), capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "nowhere.invalid" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_ipv6_hosts_in_brackets_in_the_config_file(procs, log_dir, tmp_path):
+    """``host = "[::1]"`` as ``--host [::1]`` and ``--backend [::1]:PORT`` take it: it
+    was "cannot resolve '[::1]'" (Load_Balancer.py) and a start over a backend that
+    answered 503 for ever (lb.py)."""
+    try:
+        ports = [cluster.free_port("::1") for _ in range(2)]
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    server = procs.start(cluster.echo_server("six", ports[0], log_dir=str(log_dir), host="::1"))
+    toml = tmp_path / "six.toml"
+    toml.write_text(f'[balancer]\nhost = "[::1]"\nport = {ports[1]}\nadmin-port = 0\n\n'
+                    f'[[backends]]\nname = "six"\nhost = "[::1]"\nport = {server.port}\n')
+    procs.start(cluster.Process("balancer", cluster.python_script("Load_Balancer.py", "--config", str(toml),
+                                                                  "--log-dir", str(log_dir)),
+                                port=ports[1], host="::1"))
+    with socket.create_connection(("::1", ports[1]), timeout=10) as s:
+        s.sendall(b"over six\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data == b"REPLY six over six\nACK six 8\n"
 
 
 @pytest.mark.parametrize("mode", ["tcp", "message"])

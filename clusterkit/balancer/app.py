@@ -24,7 +24,8 @@ from functools import partial
 
 from .. import logs, loops
 from ..linger import LINGER_SECONDS
-from ..sockets import client_room, descriptor_room
+from ..config import ConfigError
+from ..sockets import client_room, descriptor_room, host_port, is_listener
 from .admin import start_admin
 from .config import BalancerConfig
 from .epollset import EpollSet, Listener, resolve
@@ -124,6 +125,12 @@ class Balancer:
         if cfg.admin_port:  # first: once the traffic port answers, all of the balancer does
             self._admin = await start_admin(self, cfg.host, cfg.admin_port)
         self._server = Listener(self.events, on_accept).listen(cfg.host, cfg.port, backlog=4096)
+        here = [sock.getsockname() for sock in self._server.sockets]
+        for b in self.pool.backends:
+            if is_listener(here, *b.address):
+                where = host_port(b.host, b.port)
+                raise ConfigError(f"backend {b.name}{f' ({where})' if where != b.name else ''} is this balancer's "
+                                  f"own address: it would send its clients back to itself")
         for b in self.pool.backends:
             self._tasks.append(self.loop.create_task(
                 check_forever(self.pool, b, cfg.check_interval, cfg.check_timeout, cfg.check)))

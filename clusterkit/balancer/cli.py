@@ -90,6 +90,8 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     try:
         await balancer.start()
+    except ConfigError as exc:  # a backend at the balancer's own address
+        raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     except OSError as exc:
         port = config.admin_port if config.admin_port and balancer._admin is None else config.port
         raise cli.listen_error("balancer", config.host, port, exc) from None

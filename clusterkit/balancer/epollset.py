@@ -103,12 +103,17 @@ def resolve(backend: Backend) -> tuple[int, tuple]:
     """The backend's address, looked up once, at start (as HAProxy does without a
     resolvers section). A name with both kinds of address gets its IPv4 one:
     ``localhost`` may list ``::1`` first, and the servers listen on 127.0.0.1."""
+    return min(lookup(backend.name, backend.host, backend.port), key=lambda a: a[0] != socket.AF_INET)
+
+
+def lookup(name: str, host: str, port: int) -> list[tuple[int, tuple]]:
+    """Every (family, sockaddr) of backend ``name`` at ``host``; a name that does
+    not resolve is a ConfigError (nginx and HAProxy refuse to start too)."""
     try:
-        found = socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ConfigError(f"backend {backend.name}: cannot resolve {backend.host!r}: {exc.strerror}") from None
-    family, _, _, _, sockaddr = min(found, key=lambda a: a[0] != socket.AF_INET)
-    return family, sockaddr
+        raise ConfigError(f"backend {name}: cannot resolve {host!r}: {exc.strerror}") from None
+    return [(family, sockaddr) for family, _, _, _, sockaddr in found]
 
 
 def start_connect(address: tuple[int, tuple]) -> tuple[_socket.socket | None, int]:

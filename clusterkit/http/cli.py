@@ -173,6 +173,8 @@ async def _serve_proxy(config: ProxyConfig, elog: logs.EventLog) -> None:
     proxy = Proxy(config, elog)
     try:
         await proxy.start()
+    except ConfigError as exc:  # a backend that does not resolve, or lb.py's own address
+        raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     except OSError as exc:
         raise cli.listen_error("lb", config.host, config.port, exc) from None
     if config.admin_port:

@@ -68,7 +68,9 @@ import httptools
 
 from .. import admin, logs, loops
 from ..balancer.pool import LatencyHistogram
-from ..sockets import client_room, descriptor_room, linger_room, local_shortage
+from ..balancer.epollset import lookup
+from ..config import ConfigError
+from ..sockets import client_room, descriptor_room, host_port, is_listener, linger_room, local_shortage
 from .config import HttpBackend, ProxyConfig
 from .core import (CONTINUE, HttpError, Request, RequestParser, connection_options, error_response, http_date,
                    reason_phrase)
@@ -612,6 +614,11 @@ class Proxy:
         cfg = self.config
         self._server = await loops.create_server(self.loop, lambda: ProxyClient(self), cfg.host, cfg.port,
                                                      backlog=4096, reuse_address=True)
+        here = [sock.getsockname() for sock in self._server.sockets]
+        for b in self.backends:  # (the connects look the name up each time: a name that moves is followed)
+            if any(is_listener(here, *found) for found in lookup(b.name, b.spec.host, b.spec.port)):
+                raise ConfigError(f"backend {b.name} ({host_port(b.spec.host, b.spec.port)}) is lb.py's own "
+                                  f"address: it would send its requests back to itself")
         host = cfg.host.encode("idna")
         self.own_host = b"Host: %s:%d\r\n" % (b"[%s]" % host if b":" in host else host, self.port)
         for b in self.backends:
