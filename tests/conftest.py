@@ -133,10 +133,10 @@ def assert_bad_config(script: str, config_text: str, tmp_path, message: str, *ar
     assert_usage_error(script, "--config", str(path), *args, message=message)
 
 
-def send_all_then_read(port: int, data: bytes) -> bytes:
+def send_all_then_read(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
     """Send everything, half-close, then read to the end, as ``nc -N`` does: every
     step must work (a reset on the way would fail the send, the shutdown or the read)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+    with socket.create_connection((host, port), timeout=15) as s:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
         out = b""

@@ -925,13 +925,7 @@ def test_ipv6_hosts_in_brackets_in_the_config_file(procs, log_dir, tmp_path):
     procs.start(cluster.Process("balancer", cluster.python_script("Load_Balancer.py", "--config", str(toml),
                                                                   "--log-dir", str(log_dir)),
                                 port=ports[1], host="::1"))
-    with socket.create_connection(("::1", ports[1]), timeout=10) as s:
-        s.sendall(b"over six\n")
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    assert data == b"REPLY six over six\nACK six 8\n"
+    assert send_all_then_read(ports[1], b"over six\n", "::1") == b"REPLY six over six\nACK six 8\n"
 
 
 @pytest.mark.parametrize("mode", ["tcp", "message"])
@@ -943,13 +937,7 @@ def test_balancer_over_ipv6_loopback(procs, log_dir, mode):
     server = procs.start(cluster.echo_server("six", ports[0], log_dir=str(log_dir), host="::1"))
     balancer = procs.start(balancer_process(ports[1], [f"six=[::1]:{server.port}"], "--mode", mode,
                                             log_dir=str(log_dir), host="::1"))
-    with socket.create_connection(("::1", balancer.port), timeout=10) as s:
-        s.sendall(b"over six\n")
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    assert data == b"REPLY six over six\nACK six 8\n"
+    assert send_all_then_read(balancer.port, b"over six\n", "::1") == b"REPLY six over six\nACK six 8\n"
     assert f"listening on [::1]:{balancer.port} " in balancer.stderr()  # (was ::1:PORT)
 
 
