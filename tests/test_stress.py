@@ -432,6 +432,31 @@ def test_out_of_descriptors_every_request_is_counted_and_none_blamed_on_the_targ
     assert proc.returncode == 1
 
 
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_a_client_that_fails_as_it_is_made_is_counted_as_failed(procs, log_dir, monkeypatch, capfd, engine):
+    """Made before its thread's guard (thread engine), or by the one load process's
+    engine (async, epoll): a MemoryError there (--size 100000000000, before --size had
+    a bound) ended a run with the thread engine as 0 complete, 0 failed, exit 0; the
+    others crashed with a second traceback (KeyError 'out') and no report."""
+    from clusterkit.stress import engines, plan
+    from clusterkit.stress.config import StressConfig
+
+    server = procs.start(cluster.echo_server("server1", cluster.free_port(), "--log-level", "warning",
+                                             log_dir=str(log_dir)))
+    made = plan.Client.__init__
+
+    def buggy(self, cfg, index, *args, **kwargs):
+        if index == 1:
+            raise MemoryError("no room for the message")
+        made(self, cfg, index, *args, **kwargs)
+
+    monkeypatch.setattr(plan.Client, "__init__", buggy)
+    result, _ = engines.run(StressConfig(port=server.port, requests=40, concurrency=2, pin=False, engine=engine,
+                                         processes=1))
+    assert result.errors.get("engine-crashed") == 1 and result.failed >= 1, (result.complete, result.errors)
+    assert "MemoryError: no room for the message" in capfd.readouterr().err
+
+
 def test_a_thread_client_that_dies_of_a_bug_is_counted_as_failed(procs, log_dir, monkeypatch, capfd):
     """A client thread that raised went quietly: its requests were missing from the
     counts and the run passed for a clean one."""
@@ -877,6 +902,11 @@ def test_a_load_process_that_dies_leaves_the_others_report_and_a_failure(procs, 
     (["--duration", "2", "--warmup", "nan"], "--warmup must be a finite number of seconds"),
     (["-n", "100", "--warmup", "5"], "--warmup needs --duration"),
     (["--size", "4"], "--size must be at least 14"),
+    (["--size", "100000000000"], "--size must be at most 67,108,864 bytes"),
+    (["--duration", "1", "-c", "20001"], "-c must be between 1 and 20,000"),
+    (["--http", "http://127.0.0.1:0/page.html"], "port 0 is no port to connect to"),
+    (["--http", "http://[::1]x:45000/"], "use a URL like http://"),
+    (["--http", "http://127.0.0.1:45000/", "--port", "7000", "--size", "100"], "leave out --port, --size"),
     (["-n", "100", "--duration", "2"], "give -n or --duration, not both"),
     (["--http", "https://127.0.0.1:1/"], "use a URL like http://"),
     (["--http", "http://127.0.0.1:99999/"], "--http 'http://127.0.0.1:99999/': Port out of range"),

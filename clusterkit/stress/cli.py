@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import socket
 import sys
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent clients (default: 10)")
     w.add_argument("--duration", type=float, help="run this many seconds instead of -n requests")
     w.add_argument("--message", help="the message to send (default: a unique message per request)")
-    w.add_argument("--size", type=cli.positive_int, default=64, help="message size in bytes (default: 64)")
+    w.add_argument("--size", type=cli.positive_int, help="message size in bytes (default: 64)")
     w.add_argument("--connection", choices=CONNECTIONS, default="per-request",
                    help="a new connection per request (default, as client_send_message and ab) or keep-alive")
     w.add_argument("-k", "--keepalive", action="store_true", help="same as --connection keepalive")
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+AUTHORITY = re.compile(r"([^@/]*@)?(\[[0-9A-Za-z:.%]+\]|[^\[\]:@/]+)(:[0-9]*)?")
+"""A URL's [userinfo@]host[:port] (the user info is left out of the Host header)."""
+
+
 def make_configs(args: argparse.Namespace) -> list[StressConfig]:
     levels = [args.concurrency]
     if args.sweep:
@@ -106,8 +111,14 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
             url.port  # (raises for a port out of range, or not a number)
         except ValueError as exc:
             raise ConfigError(f"--http {args.http!r}: {exc}") from None
-        if url.scheme != "http" or not url.hostname:
+        if url.scheme != "http" or not url.hostname or not AUTHORITY.fullmatch(url.netloc):
             raise ConfigError(f"--http {args.http!r}: use a URL like http://127.0.0.1:45000/page.html")
+        if url.port == 0:
+            raise ConfigError(f"--http {args.http!r}: port 0 is no port to connect to")
+        ignored = [flag for flag, value in (("--host", args.host), ("--port", args.port), ("--message", args.message),
+                                            ("--size", args.size)) if value is not None]
+        if ignored:
+            raise ConfigError(f"--http sends GET requests to the URL's host and port: leave out {', '.join(ignored)}")
     if args.requests and args.duration:
         raise ConfigError("give -n or --duration, not both: a run ends after one of them")
     if args.processes != "auto" and not args.processes.isdigit():
@@ -119,7 +130,8 @@ def make_configs(args: argparse.Namespace) -> list[StressConfig]:
             host=args.host or DEFAULT_HOST, port=args.port or DEFAULT_PORT, http_url=args.http,
             headers=tuple(h.encode("latin-1", "replace") for h in args.header),
             requests=args.requests or 1000, concurrency=c,
-            duration=args.duration, message=None if args.message is None else args.message.encode(), size=args.size,
+            duration=args.duration, message=None if args.message is None else args.message.encode(),
+            size=args.size or 64,
             connection="keepalive" if args.keepalive else args.connection, pipeline=args.pipeline,
             rate=args.rate, warmup=args.warmup, timeout=args.timeout, engine=args.engine,
             processes=min(procs, c), pin=args.pin, nice=args.nice))

@@ -10,11 +10,14 @@ from functools import cached_property
 from urllib.parse import urlsplit
 
 from ..config import check
+from ..protocol import MAX_MAX_LINE
 
 ENGINES = ("thread", "async", "epoll")
 MIN_SIZE = 14
 """The shortest generated message: ``c001-`` and a 9-digit number."""
 MAX_SECONDS = 365 * 86400.0
+MAX_CONCURRENCY = 20_000
+"""ApacheBench's limit too: past it, threads, descriptors and local ports run out first."""
 """The longest --duration or --timeout (1e308 overflowed the clock's nanoseconds)."""
 CONNECTIONS = ("per-request", "keepalive")
 
@@ -51,7 +54,7 @@ class StressConfig:
 
     def __post_init__(self) -> None:
         check(self.requests >= 1, "-n must be at least 1")
-        check(self.concurrency >= 1, "-c must be at least 1")
+        check(1 <= self.concurrency <= MAX_CONCURRENCY, f"-c must be between 1 and {MAX_CONCURRENCY:,} (as ab's)")
         check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}")
         check(self.engine != "epoll" or hasattr(select, "epoll"), "--engine epoll needs Linux; use --engine async")
         check(self.connection in CONNECTIONS, f"--connection must be one of {', '.join(CONNECTIONS)}")
@@ -71,6 +74,9 @@ class StressConfig:
         check(self.warmup == 0 or self.duration is not None, "--warmup needs --duration")
         check(self.message is not None or self.http_url or self.size >= MIN_SIZE,
               f"--size must be at least {MIN_SIZE}: each message carries its client and number (c001-000000042)")
+        check(self.size <= MAX_MAX_LINE,
+              f"--size must be at most {MAX_MAX_LINE:,} bytes (no server takes a longer line)")
+        check(len(self.message or b"") <= MAX_MAX_LINE, f"--message must be at most {MAX_MAX_LINE:,} bytes")
         check(self.processes >= 1, "--processes must be at least 1")
         check(0 <= self.nice <= 19, "--nice must be between 0 and 19")
         check(self.processes <= self.concurrency, "--processes cannot exceed -c")

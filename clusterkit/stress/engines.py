@@ -48,14 +48,14 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                   socks: dict[int, socket.socket]) -> None:
     """One client in a thread of its own, on a blocking socket (in ``socks`` while
     open, so that a stopped run can wake it from a recv: ``wake``)."""
-    c = Client(cfg, index, plan, rec, board, board.failed_slot(index))
-    family, sockaddr = address(cfg, c.target)
     timeout_ns = int(cfg.timeout * 1e9)
     sock: socket.socket | None = None
-    wait = plan.start - ns()
-    if wait > 0:
-        time.sleep(wait / 1e9)  # every client starts together
     try:
+        c = Client(cfg, index, plan, rec, board, board.failed_slot(index))
+        family, sockaddr = address(cfg, c.target)
+        wait = plan.start - ns()
+        if wait > 0:
+            time.sleep(wait / 1e9)  # every client starts together
         payload: bytes | None = None  # the next request, when c.follow already made it
         while payload is not None or not c.over(stop):
             if payload is None:
@@ -376,8 +376,16 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
         board = Board(cfg.concurrency, 1)
         watch = Watch(cfg, board, progress_cb, server, measure_from)
         box: dict = {}
-        worker = threading.Thread(target=lambda: box.update(out=run_local(cfg, groups[0], start_ns, board, 0,
-                                                                          keep_log)), daemon=True)
+        def work() -> None:
+            try:
+                box["out"] = run_local(cfg, groups[0], start_ns, board, 0, keep_log)
+            except Exception:  # a bug: said, and counted, as a load process's crash is
+                traceback.print_exc()
+                crashed = RunResult()
+                _crashed(crashed)
+                box["out"] = (crashed, [])
+
+        worker = threading.Thread(target=work, daemon=True)
         worker.start()
         try:
             while worker.is_alive():
