@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import math
 import os
 import sys
 from collections.abc import Callable
 
 from . import logs
+from .config import MAX_SECONDS
 from .sockets import host_port
 
 EXIT_OK = 0
@@ -93,16 +93,18 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
+    """Seconds, above 0 and at most a year (``config.MAX_SECONDS``)."""
     value = float(text)
-    if not 0 < value < math.inf:  # (also refuses nan)
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
+    if not 0 < value <= MAX_SECONDS:  # (also refuses nan)
+        raise argparse.ArgumentTypeError(f"must be positive, at most a year (in seconds), got {value}")
     return value
 
 
 def non_negative_float(text: str) -> float:
+    """Seconds, 0 or more and at most a year."""
     value = float(text)
-    if not 0 <= value < math.inf:  # (also refuses nan)
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {value}")
+    if not 0 <= value <= MAX_SECONDS:  # (also refuses nan)
+        raise argparse.ArgumentTypeError(f"must be 0 or more, at most a year (in seconds), got {value}")
     return value
 
 

@@ -111,13 +111,13 @@ class Client:
         try:
             sock = self._open()
         except ConnectionRefusedError:
-            raise ClientError("connection-refused",
-                              f"connection refused by {self.host}:{self.port} (is the server running?)") from None
+            raise ClientError("connection-refused", f"connection refused by {host_port(self.host, self.port)} "
+                                                    f"(is the server running?)") from None
         except TimeoutError:
-            raise ClientError("timeout", f"connect to {self.host}:{self.port} timed out "
+            raise ClientError("timeout", f"connect to {host_port(self.host, self.port)} timed out "
                                          f"after {self.timeout:g}s") from None
         except OSError as exc:
-            raise ClientError("connect-failed", f"cannot connect to {self.host}:{self.port}: "
+            raise ClientError("connect-failed", f"cannot connect to {host_port(self.host, self.port)}: "
                                                 f"{exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
@@ -144,7 +144,7 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.close()
-                raise ClientError("timeout", f"no reply from {self.host}:{self.port} "
+                raise ClientError("timeout", f"no reply from {host_port(self.host, self.port)} "
                                              f"within {self.timeout:g}s")
             sock.settimeout(remaining)
             try:

@@ -12,6 +12,7 @@ import sys
 
 from . import cli, logs
 from .client import Client, ClientError, ClientResult
+from .sockets import host_port
 
 EXIT_FOR_CODE = {"connection-refused": cli.EXIT_UNAVAILABLE, "connect-failed": cli.EXIT_UNAVAILABLE,
                  "no-backend": cli.EXIT_UNAVAILABLE, "timeout": cli.EXIT_TIMEOUT}
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(1, args.count + 1):
             try:
                 if elog.info:
-                    elog.line("INFO", f"event=send n={i} target={args.host}:{args.port} "
+                    elog.line("INFO", f"event=send n={i} target={host_port(args.host, args.port)} "
                                       f"bytes={len(args.message.encode('utf-8', 'surrogateescape'))} "
                                       f"keepalive={int(args.keepalive)}")
                 result = client.send_message(args.message)

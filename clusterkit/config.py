@@ -10,7 +10,6 @@ classes next to their code and use the helpers here (``load_toml``,
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -52,24 +51,31 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
 
 
+MAX_SECONDS = 365 * 86400.0
+"""The longest a timeout or interval may be: a year. Past it, some clock or kernel
+field overflows (a socket timeout of 1e300 s: every threaded-server connection died)."""
+
+
 def check_positive(config: Any, *names: str) -> None:
-    """Each of the ``config``'s settings ``names`` is above 0 and finite (nan is not):
-    a check interval of inf left a backend that went down down for good."""
+    """Each of the ``config``'s settings ``names``, in seconds, is above 0 and at most
+    a year (nan is not): a check interval of inf left a backend that went down down for good."""
     for name in names:
         value = getattr(config, name)
-        check(0 < value < math.inf, f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+        check(0 < value <= MAX_SECONDS, f"--{name.replace('_', '-')} must be positive, at most a year, got {value}")
 
 
 def check_non_negative(config: Any, *names: str) -> None:
-    """Each of the ``config``'s settings ``names`` is 0 or more, and finite."""
+    """Each of the ``config``'s settings ``names``, in seconds, is 0 or more, at most a year."""
     for name in names:
         value = getattr(config, name)
-        check(0 <= value < math.inf, f"--{name.replace('_', '-')} must be 0 or more, and finite, got {value}")
+        check(0 <= value <= MAX_SECONDS, f"--{name.replace('_', '-')} must be 0 or more, at most a year, got {value}")
 
 
 def check_backend_name(name: str) -> None:
-    check(not any(c.isspace() or c == "=" for c in name),
-          f"backend name {name!r}: no spaces or '=' (it goes into key=value log lines)")
+    """Printable ASCII without spaces or '=': it goes into key=value log lines, and
+    into a header (X-Backend), where a line break would start a header of its own."""
+    check(all(" " < c < "\x7f" and c != "=" for c in name),
+          f"backend name {name!r}: printable ASCII, no spaces or '=' (it goes into key=value log lines)")
 
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}

@@ -7,6 +7,7 @@ import email.utils
 import http.client
 import itertools
 import json
+import logging
 import os
 import queue
 import re
@@ -597,12 +598,43 @@ def test_a_bad_lb_config_file_is_one_clear_line(tmp_path, log_dir, text, message
     ("lb.py", ["--port", "44470", "--admin-port", "44470"], "--admin-port 44470 is lb.py's own --port"),
     ("lb.py", ["--backend", "127.0.0.1:9002", "--backend", "[::1]:9002"], "backend1 given twice"),
     ("async_server.py", ["9999", "--port", "9998"], "give one of them"),
+    ("Server_thread_http.py", ["--header-timeout", "1e300"], "--header-timeout must be positive, at most a year"),
+    ("Server_thread_http.py", ["--pool", "5000"], "--pool must be between 0 and 4,096"),
+    ("Server_async_http.py", ["--name", "x\r\nSet-Cookie: a=1"], "printable ASCII, no spaces"),
+    ("async_server.py", ["9999", "--name", "my backend"], "printable ASCII, no spaces"),
 ])
-def test_bad_timeouts_are_one_clear_line_and_exit_2(script, args, message, log_dir):
-    """A negative header timeout made every request in pieces a dropped connection."""
+def test_bad_settings_are_one_clear_line_and_exit_2(script, args, message, log_dir):
+    """A negative header timeout made every request in pieces a dropped connection;
+    one of 1e300 s every connection's thread die (struct.error); --pool 100000 a
+    traceback 8 s after "listening"; a --name with CR LF a header of its own."""
     bad = subprocess.run(cluster.python_script(f"http_servers/{script}", *args, "--log-dir", str(log_dir)),
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_pool_the_machine_cannot_start_is_said_before_listening(monkeypatch, log_dir):
+    """(This machine runs 4,096 threads; a thread limit is simulated.)"""
+    from clusterkit import logs
+    from clusterkit.http.config import HttpServerConfig
+    from clusterkit.http.threaded import ThreadedHttpServer, ThreadLimit
+
+    started = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name.startswith("worker-") and len(started) == 2:
+            raise RuntimeError("can't start new thread")
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    server = ThreadedHttpServer(HttpServerConfig(port=0, pool=5, log_dir=str(log_dir)),
+                                logs.EventLog("t", None, logging.CRITICAL))
+    try:
+        with pytest.raises(ThreadLimit, match="--pool 5: this machine let only 2 threads start"):
+            server.start_pool()
+    finally:
+        server.sock.close()
 
 
 @pytest.mark.parametrize("behaviour, status", [("silent", 504), ("garbage", 502), ("none", 503), ("cut", 502)])

@@ -97,11 +97,13 @@ def _run_server(args, program: str, threaded: bool) -> int:
     cli.raise_fd_limit()
     elog = logs.configure(name or program, level=config.log_level, log_dir=config.log_dir, file_name=logs.SERVER_LOG)
     if threaded:
-        from .threaded import run_threaded
+        from .threaded import ThreadLimit, run_threaded
         try:
             run_threaded(config, elog, lambda p, core: _announce(
                 program, config.host, p, (f" (pool {config.pool}" if config.pool else " (a thread per connection") +
                 (f", on core {core})" if core is not None else ")")))
+        except ThreadLimit as exc:
+            raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
         except OSError as exc:
             raise cli.listen_error(program, config.host, config.port, exc) from None
     else:

@@ -13,6 +13,10 @@ def check_limits(limits: Limits) -> None:
     check_positive(limits, "header_timeout", "keepalive_timeout")
 
 
+MAX_POOL = 4096
+"""Threads of ``--pool`` at most: past this, the machine's thread limit comes first."""
+
+
 @dataclass(frozen=True)
 class HttpServerConfig:
     program: str = "http-async"
@@ -34,7 +38,8 @@ class HttpServerConfig:
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
-        check(self.pool >= 0, "--pool must not be negative")
+        check(0 <= self.pool <= MAX_POOL, f"--pool must be between 0 and {MAX_POOL:,}")
+        check_backend_name(self.name)
         check_non_negative(self, "drain_timeout")
         check_limits(self.limits)
 

@@ -136,10 +136,16 @@ class ThreadedHttpServer:
         self.turned_away = elog.tally(lambda n: f"event=busy refused={n} pool={config.pool} reason=queue-full",
                                       later=self._later)
 
-    def serve(self) -> None:
-        if self.queue is not None:
-            for i in range(self.config.pool):
+    def start_pool(self) -> None:
+        """The ``--pool`` threads, before the start is announced: a machine that
+        cannot run as many says so at once (ThreadLimit), not in a traceback later."""
+        for i in range(self.config.pool):
+            try:
                 threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True).start()
+            except RuntimeError:  # "can't start new thread"
+                raise ThreadLimit(f"--pool {self.config.pool}: this machine let only {i} threads start") from None
+
+    def serve(self) -> None:
         while not self.stopping.is_set():
             try:
                 conn, addr = self.sock.accept()
@@ -320,6 +326,10 @@ class ThreadedHttpServer:
                     pass
 
 
+class ThreadLimit(Exception):
+    """Fewer threads would start than ``--pool`` asks for."""
+
+
 def run_threaded(config: HttpServerConfig, elog: logs.EventLog, announce) -> None:
     server: ThreadedHttpServer | None = None
     signalled = []
@@ -336,6 +346,7 @@ def run_threaded(config: HttpServerConfig, elog: logs.EventLog, announce) -> Non
     if signalled:
         server.stop()
     core = pin_process(-1) if config.pin else None  # before any worker thread starts: they inherit it
+    server.start_pool()
     announce(server.port, core)
     server.serve()
     server.drain()

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import urlsplit
 
-from ..config import check
+from ..config import MAX_SECONDS, check
 from ..protocol import MAX_MAX_LINE
 
 ENGINES = ("thread", "async", "epoll")
 MIN_SIZE = 14
 """The shortest generated message: ``c001-`` and a 9-digit number."""
-MAX_SECONDS = 365 * 86400.0
 MAX_CONCURRENCY = 20_000
 """ApacheBench's limit too: past it, threads, descriptors and local ports run out first."""
 """The longest --duration or --timeout (1e308 overflowed the clock's nanoseconds)."""
