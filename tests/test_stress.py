@@ -213,16 +213,23 @@ class FakeServer:
                         except OSError:  # the client closed a connection out of step
                             return
                     continue
-                if self.behaviour == "http-varied":
+                if self.behaviour in ("http-varied", "http-interim"):
                     buf += data
                     while b"\r\n\r\n" in buf:
                         head, buf = buf.split(b"\r\n\r\n", 1)
                         keep = b"keep-alive" in head.lower()
                         with self.lock:
                             self.count += 1
-                            answer = varied_answer(self.count, keep)
-                            self.sent += len(answer)
-                        conn.sendall(answer)
+                            n = self.count
+                            interim = interim_answers(n) if self.behaviour == "http-interim" else b""
+                            answer = varied_answer(n, keep) if not interim else http_answer(
+                                backend=b"b%d" % (1 + n % 2), extra=b"" if keep else b"Connection: close\r\n")
+                            self.sent += len(interim) + len(answer)
+                        if interim and not n % 3:  # every 3rd apart from its answer
+                            conn.sendall(interim)
+                            time.sleep(0.005)
+                            interim = b""
+                        conn.sendall(interim + answer)
                         if not keep:
                             return
                     continue
@@ -247,6 +254,13 @@ class FakeServer:
                         conn.sendall(b"REPLY fake %s\nACK fake %d\nHELLO extra\n" % (m, len(m)))
                     elif self.behaviour == "ack-first":
                         conn.sendall(b"ACK fake %d\nREPLY fake %s\n" % (len(m), m))
+                    elif self.behaviour == "slow-ack":  # the REPLY at once, its ACK 0.6 s later: slow, not dead
+                        conn.sendall(b"REPLY fake %s\n" % m)
+                        time.sleep(0.6)
+                        try:
+                            conn.sendall(b"ACK fake %d\n" % len(m))
+                        except OSError:  # (the client gave up on it)
+                            return
                     elif self.behaviour == "late":  # each answer 0.13 s after its message
                         time.sleep(0.13)
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
@@ -532,6 +546,20 @@ def test_a_target_that_never_answers_ends_the_run_early(log_dir, tmp_path, engin
     assert "run ended early: the target stopped answering: every client's last 3 requests timed out" \
         in proc.stderr
     assert row["complete"] == 0 and row["errors"] == {"timeout": row["failed"]} and row["failed"] < 40
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_a_target_slower_than_the_timeout_is_not_called_dead(log_dir, tmp_path, engine):
+    """Its answers time out, but bytes of them come: each request is a timeout and
+    the run goes on to the end (exit 1), not "the target stopped answering" (69)."""
+    fake = FakeServer("slow-ack")
+    try:
+        row, proc = run_json("-n", "6", "-c", "1", "--timeout", "0.3", "--engine", engine, "--port",
+                             str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 1 and "stopped answering" not in proc.stderr, proc.stderr
+    assert row["failed"] == 6 and row["errors"] == {"timeout": 6}, row
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
@@ -1142,6 +1170,13 @@ def test_one_step_http_answers_count_as_the_reader_counts_them(keepalive, closes
     assert verdicts == ({getattr(plan_module, verdict)} if verdict else set())
 
 
+def interim_answers(n: int) -> bytes:
+    """What FakeServer("http-interim") sends before its n-th answer: 100 Continue,
+    and every 2nd time 103 Early Hints too."""
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" if n % 2 else b""
+    return b"HTTP/1.1 100 Continue\r\n\r\n" + early
+
+
 def varied_answer(n: int, keep_alive: bool) -> bytes:
     """The n-th answer of FakeServer("http-varied"): mostly the same 200 but for
     its Date; every 9th a 500 and every 11th from backend b2, both as long."""
@@ -1166,6 +1201,23 @@ def test_http_answers_that_change_are_each_judged(log_dir, tmp_path, engine, kee
     assert server.count == 198
     assert (row["complete"], row["failed"], row["errors"]) == (176, 22, {"http-500": 22})
     assert row["backends"] == {"b1": 160, "b2": 16}
+    assert row["total_transferred_bytes"] == server.sent
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+@pytest.mark.parametrize("keepalive", [False, True])
+def test_interim_answers_before_the_final_one_are_taken(log_dir, tmp_path, engine, keepalive):
+    """100 Continue or 103 Early Hints, then the answer: a client takes 1xx answers
+    even unasked (RFC 9110 15.2), as curl and lb.py do. Each request failed as
+    extra-answer."""
+    server = FakeServer("http-interim")
+    try:
+        row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/", "-n", "60", "-c", "3",
+                             *(["-k"] if keepalive else []), "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        server.close()
+    assert (row["complete"], row["failed"]) == (60, 0), row["errors"]
+    assert row["backends"] == {"b1": 30, "b2": 30}
     assert row["total_transferred_bytes"] == server.sent
 
 

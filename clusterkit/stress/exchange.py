@@ -24,9 +24,13 @@ parsing it. Failures carry a kind:
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import httptools
+
+INTERIM_HEAD = re.compile(rb"HTTP/\d\.\d 1(?!01)\d\d\b.*?\r?\n\r?\n", re.S)
+"""An interim answer's head (1xx but 101), up to the blank line that ends it."""
 
 
 class Outcome(NamedTuple):
@@ -230,6 +234,14 @@ class HttpReader:
             self.extra = True
 
     def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints), which a client takes
+            # even unasked (RFC 9110 15.2): the final one follows. (It failed the
+            # request as extra-answer.) Such an answer is not learnt as ``known``.
+            self.headers_done = False
+            self._seen = None
+            return
         self.complete = True
 
     def feed(self, chunk: bytes, now: int) -> None:
@@ -293,6 +305,9 @@ class HttpReader:
         """Read the complete header block (llhttp has checked its syntax)."""
         raw = b"".join(self._head_parts)
         self._head_parts = None
+        skipped = 0
+        while interim := INTERIM_HEAD.match(raw):  # (interim answers before the final one: heads alone)
+            raw, skipped = raw[interim.end():], skipped + interim.end()
         end = raw.find(b"\r\n\r\n")
         sep = 4
         if end < 0:
@@ -308,7 +323,7 @@ class HttpReader:
         if length and end >= 0 and b"\ntransfer-encoding:" not in head:
             value = raw[length[0]:length[1]].strip()
             if value.isdigit():
-                self._length = end + sep + int(value)
+                self._length = skipped + end + sep + int(value)
         self._date = self._value(head, b"\ndate:") or (0, 0)
 
     @staticmethod

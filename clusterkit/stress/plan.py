@@ -466,7 +466,11 @@ def all_ok(reader) -> bool:
 
 
 def all_timed_out(reader) -> bool:
-    """Nothing came back for any of the reader's requests before the timeout."""
+    """Nothing came back for any of the reader's requests before the timeout: not
+    a byte (an answer under way, however slow, says the target is alive; a server
+    slower than --timeout was called dead, exit 69, where ab -s waits it out)."""
+    if reader.received:
+        return False
     if isinstance(reader, LineReader):
         return all(o.label == "timeout" for o in reader.outcomes)
     return reader.outcome is not None and reader.outcome.label == "timeout"
