@@ -1445,6 +1445,44 @@ def test_pipelined_requests_for_a_big_file_are_answered_a_budget_at_a_time(setup
     assert grown < 30 << 20, f"the server grew by {grown >> 20} MB"
 
 
+@pytest.mark.parametrize("script", ["Server_async_http.py", "Server_thread_http.py"])
+def test_what_a_browser_needs_of_files_folders_and_odd_methods(setup, tmp_path, script):
+    """Found with Chromium: a Latin-1 page (its own <meta charset>) came garbled, as the
+    header said charset=utf-8; page.html.gz was labelled text/html and shown as
+    bytes; /docs served its page, whose style.css then resolved to /style.css (nginx
+    answers 301 to /docs/). And a method the parser does not know (FOO) was a bare 400."""
+    (tmp_path / "page.html").write_text("<p>caf\u00e9</p>", encoding="utf-8")
+    (tmp_path / "latin.html").write_bytes(b'<meta charset="iso-8859-1"><p>caf\xe9</p>')
+    (tmp_path / "page.html.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\x00" * 20)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.html").write_text("<link rel=stylesheet href=style.css>")
+    (tmp_path / "empty").mkdir()
+    server = setup.server(script, "--root", str(tmp_path))
+
+    def get(target: bytes, method: bytes = b"GET") -> bytes:
+        return exchange(server.port, b"%s %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % (method, target))
+
+    assert b"\r\nContent-Type: text/html; charset=utf-8\r\n" in get(b"/page.html")
+    assert b"\r\nContent-Type: text/html\r\n" in get(b"/latin.html")
+    assert b"\r\nContent-Type: application/gzip\r\n" in get(b"/page.html.gz")
+    for target, location in ((b"/docs", b"/docs/"), (b"/docs?v=2", b"/docs/?v=2"), (b"//docs", b"/docs/")):
+        answer = get(target)
+        assert status_of(answer) == 301 and b"\r\nLocation: %s\r\n" % location in answer, answer[:300]
+    assert status_of(get(b"/docs/")) == 200 and b"style.css" in get(b"/docs/")
+    assert status_of(get(b"/empty")) == 404 and status_of(get(b"/page.html/")) == 404
+    unknown = get(b"/page.html", b"FOO")
+    assert status_of(unknown) == 405 and b"\r\nAllow: GET, HEAD\r\n" in unknown
+    assert status_of(exchange(server.port, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 40)) == 400
+    # A client's bad requests are its own fault, as a 404 is: info, not warnings (a
+    # flood of them was a flood of warnings at --log-level warning).
+    log_file = Path(setup.log_dir) / "server_log.log"
+    deadline = time.monotonic() + 15
+    while len(refused := [x for x in log_file.read_text().splitlines() if "event=refused" in x]) < 2:
+        assert time.monotonic() < deadline, refused
+        time.sleep(0.05)
+    assert all(" INFO " in line for line in refused), refused
+
+
 def test_one_copy_of_a_file_however_its_path_is_spelled(tmp_path):
     """/big.bin, //big.bin and /%62ig.bin each held their own copy of the file, never
     let go (an audit: +570 MB from 200 HEADs of a 3 MB file); and the cache's bytes

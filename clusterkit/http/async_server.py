@@ -104,9 +104,9 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(self.parser.error)
 
     def _refuse(self, exc: HttpError) -> None:
-        if self.elog.warning:
-            self.elog.line("WARNING", f"event=refused client={self.peer} status={exc.status} "
-                                      f"reason={logs.quote(exc.detail)}")
+        if self.elog.info:  # (a client's fault, as a 404 is: no warning, and no flood at --log-level warning)
+            self.elog.line("INFO", f"event=refused client={self.peer} status={exc.status} "
+                                   f"reason={logs.quote(exc.detail)}")
         self._answer_and_linger(error_response(exc, self.static.backend_header))
 
     def _answer_and_linger(self, answer: bytes) -> None:
@@ -158,8 +158,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
             self.closing = True
-            if self.elog.warning:
-                self.elog.line("WARNING", f"event=refused client={self.peer} status=408 reason=slow-head")
+            if self.elog.info:
+                self.elog.line("INFO", f"event=refused client={self.peer} status=408 reason=slow-head")
             self._answer_and_linger(error_response(HttpError(408, "request head too slow"),
                                                    self.static.backend_header))
         elif not self.parser.in_progress and now - self.last_activity > limits.keepalive_timeout:

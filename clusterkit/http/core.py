@@ -40,8 +40,8 @@ from http import HTTPStatus
 
 import httptools
 
-REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
-           405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified", 400: "Bad Request",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
            416: "Range Not Satisfiable",
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
@@ -303,7 +303,9 @@ class RequestParser:
                 clean = False
                 if self.error is None and not self.last:  # (else: our own limit's, or bytes after the last)
                     detail = str(exc)
-                    self.error = HttpError(505 if detail.startswith("Invalid HTTP version") else 400, detail)
+                    # (``head``: the bad message's start, when it is where this data starts)
+                    head = data if fresh and not self.ready else b""
+                    self.error = HttpError(error_status(detail, head), detail)
             break
         ready, self.ready = self.ready, []
         if clean and fresh and len(ready) == 1 and not self._open:
@@ -357,6 +359,22 @@ def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"te
             b"%sConnection: %s\r\n\r\n" % (status, reason_phrase(status),
                                            SERVER, http_date(), content_type, len(body), headers, conn))
     return head if head_only or status == 304 else head + body
+
+
+METHOD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+"""A request line's start: a method the parser does not know is a method still."""
+
+
+def error_status(detail: str, head: bytes) -> int:
+    """The status for what httptools refused in a message that starts with ``head``:
+    505 for a version other than 1.x, 405 for a method it does not know (FOO, SEARCH:
+    nginx says 405 too; it was a bare 400), 400 for the rest (a TLS handshake on
+    the plain port, garbage; and an unknown method behind other requests in one read)."""
+    if detail.startswith("Invalid HTTP version"):
+        return 505
+    if detail.startswith("Invalid method") and METHOD_LINE.match(head):
+        return 405
+    return 400
 
 
 def error_response(error: HttpError, extra_headers: bytes = b"") -> bytes:

@@ -73,6 +73,31 @@ class StaticFiles:
 
     def resolve(self, raw_path: bytes) -> Path | None:
         """The file a request path names, or None when it is outside the root or missing."""
+        found = self._inside(raw_path)
+        if found is None:
+            return None
+        real, named, slash = found
+        if real.is_dir():
+            if not slash:
+                return None  # /docs: redirected to /docs/ (``folder_without_slash``)
+            real = real / INDEX
+            if not real.is_file():
+                return None
+        elif named and slash:
+            return None  # /page.html/ names a directory, and a file is none (nginx: 404)
+        return real if real.is_file() else None
+
+    def folder_without_slash(self, raw_path: bytes) -> bool:
+        """``/docs`` names a folder with a page: nginx answers 301 to ``/docs/``, so
+        that the page's relative links (style.css) resolve inside the folder, not
+        beside it (served as it was, the page lost its style and pictures)."""
+        found = self._inside(raw_path)
+        return found is not None and not found[2] and found[0].is_dir() and (found[0] / INDEX).is_file()
+
+    def _inside(self, raw_path: bytes) -> tuple[Path, bool, bool] | None:
+        """The real path a request path names inside the root (None: outside it, or
+        nothing there; ``/`` names the index), whether it names anything below the
+        root, and whether it ends in a slash."""
         try:
             decoded = unquote_to_bytes(raw_path).decode("utf-8")
         except UnicodeDecodeError:
@@ -89,13 +114,7 @@ class StaticFiles:
             return None
         if real != self.root and self.root not in real.parents:
             return None  # a symlink pointing outside the root
-        if real.is_dir():
-            real = real / INDEX
-            if not real.is_file():
-                return None
-        elif parts and decoded.endswith("/"):
-            return None  # /page.html/ names a directory, and a file is none (nginx: 404)
-        return real if real.is_file() else None
+        return real, bool(parts), decoded.endswith("/")
 
     def _load(self, path: Path, now: float) -> CachedFile | None:
         try:
@@ -105,9 +124,7 @@ class StaticFiles:
             body = path.read_bytes()
         except OSError:
             return None
-        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        if ctype.startswith("text/") or ctype in ("application/javascript", "image/svg+xml"):
-            ctype += "; charset=utf-8"
+        ctype = content_type(path.name, body)
         etag = b'"%s"' % hashlib.blake2b(body, digest_size=8).hexdigest().encode()
         last_modified = formatdate(st.st_mtime, usegmt=True).encode()
         fixed = (b"Server: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nLast-Modified: %s\r\nETag: %s\r\n"
@@ -212,6 +229,13 @@ class StaticFiles:
             return 200, build_response(200, b"ok\n", headers=self.backend_header, keep_alive=keep,
                                        head_only=req.method == b"HEAD")
         entry = self.lookup(path)
+        if entry is None and self.folder_without_slash(path):
+            query = req.target.partition(b"?")[2]
+            # (one leading slash: //evil.example/ would send the browser to another host)
+            location = b"/" + path.lstrip(b"/") + b"/" + (b"?" + query if query else b"")
+            return 301, build_response(301, b"301 Moved Permanently\n", keep_alive=keep,
+                                       headers=b"Location: %s\r\n%s" % (location, self.backend_header),
+                                       head_only=req.method == b"HEAD")
         if entry is None:
             return 404, build_response(404, b"404 Not Found\n", headers=self.backend_header, keep_alive=keep,
                                        head_only=req.method == b"HEAD")
@@ -239,6 +263,28 @@ class StaticFiles:
                                    keep_alive=req.keep_alive,
                                    headers=b"Content-Range: bytes %d-%d/%d\r\nLast-Modified: %s\r\nETag: %s\r\n%s"
                                    % (first, last, size, entry.last_modified, entry.etag, self.backend_header))
+
+
+COMPRESSED = {"gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz": "application/x-xz"}
+"""What a compressed file (``page.html.gz``) is sent as: itself, not what it holds
+(labelled text/html, a browser showed the compressed bytes as a page)."""
+
+
+def content_type(name: str, body: bytes) -> str:
+    """A file's Content-Type. Text says ``charset=utf-8`` only when it is UTF-8 (or
+    ASCII): a charset in the header overrides the page's own ``<meta charset>``, and
+    a Latin-1 page came out garbled. nginx says no charset at all."""
+    ctype, encoding = mimetypes.guess_type(name)
+    if encoding is not None:
+        return COMPRESSED.get(encoding, "application/octet-stream")
+    ctype = ctype or "application/octet-stream"
+    if ctype.startswith("text/") or ctype in ("application/javascript", "image/svg+xml"):
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return ctype
+        ctype += "; charset=utf-8"
+    return ctype
 
 
 def _not_modified(req: Request, entry: CachedFile) -> bool:
