@@ -1663,6 +1663,119 @@ def test_a_slowloris_does_not_hold_a_pool_thread(setup):
         slow.close()
 
 
+def _pipeline_until_pushed_back(port: int) -> socket.socket:
+    """A client that pipelines GETs and never reads an answer, once the server has
+    stopped taking its requests (its thread blocked sending it answers)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(0.5)
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        try:
+            s.send(SIMPLE_GET * 500)
+        except TimeoutError:
+            return s
+    s.close()
+    raise AssertionError("the server took requests for 8 s without pushing back")
+
+
+def _wait_reset(s: socket.socket, within: float) -> None:
+    """Until the server resets ``s`` (a send fails), which must come ``within`` seconds."""
+    deadline = time.monotonic() + within
+    s.settimeout(0.05)
+    while True:
+        try:
+            s.send(b"x")
+        except TimeoutError:
+            pass
+        except ConnectionError:
+            return
+        assert time.monotonic() < deadline, f"not cut within {within} s"
+        time.sleep(0.05)
+
+
+def test_a_client_that_takes_no_answer_is_cut_after_the_keepalive_timeout(setup, tmp_path):
+    """The threaded server's send timeout was the longer of the keep-alive and the
+    header timeouts, and any progress started it again: a client pipelining GETs and
+    reading none held its thread for 30 s with a keep-alive timeout of 3 (with
+    --pool, the server for everyone), and its cut was logged nowhere. Now a client
+    that takes no byte for the keep-alive timeout is cut (event=send-timeout); one
+    that reads slowly but reads is served however long it takes."""
+    shutil.copy(WWW / "page.html", tmp_path)
+    (tmp_path / "big.bin").write_bytes(os.urandom(6 << 20))  # more than the kernel buffers hold
+    server = setup.server("Server_thread_http.py", "--pool", "1", "--keepalive-timeout", "1",
+                          "--root", str(tmp_path))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET /big.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):  # about 1.3 MB/s: 5 s, several keep-alive timeouts
+            data += chunk
+            time.sleep(0.05)
+    assert status_of(data) == 200 and len(data) > 6 << 20
+    stuck = _pipeline_until_pushed_back(server.port)
+    try:
+        started = time.monotonic()
+        # The pool's one thread is free again for the next client: not 10 s on (the
+        # header timeout), nor 30.
+        assert status_of(exchange(server.port, CLOSING_GET, timeout=30)) == 200
+        assert time.monotonic() - started < 6
+        _wait_reset(stuck, within=2)
+    finally:
+        stuck.close()
+    setup.wait_log("WARNING http-threaded event=send-timeout client=127.0.0.1 buffered=")
+
+
+def test_slowloris_408s_on_a_pool_do_not_wait_for_each_others_lingering_close(setup):
+    """After a 408 a pool thread read away what the client still sent (the lingering
+    close, 2 s) itself, so slowloris connections trickling on got their 408s one pool
+    thread's worth every 2 s (300 of them on --pool 8: 8 every 2 s). The lingering is
+    now another thread's."""
+    server = setup.server("Server_thread_http.py", "--pool", "1", "--header-timeout", "1")
+    head = b"GET /page.html HTTP/1.1\r\nHost: slow\r\nX-Trickle: " + b"z" * 400
+    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
+    started = time.monotonic()
+    answers: dict[int, bytes] = {}
+    try:
+        for s in slow:
+            s.setblocking(False)
+        for byte in head:  # a byte to each every 0.2 s, until answered
+            for i, s in enumerate(slow):
+                if i in answers:
+                    continue
+                try:
+                    answers[i] = s.recv(4096)
+                except BlockingIOError:
+                    s.send(bytes([byte]))
+            if len(answers) == len(slow):
+                break
+            assert time.monotonic() - started < 7, f"{len(answers)} of {len(slow)} answered in 7 s"
+            time.sleep(0.2)
+    finally:
+        for s in slow:
+            s.close()
+    assert all(b" 408 " in a.split(b"\r\n")[0] for a in answers.values()), answers
+
+
+def test_a_head_waiting_in_the_pool_queue_is_timed_from_its_accept(setup):
+    """A connection's header timeout started when a pool thread first read it: a
+    slowloris queued behind a busy thread got the whole header timeout again once
+    taken. Its head now counts from its accept: taken past it, it gets 408 at once."""
+    server = setup.server("Server_thread_http.py", "--pool", "1", "--keepalive-timeout", "3",
+                          "--header-timeout", "2")
+    stuck = _pipeline_until_pushed_back(server.port)  # holds the only thread until it is cut
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    try:
+        slow.sendall(b"GET /page.html HTTP/1.1\r\nHost: slow\r\nX-Trickle: z")
+        _wait_reset(stuck, within=8)
+        cut = time.monotonic()
+        assert b" 408 " in slow.recv(4096).split(b"\r\n")[0]
+        assert time.monotonic() - cut < 1.5  # (not the 2 s of a header timeout begun only now)
+    finally:
+        stuck.close()
+        slow.close()
+
+
 def test_a_full_pool_answers_503_without_a_reset(setup, tmp_path):
     """With every pool thread busy and the queue full, a new client gets 503; its
     close used to come with the client's request unread, so the kernel reset the

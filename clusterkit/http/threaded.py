@@ -16,11 +16,16 @@ were done). Nor does a thread sit on an idle connection (keep-alive between
 requests, or one that has sent nothing) while others wait: it puts it back
 after ``POOL_IDLE_CHECK``, and closes it once idle ``POOL_IDLE_YIELD`` (two
 idle connections held a ``--pool 2`` server from everyone else for the whole
-keep-alive timeout).
+keep-alive timeout). A queued connection's first request head is timed from
+its accept, not from when a thread first reads it, and the lingering close
+after an error answer is left to a thread of its own (``MAX_LINGERING``):
+300 slowloris connections on ``--pool 8`` got their 408s 8 every 2 s.
 
 Deadlines live on the sockets: the request head must arrive within
 ``header_timeout`` (408 otherwise), an idle keep-alive connection is closed
-after ``keepalive_timeout``. They are kernel timeouts on sockets left in
+after ``keepalive_timeout``, and one that takes no byte of its answers for
+as long is cut (``event=send-timeout``, nginx's ``send_timeout``: one that
+reads slowly but reads is served). They are kernel timeouts on sockets left in
 blocking mode, not ``settimeout()`` (see ``clusterkit.sockets``: half the
 system calls and GIL hand-offs per request). The listener blocks in
 ``accept`` too; stopping shuts it down to wake it. The listen backlog is
@@ -38,6 +43,7 @@ import _thread
 import queue
 import signal
 import socket
+import struct
 import threading
 import time
 from typing import Callable, NamedTuple
@@ -56,6 +62,12 @@ POOL_QUEUE = 128
 more threads) before a new client gets 503: enough for ``ab -c 100``."""
 MAX_REFUSING = 64
 """Clients told 503 at once, at most (each lingers in a thread for up to 2 s)."""
+MAX_LINGERING = 64
+"""Pool connections whose error answer lingers at once, at most (each in a thread of
+its own for up to 2 s); past it, the close after the answer is at once."""
+SEND_CHECKS = 4
+"""A blocked send looks at the clock this many times per keep-alive timeout (the
+kernel's send timeout is that part of it): a client is cut at most a quarter late."""
 POOL_IDLE_CHECK = 0.25
 """Seconds between a pool thread's looks at the queue while its connection is idle."""
 POOL_IDLE_YIELD = 1.0
@@ -131,6 +143,8 @@ class ThreadedHttpServer:
         self.threads = ThreadCache(self._handle)
         self.refusals = ThreadCache(self._refuse)
         self.refusing = threading.BoundedSemaphore(MAX_REFUSING)  # a slot per client being told 503
+        self.lingerers = ThreadCache(self._linger)
+        self.lingering = threading.BoundedSemaphore(MAX_LINGERING)  # a slot per pool connection lingering
         # Counted by the accepting thread; the rest of a burst is said a second on by a timer's.
         self.tally_lock = threading.Lock()
         self.turned_away = elog.tally(lambda n: f"event=busy refused={n} pool={config.pool} reason=queue-full",
@@ -159,7 +173,7 @@ class ThreadedHttpServer:
                 self.threads.submit(conn, addr[0])
             else:
                 try:
-                    self.queue.put_nowait((conn, addr[0]))
+                    self.queue.put_nowait((conn, addr[0], time.monotonic()))
                 except queue.Full:
                     with self.tally_lock:
                         self.turned_away.count()
@@ -194,6 +208,18 @@ class ThreadedHttpServer:
             conn.close()
             self.refusing.release()
 
+    def _linger(self, conn: socket.socket) -> None:
+        """The lingering close after a pool connection's error answer, in a thread of
+        its own: in the pool thread, a slowloris trickling on through it held the thread
+        2 s per 408 (300 of them on ``--pool 8``: 8 answers every 2 s)."""
+        try:
+            linger(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self.lingering.release()
+
     def _worker(self) -> None:
         while True:
             job = self.queue.get()  # type: ignore[union-attr]
@@ -203,9 +229,12 @@ class ThreadedHttpServer:
                 if self.elog.error:
                     self.elog.line("ERROR", f"event=error reason={logs.quote(f'{type(exc).__name__}: {exc}')}")
 
-    def _handle(self, conn: socket.socket, peer: str, turn: Turn | None = None) -> None:
+    def _handle(self, conn: socket.socket, peer: str, accepted: float | None = None,
+                turn: Turn | None = None) -> None:
         """Serve a connection until it ends, or (pool) until its turn does: then it
-        goes back to the queue with ``turn``, what the next thread needs of it."""
+        goes back to the queue with ``turn``, what the next thread needs of it.
+        ``accepted``: when a pool connection was accepted, a while before a thread
+        takes it from the queue; its first head and its idleness count from then."""
         limits = self.config.limits
         elog = self.elog
         pool = self.queue
@@ -216,12 +245,12 @@ class ThreadedHttpServer:
         if turn is None:
             parser = RequestParser(limits)
             current = idle_wait
-            idle_since = time.monotonic()
-            # A client that does not read its answer for this long is cut off.
-            kernel_timeouts(conn, current, send=max(limits.keepalive_timeout, limits.header_timeout))
+            idle_since = time.monotonic() if accepted is None else accepted
+            # A blocked send returns this often, for _send to look at the clock.
+            kernel_timeouts(conn, current, send=limits.keepalive_timeout / SEND_CHECKS)
         else:
             parser, current, idle_since = turn
-        requeued = False
+        requeued = lingering = False
         try:
             while not self.stopping.is_set():
                 # Between requests: the keep-alive timeout; within a head: what is left of the
@@ -256,15 +285,21 @@ class ThreadedHttpServer:
                     return
                 idle_since = time.monotonic()
                 requests = parser.feed(data)
+                if accepted is not None:
+                    # Its first head may have begun long before a thread read it, while
+                    # it waited in the queue: the header timeout counts from the accept.
+                    if parser.in_progress and not requests:
+                        parser.head_started = accepted
+                    accepted = None
                 while requests:  # a budget of answers at a time (StaticFiles.answer)
                     out, keep, n = self.static.answer(requests, peer, elog)
-                    conn.sendall(out)
+                    self._send(conn, out, peer)
                     if not keep:
                         return
                     requests = requests[n:] if n < len(requests) else None
                 if parser.expects_continue:
                     parser.expects_continue = False
-                    conn.sendall(CONTINUE)
+                    self._send(conn, CONTINUE, peer)
                 if parser.error is not None:
                     raise parser.error
                 if pool is not None and self._requeue(conn, peer, Turn(parser, current, idle_since)):
@@ -274,8 +309,13 @@ class ThreadedHttpServer:
             if elog.warning:
                 elog.line("WARNING", f"event=refused client={peer} status={exc.status} reason={logs.quote(exc.detail)}")
             try:
-                conn.sendall(error_response(exc, self.static.backend_header))
-                linger(conn)
+                self._send(conn, error_response(exc, self.static.backend_header), peer)
+                if pool is None:
+                    linger(conn)
+                elif self.lingering.acquire(blocking=False):
+                    self.lingerers.submit(conn)  # not in a pool thread, which others wait for
+                    lingering = True
+                # (else: past MAX_LINGERING at once, a close at once)
             except OSError:
                 pass
         except OSError:
@@ -285,7 +325,38 @@ class ThreadedHttpServer:
                 with self.lock:
                     self.active.discard(conn)
                 parser.close()
-                conn.close()
+                if not lingering:
+                    conn.close()
+
+    def _send(self, conn: socket.socket, data: bytes, peer: str) -> None:
+        """``sendall``, with nginx's ``send_timeout``: a client that has taken no byte
+        for ``keepalive_timeout`` is cut (a reset, logged; TimeoutError). One that reads
+        slowly but reads is served however long it takes. (Before, a ``sendall`` with a
+        kernel timeout that any progress restarted, of the longer of the two timeouts:
+        a client that never read held its thread for 30 s with a keep-alive timeout
+        of 3, and four of them a ``--pool 4`` server from everyone.)"""
+        try:
+            sent = conn.send(data)  # mostly the whole of it, at once
+        except BlockingIOError:  # SO_SNDTIMEO: a send check's time without a byte taken
+            sent = 0
+        if sent == len(data):
+            return
+        limit = self.config.limits.keepalive_timeout
+        view = memoryview(data)[sent:]
+        stalled_since = time.monotonic() - (0 if sent else limit / SEND_CHECKS)
+        while view:
+            try:
+                sent = conn.send(view)
+            except BlockingIOError:
+                if time.monotonic() - stalled_since < limit:
+                    continue
+                if self.elog.warning:
+                    self.elog.line("WARNING", f"event=send-timeout client={peer} buffered={len(view)}")
+                # A reset, not a FIN after the unsent bytes: the close frees them now.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raise TimeoutError("send-timeout") from None
+            view = view[sent:]
+            stalled_since = time.monotonic()
 
     def _requeue(self, conn: socket.socket, peer: str, turn: Turn) -> bool:
         """Put a connection whose turn is over at the end of the pool's queue, when
@@ -297,7 +368,7 @@ class ThreadedHttpServer:
         with self.lock:
             self.active.discard(conn)
         try:
-            self.queue.put_nowait((conn, peer, turn))  # type: ignore[union-attr]
+            self.queue.put_nowait((conn, peer, None, turn))  # type: ignore[union-attr]
         except queue.Full:
             with self.lock:
                 self.active.add(conn)
