@@ -306,8 +306,8 @@ class ThreadedHttpServer:
                     requeued = True
                     return
         except HttpError as exc:
-            if elog.warning:
-                elog.line("WARNING", f"event=refused client={peer} status={exc.status} reason={logs.quote(exc.detail)}")
+            if elog.info:  # (a client's fault, as a 404 is: no warning)
+                elog.line("INFO", f"event=refused client={peer} status={exc.status} reason={logs.quote(exc.detail)}")
             try:
                 self._send(conn, error_response(exc, self.static.backend_header), peer)
                 if pool is None:
