@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"keepalive={int(args.keepalive)}")
                 result = client.send_message(args.message)
             except ClientError as exc:
-                if elog.warning:
+                if elog.error:
                     elog.line("ERROR", f"event=error n={i} code={exc.code} detail={logs.quote(exc)}")
                 if args.json:  # what was answered, and the message that failed
                     json.dump(rows + [{"n": i, "error": exc.code, "detail": str(exc)}], sys.stdout, indent=2)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             if elog.info:
                 if result.connect_ms is not None:
                     elog.line("INFO", f"event=connect n={i} connect_ms={result.connect_ms:.3f}")
-                elog.line("INFO", f"event=reply n={i} server={result.server} length={result.length} "
+                elog.line("INFO", f"event=reply n={i} server={logs.quote(result.server)} length={result.length} "
                                   f"latency_ms={result.latency_ms:.3f} rtt_ms={result.rtt_ms:.3f}")
             rows.append(_row(i, result))
     finally:

@@ -74,8 +74,8 @@ def check_non_negative(config: Any, *names: str) -> None:
 def check_backend_name(name: str) -> None:
     """Printable ASCII without spaces or '=': it goes into key=value log lines, and
     into a header (X-Backend), where a line break would start a header of its own."""
-    check(all(" " < c < "\x7f" and c != "=" for c in name),
-          f"backend name {name!r}: printable ASCII, no spaces or '=' (it goes into key=value log lines)")
+    check(all(" " < c < "\x7f" and c not in '="\\' for c in name),
+          f"backend name {name!r}: printable ASCII, no spaces, '=', '\"' or '\\' (it goes into key=value log lines)")
 
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}

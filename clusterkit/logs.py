@@ -28,6 +28,7 @@ import atexit
 import collections
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -56,12 +57,26 @@ def timestamp(now: float | None = None) -> str:
     return "%s.%03dZ" % (_ts_cache_prefix, int((now - second) * 1000))
 
 
+_UNSAFE = re.compile('[\\x00-\\x20"=\\x7f-\\x9f]')
+"""What a bare value may not hold: a space, a quote, '=' or a control character."""
+_ESCAPED = re.compile('[\\\\"\\x00-\\x1f\\x7f-\\x9f]')
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    c = match.group()
+    return _ESCAPES.get(c) or f"\\x{ord(c):02x}"
+
+
 def quote(value: object) -> str:
-    """A value safe to put after ``key=``: no spaces, no newlines."""
+    """A value safe to put after ``key=``: as it is when it holds no space, quote,
+    '=' or control character; else in quotes, with backslash escapes (also for a
+    control character, as \\x1b: what a peer sends, an X-Backend header or a server's
+    name, can neither forge a field nor reach a terminal that reads the log)."""
     text = str(value)
-    if not text or any(c in text for c in ' "\n\r\t='):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
-    return text
+    if text and not _UNSAFE.search(text):
+        return text
+    return '"' + _ESCAPED.sub(_escape, text) + '"'
 
 
 class LogDirError(Exception):

@@ -194,8 +194,9 @@ def build_error(code: str | bytes) -> bytes:
 def check_server_name(name: str) -> bytes:
     """A server name as it goes on the wire: printable ASCII, no spaces."""
     raw = name.encode("utf-8", "replace")  # (non-ASCII: bytes >= 128, refused below)
-    if not raw or any(b <= 32 or b >= 127 for b in raw):
-        raise LocalProtocolError("bad-server-name", f"{name!r}: use printable ASCII without spaces")
+    if not raw or any(b <= 32 or b >= 127 or b in b'"=\\' for b in raw):
+        # (no '=', quote or backslash either: the name leads each of its log lines, and is a value in others)
+        raise LocalProtocolError("bad-server-name", f"{name!r}: use printable ASCII without spaces, '=', '\"' or '\\'")
     return raw
 
 

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -113,6 +114,16 @@ def test_an_ipv6_host_in_brackets_as_in_urls(procs, log_dir):
     server.stop()
     proc = run_client("again", "--host", "::1", "--port", str(server.port), log_dir=log_dir)
     assert proc.returncode == 69 and f"connection refused by [::1]:{server.port} " in proc.stderr, proc.stderr
+
+
+def test_the_error_line_is_logged_at_log_level_error(log_dir):
+    """It was written only from --log-level warning down: at error, an error went unlogged."""
+    proc = run_client("hello", "--port", str(cluster.free_port()), "--log-level", "error", log_dir=log_dir)
+    assert proc.returncode == 69
+    deadline = time.monotonic() + 10
+    while "ERROR client event=error n=1 code=connection-refused" not in (log_dir / "client_log.log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_cli_json_output(start_server, log_dir):

@@ -307,7 +307,7 @@ def test_port_taken_gives_one_clear_line_and_exit_71(log_dir, program, taken):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["two words", "s\u00e9rv\u00e9r"])
+@pytest.mark.parametrize("name", ["two words", "s\u00e9rv\u00e9r", 'q"uote', "k=v"])
 def test_bad_option_is_a_usage_error(log_dir, name):
     """A non-ASCII name was taken, and went on the wire as s?rv?r."""
     proc = subprocess.run(cluster.python_script("server1.py", "--name", name, "--log-dir", str(log_dir)),

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from clusterkit import cluster
+from clusterkit import cluster, logs
 from clusterkit.balancer import balancer_process
 
 pytestmark = pytest.mark.timeout(120)
@@ -213,7 +213,7 @@ class FakeServer:
                         except OSError:  # the client closed a connection out of step
                             return
                     continue
-                if self.behaviour in ("http-varied", "http-interim"):
+                if self.behaviour in ("http-varied", "http-interim", "http-rogue"):
                     buf += data
                     while b"\r\n\r\n" in buf:
                         head, buf = buf.split(b"\r\n\r\n", 1)
@@ -222,8 +222,13 @@ class FakeServer:
                             self.count += 1
                             n = self.count
                             interim = interim_answers(n) if self.behaviour == "http-interim" else b""
-                            answer = varied_answer(n, keep) if not interim else http_answer(
-                                backend=b"b%d" % (1 + n % 2), extra=b"" if keep else b"Connection: close\r\n")
+                            if self.behaviour == "http-rogue":  # an X-Backend that would forge log fields
+                                interim, answer = b"", http_answer(backend=ROGUE_NAME)
+                            elif not interim:
+                                answer = varied_answer(n, keep)
+                            else:
+                                answer = http_answer(backend=b"b%d" % (1 + n % 2),
+                                                     extra=b"" if keep else b"Connection: close\r\n")
                             self.sent += len(interim) + len(answer)
                         if interim and not n % 3:  # every 3rd apart from its answer
                             conn.sendall(interim)
@@ -1170,6 +1175,9 @@ def test_one_step_http_answers_count_as_the_reader_counts_them(keepalive, closes
     assert verdicts == ({getattr(plan_module, verdict)} if verdict else set())
 
 
+ROGUE_NAME = b'web1 reply=forged latency_ms=0.001 [/x] note="x'
+
+
 def interim_answers(n: int) -> bytes:
     """What FakeServer("http-interim") sends before its n-th answer: 100 Continue,
     and every 2nd time 103 Early Hints too."""
@@ -1219,6 +1227,34 @@ def test_interim_answers_before_the_final_one_are_taken(log_dir, tmp_path, engin
     assert (row["complete"], row["failed"]) == (60, 0), row["errors"]
     assert row["backends"] == {"b1": 30, "b2": 30}
     assert row["total_transferred_bytes"] == server.sent
+
+
+def test_what_the_server_under_test_names_itself_forges_no_log_field_and_breaks_no_report(log_dir, tmp_path):
+    """An X-Backend of 'web1 reply=forged latency_ms=0.001 [/x] note="x' went into
+    client_log.log as it came: a forged latency_ms before the real one, and a quote
+    that swallowed the rest; and its "[/x]" crashed the printed report (rich's markup)."""
+    server = FakeServer("http-rogue")
+    try:
+        row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/", "-n", "20", "-c", "2", "-k",
+                             log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        server.close()
+    assert proc.returncode == 0 and row["complete"] == 20, proc.stderr
+    name = ROGUE_NAME.decode()
+    assert row["backends"] == {name: 20} and f"answered by {name}" in proc.stdout
+    lines = [x for x in (log_dir / "client_log.log").read_text().splitlines() if " event=request " in x]
+    assert len(lines) == 20
+    quoted = logs.quote(name)
+    # (its latency_ms= is inside the quotes: outside them, one)
+    assert all(f" backend={quoted} reply=ok " in x and x.replace(quoted, "").count("latency_ms=") == 1
+               for x in lines), lines[0]
+
+
+def test_log_values_are_quoted_with_their_control_characters_escaped():
+    assert logs.quote("server1") == "server1" and logs.quote("caf\u00e9") == "caf\u00e9"
+    assert logs.quote('a b="c"') == '"a b=\\"c\\""'
+    assert logs.quote("red\x1b[31m\x85\x00") == '"red\\x1b[31m\\x85\\x00"'
+    assert logs.quote("two\nlines\r\t") == '"two\\nlines\\r\\t"' and logs.quote("") == '""'
 
 
 def test_http_header_block_without_end_fails_and_is_not_kept():

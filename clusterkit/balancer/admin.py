@@ -61,8 +61,10 @@ class PoolCollector:
             up, state, active, messages, failures, conns, reused, idle)
         yield GaugeMetricFamily("clusterkit_client_connections", "client connections open now",
                                 value=len(app.connections))
-        yield CounterMetricFamily("clusterkit_failovers", "client connections moved to another backend",
-                                  value=app.failovers)
+        # (a client with nothing unanswered when its backend goes is no failover: it takes
+        # another at its next message, as the log says no event=failover for it)
+        yield CounterMetricFamily("clusterkit_failovers", "failovers: client connections whose unanswered "
+                                  "messages were resent to another backend", value=app.failovers)
         yield CounterMetricFamily("clusterkit_no_backend_errors", "messages answered ERR no-backend",
                                   value=app.no_backend_errors)
 

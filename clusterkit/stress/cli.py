@@ -212,23 +212,27 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig, req
     if not elog.warning or not entries:
         return
     offset = time.time() - time.perf_counter_ns() / 1e9
-    target = cfg.http_url or host_port(cfg.host, cfg.port)
+    target = logs.quote(cfg.http_url or host_port(cfg.host, cfg.port))
     entries.sort(key=lambda e: e[0])
     if elog.info and len(entries) < requests:
+        # (past metrics.LOG_KEPT answers a run, only failures are logged one by one)
         elog.line("INFO", f"event=log-capped target={target} logged={len(entries)} requests={requests} "
-                          f"(past {metrics.LOG_KEPT:,} answers a run, only failures are logged one by one)")
+                          f"kept={metrics.LOG_KEPT}")
+    names: dict[str, str] = {}  # the backends' names as logged: what the server under test said, quoted
     for i, (sent, backend, lat, rtt, kind, start) in enumerate(entries, 1):
         ts = logs.timestamp(offset + sent / 1e9)
         if kind is None:
+            backend = names.get(backend) or names.setdefault(backend, logs.quote(backend))
             connect = f" connect_ms={(sent - start) / 1e6:.3f}" if start < sent else ""  # (it opened its connection)
             elog.line("INFO", f"event=request n={i} target={target} sent={ts} backend={backend} reply=ok "
                               f"confirmation=ok{connect} latency_ms={lat / 1e6:.3f} rtt_ms={rtt / 1e6:.3f}")
         else:
-            elog.line("WARNING", f"event=request n={i} target={target} sent={ts} error={kind}")
+            elog.line("WARNING", f"event=request n={i} target={target} sent={ts} error={logs.quote(kind)}")
 
 
 def print_report(rows: list[dict], killed: list[str], interrupted: bool = False) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -249,10 +253,12 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
         table.add_row("server CPU (% of a core)", *[report.fmt(r["server_cpu_percent"]) for r in rows])
     names = sorted({b for r in rows for b in r["backends"]})
     for name in names:
-        table.add_row(report.answered_by(name), *[report.fmt(r["backends"].get(name, 0)) for r in rows])
+        # (names and kinds come from the server under test: no markup of rich's in them; "[/x]" raised)
+        table.add_row(escape(report.answered_by(name)), *[report.fmt(r["backends"].get(name, 0)) for r in rows])
     kinds = sorted({k for r in rows for k in r["errors"]})
     for kind in kinds:
-        table.add_row(f"failed: {kind}", *[report.fmt(r["errors"].get(kind, 0)) for r in rows])
+        table.add_row(escape(f"failed: {report.printable(kind)}"), *[report.fmt(r["errors"].get(kind, 0))
+                                                                    for r in rows])
     needed = console.measure(table, options=console.options.update_width(10_000)).maximum
     if needed > console.width and not console.is_terminal:  # (80 columns): wider, not numbers cut to "28,2…"
         console = Console(width=needed)
@@ -269,7 +275,7 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
                   f"(if the request opened one) to {end}, as ApacheBench's Total")
     counts = sorted({row["processes"] for row in rows})  # (a sweep's levels may differ: auto is at most -c)
     processes = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    console.print(f"target {r['target']}, engine {r['engine']} x {processes} process(es), "
+    console.print(f"target {escape(str(r['target']))}, engine {r['engine']} x {processes} process(es), "
                   f"{r['connection']} connections; {timing}")
     for r in rows:
         unsent = r["scheduled"] - r["complete"] - r["failed"] if r["scheduled"] else 0
