@@ -977,7 +977,7 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     ("[[backends]]\nport = true\n", "port must be a whole number, got True"),
     ("[balancer]\nmax-line = 0\n", "--max-line must be 1 to"),
     ("[balancer]\nmax-line = 99999999999999\n", "--max-line must be 1 to"),
-    ('[[backends]]\nport = 7001\nname = "a b"\n', "no spaces or '='"),
+    ('[[backends]]\nport = 7001\nname = "a b"\n', "printable ASCII, no spaces"),
     ('[balancer]\nlog-level = "warning"\n', "unknown setting 'log-level'"),  # (was taken, and ignored)
     ("[balancer]\ncheck-interval = inf\n", "--check-interval must be positive, at most a year, got inf"),
     ("[balancer]\ndrain-timeout = -1.0\n", "--drain-timeout must be 0 or more"),
