@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from . import logs
 from .config import MAX_SECONDS
-from .sockets import host_port
+from .sockets import host_port, unbracket
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -111,7 +111,7 @@ def non_negative_float(text: str) -> float:
 def host_name(text: str) -> str:
     """A ``--host`` value: a name or an address, IPv6 also in brackets as in URLs
     (``[::1]``, which the resolver does not know)."""
-    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    host = unbracket(text)
     if not host:
         raise argparse.ArgumentTypeError("give a host name or address")  # ('' would mean every interface)
     return host

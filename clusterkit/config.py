@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import DEFAULT_MAX_LINE, MAX_MAX_LINE, check_server_name, LocalProtocolError
+from .sockets import unbracket
 
 
 class ConfigError(ValueError):
@@ -72,8 +73,9 @@ def check_non_negative(config: Any, *names: str) -> None:
 
 
 def check_backend_name(name: str) -> None:
-    """Printable ASCII without spaces or '=': it goes into key=value log lines, and
-    into a header (X-Backend), where a line break would start a header of its own."""
+    """Printable ASCII without spaces, '=', quotes or backslashes: it goes into
+    key=value log lines, and into a header (X-Backend), where a line break would
+    start a header of its own."""
     check(all(" " < c < "\x7f" and c not in '="\\' for c in name),
           f"backend name {name!r}: printable ASCII, no spaces, '=', '\"' or '\\' (it goes into key=value log lines)")
 
@@ -133,9 +135,8 @@ def settings_and_backends(path: str, section: str, cls: type, settable: set[str]
 def _unbracketed(fields: dict[str, Any]) -> dict[str, Any]:
     """An IPv6 ``host`` also in brackets, as ``--host`` and ``--backend`` take it
     (``"[::1]"``, which the resolver does not know)."""
-    host = fields.get("host")
-    if isinstance(host, str) and host.startswith("[") and host.endswith("]"):
-        fields["host"] = host[1:-1]
+    if isinstance(fields.get("host"), str):
+        fields["host"] = unbracket(fields["host"])
     return fields
 
 

@@ -60,6 +60,7 @@ def timestamp(now: float | None = None) -> str:
 _UNSAFE = re.compile('[\\x00-\\x20"=\\x7f-\\x9f]')
 """What a bare value may not hold: a space, a quote, '=' or a control character."""
 _ESCAPED = re.compile('[\\\\"\\x00-\\x1f\\x7f-\\x9f]')
+_CONTROL = re.compile('[\\x00-\\x1f\\x7f-\\x9f]')
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -77,6 +78,12 @@ def quote(value: object) -> str:
     if text and not _UNSAFE.search(text):
         return text
     return '"' + _ESCAPED.sub(_escape, text) + '"'
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: its control characters escaped as ``quote`` does
+    them (\\x1b), nothing else changed, no quotes."""
+    return _CONTROL.sub(_escape, text)
 
 
 class LogDirError(Exception):

@@ -42,6 +42,12 @@ def local_shortage(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) in _SHORTAGES
 
 
+def unbracket(host: str) -> str:
+    """An IPv6 address as URLs write it (``[::1]``), which the resolver does not
+    know, without its brackets; anything else as it is."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def host_port(host: str, port: int) -> str:
     """``host:port`` as a URL or ``--backend`` writes it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

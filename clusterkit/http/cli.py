@@ -10,7 +10,7 @@ import sys
 
 from .. import cli, logs, loops
 from ..config import ConfigError, settings_and_backends
-from ..sockets import host_port
+from ..sockets import host_port, unbracket
 from .config import HttpBackend, HttpServerConfig, ProxyConfig, backend_name
 from .core import Limits
 from .static import DEFAULT_ROOT
@@ -159,9 +159,7 @@ def proxy_config(args) -> ProxyConfig:
             host, _, port = addr.rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError(f"--backend {text!r}: expected [NAME=]HOST:PORT")
-            if host.startswith("[") and host.endswith("]"):  # [::1]:9002
-                host = host[1:-1]
-            backends.append(HttpBackend(host, int(port), name or backend_name(int(port))))
+            backends.append(HttpBackend(unbracket(host), int(port), name or backend_name(int(port))))
         kwargs["backends"] = tuple(backends)
     for key in ("check_interval", "check_path", "rise", "fall", "response_timeout", "admin_port"):
         if getattr(args, key) is not None:

@@ -257,7 +257,7 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
         table.add_row(escape(report.answered_by(name)), *[report.fmt(r["backends"].get(name, 0)) for r in rows])
     kinds = sorted({k for r in rows for k in r["errors"]})
     for kind in kinds:
-        table.add_row(escape(f"failed: {report.printable(kind)}"), *[report.fmt(r["errors"].get(kind, 0))
+        table.add_row(escape(f"failed: {logs.printable(kind)}"), *[report.fmt(r["errors"].get(kind, 0))
                                                                     for r in rows])
     needed = console.measure(table, options=console.options.update_width(10_000)).maximum
     if needed > console.width and not console.is_terminal:  # (80 columns): wider, not numbers cut to "28,2…"

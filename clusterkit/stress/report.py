@@ -146,13 +146,7 @@ def answered_by(backend: str) -> str:
     """The label of a backend's count: "-" is an answer that named none (no X-Backend).
     A control character in the name the server gave (an escape sequence for the
     terminal the report goes to) is shown as \\x1b."""
-    return "answered (no X-Backend header)" if backend == "-" else f"answered by {printable(backend)}"
-
-
-def printable(text: str) -> str:
-    """``text`` with its control characters escaped (``logs.quote``'s escapes, no quotes)."""
-    quoted = logs.quote(text)
-    return quoted[1:-1] if quoted.startswith('"') and any(c < " " or "\x7f" <= c <= "\x9f" for c in text) else text
+    return "answered (no X-Backend header)" if backend == "-" else f"answered by {logs.printable(backend)}"
 
 
 def to_markdown(rows: list[dict]) -> str:
