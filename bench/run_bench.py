@@ -12,7 +12,7 @@ What it runs, all on free loopback ports and stopped by PID afterwards:
   HAProxy (mode tcp) over server1..3, per-request and keep-alive
   connections, from the stress tool.
 * Failover: 1000 requests through each balancer, one backend killed (SIGKILL)
-  halfway; failed requests per balancer.
+  about a third of the way in; failed requests per balancer.
 * Speed targets: bench_tcp, bench_balancer, bench_http and bench_stress, whose
   verdicts (met or not) go into the report (skipped with QUICK=1).
 
@@ -130,7 +130,7 @@ def commit() -> str | None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 repetition, 2 levels, no speed targets")
     p.add_argument("--reps", type=int, default=5, help="repetitions per cell, interleaved (default: 5)")
     p.add_argument("--requests", "-n", type=int, default=1000, help="requests per cell (default: 1000)")
