@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from email.utils import formatdate
 
 import httptools
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,21 +21,28 @@ from prometheus_client import CollectorRegistry, generate_latest
 MAX_REQUEST = 8192
 """Bytes of a request head; more is refused (431), as nginx's and HAProxy's buffers do.
 Unbounded, a never-ending request line stalled the loop the traffic shares."""
+MAX_BODY = 1 << 20
+"""Bytes of a request body read (and dropped) at most; more is refused (413)."""
 REQUEST_TIMEOUT = 10.0
 """Seconds an admin connection has for its request: then 408 for one begun, a close for none."""
 MAX_ADMIN_CONNECTIONS = 32
-"""Admin connections open at once; more get a 503 and are closed at once, so that
-scrapers (or anyone) can never take the descriptors the clients and health checks need."""
+"""Admin connections open at once, so that scrapers (or anyone) can never take the
+descriptors the clients and health checks need. One more closes the oldest that has
+sent nothing yet (32 idle connections made every scrape a 503), or, when every one
+is busy with a request, gets a 503 and the close."""
 
 
 class AdminProtocol(asyncio.Protocol):
-    def __init__(self, stats: Callable[[], dict], registry: CollectorRegistry, open_: set) -> None:
+    def __init__(self, stats: Callable[[], dict], registry: CollectorRegistry, open_: dict) -> None:
         self.stats = stats
         self.registry = registry
-        self.open = open_  # every admin connection open now
+        self.open = open_  # every admin connection open now, the oldest first (as keys)
         self.url = b""
         self.method = b""
         self.received = 0
+        self.body = 0
+        """Bytes of the request's body: a body (a POST's, which gets its 405 once read,
+        so that no reset takes the answer away) is bounded apart from the head."""
         self.answered = False
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -42,10 +50,14 @@ class AdminProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self.timed_out)
-        if len(self.open) >= MAX_ADMIN_CONNECTIONS:  # (a 503 and the close: a reset told nothing)
-            self.send(503, b"text/plain", b"too many admin connections at once: try again\n")
-            return
-        self.open.add(self)
+        if len(self.open) >= MAX_ADMIN_CONNECTIONS:
+            idle = next((c for c in self.open if not c.received), None)
+            if idle is None:  # (a 503 and the close: a reset told nothing)
+                self.send(503, b"text/plain", b"too many admin connections at once: try again\n")
+                return
+            idle.transport.abort()  # type: ignore[union-attr]
+            self.open.pop(idle, None)
+        self.open[self] = None
 
     def timed_out(self) -> None:
         """No whole request in time: a 408 for one begun (as the HTTP servers answer a
@@ -58,6 +70,9 @@ class AdminProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
 
+    def on_body(self, body: bytes) -> None:
+        self.body += len(body)
+
     def on_message_complete(self) -> None:
         self.method = self.parser.get_method()
         self.respond()
@@ -66,14 +81,18 @@ class AdminProtocol(asyncio.Protocol):
         if self.answered:
             return  # one request per connection: the rest is not read
         self.received += len(data)
-        if self.received > MAX_REQUEST:
-            self.send(431, b"text/plain", b"request too large\n")
-            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             if not self.answered:
                 self.send(400, b"text/plain", b"bad request\n")
+            return
+        if self.answered:
+            return
+        if self.received - self.body > MAX_REQUEST:
+            self.send(431, b"text/plain", b"request too large\n")
+        elif self.body > MAX_BODY:
+            self.send(413, b"text/plain", b"request body too large\n")
 
     def respond(self) -> None:
         path = httptools.parse_url(self.url).path.decode("latin-1") if self.url else "/"
@@ -89,17 +108,18 @@ class AdminProtocol(asyncio.Protocol):
     def send(self, status: int, ctype: bytes, body: bytes, extra: bytes = b"") -> None:
         self.answered = True
         reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-                  408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+                  408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
                   503: b"Service Unavailable"}[status]
-        head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
-                % (status, reason, ctype, len(body), extra))
+        head = (b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s"
+                b"Connection: close\r\n\r\n" % (status, reason, formatdate(usegmt=True).encode(), ctype, len(body),
+                                                     extra))
         assert self.transport is not None
         self.transport.write(head if self.method == b"HEAD" else head + body)
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
-        self.open.discard(self)
+        self.open.pop(self, None)
         self.parser = None  # (it holds this object: let both go without the garbage collector)
 
 
@@ -109,5 +129,5 @@ async def start_admin(loop: asyncio.AbstractEventLoop, host: str, port: int, sta
     custom collector) as /metrics on host:port."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
-    open_: set[AdminProtocol] = set()
+    open_: dict[AdminProtocol, None] = {}
     return await loop.create_server(lambda: AdminProtocol(stats, registry, open_), host, port, reuse_address=True)

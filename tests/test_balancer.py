@@ -1109,7 +1109,9 @@ def test_the_admin_port_cannot_take_the_balancer_down(procs, log_dir):
     stalled the loop the traffic shares, and 120 idle admin connections took every
     descriptor, so the health checks failed (EMFILE) and marked every backend DOWN:
     clients got ERR no-backend. Now: 431 past 8 KiB, at most 32 admin connections,
-    and a check that cannot be made here counts neither way."""
+    and a check that cannot be made here counts neither way. A scraper after the
+    idle ones is served (it closes the oldest idle one; it used to get a 503), and
+    it gets a 503 only when 32 connections have each begun a request."""
     admin_port = cluster.free_port()
     balancer = _cluster_with_few_files(procs, log_dir, 100, *FAST_CHECKS, admin_port=admin_port)
     with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as s:
@@ -1129,11 +1131,32 @@ def test_the_admin_port_cannot_take_the_balancer_down(procs, log_dir):
         assert one_message(balancer.port, b"still").startswith(b"REPLY server")
         log = (log_dir / "server_log.log").read_text()
         assert "backend-down" not in log
+        with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as late:
+            late.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert late.recv(200).startswith(b"HTTP/1.1 200 OK\r\nDate: ")
+        for c in idle:
+            c.close()
+        idle = [socket.create_connection(("127.0.0.1", admin_port), timeout=10) for _ in range(32)]
+        for c in idle:
+            c.sendall(b"GET /sta")  # begun, never ended: none of them may be closed for another
+        time.sleep(0.5)
         with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as late:  # (a reset said nothing)
             assert late.recv(200).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     finally:
         for c in idle:
             c.close()
+
+
+def test_an_admin_post_gets_405_whatever_its_body(procs, log_dir):
+    """A POST with a 20 kB body got 431 (its body counted as head), not 405."""
+    ports = cluster.free_ports(3)
+    procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+    procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], admin_port=ports[2],
+                                 log_dir=str(log_dir)))
+    with socket.create_connection(("127.0.0.1", ports[2]), timeout=30) as s:
+        s.sendall(b"POST /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n" + b"x" * 20000)
+        head = s.recv(300)
+    assert head.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and b"\r\nAllow: GET, HEAD\r\n" in head
 
 
 def test_an_unfinished_admin_request_gets_408_and_an_idle_admin_connection_is_closed(procs, log_dir):
