@@ -72,12 +72,12 @@ def check_non_negative(config: Any, *names: str) -> None:
         check(0 <= value <= MAX_SECONDS, f"--{name.replace('_', '-')} must be 0 or more, at most a year, got {value}")
 
 
-def check_backend_name(name: str) -> None:
+def check_backend_name(name: str, what: str = "backend name") -> None:
     """Printable ASCII without spaces, '=', quotes or backslashes: it goes into
     key=value log lines, and into a header (X-Backend), where a line break would
-    start a header of its own."""
+    start a header of its own. ``what`` names it in the error."""
     check(all(" " < c < "\x7f" and c not in '="\\' for c in name),
-          f"backend name {name!r}: printable ASCII, no spaces, '=', '\"' or '\\' (it goes into key=value log lines)")
+          f"{what} {name!r}: printable ASCII, no spaces, '=', '\"' or '\\' (it goes into key=value log lines)")
 
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}

@@ -981,6 +981,7 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     ('[balancer]\nlog-level = "warning"\n', "unknown setting 'log-level'"),  # (was taken, and ignored)
     ("[balancer]\ncheck-interval = inf\n", "--check-interval must be positive, at most a year, got inf"),
     ("[balancer]\ndrain-timeout = -1.0\n", "--drain-timeout must be 0 or more"),
+    ('[balancer]\nname = "a=b"\n', "--name 'a=b': printable ASCII, no spaces"),
 ])
 def test_a_bad_config_file_is_one_clear_line(tmp_path, log_dir, text, message):
     """Each was a traceback, or accepted (an empty backend list meant the default backends)."""
@@ -1015,6 +1016,29 @@ def test_the_config_files_port_holds_unless_the_flag_is_given(tmp_path, procs, l
     procs.start(cluster.Process("lb", cluster.python_script("Load_Balancer.py", "--config", str(toml),
                                                             "--log-dir", str(log_dir)), port=port))
     assert one_message(port) == b"REPLY solo hi\nACK solo 2\n"
+
+
+def test_two_balancers_in_one_log_go_by_their_names(tmp_path, procs, log_dir):
+    """Both wrote their lines as 'balancer': whose backend went down was anyone's guess.
+    The name comes from the config file, and --name wins over it."""
+    server = procs.start(cluster.echo_server("solo", cluster.free_port(), log_dir=str(log_dir)))
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[balancer]\nname = "front-tcp"\nmode = "tcp"\nadmin-port = 0\n\n[[backends]]\n'
+                    f'name = "solo"\nport = {server.port}\n')
+    ports = cluster.free_ports(2)
+    for port, extra in ((ports[0], ()), (ports[1], ("--name", "front-msg", "--mode", "message"))):
+        procs.start(cluster.Process("lb", cluster.python_script(
+            "Load_Balancer.py", "--config", str(toml), "--port", str(port), *extra, "--log-dir", str(log_dir)),
+            port=port))
+        assert one_message(port) == b"REPLY solo hi\nACK solo 2\n"
+    deadline = time.monotonic() + 10
+    while True:
+        log = (log_dir / "server_log.log").read_text()
+        if " INFO front-tcp event=session " in log and " INFO front-msg event=session " in log:
+            break
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.1)
+    assert " balancer event=" not in log and " WARNING front-msg event=listen " in log
 
 
 @pytest.mark.parametrize("mode", ["tcp", "message"])

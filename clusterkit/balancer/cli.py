@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load balancer of the TCP cluster: spreads clients over the echo servers, "
                     "health-checks them, and (in message mode) fails over without losing a message.")
     # Defaults None: a setting of --config stays unless the flag is given.
+    p.add_argument("--name", help=f"its name in the log lines, to tell two balancers apart (default: {d.name})")
     p.add_argument("--host", type=cli.host_name,
                    help=f"address to listen on (default: {d.host})")
     p.add_argument("--port", type=cli.port_number, help=f"port to listen on (default: {d.port})")
@@ -76,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
             kwargs[key] = value
     if args.backend:
         kwargs["backends"] = tuple(BackendSpec.parse(b) for b in args.backend)
-    for key in ("host", "port", "admin_port"):
+    for key in ("name", "host", "port", "admin_port"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     kwargs.update(log_level=args.log_level, log_dir=args.log_dir, loop=args.loop)
@@ -94,16 +95,16 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     except OSError as exc:
         port = config.admin_port if config.admin_port and balancer._admin is None else config.port
-        raise cli.listen_error("balancer", config.host, port, exc) from None
+        raise cli.listen_error(config.name, config.host, port, exc) from None
     backends = ", ".join(f"{b.name}" for b in config.backends)
     admin = f", admin http://{host_port(config.host, config.admin_port)}/stats" if config.admin_port else ""
-    print(f"balancer listening on {host_port(config.host, balancer.port)} (mode {config.mode}, {config.algorithm}, "
-          f"backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    print(f"{config.name} listening on {host_port(config.host, balancer.port)} (mode {config.mode}, "
+          f"{config.algorithm}, backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
     if config.algorithm != "weighted" and any(b.weight != 1 for b in config.backends):
-        print(f"balancer: the backends' weights are for --algorithm weighted; {config.algorithm} spreads clients "
+        print(f"{config.name}: the backends' weights are for --algorithm weighted; {config.algorithm} spreads clients "
               f"without them", file=sys.stderr, flush=True)
     if balancer.max_clients < config.max_connections:
-        print(f"balancer: at most {balancer.max_clients} clients at once (the open-files limit allows no more; "
+        print(f"{config.name}: at most {balancer.max_clients} clients at once (the open-files limit allows no more; "
               f"--max-connections is {config.max_connections}): more get 'ERR busy'", file=sys.stderr, flush=True)
     if elog.warning:
         elog.line("WARNING", f"event=listen port={balancer.port} mode={config.mode} algorithm={config.algorithm} "
@@ -119,6 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
     cli.raise_fd_limit()
-    elog = logs.configure("balancer", level=config.log_level, log_dir=config.log_dir, file_name=logs.SERVER_LOG)
+    elog = logs.configure(config.name, level=config.log_level, log_dir=config.log_dir, file_name=logs.SERVER_LOG)
     loops.run(_run(config, elog), config.loop)
     return cli.EXIT_OK

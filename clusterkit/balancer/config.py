@@ -59,6 +59,8 @@ DEFAULT_BACKENDS = tuple(BackendSpec("127.0.0.1", 7000 + i, name=f"server{i}") f
 
 @dataclass(frozen=True)
 class BalancerConfig:
+    name: str = "balancer"
+    """Its name in the log lines: two balancers sharing a log (one per mode, say) told apart."""
     host: str = "127.0.0.1"
     port: int = 7000
     admin_port: int = 7100
@@ -97,6 +99,7 @@ class BalancerConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_backend_name(self.name, "--name")
         check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}")
         check(self.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}")
         check(self.check in CHECKS, f"--check must be one of {', '.join(CHECKS)}")
