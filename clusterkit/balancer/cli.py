@@ -99,7 +99,8 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
     backends = ", ".join(f"{b.name}" for b in config.backends)
     admin = f", admin http://{host_port(config.host, config.admin_port)}/stats" if config.admin_port else ""
     print(f"{config.name} listening on {host_port(config.host, balancer.port)} (mode {config.mode}, "
-          f"{config.algorithm}, backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop", file=sys.stderr, flush=True)
+          f"{config.algorithm}, backends {backends}{admin}; pid {os.getpid()}); Ctrl-C to stop",
+          file=sys.stderr, flush=True)
     if config.algorithm != "weighted" and any(b.weight != 1 for b in config.backends):
         print(f"{config.name}: the backends' weights are for --algorithm weighted; {config.algorithm} spreads clients "
               f"without them", file=sys.stderr, flush=True)
