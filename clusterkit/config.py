@@ -84,14 +84,17 @@ _TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
-def typed_settings(cls: type, values: Any, where: str, settable: set[str] | None = None) -> dict[str, Any]:
+def typed_settings(cls: type | tuple[type, ...], values: Any, where: str,
+                   settable: set[str] | None = None) -> dict[str, Any]:
     """A TOML table's settings (``max-line`` or ``max_line``) as keyword arguments of
     the dataclass ``cls``, each of its field's type (a whole number is a number too;
     true is not a number); an unknown key, or one not in ``settable``, is an error.
-    So a file gets the one-line errors a command line gets, not a TypeError later."""
+    So a file gets the one-line errors a command line gets, not a TypeError later.
+    ``cls`` may be several dataclasses, when one table sets the fields of each
+    (lb.py's [lb]: ``ProxyConfig``'s and its ``Limits``')."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for c in (cls if isinstance(cls, tuple) else (cls,)) for f in dataclasses.fields(c)}
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
@@ -106,8 +109,8 @@ def typed_settings(cls: type, values: Any, where: str, settable: set[str] | None
     return out
 
 
-def settings_and_backends(path: str, section: str, cls: type, settable: set[str], backend_cls: type,
-                          defaults: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+def settings_and_backends(path: str, section: str, cls: type | tuple[type, ...], settable: set[str],
+                          backend_cls: type, defaults: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """A balancer's config file: its ``[section]`` as keyword arguments of ``cls``
     (``typed_settings``) and, when the file has ``[[backends]]``, ``backends``: a
     ``backend_cls`` per entry, its fields typed, a port required, the rest filled

@@ -574,7 +574,12 @@ def test_lb_in_front_of_a_server_without_healthz_keeps_it_up(setup):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[lb]\nhost = "x"\n', "unknown setting 'host'"),
+    ('[lb]\nloop = "asyncio"\n', "unknown setting 'loop'"),
+    ('[lb]\nmax-url = 100\n', "unknown setting 'max-url'"),
+    ('[lb]\nheader-timeout = "1"\n', "header-timeout must be a number"),
+    ('[lb]\nmax-header-bytes = 0\n', "--max-header-bytes must be at least 1"),
+    ('[lb]\nhost = ""\n', "host: give a host name or address"),
+    ('[lb]\nport = "44444"\n', "port must be a whole number"),
     ('[[backends]]\nhost = "127.0.0.1"\n', "needs at least a port"),
     ('[lb]\nrise = "x"\n', "rise must be a whole number"),
     ("backends = [1, 2]\n", "expected a table of settings"),
@@ -592,6 +597,9 @@ def test_a_bad_lb_config_file_is_one_clear_line(tmp_path, log_dir, text, message
 @pytest.mark.parametrize("script, args, message", [
     ("lb.py", ["--response-timeout", "-1"], "--response-timeout must be positive"),
     ("lb.py", ["--check-interval", "0"], "--check-interval must be positive"),
+    ("lb.py", ["--pool-size", "-1"], "argument --pool-size: must be 0 or more"),
+    ("lb.py", ["--connect-timeout", "0"], "argument --connect-timeout: must be positive"),
+    ("lb.py", ["--drain-timeout", "nan"], "argument --drain-timeout: must be 0 or more"),
     ("Server_async_http.py", ["--header-timeout", "-1"], "--header-timeout must be positive"),
     ("Server_thread_http.py", ["--keepalive-timeout", "0"], "--keepalive-timeout must be positive"),
     ("async_server.py", ["9999", "--keepalive-timeout", "nan"], "--keepalive-timeout must be positive"),
@@ -1405,6 +1413,94 @@ def test_lb_names_an_unnamed_backend_as_the_backend_names_itself(tmp_path):
     (tmp_path / "lb.toml").write_text("[[backends]]\nport = 9003\n[[backends]]\nport = 9101\n")
     args = lb_parser().parse_args(["--config", str(tmp_path / "lb.toml")])
     assert [b.name for b in proxy_config(args).backends] == ["backend2", "backend-9101"]
+
+
+def test_lb_flags_for_what_only_its_config_file_set(setup):
+    """--connect-timeout, --check-timeout, --pool-size and --drain-timeout were [lb]
+    settings of a --config file only (lb.py: 'unrecognized arguments'); their help
+    says the default. --pool-size 0 keeps no idle connection to a backend."""
+    from clusterkit.http.cli import lb_parser, proxy_config
+
+    args = lb_parser().parse_args(["--connect-timeout", "0.5", "--check-timeout", "0.25", "--pool-size", "0",
+                                   "--drain-timeout", "0"])
+    config = proxy_config(args)
+    assert (config.connect_timeout, config.check_timeout, config.pool_size, config.drain_timeout) == (0.5, 0.25, 0, 0)
+    helps = " ".join(lb_parser().format_help().split())
+    for text in ("--connect-timeout CONNECT_TIMEOUT seconds", "(default: 64)", "--drain-timeout DRAIN_TIMEOUT"):
+        assert text in helps
+    admin_port = cluster.free_port()
+    lb = setup.lb(1, "--admin-port", str(admin_port), "--pool-size", "0", "--connect-timeout", "0.5",
+                  "--check-timeout", "0.5", "--drain-timeout", "1")
+    for _ in range(3):
+        assert status_of(exchange(lb.port, CLOSING_GET)) == 200
+    backend = json.loads(_admin(admin_port, "/stats"))["backends"][0]
+    assert backend["requests"] == 3 and backend["idle_connections"] == 0, backend
+
+
+LB_TOML = """[lb]
+host = "127.0.0.1"
+port = {port}
+header-timeout = 1
+keepalive-timeout = 30.0
+max-header-bytes = 2000
+[[backends]]
+name = "backend1"
+port = {backend}
+"""
+BIG_HEADER_GET = b"GET /page.html HTTP/1.1\r\nHost: t\r\nX-Big: %s\r\nConnection: close\r\n\r\n" % (b"a" * 3000)
+
+
+def _slow_head_answer(port: int) -> tuple[int, float]:
+    """The status a request head that never ends gets, and how long it took."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(b"GET /page.html HTTP/1.1\r\n")
+        started = time.monotonic()
+        return status_of(s.recv(4096)), time.monotonic() - started
+
+
+def test_lb_config_file_sets_what_its_flags_set_and_a_flag_given_wins(setup, tmp_path):
+    """The [lb] table took no host, port or request limits ('unknown setting 'host''),
+    so a file could not say where lb.py listens; a flag given wins over the file, one
+    not given leaves the file's setting, as with Load_Balancer.py's [balancer]."""
+    from clusterkit.http.cli import lb_parser, proxy_config
+    from clusterkit.http.core import Limits
+
+    backend = setup.backend("backend1")
+    port = cluster.free_port()
+    path = tmp_path / "lb.toml"
+    path.write_text(LB_TOML.format(port=port, backend=backend.port))
+    config = proxy_config(lb_parser().parse_args(["--config", str(path), "--keepalive-timeout", "7"]))
+    assert (config.host, config.port) == ("127.0.0.1", port)
+    assert config.limits == Limits(header_timeout=1.0, keepalive_timeout=7.0, max_header_bytes=2000)
+    setup.procs.start(cluster.Process("lb.py", cluster.python_script(
+        "http_servers/lb.py", "--config", str(path), "--log-dir", setup.log_dir), port=port))
+    assert status_of(exchange(port, CLOSING_GET)) == 200
+    assert status_of(exchange(port, BIG_HEADER_GET)) == 431  # the file's 2,000 bytes
+    status, took = _slow_head_answer(port)
+    assert status == 408 and took < 5, took  # the file's 1 s, not the default 10 s
+    other = cluster.free_port()
+    setup.procs.start(cluster.Process("lb2", cluster.python_script(
+        "http_servers/lb.py", "--config", str(path), "--port", str(other), "--max-header-bytes", "5000",
+        "--log-dir", setup.log_dir), port=other))
+    assert status_of(exchange(other, BIG_HEADER_GET)) == 200  # the flags win
+    status, took = _slow_head_answer(other)
+    assert status == 408 and took < 5, took  # the file's header timeout stays
+
+
+def test_lb_example_config_with_every_setting_uncommented_is_accepted(tmp_path):
+    """http_servers/lb.example.toml names every [lb] setting, the commented ones at
+    their defaults (admin-port but, which is off by default)."""
+    import dataclasses
+    from clusterkit.http.cli import LB_FILE_SETTINGS, lb_parser, proxy_config
+    from clusterkit.http.config import ProxyConfig
+
+    text = (Path(cluster.ROOT) / "http_servers" / "lb.example.toml").read_text()
+    text = re.sub(r"(?m)^# ([a-z-]+ = )", r"\1", text)
+    named = set(re.findall(r"(?m)^([a-z-]+) = ", text.partition("[[backends]]")[0]))
+    assert {n.replace("-", "_") for n in named} == LB_FILE_SETTINGS
+    (tmp_path / "lb.toml").write_text(text)
+    config = proxy_config(lb_parser().parse_args(["--config", str(tmp_path / "lb.toml"), "--log-dir", "logs"]))
+    assert config.admin_port == 44445 and dataclasses.replace(config, admin_port=0) == ProxyConfig()
 
 
 def read_answers(s: socket.socket, count: int, deadline: float) -> list[tuple[int, int]]:

@@ -17,21 +17,27 @@ from .static import DEFAULT_ROOT
 
 
 def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool = False,
-            event_loop: bool = True) -> None:
-    p.add_argument("--host", default="127.0.0.1", type=cli.host_name,
-                   help="address to listen on (default: %(default)s)")
+            event_loop: bool = True, config_file: bool = False) -> None:
+    """``config_file``: lb.py, whose --config may set these too; each flag defaults
+    to None, so that a setting of the file stays unless the flag is given."""
+    d = Limits()
+
+    def default(value):
+        return None if config_file else value
+
+    p.add_argument("--host", default=default("127.0.0.1"), type=cli.host_name,
+                   help="address to listen on (default: 127.0.0.1)")
     if positional_port:
         p.add_argument("port_arg", nargs="?", type=cli.port_number, metavar="PORT", help="port to listen on")
-    p.add_argument("--port", type=cli.port_number, default=port,
-                   help="port to listen on" + (" (default: %(default)s)" if port else " (the same as PORT)"))
-    d = Limits()
-    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
-                   help="seconds a client has to send a request head; slower gets 408 (default: %(default)s)")
-    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
+    p.add_argument("--port", type=cli.port_number, default=default(port),
+                   help="port to listen on" + (f" (default: {port})" if port else " (the same as PORT)"))
+    p.add_argument("--header-timeout", type=float, default=default(d.header_timeout),
+                   help=f"seconds a client has to send a request head; slower gets 408 (default: {d.header_timeout})")
+    p.add_argument("--keepalive-timeout", type=float, default=default(d.keepalive_timeout),
                    help="seconds an idle keep-alive connection stays open, and a client that takes "
-                        "none of its answers is kept (default: %(default)s)")
-    p.add_argument("--max-header-bytes", type=cli.positive_int, default=d.max_header_bytes,
-                   help="request headers larger than this get 431 (default: %(default)s)")
+                        f"none of its answers is kept (default: {d.keepalive_timeout})")
+    p.add_argument("--max-header-bytes", type=cli.positive_int, default=default(d.max_header_bytes),
+                   help=f"request headers larger than this get 431 (default: {d.max_header_bytes})")
     if event_loop:
         p.add_argument("--loop", choices=loops.LOOPS, default="auto",
                        help="event loop (default: uvloop when installed)")
@@ -137,18 +143,22 @@ def main_backend(argv: list[str] | None = None) -> int:
     return _run_server(p.parse_args(argv), "http-backend", threaded=False)
 
 
-LB_FILE_SETTINGS = {f.name for f in dataclasses.fields(ProxyConfig)} - {"host", "port", "limits", "backends",
-                                                                         "log_level", "log_dir", "loop"}
-"""What a config file's [lb] table may set (the rest comes from the command line)."""
+LB_LIMITS = {"header_timeout", "keepalive_timeout", "max_header_bytes"}
+"""The request limits lb.py's command line sets, fields of ``Limits`` (in ``ProxyConfig.limits``)."""
+LB_FILE_SETTINGS = ({f.name for f in dataclasses.fields(ProxyConfig)} - {"limits", "backends", "log_level", "log_dir",
+                                                                         "loop"}) | LB_LIMITS
+"""What a config file's [lb] table may set: what the command line sets, but the backends
+(its [[backends]]), the log and the event loop."""
 
 
 def proxy_settings(path: str) -> dict:
-    """An lb.py TOML file's [lb] settings and [[backends]], each of its type."""
-    return settings_and_backends(path, "lb", ProxyConfig, LB_FILE_SETTINGS, HttpBackend,
+    """An lb.py TOML file's [lb] settings (those of ``Limits`` among them) and [[backends]], each of its type."""
+    return settings_and_backends(path, "lb", (ProxyConfig, Limits), LB_FILE_SETTINGS, HttpBackend,
                                  lambda fields: {"host": "127.0.0.1", "name": backend_name(fields["port"])})
 
 
 def proxy_config(args) -> ProxyConfig:
+    """The file's settings, each flag given on the command line in place of its own."""
     kwargs: dict = {}
     if args.config:
         kwargs = proxy_settings(args.config)
@@ -161,11 +171,11 @@ def proxy_config(args) -> ProxyConfig:
                 raise ConfigError(f"--backend {text!r}: expected [NAME=]HOST:PORT")
             backends.append(HttpBackend(unbracket(host), int(port), name or backend_name(int(port))))
         kwargs["backends"] = tuple(backends)
-    for key in ("check_interval", "check_path", "rise", "fall", "response_timeout", "admin_port"):
+    for key in LB_FILE_SETTINGS:
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
-    return ProxyConfig(host=args.host, port=args.port, limits=_limits(args), log_level=args.log_level,
-                       log_dir=args.log_dir, loop=args.loop, **kwargs)
+    limits = Limits(**{key: kwargs.pop(key) for key in LB_LIMITS if key in kwargs})
+    return ProxyConfig(limits=limits, log_level=args.log_level, log_dir=args.log_dir, loop=args.loop, **kwargs)
 
 
 async def _serve_proxy(config: ProxyConfig, elog: logs.EventLog) -> None:
@@ -192,13 +202,14 @@ async def _serve_proxy(config: ProxyConfig, elog: logs.EventLog) -> None:
 def lb_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="HTTP load balancer: round-robin per request over the async "
                                             "backends, keep-alive pools, health checks, retries, X-Backend.")
-    _common(p, 44444)
+    _common(p, 44444, config_file=True)
     p.add_argument("--backend", action="append", metavar="[NAME=]HOST:PORT",
                    help="a backend, IPv6 as [::1]:PORT; repeat for each (default: 127.0.0.1:9002..9005). "
                         "Unnamed, it is backend1..backend4 on 9002..9005, as async_server.py names itself, "
                         "else backend-PORT")
     p.add_argument("--config", metavar="FILE.toml", help="settings and [[backends]] from TOML "
-                                                         "(see http_servers/lb.example.toml)")
+                                                         "(see http_servers/lb.example.toml); flags given on "
+                                                         "the command line win")
     p.add_argument("--check-interval", type=float, help="seconds between health checks (default: 1)")
     p.add_argument("--check-path", help="what the health check GETs; any answer below 500 passes, so a backend "
                                         "without it (nginx: 404) still counts as up (default: /healthz)")
@@ -208,6 +219,17 @@ def lb_parser() -> argparse.ArgumentParser:
                    help="seconds a backend may leave its answer without a byte (default: 10)")
     p.add_argument("--admin-port", type=cli.port_number,
                    help="port of GET /stats (JSON) and /metrics (Prometheus) per backend (default: none)")
+    d = ProxyConfig()
+    for flag, kind, text in (
+        ("--connect-timeout", cli.positive_float, "seconds to connect to a backend before trying the next"),
+        ("--check-timeout", cli.positive_float, "seconds a health check may take"),
+        ("--pool-size", cli.non_negative_int, "idle keep-alive connections kept per backend for the next "
+                                              "requests; 0: a new backend connection for every request"),
+        ("--drain-timeout", cli.non_negative_float, "on SIGTERM/SIGINT: seconds the answers on their way "
+                                                    "may take before their connections are cut"),
+    ):
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
     return p
 
 

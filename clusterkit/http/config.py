@@ -11,6 +11,7 @@ from .static import DEFAULT_ROOT
 
 def check_limits(limits: Limits) -> None:
     check_positive(limits, "header_timeout", "keepalive_timeout")
+    check(limits.max_header_bytes >= 1, f"--max-header-bytes must be at least 1, got {limits.max_header_bytes}")
 
 
 MAX_POOL = 4096
@@ -89,6 +90,8 @@ class ProxyConfig:
     loop: str = "auto"
 
     def __post_init__(self) -> None:
+        check(bool(self.host), "host: give a host name or address")  # ('' would mean every interface)
+        check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
         check(len(self.backends) >= 1, "at least one backend is needed")
         check_unique_names([b.name for b in self.backends])
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
