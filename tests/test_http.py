@@ -266,6 +266,35 @@ def test_an_upgrade_is_ignored_and_the_connection_goes_on_in_http_1_1(server):
     assert b"101" not in data.split(b"\r\n", 1)[0]
 
 
+def _fields(line: str) -> dict[str, str]:
+    """A log line's key=value fields (a value in quotes as written)."""
+    return dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line))
+
+
+def test_lb_logs_the_requests_it_refuses_itself_with_the_reason_as_the_servers_do(setup):
+    """lb.py logged its own 400, 405, 431 and 408 as event=request method=- path=-,
+    without a word of why; they are the async server's event=refused lines now,
+    the same fields and the same reasons."""
+    lb = setup.lb(1, "--header-timeout", "1")
+    server = setup.server("Server_async_http.py", "--header-timeout", "1")
+    unknown_method = b"FOO /page.html HTTP/1.1\r\nHost: t\r\n\r\n"
+    for port in (lb.port, server.port):
+        for raw in (GARBAGE, POST, unknown_method, HUGE_HEADERS, b"GET /page.html HTTP/1.1\r\n"):
+            assert status_of(exchange(port, raw)) in (400, 405, 431, 408)
+    deadline = time.monotonic() + 15
+    while True:
+        lines = setup.log().splitlines()
+        ours = [_fields(x) for x in lines if " INFO lb event=refused " in x]
+        theirs = [_fields(x) for x in lines if " INFO http-async event=refused " in x]
+        if len(ours) >= 5 and len(theirs) >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert ours == theirs, (ours, theirs)
+    assert [x["status"] for x in ours] == ["400", "405", "405", "431", "408"]
+    assert {x["reason"] for x in ours} >= {'"method POST"', '"request headers too large"', "slow-head"}
+    assert "method=- path=-" not in setup.log()
+
+
 def test_lb_adds_the_host_an_http_1_0_client_left_out_and_refuses_a_1_1_request_without(setup):
     lb = setup.lb(2)
     data = exchange(lb.port, b"GET /page.html HTTP/1.0\r\n\r\n")

@@ -234,5 +234,6 @@ def test_a_request_within_the_limits_never_gets_a_backends_431(setup, raw, forwa
     else:
         assert status_of(data) == 431 and b"X-Backend" not in head and b"Via" not in head, head
         setup.wait_log("status=431")
-        assert re.search(r" lb event=request .* status=431 bytes=\d+ backend=-", setup.log())
+        assert re.search(r' lb event=refused client=\S+ method=GET path=/page.html status=431 reason="request '
+                         r'headers too large with X-Forwarded-For and Via added"', setup.log())
     assert "backend-down" not in setup.log()

@@ -946,14 +946,14 @@ class ProxyClient(asyncio.Protocol):
             while queue and self.exchange is None and not self.closing and not self.paused_since:
                 req = queue.popleft()
                 if isinstance(req, HttpError):
-                    self._finish(error_response(req), "-", req.status, None, keep=False)
+                    self._refuse(req)
                 elif req.method not in (b"GET", b"HEAD"):
-                    self._finish(error_response(HttpError(405)), "-", 405, req, keep=False)
+                    self._refuse(HttpError(405, f"method {req.method.decode('latin-1')}"), req)
                 else:
                     try:
                         data = self.backend_request(req)
                     except HttpError as exc:  # (431: what would go to the backend is over the limits)
-                        self._finish(error_response(exc), "-", exc.status, req, keep=False)
+                        self._refuse(exc, req)
                         continue
                     self.exchange = Exchange(self.proxy, self, req, data)
                     self.exchange.next_backend()
@@ -1009,13 +1009,25 @@ class ProxyClient(asyncio.Protocol):
         self.elog.line("INFO", f"event=request client={self.peer} {what} status={status} bytes={size} "
                                f"backend={backend}")
 
+    def _refuse(self, exc: HttpError, req: Request | None = None) -> None:
+        """An answer of lb.py's own (400, 405, 408, 431 ...), then the close. Its line
+        says why, as the HTTP servers' event=refused lines do (an event=request line
+        with method=- path=- said nothing of it); with the request's method and path
+        when it was read whole."""
+        if self.elog.info:
+            what = (f"method={req.method.decode('latin-1')} path={logs.quote(req.target.decode('latin-1'))} "
+                    if req else "")
+            self.elog.line("INFO", f"event=refused client={self.peer} {what}status={exc.status} "
+                                   f"reason={logs.quote(exc.detail)}")
+        self._finish(error_response(exc), "-", exc.status, req, keep=False, logged=True)
+
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool,
-                size: int | None = None) -> None:
+                size: int | None = None, logged: bool = False) -> None:
         if self.closing:  # the client has gone: nobody got it (nginx's 499, "client closed request")
             if self.elog.info:
                 self.log_request(req, 499, 0, backend)
             return
-        if self.elog.info:
+        if self.elog.info and not logged:
             self.log_request(req, status, len(resp) if size is None else size, backend)
         self.transport.write(resp)  # type: ignore[union-attr]
         if not keep:
@@ -1052,7 +1064,7 @@ class ProxyClient(asyncio.Protocol):
         if self.closing or self.exchange is not None or self.queue:
             return
         if self.parser.in_progress and now - self.parser.head_started > limits.header_timeout:
-            self._finish(error_response(HttpError(408)), "-", 408, None, keep=False)
+            self._refuse(HttpError(408, "slow-head"))  # (the async server's reason for it)
         elif not self.parser.in_progress and now - self.last_activity > limits.keepalive_timeout:
             self.closing = True
             self.transport.close()  # type: ignore[union-attr]
