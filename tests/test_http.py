@@ -257,6 +257,44 @@ def test_error_answers(server, raw, status):
         assert b"Allow: GET, HEAD" in data
 
 
+def _in_pieces(port: int, *pieces: bytes) -> tuple[bytes, float]:
+    """Send ``pieces`` 0.3 s apart; the answer and the time from the last piece to its first byte."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        for piece in pieces[:-1]:
+            s.sendall(piece)
+            time.sleep(0.3)
+        s.sendall(pieces[-1])
+        started = time.monotonic()
+        data = s.recv(65536)
+        took = time.monotonic() - started
+        s.settimeout(2)
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+    return data, took
+
+
+@pytest.mark.parametrize("script", ["Server_async_http.py", "Server_thread_http.py", "lb.py"])
+def test_a_request_line_without_a_version_is_answered_at_once(setup, script):
+    """HTTP/0.9's request line (``GET /page.html``, no version) waited for the header
+    timeout and got a 408 (llhttp waits for header fields after it); it gets its
+    505 at once, as it did with an empty line after it (nginx answers it at once
+    too). A request line arriving in pieces still waits for the rest."""
+    args = ("--header-timeout", "30")
+    srv = setup.lb(1, *args) if script == "lb.py" else setup.server(script, *args)
+    for pieces in ([b"GET /page.html\r\n"], [b"GET /page.html\n"], [b"GET /page.html\r\n\r\n"],
+                   [b"GET /pa", b"ge.html", b"\r\n"]):
+        data, took = _in_pieces(srv.port, *pieces)
+        assert data.startswith(b"HTTP/1.1 505 ") and took < 10, (pieces, data[:100], took)
+    for pieces in ([b"GET /page.html HT", b"TP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"],
+                   [b"GET /page.html", b" HTTP/1.1\r\n", b"Host: t\r\nConnection: close\r\n\r\n"],
+                   [b"GET /page.html HTTP/1.1\r\n", b"Host: t\r\n", b"Connection: close\r\n\r\n"]):
+        data, took = _in_pieces(srv.port, *pieces)
+        assert status_of(data) == 200 and data.endswith((WWW / "page.html").read_bytes()), (pieces, data[:100])
+
+
 def test_an_upgrade_is_ignored_and_the_connection_goes_on_in_http_1_1(server):
     """RFC 9110 7.8 lets a server ignore Upgrade: curl --http2 gets its page over
     HTTP/1.1, and a request pipelined after the upgrade request is answered too."""

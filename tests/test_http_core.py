@@ -102,3 +102,41 @@ def test_a_body_awaited_on_expect_100_continue_is_asked_for_once():
         parser = RequestParser(Limits())
         parser.feed(request)
         assert not parser.expects_continue, request
+
+
+HTTP09 = b"GET /page.html\r\n"
+LONG_FIRST_FIELD = b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 9000 + b" b\r\nHost: t\r\n\r\n"
+
+
+@pytest.mark.parametrize("stream", [R11, CLOSE, R + R11])
+def test_a_request_split_anywhere_is_no_http09_line(stream):
+    """Heads that come in pieces, wherever split, wait for the rest: no 505."""
+    for cut in range(1, len(stream)):
+        for second in range(cut, len(stream)):
+            parser = ParserOnly(Limits())
+            got = [r for piece in (stream[:cut], stream[cut:second], stream[second:]) for r in parser.feed(piece)]
+            assert parser.error is None and len(got) == stream.count(b" HTTP/1."), (cut, second, parser.error)
+
+
+@pytest.mark.parametrize("size", [500, 997, 4096])
+def test_a_long_first_field_in_pieces_is_no_http09_line(size):
+    """A first field of 9,000 bytes in pieces, one of them ending its line: the end
+    of its value (``aaa b``) looks like a request line without a version, but the
+    line began with ``X-Long:``."""
+    end = LONG_FIRST_FIELD.index(b" b\r\n") + 4
+    pieces = [LONG_FIRST_FIELD[i:min(i + size, end)] for i in range(0, end, size)] + [LONG_FIRST_FIELD[end:]]
+    parser = ParserOnly(Limits())
+    got = [r for piece in pieces for r in parser.feed(piece)]
+    assert parser.error is None and len(got) == 1
+
+
+@pytest.mark.parametrize("before", [b"", R11])
+def test_a_request_line_without_a_version_is_refused_when_it_ends(before):
+    """HTTP/0.9's ``GET /page.html``: a 505 once its line ends, wherever it is split
+    (llhttp waits for header fields after it, a head that never came: a 408)."""
+    stream = before + HTTP09
+    for cut in range(1, len(stream)):
+        parser = RequestParser(Limits())
+        got = parser.feed(stream[:cut]) + parser.feed(stream[cut:])
+        assert len(got) == (1 if before else 0)
+        assert parser.error is not None and (parser.error.status, parser.error.detail) == (505, "HTTP/0.9"), cut

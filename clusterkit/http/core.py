@@ -13,7 +13,7 @@ wraps it as a sans-I/O object: bytes in, ``Request`` objects out, or an
     413  a body larger than ``max_body``
     414  a request target longer than ``max_url``
     431  request headers larger than ``max_header_bytes``
-    505  an HTTP version other than 1.0 and 1.1
+    505  an HTTP version other than 1.0 and 1.1 (HTTP/0.9's line without one: once that line ends)
 
 ``Connection: close`` closes whatever else the header says (``keep-alive,
 close`` from an HTTP/1.0 client kept the connection open, as llhttp reads
@@ -172,6 +172,7 @@ class RequestParser:
         self._open = False  # between a message's first byte and its end (head or body)
         self._known: bytes | None = None  # the bytes of the last request that came alone in one read,
         self._known_request: Request | None = None  # and what they parsed to
+        self._line = b""  # the stream's last unended line, while a head without a header field is in progress
 
     def _reset(self) -> None:
         self._url = b""
@@ -307,10 +308,26 @@ class RequestParser:
                     head = data if fresh and not self.ready else b""
                     self.error = HttpError(error_status(detail, head), detail)
             break
+        if clean and self.in_progress and not self._headers and not self.last:
+            self._check_request_line(data)
+        elif self._line:
+            self._line = b""
         ready, self.ready = self.ready, []
         if clean and fresh and len(ready) == 1 and not self._open:
             self._known, self._known_request = bytes(data), ready[0]
         return ready
+
+    def _check_request_line(self, data: bytes) -> None:
+        """A request line without a version (``GET /``, HTTP/0.9's) has its 505 when
+        it ends, as it has when the empty line follows: llhttp waits for header
+        fields after it, so it waited for the header timeout (408). A line that
+        merely arrives in pieces (``GET / HT``, then ``TP/1.1``) waits for the rest."""
+        text = self._line + data
+        end = text.rfind(b"\n")
+        # (its start tells a request line; a request line longer than this is the parser's 414)
+        self._line = text[end + 1:end + 1 + self.limits.max_url + 64]
+        if end >= 0 and HTTP09_LINE.fullmatch(text, text.rfind(b"\n", 0, end) + 1, end):
+            self.error = HttpError(505, "HTTP/0.9")
 
     def _again(self) -> Request:
         """The request the last lone one was, byte for byte, without the parser:
@@ -363,6 +380,8 @@ def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"te
 
 METHOD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 """A request line's start: a method the parser does not know is a method still."""
+HTTP09_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+\r?")
+"""A whole request line without an HTTP version, as HTTP/0.9 sent them (``GET /``)."""
 
 
 def error_status(detail: str, head: bytes) -> int:
