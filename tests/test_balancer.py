@@ -982,6 +982,7 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     ("[balancer]\ncheck-interval = inf\n", "--check-interval must be positive, at most a year, got inf"),
     ("[balancer]\ndrain-timeout = -1.0\n", "--drain-timeout must be 0 or more"),
     ('[balancer]\nname = "a=b"\n', "--name 'a=b': printable ASCII, no spaces"),
+    ('[balancer]\nhost = ""\n', "host: give a host name or address"),  # (listened on every interface)
 ])
 def test_a_bad_config_file_is_one_clear_line(tmp_path, log_dir, text, message):
     """Each was a traceback, or accepted (an empty backend list meant the default backends)."""

@@ -100,6 +100,7 @@ class BalancerConfig:
 
     def __post_init__(self) -> None:
         check_backend_name(self.name, "--name")
+        check(bool(self.host), "host: give a host name or address")  # ('' would mean every interface)
         check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}")
         check(self.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}")
         check(self.check in CHECKS, f"--check must be one of {', '.join(CHECKS)}")
