@@ -312,11 +312,13 @@ def _fields(line: str) -> dict[str, str]:
 def test_lb_logs_the_requests_it_refuses_itself_with_the_reason_as_the_servers_do(setup):
     """lb.py logged its own 400, 405, 431 and 408 as event=request method=- path=-,
     without a word of why; they are the async server's event=refused lines now,
-    the same fields and the same reasons."""
+    the same fields and the same reasons, as the threaded server's are (its 408's
+    reason was "request head too slow")."""
     lb = setup.lb(1, "--header-timeout", "1")
     server = setup.server("Server_async_http.py", "--header-timeout", "1")
+    threaded = setup.server("Server_thread_http.py", "--header-timeout", "1")
     unknown_method = b"FOO /page.html HTTP/1.1\r\nHost: t\r\n\r\n"
-    for port in (lb.port, server.port):
+    for port in (lb.port, server.port, threaded.port):
         for raw in (GARBAGE, POST, unknown_method, HUGE_HEADERS, b"GET /page.html HTTP/1.1\r\n"):
             assert status_of(exchange(port, raw)) in (400, 405, 431, 408)
     deadline = time.monotonic() + 15
@@ -324,10 +326,12 @@ def test_lb_logs_the_requests_it_refuses_itself_with_the_reason_as_the_servers_d
         lines = setup.log().splitlines()
         ours = [_fields(x) for x in lines if " INFO lb event=refused " in x]
         theirs = [_fields(x) for x in lines if " INFO http-async event=refused " in x]
-        if len(ours) >= 5 and len(theirs) >= 5 or time.monotonic() > deadline:
+        threads = [_fields(x) for x in lines if " INFO http-threaded event=refused " in x]
+        if min(len(ours), len(theirs), len(threads)) >= 5 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert ours == theirs, (ours, theirs)
+    assert threads == ours, (threads, ours)
     assert [x["status"] for x in ours] == ["400", "405", "405", "431", "408"]
     assert {x["reason"] for x in ours} >= {'"method POST"', '"request headers too large"', "slow-head"}
     assert "method=- path=-" not in setup.log()

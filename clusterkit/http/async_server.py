@@ -160,7 +160,7 @@ class HttpProtocol(asyncio.Protocol):
             self.closing = True
             if self.elog.info:
                 self.elog.line("INFO", f"event=refused client={self.peer} status=408 reason=slow-head")
-            self._answer_and_linger(error_response(HttpError(408, "request head too slow"),
+            self._answer_and_linger(error_response(HttpError(408, "slow-head"),
                                                    self.static.backend_header))
         elif not self.parser.in_progress and now - self.last_activity > limits.keepalive_timeout:
             self.closing = True

@@ -260,7 +260,7 @@ class ThreadedHttpServer:
                 if parser.in_progress:
                     left = limits.header_timeout - (time.monotonic() - parser.head_started)
                     if left <= 0:
-                        raise HttpError(408, "request head too slow")
+                        raise HttpError(408, "slow-head")
                     current = left if pool is None else min(left, idle_wait)
                     kernel_timeouts(conn, current)
                 elif current != idle_wait:
@@ -271,7 +271,7 @@ class ThreadedHttpServer:
                 except BlockingIOError:  # SO_RCVTIMEO ran out
                     if parser.in_progress:
                         if pool is None or time.monotonic() - parser.head_started >= limits.header_timeout:
-                            raise HttpError(408, "request head too slow") from None
+                            raise HttpError(408, "slow-head") from None
                     else:
                         idle_for = time.monotonic() - idle_since
                         if (pool is None or idle_for >= limits.keepalive_timeout
