@@ -184,6 +184,7 @@ class FakeServer:
 
     def serve(self, conn: socket.socket) -> None:
         buf = b""
+        here = 0  # messages on this connection
         with conn:
             while True:
                 try:
@@ -241,6 +242,7 @@ class FakeServer:
                 buf += data
                 *lines, buf = buf.split(b"\n")
                 for m in lines:
+                    here += 1
                     with self.lock:
                         self.count += 1
                         n = self.count
@@ -283,6 +285,11 @@ class FakeServer:
                     elif self.behaviour == "silent":
                         time.sleep(5)
                         return
+                    elif self.behaviour == "silent-second":  # a connection's first answered, then nothing
+                        if here > 1:
+                            time.sleep(3)
+                            return
+                        conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
                     elif self.behaviour == "mixed":  # keep-alive answers of every shape, by message number
                         self.answer(conn, n, m)
                     elif self.behaviour == "stall":
@@ -340,6 +347,23 @@ def test_an_answer_later_than_the_timeout_fails_in_every_engine(engine, log_dir,
         fake.close()
     assert proc.returncode in (1, 69), proc.stderr  # (69: all late, the target may be called dead)
     assert row["complete"] == 0 and row["failed"] >= 2 and set(row["errors"]) == {"timeout"}, row
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_an_unanswered_request_on_a_kept_connection_is_a_timeout_not_sent_again(engine, log_dir, tmp_path):
+    """The thread engine took a request that got nothing back within --timeout on a
+    kept-alive connection for one the server had closed first, and sent it again
+    on a new connection: no timeout was reported, and the request took twice
+    --timeout (a blackholed client showed only connect-timeouts)."""
+    fake = FakeServer("silent-second")
+    try:
+        row, proc = run_json("-n", "6", "-c", "1", "-k", "--timeout", "0.5", "--port", str(fake.port),
+                             "--engine", engine, "--processes", "1", log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 1, proc.stderr
+    assert row["complete"] == 3 and row["errors"] == {"timeout": 3}, row
+    assert fake.count == 6  # each request sent once
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])

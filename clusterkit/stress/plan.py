@@ -265,8 +265,13 @@ class Client:
         """Whether the request in flight went on a kept-alive connection the server
         had closed (a server that closes after each answer, or its idle timeout),
         so that nothing at all came back. As ApacheBench does, that is no failure:
-        the engine sends the request again on a new connection, once."""
+        the engine sends the request again on a new connection, once. Not a request
+        whose wait ran out (``--timeout``): the thread engine sent that one again too,
+        and reported no timeout."""
         if not self.cfg.keepalive or not self.reused or reader.received or self.resent == self.k:
+            return False
+        outcomes = reader.outcomes if isinstance(reader, LineReader) else (reader.outcome,)
+        if any(o is not None and o.label == "timeout" for o in outcomes):
             return False
         self.resent = self.k
         return True
