@@ -78,6 +78,10 @@ class Balancer:
         # Clients told ERR busy at the limit: a line a second at most (the sweep says the rest).
         self.turned_away = elog.tally(lambda n: f"event=busy refused={n} open={len(self.connections)} "
                                                 f"max_clients={self.max_clients} reason=max-connections")
+        # ERR no-backend answers, to every client (tcp mode: clients turned away): a line a
+        # second at most (with no backend up, a client per message wrote a line per connection).
+        what = "messages" if config.mode == "message" else "clients"
+        self.no_backend_said = elog.tally(lambda n: f"event=no-backend {what}={n}")
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
         for b in self.pool.backends:
@@ -144,6 +148,7 @@ class Balancer:
             now = time.monotonic()
             self.idle.purge(now)
             self.turned_away.flush()
+            self.no_backend_said.flush()
             slow_lines = cfg.line_timeout if cfg.mode == "message" else 0  # tcp: the backend's own
             for conn in list(self.connections):
                 conn.check_response_timeout(now, cfg.response_timeout)
@@ -177,6 +182,7 @@ class Balancer:
         cfg = self.config
         self.stopping = True
         self.turned_away.flush(now=True)
+        self.no_backend_said.flush(now=True)
         self.idle.close()  # (and no connection goes back from now on)
         if self._server is not None:
             self._server.close()

@@ -52,7 +52,6 @@ from typing import TYPE_CHECKING
 
 import _socket
 
-from .. import logs
 from ..protocol import (CONNECTION_NOTICES, MORE, NOTICE, OFF, LineFramer, SlowLineWatch, build_error,
                         match_answers, message_lines)
 from ..sockets import local_shortage
@@ -144,7 +143,7 @@ class ClientSide(asyncio.Protocol):
                  "connecting", "pending", "pending_bytes", "inbuf", "used", "paused", "client_full", "eof",
                  "closed", "rejected", "error_after_pending", "answered", "failovers", "no_backend_errors",
                  "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered", "stall_since",
-                 "connect_side", "connect_started", "lines", "line_watch", "no_backend_said")
+                 "connect_side", "connect_started", "lines", "line_watch")
 
     def __init__(self, app: Balancer) -> None:
         self.app = app
@@ -171,7 +170,6 @@ class ClientSide(asyncio.Protocol):
         self.answered = 0
         self.failovers = 0
         self.no_backend_errors = 0
-        self.no_backend_said: logs.Tally | None = None  # its event=no-backend lines, once it has one
         self.bytes_in = 0
         self.seen_bytes = 0
         self.last_activity = time.monotonic()
@@ -264,8 +262,6 @@ class ClientSide(asyncio.Protocol):
             self.connect_started = 0.0
             self.connecting = False
         self.keep_or_drop_backend()
-        if self.no_backend_said is not None:  # (see answer_no_backend)
-            self.no_backend_said.flush(now=True)
         if self.elog.info:
             self.elog.line("INFO", f"event=session conn={self.conn_id} peer={_peer(self.transport)} "
                                    f"backends={','.join(self.used) or '-'} messages={self.answered} "
@@ -613,10 +609,7 @@ class ClientSide(asyncio.Protocol):
             self.transport.write(ERR_NO_BACKEND * count)  # type: ignore[union-attr]
             self.no_backend_errors += count
             self.app.no_backend_errors += count
-            if self.no_backend_said is None:  # a line a second at most per client (its messages since the last)
-                self.no_backend_said = self.elog.tally(lambda n: f"event=no-backend conn={self.conn_id} messages={n}",
-                                                       later=self.app.loop.call_later)
-            self.no_backend_said.count(count)
+            self.app.no_backend_said.count(count)
         self.set_paused("pending", False)
         self.settle()
 
@@ -662,6 +655,8 @@ class ClientSide(asyncio.Protocol):
                                           f"pending={len(self.pending)}")
             self.transport.abort()  # type: ignore[union-attr]
         elif self.idle():
+            if self.elog.warning:  # (as the servers say theirs)
+                self.elog.line("WARNING", f"event=error conn={self.conn_id} code=idle-timeout")
             self.finish_with(ERR_IDLE)
         # else: waiting on its backend, which the response timeout deals with
 

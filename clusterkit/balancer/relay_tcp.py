@@ -111,6 +111,7 @@ class TcpSession:
             self.events.watch(sock, self.on_backend)  # writable when connected; ERR|HUP when refused
             return
         self.app.no_backend_errors += 1
+        self.app.no_backend_said.count()
         self.refuse(ERR_NO_BACKEND)
 
     def connect_failed(self, backend: Backend, exc: OSError) -> bool:
@@ -347,8 +348,9 @@ class TcpSession:
     def close_idle(self) -> None:
         """Nothing moved either way for the idle timeout. No ERR line: it would land
         in the middle of someone's byte stream."""
-        if not self.idle() and self.elog.warning:  # bytes held for a peer that takes none
-            self.elog.line("WARNING", f"event=error conn={self.conn_id} code=send-timeout")
+        if self.elog.warning:  # bytes held for a peer that takes none, or nothing either way
+            self.elog.line("WARNING", f"event=error conn={self.conn_id} code="
+                                      f"{'idle-timeout' if self.idle() else 'send-timeout'}")
         self.end()
 
     def close(self) -> None:
