@@ -229,3 +229,72 @@ def two_lines(sock: socket.socket, message: bytes) -> bytes:
         assert chunk, (message, answer)
         answer += chunk
     return answer
+
+
+class FullBacklog:
+    """A listener on a free port whose accept queue is full, so that the kernel drops
+    the SYN of every connect to it and the connecting side sends it again a second
+    later, then 3 s, 7 s...: a lost SYN, without netem. ``open(answer)`` makes room
+    and from then on accepts, serving each connection with ``answer(conn)`` in a
+    thread: a connect whose first SYN was dropped completes at its resend."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)  # room for one connection not yet accepted: the filler's
+        self.port = self.listener.getsockname()[1]
+        self.filler: socket.socket | None = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.conns: list[socket.socket] = []
+        self.stop = threading.Event()
+
+    def syn_waiting(self) -> bool:
+        """Whether a connect to it is waiting with its SYN dropped (SYN_SENT, in /proc/net/tcp)."""
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        return any(row[3] == "02" and int(row[2].split(":")[1], 16) == self.port for row in rows)
+
+    def wait_for_syn(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.syn_waiting():
+            assert time.monotonic() < deadline, "no connect came"
+            time.sleep(0.01)
+
+    def open(self, answer) -> None:
+        conn, _ = self.listener.accept()  # the filler's: room for the next connect
+        conn.close()
+        self.filler.close()  # type: ignore[union-attr]
+        self.filler = None
+        self.listener.settimeout(0.1)
+
+        def serve(conn: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                answer(conn)
+
+        def accept() -> None:
+            while not self.stop.is_set():
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    continue
+                conn.settimeout(10)
+                self.conns.append(conn)
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+        self.thread = threading.Thread(target=accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.filler is None:
+            self.thread.join(5)
+        else:
+            self.filler.close()
+        self.listener.close()
+        for c in self.conns:
+            c.close()
+
+    def __enter__(self) -> FullBacklog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -22,8 +22,8 @@ from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
 from clusterkit.sockets import is_listener
 
-from .conftest import (LineConn, assert_bad_config, assert_usage_error, send_all_then_read, turned_away_or_in,
-                       two_lines)
+from .conftest import (FullBacklog, LineConn, assert_bad_config, assert_usage_error, send_all_then_read,
+                       turned_away_or_in, two_lines)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -888,6 +888,42 @@ def test_tcp_mode_connect_that_times_out_goes_to_the_next_backend(procs, log_dir
         for f in fillers:
             f.close()
         stuck.close()
+
+
+def _backends(admin_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=10) as r:
+        return {b["name"]: b for b in json.load(r)["backends"]}
+
+
+def _answer_line(conn: socket.socket) -> None:
+    """A backend's answer to one message (a health check's)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            return
+        line += chunk
+    conn.sendall(_pair(b"slow", line[:-1]))
+
+
+def test_a_check_whose_connect_takes_a_second_passes_the_connect_is_not_the_check_timeouts(procs, log_dir):
+    """A backend whose connect takes a second (its SYN dropped once, as on a lossy or
+    distant network) but that answers at once passes its check: as in HAProxy, the
+    connect has --connect-timeout (at most --check-interval) and only the exchange
+    after it --check-timeout. With one bound for both, every backend half a check
+    timeout away, round trip, was marked down while it served its traffic."""
+    with FullBacklog() as slow:
+        ports = cluster.free_ports(2)
+        procs.start(balancer_process(ports[0], [f"slow=127.0.0.1:{slow.port}"], "--check-timeout", "0.8",
+                                     "--connect-timeout", "5", "--check-interval", "5", "--fall", "1",
+                                     admin_port=ports[1], log_dir=str(log_dir)))
+        slow.wait_for_syn()  # the first check's connect, its SYN dropped
+        slow.open(_answer_line)  # room for its SYN's resend, a second after the first
+        deadline = time.monotonic() + 20
+        while (b := _backends(ports[1])["slow"])["checks_ok"] + b["checks_failed"] == 0:
+            assert time.monotonic() < deadline, "no check was made"
+            time.sleep(0.05)
+        assert b["checks_ok"] == 1 and b["state"] == "UP", b
 
 
 def test_tcp_mode_relays_a_long_pipelined_stream_intact(lb):

@@ -28,7 +28,7 @@ import pytest
 
 from clusterkit import cluster
 
-from .conftest import (assert_bad_config, fake_backend, send_all_then_read, turned_away_or_in,
+from .conftest import (FullBacklog, assert_bad_config, fake_backend, send_all_then_read, turned_away_or_in,
                        under_open_files_limit)
 
 pytestmark = pytest.mark.timeout(120)
@@ -625,6 +625,48 @@ def test_backend_that_does_not_answer_in_time_is_taken_out_and_the_get_retried(s
     backend is marked down and the idempotent request goes to the next one."""
     _gets_with_backend2_stopped(setup, 4, "--response-timeout", "1", "--check-interval", "60")  # no checks
     setup.wait_log('event=backend-down backend=backend2 reason="response timeout"')
+
+
+def _lb_backend(admin_port: int, name: str) -> dict:
+    return next(b for b in json.loads(_admin(admin_port, "/stats"))["backends"] if b["name"] == name)
+
+
+def _answer_check(conn: socket.socket, checked: threading.Event) -> None:
+    """Answer one request with a 200, then wait for the close: the check is over then."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        head += chunk
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    try:
+        conn.recv(1)
+    finally:
+        checked.set()
+
+
+def test_lb_check_whose_connect_takes_a_second_passes_the_connect_is_not_the_check_timeouts(setup):
+    """A backend whose connect takes a second (its SYN dropped once, as on a lossy or
+    distant network) but that answers at once passes its check: as in HAProxy, the
+    connect has --connect-timeout (at most --check-interval) and only the exchange
+    after it --check-timeout. With one bound for both, every backend half a check
+    timeout away, round trip, was marked down while it served its traffic, and
+    every request got a 503."""
+    checked = threading.Event()
+    with FullBacklog() as slow:
+        admin_port = cluster.free_port()
+        lb = setup.server("lb.py", "--backend", f"slow=127.0.0.1:{slow.port}", "--check-timeout", "0.8",
+                          "--connect-timeout", "5", "--check-interval", "5", "--fall", "1",
+                          "--admin-port", str(admin_port))
+        slow.wait_for_syn()  # the first check's connect, its SYN dropped
+        slow.open(lambda conn: _answer_check(conn, checked))  # room for its SYN's resend, a second later
+        deadline = time.monotonic() + 20
+        while not checked.wait(0.05) and _lb_backend(admin_port, "slow")["state"] == "UP":
+            assert time.monotonic() < deadline, "no check was made"
+        assert _lb_backend(admin_port, "slow")["state"] == "UP"
+        data = exchange(lb.port, CLOSING_GET)
+        assert status_of(data) == 200 and b"X-Backend: slow" in data, data[:300]
 
 
 def test_lb_in_front_of_a_server_without_healthz_keeps_it_up(setup):

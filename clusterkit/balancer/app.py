@@ -137,7 +137,8 @@ class Balancer:
                                   f"own address: it would send its clients back to itself")
         for b in self.pool.backends:
             self._tasks.append(self.loop.create_task(
-                check_forever(self.pool, b, cfg.check_interval, cfg.check_timeout, cfg.check)))
+                check_forever(self.pool, b, cfg.check_interval, cfg.check_timeout, cfg.check,
+                              cfg.connect_timeout)))
         self._tasks.append(self.loop.create_task(self._sweep()))
 
     async def _sweep(self) -> None:

@@ -42,10 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "for --mode tcp in front of servers that do not speak the line protocol)")
     for flag, kind, text in (
         ("--check-interval", cli.positive_float, "seconds between two health checks of a backend (HAProxy's inter)"),
-        ("--check-timeout", cli.positive_float, "seconds a health check may take"),
+        ("--check-timeout", cli.positive_float, "seconds a health check's exchange may take once connected "
+                                                "(its connect may take --connect-timeout, at most "
+                                                "--check-interval, as HAProxy's timeout check)"),
         ("--rise", cli.positive_int, "good checks in a row that bring a down backend back"),
         ("--fall", cli.positive_int, "failed checks in a row that take a backend down"),
-        ("--connect-timeout", cli.positive_float, "seconds to connect to a backend before trying the next"),
+        ("--connect-timeout", cli.positive_float, "seconds to connect to a backend before trying the next "
+                                                  "(a health check's connect too, at most --check-interval)"),
         ("--response-timeout", cli.positive_float, "seconds a backend may leave a message unanswered before "
                                       "its clients are moved to another backend"),
         ("--idle-timeout", cli.non_negative_float, "seconds a client may stay silent, or leave its answers unread, before it is "

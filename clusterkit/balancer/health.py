@@ -1,5 +1,9 @@
 """Active health checks: a real message exchange with each backend, every
-``check_interval`` seconds, bounded by ``check_timeout``.
+``check_interval`` seconds: its connect bounded by ``connect_timeout`` (at most
+``check_interval``), the exchange after it by ``check_timeout``, as HAProxy
+bounds its checks with ``timeout connect`` and ``timeout check``. (One bound for
+both failed every check of a backend half a ``check_timeout`` away, round trip,
+while it served its traffic.)
 
 A check opens a connection, sends ``health-check``, and passes when a correct
 ``REPLY``/``ACK`` pair comes back in time (``--check connect``: when the
@@ -7,7 +11,8 @@ connection is accepted, HAProxy's plain ``check``); anything else fails it with 
 reason (``refused``, ``timeout``, ``closed``, ``bad-reply``; ``busy`` from a
 server at its connection limit, which a backend that stays full for ``fall``
 checks is taken out for, until it has room again; ``shutting-down`` from a
-server in its graceful stop). The pool turns
+server in its graceful stop; ``connect-timeout`` when the connect took
+longer than its own bound). The pool turns
 results into state changes (see pool.py). One task per backend; all of them
 are cancelled when the balancer stops.
 """
@@ -26,17 +31,23 @@ NO_VERDICT = "local-shortage"
 is not to blame, and the check counts neither way (as the relays' connects)."""
 
 
-async def check_once(backend: Backend, timeout: float, kind: str = "message") -> str | None:
+async def check_once(backend: Backend, timeout: float, kind: str = "message",
+                     connect_timeout: float | None = None) -> str | None:
     """None when the backend answered correctly (with ``kind="connect"``: accepted
-    the connection), else the reason it failed."""
+    the connection), else the reason it failed. The connect may take
+    ``connect_timeout`` (``timeout`` when not given), the exchange ``timeout`` more."""
     writer = None
     try:
+        # The address the traffic goes to, when resolved at start (``localhost``: one of two).
+        host, port = backend.address[1][:2] if backend.address else (backend.host, backend.port)
+        try:
+            async with asyncio.timeout(timeout if connect_timeout is None else connect_timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+        except TimeoutError:
+            return "connect-timeout"
+        if kind == "connect":
+            return None
         async with asyncio.timeout(timeout):
-            # The address the traffic goes to, when resolved at start (``localhost``: one of two).
-            host, port = backend.address[1][:2] if backend.address else (backend.host, backend.port)
-            reader, writer = await asyncio.open_connection(host, port)
-            if kind == "connect":
-                return None
             writer.write(CHECK_MESSAGE + b"\n")
             parser = ResponseParser()
             while True:
@@ -65,9 +76,12 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message") ->
 
 
 async def check_forever(pool: Pool, backend: Backend, interval: float, timeout: float,
-                        kind: str = "message") -> None:
+                        kind: str = "message", connect_timeout: float | None = None) -> None:
+    # HAProxy's bound of a check's connect: min(timeout connect, inter), so that a long
+    # connect timeout does not hold up the checks.
+    connect_timeout = min(connect_timeout or timeout, interval)
     while True:
-        reason = await check_once(backend, timeout, kind)
+        reason = await check_once(backend, timeout, kind, connect_timeout)
         if reason is None:
             pool.check_passed(backend)
         elif reason != NO_VERDICT:

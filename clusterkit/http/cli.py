@@ -221,8 +221,11 @@ def lb_parser() -> argparse.ArgumentParser:
                    help="port of GET /stats (JSON) and /metrics (Prometheus) per backend (default: none)")
     d = ProxyConfig()
     for flag, kind, text in (
-        ("--connect-timeout", cli.positive_float, "seconds to connect to a backend before trying the next"),
-        ("--check-timeout", cli.positive_float, "seconds a health check may take"),
+        ("--connect-timeout", cli.positive_float, "seconds to connect to a backend before trying the next "
+                                                  "(a health check's connect too, at most --check-interval)"),
+        ("--check-timeout", cli.positive_float, "seconds a health check's exchange may take once connected "
+                                                "(its connect may take --connect-timeout, at most "
+                                                "--check-interval, as HAProxy's timeout check)"),
         ("--pool-size", cli.non_negative_int, "idle keep-alive connections kept per backend for the next "
                                               "requests; 0: a new backend connection for every request"),
         ("--drain-timeout", cli.non_negative_float, "on SIGTERM/SIGINT: seconds the answers on their way "

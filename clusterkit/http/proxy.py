@@ -31,8 +31,10 @@ blaming the backend. Nothing healthy: 503; a timeout with no backend left: 504;
 a malformed answer, or every backend breaking the connection: 502. Our own
 error answers say ``Connection: close`` and mean it.
 Active checks (``GET /healthz``, or ``--check-path``, every ``check_interval``;
-any answer below 500 passes) take a backend out after ``fall`` failed ones and
-bring it back after ``rise`` good ones.
+any answer below 500 passes; the connect bounded by ``connect_timeout``, at most
+``check_interval``, and the exchange after it by ``check_timeout``, as HAProxy's
+``timeout connect`` and ``timeout check``) take a backend out after ``fall``
+failed ones and bring it back after ``rise`` good ones.
 
 The steady state under load costs little: an answer that is its backend's
 last one again, but for the ``Date`` value, whole in one read, is taken as
@@ -422,8 +424,15 @@ class Proxy:
         request = b"GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (cfg.check_path.encode(), host.encode())
         writer = None
         try:
+            # As HAProxy: the connect within min(timeout connect, inter), the exchange within
+            # the check timeout (one bound for both failed every check of a backend half a
+            # check timeout away, round trip, while it served its traffic).
+            try:
+                async with asyncio.timeout(min(cfg.connect_timeout, cfg.check_interval)):
+                    reader, writer = await asyncio.open_connection(b.spec.host, b.spec.port)
+            except TimeoutError:
+                return False, "check connect timeout"
             async with asyncio.timeout(cfg.check_timeout):
-                reader, writer = await asyncio.open_connection(b.spec.host, b.spec.port)
                 writer.write(request)
                 status_line = await reader.readline()
                 ok = _alive(status_line)
