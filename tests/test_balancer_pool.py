@@ -40,6 +40,25 @@ def test_state_table_checks_and_traffic():
     assert changes == [("s1", FALLING, DOWN), ("s1", RISING, UP), ("s1", UP, DOWN)]
 
 
+def test_connect_timeouts_take_a_backend_down_only_at_fall_in_a_row():
+    """A connect timeout may be one lost SYN: DOWN at ``fall`` in a row; a connect
+    that succeeds, or a check that passes, starts the count again."""
+    pool, changes = make_pool(fall=3)
+    b = pool.backends[0]
+    pool.connect_timed_out(b)
+    pool.connect_timed_out(b)
+    pool.connected(b)
+    pool.connect_timed_out(b)
+    pool.connect_timed_out(b)
+    pool.check_passed(b)
+    pool.connect_timed_out(b)
+    pool.connect_timed_out(b)
+    assert b.state == UP and b.failures == 6
+    pool.connect_timed_out(b)
+    assert b.state == DOWN and b.reason == "connect-timeout (3 in a row)"
+    assert changes == [("s1", UP, DOWN)]
+
+
 def test_round_robin_skips_down_backends():
     pool, _ = make_pool()
     pool.traffic_error(pool.backends[1], "reset")

@@ -102,6 +102,15 @@ class Balancer:
             self.elog.line("WARNING", f"event={event} backend={backend.name} from={old} to={new} "
                                       f"reason={logs.quote(backend.reason)}")
 
+    def connect_timed_out(self, backend: Backend, conn_id: int) -> None:
+        """A client's connect to ``backend`` timed out; the client goes on to the next
+        backend. The backend is DOWN only at ``fall`` of them in a row (pool.py): one
+        lost SYN is sent again after a second, and that is no dead backend."""
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=connect-timeout conn={conn_id} backend={backend.name} "
+                                      f"in_a_row={backend.connect_timeouts + 1} down_at={self.pool.fall}")
+        self.pool.connect_timed_out(backend)
+
     def _move_clients(self, backend: Backend) -> None:
         """Message mode: the clients of a backend just marked DOWN leave it now, its
         unanswered messages resent elsewhere (a client with none takes a healthy

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(its connect may take --connect-timeout, at most "
                                                 "--check-interval, as HAProxy's timeout check)"),
         ("--rise", cli.positive_int, "good checks in a row that bring a down backend back"),
-        ("--fall", cli.positive_int, "failed checks in a row that take a backend down"),
+        ("--fall", cli.positive_int, "failed checks in a row that take a backend down; connect timeouts on "
+                                     "traffic in a row too (a refused connect or a reset: at once)"),
         ("--connect-timeout", cli.positive_float, "seconds to connect to a backend before trying the next "
                                                   "(a health check's connect too, at most --check-interval)"),
         ("--response-timeout", cli.positive_float, "seconds a backend may leave a message unanswered before "

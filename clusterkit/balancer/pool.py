@@ -9,6 +9,13 @@ traffic (a refused connect, a reset, a message left unanswered past the
 response timeout) takes it DOWN at once, so that no other client is sent there,
 and only ``rise`` good checks bring it back.
 
+A connect that times out is no such proof: one lost SYN is sent again by the
+kernel only after a second, as long as the default connect timeout. It takes the
+backend DOWN only at the ``fall``-th in a row (``connect_timed_out``); a connect
+that succeeds, or a check that passes, starts the count again. The client goes to
+the next backend at once either way. (HAProxy, by default, leaves the server's
+state alone on a connect timeout; with ``observe layer4`` it counts errors in a row.)
+
     state    check ok                    check failed               traffic error
     UP       UP                          FALLING (DOWN if fall=1)   DOWN
     FALLING  UP                          FALLING, DOWN at fall      DOWN
@@ -107,6 +114,7 @@ class Backend:
         self.bytes_in = 0  # --mode tcp, its client connections that have ended: from the clients,
         self.bytes_out = 0  # and to them (a byte relay sees no messages)
         self.failures = 0
+        self.connect_timeouts = 0  # traffic connects timed out in a row (Pool.connect_timed_out)
         self.failovers = 0
         self.checks_ok = 0
         self.checks_failed = 0
@@ -163,6 +171,7 @@ class Pool:
 
     def check_passed(self, b: Backend) -> None:
         b.checks_ok += 1
+        b.connect_timeouts = 0
         if b.state in (UP, FALLING):
             if b.state == FALLING:
                 self._set(b, UP, "check passed")
@@ -194,3 +203,16 @@ class Pool:
         b.failures += 1
         if b.state != DOWN:
             self._set(b, DOWN, reason)
+
+    def connect_timed_out(self, b: Backend) -> None:
+        """A connect for traffic took longer than the connect timeout: DOWN at the
+        ``fall``-th in a row (see the module docstring)."""
+        b.failures += 1
+        b.connect_timeouts += 1
+        if b.connect_timeouts >= self.fall and b.state != DOWN:
+            self._set(b, DOWN, f"connect-timeout ({b.connect_timeouts} in a row)")
+
+    @staticmethod
+    def connected(b: Backend) -> None:
+        """A connect for traffic succeeded: the connect timeouts in a row start again."""
+        b.connect_timeouts = 0

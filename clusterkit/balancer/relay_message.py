@@ -361,8 +361,12 @@ class ClientSide(asyncio.Protocol):
             # Out of descriptors here: not the backend's fault; this client is told busy.
             self.refuse_busy(connect_failure(exc))
             return
-        self.app.pool.traffic_error(backend, connect_failure(exc))  # type: ignore[arg-type]
-        if attempts + 1 < len(self.app.pool.backends) and self.attach(attempts + 1):
+        if isinstance(exc, TimeoutError):  # no proof of a dead backend: counted (pool.py), not DOWN at once
+            self.app.connect_timed_out(backend, self.conn_id)  # type: ignore[arg-type]
+        else:
+            self.app.pool.traffic_error(backend, connect_failure(exc))  # type: ignore[arg-type]
+        # (Not that backend again: one that timed out may still be up.)
+        if attempts + 1 < len(self.app.pool.backends) and self.attach(attempts + 1, exclude=backend):
             return
         self.answer_no_backend(0)
 
@@ -370,6 +374,7 @@ class ClientSide(asyncio.Protocol):
         self.connect_side = None
         self.connect_started = 0.0
         self.connecting = False
+        self.app.pool.connected(side.backend)
         if self.closed or self.backend is not side.backend:
             side.abort()
             return

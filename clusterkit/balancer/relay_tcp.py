@@ -86,10 +86,12 @@ class TcpSession:
 
     # -- connecting, with failover ---------------------------------------------
 
-    def connect_next(self) -> None:
+    def connect_next(self, exclude: Backend | None = None) -> None:
+        """Connect to a healthy backend other than ``exclude`` (the last one that
+        failed, which may still be up after a connect timeout)."""
         pool = self.app.pool
         while self.attempts < len(pool.backends):
-            backend = pool.choose()
+            backend = pool.choose(exclude)
             if backend is None:
                 break
             self.attempts += 1
@@ -102,6 +104,7 @@ class TcpSession:
             if sock is None:
                 if not self.connect_failed(backend, os_error(code)):
                     return
+                exclude = backend
                 continue
             self.backend = backend
             backend.active += 1  # from now, as HAProxy counts: a burst of connects spreads under leastconn
@@ -120,7 +123,10 @@ class TcpSession:
         if local_shortage(exc):
             self.busy(exc)
             return False
-        self.app.pool.traffic_error(backend, connect_failure(exc))
+        if isinstance(exc, TimeoutError):  # no proof of a dead backend: counted (pool.py), not DOWN at once
+            self.app.connect_timed_out(backend, self.conn_id)
+        else:
+            self.app.pool.traffic_error(backend, connect_failure(exc))
         return True
 
     def busy(self, exc: OSError) -> None:
@@ -137,11 +143,12 @@ class TcpSession:
         self.backend = None
         self.connecting = False
         if self.connect_failed(backend, exc):  # type: ignore[arg-type]
-            self.connect_next()
+            self.connect_next(exclude=backend)
 
     def connected(self) -> None:
         self.connecting = False
         self.backend.connections += 1  # type: ignore[union-attr]
+        self.app.pool.connected(self.backend)  # type: ignore[arg-type]
         if self.to_backend:
             self.flush_to_backend()
         elif self.client_eof:
