@@ -631,6 +631,46 @@ def _lb_backend(admin_port: int, name: str) -> dict:
     return next(b for b in json.loads(_admin(admin_port, "/stats"))["backends"] if b["name"] == name)
 
 
+def test_lb_connect_timeout_goes_to_the_next_backend_and_marks_down_only_at_fall(setup):
+    """A backend whose accept queue is full drops the SYNs: the request's connect is
+    given up after --connect-timeout and it goes to the next backend at once. One
+    lost SYN is sent again only after a second, the default connect timeout: the
+    silent backend is marked down at --fall connect timeouts in a row, not at the
+    first, as it was (the checks, every 30 s, are not the ones)."""
+    with FullBacklog() as stuck:
+        good = setup.backend("good")
+        admin_port = cluster.free_port()
+        lb = setup.server("lb.py", "--backend", f"stuck=127.0.0.1:{stuck.port}", "--backend",
+                          f"good=127.0.0.1:{good.port}", "--connect-timeout", "0.5", "--check-interval", "30",
+                          "--fall", "3", "--admin-port", str(admin_port))
+        for tried in (1, 2, 3):  # round-robin: each request tries stuck first, then good
+            start = time.monotonic()
+            data = exchange(lb.port, CLOSING_GET)
+            assert status_of(data) == 200 and b"X-Backend: good" in data, data[:300]
+            assert time.monotonic() - start < 8  # the connect timeout, not the kernel's minutes
+            b = _lb_backend(admin_port, "stuck")
+            assert b["failures"] == tried and (b["state"] == "DOWN") == (tried == 3), b
+        assert b["reason"] == "connect timeout (3 in a row)"
+        data = exchange(lb.port, CLOSING_GET)  # stuck is not tried now
+        assert status_of(data) == 200 and _lb_backend(admin_port, "stuck")["failures"] == 3
+        setup.wait_log('event=backend-down backend=stuck reason="connect timeout (3 in a row)"')
+        log = setup.log()
+        assert "event=connect-timeout backend=stuck in_a_row=1 down_at=3" in log
+        assert "event=connect-timeout backend=stuck in_a_row=2 down_at=3" in log
+
+
+def test_lb_connect_timeout_on_the_last_backend_is_a_504(setup):
+    """With no other backend to try, a request whose connect timed out gets nginx's
+    answer, 504, logged with the backend (it was a 503 'no healthy backend', the
+    backend having been marked down for it)."""
+    with FullBacklog() as stuck:
+        lb = setup.server("lb.py", "--backend", f"stuck=127.0.0.1:{stuck.port}", "--connect-timeout", "0.5",
+                          "--check-interval", "30", "--fall", "3")
+        data = exchange(lb.port, CLOSING_GET)
+        assert status_of(data) == 504, data[:300]
+        assert "status=504 bytes=" in setup.lb_requests(1)[0] and "backend=stuck" in setup.lb_requests(1)[0]
+
+
 def _answer_check(conn: socket.socket, checked: threading.Event) -> None:
     """Answer one request with a 200, then wait for the close: the check is over then."""
     head = b""

@@ -214,7 +214,9 @@ def lb_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-path", help="what the health check GETs; any answer below 500 passes, so a backend "
                                         "without it (nginx: 404) still counts as up (default: /healthz)")
     p.add_argument("--rise", type=cli.positive_int, help="good checks that bring a backend back (default: 2)")
-    p.add_argument("--fall", type=cli.positive_int, help="failed checks that take a backend down (default: 2)")
+    p.add_argument("--fall", type=cli.positive_int, help="failed checks that take a backend down; connect timeouts "
+                                                         "on requests in a row too (a refused connect: at once) "
+                                                         "(default: 2)")
     p.add_argument("--response-timeout", type=float,
                    help="seconds a backend may leave its answer without a byte (default: 10)")
     p.add_argument("--admin-port", type=cli.port_number,

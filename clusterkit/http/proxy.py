@@ -15,21 +15,23 @@ request names the backend that answered.
 
 Failures: a refused connect, or no byte of the answer for ``response_timeout``
 (between reads, as nginx's ``proxy_read_timeout``) marks the backend down
-(passive check) and the request, being idempotent (only GET and HEAD are
-served), is retried on the next backend, as nginx's ``proxy_next_upstream error
-timeout`` does. A reset, or a close before the whole answer, is retried on the
-next backend too, but only makes the backend a suspect (``suspect``): one health
-check at once, and down only if that fails. A killed backend refuses it, and is
-down within a millisecond; one that broke one connection (a request that
-crashes it, an answer cut short) keeps serving the others: blamed at once, one
-such request tried on each backend in turn took them all down, and everyone got
-503s until the checks brought them back. A backend the active checks mark down
-hands its waiting requests on at once, so a hung (SIGSTOPped) backend costs its
-clients the detection time, not the timeout. A stale pooled connection (closed
-by the backend while idle) is retried once on a fresh connection without
-blaming the backend. Nothing healthy: 503; a timeout with no backend left: 504;
-a malformed answer, or every backend breaking the connection: 502. Our own
-error answers say ``Connection: close`` and mean it.
+(passive check; a connect that times out only at ``fall`` in a row, as one lost
+SYN is sent again only after a second: ``Proxy.connect_timed_out``) and the
+request, being idempotent (only GET and HEAD are served), is retried on the next
+backend, as nginx's ``proxy_next_upstream error timeout`` does. A reset, or a
+close before the whole answer, is retried on the next backend too, but only
+makes the backend a suspect (``suspect``): one health check at once, and down
+only if that fails. A killed backend refuses it, and is down within a
+millisecond; one that broke one connection (a request that crashes it, an answer
+cut short) keeps serving the others: blamed at once, one such request tried on
+each backend in turn took them all down, and everyone got 503s until the checks
+brought them back. A backend the active checks mark down hands its waiting
+requests on at once, so a hung (SIGSTOPped) backend costs its clients the
+detection time, not the timeout. A stale pooled connection (closed by the
+backend while idle) is retried once on a fresh connection without blaming the
+backend. Nothing healthy: 503; a timeout with no backend left: 504; a malformed
+answer, or every backend breaking the connection: 502. Our own error answers say
+``Connection: close`` and mean it.
 Active checks (``GET /healthz``, or ``--check-path``, every ``check_interval``;
 any answer below 500 passes; the connect bounded by ``connect_timeout``, at most
 ``check_interval``, and the exchange after it by ``check_timeout``, as HAProxy's
@@ -348,6 +350,7 @@ class BackendState:
         self.busy: set[BackendConn] = set()  # waiting for an answer
         self.requests = 0
         self.failures = 0
+        self.connect_timeouts = 0  # connects for requests timed out in a row (Exchange._connect)
         self.reason = "start"  # of the last change between up and down
         self.suspected = False  # a check of its own is on its way (Proxy.suspect)
         self.latency = LatencyHistogram()  # the request's send to its answer, ms
@@ -447,6 +450,20 @@ class Proxy:
             if writer is not None:
                 writer.transport.abort()
 
+    def connect_timed_out(self, b: BackendState) -> None:
+        """A request's connect to ``b`` timed out (it goes on to the next backend). One
+        lost SYN is sent again only after a second, the default connect timeout: ``b``
+        is marked down at ``fall`` of them in a row, not at the first; a connect that
+        succeeds, or a check that passes, starts the count again. (HAProxy leaves the
+        server's state alone on a connect timeout; with ``observe layer4`` it counts
+        errors in a row.)"""
+        b.connect_timeouts += 1
+        if self.elog.warning:
+            self.elog.line("WARNING", f"event=connect-timeout backend={b.name} in_a_row={b.connect_timeouts} "
+                                      f"down_at={self.config.fall}")
+        if b.connect_timeouts >= self.config.fall:
+            self.mark(b, False, f"connect timeout ({b.connect_timeouts} in a row)")
+
     def suspect(self, b: BackendState, failure: str) -> None:
         """A connection to ``b`` broke (``failure``): check it now, and mark it down
         if the check fails (HAProxy's ``observe layer4`` with a fast check)."""
@@ -469,6 +486,8 @@ class Proxy:
         cfg = self.config
         while True:
             ok, reason = await self._check(b)
+            if ok:
+                b.connect_timeouts = 0
             if ok == b.up:
                 b.streak = 0
             else:
@@ -744,9 +763,14 @@ class Exchange:
                 self._error(503, "the balancer is out of descriptors", "-")
                 return
             b.failures += 1
-            self.proxy.mark(b, False, f"connect {type(exc).__name__}")
+            if isinstance(exc, TimeoutError):
+                self.timed_out = b  # (504 if no backend is left, as nginx's for a connect timeout)
+                self.proxy.connect_timed_out(b)
+            else:
+                self.proxy.mark(b, False, f"connect {type(exc).__name__}")
             self.next_backend()
             return
+        b.connect_timeouts = 0
         self.conn = conn
         conn.send(self.data, self)
 
