@@ -142,6 +142,8 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         nonlocal last
+        if _retry_after_close(context):
+            return
         if context.get("message") != ACCEPT_ERROR:
             say(context)
             return
@@ -149,6 +151,17 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
         failed.count()
 
     loop.set_exception_handler(handler)
+
+
+def _retry_after_close(context: dict) -> bool:
+    """A retry of the accepts that came due after the server had closed: nothing to
+    say. The standard loop (Python 3.11) schedules a retry a second on for every
+    failed accept of a batch, up to ``backlog`` of them, and each one due after the
+    stop raised ``ValueError: Invalid file descriptor: -1`` with a traceback:
+    thousands, for 10 s and more, after a flood past the open-files limit."""
+    handle = context.get("handle")
+    callback = getattr(handle, "_callback", None)
+    return isinstance(context.get("exception"), ValueError) and getattr(callback, "__name__", "") == "_start_serving"
 
 
 def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:

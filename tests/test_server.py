@@ -636,3 +636,8 @@ def test_the_standard_loop_out_of_descriptors_says_so_once_a_second_and_recovers
     err = proc.stderr()
     assert "Traceback" not in err and err.count("\n") < 60, err[-3000:]
     assert "socket.accept() out of system resource: [Errno 24]" in err
+    # The stop: every accept retry still due raised 'Invalid file descriptor: -1' with its
+    # traceback, for 10 s and more (this test's stop ran into its SIGKILL).
+    assert proc.stop(timeout=60) == 0
+    err = proc.stderr()
+    assert "Traceback" not in err and "Invalid file descriptor" not in err, err[-3000:]
