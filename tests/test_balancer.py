@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import shutil
@@ -907,6 +908,27 @@ def test_a_connect_that_times_out_goes_to_the_next_backend_and_counts_toward_fal
         assert _backends(ports[2])["stuck"]["failures"] == 3
         log = _wait_log(log_dir, "event=backend-down backend=stuck")
         assert "backend=stuck in_a_row=1 down_at=3" in log and "backend=stuck in_a_row=3 down_at=3" in log
+
+
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_connects_that_time_out_once_a_backend_is_down_are_not_a_line_each(procs, log_dir, mode):
+    """Every connect timed out was a warning line, also those still under way when
+    the backend went DOWN: a burst of clients wrote one each. Said while they count."""
+    with FullBacklog() as stuck:
+        ports = cluster.free_ports(2)
+        good = procs.start(cluster.echo_server("good", ports[0], log_dir=str(log_dir)))
+        balancer = procs.start(balancer_process(
+            ports[1], [f"stuck=127.0.0.1:{stuck.port}", f"good=127.0.0.1:{good.port}"], "--mode", mode,
+            "--connect-timeout", "0.5", "--check-interval", "30", "--fall", "3", "--admin-port", "0",
+            log_dir=str(log_dir)))
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:  # half of them try stuck first
+            answers = list(pool.map(lambda _: one_message(balancer.port), range(20)))
+        assert answers == [b"REPLY good hi\nACK good 2\n"] * 20
+        _wait_log(log_dir, "event=backend-down backend=stuck")
+        time.sleep(1)  # (the last batch of lines)
+        counts = [int(n) for n in re.findall(r"event=connect-timeout conn=\d+ backend=stuck in_a_row=(\d+)",
+                                             (log_dir / "server_log.log").read_text())]
+    assert counts == [1, 2, 3], counts
 
 
 def _answer_line(conn: socket.socket) -> None:

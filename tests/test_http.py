@@ -3,6 +3,7 @@ raw sockets for every error case, faults, and a real browser."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import email.utils
 import http.client
 import itertools
@@ -657,6 +658,23 @@ def test_lb_connect_timeout_goes_to_the_next_backend_and_marks_down_only_at_fall
         log = setup.log()
         assert "event=connect-timeout backend=stuck in_a_row=1 down_at=3" in log
         assert "event=connect-timeout backend=stuck in_a_row=2 down_at=3" in log
+
+
+def test_lb_connects_that_time_out_once_a_backend_is_down_are_not_a_line_each(setup):
+    """Every connect timed out was a warning line, also those still under way when
+    the backend was marked down: a burst of requests wrote one each."""
+    with FullBacklog() as stuck:
+        good = setup.backend("good")
+        lb = setup.server("lb.py", "--backend", f"stuck=127.0.0.1:{stuck.port}", "--backend",
+                          f"good=127.0.0.1:{good.port}", "--connect-timeout", "0.5", "--check-interval", "30",
+                          "--fall", "3")
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:  # half of them try stuck first
+            answers = list(pool.map(lambda _: status_of(exchange(lb.port, CLOSING_GET)), range(20)))
+        assert answers == [200] * 20
+        setup.wait_log("event=backend-down backend=stuck")
+        time.sleep(1)  # (the last batch of lines)
+        counts = [int(n) for n in re.findall(r"event=connect-timeout backend=stuck in_a_row=(\d+)", setup.log())]
+    assert counts == [1, 2, 3], counts
 
 
 def test_lb_connect_timeout_on_the_last_backend_is_a_504(setup):

@@ -30,7 +30,7 @@ from .admin import start_admin
 from .config import BalancerConfig
 from .epollset import EpollSet, Listener, resolve
 from .health import check_forever
-from .pool import Backend, Pool
+from .pool import DOWN, Backend, Pool
 from .relay_message import start_client
 from .relay_tcp import start_session
 from .reuse import IdlePool
@@ -105,8 +105,9 @@ class Balancer:
     def connect_timed_out(self, backend: Backend, conn_id: int) -> None:
         """A client's connect to ``backend`` timed out; the client goes on to the next
         backend. The backend is DOWN only at ``fall`` of them in a row (pool.py): one
-        lost SYN is sent again after a second, and that is no dead backend."""
-        if self.elog.warning:
+        lost SYN is sent again after a second, and that is no dead backend. Said while
+        it counts: once DOWN, the connects still timing out there are not a line each."""
+        if self.elog.warning and backend.state != DOWN:
             self.elog.line("WARNING", f"event=connect-timeout conn={conn_id} backend={backend.name} "
                                       f"in_a_row={backend.connect_timeouts + 1} down_at={self.pool.fall}")
         self.pool.connect_timed_out(backend)

@@ -458,7 +458,7 @@ class Proxy:
         server's state alone on a connect timeout; with ``observe layer4`` it counts
         errors in a row.)"""
         b.connect_timeouts += 1
-        if self.elog.warning:
+        if self.elog.warning and b.up:  # (once down, the connects still timing out are not a line each)
             self.elog.line("WARNING", f"event=connect-timeout backend={b.name} in_a_row={b.connect_timeouts} "
                                       f"down_at={self.config.fall}")
         if b.connect_timeouts >= self.config.fall:
