@@ -118,6 +118,19 @@ def test_a_request_split_anywhere_is_no_http09_line(stream):
             assert parser.error is None and len(got) == stream.count(b" HTTP/1."), (cut, second, parser.error)
 
 
+BODY_WITH_A_LINE = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\nab cd\n"
+
+
+def test_a_body_line_before_a_pipelined_request_is_no_http09_line():
+    """The last line of a read was taken for the next request's line: a GET's body
+    ``ab cd``, with the next request begun in the same read, got a 505."""
+    stream = BODY_WITH_A_LINE + R11
+    for cut in range(len(BODY_WITH_A_LINE) - 6, len(stream)):
+        parser = ParserOnly(Limits())
+        got = parser.feed(stream[:cut]) + parser.feed(stream[cut:])
+        assert parser.error is None and len(got) == 2, (cut, parser.error)
+
+
 @pytest.mark.parametrize("size", [500, 997, 4096])
 def test_a_long_first_field_in_pieces_is_no_http09_line(size):
     """A first field of 9,000 bytes in pieces, one of them ending its line: the end

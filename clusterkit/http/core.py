@@ -326,7 +326,10 @@ class RequestParser:
         end = text.rfind(b"\n")
         # (its start tells a request line; a request line longer than this is the parser's 414)
         self._line = text[end + 1:end + 1 + self.limits.max_url + 64]
-        if end >= 0 and HTTP09_LINE.fullmatch(text, text.rfind(b"\n", 0, end) + 1, end):
+        line = HTTP09_LINE.fullmatch(text, text.rfind(b"\n", 0, end) + 1, end) if end >= 0 else None
+        # (and it is this request's line, its target the one the parser has: not a line of
+        # the body of the request before it, ``ab cd``, ended in the same read)
+        if line is not None and line.group(1) == self._url:
             self.error = HttpError(505, "HTTP/0.9")
 
     def _again(self) -> Request:
@@ -380,7 +383,7 @@ def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"te
 
 METHOD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 """A request line's start: a method the parser does not know is a method still."""
-HTTP09_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+\r?")
+HTTP09_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ([^ \r\n]+)\r?")
 """A whole request line without an HTTP version, as HTTP/0.9 sent them (``GET /``)."""
 
 
