@@ -40,9 +40,12 @@ class AdminProtocol(asyncio.Protocol):
         self.url = b""
         self.method = b""
         self.received = 0
+        self.head = 0  # bytes of the head's target and headers, counted as the parser finds them
+        self.head_done = False
         self.body = 0
         """Bytes of the request's body: a body (a POST's, which gets its 405 once read,
         so that no reset takes the answer away) is bounded apart from the head."""
+        self.complete = False
         self.answered = False
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -69,13 +72,20 @@ class AdminProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
 
     def on_body(self, body: bytes) -> None:
         self.body += len(body)
 
     def on_message_complete(self) -> None:
         self.method = self.parser.get_method()
-        self.respond()
+        self.complete = True  # (answered once the limits are looked at: data_received)
 
     def data_received(self, data: bytes) -> None:
         if self.answered:
@@ -89,10 +99,13 @@ class AdminProtocol(asyncio.Protocol):
             return
         if self.answered:
             return
-        if self.received - self.body > MAX_REQUEST:
+        # A head not yet ended is all that has come; one ended in this read, what the parser counted.
+        if (self.head if self.head_done else self.received) > MAX_REQUEST:
             self.send(431, b"text/plain", b"request too large\n")
         elif self.body > MAX_BODY:
             self.send(413, b"text/plain", b"request body too large\n")
+        elif self.complete:
+            self.respond()
 
     def respond(self) -> None:
         path = httptools.parse_url(self.url).path.decode("latin-1") if self.url else "/"

@@ -423,6 +423,34 @@ def test_all_backends_down_gives_err_no_backend_quickly_then_recovers(lb, connec
         time.sleep(0.1)
 
 
+def test_no_backend_answers_given_during_the_stop_are_counted_too(procs, log_dir):
+    """The count of ERR no-backend answers was said for the last time before the drain:
+    those the drain gave (a client still sending through the stop) were never logged."""
+    ports = cluster.free_ports(2)
+    balancer = procs.start(balancer_process(ports[0], [f"gone=127.0.0.1:{ports[1]}"], "--drain-timeout", "1.5",
+                                            "--admin-port", "0", log_dir=str(log_dir)))
+    got = []
+    with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as s:
+        reader = threading.Thread(target=lambda: got.extend(iter(lambda: s.recv(65536), b"")), daemon=True)
+        reader.start()
+        started = time.monotonic()
+        stopped = False
+        while time.monotonic() - started < 3:
+            if time.monotonic() - started > 1 and not stopped:
+                balancer.signal(signal.SIGTERM)
+                stopped = True
+            try:
+                s.sendall(b"m\n")
+            except OSError:
+                break
+            time.sleep(0.02)
+        assert balancer.popen.wait(timeout=30) == 0
+        reader.join(10)
+    answered = b"".join(got).count(b"ERR no-backend\n")
+    said = sum(map(int, re.findall(r"event=no-backend messages=(\d+)", (log_dir / "server_log.log").read_text())))
+    assert answered > 50 and said == answered, (said, answered)
+
+
 @pytest.mark.parametrize("mode", ["message", "tcp"])
 def test_clients_turned_away_with_no_backend_are_counted_not_logged_one_by_one(lb, mode):
     """With no backend up, a client per message wrote a warning line per connection
@@ -931,6 +959,24 @@ def test_connects_that_time_out_once_a_backend_is_down_are_not_a_line_each(procs
     assert counts == [1, 2, 3], counts
 
 
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_a_client_whose_connects_time_out_tries_every_backend_once(procs, log_dir, mode):
+    """After a connect timeout, a client was kept off only the backend that had just
+    timed out: sent back to an earlier one, it ran out of tries (one per backend)
+    and got ERR no-backend while a healthy backend was never tried."""
+    with FullBacklog() as stuck1, FullBacklog() as stuck2:
+        ports = cluster.free_ports(2)
+        good = procs.start(cluster.echo_server("good", ports[0], log_dir=str(log_dir)))
+        balancer = procs.start(balancer_process(
+            ports[1], [f"stuck1=127.0.0.1:{stuck1.port}", f"stuck2=127.0.0.1:{stuck2.port}",
+                       f"good=127.0.0.1:{good.port}"], "--mode", mode, "--algorithm", "p2c",
+            "--connect-timeout", "0.3", "--check-interval", "30", "--fall", "1000", "--admin-port", "0",
+            log_dir=str(log_dir)))
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            answers = list(pool.map(lambda _: one_message(balancer.port), range(30)))
+    assert answers == [b"REPLY good hi\nACK good 2\n"] * 30, [a for a in answers if not a.startswith(b"REPLY")]
+
+
 def _answer_line(conn: socket.socket) -> None:
     """A backend's answer to one message (a health check's)."""
     line = b""
@@ -1097,6 +1143,7 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     ("[balancer]\ndrain-timeout = -1.0\n", "--drain-timeout must be 0 or more"),
     ('[balancer]\nname = "a=b"\n', "--name 'a=b': printable ASCII, no spaces"),
     ('[balancer]\nhost = ""\n', "host: give a host name or address"),  # (listened on every interface)
+    ('[balancer]\nname = ""\n', "--name: give it a name"),
 ])
 def test_a_bad_config_file_is_one_clear_line(tmp_path, log_dir, text, message):
     """Each was a traceback, or accepted (an empty backend list meant the default backends)."""
@@ -1287,7 +1334,8 @@ def test_the_admin_port_cannot_take_the_balancer_down(procs, log_dir):
 
 
 def test_an_admin_post_gets_405_whatever_its_body(procs, log_dir):
-    """A POST with a 20 kB body got 431 (its body counted as head), not 405."""
+    """A POST with a 20 kB body got 431 (its body counted as head), not 405; and a
+    head past the limit still gets its 431 when it comes whole in one read."""
     ports = cluster.free_ports(3)
     procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
     procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], admin_port=ports[2],
@@ -1296,6 +1344,14 @@ def test_an_admin_post_gets_405_whatever_its_body(procs, log_dir):
         s.sendall(b"POST /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n" + b"x" * 20000)
         head = s.recv(300)
     assert head.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and b"\r\nAllow: GET, HEAD\r\n" in head
+    with socket.create_connection(("127.0.0.1", ports[2]), timeout=30) as s:  # (chunks' framing is no head)
+        s.sendall(b"POST /stats HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * 2000)
+        time.sleep(0.2)
+        s.sendall(b"0\r\n\r\n")
+        assert s.recv(300).startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    with socket.create_connection(("127.0.0.1", ports[2]), timeout=30) as s:  # a head past 8 KiB, whole in one go
+        s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        assert s.recv(300).startswith(b"HTTP/1.1 431 ")
 
 
 def test_an_unfinished_admin_request_gets_408_and_an_idle_admin_connection_is_closed(procs, log_dir):

@@ -225,6 +225,7 @@ class Balancer:
         if self._admin is not None:
             self._admin.close()
         await asyncio.sleep(0)
+        self.no_backend_said.flush(now=True)  # (what the drain answered since)
         if self.elog.warning:
             self.elog.line("WARNING", f"event=stopped connections={self.total_connections} "
                                       f"failovers={self.failovers}")

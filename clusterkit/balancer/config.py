@@ -99,6 +99,7 @@ class BalancerConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        check(bool(self.name), "--name: give it a name")
         check_backend_name(self.name, "--name")
         check(bool(self.host), "host: give a host name or address")  # ('' would mean every interface)
         check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}")

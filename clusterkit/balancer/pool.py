@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ..sockets import host_port
 from .algorithms import ALGORITHMS
@@ -151,9 +151,10 @@ class Pool:
     def healthy(self) -> list[Backend]:
         return [b for b in self.backends if b.state in HEALTHY]
 
-    def choose(self, exclude: Backend | None = None) -> Backend | None:
-        """A healthy backend for a new connection, or None when none is healthy."""
-        healthy = [b for b in self.backends if b.state in HEALTHY and b is not exclude]
+    def choose(self, exclude: Collection[Backend] = ()) -> Backend | None:
+        """A healthy backend for a new connection, not one of ``exclude`` (those its
+        client has tried already), or None when none is healthy."""
+        healthy = [b for b in self.backends if b.state in HEALTHY and b not in exclude]
         if not healthy:
             self.no_backend += 1
             return None

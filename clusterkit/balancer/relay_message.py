@@ -48,6 +48,7 @@ import asyncio
 import errno
 import time
 from collections import deque
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import _socket
@@ -140,7 +141,7 @@ class ClientSide(asyncio.Protocol):
     """One client connection in message mode."""
 
     __slots__ = ("app", "config", "elog", "framer", "transport", "conn_id", "backend", "backend_conn",
-                 "connecting", "pending", "pending_bytes", "inbuf", "used", "paused", "client_full", "eof",
+                 "connecting", "pending", "pending_bytes", "inbuf", "used", "tried", "paused", "client_full", "eof",
                  "closed", "rejected", "error_after_pending", "answered", "failovers", "no_backend_errors",
                  "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered", "stall_since",
                  "connect_side", "connect_started", "lines", "line_watch")
@@ -159,6 +160,7 @@ class ClientSide(asyncio.Protocol):
         self.pending_bytes = 0
         self.inbuf = bytearray()
         self.used: list[str] = []
+        self.tried: list[Backend] = []  # the backends the current connect's tries failed on
         self.paused: set[str] = set()
         self.client_full = False
         self.eof = False
@@ -311,8 +313,8 @@ class ClientSide(asyncio.Protocol):
 
     # -- choosing and connecting a backend -----------------------------------
 
-    def attach(self, attempts: int = 0, exclude: Backend | None = None, again: Backend | None = None) -> bool:
-        """Pick a healthy backend (not ``exclude``) and take an idle connection to it
+    def attach(self, attempts: int = 0, exclude: Collection[Backend] = (), again: Backend | None = None) -> bool:
+        """Pick a healthy backend (not one of ``exclude``) and take an idle connection to it
         or start connecting; False when none is healthy. ``again``: that backend once
         more, on a new connection (its reused one was stale)."""
         backend = again or self.app.pool.choose(exclude)
@@ -365,10 +367,17 @@ class ClientSide(asyncio.Protocol):
             self.app.connect_timed_out(backend, self.conn_id)  # type: ignore[arg-type]
         else:
             self.app.pool.traffic_error(backend, connect_failure(exc))  # type: ignore[arg-type]
-        # (Not that backend again: one that timed out may still be up.)
-        if attempts + 1 < len(self.app.pool.backends) and self.attach(attempts + 1, exclude=backend):
+        # (Not a backend tried already: one that timed out may still be up, and a client
+        # sent back to it ran out of tries while another backend was never tried.)
+        if attempts + 1 < len(self.app.pool.backends) and self.attach(attempts + 1, self.tried_also(backend, attempts)):
             return
         self.answer_no_backend(0)
+
+    def tried_also(self, backend: Backend, attempts: int) -> list[Backend]:
+        """The backends this connect's tries have failed on, ``backend`` the last
+        (``attempts``: the tries before it; 0 starts a new list)."""
+        self.tried = (self.tried if attempts else []) + [backend]
+        return self.tried
 
     def backend_connected(self, side: BackendSide) -> None:
         self.connect_side = None
@@ -557,7 +566,8 @@ class ClientSide(asyncio.Protocol):
             return
         if self.elog.info:
             self.elog.line("INFO", f"event=backend-busy conn={self.conn_id} backend={backend.name}")
-        if side.attempts + 1 < len(self.app.pool.backends) and self.attach(side.attempts + 1, exclude=backend):
+        if side.attempts + 1 < len(self.app.pool.backends) and self.attach(side.attempts + 1,
+                                                                           self.tried_also(backend, side.attempts)):
             return
         self.refuse_busy("backends-full")
 

@@ -56,7 +56,7 @@ def start_session(app: Balancer, sock: _socket.socket, peer: tuple) -> None:
 class TcpSession:
     """One client connection and its backend connection."""
 
-    __slots__ = ("events", "app", "elog", "csock", "bsock", "peer", "backend", "used", "attempts", "conn_id",
+    __slots__ = ("events", "app", "elog", "csock", "bsock", "peer", "backend", "used", "tried", "attempts", "conn_id",
                  "connecting", "connect_started", "to_backend", "to_client", "client_eof", "backend_eof",
                  "client_paused", "closed", "bytes_in", "bytes_out", "seen_bytes", "last_activity")
 
@@ -69,6 +69,7 @@ class TcpSession:
         self.peer = peer
         self.backend: Backend | None = None
         self.used: list[str] = []
+        self.tried: list[Backend] = []  # the backends whose connect failed for it
         self.attempts = 0
         self.conn_id = 0
         self.connecting = False
@@ -86,12 +87,13 @@ class TcpSession:
 
     # -- connecting, with failover ---------------------------------------------
 
-    def connect_next(self, exclude: Backend | None = None) -> None:
-        """Connect to a healthy backend other than ``exclude`` (the last one that
-        failed, which may still be up after a connect timeout)."""
+    def connect_next(self) -> None:
+        """Connect to a healthy backend not tried yet (one whose connect timed out
+        may still be up: a client sent back to it ran out of tries while another
+        backend was never tried, and got ERR no-backend)."""
         pool = self.app.pool
         while self.attempts < len(pool.backends):
-            backend = pool.choose(exclude)
+            backend = pool.choose(self.tried)
             if backend is None:
                 break
             self.attempts += 1
@@ -104,7 +106,7 @@ class TcpSession:
             if sock is None:
                 if not self.connect_failed(backend, os_error(code)):
                     return
-                exclude = backend
+                self.tried.append(backend)
                 continue
             self.backend = backend
             backend.active += 1  # from now, as HAProxy counts: a burst of connects spreads under leastconn
@@ -143,7 +145,8 @@ class TcpSession:
         self.backend = None
         self.connecting = False
         if self.connect_failed(backend, exc):  # type: ignore[arg-type]
-            self.connect_next(exclude=backend)
+            self.tried.append(backend)  # type: ignore[arg-type]
+            self.connect_next()
 
     def connected(self) -> None:
         self.connecting = False
