@@ -978,10 +978,8 @@ class ProxyClient(asyncio.Protocol):
             queue = self.queue
             while queue and self.exchange is None and not self.closing and not self.paused_since:
                 req = queue.popleft()
-                if isinstance(req, HttpError):
+                if isinstance(req, HttpError):  # (the parser's: a method but GET and HEAD is its 405)
                     self._refuse(req)
-                elif req.method not in (b"GET", b"HEAD"):
-                    self._refuse(HttpError(405, f"method {req.method.decode('latin-1')}"), req)
                 else:
                     try:
                         data = self.backend_request(req)
@@ -1037,8 +1035,7 @@ class ProxyClient(asyncio.Protocol):
             reset(self.transport)  # type: ignore[arg-type]
 
     def log_request(self, req: Request | None, status: int, size: int, backend: str) -> None:
-        what = (f"method={req.method.decode('latin-1')} path={logs.quote(req.target.decode('latin-1'))} "
-                f"ms={(time.monotonic() - req.started) * 1000:.3f}") if req else "method=- path=-"
+        what = f"{_method_path(req)} ms={(time.monotonic() - req.started) * 1000:.3f}" if req else "method=- path=-"
         self.elog.line("INFO", f"event=request client={self.peer} {what} status={status} bytes={size} "
                                f"backend={backend}")
 
@@ -1048,8 +1045,7 @@ class ProxyClient(asyncio.Protocol):
         with method=- path=- said nothing of it); with the request's method and path
         when it was read whole."""
         if self.elog.info:
-            what = (f"method={req.method.decode('latin-1')} path={logs.quote(req.target.decode('latin-1'))} "
-                    if req else "")
+            what = f"{_method_path(req)} " if req else ""
             self.elog.line("INFO", f"event=refused client={self.peer} {what}status={exc.status} "
                                    f"reason={logs.quote(exc.detail)}")
         self._finish(error_response(exc), "-", exc.status, req, keep=False, logged=True)
@@ -1106,3 +1102,7 @@ class ProxyClient(asyncio.Protocol):
         """Nothing on its way to the client, nor in the write buffer (a graceful stop waits for that)."""
         return self.exchange is None and not self.queue and not self.transport.get_write_buffer_size()  # type: ignore
 
+
+def _method_path(req: Request) -> str:
+    """A request's fields in lb.py's log lines."""
+    return f"method={req.method.decode('latin-1')} path={logs.quote(req.target.decode('latin-1'))}"
