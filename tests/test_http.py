@@ -916,7 +916,7 @@ def _answers_in_turn(answers: list[bytes]):
 
 def test_lb_relays_each_answer_as_sent_even_when_it_looks_like_the_last(setup):
     """lb.py takes an answer that is its backend's last one again, but for the Date,
-    without parsing it (proxy.KnownAnswer). Answers of the same length that differ
+    without parsing it (upstream.KnownAnswer). Answers of the same length that differ
     anywhere else (the body, a header folded into the Date's place) are parsed and
     relayed as sent; a HEAD between them too."""
     def ok(date: bytes, body: bytes) -> bytes:
