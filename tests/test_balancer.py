@@ -954,9 +954,43 @@ def test_connects_that_time_out_once_a_backend_is_down_are_not_a_line_each(procs
         assert answers == [b"REPLY good hi\nACK good 2\n"] * 20
         _wait_log(log_dir, "event=backend-down backend=stuck")
         time.sleep(1)  # (the last batch of lines)
-        counts = [int(n) for n in re.findall(r"event=connect-timeout conn=\d+ backend=stuck in_a_row=(\d+)",
-                                             (log_dir / "server_log.log").read_text())]
-    assert counts == [1, 2, 3], counts
+        lines = re.findall(r"event=connect-timeout conn=\d+ backend=stuck in_a_row=(\d+) down_at=3 timeouts=(\d+)",
+                           (log_dir / "server_log.log").read_text())
+    # The first said at once, the rest of the burst with the one that took it DOWN.
+    assert lines[0] == ("1", "1") and lines[-1][0] == "3" and sum(int(n) for _, n in lines) == 3, lines
+
+
+@pytest.mark.parametrize("mode", ["message", "tcp"])
+def test_connects_that_time_out_in_a_burst_are_a_line_a_second_per_backend_with_the_count(procs, log_dir, mode):
+    """A link that drops some SYNs to a backend and lets others through (a connect that
+    succeeds starts the count again; --fall 1000 stands for it here) never takes it
+    DOWN, and every connect that timed out was a line: unbounded. Now a line a second
+    at most per backend, the first at once, with how many since the last (timeouts=N)."""
+    with FullBacklog() as stuck:
+        ports = cluster.free_ports(3)
+        good = procs.start(cluster.echo_server("good", ports[0], log_dir=str(log_dir)))
+        procs.start(balancer_process(
+            ports[1], [f"stuck=127.0.0.1:{stuck.port}", f"good=127.0.0.1:{good.port}"], "--mode", mode,
+            "--connect-timeout", "0.2", "--check-interval", "30", "--fall", "1000", admin_port=ports[2],
+            log_dir=str(log_dir)))
+        start = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:  # half of them try stuck first
+            answers = list(pool.map(lambda _: one_message(ports[1]), range(60)))
+        took = time.monotonic() - start
+        assert answers == [b"REPLY good hi\nACK good 2\n"] * 60
+        timed_out = _backends(ports[2])["stuck"]["failures"]
+        assert timed_out >= 20
+        deadline = time.monotonic() + 10
+        while True:  # (the rest of the burst is said within a second, in a batch of lines)
+            lines = re.findall(r"event=connect-timeout conn=\d+ backend=stuck in_a_row=\d+ down_at=1000"
+                               r"(?: timeouts=(\d+))?", (log_dir / "server_log.log").read_text())
+            said = sum(int(n or 1) for n in lines)
+            if said >= timed_out or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert said == timed_out, (lines, timed_out)
+    # A line at once, one a second at most after it, and the start's probe (stuck's turn) before.
+    assert len(lines) <= took + 3, (lines, took)
 
 
 @pytest.mark.parametrize("mode", ["message", "tcp"])

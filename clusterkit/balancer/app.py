@@ -82,6 +82,11 @@ class Balancer:
         # second at most (with no backend up, a client per message wrote a line per connection).
         what = "messages" if config.mode == "message" else "clients"
         self.no_backend_said = elog.tally(lambda n: f"event=no-backend {what}={n}")
+        # Connect timeouts still counting toward --fall: a line a second at most per backend,
+        # with how many since the last (a link that drops some SYNs and lets others through
+        # starts the count again and again: the backend never went DOWN, and each was a line).
+        self.timeouts_said = [elog.tally(partial(self._timeouts_text, b)) for b in self.pool.backends]
+        self.last_timeout = [(0, 0)] * len(self.pool.backends)  # per backend: the latest's conn id, in_a_row
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
         for b in self.pool.backends:
@@ -106,11 +111,21 @@ class Balancer:
         """A client's connect to ``backend`` timed out; the client goes on to the next
         backend. The backend is DOWN only at ``fall`` of them in a row (pool.py): one
         lost SYN is sent again after a second, and that is no dead backend. Said while
-        it counts: once DOWN, the connects still timing out there are not a line each."""
+        it counts, a line a second at most per backend (``timeouts_said``): once DOWN, the
+        connects still timing out there are not counted."""
         if self.elog.warning and backend.state != DOWN:
-            self.elog.line("WARNING", f"event=connect-timeout conn={conn_id} backend={backend.name} "
-                                      f"in_a_row={backend.connect_timeouts + 1} down_at={self.pool.fall}")
+            in_a_row = backend.connect_timeouts + 1
+            self.last_timeout[backend.index] = (conn_id, in_a_row)
+            said = self.timeouts_said[backend.index]
+            said.count()
+            if in_a_row >= self.pool.fall:
+                said.flush(now=True)  # the one that takes it DOWN, before the down line: no more come
         self.pool.connect_timed_out(backend)
+
+    def _timeouts_text(self, backend: Backend, count: int) -> str:
+        conn_id, in_a_row = self.last_timeout[backend.index]
+        return (f"event=connect-timeout conn={conn_id} backend={backend.name} in_a_row={in_a_row} "
+                f"down_at={self.pool.fall} timeouts={count}")
 
     def _move_clients(self, backend: Backend) -> None:
         """Message mode: the clients of a backend just marked DOWN leave it now, its
@@ -160,6 +175,8 @@ class Balancer:
             self.idle.purge(now)
             self.turned_away.flush()
             self.no_backend_said.flush()
+            for said in self.timeouts_said:
+                said.flush()
             slow_lines = cfg.line_timeout if cfg.mode == "message" else 0  # tcp: the backend's own
             for conn in list(self.connections):
                 conn.check_response_timeout(now, cfg.response_timeout)
@@ -194,6 +211,8 @@ class Balancer:
         self.stopping = True
         self.turned_away.flush(now=True)
         self.no_backend_said.flush(now=True)
+        for said in self.timeouts_said:
+            said.flush(now=True)
         self.idle.close()  # (and no connection goes back from now on)
         if self._server is not None:
             self._server.close()
@@ -226,6 +245,8 @@ class Balancer:
             self._admin.close()
         await asyncio.sleep(0)
         self.no_backend_said.flush(now=True)  # (what the drain answered since)
+        for said in self.timeouts_said:
+            said.flush(now=True)
         if self.elog.warning:
             self.elog.line("WARNING", f"event=stopped connections={self.total_connections} "
                                       f"failovers={self.failovers}")
