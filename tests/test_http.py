@@ -766,18 +766,22 @@ def test_a_bad_lb_config_file_is_one_clear_line(tmp_path, log_dir, text, message
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("lb.py", ["--response-timeout", "-1"], "--response-timeout must be positive"),
-    ("lb.py", ["--check-interval", "0"], "--check-interval must be positive"),
+    ("lb.py", ["--response-timeout", "-1"], "argument --response-timeout: must be positive"),
+    ("lb.py", ["--response-timeout", "nan"], "argument --response-timeout: must be positive"),
+    ("lb.py", ["--check-interval", "0"], "argument --check-interval: must be positive"),
+    ("lb.py", ["--check-interval", "inf"], "argument --check-interval: must be positive, at most a year"),
+    ("lb.py", ["--header-timeout", "4e7"], "argument --header-timeout: must be positive, at most a year"),
     ("lb.py", ["--pool-size", "-1"], "argument --pool-size: must be 0 or more"),
     ("lb.py", ["--connect-timeout", "0"], "argument --connect-timeout: must be positive"),
     ("lb.py", ["--drain-timeout", "nan"], "argument --drain-timeout: must be 0 or more"),
-    ("Server_async_http.py", ["--header-timeout", "-1"], "--header-timeout must be positive"),
-    ("Server_thread_http.py", ["--keepalive-timeout", "0"], "--keepalive-timeout must be positive"),
-    ("async_server.py", ["9999", "--keepalive-timeout", "nan"], "--keepalive-timeout must be positive"),
+    ("Server_async_http.py", ["--header-timeout", "-1"], "argument --header-timeout: must be positive"),
+    ("Server_thread_http.py", ["--keepalive-timeout", "0"], "argument --keepalive-timeout: must be positive"),
+    ("async_server.py", ["9999", "--keepalive-timeout", "nan"], "argument --keepalive-timeout: must be positive"),
     ("lb.py", ["--port", "44470", "--admin-port", "44470"], "--admin-port 44470 is lb.py's own --port"),
     ("lb.py", ["--backend", "127.0.0.1:9002", "--backend", "[::1]:9002"], "backend1 given twice"),
     ("async_server.py", ["9999", "--port", "9998"], "give one of them"),
-    ("Server_thread_http.py", ["--header-timeout", "1e300"], "--header-timeout must be positive, at most a year"),
+    ("Server_thread_http.py", ["--header-timeout", "1e300"],
+     "argument --header-timeout: must be positive, at most a year"),
     ("Server_thread_http.py", ["--pool", "5000"], "--pool must be between 0 and 4,096"),
     ("Server_async_http.py", ["--name", "x\r\nSet-Cookie: a=1"], "printable ASCII, no spaces"),
     ("async_server.py", ["9999", "--name", "my backend"], "printable ASCII, no spaces"),
@@ -785,7 +789,9 @@ def test_a_bad_lb_config_file_is_one_clear_line(tmp_path, log_dir, text, message
 def test_bad_settings_are_one_clear_line_and_exit_2(script, args, message, log_dir):
     """A negative header timeout made every request in pieces a dropped connection;
     one of 1e300 s every connection's thread die (struct.error); --pool 100000 a
-    traceback 8 s after "listening"; a --name with CR LF a header of its own."""
+    traceback 8 s after "listening"; a --name with CR LF a header of its own. A bad
+    timing flag is argparse's error, with the usage, as the other programs' are (four
+    took any float, refused only by the config's check, without the usage)."""
     bad = subprocess.run(cluster.python_script(f"http_servers/{script}", *args, "--log-dir", str(log_dir)),
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr

@@ -31,9 +31,9 @@ def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool 
         p.add_argument("port_arg", nargs="?", type=cli.port_number, metavar="PORT", help="port to listen on")
     p.add_argument("--port", type=cli.port_number, default=default(port),
                    help="port to listen on" + (f" (default: {port})" if port else " (the same as PORT)"))
-    p.add_argument("--header-timeout", type=float, default=default(d.header_timeout),
+    p.add_argument("--header-timeout", type=cli.positive_float, default=default(d.header_timeout),
                    help=f"seconds a client has to send a request head; slower gets 408 (default: {d.header_timeout})")
-    p.add_argument("--keepalive-timeout", type=float, default=default(d.keepalive_timeout),
+    p.add_argument("--keepalive-timeout", type=cli.positive_float, default=default(d.keepalive_timeout),
                    help="seconds an idle keep-alive connection stays open, and a client that takes "
                         f"none of its answers is kept (default: {d.keepalive_timeout})")
     p.add_argument("--max-header-bytes", type=cli.positive_int, default=default(d.max_header_bytes),
@@ -210,14 +210,14 @@ def lb_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="settings and [[backends]] from TOML "
                                                          "(see http_servers/lb.example.toml); flags given on "
                                                          "the command line win")
-    p.add_argument("--check-interval", type=float, help="seconds between health checks (default: 1)")
+    p.add_argument("--check-interval", type=cli.positive_float, help="seconds between health checks (default: 1)")
     p.add_argument("--check-path", help="what the health check GETs; any answer below 500 passes, so a backend "
                                         "without it (nginx: 404) still counts as up (default: /healthz)")
     p.add_argument("--rise", type=cli.positive_int, help="good checks that bring a backend back (default: 2)")
     p.add_argument("--fall", type=cli.positive_int, help="failed checks that take a backend down; connect timeouts "
                                                          "on requests in a row too (a refused connect: at once) "
                                                          "(default: 2)")
-    p.add_argument("--response-timeout", type=float,
+    p.add_argument("--response-timeout", type=cli.positive_float,
                    help="seconds a backend may leave its answer without a byte (default: 10)")
     p.add_argument("--admin-port", type=cli.port_number,
                    help="port of GET /stats (JSON) and /metrics (Prometheus) per backend (default: none)")
