@@ -91,6 +91,25 @@ def test_bytes_after_the_last_newline_get_err_incomplete_line_after_the_replies(
         time.sleep(0.05)
 
 
+def test_a_clients_protocol_errors_are_info_lines_not_warnings(start_server, connect, log_dir):
+    """ERR incomplete-line and line-too-long are the client's errors, answered: info lines, as
+    an HTTP server's 400 (at warning, a client repeating them wrote a line a connection)."""
+    quiet = start_server("server1", "--max-line", "100", "--log-level", "warning")
+    chatty = start_server("server2", "--max-line", "100")
+    for server in (quiet, chatty):
+        for data in (b"no newline", b"x" * 500 + b"\n"):
+            conn = connect(server.port)
+            conn.send(data)
+            conn.sock.shutdown(socket.SHUT_WR)
+            assert conn.read_all().startswith(b"ERR ")
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0  # (its last lines are written at the stop)
+    log = (log_dir / "server_log.log").read_text()
+    assert "server1 event=stopped" in log and "server1 event=error" not in log, log
+    errors = re.findall(r" (\w+) server2 event=error conn=\d+ peer=\S+ code=([\w-]+)\n", log)
+    assert sorted(errors) == [("INFO", "incomplete-line"), ("INFO", "line-too-long")], log
+
+
 def test_line_over_the_limit_gets_error_and_close_others_still_served(start_server, connect):
     server = start_server("server1", "--max-line", "1000")
     victim = connect(server.port)

@@ -541,9 +541,9 @@ class ClientSide(asyncio.Protocol):
         balancer's) and closes the connection, as a server does. The client has the
         answer; its session ends there, as it would with the server itself, and the
         backend is not to blame: the line was the client's."""
-        if self.elog.warning:
-            self.elog.line("WARNING", f"event=error conn={self.conn_id} code=line-too-long "
-                                      f"backend={self.backend.name if self.backend else '-'}")
+        if self.elog.info:  # (the client's error, answered: an info line, as the servers' own)
+            self.elog.line("INFO", f"event=error conn={self.conn_id} code=line-too-long "
+                                   f"backend={self.backend.name if self.backend else '-'}")
         self.pending.clear()
         self.pending_bytes = 0
         self.drop_backend()
@@ -670,8 +670,8 @@ class ClientSide(asyncio.Protocol):
                                           f"pending={len(self.pending)}")
             self.transport.abort()  # type: ignore[union-attr]
         elif self.idle():
-            if self.elog.warning:  # (as the servers say theirs)
-                self.elog.line("WARNING", f"event=error conn={self.conn_id} code=idle-timeout")
+            if self.elog.info:  # (as the servers say theirs: the client's doing, answered)
+                self.elog.line("INFO", f"event=error conn={self.conn_id} code=idle-timeout")
             self.finish_with(ERR_IDLE)
         # else: waiting on its backend, which the response timeout deals with
 
@@ -684,8 +684,8 @@ class ClientSide(asyncio.Protocol):
         """``ERR line-timeout`` after the answers still due, then the close."""
         self.error_after_pending = ERR_LINE_TIMEOUT
         self.transport.pause_reading()  # type: ignore[union-attr]
-        if self.elog.warning:
-            self.elog.line("WARNING", f"event=error conn={self.conn_id} code=line-timeout")
+        if self.elog.info:  # (as the servers say theirs: the client's doing, answered)
+            self.elog.line("INFO", f"event=error conn={self.conn_id} code=line-timeout")
         if not self.pending and not self.connecting:
             self.settle()
 

@@ -358,9 +358,11 @@ class TcpSession:
     def close_idle(self) -> None:
         """Nothing moved either way for the idle timeout. No ERR line: it would land
         in the middle of someone's byte stream."""
-        if self.elog.warning:  # bytes held for a peer that takes none, or nothing either way
-            self.elog.line("WARNING", f"event=error conn={self.conn_id} code="
-                                      f"{'idle-timeout' if self.idle() else 'send-timeout'}")
+        if self.idle():  # nothing either way: an info line, as message mode's
+            if self.elog.info:
+                self.elog.line("INFO", f"event=error conn={self.conn_id} code=idle-timeout")
+        elif self.elog.warning:  # bytes held for a peer that takes none
+            self.elog.line("WARNING", f"event=error conn={self.conn_id} code=send-timeout")
         self.end()
 
     def close(self) -> None:
