@@ -655,9 +655,11 @@ def test_lb_connect_timeout_goes_to_the_next_backend_and_marks_down_only_at_fall
         data = exchange(lb.port, CLOSING_GET)  # stuck is not tried now
         assert status_of(data) == 200 and _lb_backend(admin_port, "stuck")["failures"] == 3
         setup.wait_log('event=backend-down backend=stuck reason="connect timeout (3 in a row)"')
-        log = setup.log()
-        assert "event=connect-timeout backend=stuck in_a_row=1 down_at=3" in log
-        assert "event=connect-timeout backend=stuck in_a_row=2 down_at=3" in log
+        lines = re.findall(r"event=connect-timeout backend=stuck in_a_row=(\d+) down_at=3 timeouts=(\d+)",
+                           setup.log())
+    # The first said at once; the second within a second of it is said by the sweep or with the
+    # one that took it down, whichever comes first.
+    assert lines[0] == ("1", "1") and lines[-1][0] == "3" and sum(int(n) for _, n in lines) == 3, lines
 
 
 def test_lb_connects_that_time_out_once_a_backend_is_down_are_not_a_line_each(setup):
@@ -673,8 +675,41 @@ def test_lb_connects_that_time_out_once_a_backend_is_down_are_not_a_line_each(se
         assert answers == [200] * 20
         setup.wait_log("event=backend-down backend=stuck")
         time.sleep(1)  # (the last batch of lines)
-        counts = [int(n) for n in re.findall(r"event=connect-timeout backend=stuck in_a_row=(\d+)", setup.log())]
-    assert counts == [1, 2, 3], counts
+        lines = re.findall(r"event=connect-timeout backend=stuck in_a_row=(\d+) down_at=3 timeouts=(\d+)",
+                           setup.log())
+    # The first said at once, the rest of the burst with the one that took it down.
+    assert lines[0] == ("1", "1") and lines[-1][0] == "3" and sum(int(n) for _, n in lines) == 3, lines
+
+
+def test_lb_connects_that_time_out_in_a_burst_are_a_line_a_second_per_backend_with_the_count(setup):
+    """A link that drops some SYNs to a backend and lets others through (a connect that
+    succeeds starts the count again; --fall 1000 stands for it here) never takes it
+    down, and every connect that timed out was a line: unbounded. Now a line a second
+    at most per backend, the first at once, with how many since the last (timeouts=N),
+    as Load_Balancer.py's."""
+    with FullBacklog() as stuck:
+        good = setup.backend("good")
+        admin_port = cluster.free_port()
+        lb = setup.server("lb.py", "--backend", f"stuck=127.0.0.1:{stuck.port}", "--backend",
+                          f"good=127.0.0.1:{good.port}", "--connect-timeout", "0.2", "--check-interval", "30",
+                          "--fall", "1000", "--admin-port", str(admin_port))
+        start = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:  # half of them try stuck first
+            answers = list(pool.map(lambda _: status_of(exchange(lb.port, CLOSING_GET)), range(60)))
+        took = time.monotonic() - start
+        assert answers == [200] * 60
+        timed_out = _lb_backend(admin_port, "stuck")["failures"]
+        assert timed_out >= 20
+        deadline = time.monotonic() + 10
+        while True:  # (the rest of the burst is said within a second, by the sweep)
+            lines = re.findall(r"event=connect-timeout backend=stuck in_a_row=\d+ down_at=1000(?: timeouts=(\d+))?",
+                               setup.log())
+            said = sum(int(n or 1) for n in lines)
+            if said >= timed_out or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert said == timed_out, (lines, timed_out)
+    assert len(lines) <= took + 2, (lines, took)  # a line at once, one a second at most after it
 
 
 def test_lb_connect_timeout_on_the_last_backend_is_a_504(setup):

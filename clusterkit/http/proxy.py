@@ -70,6 +70,7 @@ import itertools
 import sys
 import time
 from collections import deque
+from functools import partial
 
 from .. import admin, logs, loops
 from ..balancer.pool import LatencyHistogram
@@ -149,6 +150,11 @@ class Proxy:
         self.max_lingering = linger_room()  # clients told 503 whose close lingers, beyond those
         self.turned_away = elog.tally(lambda n: f"event=busy refused={n} open={len(self.connections)} "
                                                 f"max_clients={self.max_clients} reason=open-files-limit")
+        # Connect timeouts still counting toward --fall: a line a second at most per backend,
+        # with how many since the last (a link that drops some SYNs and lets others through
+        # starts the count again and again: the backend never went DOWN, and each was a line).
+        self.timeouts_said = [elog.tally(partial(self._timeouts_text, b)) for b in self.backends]
+        self.last_in_a_row = [0] * len(self.backends)  # per backend: the latest's in_a_row
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self.own_host = b"Host: localhost\r\n"  # (the real one once listening: start)
@@ -223,13 +229,21 @@ class Proxy:
         is marked down at ``fall`` of them in a row, not at the first; a connect that
         succeeds, or a check that passes, starts the count again. (HAProxy leaves the
         server's state alone on a connect timeout; with ``observe layer4`` it counts
-        errors in a row.)"""
+        errors in a row.) Said while it counts, a line a second at most per backend
+        (``timeouts_said``): once down, the connects still timing out there are not counted."""
         b.connect_timeouts += 1
-        if self.elog.warning and b.up:  # (once down, the connects still timing out are not a line each)
-            self.elog.line("WARNING", f"event=connect-timeout backend={b.name} in_a_row={b.connect_timeouts} "
-                                      f"down_at={self.config.fall}")
+        if self.elog.warning and b.up:
+            self.last_in_a_row[b.index] = b.connect_timeouts
+            said = self.timeouts_said[b.index]
+            said.count()
+            if b.connect_timeouts >= self.config.fall:
+                said.flush(now=True)  # the one that takes it down, before the down line: no more come
         if b.connect_timeouts >= self.config.fall:
             self.mark(b, False, f"connect timeout ({b.connect_timeouts} in a row)")
+
+    def _timeouts_text(self, b: BackendState, count: int) -> str:
+        return (f"event=connect-timeout backend={b.name} in_a_row={self.last_in_a_row[b.index]} "
+                f"down_at={self.config.fall} timeouts={count}")
 
     def suspect(self, b: BackendState, failure: str) -> None:
         """A connection to ``b`` broke (``failure``): check it now, and mark it down
@@ -440,6 +454,8 @@ class Proxy:
                     for conn in [c for c in b.busy if now - c.waiting_since > timeout and not c.paused]:
                         conn._drop(TimeoutError())
                 self.turned_away.flush()
+                for said in self.timeouts_said:
+                    said.flush()
             except Exception as exc:  # a bug must not end every deadline for good
                 self.loop.call_exception_handler({"message": "lb sweep failed", "exception": exc})
 
@@ -450,6 +466,7 @@ class Proxy:
     async def serve_until_stopped(self) -> None:
         await self.stop_signal.wait()
         self.turned_away.flush(now=True)
+        self._flush_timeouts()
         self._server.close()  # type: ignore[union-attr]
         if self._admin is not None:
             self._admin.close()
@@ -462,6 +479,11 @@ class Proxy:
                 c.transport.close()  # type: ignore[union-attr]
             else:
                 reset(c.transport)  # type: ignore[arg-type]
+        self._flush_timeouts()  # (those of the drain)
+
+    def _flush_timeouts(self) -> None:
+        for said in self.timeouts_said:
+            said.flush(now=True)
 
 
 def _alive(status_line: bytes) -> bool:
