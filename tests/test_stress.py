@@ -949,14 +949,14 @@ def test_a_load_process_that_dies_leaves_the_others_report_and_a_failure(procs, 
 
 @pytest.mark.parametrize("args, message", [
     (["-c", "0"], "-c/--concurrency: must be at least 1"),
-    (["--rate", "-5"], "--rate must be positive"),
+    (["--rate", "-5"], "argument --rate: must be at least one request a year"),
     (["--duration", "2", "--warmup", "3"], "--warmup must be shorter than --duration"),
     (["--processes", "x"], "--processes 'x': use a number, or auto"),
     (["--sweep", "1,x"], "use numbers like 1,3,5,8,10"),
     (["--sweep", ","], "use numbers like 1,3,5,8,10"),
-    (["--timeout", "inf"], "--timeout must be a finite number of seconds"),
-    (["--duration", "inf"], "--duration must be a finite number of seconds"),
-    (["--duration", "2", "--warmup", "nan"], "--warmup must be a finite number of seconds"),
+    (["--timeout", "inf"], "argument --timeout: must be positive, at most a year"),
+    (["--duration", "inf"], "argument --duration: must be positive, at most a year"),
+    (["--duration", "2", "--warmup", "nan"], "argument --warmup: must be 0 or more, at most a year"),
     (["-n", "100", "--warmup", "5"], "--warmup needs --duration"),
     (["--size", "4"], "--size must be at least 14"),
     (["--size", "100000000000"], "--size must be at most 67,108,864 bytes"),
@@ -969,7 +969,7 @@ def test_a_load_process_that_dies_leaves_the_others_report_and_a_failure(procs, 
     (["--http", "http://127.0.0.1:99999/"], "--http 'http://127.0.0.1:99999/': Port out of range"),
     (["--http", "http://127.0.0.1:abc/"], "--http 'http://127.0.0.1:abc/': Port could not be cast"),
     (["--http", "http://[::1/"], "--http 'http://[::1/': Invalid IPv6 URL"),
-    (["--duration", "1e308"], "--duration must be positive, at most a year"),
+    (["--duration", "1e308"], "argument --duration: must be positive, at most a year"),
     (["--pipeline", "4"], "--pipeline needs --connection keepalive"),
     (["--kill-backend", "server2@50%"], "--kill-backend needs --spawn"),
     (["--nice", "30"], "--nice must be between 0 and 19"),
@@ -992,6 +992,28 @@ def test_bad_options_are_one_clear_line_and_exit_2(args, message, log_dir):
     proc = stress(*args, log_dir=log_dir, timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag, values", [
+    ("--timeout", ["nan", "inf", "0", "-1", "1e300"]),
+    ("--duration", ["nan", "-inf", "0", "-2", "1e300"]),
+    ("--warmup", ["nan", "inf", "-0.5", "1e300"]),
+    ("--rate", ["nan", "inf", "0", "-5", "1e-300", "1e300"]),
+])
+def test_bad_timing_flags_are_argparse_errors_with_the_usage(flag, values, log_dir):
+    """The timing and rate flags took any float, refused later by the config's check
+    without the usage, as the other programs' timing flags no longer are; a --rate of
+    1e-300 was a traceback per client (its schedule's send times overflowed), one of
+    1e300 with --duration 2 a traceback in the report (rate x duration). Now each is
+    argparse's error with the usage, before anything starts. (No server listens on
+    the port: a value taken would be exit 69, not 2.)"""
+    port = str(cluster.free_port())
+    for value in values:
+        more = ["--duration", "2"] if flag in ("--warmup", "--rate") else []
+        proc = stress(f"{flag}={value}", *more, "--port", port, log_dir=log_dir, timeout=30)  # (= for -inf)
+        assert proc.returncode == 2, (value, proc.stderr)
+        assert f"error: argument {flag}: must be" in proc.stderr and "usage:" in proc.stderr, (value, proc.stderr)
+        assert "Traceback" not in proc.stderr, (value, proc.stderr)
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])

@@ -16,11 +16,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .. import cli, logs, loops
-from ..config import ConfigError
+from ..config import MAX_SECONDS, ConfigError
 from ..sockets import host_port
 from . import engines, metrics, report
 from .board import Board
-from .config import CONNECTIONS, ENGINES, StressConfig
+from .config import CONNECTIONS, ENGINES, MAX_RATE, StressConfig
 from .plan import connect_error
 from .spawn import Killer, SpawnedCluster, parse_kill
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-n", "--requests", type=cli.positive_int, help="requests in all (default: 1000)")
     w.add_argument("-c", "--concurrency", type=cli.positive_int, default=10,
                    help="concurrent clients (default: 10)")
-    w.add_argument("--duration", type=float, help="run this many seconds instead of -n requests")
+    w.add_argument("--duration", type=cli.positive_float, help="run this many seconds instead of -n requests")
     w.add_argument("--message", help="the message to send (default: a unique message per request)")
     w.add_argument("--size", type=cli.positive_int, help="message size in bytes (default: 64)")
     w.add_argument("--connection", choices=CONNECTIONS, default="per-request",
@@ -60,11 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-k", "--keepalive", action="store_true", help="same as --connection keepalive")
     w.add_argument("--pipeline", type=cli.positive_int, default=1,
                    help="messages in flight per connection (keep-alive, line protocol; default: %(default)s)")
-    w.add_argument("--rate", type=float, help="open loop: this many requests per second in all; latency is "
-                                              "counted from each request's intended send time (as wrk2)")
-    w.add_argument("--warmup", type=float, default=0.0,
+    w.add_argument("--rate", type=request_rate,
+                   help="open loop: this many requests per second in all; latency is counted from each request's "
+                        "intended send time (as wrk2)")
+    w.add_argument("--warmup", type=cli.non_negative_float, default=0.0,
                    help="seconds at the start not counted in the report (needs --duration)")
-    w.add_argument("--timeout", type=float, default=5.0,
+    w.add_argument("--timeout", type=cli.positive_float, default=5.0,
                    help="seconds to wait for connect and for each answer (default: %(default)s)")
     w.add_argument("--sweep", metavar="C1,C2,...", help="run once per concurrency level, one table row each "
                                                          "(e.g. 1,3,5,8,10)")
@@ -90,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no progress view")
     cli.add_logging_args(p)
     return p
+
+
+def request_rate(text: str) -> float:
+    """A ``--rate``: requests per second in all, at least one a year (slower, the schedule's
+    send times overflowed: a traceback per client) and at most one a nanosecond (the
+    schedule's resolution; more overflowed the report's count of scheduled requests)."""
+    value = float(text)
+    if not (value * MAX_SECONDS >= 1 and value <= MAX_RATE):  # (also refuses nan)
+        raise argparse.ArgumentTypeError(f"must be at least one request a year ({1 / MAX_SECONDS:.1e}/s) and at "
+                                         f"most one a nanosecond ({MAX_RATE:.0e}/s), got {value}")
+    return value
 
 
 AUTHORITY = re.compile(r"([^@/]*@)?(\[[0-9A-Za-z:.%]+\]|[^\[\]:@/]+)(:[0-9]*)?")

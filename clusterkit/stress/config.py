@@ -19,6 +19,8 @@ MAX_CONCURRENCY = 20_000
 """ApacheBench's limit too: past it, threads, descriptors and local ports run out first."""
 """The longest --duration or --timeout (1e308 overflowed the clock's nanoseconds)."""
 CONNECTIONS = ("per-request", "keepalive")
+MAX_RATE = 1e9
+"""The highest --rate: a request a nanosecond, the schedule's resolution (the lowest: one a year)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class StressConfig:
             check(value is None or math.isfinite(value), f"{name} must be a finite number of {unit}")
         check(self.timeout > 0, "--timeout must be positive")
         check(self.rate is None or self.rate > 0, "--rate must be positive")
+        check(self.rate is None or self.rate * MAX_SECONDS >= 1 and self.rate <= MAX_RATE,
+              f"--rate must be at least one request a year and at most {MAX_RATE:.0e} a second")
         check(self.duration is None or 0 < self.duration <= MAX_SECONDS, "--duration must be positive, at most a year")
         check(self.timeout <= MAX_SECONDS, "--timeout must be at most a year")
         check(self.warmup >= 0, "--warmup cannot be negative")
