@@ -787,28 +787,43 @@ def test_a_kill_after_the_run_is_said_not_done(log_dir, tmp_path):
     assert "the run ended before that; no backend was killed" in proc.stderr
 
 
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tmp_path, processes):
-    """As ApacheBench: Ctrl-C prints the results so far (it printed 'interrupted'
-    alone, and --json wrote nothing); exit 130."""
+def interrupted_run(procs, log_dir, tmp_path, *args: str, within: float = 30) -> tuple[str, str, dict]:
+    """A stress run against a fresh server, Ctrl-C'ed once it has an answer (exit 130):
+    its stdout, stderr and --json row (the wait for the exit bounded by ``within``)."""
     server = procs.start(cluster.echo_server("server1", cluster.free_port(), log_dir=str(log_dir)))
     out = tmp_path / "out.json"
     proc = subprocess.Popen(cluster.python_script(
-        "ClientServer_StressTools.py", "--port", str(server.port), "--duration", "30", "--rate", "200", "-k",
-        "--processes", processes, "--quiet", "--json", str(out), "--log-dir", str(log_dir)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "ClientServer_StressTools.py", "--port", str(server.port), *args, "--quiet", "--json", str(out),
+        "--log-dir", str(log_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_answered(log_dir)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=within)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    row = json.loads(out.read_text())["runs"][0]
+    return stdout, stderr, json.loads(out.read_text())["runs"][0]
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_ctrl_c_ends_the_run_with_the_report_of_what_was_done(procs, log_dir, tmp_path, processes):
+    """As ApacheBench: Ctrl-C prints the results so far (it printed 'interrupted'
+    alone, and --json wrote nothing); exit 130."""
+    stdout, stderr, row = interrupted_run(procs, log_dir, tmp_path, "--duration", "30", "--rate", "200", "-k",
+                                          "--processes", processes)
     assert row["complete"] > 0 and row["failed"] == 0
     assert f"interrupted (Ctrl-C) after {row['complete']:,} requests" in stderr
     assert "were never sent" not in stdout + stderr  # (the user ended it: no 'the server fell behind')
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_ctrl_c_ends_a_run_waiting_for_a_far_off_rate_send(procs, log_dir, tmp_path, engine):
+    """--rate 0.05: the next send is 20 s away. The thread engine slept to it in
+    one go, and Ctrl-C (or SIGTERM) went unanswered until then."""
+    _, _, row = interrupted_run(procs, log_dir, tmp_path, "--duration", "600", "--rate", "0.05", "-c", "1",
+                                "--engine", engine, within=15)  # (not the 20 s to the next send)
+    assert row["complete"] == 1
 
 
 def test_the_report_survives_a_closed_stderr_and_a_narrow_output(procs, log_dir):

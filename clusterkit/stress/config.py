@@ -17,7 +17,6 @@ MIN_SIZE = 14
 """The shortest generated message: ``c001-`` and a 9-digit number."""
 MAX_CONCURRENCY = 20_000
 """ApacheBench's limit too: past it, threads, descriptors and local ports run out first."""
-"""The longest --duration or --timeout (1e308 overflowed the clock's nanoseconds)."""
 CONNECTIONS = ("per-request", "keepalive")
 MAX_RATE = 1e9
 """The highest --rate: a request a nanosecond, the schedule's resolution (the lowest: one a year)."""

@@ -44,6 +44,22 @@ from .plan import (CLOSES, DEAD_STREAK, LINGER_NS, Client, Plan, address, connec
                    server_closes)
 from .server_cpu import ServerCpu
 
+STOP_CHECK_S = 0.1
+"""How often a thread waiting for a --rate send looks at the stop flag."""
+
+
+def sleep_until(at: int, stop: StopFlag) -> bool:
+    """Sleep to ``at`` (ns), in slices that look at ``stop``: False if the run was
+    stopped meanwhile. (One sleep to a far-off --rate send, at --rate 0.1 ten seconds,
+    left Ctrl-C and SIGTERM unanswered for as long.)"""
+    while not stop.is_set():
+        left = at - ns()
+        if left <= 0:
+            return True
+        time.sleep(min(left / 1e9, STOP_CHECK_S))
+    return False
+
+
 def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board, stop: StopFlag,
                   socks: dict[int, socket.socket]) -> None:
     """One client in a thread of its own, on a blocking socket (in ``socks`` while
@@ -61,7 +77,8 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
             if payload is None:
                 at = c.due()
                 if at:
-                    time.sleep(max(0, at - ns()) / 1e9)
+                    if not sleep_until(at, stop):
+                        continue  # stopped while it waited (over() says so)
                     news = idle_news(sock) if sock is not None else None
                     if news is not None:  # closed while we waited, or an answer nobody asked for: reopen
                         if news:
