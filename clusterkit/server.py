@@ -231,6 +231,14 @@ class EchoProtocol(asyncio.Protocol):
         return self.last_activity
 
     def close_idle(self) -> None:
+        if self.paused:
+            # Its replies back up (the client takes none), so reading stopped: no ERR line
+            # or close could reach it behind them. Dropped, with a warning, as the balancer's
+            # send-timeout (nginx's send_timeout); an idle client's is the client's doing.
+            if self.elog.warning:
+                self.elog.line("WARNING", f"event=error conn={self.conn_id} peer={self.peer} code=send-timeout")
+            self.abort()
+            return
         self._fail(_IDLE, "idle-timeout")
 
     def line_too_slow(self, now: float, timeout: float) -> bool:

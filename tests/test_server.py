@@ -204,17 +204,22 @@ def test_client_that_never_reads_does_not_grow_server_memory(start_server):
     assert grown < 30 * 2**20
 
 
-def test_client_that_never_reads_is_cut_off_after_the_idle_timeout(start_server, flood):
-    """Its answers back up, the server stops reading it, so it turns idle; the
-    ERR idle-timeout and the close cannot reach it either: the connection is
-    dropped one idle period later instead of held open for ever."""
-    server = start_server("server1", "--idle-timeout", "1")
+def test_client_that_never_reads_is_cut_off_after_the_idle_timeout(start_server, flood, log_dir):
+    """Its answers back up, the server stops reading it, so it turns idle; an
+    ERR idle-timeout and the close could not reach it either: the connection is
+    dropped instead of held open for ever, and that is a warning (send-timeout,
+    as the balancer says it), even at --log-level warning."""
+    server = start_server("server1", "--idle-timeout", "1", "--log-level", "warning")
     proc = psutil.Process(server.pid)
     flood(server.port)
     deadline = time.monotonic() + 10
     while any(c.status == psutil.CONN_ESTABLISHED for c in proc.net_connections()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    while "code=send-timeout" not in (log := (log_dir / "server_log.log").read_text()):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.05)
+    assert re.search(r" WARNING server1 event=error conn=\d+ peer=\S+ code=send-timeout\n", log), log
 
 
 def test_sigterm_answers_every_message_in_flight_then_exits_zero(start_server):
