@@ -578,6 +578,21 @@ def test_a_target_that_never_answers_ends_the_run_early(log_dir, tmp_path, engin
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_a_run_whose_every_request_was_sent_did_not_end_early(log_dir, tmp_path, engine):
+    """-n 3 -c 1 against a server that never answers: three timeouts, every request
+    sent and judged. That is a finished run with failures (exit 1), not one "ended
+    early" because "the target stopped answering" (69): nothing was left to send."""
+    fake = FakeServer("silent")
+    try:
+        row, proc = run_json("-n", "3", "-c", "1", "--timeout", "0.3", "--engine", engine, "--port",
+                             str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 1 and "ended early" not in proc.stderr, proc.stderr
+    assert row["failed"] == 3 and row["errors"] == {"timeout": 3}, row
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_a_target_slower_than_the_timeout_is_not_called_dead(log_dir, tmp_path, engine):
     """Its answers time out, but bytes of them come: each request is a timeout and
     the run goes on to the end (exit 1), not "the target stopped answering" (69)."""

@@ -349,7 +349,7 @@ class Watch:
         self.how = str(exc) if isinstance(exc, Stopped) else "Ctrl-C"
 
     def finish(self, result: RunResult) -> RunResult:
-        if not self.interrupted and self.board.all_refused(DEAD_STREAK):
+        if not self.interrupted and self.board.all_refused(DEAD_STREAK, self.shares):
             self.dead = True  # a run too short for tick() to see it
         result.interrupted = self.interrupted and not self.dead
         result.ended_early = self._reason(result) if self.dead or self.interrupted else None
