@@ -98,6 +98,9 @@ class Process:
         self.host = host
         self.cwd = str(cwd or ROOT)
         self.env = env
+        self.own_group = False
+        """In a process group of its own: a terminal's Ctrl-C (sent to the foreground
+        group) reaches only its parent, which stops it when it is done (ProcessGroup)."""
         self.popen: subprocess.Popen | None = None
         # stderr goes to a file, not a pipe: a chatty child must never block on a full pipe.
         self._stderr = tempfile.TemporaryFile()
@@ -114,7 +117,8 @@ class Process:
             env.update(self.env)
         with signals_held():
             self.popen = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=self._stderr)
+                                          stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                          process_group=0 if self.own_group else None)
         if self.port is not None and wait:
             try:
                 wait_listening(self.host, self.port, wait, self.popen)
@@ -165,13 +169,16 @@ class Process:
 
 
 class ProcessGroup:
-    """Processes started together and stopped together (a context manager)."""
+    """Processes started together and stopped together (a context manager);
+    ``own_groups``: each in a process group of its own (``Process.own_group``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_groups: bool = False) -> None:
         self.processes: list[Process] = []
+        self.own_groups = own_groups
 
     def start(self, proc: Process, wait: float = 10.0) -> Process:
         self.processes.append(proc)
+        proc.own_group = proc.own_group or self.own_groups
         return proc.start(wait)
 
     def __getitem__(self, name: str) -> Process:

@@ -42,7 +42,7 @@ def wait_answered(log_dir, timeout: float = 30) -> None:
     has a message line): the run is under way, its signal handlers in place."""
     server_log = log_dir / "server_log.log"
     deadline = time.monotonic() + timeout
-    while "event=message " not in server_log.read_text():
+    while not server_log.exists() or "event=message " not in server_log.read_text():
         assert time.monotonic() < deadline, "the run never got an answer"
         time.sleep(0.05)
 
@@ -853,6 +853,38 @@ def test_the_report_survives_a_closed_stderr_and_a_narrow_output(procs, log_dir)
     assert "Complete requests" in proc.stdout and "latency p99.9 (ms)" in proc.stdout
     assert "…" not in proc.stdout
     assert "100 │" in proc.stdout.split("Complete requests")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_ctrl_c_at_a_terminal_fails_no_request_of_a_spawned_run(log_dir, tmp_path, engine):
+    """A terminal's Ctrl-C goes to its whole foreground process group: it stopped the
+    spawned servers and balancer too, while the clients were still connecting, and
+    their refused connects were failed requests (3 to 9 of them). The spawned
+    cluster has process groups of its own; the tool stops it when it is done."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen(cluster.python_script(
+        "ClientServer_StressTools.py", "--spawn", "--duration", "30", "-c", "4", "--engine", engine, "--quiet",
+        "--json", str(out), "--log-dir", str(log_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        process_group=0)  # (as a shell runs a command in the foreground)
+    children: list = []
+    try:
+        wait_answered(log_dir, timeout=60)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert proc.returncode == 130, stderr
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["complete"] > 0 and row["failed"] == 0, row["errors"]
+    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.parametrize("when", ["starting", "running"])
