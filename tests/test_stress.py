@@ -318,6 +318,21 @@ class FakeServer:
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_a_server_answering_twice_is_caught_the_same_with_pipelining(engine, log_dir, tmp_path):
+    """With --pipeline 3, the first message of each batch passed (its copy was
+    taken for the second's answer) and the others failed as wrong-reply; without
+    pipelining each fails as extra-answer. Now each does, either way."""
+    fake = FakeServer("twice")
+    try:
+        row, proc = run_json("-n", "9", "-c", "1", "-k", "--pipeline", "3", "--timeout", "1", "--port",
+                             str(fake.port), "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 1
+    assert row["complete"] == 0 and row["errors"] == {"extra-answer": 9}, row["errors"]
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 @pytest.mark.parametrize("behaviour, kind", [
     ("wrong-echo", "wrong-reply"), ("missing-ack", "bad-ack"), ("endless", "bad-reply"), ("twice", "extra-answer"),
     ("extra-line", "extra-answer"), ("ack-first", "bad-reply")])

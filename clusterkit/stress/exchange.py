@@ -107,12 +107,29 @@ class LineReader:
             self._record(False, "bad-reply", now, nbytes)
             return
         name = reply[6:sp]
-        if reply[sp + 1:] != msg:
+        echoed = reply[sp + 1:]
+        if echoed != msg:
+            if self._again(echoed, nbytes):
+                return
             self._record(False, "wrong-reply", now, nbytes)
         elif ack != b"ACK %s %d" % (name, len(msg)):
             self._record(False, "bad-ack", now, nbytes)
         else:
             self._record(True, name.decode("ascii", "replace"), now, nbytes)
+
+    def _again(self, echoed: bytes, nbytes: int) -> bool:
+        """An answer to a message of this batch answered already (a pipelining client
+        of a server that answers twice): that message fails as ``extra-answer``, and
+        the copy takes no other message's place (it failed the next as wrong-reply,
+        and the first of a batch passed)."""
+        for i in range(self.index - 1, -1, -1):
+            if self.messages[i] == echoed:
+                o = self.outcomes[i]
+                self.outcomes[i] = Outcome(False, "extra-answer" if o.ok else o.label, o.first_ns, o.done_ns,
+                                           o.nbytes + nbytes)
+                self.first_ns = 0
+                return True
+        return False
 
     def _record(self, ok: bool, label: str, now: int, nbytes: int) -> None:
         self.outcomes.append(Outcome(ok, label, self.first_ns, now, nbytes))
