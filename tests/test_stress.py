@@ -590,6 +590,8 @@ def test_a_target_that_never_answers_ends_the_run_early(log_dir, tmp_path, engin
     assert "run ended early: the target stopped answering: every client's last 3 requests timed out" \
         in proc.stderr
     assert row["complete"] == 0 and row["errors"] == {"timeout": row["failed"]} and row["failed"] < 40
+    # A connection per request, counted with it: not those of the requests let go at the end.
+    assert row["connections"] == row["failed"], row
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
@@ -853,7 +855,7 @@ def test_ctrl_c_ends_a_run_waiting_for_a_far_off_rate_send(procs, log_dir, tmp_p
     one go, and Ctrl-C (or SIGTERM) went unanswered until then."""
     _, _, row = interrupted_run(procs, log_dir, tmp_path, "--duration", "600", "--rate", "0.05", "-c", "1",
                                 "--engine", engine, within=15)  # (not the 20 s to the next send)
-    assert row["complete"] == 1
+    assert row["complete"] == 1 and row["connections"] == 1
 
 
 def test_the_report_survives_a_closed_stderr_and_a_narrow_output(procs, log_dir):

@@ -185,7 +185,7 @@ class Client:
     __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
                  "k", "reader", "batch", "sent", "due_by", "timeout_ns", "base", "connect_started", "limit", "deadline",
                  "steady",
-                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra", "short")
+                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra", "short", "connect_ns")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
         self.cfg = cfg
@@ -218,6 +218,7 @@ class Client:
         self.resent = -1  # the last request sent again (see server_closed_first)
         self.extra = False  # an answer nobody asked for came while idle: the next request fails (see unasked)
         self.short = False  # its last connect found no descriptor here: the next waits a moment (see due)
+        self.connect_ns = 0  # the connect of the request in flight, counted with its outcome (see connected)
 
     def over(self, stop) -> bool:
         if self.k >= self.limit or stop.is_set():
@@ -335,6 +336,8 @@ class Client:
                 return 0  # the server keeps open what the client closes: answered() decides
             name = known.backend
         self.reader = None
+        if self.connect_ns:
+            self.count_connect()
         if self.base >= self.plan.warm_end:
             self.rec.whole(self.base, now, name, len(chunk), self.start)
         self.k += 1
@@ -384,7 +387,14 @@ class Client:
     def connected(self) -> None:
         self.opened = self.connect_started
         if self.connect_started >= self.plan.warm_end:  # (the warm-up's are not counted either)
-            self.rec.connected(ns() - self.connect_started)
+            # Counted with the outcome of the request it was opened for: a request on its
+            # way at a stop is not counted, nor was the connection it had opened
+            # ("connections opened" passed the requests counted).
+            self.connect_ns = ns() - self.connect_started
+
+    def count_connect(self) -> None:
+        self.rec.connected(self.connect_ns)
+        self.connect_ns = 0
 
     def connect_failed(self, kind: str) -> None:
         """Every request the connection was for fails with ``kind``."""
@@ -409,6 +419,8 @@ class Client:
         if self.extra:  # (see unasked)
             self.extra = False
             extra_answer(reader)
+        if self.connect_ns:
+            self.count_connect()
         silent = all_timed_out(reader)
         fail_late(reader, self.due_by)
         record(self.rec, reader, self.base, self.start, self.plan.warm_end)
