@@ -213,15 +213,18 @@ class Tally:
     ``now`` at the stop); given ``later`` (a loop's ``call_later``), it says the rest
     by itself a second on."""
 
-    __slots__ = ("say", "later", "said", "unsaid")
+    __slots__ = ("say", "later", "said", "unsaid", "latest")
 
     def __init__(self, say: Callable[[int], None], later: Callable[..., object] | None = None) -> None:
         self.say = say
         self.later = later
         self.said = 0.0
         self.unsaid = 0
+        self.latest = ""  # what the latest counted said of itself (``EventLog.tally_latest``)
 
-    def count(self, n: int = 1) -> None:
+    def count(self, n: int = 1, latest: str | None = None) -> None:
+        if latest is not None:
+            self.latest = latest
         self.unsaid += n
         if not self.flush() and self.later is not None and self.unsaid == n:
             self._say_later()  # (the first held back since the last said)
@@ -296,6 +299,12 @@ class EventLog:
             if self.warning:
                 self.line("WARNING", text(count))
         return Tally(say, later)
+
+    def tally_latest(self, text: Callable[[str, int], str]) -> Tally:
+        """A ``Tally`` whose line also says the latest one counted: ``text(latest, count)``,
+        ``latest`` given to ``count``."""
+        tally = self.tally(lambda count: text(tally.latest, count))
+        return tally
 
 
 _active: dict[str, object] = {}

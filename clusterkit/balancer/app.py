@@ -85,8 +85,9 @@ class Balancer:
         # Connect timeouts still counting toward --fall: a line a second at most per backend,
         # with how many since the last (a link that drops some SYNs and lets others through
         # starts the count again and again: the backend never went DOWN, and each was a line).
-        self.timeouts_said = [elog.tally(partial(self._timeouts_text, b)) for b in self.pool.backends]
-        self.last_timeout = [(0, 0)] * len(self.pool.backends)  # per backend: the latest's conn id, in_a_row
+        self.timeouts_said = [elog.tally_latest(lambda latest, n: f"event=connect-timeout {latest} "
+                                                                  f"down_at={self.pool.fall} timeouts={n}")
+                              for _ in self.pool.backends]
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
         for b in self.pool.backends:
@@ -115,17 +116,11 @@ class Balancer:
         connects still timing out there are not counted."""
         if self.elog.warning and backend.state != DOWN:
             in_a_row = backend.connect_timeouts + 1
-            self.last_timeout[backend.index] = (conn_id, in_a_row)
             said = self.timeouts_said[backend.index]
-            said.count()
+            said.count(latest=f"conn={conn_id} backend={backend.name} in_a_row={in_a_row}")
             if in_a_row >= self.pool.fall:
                 said.flush(now=True)  # the one that takes it DOWN, before the down line: no more come
         self.pool.connect_timed_out(backend)
-
-    def _timeouts_text(self, backend: Backend, count: int) -> str:
-        conn_id, in_a_row = self.last_timeout[backend.index]
-        return (f"event=connect-timeout conn={conn_id} backend={backend.name} in_a_row={in_a_row} "
-                f"down_at={self.pool.fall} timeouts={count}")
 
     def _move_clients(self, backend: Backend) -> None:
         """Message mode: the clients of a backend just marked DOWN leave it now, its

@@ -70,7 +70,6 @@ import itertools
 import sys
 import time
 from collections import deque
-from functools import partial
 
 from .. import admin, logs, loops
 from ..balancer.pool import LatencyHistogram
@@ -153,8 +152,9 @@ class Proxy:
         # Connect timeouts still counting toward --fall: a line a second at most per backend,
         # with how many since the last (a link that drops some SYNs and lets others through
         # starts the count again and again: the backend never went DOWN, and each was a line).
-        self.timeouts_said = [elog.tally(partial(self._timeouts_text, b)) for b in self.backends]
-        self.last_in_a_row = [0] * len(self.backends)  # per backend: the latest's in_a_row
+        self.timeouts_said = [elog.tally_latest(lambda latest, n: f"event=connect-timeout {latest} "
+                                                                  f"down_at={self.config.fall} timeouts={n}")
+                              for _ in self.backends]
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self.own_host = b"Host: localhost\r\n"  # (the real one once listening: start)
@@ -233,17 +233,12 @@ class Proxy:
         (``timeouts_said``): once down, the connects still timing out there are not counted."""
         b.connect_timeouts += 1
         if self.elog.warning and b.up:
-            self.last_in_a_row[b.index] = b.connect_timeouts
             said = self.timeouts_said[b.index]
-            said.count()
+            said.count(latest=f"backend={b.name} in_a_row={b.connect_timeouts}")
             if b.connect_timeouts >= self.config.fall:
                 said.flush(now=True)  # the one that takes it down, before the down line: no more come
         if b.connect_timeouts >= self.config.fall:
             self.mark(b, False, f"connect timeout ({b.connect_timeouts} in a row)")
-
-    def _timeouts_text(self, b: BackendState, count: int) -> str:
-        return (f"event=connect-timeout backend={b.name} in_a_row={self.last_in_a_row[b.index]} "
-                f"down_at={self.config.fall} timeouts={count}")
 
     def suspect(self, b: BackendState, failure: str) -> None:
         """A connection to ``b`` broke (``failure``): check it now, and mark it down
