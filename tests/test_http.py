@@ -632,6 +632,15 @@ def _lb_backend(admin_port: int, name: str) -> dict:
     return next(b for b in json.loads(_admin(admin_port, "/stats"))["backends"] if b["name"] == name)
 
 
+def _lb_stuck_and_good(setup, stuck: FullBacklog, connect_timeout: str, fall: str, *args: str):
+    """lb.py over ``stuck`` (its SYNs dropped: connects time out) and a good backend,
+    with checks too rare to matter."""
+    good = setup.backend("good")
+    return setup.server("lb.py", "--backend", f"stuck=127.0.0.1:{stuck.port}", "--backend",
+                        f"good=127.0.0.1:{good.port}", "--connect-timeout", connect_timeout, "--check-interval", "30",
+                        "--fall", fall, *args)
+
+
 def test_lb_connect_timeout_goes_to_the_next_backend_and_marks_down_only_at_fall(setup):
     """A backend whose accept queue is full drops the SYNs: the request's connect is
     given up after --connect-timeout and it goes to the next backend at once. One
@@ -639,11 +648,8 @@ def test_lb_connect_timeout_goes_to_the_next_backend_and_marks_down_only_at_fall
     silent backend is marked down at --fall connect timeouts in a row, not at the
     first, as it was (the checks, every 30 s, are not the ones)."""
     with FullBacklog() as stuck:
-        good = setup.backend("good")
         admin_port = cluster.free_port()
-        lb = setup.server("lb.py", "--backend", f"stuck=127.0.0.1:{stuck.port}", "--backend",
-                          f"good=127.0.0.1:{good.port}", "--connect-timeout", "0.5", "--check-interval", "30",
-                          "--fall", "3", "--admin-port", str(admin_port))
+        lb = _lb_stuck_and_good(setup, stuck, "0.5", "3", "--admin-port", str(admin_port))
         for tried in (1, 2, 3):  # round-robin: each request tries stuck first, then good
             start = time.monotonic()
             data = exchange(lb.port, CLOSING_GET)
@@ -666,10 +672,7 @@ def test_lb_connects_that_time_out_once_a_backend_is_down_are_not_a_line_each(se
     """Every connect timed out was a warning line, also those still under way when
     the backend was marked down: a burst of requests wrote one each."""
     with FullBacklog() as stuck:
-        good = setup.backend("good")
-        lb = setup.server("lb.py", "--backend", f"stuck=127.0.0.1:{stuck.port}", "--backend",
-                          f"good=127.0.0.1:{good.port}", "--connect-timeout", "0.5", "--check-interval", "30",
-                          "--fall", "3")
+        lb = _lb_stuck_and_good(setup, stuck, "0.5", "3")
         with concurrent.futures.ThreadPoolExecutor(20) as pool:  # half of them try stuck first
             answers = list(pool.map(lambda _: status_of(exchange(lb.port, CLOSING_GET)), range(20)))
         assert answers == [200] * 20
@@ -688,11 +691,8 @@ def test_lb_connects_that_time_out_in_a_burst_are_a_line_a_second_per_backend_wi
     at most per backend, the first at once, with how many since the last (timeouts=N),
     as Load_Balancer.py's."""
     with FullBacklog() as stuck:
-        good = setup.backend("good")
         admin_port = cluster.free_port()
-        lb = setup.server("lb.py", "--backend", f"stuck=127.0.0.1:{stuck.port}", "--backend",
-                          f"good=127.0.0.1:{good.port}", "--connect-timeout", "0.2", "--check-interval", "30",
-                          "--fall", "1000", "--admin-port", str(admin_port))
+        lb = _lb_stuck_and_good(setup, stuck, "0.2", "1000", "--admin-port", str(admin_port))
         start = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(30) as pool:  # half of them try stuck first
             answers = list(pool.map(lambda _: status_of(exchange(lb.port, CLOSING_GET)), range(60)))

@@ -636,15 +636,14 @@ def test_sigusr1_reopens_the_log_file_after_logrotate_moved_it(procs, log_dir, s
     assert proc.alive() and after not in rotated.read_text()
 
 
-def test_the_standard_loop_out_of_descriptors_says_so_once_a_second_and_recovers(procs, log_dir):
-    """--loop asyncio under ulimit -n 64 with 200 clients: the loop reported every
-    failed accept with a traceback (270,000 lines in a few seconds), and a
-    rejected client already gone raised in connection_made."""
+def standard_loop_out_of_descriptors(procs, log_dir, hold: float):
+    """server1 on --loop asyncio under ulimit -n 64, 200 clients held open ``hold``
+    seconds, then gone: the server, once it answers again."""
     port = cluster.free_port()
     proc = procs.start(under_open_files_limit("server1", "server1.py", port, "--loop", "asyncio",
                                               "--log-dir", str(log_dir)))
     socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
-    time.sleep(2)
+    time.sleep(hold)
     for s in socks:
         s.close()
     deadline = time.monotonic() + 30
@@ -654,9 +653,16 @@ def test_the_standard_loop_out_of_descriptors_says_so_once_a_second_and_recovers
         except ConnectionError as exc:
             answer = repr(exc).encode()
         if answer.startswith(b"REPLY"):
-            break
+            return proc
         assert time.monotonic() < deadline, answer
         time.sleep(0.2)
+
+
+def test_the_standard_loop_out_of_descriptors_says_so_once_a_second_and_recovers(procs, log_dir):
+    """--loop asyncio under ulimit -n 64 with 200 clients: the loop reported every
+    failed accept with a traceback (270,000 lines in a few seconds), and a
+    rejected client already gone raised in connection_made."""
+    proc = standard_loop_out_of_descriptors(procs, log_dir, hold=2)
     err = proc.stderr()
     assert "Traceback" not in err and err.count("\n") < 60, err[-3000:]
     assert "socket.accept() out of system resource: [Errno 24]" in err
@@ -673,23 +679,7 @@ def test_the_standard_loop_out_of_descriptors_backs_off_rather_than_retry_in_a_s
     rest of its batch, each failure scheduling a retry of its own: 4,000 failed
     accepts in the first second, 20,000 in the third, a core burnt while the flood
     lasted. Now one failed accept, then a second's pause, and it serves again after."""
-    port = cluster.free_port()
-    proc = procs.start(under_open_files_limit("server1", "server1.py", port, "--loop", "asyncio",
-                                              "--log-dir", str(log_dir)))
-    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
-    time.sleep(4)
-    for s in socks:
-        s.close()
-    deadline = time.monotonic() + 30
-    while True:  # (ERR busy, or a reset in a flood of refusals, while it works through its queue)
-        try:
-            answer = send_all_then_read(port, b"again\n")
-        except ConnectionError as exc:
-            answer = repr(exc).encode()
-        if answer.startswith(b"REPLY"):
-            break
-        assert time.monotonic() < deadline, answer
-        time.sleep(0.2)
+    proc = standard_loop_out_of_descriptors(procs, log_dir, hold=4)
     assert proc.stop(timeout=30) == 0
     failed = [int(n) for n in re.findall(r"out of system resource: \[Errno 24\].*?\((\d+) failed accepts",
                                          proc.stderr())]

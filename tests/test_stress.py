@@ -317,17 +317,22 @@ class FakeServer:
         self.sock.close()
 
 
+def run_on_fake(behaviour: str, *args: str, log_dir, tmp_path) -> tuple[dict, subprocess.CompletedProcess]:
+    """``run_json`` against a ``FakeServer(behaviour)``, closed afterwards."""
+    fake = FakeServer(behaviour)
+    try:
+        return run_json(*args, "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+
+
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_a_server_answering_twice_is_caught_the_same_with_pipelining(engine, log_dir, tmp_path):
     """With --pipeline 3, the first message of each batch passed (its copy was
     taken for the second's answer) and the others failed as wrong-reply; without
     pipelining each fails as extra-answer. Now each does, either way."""
-    fake = FakeServer("twice")
-    try:
-        row, proc = run_json("-n", "9", "-c", "1", "-k", "--pipeline", "3", "--timeout", "1", "--port",
-                             str(fake.port), "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
-    finally:
-        fake.close()
+    row, proc = run_on_fake("twice", "-n", "9", "-c", "1", "-k", "--pipeline", "3", "--timeout", "1",
+                            "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 1
     assert row["complete"] == 0 and row["errors"] == {"extra-answer": 9}, row["errors"]
 
@@ -338,12 +343,8 @@ def test_a_server_answering_twice_is_caught_the_same_with_pipelining(engine, log
     ("extra-line", "extra-answer"), ("ack-first", "bad-reply")])
 def test_bad_servers_are_caught_and_counted_by_kind(behaviour, kind, engine, log_dir, tmp_path):
     # (A silent server: test_a_target_that_never_answers_ends_the_run_early.)
-    fake = FakeServer(behaviour)
-    try:
-        row, proc = run_json("-n", "20", "-c", "2", "--timeout", "0.5", "--port", str(fake.port), "--engine", engine,
-                             log_dir=log_dir, tmp_path=tmp_path)
-    finally:
-        fake.close()
+    row, proc = run_on_fake(behaviour, "-n", "20", "-c", "2", "--timeout", "0.5", "--engine", engine,
+                            log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 1
     assert row["complete"] == 0 and row["failed"] == 20
     assert row["errors"] == {kind: 20}
@@ -599,12 +600,8 @@ def test_a_run_whose_every_request_was_sent_did_not_end_early(log_dir, tmp_path,
     """-n 3 -c 1 against a server that never answers: three timeouts, every request
     sent and judged. That is a finished run with failures (exit 1), not one "ended
     early" because "the target stopped answering" (69): nothing was left to send."""
-    fake = FakeServer("silent")
-    try:
-        row, proc = run_json("-n", "3", "-c", "1", "--timeout", "0.3", "--engine", engine, "--port",
-                             str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
-    finally:
-        fake.close()
+    row, proc = run_on_fake("silent", "-n", "3", "-c", "1", "--timeout", "0.3", "--engine", engine,
+                            log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 1 and "ended early" not in proc.stderr, proc.stderr
     assert row["failed"] == 3 and row["errors"] == {"timeout": 3}, row
 
@@ -613,12 +610,8 @@ def test_a_run_whose_every_request_was_sent_did_not_end_early(log_dir, tmp_path,
 def test_a_target_slower_than_the_timeout_is_not_called_dead(log_dir, tmp_path, engine):
     """Its answers time out, but bytes of them come: each request is a timeout and
     the run goes on to the end (exit 1), not "the target stopped answering" (69)."""
-    fake = FakeServer("slow-ack")
-    try:
-        row, proc = run_json("-n", "6", "-c", "1", "--timeout", "0.3", "--engine", engine, "--port",
-                             str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
-    finally:
-        fake.close()
+    row, proc = run_on_fake("slow-ack", "-n", "6", "-c", "1", "--timeout", "0.3", "--engine", engine,
+                            log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 1 and "stopped answering" not in proc.stderr, proc.stderr
     assert row["failed"] == 6 and row["errors"] == {"timeout": 6}, row
 

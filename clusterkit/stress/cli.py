@@ -20,7 +20,7 @@ from ..config import MAX_SECONDS, ConfigError
 from ..sockets import host_port
 from . import engines, metrics, report
 from .board import Board
-from .config import CONNECTIONS, ENGINES, MAX_RATE, StressConfig
+from .config import CONNECTIONS, ENGINES, MAX_RATE, StressConfig, rate_allowed
 from .plan import connect_error
 from .spawn import Killer, SpawnedCluster, parse_kill
 
@@ -94,11 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request_rate(text: str) -> float:
-    """A ``--rate``: requests per second in all, at least one a year (slower, the schedule's
-    send times overflowed: a traceback per client) and at most one a nanosecond (the
-    schedule's resolution; more overflowed the report's count of scheduled requests)."""
+    """A ``--rate``: requests per second in all (``config.rate_allowed``)."""
     value = float(text)
-    if not (value * MAX_SECONDS >= 1 and value <= MAX_RATE):  # (also refuses nan)
+    if not rate_allowed(value):
         raise argparse.ArgumentTypeError(f"must be at least one request a year ({1 / MAX_SECONDS:.1e}/s) and at "
                                          f"most one a nanosecond ({MAX_RATE:.0e}/s), got {value}")
     return value

@@ -22,6 +22,12 @@ MAX_RATE = 1e9
 """The highest --rate: a request a nanosecond, the schedule's resolution (the lowest: one a year)."""
 
 
+def rate_allowed(rate: float) -> bool:
+    """A --rate from one request a year to one a nanosecond (not nan): slower, the
+    schedule's send times overflowed; faster, the report's count of scheduled requests."""
+    return rate * MAX_SECONDS >= 1 and rate <= MAX_RATE
+
+
 @dataclass(frozen=True)
 class StressConfig:
     host: str = "127.0.0.1"
@@ -65,8 +71,7 @@ class StressConfig:
                                   ("--duration", self.duration, "seconds"), ("--warmup", self.warmup, "seconds")):
             check(value is None or math.isfinite(value), f"{name} must be a finite number of {unit}")
         check(self.timeout > 0, "--timeout must be positive")
-        check(self.rate is None or self.rate > 0, "--rate must be positive")
-        check(self.rate is None or self.rate * MAX_SECONDS >= 1 and self.rate <= MAX_RATE,
+        check(self.rate is None or rate_allowed(self.rate),
               f"--rate must be at least one request a year and at most {MAX_RATE:.0e} a second")
         check(self.duration is None or 0 < self.duration <= MAX_SECONDS, "--duration must be positive, at most a year")
         check(self.timeout <= MAX_SECONDS, "--timeout must be at most a year")
