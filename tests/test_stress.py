@@ -256,7 +256,10 @@ class FakeServer:
                     elif self.behaviour == "twice-late":  # the copy 50 ms later
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
                         time.sleep(0.05)
-                        conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
+                        try:
+                            conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
+                        except OSError:  # (the client closed the connection out of step)
+                            return
                     elif self.behaviour == "extra-line":  # a line the protocol has not, behind the answer
                         conn.sendall(b"REPLY fake %s\nACK fake %d\nHELLO extra\n" % (m, len(m)))
                     elif self.behaviour == "ack-first":
@@ -335,6 +338,38 @@ def test_a_server_answering_twice_is_caught_the_same_with_pipelining(engine, log
                             "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 1
     assert row["complete"] == 0 and row["errors"] == {"extra-answer": 9}, row["errors"]
+
+
+def test_the_line_reader_knows_a_late_copy_of_the_previous_batch_by_its_echo():
+    from clusterkit.stress.exchange import LineReader
+    copy, answer = b"REPLY s m1\nACK s 2\n", b"REPLY s m2\nACK s 2\n"
+    for before, chunks, outcomes in [
+        ([b"m1"], [copy + answer], [(False, "extra-answer")]),  # taken for no answer; fails the one in flight
+        ([b"m1"], [copy, answer], [(False, "extra-answer")]),
+        ([b"m1"], [answer], [(True, "s")]),
+        ((), [copy + answer], [(False, "wrong-reply")]),  # a new connection: nothing came before on it
+        ([b"m0"], [copy + answer], [(False, "wrong-reply")]),
+    ]:
+        reader = LineReader([b"m2"], before)
+        for chunk in chunks:
+            reader.feed(chunk, 1)
+        assert reader.done and [(o.ok, o.label) for o in reader.outcomes] == outcomes, (before, chunks)
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_a_late_copy_of_the_last_answer_fails_the_next_request_as_extra_answer(engine, log_dir, tmp_path):
+    """The server answers each message twice, the copy 50 ms later, while the
+    next message is in flight: that one failed as wrong-reply. Each copy fails
+    it as extra-answer (the connection is then closed: the copy of the second
+    answer is lost with it, and the third, on a new connection, passes)."""
+    fake = FakeServer("twice-late")
+    try:
+        row, proc = run_json("-n", "9", "-c", "1", "-k", "--timeout", "2", "--port", str(fake.port),
+                             "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 1
+    assert row["complete"] == 5 and row["errors"] == {"extra-answer": 4}, row["errors"]
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])

@@ -14,7 +14,9 @@ parsing it. Failures carry a kind:
     bad-reply     not the protocol at all (or an answer growing without a line end)
     extra-answer  another answer right behind the answer, for no request (answered twice); or,
                   on a kept-alive connection, bytes while no request was in flight (the
-                  engine fails the next request so: ``plan.Client.unasked``)
+                  engine fails the next request so: ``plan.Client.unasked``), or a copy of
+                  an answer to the connection's previous batch come late (the request in
+                  flight fails so)
     bad-response  HTTP the parser rejects (or a header block past 1 MiB)
     err:<code>    the server answered ERR <code>
     http-<status> a non-2xx HTTP status
@@ -43,13 +45,16 @@ class Outcome(NamedTuple):
 
 
 class LineReader:
-    __slots__ = ("messages", "buf", "pos", "index", "first_ns", "outcomes", "error", "received")
+    __slots__ = ("messages", "buf", "pos", "index", "first_ns", "outcomes", "error", "received", "before", "late")
 
     PENDING_MAX = 65536
     """An unfinished answer longer than this (plus twice its message) fails as bad-reply."""
 
-    def __init__(self, messages: list[bytes]) -> None:
+    def __init__(self, messages: list[bytes], before: list[bytes] | tuple = ()) -> None:
         self.messages = messages
+        self.before = before
+        """The messages of the batch before this one on the same connection, answered already."""
+        self.late = False  # a copy of an answer to one of them came: the next answer fails (_again)
         self.buf = b""
         self.pos = 0
         self.index = 0
@@ -121,7 +126,10 @@ class LineReader:
         """An answer to a message of this batch answered already (a pipelining client
         of a server that answers twice): that message fails as ``extra-answer``, and
         the copy takes no other message's place (it failed the next as wrong-reply,
-        and the first of a batch passed)."""
+        and the first of a batch passed). A copy of an answer to the connection's
+        previous batch, come after that batch was complete (and counted), fails the
+        next answer of this one instead, as ``plan.Client.unasked`` fails the next
+        request for a copy come between requests (it failed it as wrong-reply)."""
         for i in range(self.index - 1, -1, -1):
             if self.messages[i] == echoed:
                 o = self.outcomes[i]
@@ -129,9 +137,17 @@ class LineReader:
                                            o.nbytes + nbytes)
                 self.first_ns = 0
                 return True
+        if echoed in self.before:
+            self.late = True
+            self.first_ns = 0
+            return True
         return False
 
     def _record(self, ok: bool, label: str, now: int, nbytes: int) -> None:
+        if self.late:
+            self.late = False
+            if ok:
+                ok, label = False, "extra-answer"
         self.outcomes.append(Outcome(ok, label, self.first_ns, now, nbytes))
         self.index += 1
         self.first_ns = 0

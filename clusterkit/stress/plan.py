@@ -86,15 +86,18 @@ class Target:
             self.name = ""
             self.head = self.tail = b""
 
-    def request(self, k: int, count: int) -> tuple[bytes, LineReader | HttpReader, int]:
+    def request(self, k: int, count: int, before: list[bytes] | tuple = ()) -> tuple[bytes, LineReader | HttpReader,
+                                                                                     int]:
+        """The next batch's bytes, reader and size; ``before``: the messages of the
+        connection's previous batch (``LineReader``)."""
         if self.http_request:
             return self.http_request, HttpReader(self.known), 1
         batch = min(self.batch, count)
         if batch == 1:
             msg = self.message(k)
-            return msg + self.eol, LineReader([msg]), 1
+            return msg + self.eol, LineReader([msg], before), 1
         msgs = [self.message(k + j) for j in range(batch)]
-        return message_lines(msgs), LineReader(msgs), batch
+        return message_lines(msgs), LineReader(msgs, before), batch
 
 
 def http_request(path: bytes, host: bytes, keepalive: bool, extra: tuple[bytes, ...]) -> bytes:
@@ -185,7 +188,8 @@ class Client:
     __slots__ = ("cfg", "index", "plan", "target", "rec", "progress", "failed_slot", "streak_slot",
                  "k", "reader", "batch", "sent", "due_by", "timeout_ns", "base", "connect_started", "limit", "deadline",
                  "steady",
-                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra", "short", "connect_ns")
+                 "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra", "short", "connect_ns",
+                 "asked")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
         self.cfg = cfg
@@ -219,6 +223,7 @@ class Client:
         self.extra = False  # an answer nobody asked for came while idle: the next request fails (see unasked)
         self.short = False  # its last connect found no descriptor here: the next waits a moment (see due)
         self.connect_ns = 0  # the connect of the request in flight, counted with its outcome (see connected)
+        self.asked: list[bytes] | tuple = ()  # the line messages of the last request sent (LineReader.before)
 
     def over(self, stop) -> bool:
         if self.k >= self.limit or stop.is_set():
@@ -242,17 +247,23 @@ class Client:
     def request(self) -> bytes:
         """The next request's bytes; its reader and send time are kept."""
         target = self.target
+        before = () if self.opened else self.asked  # (what a new connection carried before: nothing)
         if self.steady:  # one line protocol message, what ``whole`` checks in one step
             msg = target.message(self.k)
             payload = msg + target.eol
-            self.reader = LineReader([msg])
+            self.asked = [msg]
+            self.reader = LineReader(self.asked, before)
             self.batch = 1
             self.expect = target.head + msg + target.tail if target.head else None
         else:
             share = self.plan.share
             payload, self.reader, self.batch = target.request(
-                self.k, (share - self.k) if share is not None else self.cfg.pipeline)
-            self.known = target.known if target.http_request else None
+                self.k, (share - self.k) if share is not None else self.cfg.pipeline, before)
+            if target.http_request:
+                self.known = target.known
+            else:
+                self.known = None
+                self.asked = self.reader.messages
         self.sent = ns()
         self.due_by = self.sent + self.timeout_ns
         self.base = self.plan.intended(self.k) if self.plan.rate else self.sent
