@@ -535,13 +535,23 @@ def test_a_client_still_sending_its_too_long_line_reads_the_error_without_a_rese
     assert answer.endswith(b"ERR line-too-long\n") and answer.startswith(b"REPLY server"), answer[:200]
 
 
-def test_oversized_line_garbage_and_half_close(lb, connect):
+def balancer_logs(log_dir, code: str) -> None:
+    """Wait (bounded) for the balancer's info line about a client's error it answered itself."""
+    pattern = re.compile(rf" INFO balancer event=error conn=\d+ code={code}\n")
+    deadline = time.monotonic() + 10
+    while not pattern.search(log := (log_dir / "server_log.log").read_text()):
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.05)
+
+
+def test_oversized_line_garbage_and_half_close(lb, connect, log_dir):
     lb.start("--max-line", "100")
     conn = connect(lb.port)
     conn.send(b"ok\n\xff\x00\xfe garbage\n" + b"L" * 500 + b"\nafter\n")
     responses = ResponseParser().feed(conn.read_all())
     assert [(r.message, r.length, r.error) for r in responses] == [
         (b"ok", 2, None), (b"\xff\x00\xfe garbage", 11, None), (None, None, "line-too-long")]
+    balancer_logs(log_dir, "line-too-long")  # its own ERR, as the servers log theirs
     half = connect(lb.port)
     half.send(b"a\nb\nc\n")
     half.sock.shutdown(socket.SHUT_WR)
@@ -569,7 +579,7 @@ def test_a_message_ending_in_cr_is_relayed_unchanged(lb, connect, mode):
 
 
 @pytest.mark.parametrize("mode", ["message", "tcp"])
-def test_bytes_after_the_last_newline_get_err_incomplete_line_after_the_answers(lb, connect, mode):
+def test_bytes_after_the_last_newline_get_err_incomplete_line_after_the_answers(lb, connect, mode, log_dir):
     lb.start("--mode", mode)
     conn = connect(lb.port)
     conn.send(b"a\nb\nno newline")
@@ -580,6 +590,8 @@ def test_bytes_after_the_last_newline_get_err_incomplete_line_after_the_answers(
     alone.send(b"tail")
     alone.sock.shutdown(socket.SHUT_WR)
     assert alone.read_all() == b"ERR incomplete-line\n"
+    if mode == "message":  # its own ERR, as the servers log theirs (in tcp mode the server's)
+        balancer_logs(log_dir, "incomplete-line")
 
 
 def test_backend_that_does_not_speak_the_protocol_is_failed_over(procs, log_dir):

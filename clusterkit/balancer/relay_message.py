@@ -221,6 +221,8 @@ class ClientSide(asyncio.Protocol):
                     self.set_paused("pending", True)
         if framer.error is not None and self.error_after_pending is None:
             self.error_after_pending = ERR_LINE_TOO_LONG
+            if self.elog.info:  # (as the servers say theirs: the client's doing, answered)
+                self.elog.line("INFO", f"event=error conn={self.conn_id} code=line-too-long")
             self.transport.pause_reading()  # type: ignore[union-attr]
             if not self.pending:
                 self.finish_with(ERR_LINE_TOO_LONG)
@@ -231,6 +233,8 @@ class ClientSide(asyncio.Protocol):
             # Bytes after the last '\n' are no message (SPEC.md); say so after the
             # answers still due rather than drop them in silence, as the servers do.
             self.error_after_pending = ERR_INCOMPLETE_LINE
+            if self.elog.info:  # (as the servers say theirs: the client's doing, answered)
+                self.elog.line("INFO", f"event=error conn={self.conn_id} code=incomplete-line")
         if not self.pending and not self.connecting:
             self.settle()
         return True  # keep the write side open for the replies still due
