@@ -6,6 +6,7 @@ Rich output lives here only; ``--json`` prints the same results as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -86,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(1, args.count + 1):
             try:
+                opened = None
+                if client.sock is None:  # connected here, so that its line comes before the send's
+                    opened = client.connect()
+                    if elog.info:
+                        elog.line("INFO", f"event=connect n={i} connect_ms={opened:.3f}")
                 if elog.info:
                     elog.line("INFO", f"event=send n={i} target={host_port(args.host, args.port)} "
                                       f"bytes={len(args.message.encode('utf-8', 'surrogateescape'))} "
                                       f"keepalive={int(args.keepalive)}")
                 result = client.send_message(args.message)
+                if opened is not None:
+                    result = dataclasses.replace(result, connect_ms=opened)
             except ClientError as exc:
                 if elog.error:
                     elog.line("ERROR", f"event=error n={i} code={exc.code} detail={logs.quote(exc)}")
@@ -104,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.keepalive:
                     client.close()
             if elog.info:
-                if result.connect_ms is not None:
-                    elog.line("INFO", f"event=connect n={i} connect_ms={result.connect_ms:.3f}")
                 elog.line("INFO", f"event=reply n={i} server={logs.quote(result.server)} length={result.length} "
                                   f"latency_ms={result.latency_ms:.3f} rtt_ms={result.rtt_ms:.3f}")
             rows.append(_row(i, result))

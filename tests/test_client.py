@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -98,6 +99,10 @@ def test_cli_prints_both_replies_and_timings(start_server, log_dir):
         assert word in proc.stdout
     log = (log_dir / "client_log.log").read_text()
     assert log.count("event=reply") == 3 and "rtt_ms=" in log and "latency_ms=" in log
+    # In the order things happened: the connect (one, kept alive), then each send and its reply.
+    events = re.findall(r" event=(\w+) n=(\d)", log)
+    assert events == [("connect", "1"), ("send", "1"), ("reply", "1"), ("send", "2"), ("reply", "2"),
+                      ("send", "3"), ("reply", "3")], log
 
 
 def test_an_ipv6_host_in_brackets_as_in_urls(procs, log_dir):
@@ -132,6 +137,7 @@ def test_cli_json_output(start_server, log_dir):
     proc = run_client("j", "--port", str(server.port), "--json", log_dir=log_dir)
     [row] = json.loads(proc.stdout)
     assert row["reply"] == "REPLY server1 j" and row["rtt_ms"] >= row["latency_ms"] >= 0
+    assert row["connect_ms"] > 0  # the request opened its connection
 
 
 def test_cli_json_output_keeps_the_answers_before_a_failure(log_dir):
