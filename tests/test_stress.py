@@ -109,7 +109,8 @@ def test_json_csv_markdown_and_table_agree(balanced, log_dir, tmp_path):
         assert float(c["requests_per_second"]) == r["requests_per_second"]
         cells = [x.strip() for x in line.strip("|").split("|")]
         assert cells[0] == str(r["concurrency"]) and cells[2] == "300" and cells[3] == "0"
-        assert f"{r['requests_per_second']:,.2f}".rstrip("0").rstrip(".") in proc.stdout
+        assert cells[5] == f"{r['requests_per_second']:,.2f}" and f"│ {cells[5]} │" in proc.stdout
+        assert cells[6] == f"{r['time_per_request_ms']:,.3f}"  # every decimal (1.140, not 1.14; 2.000, not 2)
     # SPEC.md's percentiles (the markdown had p50 and p99 only): a row per level and measure.
     assert "| Concurrency level | measure (ms) | p50 | p90 | p99 | p99.9 | max |" in md
     assert sum(line.startswith(("| 1 | latency |", "| 3 | latency |", "| 1 | rtt |", "| 3 | rtt |"))

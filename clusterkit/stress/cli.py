@@ -251,16 +251,16 @@ def print_report(rows: list[dict], killed: list[str], interrupted: bool = False)
     for r in rows:
         table.add_column(f"c={r['concurrency']}", justify="right", overflow="fold")
     for key, label in report.COLUMNS:
-        table.add_row(label, *[report.fmt(r[key]) for r in rows])
+        table.add_row(label, *[report.fmt_column(r, key) for r in rows])
     for group in report.TIMING_GROUPS:
         for p in ("p50", "p90", "p99", "p99.9", "max"):
             table.add_row(f"{group[:-3]} {p} (ms)", *[report.fmt(r[group][p]) for r in rows])
     table.add_row("connections opened", *[report.fmt(r["connections"]) for r in rows])
-    table.add_row("client CPU (% of a core per process)", *[report.fmt(r["client_cpu_percent"]) for r in rows])
-    table.add_row("client CPU (cores)", *[report.fmt(r["client_cores"]) for r in rows])
-    table.add_row("machine CPU busy (%)", *[report.fmt(r["machine_busy_percent"]) for r in rows])
+    table.add_row("client CPU (% of a core per process)", *[report.fmt(r["client_cpu_percent"], 1) for r in rows])
+    table.add_row("client CPU (cores)", *[report.fmt(r["client_cores"], 2) for r in rows])
+    table.add_row("machine CPU busy (%)", *[report.fmt(r["machine_busy_percent"], 1) for r in rows])
     if any(r["server_cpu_percent"] is not None for r in rows):
-        table.add_row("server CPU (% of a core)", *[report.fmt(r["server_cpu_percent"]) for r in rows])
+        table.add_row("server CPU (% of a core)", *[report.fmt(r["server_cpu_percent"], 1) for r in rows])
     names = sorted({b for r in rows for b in r["backends"]})
     for name in names:
         # (names and kinds come from the server under test: no markup of rich's in them; "[/x]" raised)

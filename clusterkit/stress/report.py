@@ -132,14 +132,24 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def fmt(value) -> str:
+PLACES = {"requests_per_second": 2, "transfer_rate_kbps": 2}
+"""Decimals of a column, as ApacheBench prints it; times have 3 (ms to the microsecond, SPEC.md)."""
+
+
+def fmt(value, places: int = 3) -> str:
+    """A number as the report shows it: a float with ``places`` decimals, all of
+    them (``2.000`` beside ``0.129``, not ``2``), an int with thousands commas."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:,.3f}".rstrip("0").rstrip(".") if value % 1 else f"{value:,.0f}"
+        return f"{value:,.{places}f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def fmt_column(row: dict, key: str) -> str:
+    return fmt(row[key], PLACES.get(key, 3))
 
 
 def answered_by(backend: str) -> str:
@@ -157,7 +167,7 @@ def to_markdown(rows: list[dict]) -> str:
     head = [label for _, label in COLUMNS] + ["latency p50 (ms)", "latency p99 (ms)", "rtt p99 (ms)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [fmt(r[key]) for key, _ in COLUMNS]
+        cells = [fmt_column(r, key) for key, _ in COLUMNS]
         cells += [fmt(r["latency_ms"]["p50"]), fmt(r["latency_ms"]["p99"]), fmt(r["rtt_ms"]["p99"])]
         lines.append("| " + " | ".join(cells) + " |")
     keys = [f"p{p}" for p in PERCENTILES] + ["max"]
