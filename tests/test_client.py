@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -201,3 +202,17 @@ def test_err_no_backend_is_exit_69_the_peer_unavailable(log_dir):
     """It was exit 1, as a wrong answer; cli.py's table gives 69 to "no backend"."""
     proc = run_client("x", "--port", str(fake(b"ERR no-backend\n")), log_dir=log_dir)
     assert proc.returncode == 69 and "no healthy backend" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("script, missing", [("ClientServer_StressTools.py", "hdrh"),
+                                             ("Load_Balancer.py", "prometheus_client"),
+                                             ("http_servers/lb.py", "httptools")])
+def test_a_script_run_without_the_projects_packages_says_so_in_one_line(script, missing):
+    """Started with a Python that lacks them (outside .venv), a script ended in a
+    ModuleNotFoundError traceback. The package is hidden here as if not installed."""
+    code = (f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = [{script!r}, '--help']; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cluster.ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: the Python package ") and ".venv" in proc.stderr, proc.stderr
