@@ -96,10 +96,14 @@ def test_backend_spec_parse(text, expected):
     assert (b.host, b.port, b.weight, b.name) == expected
 
 
-@pytest.mark.parametrize("text", ["nope", "h:0", "h:1:0", "h:x"])
+@pytest.mark.parametrize("text", ["nope", "h:0", "h:1:0", "h:x", "a=nope", "a=h:0"])
 def test_bad_backend_spec(text):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as info:
         BackendSpec.parse(text)
+    # The flag as given, named form and all; and every form it takes (it left NAME= out).
+    assert f"--backend {text!r}: " in str(info.value)
+    if "0" not in text:
+        assert str(info.value).endswith("expected [NAME=]HOST:PORT[:WEIGHT]")
 
 
 def test_the_open_files_limit_bounds_clients_and_idle_backend_connections(monkeypatch):

@@ -36,7 +36,7 @@ class BackendSpec:
     @classmethod
     def parse(cls, text: str) -> BackendSpec:
         """``host:port[:weight]``, ``[v6addr]:port[:weight]`` or ``name=host:port[:weight]``."""
-        name = ""
+        name, given = "", text
         if "=" in text:
             name, text = text.split("=", 1)
         if text.startswith("["):
@@ -49,9 +49,9 @@ class BackendSpec:
             try:
                 return cls(parts[0], *map(int, numbers), name=name)  # type: ignore[arg-type]
             except ConfigError as exc:  # the real reason: port or weight out of range
-                raise ConfigError(f"--backend {text!r}: {exc}") from None
+                raise ConfigError(f"--backend {given!r}: {exc}") from None
         v6 = " (an IPv6 address in brackets: [::1]:7001)" if text.count(":") > 2 else ""
-        raise ConfigError(f"--backend {text!r}: expected host:port or host:port:weight{v6}")
+        raise ConfigError(f"--backend {given!r}: expected [NAME=]HOST:PORT[:WEIGHT]{v6}")
 
 
 DEFAULT_BACKENDS = tuple(BackendSpec("127.0.0.1", 7000 + i, name=f"server{i}") for i in (1, 2, 3))
