@@ -30,7 +30,7 @@ import pytest
 from clusterkit import cluster
 
 from .conftest import (FullBacklog, assert_bad_config, fake_backend, send_all_then_read, turned_away_or_in,
-                       under_open_files_limit)
+                       unasked, under_open_files_limit)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -2150,7 +2150,7 @@ def test_answers_on_their_way_are_not_overtaken_by_a_408_or_an_idle_close(setup,
     assert heads[:12] == [b"200"] * 12 and len(data) >= 12 * (1 << 20), heads
 
 
-@pytest.mark.parametrize("script", ["Server_async_http.py", "lb.py"])
+@pytest.mark.parametrize("script", ["Server_async_http.py", "lb.py", "Server_thread_http.py"])
 def test_past_the_open_files_limit_clients_get_503_not_a_bare_close(setup, log_dir, script):
     """Under an open-files limit of 64, clients past what the event loop could
     accept got a bare close and the log said nothing (uvloop closes them unseen)."""
@@ -2172,3 +2172,41 @@ def test_past_the_open_files_limit_clients_get_503_not_a_bare_close(setup, log_d
             s.close()
     assert f"at most {len(served)} clients at once (the open-files limit allows no more)" in proc.stderr()
     setup.wait_log("event=busy refused=")
+
+
+def test_the_threaded_pool_past_the_open_files_limit_answers_503(setup, log_dir):
+    """Server_thread_http.py --pool 4 under an open-files limit of 64: the clients past
+    what the limit holds get 503 and the close, those it took are served, and a new one
+    is once they leave. It took connections until accept failed (EMFILE), and the rest
+    waited in the listen backlog, unanswered, as long as the others stayed. (Not
+    ``turned_away_or_in``: the pool closes a connection idle for a second while others
+    wait their turn, without a word.)"""
+    port = cluster.free_port()
+    proc = setup.procs.start(under_open_files_limit("Server_thread_http.py", "http_servers/Server_thread_http.py",
+                                                    port, "--pool", "4", "--keepalive-timeout", "30",
+                                                    "--log-dir", str(log_dir)))
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    try:
+        got, ended = unasked(socks, 3)
+        away = [s for s in socks if got[s]]
+        assert away and all(got[s].startswith(b"HTTP/1.1 503 ") and s in ended for s in away), \
+            [got[s] for s in away][:5]
+        kept = [s for s in socks if s not in ended]  # (idle, in the threads' hands once no one waits)
+        assert kept
+        for s in kept:  # HTTP/1.0: the answer, then the close
+            s.sendall(b"GET /page.html HTTP/1.0\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+            assert status_of(answer) == 200 and answer.endswith(b"</html>\n"), answer[:200]
+    finally:
+        for s in socks:
+            s.close()
+    said = re.search(r"at most (\d+) clients at once \(the open-files limit allows no more\)", proc.stderr())
+    assert said and len(away) <= 100 - int(said[1]), proc.stderr()
+    setup.wait_log("event=busy refused=")
+    assert "reason=open-files-limit" in setup.log()
+    deadline = time.monotonic() + 10
+    while status_of(exchange(port, CLOSING_GET)) != 200:  # room again once the others have left
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

@@ -104,10 +104,13 @@ def _run_server(args, program: str, threaded: bool) -> int:
     elog = logs.configure(name or program, level=config.log_level, log_dir=config.log_dir, file_name=logs.SERVER_LOG)
     if threaded:
         from .threaded import ThreadLimit, run_threaded
+
+        def announce(p: int, core: int | None, max_clients: int) -> None:
+            kind = f"pool {config.pool}" if config.pool else "a thread per connection"
+            _announce(program, config.host, p, f" ({kind}" + (f", on core {core})" if core is not None else ")"))
+            _say_limit(program, max_clients)
         try:
-            run_threaded(config, elog, lambda p, core: _announce(
-                program, config.host, p, (f" (pool {config.pool}" if config.pool else " (a thread per connection") +
-                (f", on core {core})" if core is not None else ")")))
+            run_threaded(config, elog, announce)
         except ThreadLimit as exc:
             raise cli.Fatal(str(exc), cli.EXIT_USAGE) from None
         except OSError as exc:

@@ -21,6 +21,12 @@ its accept, not from when a thread first reads it, and the lingering close
 after an error answer is left to a thread of its own (``MAX_LINGERING``):
 300 slowloris connections on ``--pool 8`` got their 408s 8 every 2 s.
 
+Either way, connections taken at once are what the open-files limit holds
+(``clusterkit.sockets.client_room``, as the async server's); past it a new
+client gets 503 and a lingering close (``_turn_away``): it used to be taken
+until ``accept`` failed (EMFILE), and the clients behind it waited in the
+listen backlog for an answer that never came.
+
 Deadlines live on the sockets: the request head must arrive within
 ``header_timeout`` (408 otherwise), an idle keep-alive connection is closed
 after ``keepalive_timeout``, and one that takes no byte of its answers for
@@ -44,13 +50,14 @@ import queue
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Callable, NamedTuple
 
 from .. import logs, loops
 from ..affinity import pin_process
-from ..sockets import kernel_timeouts
+from ..sockets import client_room, kernel_timeouts, linger_room
 from .config import HttpServerConfig
 from .core import CONTINUE, HttpError, RequestParser, build_response, error_response
 from ..linger import linger
@@ -61,7 +68,8 @@ POOL_QUEUE = 128
 """At least this many accepted connections wait for a pool thread (8 per thread with
 more threads) before a new client gets 503: enough for ``ab -c 100``."""
 MAX_REFUSING = 64
-"""Clients told 503 at once, at most (each lingers in a thread for up to 2 s)."""
+"""Clients told 503 at once, at most (each lingers in a thread for up to 2 s); fewer
+when the open-files limit leaves less room for them (``linger_room``)."""
 MAX_LINGERING = 64
 """Pool connections whose error answer lingers at once, at most (each in a thread of
 its own for up to 2 s); past it, the close after the answer is at once."""
@@ -139,16 +147,26 @@ class ThreadedHttpServer:
         self.stopping = threading.Event()
         self.active: set[socket.socket] = set()
         self.lock = threading.Lock()
+        # Connections taken (served, waiting in the pool's queue, or lingering after an
+        # error answer), under ``lock``: each holds a descriptor until its close.
+        self.clients = 0
+        self.max_clients = client_room(sys.maxsize)  # taken at once: what the open-files limit holds
+        self.too_many = error_response(HttpError(503, "too many connections"), self.static.backend_header)
+        self.queue_full = build_response(503, BUSY_BODY, keep_alive=False, headers=self.static.backend_header)
         self.queue: queue.Queue | None = queue.Queue(maxsize=max(POOL_QUEUE, config.pool * 8)) if config.pool else None
         self.threads = ThreadCache(self._handle)
         self.refusals = ThreadCache(self._refuse)
-        self.refusing = threading.BoundedSemaphore(MAX_REFUSING)  # a slot per client being told 503
+        # A slot per client being told 503: its lingering close keeps a descriptor too.
+        self.refusing = threading.BoundedSemaphore(min(MAX_REFUSING, linger_room()))
         self.lingerers = ThreadCache(self._linger)
         self.lingering = threading.BoundedSemaphore(MAX_LINGERING)  # a slot per pool connection lingering
         # Counted by the accepting thread; the rest of a burst is said a second on by a timer's.
         self.tally_lock = threading.Lock()
         self.turned_away = elog.tally(lambda n: f"event=busy refused={n} pool={config.pool} reason=queue-full",
                                       later=self._later)
+        self.no_room = elog.tally(lambda n: f"event=busy refused={n} open={self.clients} "
+                                            f"max_clients={self.max_clients} reason=open-files-limit",
+                                  later=self._later)
 
     def start_pool(self) -> None:
         """The ``--pool`` threads, before the start is announced: a machine that
@@ -169,21 +187,47 @@ class ThreadedHttpServer:
                 time.sleep(0.05)  # EMFILE and friends: back off, then accept again
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.queue is None:
+            with self.lock:
+                room = self.clients < self.max_clients
+                if room:
+                    self.clients += 1
+            if not room:  # the open-files limit is near: 503, not a wait in the backlog unanswered
+                self._turn_away(conn)
+            elif self.queue is None:
                 self.threads.submit(conn, addr[0])
             else:
                 try:
                     self.queue.put_nowait((conn, addr[0], time.monotonic()))
                 except queue.Full:
+                    with self.lock:
+                        self.clients -= 1  # (its descriptor is the refusal's now)
                     with self.tally_lock:
                         self.turned_away.count()
                     # As many as MAX_REFUSING at once; more wait (and the clients behind them
                     # in the listen backlog) rather than be closed without a word.
                     self.refusing.acquire()
-                    self.refusals.submit(conn)
+                    self.refusals.submit(conn, self.queue_full)
         self.sock.close()
         with self.tally_lock:
             self.turned_away.flush(now=True)
+            self.no_room.flush(now=True)
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """A client past ``max_clients``: 503 and a lingering close in a thread
+        (``_refuse``), as the async server's ``linger.turn_away``; past the lingering
+        closes' share of descriptors, in a flood, a close at once (what the client
+        sent meanwhile may reset it), where waiting for a slot would keep the accept
+        loop, and the clients behind it, 2 s."""
+        with self.tally_lock:
+            self.no_room.count()
+        if self.refusing.acquire(blocking=False):
+            self.refusals.submit(conn, self.too_many)
+            return
+        try:
+            conn.send(self.too_many)  # (a new connection's empty send buffer takes it at once)
+        except OSError:
+            pass
+        conn.close()
 
     def _later(self, delay: float, say_rest: Callable[[], object]) -> None:
         """``Tally``'s ``later`` without an event loop: a daemon timer thread."""
@@ -194,13 +238,14 @@ class ThreadedHttpServer:
         timer.daemon = True
         timer.start()
 
-    def _refuse(self, conn: socket.socket) -> None:
-        """503 and a lingering close, for a client the full queue has no room for (in
-        a thread of its own: the lingering takes up to 2 s). Closed at once, what the
-        client sent meanwhile would turn the close into a reset, which can destroy
-        the 503 before the client reads it (and ab stops the whole run at a reset)."""
+    def _refuse(self, conn: socket.socket, answer: bytes) -> None:
+        """``answer`` (a 503) and a lingering close, for a client the full queue or the
+        open-files limit has no room for (in a thread of its own: the lingering takes
+        up to 2 s). Closed at once, what the client sent meanwhile would turn the close
+        into a reset, which can destroy the 503 before the client reads it (and ab
+        stops the whole run at a reset)."""
         try:
-            conn.sendall(build_response(503, BUSY_BODY, keep_alive=False, headers=self.static.backend_header))
+            conn.sendall(answer)
             linger(conn)
         except OSError:
             pass
@@ -217,7 +262,7 @@ class ThreadedHttpServer:
         except OSError:
             pass
         finally:
-            conn.close()
+            self._close(conn)
             self.lingering.release()
 
     def _worker(self) -> None:
@@ -326,7 +371,13 @@ class ThreadedHttpServer:
                     self.active.discard(conn)
                 parser.close()
                 if not lingering:
-                    conn.close()
+                    self._close(conn)
+
+    def _close(self, conn: socket.socket) -> None:
+        """Close a connection taken: its descriptor is free for the next client."""
+        conn.close()
+        with self.lock:
+            self.clients -= 1
 
     def _send(self, conn: socket.socket, data: bytes, peer: str) -> None:
         """``sendall``, with nginx's ``send_timeout``: a client that has taken no byte
@@ -418,6 +469,6 @@ def run_threaded(config: HttpServerConfig, elog: logs.EventLog, announce) -> Non
         server.stop()
     core = pin_process(-1) if config.pin else None  # before any worker thread starts: they inherit it
     server.start_pool()
-    announce(server.port, core)
+    announce(server.port, core, server.max_clients)
     server.serve()
     server.drain()
