@@ -1954,6 +1954,48 @@ def test_apachebench_keepalive_with_more_clients_than_pool_threads(setup):
     assert re.search(r"Keep-Alive requests:\s+2000\b", ab.stdout), ab.stdout
 
 
+
+def test_idle_keepalive_connections_hold_no_pool_thread_and_stay_open(setup):
+    """A pool thread waited a quarter of a second on each idle connection it took from
+    the queue: with 60 idle keep-alive clients on --pool 2, a request waited behind them
+    about 7.5 s, and the threads closed the ones idle for a second meanwhile. Idle
+    connections now wait with the poller, which hands one back once it has a request."""
+    server = setup.server("Server_thread_http.py", "--pool", "2", "--keepalive-timeout", "30")
+    idle = []
+    try:
+        for _ in range(60):  # each answered once, then silent
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+            idle.append(s)
+            s.sendall(SIMPLE_GET)
+            assert read_answers(s, 1, time.monotonic() + 20) == [(200, 1669)]
+        time.sleep(1.5)  # idle past what the pool let them be (a second) while others waited
+        started = time.monotonic()
+        assert status_of(exchange(server.port, CLOSING_GET, timeout=20)) == 200
+        assert time.monotonic() - started < 2  # (the old pool: about 7.5 s)
+        idle[30].sendall(SIMPLE_GET)  # an idle client's next request
+        assert read_answers(idle[30], 1, time.monotonic() + 2) == [(200, 1669)]
+        got, ended = unasked(idle, 0.5)
+        assert not ended and not any(got.values())  # all still open: the keep-alive timeout is 30 s
+    finally:
+        for s in idle:
+            s.close()
+
+
+@pytest.mark.skipif(not HAS_AB, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
+def test_apachebench_keepalive_with_many_more_clients_than_pool_threads(setup):
+    """With ab -k -c 100 on --pool 4, ab's last requests waited behind its idle
+    connections, a quarter of a second each, and the pool closed the ones idle a
+    second meanwhile: failed requests, with about one fresh server out of two (so
+    three of them here)."""
+    for _ in range(3):
+        server = setup.server("Server_thread_http.py", "--pool", "4")
+        ab = subprocess.run(["ab", "-k", "-n", "300", "-c", "100", f"http://127.0.0.1:{server.port}/page.html"],
+                            capture_output=True, text=True, timeout=60)
+        assert ab.returncode == 0, ab.stderr
+        assert re.search(r"Failed requests:\s+0\b", ab.stdout), ab.stdout
+        assert re.search(r"Keep-Alive requests:\s+300\b", ab.stdout), ab.stdout
+
+
 def test_a_slowloris_does_not_hold_a_pool_thread(setup):
     """A pool thread waited for the rest of a trickled head for the whole header
     timeout while other clients queued; it now gives them their turn meanwhile."""

@@ -12,14 +12,18 @@ one (the parser, with any half-received request, goes along), so more
 keep-alive clients than threads are all served, each in its turn; held until
 it closed, a connection kept the clients behind it waiting for the whole run
 (``ab -k -c 20`` against ``--pool 16``: four clients waited until the others
-were done). Nor does a thread sit on an idle connection (keep-alive between
-requests, or one that has sent nothing) while others wait: it puts it back
-after ``POOL_IDLE_CHECK``, and closes it once idle ``POOL_IDLE_YIELD`` (two
-idle connections held a ``--pool 2`` server from everyone else for the whole
-keep-alive timeout). A queued connection's first request head is timed from
-its accept, not from when a thread first reads it, and the lingering close
-after an error answer is left to a thread of its own (``MAX_LINGERING``):
-300 slowloris connections on ``--pool 8`` got their 408s 8 every 2 s.
+were done). Nor does a thread wait on a connection with nothing to read (idle
+between requests, or a head begun and not whole): it parks it with the
+``Poller``, one thread with a selector that hands it back to the queue once it
+is readable, and keeps the deadlines of those it holds (Tomcat's NIO poller in
+front of its workers). A thread used to wait a quarter of a second on each idle
+connection it took, and close one idle for a second when others waited:
+``ab -k -c 100`` against ``--pool 8`` had its last requests wait a second
+behind ab's idle connections, and counted the closes as failed requests. A
+queued connection's first request head is timed from its accept, not from
+when a thread first reads it, and the lingering close after an error answer is
+left to a thread of its own (``MAX_LINGERING``): 300 slowloris connections on
+``--pool 8`` got their 408s 8 every 2 s.
 
 Either way, connections taken at once are what the open-files limit holds
 (``clusterkit.sockets.client_room``, as the async server's); past it a new
@@ -27,11 +31,12 @@ client gets 503 and a lingering close (``_turn_away``): it used to be taken
 until ``accept`` failed (EMFILE), and the clients behind it waited in the
 listen backlog for an answer that never came.
 
-Deadlines live on the sockets: the request head must arrive within
-``header_timeout`` (408 otherwise), an idle keep-alive connection is closed
-after ``keepalive_timeout``, and one that takes no byte of its answers for
-as long is cut (``event=send-timeout``, nginx's ``send_timeout``: one that
-reads slowly but reads is served). They are kernel timeouts on sockets left in
+Deadlines live on the sockets (a parked pool connection's, in the poller):
+the request head must arrive within ``header_timeout`` (408 otherwise), an
+idle keep-alive connection is closed after ``keepalive_timeout``, and one that
+takes no byte of its answers for as long is cut (``event=send-timeout``,
+nginx's ``send_timeout``: one that reads slowly but reads is served). The
+sockets' are kernel timeouts on sockets left in
 blocking mode, not ``settimeout()`` (see ``clusterkit.sockets``: half the
 system calls and GIL hand-offs per request). The listener blocks in
 ``accept`` too; stopping shuts it down to wake it. The listen backlog is
@@ -46,7 +51,9 @@ threads far more cheaply there; 2.7x the keep-alive rate here).
 from __future__ import annotations
 
 import _thread
+import heapq
 import queue
+import selectors
 import signal
 import socket
 import struct
@@ -76,19 +83,122 @@ its own for up to 2 s); past it, the close after the answer is at once."""
 SEND_CHECKS = 4
 """A blocked send looks at the clock this many times per keep-alive timeout (the
 kernel's send timeout is that part of it): a client is cut at most a quarter late."""
-POOL_IDLE_CHECK = 0.25
-"""Seconds between a pool thread's looks at the queue while its connection is idle."""
-POOL_IDLE_YIELD = 1.0
-"""Seconds a connection must have been idle before a pool thread lets go of it for a
-waiting client: shorter, and ab -k with more clients than threads met closes between
-its requests (ab counts the request it had just sent as failed)."""
 
 
 class Turn(NamedTuple):
-    """A pool connection put back in the queue: what the thread that takes it next needs."""
+    """A pool connection no thread holds (queued or parked): what the thread that takes it next needs."""
     parser: RequestParser  # with what it has of a request not yet whole
-    timeout: float  # the socket's receive timeout as it stands
     idle_since: float
+
+
+class Poller:
+    """The pool's one thread that watches the connections no pool thread holds
+    while they have nothing to read: idle between requests, or with a request head
+    begun and not whole (Tomcat's NIO poller, in front of its workers). A connection
+    that becomes readable goes back to the pool's queue (``ready``); so does one
+    whose head is past the header timeout, for its thread to answer 408; one idle
+    for the keep-alive timeout is closed (``drop``), as is every one at ``stop``.
+    Without it, a pool thread waited a quarter of a second on each idle connection
+    it took: ab -k -c 100 against --pool 8 had its last requests wait a second
+    behind the idle connections of clients that were done.
+
+    Other threads hand connections over with ``park`` (a list, and a byte on a
+    socketpair to wake the selector): only this thread touches the selector."""
+
+    def __init__(self, ready: Callable[[socket.socket, str, Turn], None],
+                 drop: Callable[[socket.socket, Turn], None]) -> None:
+        self.ready = ready
+        self.drop = drop
+        self.selector = selectors.DefaultSelector()
+        self.wakeup, self.waker = socket.socketpair()
+        self.wakeup.setblocking(False)
+        self.waker.setblocking(False)
+        self.selector.register(self.wakeup, selectors.EVENT_READ)
+        self.lock = threading.Lock()
+        self.pending: list[tuple[socket.socket, str, Turn, float]] = []  # parked, not yet in the selector
+        self.stopping = False
+        self.stopped = False
+        # The deadlines, soonest first: (deadline, seq, conn); an entry whose seq is no
+        # longer the connection's in ``parked`` (handed back since) is stale.
+        self.deadlines: list[tuple[float, int, socket.socket]] = []
+        self.parked: dict[socket.socket, int] = {}
+        self.seq = 0
+
+    def park(self, conn: socket.socket, peer: str, turn: Turn, deadline: float) -> None:
+        """Watch ``conn`` until it is readable or ``deadline`` (monotonic) passes."""
+        with self.lock:
+            stopped = self.stopped
+            if not stopped:
+                wake = not self.pending  # (else a wake is on its way already)
+                self.pending.append((conn, peer, turn, deadline))
+        if stopped:
+            self.drop(conn, turn)
+        elif wake:
+            self._wake()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self.waker.send(b"\0")
+        except OSError:  # (its buffer full: the poller has wakes to read)
+            pass
+
+    def run(self) -> None:
+        while True:
+            timeout = max(0.0, self.deadlines[0][0] - time.monotonic()) if self.deadlines else None
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.wakeup:
+                    try:
+                        while self.wakeup.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                self._hand_back(key.fileobj, key.data)  # type: ignore[arg-type]
+            with self.lock:
+                pending, self.pending = self.pending, []
+                stopping = self.stopped = self.stopping
+            if stopping:
+                break
+            for conn, peer, turn, deadline in pending:
+                self.seq += 1
+                self.parked[conn] = self.seq
+                self.selector.register(conn, selectors.EVENT_READ, (peer, turn))
+                heapq.heappush(self.deadlines, (deadline, self.seq, conn))
+            if len(self.deadlines) > 2 * len(self.parked) + 64:
+                # Most are stale (a connection parked between each of its requests): a
+                # keep-alive timeout's worth of them would pile up, closed sockets and all.
+                self.deadlines = [d for d in self.deadlines if self.parked.get(d[2]) == d[1]]
+                heapq.heapify(self.deadlines)
+            now = time.monotonic()
+            while self.deadlines and self.deadlines[0][0] <= now:
+                _, seq, conn = heapq.heappop(self.deadlines)
+                if self.parked.get(conn) == seq:
+                    peer, turn = self.selector.get_key(conn).data
+                    if turn.parser.in_progress:
+                        self._hand_back(conn, (peer, turn))  # its thread answers 408
+                    else:
+                        self._let_go(conn)
+                        self.drop(conn, turn)  # idle for the keep-alive timeout
+        # Stopping: every connection parked is closed (they are in no thread's hands to drain).
+        for conn, peer, turn, _ in pending:
+            self.drop(conn, turn)
+        for key in list(self.selector.get_map().values()):
+            if key.fileobj is not self.wakeup:
+                self._let_go(key.fileobj)  # type: ignore[arg-type]
+                self.drop(key.fileobj, key.data[1])  # type: ignore[arg-type]
+
+    def _let_go(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        del self.parked[conn]
+
+    def _hand_back(self, conn: socket.socket, data: tuple[str, Turn]) -> None:
+        self._let_go(conn)
+        self.ready(conn, *data)
 
 
 class ThreadCache:
@@ -154,6 +264,10 @@ class ThreadedHttpServer:
         self.too_many = error_response(HttpError(503, "too many connections"), self.static.backend_header)
         self.queue_full = build_response(503, BUSY_BODY, keep_alive=False, headers=self.static.backend_header)
         self.queue: queue.Queue | None = queue.Queue(maxsize=max(POOL_QUEUE, config.pool * 8)) if config.pool else None
+        # Readable again, a parked connection waits its turn in the queue (a blocking put: the
+        # pool's threads take from it without ever waiting on the poller).
+        self.poller = Poller(lambda conn, peer, turn: self.queue.put((conn, peer, None, turn)),  # type: ignore
+                             self._drop) if config.pool else None
         self.threads = ThreadCache(self._handle)
         self.refusals = ThreadCache(self._refuse)
         # A slot per client being told 503: its lingering close keeps a descriptor too.
@@ -176,6 +290,12 @@ class ThreadedHttpServer:
                 threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True).start()
             except RuntimeError:  # "can't start new thread"
                 raise ThreadLimit(f"--pool {self.config.pool}: this machine let only {i} threads start") from None
+        if self.poller is not None:
+            try:
+                threading.Thread(target=self.poller.run, name="poller", daemon=True).start()
+            except RuntimeError:
+                raise ThreadLimit(f"--pool {self.config.pool}: this machine let only {self.config.pool} threads "
+                                  f"start, not the poller's beside them") from None
 
     def serve(self) -> None:
         while not self.stopping.is_set():
@@ -277,55 +397,51 @@ class ThreadedHttpServer:
     def _handle(self, conn: socket.socket, peer: str, accepted: float | None = None,
                 turn: Turn | None = None) -> None:
         """Serve a connection until it ends, or (pool) until its turn does: then it
-        goes back to the queue with ``turn``, what the next thread needs of it.
-        ``accepted``: when a pool connection was accepted, a while before a thread
-        takes it from the queue; its first head and its idleness count from then."""
+        goes back to the queue, or to the poller when it has nothing to read, with
+        ``turn``, what the next thread needs of it. ``accepted``: when a pool
+        connection was accepted, a while before a thread takes it from the queue;
+        its first head and its idleness count from then."""
         limits = self.config.limits
         elog = self.elog
         pool = self.queue
         with self.lock:
             self.active.add(conn)
-        # Idle, a pool thread looks at its queue every POOL_IDLE_CHECK seconds.
-        idle_wait = limits.keepalive_timeout if pool is None else min(POOL_IDLE_CHECK, limits.keepalive_timeout)
+        # A pool thread never waits on a connection: one with nothing to read is the poller's.
+        flags = 0 if pool is None else socket.MSG_DONTWAIT
+        current = limits.keepalive_timeout
         if turn is None:
             parser = RequestParser(limits)
-            current = idle_wait
             idle_since = time.monotonic() if accepted is None else accepted
             # A blocked send returns this often, for _send to look at the clock.
             kernel_timeouts(conn, current, send=limits.keepalive_timeout / SEND_CHECKS)
         else:
-            parser, current, idle_since = turn
-        requeued = lingering = False
+            parser, idle_since = turn
+        requeued = lingering = False  # requeued: in the queue or the poller's, no longer this thread's
         try:
             while not self.stopping.is_set():
                 # Between requests: the keep-alive timeout; within a head: what is left of the
-                # header timeout (a pool thread looks at its queue meanwhile, as when idle: a
-                # slowloris held it for the whole header timeout). Changing it is a system
-                # call, so only when it changes.
+                # header timeout (a pool connection's are the poller's). Changing it is a
+                # system call, so only when it changes.
                 if parser.in_progress:
                     left = limits.header_timeout - (time.monotonic() - parser.head_started)
                     if left <= 0:
                         raise HttpError(408, "slow-head")
-                    current = left if pool is None else min(left, idle_wait)
-                    kernel_timeouts(conn, current)
-                elif current != idle_wait:
-                    current = idle_wait
+                    if pool is None:
+                        current = left
+                        kernel_timeouts(conn, current)
+                elif current != limits.keepalive_timeout:
+                    current = limits.keepalive_timeout
                     kernel_timeouts(conn, current)
                 try:
-                    data = conn.recv(65536)
-                except BlockingIOError:  # SO_RCVTIMEO ran out
-                    if parser.in_progress:
-                        if pool is None or time.monotonic() - parser.head_started >= limits.header_timeout:
-                            raise HttpError(408, "slow-head") from None
-                    else:
-                        idle_for = time.monotonic() - idle_since
-                        if (pool is None or idle_for >= limits.keepalive_timeout
-                                or (idle_for >= POOL_IDLE_YIELD and not pool.empty())):
-                            return  # idle for the keep-alive timeout, or a pool thread someone waits for
-                    if self._requeue(conn, peer, Turn(parser, current, idle_since)):
+                    data = conn.recv(65536, flags)
+                except BlockingIOError:  # SO_RCVTIMEO ran out, or (pool) nothing to read now
+                    if pool is not None:
+                        self._park(conn, peer, Turn(parser, idle_since))
                         requeued = True
                         return
-                    continue
+                    if parser.in_progress:
+                        raise HttpError(408, "slow-head") from None
+                    return  # idle for the keep-alive timeout
                 if not data:
                     return
                 idle_since = time.monotonic()
@@ -342,12 +458,13 @@ class ThreadedHttpServer:
                     if not keep:
                         return
                     requests = requests[n:] if n < len(requests) else None
+                    idle_since = time.monotonic()  # (the keep-alive timeout counts from the last answer)
                 if parser.expects_continue:
                     parser.expects_continue = False
                     self._send(conn, CONTINUE, peer)
                 if parser.error is not None:
                     raise parser.error
-                if pool is not None and self._requeue(conn, peer, Turn(parser, current, idle_since)):
+                if pool is not None and self._requeue(conn, peer, Turn(parser, idle_since)):
                     requeued = True
                     return
         except HttpError as exc:
@@ -426,8 +543,28 @@ class ThreadedHttpServer:
             return False
         return True
 
+    def _park(self, conn: socket.socket, peer: str, turn: Turn) -> None:
+        """Hand a pool connection with nothing to read to the poller, until it is readable
+        or its deadline: the rest of the header timeout for a head begun, else the
+        keep-alive timeout. It leaves ``active`` first, as in ``_requeue``."""
+        limits = self.config.limits
+        if turn.parser.in_progress:
+            deadline = turn.parser.head_started + limits.header_timeout
+        else:
+            deadline = turn.idle_since + limits.keepalive_timeout
+        with self.lock:
+            self.active.discard(conn)
+        self.poller.park(conn, peer, turn, deadline)  # type: ignore[union-attr]
+
+    def _drop(self, conn: socket.socket, turn: Turn) -> None:
+        """Close a parked connection: idle for the keep-alive timeout, or the server stops."""
+        turn.parser.close()
+        self._close(conn)
+
     def stop(self) -> None:
         self.stopping.set()
+        if self.poller is not None:
+            self.poller.stop()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() the main thread is blocked in
         except OSError:
