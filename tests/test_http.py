@@ -2220,9 +2220,7 @@ def test_the_threaded_pool_past_the_open_files_limit_answers_503(setup, log_dir)
     """Server_thread_http.py --pool 4 under an open-files limit of 64: the clients past
     what the limit holds get 503 and the close, those it took are served, and a new one
     is once they leave. It took connections until accept failed (EMFILE), and the rest
-    waited in the listen backlog, unanswered, as long as the others stayed. (Not
-    ``turned_away_or_in``: the pool closes a connection idle for a second while others
-    wait their turn, without a word.)"""
+    waited in the listen backlog, unanswered, as long as the others stayed."""
     port = cluster.free_port()
     proc = setup.procs.start(under_open_files_limit("Server_thread_http.py", "http_servers/Server_thread_http.py",
                                                     port, "--pool", "4", "--keepalive-timeout", "30",
@@ -2233,7 +2231,7 @@ def test_the_threaded_pool_past_the_open_files_limit_answers_503(setup, log_dir)
         away = [s for s in socks if got[s]]
         assert away and all(got[s].startswith(b"HTTP/1.1 503 ") and s in ended for s in away), \
             [got[s] for s in away][:5]
-        kept = [s for s in socks if s not in ended]  # (idle, in the threads' hands once no one waits)
+        kept = [s for s in socks if s not in ended]  # (idle: parked with the pool's poller)
         assert kept
         for s in kept:  # HTTP/1.0: the answer, then the close
             s.sendall(b"GET /page.html HTTP/1.0\r\n\r\n")
