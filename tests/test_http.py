@@ -2212,7 +2212,10 @@ def test_past_the_open_files_limit_clients_get_503_not_a_bare_close(setup, log_d
     finally:
         for s in socks:
             s.close()
-    assert f"at most {len(served)} clients at once (the open-files limit allows no more)" in proc.stderr()
+    most = int(re.search(r"at most (\d+) clients at once \(the open-files limit allows no more\)",
+                         proc.stderr()).group(1))
+    # (The start's readiness probe, a connect and a close, may still hold its slot when the burst comes.)
+    assert most - 1 <= len(served) <= most, (most, len(served))
     setup.wait_log("event=busy refused=")
 
 
@@ -2243,7 +2246,8 @@ def test_the_threaded_pool_past_the_open_files_limit_answers_503(setup, log_dir)
         for s in socks:
             s.close()
     said = re.search(r"at most (\d+) clients at once \(the open-files limit allows no more\)", proc.stderr())
-    assert said and len(away) <= 100 - int(said[1]), proc.stderr()
+    # (The start's readiness probe, a connect and a close, may still hold its slot when the burst comes.)
+    assert said and len(away) <= 100 - int(said[1]) + 1, proc.stderr()
     setup.wait_log("event=busy refused=")
     assert "reason=open-files-limit" in setup.log()
     deadline = time.monotonic() + 10

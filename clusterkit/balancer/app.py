@@ -28,7 +28,7 @@ from ..config import ConfigError
 from ..sockets import client_room, descriptor_room, host_port, is_listener
 from .admin import start_admin
 from .config import BalancerConfig
-from .epollset import EpollSet, Listener, resolve
+from ..epollset import EpollSet, Listener, resolve
 from .health import check_forever
 from .pool import DOWN, Backend, Pool
 from .relay_message import start_client

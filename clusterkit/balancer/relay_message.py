@@ -56,7 +56,7 @@ import _socket
 from ..protocol import (CONNECTION_NOTICES, MORE, NOTICE, OFF, LineFramer, SlowLineWatch, build_error,
                         match_answers, message_lines)
 from ..sockets import local_shortage
-from .epollset import ERR, HUP, OUT, EpollSet, SocketTransport, Stream, connect_result, os_error, start_connect
+from ..epollset import ERR, HUP, OUT, EpollSet, SocketTransport, Stream, connect_result, os_error, start_connect
 from .pool import Backend, connect_failure
 
 if TYPE_CHECKING:

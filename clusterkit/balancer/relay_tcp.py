@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import _socket
 
 from ..sockets import local_shortage
-from .epollset import BUF, ERR, HANGUP, HUP, IN, OUT, EpollSet, connect_result, linger_close, os_error, start_connect
+from ..epollset import BUF, ERR, HANGUP, HUP, IN, OUT, EpollSet, connect_result, linger_close, os_error, start_connect
 from .pool import Backend, connect_failure
 from .relay_message import ERR_BUSY, ERR_NO_BACKEND
 

@@ -43,6 +43,8 @@ last one again, but for the ``Date`` value, whole in one read, is taken as
 that answer without the parser (``KnownAnswer``; anything else is parsed),
 and a client's repeated request likewise (``core.RequestParser``). Under
 ``ab -k`` that took the balancer from 45-57 to 30-34 us of CPU per request.
+Its clients' connections are raw sockets in one epoll set, as the async
+server's (``epollset.create_server``); its backend connections are the loop's.
 
 HEAD is forwarded as GET and the body counted, not kept: httptools' response
 parser cannot be told that an answer has no body, and this keeps framing
@@ -71,9 +73,8 @@ import sys
 import time
 from collections import deque
 
-from .. import admin, logs, loops
+from .. import admin, epollset, logs, loops
 from ..balancer.pool import LatencyHistogram
-from ..balancer.epollset import lookup
 from ..config import ConfigError
 from ..sockets import client_room, descriptor_room, host_port, is_listener, linger_room
 from .config import HttpBackend, ProxyConfig
@@ -156,7 +157,7 @@ class Proxy:
                                                                   f"down_at={self.config.fall} timeouts={n}")
                               for _ in self.backends]
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.AbstractServer | epollset.Listener | None = None
         self.own_host = b"Host: localhost\r\n"  # (the real one once listening: start)
         self._admin: asyncio.base_events.Server | None = None
         self.stop_signal = loops.StopSignal(on_force=self._abort_all)
@@ -416,11 +417,10 @@ class Proxy:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
-        self._server = await loops.create_server(self.loop, lambda: ProxyClient(self), cfg.host, cfg.port,
-                                                     backlog=4096, reuse_address=True)
+        self._server = await epollset.create_server(self.loop, lambda: ProxyClient(self), cfg.host, cfg.port, 4096)
         here = [sock.getsockname() for sock in self._server.sockets]
         for b in self.backends:  # (the connects look the name up each time: a name that moves is followed)
-            if any(is_listener(here, *found) for found in lookup(b.name, b.spec.host, b.spec.port)):
+            if any(is_listener(here, *found) for found in epollset.lookup(b.name, b.spec.host, b.spec.port)):
                 raise ConfigError(f"backend {b.name} ({host_port(b.spec.host, b.spec.port)}) is lb.py's own "
                                   f"address: it would send its requests back to itself")
         host = cfg.host.encode("idna")

@@ -2,14 +2,17 @@
 single descriptor (``add_reader`` on the epoll descriptor), the way HAProxy
 and nginx drive their sockets.
 
-Why the balancer has it: its connections cost less here than as asyncio
-transports. A transport needs a protocol object and, in uvloop,
-``getsockname``/``getpeername`` on every socket and an epoll change whenever
-reading pauses; a backend connection also a ``create_connection`` task and its
-futures. With one connection per message behind three echo servers, the
-balancer's own (user) CPU per connection came to 45-56 us on transports and
-22-26 us here in ``--mode tcp``; HAProxy's is 7-11 us. A raw socket here costs
-``socket``, ``connect``, one ``epoll_ctl`` and a state change.
+Why the balancer and the async HTTP server have it: their connections cost
+less here than as asyncio transports. A transport needs a protocol object
+and, in uvloop, ``getsockname``/``getpeername`` on every socket and an epoll
+change whenever reading pauses; a backend connection also a
+``create_connection`` task and its futures. With one connection per message
+behind three echo servers, the balancer's own (user) CPU per connection came
+to 45-56 us on transports and 22-26 us here in ``--mode tcp``; HAProxy's is
+7-11 us. A raw socket here costs ``socket``, ``connect``, one ``epoll_ctl``
+and a state change. The async HTTP server keeps its ``asyncio.Protocol`` and
+runs it on a ``SocketTransport``: with ``ab -n 20000 -c 10`` (a connection
+per request) its CPU per request went from 60 to 48 us, nginx's is 38-40.
 
 What is here: ``EpollSet`` (the set and its dispatch), ``Listener`` (accepts),
 ``Stream`` (a connected socket with a write buffer and water marks),
@@ -31,13 +34,17 @@ import errno
 import select
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import _socket
 
-from ..config import ConfigError
-from ..linger import LINGER_BYTES, LINGER_SECONDS
-from ..sockets import linger_room, local_shortage
-from .pool import Backend
+from . import loops
+from .config import ConfigError
+from .linger import LINGER_BYTES, LINGER_SECONDS
+from .sockets import linger_room, local_shortage
+
+if TYPE_CHECKING:
+    from .balancer.pool import Backend
 
 IN, OUT, RDHUP, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP, select.EPOLLERR, select.EPOLLHUP
 WATCH = IN | OUT | RDHUP | select.EPOLLET
@@ -154,19 +161,27 @@ class Listener:
         self.sockets: list[socket.socket] = []  # empty once closed
 
     def listen(self, host: str, port: int, backlog: int) -> Listener:
-        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                       flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        """Listen on every address ``host`` resolves to (``localhost``: 127.0.0.1
+        and ::1), as asyncio's ``create_server``; an IPv6 socket takes IPv6 only."""
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
+            for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((sockaddr[0], port, *sockaddr[2:]))
+                port = sock.getsockname()[1]  # (port 0: the kernel's choice, then the same for every address)
+                sock.listen(backlog)
+                sock.setblocking(False)
         except OSError:
-            sock.close()
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
             raise
-        sock.setblocking(False)
-        self.sockets = [sock]
-        self.events.watch(sock, self._accept, IN)
+        for sock in self.sockets:
+            self._watch(sock)
         return self
 
     def close(self) -> None:
@@ -175,8 +190,10 @@ class Listener:
             self.events.drop(sock)
         self.sockets = []
 
-    def _accept(self, ev: int) -> None:
-        listener = self.sockets[0]
+    def _watch(self, sock: socket.socket) -> None:
+        self.events.watch(sock, lambda ev: self._accept(sock), IN)
+
+    def _accept(self, listener: socket.socket) -> None:
         accept = listener._accept  # type: ignore[attr-defined]  # the descriptor alone: no socket.socket
         on_accept = self.on_accept
         family = listener.family
@@ -188,7 +205,7 @@ class Listener:
             except OSError as exc:
                 if local_shortage(exc):
                     self.events.unwatch(listener)
-                    self.events.loop.call_later(ACCEPT_PAUSE, self._resume)
+                    self.events.loop.call_later(ACCEPT_PAUSE, self._resume, listener)
                 return
             # Type and protocol given: with a descriptor alone, the socket object
             # asks the kernel for them (two getsockopt calls per connection).
@@ -197,9 +214,23 @@ class Listener:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers go out as they come
             on_accept(sock, peer)
 
-    def _resume(self) -> None:
-        if self.sockets:
-            self.events.watch(self.sockets[0], self._accept, IN)
+    def _resume(self, listener: socket.socket) -> None:
+        if listener in self.sockets:
+            self._watch(listener)
+
+
+async def create_server(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], host: str,
+                        port: int, backlog: int) -> Listener | asyncio.AbstractServer:
+    """``loop.create_server`` for the HTTP servers: each connection's protocol
+    (``factory()``) on a SocketTransport that closes at once after a complete
+    answer; on a system without epoll, on the loop's own transports."""
+    if not hasattr(select, "epoll"):
+        return await loops.create_server(loop, factory, host, port, backlog=backlog, reuse_address=True)
+    events = EpollSet(loop)
+
+    def accepted(sock: _socket.socket, peer: tuple) -> None:
+        SocketTransport(events, sock, peer, factory(), lingers=False).start()
+    return Listener(events, accepted).listen(host, port, backlog)
 
 
 def linger_close(events: EpollSet, sock: _socket.socket) -> None:
@@ -367,15 +398,26 @@ class Stream:
 class SocketTransport(Stream, asyncio.Transport):
     """An accepted socket driving an ``asyncio.Protocol`` as asyncio's own
     transports do, for the part of the interface the balancer's message mode
-    uses: ``write`` with water marks (``pause_writing``/``resume_writing``),
-    ``pause_reading``/``resume_reading``, ``close`` once the buffer is out,
-    ``abort``, ``get_extra_info("peername")``; the protocol's
-    ``connection_lost`` comes soon after, never inside the call that closed."""
+    and the async HTTP server use: ``write`` with water marks
+    (``pause_writing``/``resume_writing``), ``get_write_buffer_size``,
+    ``pause_reading``/``resume_reading``, ``write_eof`` once the buffer is out
+    (reading goes on), ``close`` once the buffer is out, ``abort``,
+    ``get_extra_info("peername")`` and ``("socket")``; the protocol's ``connection_lost`` comes
+    soon after, never inside the call that closed.
 
-    def __init__(self, events: EpollSet, sock: _socket.socket, peer: tuple, protocol: asyncio.Protocol) -> None:
+    ``lingers``: whether ``close`` lingers (``linger_close``) when the peer has
+    not sent its EOF yet. The balancer's message mode does, for its ERR lines;
+    the HTTP server closes at once after a complete answer, as nginx and
+    uvloop's transports do, and lingers by itself after an error answer
+    (``linger.Linger``, through ``write_eof``)."""
+
+    def __init__(self, events: EpollSet, sock: _socket.socket, peer: tuple, protocol: asyncio.Protocol,
+                 lingers: bool = True) -> None:
         Stream.__init__(self, events, sock)
-        self._extra = {"peername": peer}
+        self._extra = {"peername": peer, "socket": sock}
         self.protocol = protocol
+        self.lingers = lingers
+        self.shut = False  # write_eof: the FIN goes once the buffer is out
 
     def start(self) -> None:
         self.events.watch(self.sock, self.on_event)
@@ -400,6 +442,27 @@ class SocketTransport(Stream, asyncio.Transport):
     def flushed(self) -> None:
         if self.closing:
             self.finish(None, linger=True)
+        elif self.shut:
+            self.shutdown()
+
+    def write_eof(self) -> None:
+        if self.shut or self.closing:
+            return
+        self.shut = True
+        if not self.out:
+            self.shutdown()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # (gone already)
+            self.failed(exc)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.out)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self.high = HIGH_WATER if high is None else high
@@ -424,7 +487,7 @@ class SocketTransport(Stream, asyncio.Transport):
         the connection before it has read the last answer."""
         if self.closed:
             return  # connection_lost is on its way already
-        if linger and not self.eof:
+        if linger and not self.eof and self.lingers:
             self.closed = self.closing = True
             linger_close(self.events, self.sock)
         else:
