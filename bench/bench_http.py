@@ -113,7 +113,8 @@ def main() -> int:
             ("threaded vs async, no keep-alive", k_close, "threaded", "async", 0.4),
             ("threaded vs async, ab -k", k_keep, "threaded", "async", 0.4),
             ("lb vs HAProxy, no keep-alive", k_close, "lb", "haproxy", 1.0),
-            ("lb vs HAProxy, ab -k", k_keep, "lb", "haproxy", 1.0)):
+            ("lb vs HAProxy, ab -k", k_keep, "lb", "haproxy", 1.0),
+            ("lb vs HAProxy, wrk", k_wrk, "lb", "haproxy", 1.0)):
         r = ratio(key, a, b)
         if r is not None:
             verdicts.append({"what": what, "ratio": round(r, 3), "target": goal,
