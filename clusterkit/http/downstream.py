@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from .. import logs
 from ..linger import Linger, turn_away
+from ..balancer.pool import connect_failure
 from ..sockets import local_shortage
 from .core import CONTINUE, HttpError, Request, RequestParser, error_response
 from .upstream import BackendAnswer, BackendConn, BackendDown, BadGateway
@@ -105,7 +106,7 @@ class Exchange:
                 self.timed_out = b  # (504 if no backend is left, as nginx's for a connect timeout)
                 self.proxy.connect_timed_out(b)
             else:
-                self.proxy.mark(b, False, f"connect {type(exc).__name__}")
+                self.proxy.mark(b, False, connect_failure(exc))
             self.next_backend()
             return
         b.connect_timeouts = 0
@@ -175,7 +176,7 @@ class Exchange:
         b.failures += 1
         if isinstance(exc, TimeoutError):
             self.timed_out = b  # (504 if no backend is left)
-            self.proxy.mark(b, False, "response timeout")
+            self.proxy.mark(b, False, "response-timeout")
         elif lost:
             self.broke = b  # (502 if no backend is left)
             self.proxy.suspect(b, type(exc).__name__)

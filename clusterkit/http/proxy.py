@@ -208,7 +208,7 @@ class Proxy:
                 async with asyncio.timeout(min(cfg.connect_timeout, cfg.check_interval)):
                     reader, writer = await asyncio.open_connection(b.spec.host, b.spec.port)
             except TimeoutError:
-                return False, "check connect timeout"
+                return False, "check connect-timeout"
             async with asyncio.timeout(cfg.check_timeout):
                 writer.write(request)
                 status_line = await reader.readline()
@@ -216,8 +216,10 @@ class Proxy:
                 return ok, "check passed" if ok else f"check answered {status_line[:40]!r}"
         except TimeoutError:
             return False, "check timeout"
-        except OSError as exc:
-            return False, f"check {type(exc).__name__}"
+        except OSError as exc:  # (the words of Load_Balancer.py's checks)
+            if isinstance(exc, ConnectionRefusedError):
+                return False, "check refused"
+            return False, f"check {(exc.strerror or 'error').lower().replace(' ', '-')}"
         except ValueError:  # a status line over asyncio's 64 KiB: no HTTP server's
             return False, "check answered a line too long"
         finally:
@@ -239,7 +241,7 @@ class Proxy:
             if b.connect_timeouts >= self.config.fall:
                 said.flush(now=True)  # the one that takes it down, before the down line: no more come
         if b.connect_timeouts >= self.config.fall:
-            self.mark(b, False, f"connect timeout ({b.connect_timeouts} in a row)")
+            self.mark(b, False, f"connect-timeout ({b.connect_timeouts} in a row)")
 
     def suspect(self, b: BackendState, failure: str) -> None:
         """A connection to ``b`` broke (``failure``): check it now, and mark it down
