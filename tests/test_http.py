@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import email.utils
+import errno
 import http.client
 import itertools
 import json
@@ -856,6 +857,34 @@ def test_a_pool_the_machine_cannot_start_is_said_before_listening(monkeypatch, l
     try:
         with pytest.raises(ThreadLimit, match="--pool 5: this machine let only 2 threads start"):
             server.start_pool()
+    finally:
+        server.sock.close()
+
+
+def test_a_threaded_connection_whose_first_setsockopt_fails_is_closed_and_uncounted(log_dir):
+    """The socket timeouts were set before the handler's try: a connection whose
+    setsockopt failed (EBADF, ENOMEM) stayed among the active ones and in the
+    client count for good, a slot of the open-files limit lost per failure."""
+    from clusterkit import logs
+    from clusterkit.http.config import HttpServerConfig
+    from clusterkit.http.threaded import ThreadedHttpServer
+    server = ThreadedHttpServer(HttpServerConfig(port=0, log_dir=str(log_dir)),
+                                logs.EventLog("t", None, logging.CRITICAL))
+
+    class Failing:
+        closed = False
+
+        def setsockopt(self, *args):
+            raise OSError(errno.ENOMEM, "no memory")
+
+        def close(self):
+            self.closed = True
+
+    try:
+        conn = Failing()
+        server.clients = 1  # (counted at its accept)
+        server._handle(conn, "127.0.0.1")  # type: ignore[arg-type]
+        assert conn.closed and server.clients == 0 and not server.active
     finally:
         server.sock.close()
 

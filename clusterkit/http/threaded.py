@@ -412,12 +412,13 @@ class ThreadedHttpServer:
         if turn is None:
             parser = RequestParser(limits)
             idle_since = time.monotonic() if accepted is None else accepted
-            # A blocked send returns this often, for _send to look at the clock.
-            kernel_timeouts(conn, current, send=limits.keepalive_timeout / SEND_CHECKS)
         else:
             parser, idle_since = turn
         requeued = lingering = False  # requeued: in the queue or the poller's, no longer this thread's
         try:
+            if turn is None:  # (in the try: a connection reset already fails here, and is closed and counted)
+                # A blocked send returns this often, for _send to look at the clock.
+                kernel_timeouts(conn, current, send=limits.keepalive_timeout / SEND_CHECKS)
             while not self.stopping.is_set():
                 # Between requests: the keep-alive timeout; within a head: what is left of the
                 # header timeout (a pool connection's are the poller's). Changing it is a
