@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -619,9 +620,10 @@ def test_backend_that_does_not_speak_the_protocol_is_failed_over(procs, log_dir)
     assert "from=junk reason=bad-reply" in log
 
 
-def _odd_backend(answer):
+def _odd_backend(answer, late: Callable[[list[bytes]], bytes] | None = None):
     """A listening backend (close it at the end) that answers the messages of each
-    read with ``answer(messages)``: the bytes to send, and whether to close then.
+    read with ``answer(messages)``: the bytes to send, and whether to close then;
+    ``late(messages)``, bytes it sends LATE seconds after (its client gone by then).
     Each connection in a thread."""
     server = socket.create_server(("127.0.0.1", 0))
 
@@ -633,6 +635,9 @@ def _odd_backend(answer):
                 *lines, buf = buf.split(b"\n")
                 out, close = answer(lines)
                 conn.sendall(out)
+                if late is not None and lines:
+                    time.sleep(LATE)
+                    conn.sendall(late(lines))
                 if close:
                     return
 
@@ -646,6 +651,9 @@ def _odd_backend(answer):
 
     threading.Thread(target=accept, daemon=True).start()
     return server
+
+
+LATE = 0.5
 
 
 def _pair(name: bytes, m: bytes) -> bytes:
@@ -681,6 +689,30 @@ def test_a_backend_that_answers_twice_is_failed_over_and_no_answer_comes_twice(p
         alone.wait_state("double", ("DOWN",))
     finally:
         double.close()
+
+
+def test_a_copy_of_an_answer_after_its_client_left_marks_the_backend_down(procs, log_dir):
+    """The second copy of the last answer came after the client had gone, on the
+    backend connection kept idle for the next client: it was dropped with the
+    connection, unblamed, and the backend stayed up (the test above failed so
+    when its client's close came first). It is an answer nobody asked for: the
+    backend's fault, as when it comes with the client still there."""
+    late = _odd_backend(lambda lines: (b"".join(_pair(b"late", m) for m in lines), False),
+                        late=lambda lines: b"".join(_pair(b"late", m) for m in lines))
+    try:
+        ports = cluster.free_ports(2)
+        alone = Cluster(procs, log_dir)
+        alone.admin_port = ports[1]
+        alone.lb = procs.start(balancer_process(ports[0], [f"late=127.0.0.1:{late.getsockname()[1]}"],
+                                                "--check-interval", "30", admin_port=ports[1], log_dir=str(log_dir)))
+        assert one_message(alone.port, b"once") == _pair(b"late", b"once")  # (its client gone before the copy)
+        alone.wait_state("late", ("DOWN",))
+        deadline = time.monotonic() + 10  # (the log is written in batches)
+        while "code=unasked-answer backend=late" not in (log := (log_dir / "server_log.log").read_text()):
+            assert time.monotonic() < deadline, log[-2000:]
+            time.sleep(0.05)
+    finally:
+        late.close()
 
 
 @pytest.mark.parametrize("broken", ["ack-length", "ack-name", "notice-always"])

@@ -76,6 +76,20 @@ length alone, a client's 2-byte messages held 75 MB per connection under the
 4 MiB limit."""
 
 
+def is_notice(stray: bytes) -> bool:
+    """Whether bytes a backend sent with nothing due are a notice about the
+    connection (its idle close, its stop, busy), or the start of one."""
+    first = stray.split(b"\n", 1)[0]
+    return first in CONNECTION_NOTICES or (b"\n" not in stray and any(n.startswith(first) for n in CONNECTION_NOTICES))
+
+
+def unasked_answer(app: Balancer, backend: Backend, conn_id: int | str) -> None:
+    """A backend answered what nobody asked (a second copy of an answer): broken."""
+    if app.elog.warning:
+        app.elog.line("WARNING", f"event=error conn={conn_id} code=unasked-answer backend={backend.name}")
+    app.pool.traffic_error(backend, "bad-reply")
+
+
 class BackendSide(Stream):
     """The balancer's connection to one backend, on behalf of one client: past
     ``write_high_water`` unsent, the client is not read; it is again at a
@@ -87,6 +101,7 @@ class BackendSide(Stream):
                  attempts: int) -> None:
         super().__init__(events, sock, client.config.write_high_water)
         self.client = client
+        self.app = client.app
         self.backend = backend
         self.attempts = attempts  # backends tried before this one, for this connect
         self.connecting = True
@@ -115,6 +130,8 @@ class BackendSide(Stream):
         client = self.client
         if client is None:  # idle: the server's idle notice, or worse; no client's answer
             self.drop()
+            if not is_notice(data):  # (a copy of the last answer that came after its client left)
+                unasked_answer(self.app, self.backend, "-")
             return
         self.fresh = False  # (a notice about the connection, first or later: ClientSide.backend_notice)
         client.backend_data(data)
@@ -504,17 +521,11 @@ class ClientSide(asyncio.Protocol):
         """Bytes from the backend with every message answered: its connection goes.
         A second copy of the last answer, or anything but a notice about the
         connection (a server's idle notice), is a broken backend's, and blamed."""
-        stray = bytes(self.inbuf)
-        first = stray.split(b"\n", 1)[0]
-        notice = first in CONNECTION_NOTICES or (
-            b"\n" not in stray and any(n.startswith(first) for n in CONNECTION_NOTICES))
+        notice = is_notice(bytes(self.inbuf))
         backend = self.backend
         self.fail_over("unasked")  # (nothing pending: only the connection goes)
         if not notice and backend is not None:
-            if self.elog.warning:
-                self.elog.line("WARNING", f"event=error conn={self.conn_id} code=unasked-answer "
-                                          f"backend={backend.name}")
-            self.app.pool.traffic_error(backend, "bad-reply")
+            unasked_answer(self.app, backend, self.conn_id)
 
     def backend_notice(self, notice: bytes) -> None:
         """The backend said, where an answer was due, what becomes of the connection:
