@@ -17,8 +17,9 @@ per request) its CPU per request went from 60 to 48 us, nginx's is 38-40.
 What is here: ``EpollSet`` (the set and its dispatch), ``Listener`` (accepts),
 ``Stream`` (a connected socket with a write buffer and water marks),
 ``SocketTransport`` (a Stream that drives an ``asyncio.Protocol``),
-``linger_close`` (the end of a connection that was refused or cut short), and
-the backend helpers (``resolve``, ``start_connect``).
+``linger_close`` (the end of a connection that was refused or cut short),
+``create_server`` (the HTTP servers' listener: a protocol per connection on a
+SocketTransport), and the backend helpers (``resolve``, ``start_connect``).
 
 Sockets are registered once, edge-triggered, for reading and writing
 (``WATCH``), and never modified: their owners read until a read comes back
@@ -451,9 +452,6 @@ class SocketTransport(Stream, asyncio.Transport):
         self.shut = True
         if not self.out:
             self.shutdown()
-
-    def can_write_eof(self) -> bool:
-        return True
 
     def shutdown(self) -> None:
         try:

@@ -31,6 +31,14 @@ NO_VERDICT = "local-shortage"
 is not to blame, and the check counts neither way (as the relays' connects)."""
 
 
+def os_failure(exc: OSError) -> str:
+    """A failed check's reason for an OSError: ``refused``, else its strerror in
+    words joined by hyphens (``connection-reset-by-peer``); lb.py's checks say the same."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    return (exc.strerror or "error").lower().replace(" ", "-")
+
+
 async def check_once(backend: Backend, timeout: float, kind: str = "message",
                      connect_timeout: float | None = None) -> str | None:
     """None when the backend answered correctly (with ``kind="connect"``: accepted
@@ -62,14 +70,12 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message",
                     return None if first.matches(CHECK_MESSAGE) else "bad-reply"
     except TimeoutError:
         return "timeout"
-    except ConnectionRefusedError:
-        return "refused"
     except ProtocolError:
         return "bad-reply"
     except OSError as exc:
         if local_shortage(exc):
             return NO_VERDICT
-        return (exc.strerror or "error").lower().replace(" ", "-")
+        return os_failure(exc)
     finally:
         if writer is not None:
             writer.transport.abort()

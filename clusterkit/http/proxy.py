@@ -74,6 +74,7 @@ import time
 from collections import deque
 
 from .. import admin, epollset, logs, loops
+from ..balancer.health import os_failure
 from ..balancer.pool import LatencyHistogram
 from ..config import ConfigError
 from ..sockets import client_room, descriptor_room, host_port, is_listener, linger_room
@@ -216,10 +217,8 @@ class Proxy:
                 return ok, "check passed" if ok else f"check answered {status_line[:40]!r}"
         except TimeoutError:
             return False, "check timeout"
-        except OSError as exc:  # (the words of Load_Balancer.py's checks)
-            if isinstance(exc, ConnectionRefusedError):
-                return False, "check refused"
-            return False, f"check {(exc.strerror or 'error').lower().replace(' ', '-')}"
+        except OSError as exc:
+            return False, f"check {os_failure(exc)}"
         except ValueError:  # a status line over asyncio's 64 KiB: no HTTP server's
             return False, "check answered a line too long"
         finally:
