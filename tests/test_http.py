@@ -1034,6 +1034,7 @@ def test_each_client_gets_its_own_version_and_connection_mode_when_the_answer_re
             assert data.endswith((WWW / "page.html").read_bytes())
         head_only = exchange(lb.port, b"HEAD /page.html HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert head_only.endswith(b"\r\n\r\n") and b"<html" not in head_only
+        assert b"\r\nContent-Length: %d\r\n" % len((WWW / "page.html").read_bytes()) in head_only, head_only
 
 
 def _answer_one_request(conn: socket.socket) -> bool:

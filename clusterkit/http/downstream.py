@@ -232,7 +232,7 @@ class ProxyClient(asyncio.Protocol):
         self.exchange: Exchange | None = None  # the request on its way (one at a time, in order)
         self.starting = False  # in _next, which goes on to the next request itself
         self.eof = False  # the client is done sending (a half-close): close once all is answered
-        self.last_key: tuple | None = None  # the last request's target and headers,
+        self.last_key: tuple | None = None  # the last request's method, target, version and headers,
         self.last_data = b""  # and what went to the backend for it
         self.paused_since = 0.0  # when the client stopped reading its answers (0: it reads)
         self.buffered = 0  # while paused: what was unsent at the last sweep (less now: it read)
@@ -325,9 +325,9 @@ class ProxyClient(asyncio.Protocol):
     def backend_request(self, req: Request) -> bytes:
         """What goes to the backend for ``req`` (``Proxy._backend_request``, which may
         raise ``HttpError``). A client that repeats its last request (as load tools
-        do) has the same bytes again: they depend on its target and header fields
-        alone (and the client's address), all in the key."""
-        key = (req.target, req.headers)
+        do) has the same bytes again: they depend on its method, target, version
+        and header fields alone (and the client's address), all in the key."""
+        key = (req.method, req.target, req.version, req.headers)
         if key != self.last_key:
             self.last_key, self.last_data = key, self.proxy._backend_request(req, self.peer)
         return self.last_data

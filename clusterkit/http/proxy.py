@@ -46,9 +46,10 @@ and a client's repeated request likewise (``core.RequestParser``). Under
 Its clients' connections are raw sockets in one epoll set, as the async
 server's (``epollset.create_server``); its backend connections are the loop's.
 
-HEAD is forwarded as GET and the body counted, not kept: httptools' response
-parser cannot be told that an answer has no body, and this keeps framing
-exact.
+A HEAD is forwarded as a HEAD, as nginx and HAProxy forward it; its answer
+ends with its head (``BackendConn.on_headers_complete``), and the client gets
+the backend's ``Content-Length``. A backend that sends a body after it loses
+that connection, whose next answer those bytes would begin.
 
 A long answer (past ``STREAM_AFTER``) is streamed: its head goes to the client
 with the backend's ``Content-Length`` (or chunked, or close-delimited for an
@@ -95,7 +96,6 @@ VIA = b"1.1 clusterkit-lb"
 """The balancer's entry, appended to the ``Via`` it received (RFC 9110 7.6.3), both ways;
 ``VIA_10`` on the request of an HTTP/1.0 client."""
 VIA_10 = b"1.0 clusterkit-lb"
-RANGE_FIELDS = (b"range", b"if-range")
 
 
 def connection_named(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
@@ -292,15 +292,12 @@ class Proxy:
         forwarded: list[bytes] | None = None  # the X-Forwarded-For and Via values received, if any
         via: list[bytes] | None = None
         named: set[bytes] | None = None  # other fields the Connection header names
-        head = req.method == b"HEAD"
         for k, v in req.headers:
             lk = k.lower()
             if lk in HOP_BY_HOP:
                 if lk == b"connection":
                     named = connection_named(v, named)
                 continue
-            if head and lk in RANGE_FIELDS:
-                continue  # a HEAD goes as a GET: its Range would make the answer a 206 (RFC 9110 14.2)
             if lk == b"x-forwarded-for":
                 if v:
                     forwarded = [v] if forwarded is None else forwarded + [v]
@@ -324,8 +321,8 @@ class Proxy:
         # (keep-alive is HTTP/1.1's default: no Connection header, one header less to parse)
         target = req.target
         ours = VIA if req.version == "1.1" else VIA_10  # the version received (RFC 9110 7.6.3)
-        data = (b"GET %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nVia: %s\r\n\r\n"
-                % (target, b"".join(lines), xff, ours if via is None else b", ".join(via + [ours])))
+        data = (b"%s %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nVia: %s\r\n\r\n"
+                % (req.method, target, b"".join(lines), xff, ours if via is None else b", ".join(via + [ours])))
         if len(data) > self.short and (len(data) - len(target) > self.bytes_room or len(lines) > self.fields_room):
             raise HttpError(431, "request headers too large with X-Forwarded-For and Via added")
         return data
@@ -341,7 +338,8 @@ class Proxy:
             return last[5]
         status = answer.status
         # No Content-Length for a 204 or 304 (RFC 9110 8.6): a 304's would have to be the 200's.
-        length = b"" if status in (204, 304) else b"Content-Length: %d\r\n" % answer.length
+        # (A HEAD's answer has the length its backend gave, if any: RFC 9110 8.6.)
+        length = b"" if status in (204, 304) or answer.length is None else b"Content-Length: %d\r\n" % answer.length
         head = self._client_head(req, status, answer.reason, answer.headers, b, length, req.keep_alive)
         out = head if req.method == b"HEAD" or status in (204, 304) else head + answer.body
         b.last_response = (answer, date, req.version, req.keep_alive, req.method, out)

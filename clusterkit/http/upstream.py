@@ -43,7 +43,7 @@ class BackendAnswer(NamedTuple):
     headers: list[tuple[bytes, bytes]]
     body: bytes  # what is left of it here (all of it unless streamed; none for HEAD)
     keep_alive: bool
-    length: int  # of the whole body
+    length: int | None  # of the whole body; a HEAD's: its Content-Length, None without one
 
 
 KNOWN_MAX = 64 * 1024
@@ -90,7 +90,8 @@ class BackendConn(asyncio.Protocol):
         self.closed = False
         self.unasked = False  # an answer began that no request was waiting for
         self.uses = 0
-        self.count_only = False  # a HEAD's answer: its body is counted, not kept
+        self.head_only = False  # the request in flight is a HEAD: its answer ends with its head
+        self.spent = False  # a HEAD's answer is complete, and the parser waits for a body that is not due
         self.paused = False  # reading stopped: a streamed answer's client reads slower than it comes
         self.waiting_since = 0.0  # the send, then the last bytes of the answer: the sweep's timeout counts from it
         self.sent_at = 0.0  # the request's send, for the backend's latency
@@ -113,7 +114,7 @@ class BackendConn(asyncio.Protocol):
     def send(self, data: bytes, owner: Exchange) -> None:
         self._reset()
         self.uses += 1
-        self.count_only = owner.req.method == b"HEAD"
+        self.head_only = owner.req.method == b"HEAD"
         self.sent_at = self.waiting_since = time.monotonic()  # the proxy's sweep enforces the response timeout
         self.owner = owner
         self.backend.busy.add(self)
@@ -134,25 +135,46 @@ class BackendConn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.head_done = True
+        if self.head_only and self.status >= 200:
+            # A HEAD's answer ends with its head, whatever its Content-Length says
+            # (RFC 9110 9.3.2); httptools cannot be told so, and would wait for that
+            # body. The answer is complete here, and the parser is replaced once
+            # feed_data returns (data_received). Keep-alive as the parser sees it:
+            # without a length the connection is not kept, which is only cautious.
+            self.between = True
+            self.completed += 1
+            self._complete(self.parser.should_keep_alive(), self._declared_length())
+            self.head_only = False
+            self.spent = True
+
+    def _declared_length(self) -> int | None:
+        for k, v in self.headers:
+            if k.lower() == b"content-length":
+                return int(v)  # (the parser has checked it)
+        return None
 
     def on_body(self, body: bytes) -> None:
+        if self.spent:  # a body after a HEAD's answer: nobody asked for it
+            self.unasked = True
+            return
         self.length += len(body)
-        if not self.count_only:
-            self.body.append(body)
-            self.held += len(body)
+        self.body.append(body)
+        self.held += len(body)
 
     def on_message_complete(self) -> None:
+        if self.spent:  # a HEAD's answer with a length of 0: complete already
+            return
         self.between = True
         self.completed += 1
         if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): the final one follows
             self._reset()
             return
-        self._complete(self.parser.should_keep_alive())
+        self._complete(self.parser.should_keep_alive(), self.length)
 
-    def _complete(self, keep_alive: bool) -> None:
+    def _complete(self, keep_alive: bool, length: int | None) -> None:
         if self.owner is not None and self.answer is None:
             self.answer = BackendAnswer(self.status, self.reason, self.headers, b"".join(self.body), keep_alive,
-                                        self.length)
+                                        length)
             self._reset()  # (what the parser reads after it goes to new lists, not into this answer)
 
     def _deliver(self) -> None:
@@ -168,7 +190,7 @@ class BackendConn(asyncio.Protocol):
         self.waiting_since = time.monotonic()  # a slow answer still coming is no timeout (nginx's read timeout)
         # The steady state under load: the answer the backend gave last, whole in one
         # read, for a GET. A third of the balancer's time per request went to parsing it.
-        alone = self.between and self.owner is not None and self.answer is None and not self.count_only
+        alone = self.between and self.owner is not None and self.answer is None and not self.head_only
         known = self.backend.known
         if alone and known is not None and known.matches(data):
             self.answer = known.answer
@@ -181,6 +203,9 @@ class BackendConn(asyncio.Protocol):
             # Garbage, or a 101 Switching Protocols nobody asked for: a broken backend.
             self._drop(BadGateway(str(exc) or type(exc).__name__))
             return
+        if self.spent:  # a HEAD's answer ended its head: a new parser for the next answer
+            self.spent = False
+            self.parser = httptools.HttpResponseParser(self)
         if self.unasked:
             # An answer no request was waiting for (on an idle connection, or after the
             # answer in the same read): left in the pool, it would pass for the answer to
@@ -232,7 +257,7 @@ class BackendConn(asyncio.Protocol):
         if exc is None and self.owner is not None and self.head_done and self._ends_at_close():
             # A body without Content-Length or chunked framing ends where the connection
             # does (RFC 9112 6.3): the close completes it, as HTTP/1.0 servers and CGI answer.
-            self._complete(False)
+            self._complete(False, self.length)
             self._deliver()
             return
         self._fail(ConnectionResetError("backend closed the connection"))
