@@ -37,12 +37,15 @@ def run_json(*args: str, log_dir, tmp_path, name: str = "out.json") -> tuple[dic
     return json.loads(path.read_text())["runs"][0], proc
 
 
-def wait_answered(log_dir, timeout: float = 30) -> None:
+def wait_answered(log_dir, timeout: float = 30, balanced: bool = False) -> None:
     """Until the echo server has answered the load tool (its log, written in batches,
-    has a message line): the run is under way, its signal handlers in place."""
+    has a message line): the run is under way, its signal handlers in place.
+    ``balanced``: through a balancer, whose health checks are messages too: until
+    it has logged a client's connection that had a message answered."""
     server_log = log_dir / "server_log.log"
+    answered = re.compile(r"event=session .* messages=[1-9]" if balanced else r"event=message ")
     deadline = time.monotonic() + timeout
-    while not server_log.exists() or "event=message " not in server_log.read_text():
+    while not server_log.exists() or not answered.search(server_log.read_text()):
         assert time.monotonic() < deadline, "the run never got an answer"
         time.sleep(0.05)
 
@@ -915,7 +918,7 @@ def test_ctrl_c_at_a_terminal_fails_no_request_of_a_spawned_run(log_dir, tmp_pat
         process_group=0)  # (as a shell runs a command in the foreground)
     children: list = []
     try:
-        wait_answered(log_dir, timeout=60)
+        wait_answered(log_dir, timeout=60, balanced=True)  # (the checks answered before the run began)
         children = psutil.Process(proc.pid).children(recursive=True)
         time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)
