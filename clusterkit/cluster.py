@@ -196,10 +196,34 @@ class ProcessGroup:
                     pass
 
     def __enter__(self) -> ProcessGroup:
+        self._before = exit_on_stop_signals()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            for sig, handler in self._before.items():
+                signal.signal(sig, handler)
+
+
+def exit_on_stop_signals() -> dict[int, object]:
+    """SIGTERM and SIGHUP, where they would end the program on the spot (their
+    default), end it as Ctrl-C does: by an exception, so that the blocks it is in
+    unwind and a ProcessGroup stops what it started. Killed by ``timeout`` (or a
+    closed terminal), a benchmark left nginx, HAProxy and its servers running.
+    Returns the handlers replaced, to put back. (Main thread only.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    before = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            before[sig] = signal.signal(sig, _exit_by_signal)
+    return before
+
+
+def _exit_by_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def python_script(script: str, *args: str) -> list[str]:
