@@ -5,7 +5,8 @@ tests all start real processes on free loopback ports and must always stop
 them. ``Process`` wraps one child: it waits until its port accepts
 connections, and ``stop()`` sends SIGTERM, waits, then SIGKILLs *that PID*
 (never a process found by name). ``ProcessGroup`` stops everything it started,
-in reverse order, even when the caller fails.
+in reverse order, even when the caller fails, or is ended by Ctrl-C, SIGTERM or
+SIGHUP (``exit_on_stop_signals``).
 
 What it is not: a supervisor. Nothing is restarted unless the caller asks.
 """
