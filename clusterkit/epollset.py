@@ -192,12 +192,12 @@ class Listener:
         self.sockets = []
 
     def _watch(self, sock: socket.socket) -> None:
-        self.events.watch(sock, lambda ev: self._accept(sock), IN)
+        family = sock.family  # (looked up once: the property makes an enum on every call)
+        self.events.watch(sock, lambda ev: self._accept(sock, family), IN)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, family: int) -> None:
         accept = listener._accept  # type: ignore[attr-defined]  # the descriptor alone: no socket.socket
         on_accept = self.on_accept
-        family = listener.family
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, peer = accept()

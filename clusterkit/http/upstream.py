@@ -141,9 +141,7 @@ class BackendConn(asyncio.Protocol):
             # body. The answer is complete here, and the parser is replaced once
             # feed_data returns (data_received). Keep-alive as the parser sees it:
             # without a length the connection is not kept, which is only cautious.
-            self.between = True
-            self.completed += 1
-            self._complete(self.parser.should_keep_alive(), self._declared_length())
+            self._ended(self._declared_length())
             self.head_only = False
             self.spent = True
 
@@ -164,12 +162,16 @@ class BackendConn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.spent:  # a HEAD's answer with a length of 0: complete already
             return
+        self._ended(self.length)
+
+    def _ended(self, length: int | None) -> None:
+        """The parser is past an answer (a HEAD's: past its head) whose body is ``length`` long."""
         self.between = True
         self.completed += 1
         if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): the final one follows
             self._reset()
             return
-        self._complete(self.parser.should_keep_alive(), self.length)
+        self._complete(self.parser.should_keep_alive(), length)
 
     def _complete(self, keep_alive: bool, length: int | None) -> None:
         if self.owner is not None and self.answer is None:
