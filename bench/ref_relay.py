@@ -45,6 +45,7 @@ def main(port: int, backends: list[tuple[str, int]]) -> None:
                     backend = _socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                     for s in (client, backend):
                         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    backend.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as clusterkit/sockets.py says
                     turn = (turn + 1) % len(backends)
                     backend.connect_ex(backends[turn])
                     other[cfd] = (client, backend)

@@ -53,7 +53,8 @@ def listen_error(program: str, host: str, port: int, exc: OSError) -> Fatal:
         why = "the port is already in use"
         if 32768 <= port <= 60999:
             why += (" (by another program, or, as it lies in Linux's ephemeral range 32768-60999, by"
-                    " TIME_WAIT sockets of outgoing connections, which hold it for a minute after a load test)")
+                    " TIME_WAIT sockets of another program's outgoing connections, which hold it for a minute after a"
+                    " load test)")
         else:
             why += " by another program"
     elif exc.errno == errno.EACCES:

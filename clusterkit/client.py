@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from .protocol import DEFAULT_MAX_LINE, ProtocolError, Response, ResponseParser, message_line
-from .sockets import host_port
+from .sockets import connect_any, host_port
 
 _ns = time.perf_counter_ns
 
@@ -90,18 +90,7 @@ class Client:
 
     def _open(self) -> socket.socket:
         """``socket.create_connection`` without its name lookup (done before the clock starts)."""
-        error: OSError | None = None
-        for family, kind, proto, _, address in self._resolve():
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.settimeout(self.timeout)
-                sock.connect(address)
-                return sock
-            except OSError as exc:
-                sock.close()
-                error = exc
-        assert error is not None
-        raise error
+        return connect_any(self._resolve(), self.timeout)
 
     def connect(self) -> float:
         """Open the connection; returns the connect time in ms: the TCP connect's

@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .sockets import create_connection
+
 ROOT = Path(__file__).resolve().parent.parent
 """The repository (where the top-level scripts live)."""
 
@@ -58,7 +60,7 @@ def wait_listening(host: str, port: int, timeout: float = 10.0, proc: subprocess
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.pid} exited with code {proc.returncode} before listening on {port}")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            with create_connection(host, port, 0.5):
                 return
         except OSError:
             if time.monotonic() > deadline:

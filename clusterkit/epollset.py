@@ -42,7 +42,7 @@ import _socket
 from . import loops
 from .config import ConfigError
 from .linger import LINGER_BYTES, LINGER_SECONDS
-from .sockets import linger_room, local_shortage
+from .sockets import linger_room, local_shortage, outgoing
 
 if TYPE_CHECKING:
     from .balancer.pool import Backend
@@ -128,7 +128,7 @@ def start_connect(address: tuple[int, tuple]) -> tuple[_socket.socket | None, in
     """A non-blocking connect begun: the socket (None on failure) and the errno
     (0 or EINPROGRESS when under way). Raises OSError when no socket can be made."""
     family, sockaddr = address
-    sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = outgoing(_socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
     code = sock.connect_ex(sockaddr)
     if code and code != errno.EINPROGRESS:
         sock.close()

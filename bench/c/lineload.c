@@ -82,6 +82,9 @@ static int open_conn(struct conn *c) {
     if (fd < 0) return -1;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* Its TIME_WAIT (this side closes first) then keeps no server from binding
+       the local port: see clusterkit/sockets.py. */
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     int r = connect(fd, (struct sockaddr *)&addr, sizeof addr);
     if (r < 0 && errno != EINPROGRESS) { close(fd); return -1; }
     c->fd = fd;

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 
 from ..protocol import ProtocolError, ResponseParser
-from ..sockets import local_shortage
+from ..sockets import local_shortage, open_socket
 from .pool import Backend, Pool
 
 CHECK_MESSAGE = b"health-check"
@@ -50,7 +50,8 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message",
         host, port = backend.address[1][:2] if backend.address else (backend.host, backend.port)
         try:
             async with asyncio.timeout(timeout if connect_timeout is None else connect_timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(sock=await open_socket(asyncio.get_running_loop(),
+                                                                                       host, port))
         except TimeoutError:
             return "connect-timeout"
         if kind == "connect":

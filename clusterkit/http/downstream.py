@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .. import logs
 from ..linger import Linger, turn_away
 from ..balancer.pool import connect_failure
-from ..sockets import local_shortage
+from ..sockets import local_shortage, open_socket
 from .core import CONTINUE, HttpError, Request, RequestParser, error_response
 from .upstream import BackendAnswer, BackendConn, BackendDown, BadGateway
 
@@ -96,7 +96,9 @@ class Exchange:
     async def _connect(self, b: BackendState) -> None:
         try:
             async with asyncio.timeout(self.proxy.config.connect_timeout):
-                _, conn = await self.proxy.loop.create_connection(lambda: BackendConn(b), b.spec.host, b.spec.port)
+                loop = self.proxy.loop
+                sock = await open_socket(loop, b.spec.host, b.spec.port)
+                _, conn = await loop.create_connection(lambda: BackendConn(b), sock=sock)
         except (OSError, TimeoutError) as exc:
             if local_shortage(exc):  # out of descriptors here: the backend is not to blame
                 self._error(503, "the balancer is out of descriptors", "-")

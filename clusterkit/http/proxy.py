@@ -78,7 +78,7 @@ from .. import admin, epollset, logs, loops
 from ..balancer.health import os_failure
 from ..balancer.pool import LatencyHistogram
 from ..config import ConfigError
-from ..sockets import client_room, descriptor_room, host_port, is_listener, linger_room
+from ..sockets import client_room, descriptor_room, host_port, is_listener, linger_room, open_socket
 from .config import HttpBackend, ProxyConfig
 from .core import HttpError, Request, connection_options, http_date, reason_phrase
 from .downstream import ProxyClient, reset
@@ -207,7 +207,8 @@ class Proxy:
             # check timeout away, round trip, while it served its traffic).
             try:
                 async with asyncio.timeout(min(cfg.connect_timeout, cfg.check_interval)):
-                    reader, writer = await asyncio.open_connection(b.spec.host, b.spec.port)
+                    reader, writer = await asyncio.open_connection(
+                        sock=await open_socket(asyncio.get_running_loop(), b.spec.host, b.spec.port))
             except TimeoutError:
                 return False, "check connect-timeout"
             async with asyncio.timeout(cfg.check_timeout):

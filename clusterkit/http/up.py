@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import sys
 import threading
 
 from .. import cli, cluster, logs, loops
+from ..sockets import create_connection
 
 BACKEND_PORTS = (9002, 9003, 9004, 9005)
 
@@ -86,7 +86,7 @@ def _in_use(ports: list[int]) -> int | None:
     """The first of ``ports`` something already listens on (127.0.0.1), if any."""
     for port in ports:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            create_connection("127.0.0.1", port, 1).close()
         except OSError:
             continue
         return port

@@ -13,6 +13,7 @@ import heapq
 import socket
 import time
 
+from ..sockets import outgoing
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
@@ -62,7 +63,7 @@ class AsyncClient(Client, asyncio.Protocol):
         loop = self.runner.loop
         sock = None
         try:
-            sock = socket.socket(self.family, socket.SOCK_STREAM)  # (out of descriptors: the except)
+            sock = outgoing(socket.socket(self.family, socket.SOCK_STREAM))  # (out of descriptors: the except)
             sock.setblocking(False)
             async with asyncio.timeout(self.cfg.timeout):
                 await loop.sock_connect(sock, self.sockaddr)

@@ -9,7 +9,6 @@ import dataclasses
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 
 from .. import cli, logs, loops
 from ..config import MAX_SECONDS, ConfigError
-from ..sockets import host_port
+from ..sockets import create_connection, host_port
 from . import engines, metrics, report
 from .board import Board
 from .config import CONNECTIONS, ENGINES, MAX_RATE, StressConfig, rate_allowed
@@ -153,7 +152,7 @@ def preflight(cfg: StressConfig) -> tuple[int, tuple]:
     one gives the address that answered, (family, sockaddr)."""
     host, port = cfg.destination
     try:
-        with socket.create_connection((host, port), timeout=cfg.timeout) as sock:
+        with create_connection(host, port, cfg.timeout) as sock:
             return sock.family, sock.getpeername()
     except ConnectionRefusedError:
         why = "connection refused (is the server running? --spawn starts a cluster for the run)"

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from .. import loops
 from ..affinity import pin_to_core
-from ..sockets import kernel_timeouts
+from ..sockets import kernel_timeouts, outgoing
 from .board import Board, StopFlag
 from .config import StressConfig
 from .async_engine import AsyncRunner
@@ -88,7 +88,7 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 if sock is None:
                     c.connect_started = ns()
                     try:
-                        sock = socket.socket(family, socket.SOCK_STREAM)
+                        sock = outgoing(socket.socket(family, socket.SOCK_STREAM))
                         # Blocking mode with kernel timeouts: one system call per
                         # connect, recv or send (Linux bounds connect by SO_SNDTIMEO).
                         kernel_timeouts(sock, cfg.timeout, send=cfg.timeout)

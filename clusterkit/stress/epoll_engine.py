@@ -32,6 +32,7 @@ import time
 
 import _socket
 
+from ..sockets import outgoing
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
@@ -148,7 +149,7 @@ class EpollRunner:
         try:
             # The C socket type: socket.socket's Python-level __init__ and close cost
             # about a microsecond per connection.
-            sock = _socket.socket(self.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = outgoing(_socket.socket(self.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
         except OSError as exc:  # out of file descriptors
             self.connect_failed(c, connect_error(exc))
             return
