@@ -10,6 +10,7 @@ import itertools
 import queue
 import re
 import socket
+import time
 
 import pytest
 
@@ -327,3 +328,45 @@ def test_a_request_within_the_limits_never_gets_a_backends_431(setup, raw, forwa
         assert re.search(r' lb event=refused client=\S+ method=GET path=/page.html status=431 reason="request '
                          r'headers too large with X-Forwarded-For and Via added"', setup.log())
     assert "backend-down" not in setup.log()
+
+
+def _endless_head(start: bytes, sent: list):
+    """A backend that answers the checks, and a request with ``start`` and then
+    more of the same line, 64 KiB at a time (4 MiB at most, in 10 s at most);
+    ``sent`` gets how much of it went before the connection failed or it stopped."""
+
+    def answer(conn: socket.socket) -> None:
+        for head in _read_requests(conn):
+            if b" /healthz " in head.split(b"\r\n", 1)[0]:
+                conn.sendall(FIXED_ANSWER)
+                continue
+            total = 0
+            deadline = time.monotonic() + 10
+            try:
+                conn.sendall(start)
+                while total < 4 * 1024 * 1024 and time.monotonic() < deadline:
+                    conn.sendall(b"a" * 65536)
+                    total += 65536
+            finally:
+                sent.append(total)
+            return
+    return answer
+
+
+@pytest.mark.parametrize("start", [b"HTTP/1.1 200 OK\r\nX-Big: ", b"HTTP/1.1 200 "])
+def test_a_backend_answer_whose_head_never_ends_is_a_502_and_its_connection_goes(setup, start):
+    """A header field (or status line) that goes on without end: lb.py answers 502
+    once the head passes 64 KiB, and drops the backend connection, as nginx does
+    past its proxy_buffer_size; it kept all of it (15 MB a second here) and
+    answered 504 once the backend went quiet."""
+    sent: list = []
+    with fake_backend(_endless_head(start, sent)) as port:
+        lb = setup.server("lb.py", "--backend", f"fake=127.0.0.1:{port}", "--check-interval", "30",
+                          "--response-timeout", "2")
+        data = exchange(lb.port, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", timeout=30)
+        assert status_of(data) == 502, data[:200]
+        deadline = time.monotonic() + 15
+        while not sent:
+            assert time.monotonic() < deadline, "the backend connection was kept"
+            time.sleep(0.05)
+    assert sent[0] < 4 * 1024 * 1024, sent

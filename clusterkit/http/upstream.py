@@ -29,6 +29,14 @@ pace the client reads it (nginx's ``proxy_buffering`` with bounded buffers), so
 the balancer never holds a whole large answer; a failure then cuts it off."""
 
 
+MAX_ANSWER_HEAD = 64 * 1024
+"""The most bytes a backend may send of an answer's status line and header fields;
+past it the answer is a broken backend's (502), as nginx answers "upstream sent too
+big header" past its 4-8 KiB ``proxy_buffer_size``. Without a bound, a backend that
+sent an endless header field grew the balancer by 15 MB a second (httptools keeps a
+field's value whole until it ends)."""
+
+
 class BadGateway(Exception):
     pass
 
@@ -107,6 +115,7 @@ class BackendConn(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.head_done = False
+        self.head_bytes = 0  # read while the head was coming (MAX_ANSWER_HEAD)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -214,6 +223,11 @@ class BackendConn(asyncio.Protocol):
             # the next request, someone else's. The connection goes, as nginx drops it.
             self._drop(ConnectionResetError("the backend sent an answer nobody asked for"))
             return
+        if not (self.head_done or self.between):  # in the middle of an answer's head
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_ANSWER_HEAD:
+                self._drop(BadGateway(f"answer head over {MAX_ANSWER_HEAD} bytes"))
+                return
         if self.answer is not None:  # handed over here, not inside the parser's callback
             if alone and self.between and self.completed == completed + 1 and len(data) <= KNOWN_MAX:
                 self.backend.known = KnownAnswer.of(data, self.answer)
