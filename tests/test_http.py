@@ -1393,8 +1393,17 @@ def _statuses_in(data: bytes) -> list[bytes]:
 
 
 def _free_offset() -> int:
-    """An offset that makes every default HTTP port free (so the test never uses the defaults)."""
-    for offset in range(101, 1500, 37):
+    """An offset that makes every default HTTP port free (so the test never uses the defaults).
+
+    Where it can, it lifts 44444..46000 above Linux's ephemeral range: up starts seven
+    servers one after the other, and in between a connection of a test running beside
+    this one could take a port in that range as its local port (lb.py once could not
+    listen on 44582: "the port is already in use")."""
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    above = range(high + 1 - 44444, 65535 - 46000 + 1)  # every port above the range (and 9002.. below it)
+    beside = os.getpid() % 37  # two workers looking at once start at different places
+    candidates = [*above[beside::37], *range(101 + beside, 1500, 37)]
+    for offset in candidates:
         ports = [p + offset for p in (9002, 9003, 9004, 9005, 44444, 45000, 46000)]
         try:
             socks = []

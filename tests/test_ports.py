@@ -44,27 +44,34 @@ def time_waits(remote_port: int) -> set[int]:
 
 
 def assert_new_time_waits_bindable(remote_port: int, before: set[int]) -> None:
-    """Some connection to ``remote_port`` went into TIME_WAIT on our side since
-    ``before``, and a server can listen on each one's local port (up to 20; a
-    port that another socket on this machine uses too, such as another test's
-    client without SO_REUSEADDR, proves nothing either way and is left out)."""
+    """Connections to ``remote_port`` went into TIME_WAIT on our side since
+    ``before``, and a server can listen on their local ports (up to 20 tried). A
+    port that another socket on this machine uses too (another test's client
+    without SO_REUSEADDR, connected to another port from the same local port)
+    proves nothing either way and is passed over for the next that appears; one
+    port bound is enough, a bind that fails for no such reason fails the test."""
     deadline = time.monotonic() + 10
-    while not (new := time_waits(remote_port) - before):
-        assert time.monotonic() < deadline, "no connection of ours to the port closed first"
-        time.sleep(0.05)
-    bound = 0
-    for local_port in sorted(new)[:20]:
-        with socket.socket() as server:
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                server.bind(("127.0.0.1", local_port))  # EADDRINUSE: the TIME_WAIT holds it
-            except OSError:
-                if any(local == local_port and remote != remote_port for local, remote, _ in connections()):
-                    continue
-                raise
-            server.listen()
-            bound += 1
-    assert bound, "every port was shared with other sockets"
+    tried: set[int] = set()
+    while len(tried) < 20:
+        new = sorted(time_waits(remote_port) - before - tried)
+        if not new:
+            assert time.monotonic() < deadline, ("no connection of ours to the port closed first" if not tried
+                                                 else "every port was shared with other sockets")
+            time.sleep(0.05)
+            continue
+        for local_port in new[:20 - len(tried)]:
+            tried.add(local_port)
+            with socket.socket() as server:
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    server.bind(("127.0.0.1", local_port))  # EADDRINUSE: the TIME_WAIT holds it
+                except OSError:
+                    if any(local == local_port and remote != remote_port for local, remote, _ in connections()):
+                        continue
+                    raise
+                server.listen()
+                return
+    raise AssertionError("every port was shared with other sockets")
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
