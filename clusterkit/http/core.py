@@ -43,8 +43,8 @@ import httptools
 REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified", 400: "Bad Request",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
            414: "URI Too Long", 416: "Range Not Satisfiable",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
-           503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+           502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 ALLOWED_METHODS = (b"GET", b"HEAD")
 CONDITIONAL = (b"if-none-match", b"if-modified-since", b"range")
 """Request headers that can change a static answer (``Request.conditional``)."""
@@ -203,7 +203,7 @@ class RequestParser:
         self.in_progress = False
         hosts = 0
         lengths = []
-        chunked = False
+        codings: list[bytes] = []  # Transfer-Encoding values
         conditional = False
         close = False
         expect = False
@@ -216,7 +216,7 @@ class RequestParser:
             elif k == b"content-length":
                 lengths.append(v)
             elif k == b"transfer-encoding":
-                chunked = True
+                codings.append(v)
             elif k in CONDITIONAL:
                 conditional = True
             elif k == b"connection":
@@ -227,6 +227,7 @@ class RequestParser:
         self._close = close
         if len(lengths) > 1:
             self._fail(HttpError(400, "more than one Content-Length"))
+        chunked = bool(codings)
         if lengths and chunked:
             self._fail(HttpError(400, "both Content-Length and Transfer-Encoding"))
         if lengths and int(lengths[0].strip() or b"0") > self.limits.max_body:
@@ -235,6 +236,14 @@ class RequestParser:
         if version not in ("1.0", "1.1"):
             self._fail(HttpError(505, f"HTTP/{version}"))
         # RFC 9112 3.2: an HTTP/1.1 request without Host, or with more than one, gets 400.
+        # As nginx: a request body is chunked, and nothing else (a server that does not
+        # understand a coding answers 501, RFC 9112 6.1; llhttp took "gzip, chunked" as
+        # chunked and the gzip unseen); and HTTP/1.0 has no Transfer-Encoding, so a proxy
+        # of that version in front would have framed the body otherwise (a smuggling).
+        if chunked and version == "1.0":
+            self._fail(HttpError(400, "Transfer-Encoding in an HTTP/1.0 request"))
+        if chunked and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+            self._fail(HttpError(501, "a Transfer-Encoding other than chunked"))
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             self._fail(HttpError(400, "no Host header" if hosts == 0 else "more than one Host header"))
         if bad_host:
