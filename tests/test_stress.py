@@ -465,37 +465,56 @@ def test_one_step_answers_count_as_the_reader_counts_them():
         if n % 6 == 5:
             msg += b"?"  # wrong
         whole = b"REPLY %s %s\nACK %s %d\n" % (name, msg, name, len(payload) - 1)
+        if n % 7 == 2:  # a late copy of the answer before: this one fails as extra-answer
+            whole = last[0] + whole
+        last[0] = whole.split(b"\n")[-3] + b"\n" + whole.split(b"\n")[-2] + b"\n"
         return [whole[:10], whole[10:]] if n % 5 == 4 else [whole]
 
     cfg = StressConfig(connection="keepalive", requests=60, concurrency=1)
     results = {}
-    for steady in (False, True):
+    # reader: every answer parsed; whole: Client.whole, then follow's request; again: Client.again,
+    # which also makes the next request (the engines' steady state).
+    for mode in ("reader", "whole", "again"):
         board = Board(1, 1)
         rec = Recorder(RunResult(), keep_log=True)
         c = Client(cfg, 0, Plan(cfg, ns(), 60, 0), rec, board, board.failed_slot(0))
-        c.steady = steady
+        c.steady = mode != "reader"
         quick = 0
+        following = None
+        last = [b""]
         for n in range(60):
-            if n in (0, 30):  # as if the connection were new: Total counts from its connect
-                c.connect_started = ns()
-                c.connected()
-            payload = c.request()
+            if following:
+                payload = following
+            else:
+                if n in (0, 30):  # as if the connection were new: Total counts from its connect
+                    c.connect_started = ns()
+                    c.connected()
+                payload = c.request()
+            following = None
             assert (c.start == c.connect_started) is (n in (0, 30))
             for chunk in answers(payload, n):
+                if mode == "again" and n != 29:  # (29: the general way, so that 30 can go on a new connection)
+                    following = c.again(chunk, ns())
+                    if following is not None:
+                        quick += 1
+                        assert following == b"" or c.k == n + 1 and following != payload
+                        break
                 if c.whole(chunk, ns()):
                     quick += 1
                 else:
                     c.reader.feed(chunk, ns())
-            if c.reader is not None:
+            if c.reader is not None and following is None:
                 assert c.reader.done
                 c.answered()
+        assert c.k == 60
         rec.flush()
         r = rec.result
-        results[steady] = (quick, r.complete, r.failed, dict(r.errors), dict(r.backends), r.bytes_received,
-                           r.latency.get_total_count(), r.rtt.get_total_count(), r.total.get_total_count(),
-                           len(rec.entries()))
-    assert results[False][0] == 0 and results[True][0] > 20  # most answers went the one-step way ...
-    assert results[True][1:] == results[False][1:]  # ... and counted the same
+        results[mode] = (quick, r.complete, r.failed, dict(r.errors), dict(r.backends), r.bytes_received,
+                         r.latency.get_total_count(), r.rtt.get_total_count(), r.total.get_total_count(),
+                         r.latency.get_max_value() <= r.total.get_max_value(), len(rec.entries()))
+    assert results["reader"][0] == 0 and results["whole"][0] > 10 and results["again"][0] > 10  # one step ...
+    assert results["whole"][1:] == results["reader"][1:] == results["again"][1:]  # ... counted the same
+    assert results["again"][1:4] == (42, 18, {"wrong-reply": 11, "extra-answer": 7})
 
 
 def test_dead_target_ends_fast_with_a_clear_line(log_dir):

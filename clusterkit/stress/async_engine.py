@@ -99,6 +99,14 @@ class AsyncClient(Client, asyncio.Protocol):
                 transport.close()
             return
         now = ns()
+        if self.expect is not None:  # the line protocol's steady state, in one step
+            payload = self.again(data, now)
+            if payload:
+                self.transport.write(payload)  # type: ignore[union-attr]
+                return
+            if payload is not None:
+                self.next()
+                return
         verdict = self.whole(data, now)
         if verdict == AGAIN:  # the steady state: the whole answer, as expected
             payload = self.follow(now)

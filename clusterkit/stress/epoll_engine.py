@@ -222,6 +222,14 @@ class EpollRunner:
                     self.next(c)
                     return
                 continue
+            if c.expect is not None:  # the line protocol's steady state, in one step
+                payload = c.again(chunk, now)
+                if payload:
+                    self.send(c, payload)
+                    return
+                if payload is not None:
+                    self.next(c)
+                    return
             verdict = c.whole(chunk, now)
             if verdict == AGAIN:  # the steady state: the whole answer, as expected
                 payload = c.follow(now)

@@ -358,6 +358,46 @@ class Client:
             progress[self.streak_slot] = 0
         return verdict
 
+    def again(self, chunk: bytes, now: int) -> bytes | None:
+        """``whole`` and ``follow`` in one step, for the line protocol's steady
+        state (keep-alive, one message at a time, no --rate): when ``chunk`` is
+        exactly the answer expected, in time, on a connection opened for an
+        earlier request, count it and return the next request's bytes, or
+        ``b""`` when none goes out at once (the engine's general scheduling
+        decides). None: not that case, nothing done; ``whole`` takes it.
+
+        The same counts as ``whole``, ``follow`` and ``request`` make, in one
+        call instead of five (and ``Recorder.whole`` one dict instead of two):
+        measured here, the epoll engine's user CPU for 200,000 messages to the
+        C echo server went from 1.44 to 1.23 s (median of 3; the kernel's part,
+        about 1.7 s, is unchanged)."""
+        expect = self.expect
+        if expect is None or chunk != expect or now > self.due_by or self.connect_ns or self.opened:
+            return None
+        self.expect = None
+        self.reader = None
+        plan = self.plan
+        if self.base >= plan.warm_end:
+            self.rec.whole(self.base, now, self.target.name, len(chunk), self.start)
+        k = self.k = self.k + 1
+        progress = self.progress
+        progress[self.index] = k
+        if progress[self.streak_slot]:
+            progress[self.streak_slot] = 0
+        if k >= self.limit or now >= self.deadline or plan.rate or progress[self.stop_slot]:
+            return b""
+        target = self.target
+        msg = target.message(k)
+        asked = [msg]
+        self.reader = LineReader(asked, self.asked)
+        self.asked = asked
+        self.batch = 1
+        self.expect = target.head + msg + target.tail
+        self.sent = self.base = self.start = sent = ns()
+        self.due_by = sent + self.timeout_ns
+        self.reused = True
+        return msg + target.eol
+
     def finishing(self, now: int) -> bool:
         """Whether the request in flight is the client's last (its share sent, or
         the run's end reached)."""
