@@ -333,8 +333,9 @@ def configure(program: str, *, level: str | int = "info", log_dir: str | os.Path
     try:
         writer = LineWriter(log_dir / file_name, program=program)
     except OSError as exc:
-        raise LogDirError(f"--log-dir {log_dir}: cannot write {file_name} there: "
-                          f"{exc.strerror or exc}") from None
+        # mkdir of a path that is a file says "File exists": say what is wrong with it.
+        why = "it is not a directory" if log_dir.exists() and not log_dir.is_dir() else exc.strerror or exc
+        raise LogDirError(f"--log-dir {log_dir}: cannot write {file_name} there: {why}") from None
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

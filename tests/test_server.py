@@ -342,11 +342,12 @@ def test_bad_option_is_a_usage_error(log_dir, name):
 @pytest.mark.parametrize("script", ["server1.py", "Load_Balancer.py", "client.py", "ClientServer_StressTools.py",
                                     "http_servers/lb.py", "http_servers/Server_thread_http.py"])
 def test_a_log_dir_that_cannot_be_one_is_a_usage_error_that_names_it(script, tmp_path):
-    """It was a bare "[Errno 17] File exists: ..." and exit 1."""
+    """It was a bare "[Errno 17] File exists: ..." and exit 1; then "... there: File exists"."""
     a_file = tmp_path / "file"
     a_file.write_text("")
+    log = "client_log.log" if script in ("client.py", "ClientServer_StressTools.py") else "server_log.log"
     assert_usage_error(script, "--port", str(cluster.free_port()), "--log-dir", str(a_file),
-                       message=f"--log-dir {a_file}: cannot write")
+                       message=f"--log-dir {a_file}: cannot write {log} there: it is not a directory")
 
 
 @pytest.mark.parametrize("script", ["server1.py", "Load_Balancer.py", "client.py", "ClientServer_StressTools.py",
