@@ -160,8 +160,9 @@ class EpollRunner:
             return
         c.sock = sock
         c.connecting = True
-        self.by_fd[sock.fileno()] = c
-        self.ep.register(sock.fileno(), EDGE)
+        fd = sock.fileno()
+        self.by_fd[fd] = c
+        self.ep.register(fd, EDGE)
         if code == 0:
             self.connected(c, select.EPOLLOUT)
 

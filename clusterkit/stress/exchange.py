@@ -178,7 +178,7 @@ class KnownAnswer(NamedTuple):
     def of(cls, data: bytes, date: tuple[int, int], backend: str, keep_alive: bool) -> KnownAnswer:
         return cls(data, date, backend, keep_alive, data[:date[0]], data[date[1]:])
 
-    def _whole(self, chunk: bytes) -> bool:
+    def whole(self, chunk: bytes) -> bool:
         """``fits`` for the whole answer in one chunk (the usual case), without slicing ``data``."""
         a, b = self.date
         value = chunk[a:b]
@@ -193,7 +193,7 @@ class KnownAnswer(NamedTuple):
         if pos + n > len(data):
             return False
         if not pos and n == len(data):
-            return self._whole(chunk)
+            return self.whole(chunk)
         a, b = self.date
         lo = min(max(a - pos, 0), n)  # the part of chunk before the Date value ...
         hi = min(max(b - pos, lo), n)  # ... and after it

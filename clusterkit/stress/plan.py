@@ -255,15 +255,17 @@ class Client:
             self.reader = LineReader(self.asked, before)
             self.batch = 1
             self.expect = target.head + msg + target.tail if target.head else None
+        elif target.http_request:  # (Target.request's, inline: one call less per request)
+            payload = target.http_request
+            self.known = known = target.known
+            self.reader = HttpReader(known)
+            self.batch = 1
         else:
             share = self.plan.share
             payload, self.reader, self.batch = target.request(
                 self.k, (share - self.k) if share is not None else self.cfg.pipeline, before)
-            if target.http_request:
-                self.known = target.known
-            else:
-                self.known = None
-                self.asked = self.reader.messages
+            self.known = None
+            self.asked = self.reader.messages
         self.sent = ns()
         self.due_by = self.sent + self.timeout_ns
         self.base = self.plan.intended(self.k) if self.plan.rate else self.sent
@@ -335,7 +337,7 @@ class Client:
             if known is None:
                 return 0
             self.known = None
-            if len(chunk) != len(known.data) or not known.fits(0, chunk):
+            if len(chunk) != len(known.data) or not known.whole(chunk):
                 return 0
             if not known.keep_alive:
                 verdict = CLOSES
