@@ -684,11 +684,10 @@ def test_target_dying_mid_run_ends_it_early_with_a_clear_line(start_server, log_
                                                  "--json", str(path), "--log-dir", str(log_dir)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        server_log = log_dir / "server_log.log"
-        deadline = time.monotonic() + 30
-        while "event=open" not in server_log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # the run is under way
+        # A message answered: the run is under way. (Not the first event=open: that is the
+        # tool's pre-flight connect, and a kill 0.5 s after it, on a loaded machine, came
+        # before the first answer: complete 0.)
+        wait_answered(log_dir)
         server.kill()
         out, err = run.communicate(timeout=30)  # generous: it only proves no hang
     finally:
