@@ -467,7 +467,7 @@ def test_one_step_answers_count_as_the_reader_counts_them():
         whole = b"REPLY %s %s\nACK %s %d\n" % (name, msg, name, len(payload) - 1)
         if n % 7 == 2:  # a late copy of the answer before: this one fails as extra-answer
             whole = last[0] + whole
-        last[0] = whole.split(b"\n")[-3] + b"\n" + whole.split(b"\n")[-2] + b"\n"
+        last[0] = b"".join(whole.splitlines(keepends=True)[-2:])  # (this answer's REPLY and ACK)
         return [whole[:10], whole[10:]] if n % 5 == 4 else [whole]
 
     cfg = StressConfig(connection="keepalive", requests=60, concurrency=1)

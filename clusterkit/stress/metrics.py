@@ -198,12 +198,9 @@ class Recorder:
         elif done_ns > last:  # (the rest of _span, inline)
             r.last_reply_ns = done_ns
         us = (done_ns - sent_ns) // 1000 or 1
-        if start_ns == sent_ns:
-            both = self.same
-            both[us] = both.get(us, 0) + 1
-        else:
-            both = self.both
-            both[us] = both.get(us, 0) + 1
+        counts = self.same if start_ns == sent_ns else self.both
+        counts[us] = counts.get(us, 0) + 1
+        if counts is self.both:
             tot = self.tot
             tot_us = (done_ns - start_ns) // 1000 or 1
             tot[tot_us] = tot.get(tot_us, 0) + 1
@@ -214,7 +211,7 @@ class Recorder:
             log.append((sent_ns, backend, done_ns - sent_ns, done_ns - sent_ns, None, start_ns))
             if len(log) >= self.log_cap:
                 self.log = None  # (self.answers keeps it)
-        if len(both) >= self.DISTINCT:
+        if len(counts) >= self.DISTINCT:
             self.flush()
 
     def failed(self, sent_ns: int, kind: str, done_ns: int, nbytes: int = 0) -> None:
