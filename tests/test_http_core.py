@@ -153,3 +153,49 @@ def test_a_request_line_without_a_version_is_refused_when_it_ends(before):
         got = parser.feed(stream[:cut]) + parser.feed(stream[cut:])
         assert len(got) == (1 if before else 0)
         assert parser.error is not None and (parser.error.status, parser.error.detail) == (505, "HTTP/0.9"), cut
+
+
+LF10 = b"GET /page.html HTTP/1.0\nHost: t\nConnection: keep-alive\n\n"
+LF11 = b"GET /style.css HTTP/1.1\nHost: t\n\n"
+BODY = b"GET / HTTP/1.1\nHost: t\nContent-Length: 5\n\na\nb\n\n"  # its body's LFs are its 5 bytes
+
+
+def crlf(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def requests_and_error(chunks: list[bytes]) -> tuple[list, tuple | None]:
+    parser = RequestParser(Limits())
+    got = [(r.method, r.target, r.version, r.headers, r.keep_alive) for c in chunks for r in parser.feed(c)]
+    return got, (parser.error.status, parser.error.detail) if parser.error else None
+
+
+@pytest.mark.parametrize("stream", [
+    LF10, LF11, LF10 + LF11 + LF10, R11 + LF11 + R,  # alone, pipelined, between CRLF requests
+    b"GET /page.html HTTP/1.1\r\nHost: t\n\r\n",  # mixed in one head
+    b"GET / HTTP/1.1\nHost: t\n\n" + CLOSE,
+    b"GET / HTTP/1.1\n\n",  # (no Host: its 400, as with CRLF)
+    b"POST / HTTP/1.1\nHost: t\nContent-Length: 1\n\nx",  # (405)
+])
+def test_a_head_with_bare_lf_line_ends_is_read_as_with_crlf(stream):
+    """RFC 9112 2.2: a bare LF may end a line, and nginx takes it (``nc`` sends
+    nothing else); llhttp refused it after the request line's version (400)."""
+    want = requests_and_error([crlf(stream)])
+    assert want[0] or want[1]
+    for cut in range(len(stream) + 1):  # in two reads, cut anywhere
+        assert requests_and_error([stream[:cut], stream[cut:]]) == want, cut
+    assert requests_and_error(stream.splitlines(keepends=True)) == want  # typed a line at a time
+
+
+def test_a_body_after_a_bare_lf_head_keeps_its_bytes():
+    """Only heads are read a line at a time: the body's LFs are its Content-Length's bytes,
+    so the request after it is read where it starts."""
+    for cut in range(len(BODY) + len(LF11) + 1):
+        stream = BODY + LF11
+        got, error = requests_and_error([stream[:cut], stream[cut:]])
+        assert error is None and [r[1] for r in got] == [b"/", b"/style.css"], cut
+
+
+def test_a_crlf_split_over_two_reads_is_one_line_end():
+    got, error = requests_and_error([b"GET / HTTP/1.1\r", b"\nHost: t\r", b"\n\r", b"\n"])
+    assert error is None and [(r[1], r[3]) for r in got] == [(b"/", [(b"Host", b"t")])]

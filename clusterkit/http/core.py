@@ -22,6 +22,10 @@ it). A request with a body and ``Expect: 100-continue`` sets
 Continue`` (``CONTINUE``), and the client sends its body at once instead of
 after its own timeout (curl: a second).
 
+A head's lines may end in a bare LF, as ``nc`` sends a request typed by hand
+(RFC 9112 2.2 allows it; nginx takes it): llhttp refuses one after the request
+line, so such a head is fed a line at a time, each bare LF made CRLF.
+
 A request that arrives again byte for byte, alone in one read (what ab, wrk
 and a balancer's keep-alive connections send), is taken as the same request
 without the parser: 0.5 us instead of 4.7 here, the same ``Request``.
@@ -173,6 +177,7 @@ class RequestParser:
         self._known: bytes | None = None  # the bytes of the last request that came alone in one read,
         self._known_request: Request | None = None  # and what they parsed to
         self._line = b""  # the stream's last unended line, while a head without a header field is in progress
+        self._prev = b""  # the bytes fed before
 
     def _reset(self) -> None:
         self._url = b""
@@ -180,6 +185,7 @@ class RequestParser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._body = 0
+        self._length: int | None = None  # the body's Content-Length
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -230,8 +236,10 @@ class RequestParser:
         chunked = bool(codings)
         if lengths and chunked:
             self._fail(HttpError(400, "both Content-Length and Transfer-Encoding"))
-        if lengths and int(lengths[0].strip() or b"0") > self.limits.max_body:
-            self._fail(HttpError(413, "body too large"))
+        if lengths:
+            self._length = int(lengths[0].strip() or b"0")
+            if self._length > self.limits.max_body:
+                self._fail(HttpError(413, "body too large"))
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):
             self._fail(HttpError(505, f"HTTP/{version}"))
@@ -294,6 +302,48 @@ class RequestParser:
             return []
         if data == self._known and not self._open:
             return [self._again()]
+        prev = self._prev
+        self._prev = data or prev
+        # (in a head, or in a body whose end is known: the next head may be in this read)
+        heads = self.in_progress or not self._open or self._length is not None
+        if heads and data.count(b"\n") != data.count(b"\r\n"):
+            return self._feed_lines(data, prev)
+        return self._feed(data)
+
+    def _feed_lines(self, data: bytes, prev: bytes) -> list[Request]:
+        """``feed`` for a head with a line ended by a bare LF (``nc`` and ``echo``
+        send nothing else): RFC 9112 2.2 lets a server take it as a line's end,
+        and nginx does; llhttp does not after the request line (a 400). So the
+        head goes to the parser a line at a time, each bare LF made CRLF, until
+        the parser has the whole head. A body goes as it came, its
+        Content-Length's bytes, and the next head a line at a time again (a
+        chunked body: the rest as it came)."""
+        ready: list[Request] = []
+        pos, n = 0, len(data)
+        cr = prev.endswith(b"\r")  # a CRLF split over two reads
+        while pos < n and self.error is None and not self.last:
+            if self._open and not self.in_progress:  # a body
+                if self._length is None:
+                    break
+                end = min(n, pos + max(1, self._length - self._body))
+                ready += self._feed(data[pos:end])
+                pos = end
+                continue
+            end = data.find(b"\n", pos) + 1 or n
+            line = data[pos:end]
+            if line.endswith(b"\n") and not line.endswith(b"\r\n") and not (line == b"\n" and cr):
+                line = line[:-1] + b"\r\n"
+            cr = False
+            ready += self._feed(line)
+            pos = end
+        if pos < n:
+            ready += self._feed(data[pos:])
+        return ready
+
+    def _feed(self, data: bytes) -> list[Request]:
+        """``feed``, through the parser."""
+        if self.error is not None or self.last:
+            return []
         fresh = not self._open
         clean = True  # no error, no upgrade
         while True:
