@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from clusterkit import cluster, logs
+from clusterkit import cli, cluster, logs
 from clusterkit.balancer import balancer_process
 
 pytestmark = pytest.mark.timeout(120)
@@ -94,6 +94,21 @@ def test_event_engines_and_pipelining(balanced, log_dir, tmp_path, engine):
                          "--port", str(balanced.port), log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (row["complete"], row["failed"]) == (3000, 0)
+
+
+def test_an_output_file_that_cannot_be_written_after_the_run_is_said_and_the_others_written(balanced, log_dir,
+                                                                                           tmp_path):
+    """A file that passes the check before the run (its folder is there, and writable)
+    and whose write fails after it, as on a disk that fills up: here a link to a file
+    /proc cannot have. Was: a bare errno line, and the files after it not written."""
+    paths = {k: tmp_path / f"r.{k}" for k in ("json", "md")}
+    (tmp_path / "r.csv").symlink_to("/proc/no-such.csv")
+    proc = stress("-n", "30", "-c", "3", "--port", str(balanced.port), "--json", str(paths["json"]),
+                  "--csv", str(tmp_path / "r.csv"), "--markdown", str(paths["md"]), log_dir=log_dir)
+    assert proc.returncode == cli.EXIT_OSERR, proc.stderr
+    assert f"error: --csv: cannot write {tmp_path / 'r.csv'}: " in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads(paths["json"].read_text())["runs"][0]["complete"] == 30
+    assert "| 3 |" in paths["md"].read_text() and "Complete requests" in proc.stdout
 
 
 def test_json_csv_markdown_and_table_agree(balanced, log_dir, tmp_path):

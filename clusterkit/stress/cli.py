@@ -408,12 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     if kill and not killed and rows:
         print(f"warning: --kill-backend {args.kill_backend}: the run ended before that; no backend was killed",
               file=sys.stderr)
-    for path, text in ((args.json, report.to_json(rows)), (args.csv, report.to_csv(rows)),
-                       (args.markdown, report.to_markdown(rows))):
+    unwritten = False
+    for option, path, text in (("--json", args.json, report.to_json(rows)), ("--csv", args.csv, report.to_csv(rows)),
+                               ("--markdown", args.markdown, report.to_markdown(rows))):
         if path:
-            Path(path).write_text(text)
+            # (checked before the run, but a full disk, or /proc, says so only now: the
+            # other files are still written, and the report above stands)
+            try:
+                Path(path).write_text(text)
+            except OSError as exc:
+                print(f"error: {option}: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+                unwritten = True
     if ended_early:
         print(f"stress: run ended early: {ended_early}", file=sys.stderr)
         return cli.EXIT_INTERRUPTED if interrupted else cli.EXIT_OSERR if shortage else cli.EXIT_UNAVAILABLE
+    if unwritten:
+        return cli.EXIT_OSERR
     failed = sum(r["failed"] for r in rows)
     return cli.EXIT_OK if failed == 0 else cli.EXIT_FAILED
