@@ -1,5 +1,6 @@
 """The HTTP request parser without sockets: a request repeated byte for byte
-is taken without the parser, and gives what the parser gives."""
+(on its connection, or on another of the same server) is taken without the
+parser, and gives what the parser gives."""
 
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ UPGRADE = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n
 BAD = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
 
 
+class Forgets(dict):
+    def __setitem__(self, key, value):
+        pass
+
+
 class ParserOnly(RequestParser):
-    """The parser with its repeat shortcut off: every byte goes through httptools."""
+    """The parser with its repeat shortcuts off: every byte goes through httptools."""
+
+    _shared = Forgets()
 
     @property
     def _known(self):
@@ -67,6 +75,19 @@ def test_a_repeated_request_is_not_parsed_again_and_is_a_request_of_its_own():
     closing.feed(R11)
     closing.feed(R11)
     assert closing.feed(CLOSE)[0].keep_alive is False and closing.last and closing.feed(R11) == []
+
+
+def test_a_request_another_connection_sent_is_not_parsed_again():
+    """ab without -k: each request on a connection of its own, byte for byte the same."""
+    limits = Limits()
+    first = RequestParser(limits).feed(R)[0]
+    again = RequestParser(limits).feed(R)[0]
+    assert again is not first and again.headers is first.headers  # taken from the first
+    parsed = ParserOnly(limits).feed(R)[0]
+    assert {**again.__dict__, "started": 0} == {**parsed.__dict__, "started": 0}
+    assert outcome(RequestParser(limits), [R, R11, R]) == outcome(ParserOnly(limits), [R, R11, R])
+    strict = RequestParser(Limits(max_headers=3))  # another server's limits: parsed (and refused)
+    assert strict.feed(R) == [] and strict.error.status == 431
 
 
 @pytest.mark.parametrize("connection, keep", [(b"keep-alive, close", False), (b"Close, keep-alive", False),
