@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from clusterkit.http.core import HttpError, Limits, RequestParser
+from clusterkit.http.core import KNOWN, KNOWN_BYTES, HttpError, Limits, RequestParser
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -88,6 +88,8 @@ def test_a_request_another_connection_sent_is_not_parsed_again():
     assert outcome(RequestParser(limits), [R, R11, R]) == outcome(ParserOnly(limits), [R, R11, R])
     strict = RequestParser(Limits(max_headers=3))  # another server's limits: parsed (and refused)
     assert strict.feed(R) == [] and strict.error.status == 431
+    big = b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: %s\r\n\r\n" % (b"a" * KNOWN_BYTES)
+    assert RequestParser(limits).feed(big) and big not in KNOWN  # (a bounded memory)
 
 
 @pytest.mark.parametrize("connection, keep", [(b"keep-alive, close", False), (b"Close, keep-alive", False),

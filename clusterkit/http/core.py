@@ -62,9 +62,11 @@ HOST = re.compile(rb"([A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(:[0-9]*)?
 _GOOD_HOSTS: set[bytes] = set()
 """Host values found good (at most 256): the regex costs a microsecond, a set look-up nothing."""
 KNOWN_MAX = 64
+KNOWN_BYTES = 4096
 KNOWN: dict[bytes, tuple[Limits, Request]] = {}
-"""Requests that came alone in one read, by their bytes, with the limits they were
-read under: any connection's (``RequestParser.feed``; emptied when full)."""
+"""Requests that came alone in one read, by their bytes (up to ``KNOWN_BYTES``:
+256 KiB in all), with the limits they were read under: any connection's
+(``RequestParser.feed``; emptied when full)."""
 _USUAL_CONNECTION = {v: frozenset((v.lower(),)) for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close")}
 """Connection values as nearly every client and server spells them: their options without a split."""
 
@@ -390,9 +392,10 @@ class RequestParser:
             data = bytes(data)
             self._known, self._known_request = data, ready[0]
             shared = self._shared
-            if len(shared) >= KNOWN_MAX:
-                shared.clear()
-            shared[data] = (self.limits, ready[0])
+            if len(data) <= KNOWN_BYTES:
+                if len(shared) >= KNOWN_MAX:
+                    shared.clear()
+                shared[data] = (self.limits, ready[0])
         return ready
 
     def _check_request_line(self, data: bytes) -> None:
