@@ -314,7 +314,8 @@ class RequestParser:
         if not self._open:
             if data == self._known:
                 return [self._again()]
-            seen = self._shared.get(data)
+            # (a longer read is never remembered: not hashed to look for it, a 64 KiB pipelined batch)
+            seen = self._shared.get(data) if len(data) <= KNOWN_BYTES else None
             if seen is not None and seen[0] is self.limits:  # another connection's, the same server's
                 self._known, self._known_request = data, seen[1]
                 return [self._again()]
@@ -391,8 +392,8 @@ class RequestParser:
         if clean and fresh and len(ready) == 1 and not self._open:
             data = bytes(data)
             self._known, self._known_request = data, ready[0]
-            shared = self._shared
             if len(data) <= KNOWN_BYTES:
+                shared = self._shared
                 if len(shared) >= KNOWN_MAX:
                     shared.clear()
                 shared[data] = (self.limits, ready[0])
