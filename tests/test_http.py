@@ -375,7 +375,8 @@ def test_lb_adds_the_host_an_http_1_0_client_left_out_and_refuses_a_1_1_request_
 
 @pytest.mark.parametrize("path", [
     b"/../clusterkit/__init__.py", b"/%2e%2e/clusterkit/__init__.py", b"/..%2f..%2fetc%2fpasswd",
-    b"/%2e%2e%2f%2e%2e%2fetc/passwd", b"/outside/passwd", b"/.%2e/README.md"])
+    b"/%2e%2e%2f%2e%2e%2fetc/passwd", b"/outside/passwd", b"/.%2e/README.md", b"/x/../../README.md",
+    b"/outside/../../README.md", b"/x/%2e%2e/%2e%2e/README.md", b"/page.html/../..%2fREADME.md"])
 def test_no_path_escapes_the_document_root(setup, tmp_path, path):
     root = tmp_path / "www"
     shutil.copytree(WWW, root)
@@ -384,6 +385,14 @@ def test_no_path_escapes_the_document_root(setup, tmp_path, path):
     data = exchange(srv.port, b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path)
     assert status_of(data) in (400, 404)
     assert b"root:" not in data and b"clusterkit" not in data.split(b"\r\n\r\n", 1)[1]
+
+
+@pytest.mark.parametrize("path", [b"/x/../page.html", b"/x/%2e%2e/page.html", b"/./page.html", b"/x/./../page.html",
+                                  b"/style.css/../page.html", b"/x/y/../..//page.html", b"/x/.."])
+def test_dot_segments_are_resolved_inside_the_root_as_nginx_does(server, path):
+    data = exchange(server.port, b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path)
+    assert status_of(data) == 200, data[:200]
+    assert data.split(b"\r\n\r\n", 1)[1] == (WWW / "page.html").read_bytes()
 
 
 def test_get_head_conditional_and_http10_keepalive(server):

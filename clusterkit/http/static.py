@@ -2,8 +2,10 @@
 
 Each file is read once and kept with its ready-made response headers; a
 ``stat`` at most once a second per file notices edits. Paths are decoded,
-normalised and resolved (symlinks included) and must stay inside the root:
-``..`` and ``%2e%2e`` (also as ``..%2f``), and symlinks pointing outside all get
+normalised and resolved (symlinks included) and must stay inside the root.
+Dot segments are resolved as nginx resolves them (``/x/../page.html`` and
+``/x/%2e%2e/page.html`` are ``/page.html``); a ``..`` that would climb above
+the root (also as ``%2e%2e`` or ``..%2f``), and symlinks pointing outside, get
 404, never a byte from outside ``www/``; ``%2f`` is a ``/`` like any other
 (``/%2fpage.html`` is ``//page.html``, inside the root).
 
@@ -104,8 +106,8 @@ class StaticFiles:
             return None
         if "\x00" in decoded or "\\" in decoded:
             return None
-        parts = [p for p in decoded.split("/") if p not in ("", ".")]
-        if any(p == ".." for p in parts):
+        parts = without_dot_segments(decoded.split("/"))
+        if parts is None:
             return None
         candidate = self.root.joinpath(*parts) if parts else self.root / INDEX
         try:
@@ -114,7 +116,7 @@ class StaticFiles:
             return None
         if real != self.root and self.root not in real.parents:
             return None  # a symlink pointing outside the root
-        return real, bool(parts), decoded.endswith("/")
+        return real, bool(parts), decoded.endswith(("/", "/.", "/.."))
 
     def _load(self, path: Path, now: float) -> CachedFile | None:
         try:
@@ -268,6 +270,21 @@ class StaticFiles:
 COMPRESSED = {"gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz": "application/x-xz"}
 """What a compressed file (``page.html.gz``) is sent as: itself, not what it holds
 (labelled text/html, a browser showed the compressed bytes as a page)."""
+
+
+def without_dot_segments(segments: list[str]) -> list[str] | None:
+    """A decoded path's segments with ``.`` and ``..`` resolved (RFC 3986 5.2.4, as
+    nginx does: ``/x/../page.html`` is ``/page.html``) and the empty ones left out;
+    None when a ``..`` would climb above the root (nginx: 400; here 404)."""
+    parts: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if not parts:
+                return None
+            parts.pop()
+        elif segment not in ("", "."):
+            parts.append(segment)
+    return parts
 
 
 def content_type(name: str, body: bytes) -> str:
