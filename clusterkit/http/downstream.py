@@ -27,7 +27,7 @@ from ..linger import Linger, turn_away
 from ..balancer.pool import connect_failure
 from ..sockets import local_shortage, open_socket
 from .core import CONTINUE, HttpError, Request, RequestParser, error_response
-from .upstream import BackendAnswer, BackendConn, BackendDown, BadGateway
+from .upstream import BackendAnswer, BackendConn, BackendDown, BackendLost, BadGateway
 
 if TYPE_CHECKING:
     from .proxy import BackendState, Proxy
@@ -181,7 +181,7 @@ class Exchange:
             self.proxy.mark(b, False, "response-timeout")
         elif lost:
             self.broke = b  # (502 if no backend is left)
-            self.proxy.suspect(b, type(exc).__name__)
+            self.proxy.suspect(b, exc.reason if isinstance(exc, BackendLost) else "reset")
         # (BackendDown: marked down already; BadGateway: it answers, only wrongly.)
         if self.streaming:  # part of the answer is with the client: it cannot go elsewhere now
             self.client.cut(self.req, conn.status, b.name, self.sent)

@@ -45,6 +45,15 @@ class BackendDown(ConnectionError):
     """The backend was marked down while this request waited on it."""
 
 
+class BackendLost(ConnectionResetError):
+    """The backend's connection broke before the whole answer: ``reason`` says how,
+    in the words ``Load_Balancer.py`` logs (``closed``, ``reset``, ``unasked``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 class BackendAnswer(NamedTuple):
     status: int
     reason: bytes  # the backend's own reason phrase, passed on as HAProxy and nginx do
@@ -221,7 +230,7 @@ class BackendConn(asyncio.Protocol):
             # An answer no request was waiting for (on an idle connection, or after the
             # answer in the same read): left in the pool, it would pass for the answer to
             # the next request, someone else's. The connection goes, as nginx drops it.
-            self._drop(ConnectionResetError("the backend sent an answer nobody asked for"))
+            self._drop(BackendLost("unasked", "the backend sent an answer nobody asked for"))
             return
         if not (self.head_done or self.between):  # in the middle of an answer's head
             self.head_bytes += len(data)
@@ -276,7 +285,8 @@ class BackendConn(asyncio.Protocol):
             self._complete(False, self.length)
             self._deliver()
             return
-        self._fail(ConnectionResetError("backend closed the connection"))
+        self._fail(BackendLost("closed", "backend closed the connection") if exc is None
+                   else BackendLost("reset", f"backend connection broke: {exc}"))
 
     def _ends_at_close(self) -> bool:
         framed = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
