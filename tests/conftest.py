@@ -12,6 +12,8 @@ import pytest
 
 from clusterkit import cluster
 
+from .http_setup import HttpSetup
+
 
 @pytest.fixture
 def log_dir(tmp_path):
@@ -28,6 +30,20 @@ def procs():
         yield group
     finally:
         group.stop()
+
+
+@pytest.fixture
+def setup(procs, log_dir):
+    """The HTTP tests' processes: servers, backends and lb.py (``http_setup.HttpSetup``)."""
+    return HttpSetup(procs, log_dir)
+
+
+@pytest.fixture(params=["Server_async_http.py", "Server_thread_http.py", "lb.py"])
+def server(request, setup):
+    """Each HTTP server in turn (lb.py in front of one backend), with a 1 s header timeout."""
+    if request.param == "lb.py":
+        return setup.lb(1, "--header-timeout", "1")
+    return setup.server(request.param, "--header-timeout", "1")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from .conftest import fake_backend
-from .test_http import HttpSetup, _ok, _read_requests, exchange, status_of
+from .http_setup import exchange, ok_answer, read_requests, status_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,7 +43,7 @@ def _recording(heads: queue.Queue, answer: bytes = FIXED_ANSWER):
     """A backend that puts each request head it gets (but the health checks') in
     ``heads``, raw, and answers each with ``answer``."""
     def serve(conn: socket.socket) -> None:
-        for head in _read_requests(conn):
+        for head in read_requests(conn):
             if b" /healthz " not in head.split(b"\r\n", 1)[0]:
                 heads.put(head)
             conn.sendall(FIXED_ANSWER if b" /healthz " in head else answer)
@@ -72,11 +72,6 @@ def _read_answer(s: socket.socket) -> bytes:
         chunk = s.recv(65536)
         assert chunk, data
         data += chunk
-
-
-@pytest.fixture
-def setup(procs, log_dir):
-    return HttpSetup(procs, log_dir)
 
 
 @pytest.fixture
@@ -158,13 +153,13 @@ def _head_aware(seen: list, head_answer: bytes):
 
     def answer(conn: socket.socket) -> None:
         n = next(numbers)
-        for head in _read_requests(conn):
+        for head in read_requests(conn):
             line = head.split(b"\r\n", 1)[0]
             if b" /healthz " in line:
                 conn.sendall(FIXED_ANSWER)
                 continue
             seen.append((n, line))
-            conn.sendall(head_answer if line.startswith(b"HEAD ") else _ok(line.split(b" ")[1]))
+            conn.sendall(head_answer if line.startswith(b"HEAD ") else ok_answer(line.split(b" ")[1]))
     return answer
 
 
@@ -336,7 +331,7 @@ def _endless_head(start: bytes, sent: list):
     ``sent`` gets how much of it went before the connection failed or it stopped."""
 
     def answer(conn: socket.socket) -> None:
-        for head in _read_requests(conn):
+        for head in read_requests(conn):
             if b" /healthz " in head.split(b"\r\n", 1)[0]:
                 conn.sendall(FIXED_ANSWER)
                 continue

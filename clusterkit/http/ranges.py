@@ -6,7 +6,7 @@ range that starts past the end with ``416``, and ignore what they do not take
 (the whole file, ``200``, as the RFC lets a server do): a header that is not
 ``bytes=...`` or does not parse, several ranges (nginx answers those with a
 multipart body; few clients ask), a HEAD, or an ``If-Range`` that no longer
-matches the file. No socket here: ``tests/test_http.py`` checks it directly.
+matches the file. No socket here: ``tests/test_http_servers.py`` checks it directly.
 """
 
 from __future__ import annotations
