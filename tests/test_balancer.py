@@ -748,6 +748,45 @@ def test_a_backend_whose_answers_are_never_right_is_failed_over_and_marked_down(
         odd.close()
 
 
+def test_a_repeated_message_whose_answer_turns_wrong_is_still_caught(procs, log_dir, connect):
+    """A message repeated on one connection (as load tools send it) has its answer
+    taken at a glance when it is, byte for byte, the last one verified from that
+    backend connection (ClientSide.backend_data). An answer that then differs in one
+    byte must be matched in full again: off the protocol, so the backend is failed
+    over and each message still answered once, rightly."""
+    answered = [0]
+
+    def answer(lines):
+        out = b""
+        for m in lines:
+            answered[0] += 1
+            out += _pair(b"odd", m if answered[0] <= 3 else m[:-1] + b"E")  # right 3 times, then not
+        return out, False
+
+    odd = _odd_backend(answer)
+    try:
+        ports = cluster.free_ports(3)
+        procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+        lb = Cluster(procs, log_dir)
+        lb.admin_port = ports[2]
+        lb.lb = procs.start(balancer_process(
+            ports[1], [f"odd=127.0.0.1:{odd.getsockname()[1]}", f"server1=127.0.0.1:{ports[0]}"],
+            "--check", "connect", "--check-interval", "30", admin_port=ports[2], log_dir=str(log_dir)))
+        servers = []
+        for _ in range(2):  # (one of the two connections goes to odd first)
+            c = connect(lb.lb.port)
+            for _ in range(6):  # one at a time: each read alone, the answer to the same message
+                c.send(b"same\n")
+                reply, ack = c.read_lines(2)
+                name = reply.split(b" ")[1]
+                assert reply == b"REPLY %s same" % name and ack == b"ACK %s 4" % name, (reply, ack)
+                servers.append(name)
+        assert servers.count(b"odd") == 3 and b"server1" in servers[servers.index(b"odd"):], servers
+        lb.wait_state("odd", ("DOWN",))
+    finally:
+        odd.close()
+
+
 def test_a_connection_notice_in_place_of_an_answer_is_no_answer(procs, log_dir):
     """A server whose idle timeout fired as the balancer sent a message says 'ERR
     idle-timeout' and closes: the client got that line as its message's answer.
