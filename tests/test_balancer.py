@@ -715,6 +715,18 @@ def test_a_copy_of_an_answer_after_its_client_left_marks_the_backend_down(procs,
         late.close()
 
 
+def _odd_beside_server1(procs, log_dir, odd: socket.socket) -> Cluster:
+    """A balancer (connect checks only, rarely) over the odd backend ``odd`` and server1."""
+    ports = cluster.free_ports(3)
+    procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+    lb = Cluster(procs, log_dir)
+    lb.admin_port = ports[2]
+    lb.lb = procs.start(balancer_process(
+        ports[1], [f"odd=127.0.0.1:{odd.getsockname()[1]}", f"server1=127.0.0.1:{ports[0]}"],
+        "--check", "connect", "--check-interval", "30", admin_port=ports[2], log_dir=str(log_dir)))
+    return lb
+
+
 @pytest.mark.parametrize("broken", ["ack-length", "ack-name", "notice-always"])
 def test_a_backend_whose_answers_are_never_right_is_failed_over_and_marked_down(procs, log_dir, broken):
     """``ack-length``, ``ack-name``: an ACK that does not confirm its REPLY was
@@ -731,13 +743,7 @@ def test_a_backend_whose_answers_are_never_right_is_failed_over_and_marked_down(
 
     odd = _odd_backend(answer)
     try:
-        ports = cluster.free_ports(3)
-        procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
-        lb = Cluster(procs, log_dir)
-        lb.admin_port = ports[2]
-        lb.lb = procs.start(balancer_process(
-            ports[1], [f"odd=127.0.0.1:{odd.getsockname()[1]}", f"server1=127.0.0.1:{ports[0]}"],
-            "--check", "connect", "--check-interval", "30", admin_port=ports[2], log_dir=str(log_dir)))
+        lb = _odd_beside_server1(procs, log_dir, odd)
         messages = [b"m%d" % i for i in range(50)]
         for _ in range(2):  # (one of the two goes to odd first)
             responses = pipeline(lb.lb.port, messages)
@@ -765,13 +771,7 @@ def test_a_repeated_message_whose_answer_turns_wrong_is_still_caught(procs, log_
 
     odd = _odd_backend(answer)
     try:
-        ports = cluster.free_ports(3)
-        procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
-        lb = Cluster(procs, log_dir)
-        lb.admin_port = ports[2]
-        lb.lb = procs.start(balancer_process(
-            ports[1], [f"odd=127.0.0.1:{odd.getsockname()[1]}", f"server1=127.0.0.1:{ports[0]}"],
-            "--check", "connect", "--check-interval", "30", admin_port=ports[2], log_dir=str(log_dir)))
+        lb = _odd_beside_server1(procs, log_dir, odd)
         servers = []
         for _ in range(2):  # (one of the two connections goes to odd first)
             c = connect(lb.lb.port)
