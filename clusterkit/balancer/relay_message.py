@@ -69,6 +69,10 @@ ERR_LINE_TOO_LONG = build_error("line-too-long")
 ERR_INCOMPLETE_LINE = build_error("incomplete-line")
 ERR_LINE_TIMEOUT = build_error("line-timeout")
 ERR_IDLE = build_error("idle-timeout")
+KNOWN_MAX = 1024
+"""The longest answer a client's last lone message keeps for the glance in
+``backend_data`` (a load tool's messages are short; a copy of a 64 KiB line's
+answer per idle client would add up)."""
 MESSAGE_COST = 64
 """Bytes a pending message costs the balancer beyond its own (the bytes object and
 its place in the queue), counted against ``max_pending_bytes``: counted by their
@@ -473,7 +477,7 @@ class ClientSide(asyncio.Protocol):
                 view = data
             n, end, why = match_answers(view, pending)
             notice = bytes(view[end:view.find(b"\n", end)]) if why == NOTICE else b""
-            if n == 1 and end == len(view) and why == MORE and len(pending) == 1:
+            if n == 1 and end == len(view) <= KNOWN_MAX and why == MORE and len(pending) == 1:
                 self.known = (self.backend_conn, pending[0], bytes(view))
         if n:
             if end == len(view):
