@@ -11,6 +11,7 @@ import time
 import pytest
 
 from clusterkit import cluster
+from clusterkit.balancer import balancer_process
 
 from .http_setup import HttpSetup
 
@@ -44,6 +45,17 @@ def server(request, setup):
     if request.param == "lb.py":
         return setup.lb(1, "--header-timeout", "1")
     return setup.server(request.param, "--header-timeout", "1")
+
+
+@pytest.fixture
+def balanced(procs, log_dir):
+    """Three echo servers behind a balancer (message mode): the balancer's process."""
+    ports = cluster.free_ports(4)
+    backends = []
+    for i in range(3):
+        procs.start(cluster.echo_server(f"server{i + 1}", ports[i], log_dir=str(log_dir)))
+        backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
+    return procs.start(balancer_process(ports[3], backends, log_dir=str(log_dir)))
 
 
 @pytest.fixture
