@@ -13,6 +13,7 @@ import pytest
 from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 
+from .balancer_setup import Cluster
 from .http_setup import HttpSetup
 
 
@@ -56,6 +57,12 @@ def balanced(procs, log_dir):
         procs.start(cluster.echo_server(f"server{i + 1}", ports[i], log_dir=str(log_dir)))
         backends.append(f"server{i + 1}=127.0.0.1:{ports[i]}")
     return procs.start(balancer_process(ports[3], backends, log_dir=str(log_dir)))
+
+
+@pytest.fixture
+def lb(procs, log_dir):
+    """Three echo servers behind a balancer, started by the test (``balancer_setup.Cluster``)."""
+    return Cluster(procs, log_dir)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 
+from .balancer_setup import Cluster, one_message
 from .conftest import fake_backend
-from .test_balancer import Cluster, one_message
 
 pytestmark = pytest.mark.timeout(90)
 
