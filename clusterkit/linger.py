@@ -7,9 +7,9 @@ reset can reach the client before it has read the answer, which is then lost
 (a 414 after a 100 KB request line, a 400 in the middle of a pipelined batch).
 
 ``linger(sock)`` for the threaded server's blocking sockets; ``Linger`` for the
-asyncio protocols (the async server, lb.py; on ``epollset.SocketTransport``
-through its ``write_eof``), whose sweep ends it; the balancer's raw sockets
-have theirs in ``epollset.py`` (``linger_close``).
+asyncio protocols (the async server on ``epollset.SocketTransport``, lb.py on
+the loop's transports; through their ``write_eof``), whose sweep ends it; the
+balancer's raw sockets have theirs in ``epollset.py`` (``linger_close``).
 """
 
 from __future__ import annotations
