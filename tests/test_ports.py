@@ -122,9 +122,9 @@ def test_lb_py_leaves_its_backend_ports_free_for_servers(procs, log_dir):
         "http_servers/async_server.py", str(backend_port), "--name", "backend1", "--log-dir", str(log_dir)),
         port=backend_port))
     before = time_waits(backend_port)
-    # Three lb.py runs, each leaving one pooled connection to close when it stops: with one
-    # alone, a full run failed twice here when its local port was also another socket's
-    # (another test's connection from the same port), which proves nothing either way.
+    # Three lb.py runs, each leaving one pooled connection to close when it stops. With one
+    # alone, two full runs failed here, most likely as its one local port was also another
+    # socket's (another test's connection from the same port), which proves nothing.
     # (Checks once a minute: the requests' pooled connections are the ones to look for.)
     for _ in range(3):
         lb_port = cluster.free_port()
