@@ -162,10 +162,10 @@ class ClientSide(asyncio.Protocol):
     """One client connection in message mode."""
 
     __slots__ = ("app", "config", "elog", "framer", "transport", "conn_id", "backend", "backend_conn",
-                 "connecting", "pending", "known", "pending_bytes", "inbuf", "used", "tried", "paused", "client_full", "eof",
-                 "closed", "rejected", "error_after_pending", "answered", "failovers", "no_backend_errors",
-                 "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered", "stall_since",
-                 "connect_side", "connect_started", "lines", "line_watch")
+                 "connecting", "pending", "known", "pending_bytes", "inbuf", "used", "tried", "paused",
+                 "client_full", "eof", "closed", "rejected", "error_after_pending", "answered", "failovers",
+                 "no_backend_errors", "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered",
+                 "stall_since", "connect_side", "connect_started", "lines", "line_watch")
 
     def __init__(self, app: Balancer) -> None:
         self.app = app
