@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def exchange(port: int, raw: bytes, timeout: float = 10, host: str = "127.0.0.1"
         except TimeoutError:
             pass
     return data
+
+
+def apachebench(url: str, n: int, c: int, keepalive: bool = False, timeout: float = 90) -> str:
+    """``ab -n N -c C [-k] URL``, which must end well: its report."""
+    ab = subprocess.run(["ab", *(["-k"] if keepalive else []), "-n", str(n), "-c", str(c), url],
+                        capture_output=True, text=True, timeout=timeout)
+    assert ab.returncode == 0, ab.stderr
+    return ab.stdout
 
 
 def assert_page_then_close(s: socket.socket) -> None:

@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -22,8 +21,8 @@ import pytest
 from clusterkit import cluster
 
 from .conftest import unasked, under_open_files_limit
-from .http_setup import (CLOSING_GET, HAS_AB, SIMPLE_GET, WWW, assert_page_then_close, exchange, read_answers,
-                         status_of)
+from .http_setup import (CLOSING_GET, HAS_AB, SIMPLE_GET, WWW, apachebench, assert_page_then_close, exchange,
+                         read_answers, status_of)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -222,11 +221,9 @@ def test_pool_threads_take_turns_between_keepalive_clients(setup):
 @pytest.mark.skipif(not HAS_AB, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
 def test_apachebench_keepalive_with_more_clients_than_pool_threads(setup):
     server = setup.server("Server_thread_http.py", "--pool", "2")
-    ab = subprocess.run(["ab", "-k", "-n", "2000", "-c", "6", f"http://127.0.0.1:{server.port}/page.html"],
-                        capture_output=True, text=True, timeout=90)
-    assert ab.returncode == 0, ab.stderr
-    assert re.search(r"Failed requests:\s+0\b", ab.stdout), ab.stdout
-    assert re.search(r"Keep-Alive requests:\s+2000\b", ab.stdout), ab.stdout
+    report = apachebench(f"http://127.0.0.1:{server.port}/page.html", 2000, 6, keepalive=True)
+    assert re.search(r"Failed requests:\s+0\b", report), report
+    assert re.search(r"Keep-Alive requests:\s+2000\b", report), report
 
 
 def test_idle_keepalive_connections_hold_no_pool_thread_and_stay_open(setup):
@@ -263,11 +260,9 @@ def test_apachebench_keepalive_with_many_more_clients_than_pool_threads(setup):
     three of them here)."""
     for _ in range(3):
         server = setup.server("Server_thread_http.py", "--pool", "4")
-        ab = subprocess.run(["ab", "-k", "-n", "300", "-c", "100", f"http://127.0.0.1:{server.port}/page.html"],
-                            capture_output=True, text=True, timeout=60)
-        assert ab.returncode == 0, ab.stderr
-        assert re.search(r"Failed requests:\s+0\b", ab.stdout), ab.stdout
-        assert re.search(r"Keep-Alive requests:\s+300\b", ab.stdout), ab.stdout
+        report = apachebench(f"http://127.0.0.1:{server.port}/page.html", 300, 100, keepalive=True, timeout=60)
+        assert re.search(r"Failed requests:\s+0\b", report), report
+        assert re.search(r"Keep-Alive requests:\s+300\b", report), report
 
 
 def test_a_slowloris_does_not_hold_a_pool_thread(setup):

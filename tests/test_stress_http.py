@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 from clusterkit import cluster
 
+from .http_setup import apachebench
 from .stress_setup import FakeServer, UNFRAMED, http_answer, run_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,11 +29,9 @@ def test_http_mode_counts_what_apachebench_counts(tmp_path, log_dir, procs, keep
     procs.start(cluster.Process("http.server", [sys.executable, "-m", "http.server", str(port), "--bind",
                                                 "127.0.0.1", "--directory", str(www)], port=port))
     url = f"http://127.0.0.1:{port}/page.html"
-    ab = subprocess.run(["ab", *(["-k"] if keepalive else []), "-n", "200", "-c", "4", url],
-                        capture_output=True, text=True, timeout=60)
-    assert ab.returncode == 0, ab.stderr
-    ab_complete = int(re.search(r"Complete requests:\s+(\d+)", ab.stdout).group(1))
-    ab_bytes = int(re.search(r"Total transferred:\s+(\d+)", ab.stdout).group(1))
+    report = apachebench(url, 200, 4, keepalive, timeout=60)
+    ab_complete = int(re.search(r"Complete requests:\s+(\d+)", report).group(1))
+    ab_bytes = int(re.search(r"Total transferred:\s+(\d+)", report).group(1))
     row, proc = run_json("-n", "200", "-c", "4", "--http", url, *(["-k"] if keepalive else []),
                          "--engine", engine, log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
