@@ -222,3 +222,37 @@ def test_a_body_after_a_bare_lf_head_keeps_its_bytes():
 def test_a_crlf_split_over_two_reads_is_one_line_end():
     got, error = requests_and_error([b"GET / HTTP/1.1\r", b"\nHost: t\r", b"\n\r", b"\n"])
     assert error is None and [(r[1], r[3]) for r in got] == [(b"/", [(b"Host", b"t")])]
+
+
+BODY_AFTER_UPGRADE = b"GET /smuggled HTTP/1.1\r\nHost: s\r\n\r\n"
+UPGRADE_WITH_BODY = (b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(BODY_AFTER_UPGRADE), BODY_AFTER_UPGRADE))
+
+
+@pytest.mark.parametrize("cut", range(0, len(UPGRADE_WITH_BODY) + len(R11), 7))
+def test_the_body_of_an_ignored_upgrade_is_skipped_wherever_the_reads_end(cut):
+    stream = UPGRADE_WITH_BODY + R11
+    parser = ParserOnly(Limits())
+    got = parser.feed(stream[:cut]) + parser.feed(stream[cut:])
+    assert [r.target for r in got] == [b"/page.html", b"/style.css"] and parser.error is None
+
+
+def test_trailer_fields_stay_out_of_the_request_and_count_against_the_body_limit():
+    head = b"GET / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n"
+    parser = ParserOnly(Limits())
+    (req,) = parser.feed(head + b"Range: bytes=0-1\r\nHost: evil\r\n\r\n")
+    assert req.headers == [(b"Host", b"t"), (b"Transfer-Encoding", b"chunked")] and req.keep_alive
+    parser = ParserOnly(Limits(max_body=100))
+    assert parser.feed(head + b"X-Big: " + b"b" * 200 + b"\r\n\r\n") == []
+    assert parser.error is not None and parser.error.status == 413
+
+
+def test_an_error_in_a_head_request_is_answered_with_the_head_alone():
+    from clusterkit.http.core import error_response
+    for raw, status in ((b"HEAD / HTTP/1.1\r\n\r\n", 400), (b"HEAD /%s HTTP/1.1\r\n" % (b"a" * 9000), 414),
+                        (b"GET / HTTP/1.1\r\n\r\n", 400)):
+        parser = ParserOnly(Limits())
+        parser.feed(raw)
+        assert parser.error is not None and parser.error.status == status
+        answer = error_response(parser.error)
+        assert answer.endswith(b"\r\n\r\n") is raw.startswith(b"HEAD"), answer

@@ -132,6 +132,108 @@ def test_an_upgrade_is_ignored_and_the_connection_goes_on_in_http_1_1(server):
     assert b"101" not in data.split(b"\r\n", 1)[0]
 
 
+SMUGGLED = b"GET /style.css HTTP/1.1\r\nHost: smuggled\r\n\r\n"
+UPGRADE_WITH_BODY = (b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(SMUGGLED))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_the_body_of_an_ignored_upgrade_is_a_body_not_the_next_request(server, split):
+    """llhttp ends an Upgrade request at its head: its Content-Length body was read
+    as a request of its own (a smuggled /style.css, answered 200, and forwarded so
+    by lb.py). nginx and RFC 9112 6.3: the body is a body. Also when it comes in a
+    read of its own, and one chunked gets a 400 (nothing would find its end)."""
+    after = b"GET /nothing-here HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        if split:
+            s.sendall(UPGRADE_WITH_BODY + SMUGGLED[:10])
+            time.sleep(0.1)
+            s.sendall(SMUGGLED[10:])
+            time.sleep(0.1)
+            s.sendall(after)
+        else:
+            s.sendall(UPGRADE_WITH_BODY + SMUGGLED + after)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert statuses_in(data) == [b"200", b"404"], data[:400]
+    assert b"text/css" not in data
+    chunked = (b"GET /page.html HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED))
+    assert statuses_in(exchange(server.port, chunked)) == [b"400"]
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"HEAD /page.html HTTP/1.1\r\n\r\n", 400),
+    (b"HEAD /page.html HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"HEAD / HTTP/1.1\r\nHost: t\r\n" + b"X-Filler: " + b"a" * 40000 + b"\r\n\r\n", 431),
+    (b"HEAD /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+    (b"HEAD / HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999\r\n\r\n", 413),
+])
+def test_an_error_answer_to_a_head_is_a_head_alone(server, raw, status):
+    """RFC 9110 9.3.2: no content in an answer to HEAD, an error's either (nginx's
+    have none); ours carried their one-line bodies, which a client reading the
+    next answer takes for its start."""
+    data = exchange(server.port, raw)
+    assert status_of(data) == status, data[:200]
+    assert data.endswith(b"\r\n\r\n") and data.count(b"\r\n\r\n") == 1, data[-100:]
+    assert re.search(rb"Content-Length: [1-9]", data)  # (the length a GET's answer would have)
+
+
+def test_chunked_trailer_fields_are_not_taken_for_header_fields(server):
+    """RFC 9110 6.5.1: a trailer is not merged into the head (nginx ignores it). A
+    trailer Range made a 206, and behind lb.py a trailer Host reached the backend
+    as a second Host (a 400 for a request that was right). A trailer Connection:
+    close is the one llhttp heeds (it reads nothing after it): the answer says
+    close, and the connection closes, rather than leave the next request unread
+    on a connection said to stay."""
+    def chunked(trailer: bytes) -> bytes:
+        # (If-None-Match: a head with a conditional field has its Range looked at)
+        return (b"GET /page.html HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"nope\"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\n%s\r\n" % trailer)
+    page = (WWW / "page.html").read_bytes()
+    closing = b"GET /style.css HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    for trailer in (b"Range: bytes=0-9\r\n", b"Host: evil\r\n"):
+        data = exchange(server.port, chunked(trailer) + closing)
+        assert statuses_in(data) == [b"200", b"200"], (trailer, data[:300])
+        assert page in data and b"text/css" in data
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(chunked(b"Connection: close\r\n") + closing)
+        data = b""
+        while chunk := s.recv(65536):  # (the close ends it: no timeout)
+            data += chunk
+    assert statuses_in(data) == [b"200"] and b"Connection: close" in data and data.endswith(page), data[:300]
+
+
+def test_if_match_and_if_unmodified_since_that_fail_get_412(server):
+    """RFC 9110 13.1.1-13.1.4, as nginx: If-Match compares strongly (a weak tag or
+    another tag fails, * does not), If-Unmodified-Since fails for a file changed
+    after it; either failing is a 412, before any If-None-Match or Range."""
+    head = exchange(server.port, CLOSING_GET).partition(b"\r\n\r\n")[0]
+    etag = re.search(rb"ETag: (\S+)", head).group(1)
+    modified = email.utils.parsedate_to_datetime(re.search(rb"Last-Modified: ([^\r]+)", head).group(1).decode())
+    before = email.utils.format_datetime(modified.replace(year=modified.year - 1), usegmt=True).encode()
+    after = email.utils.format_datetime(modified.replace(year=modified.year + 1), usegmt=True).encode()
+
+    def status(extra: bytes, method: bytes = b"GET") -> int:
+        data = exchange(server.port, b"%s /page.html HTTP/1.1\r\nHost: t\r\n%sConnection: close\r\n\r\n"
+                        % (method, extra))
+        if method == b"HEAD":
+            assert data.endswith(b"\r\n\r\n"), data[-80:]
+        return status_of(data)
+
+    assert status(b'If-Match: "nope"\r\n') == 412
+    assert status(b'If-Match: "nope"\r\n', b"HEAD") == 412
+    assert status(b"If-Match: W/%s\r\n" % etag) == 412
+    assert status(b'If-Match: "nope", %s\r\n' % etag) == 200
+    assert status(b"If-Match: *\r\n") == 200
+    assert status(b'If-Match: "nope"\r\nIf-None-Match: %s\r\nRange: bytes=0-9\r\n' % etag) == 412
+    assert status(b"If-Unmodified-Since: %s\r\n" % before) == 412
+    assert status(b"If-Unmodified-Since: %s\r\n" % after) == 200
+    assert status(b"If-Unmodified-Since: not a date\r\n") == 200
+    assert status(b"If-Match: %s\r\nIf-Unmodified-Since: %s\r\n" % (etag, before)) == 200  # (If-Match decides)
+
+
 @pytest.mark.parametrize("path", [
     b"/../clusterkit/__init__.py", b"/%2e%2e/clusterkit/__init__.py", b"/..%2f..%2fetc%2fpasswd",
     b"/%2e%2e%2f%2e%2e%2fetc/passwd", b"/outside/passwd", b"/.%2e/README.md", b"/x/../../README.md",

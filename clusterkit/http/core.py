@@ -49,11 +49,11 @@ import httptools
 
 REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified", 400: "Bad Request",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
-           414: "URI Too Long", 416: "Range Not Satisfiable",
+           412: "Precondition Failed", 414: "URI Too Long", 416: "Range Not Satisfiable",
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 ALLOWED_METHODS = (b"GET", b"HEAD")
-CONDITIONAL = (b"if-none-match", b"if-modified-since", b"range")
+CONDITIONAL = (b"if-none-match", b"if-modified-since", b"range", b"if-match", b"if-unmodified-since")
 """Request headers that can change a static answer (``Request.conditional``)."""
 SERVER = b"clusterkit"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -103,10 +103,12 @@ def reason_phrase(status: int) -> bytes:
 class HttpError(Exception):
     """A request we refuse, with the status to answer; the connection closes after it."""
 
-    def __init__(self, status: int, detail: str = "") -> None:
+    def __init__(self, status: int, detail: str = "", head_only: bool = False) -> None:
         super().__init__(f"{status} {REASONS.get(status, '')}: {detail}")
         self.status = status
         self.detail = detail
+        self.head_only = head_only
+        """The refused request is a HEAD: its answer has no body (RFC 9110 9.3.2)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class RequestParser:
         self._known: bytes | None = None  # the bytes of the last request that came alone in one read,
         self._known_request: Request | None = None  # and what they parsed to
         self._line = b""  # the stream's last unended line, while a head without a header field is in progress
+        self._skip = 0  # bytes still to come of the body of an Upgrade request (see _feed)
         self._prev = b""  # the bytes fed before
 
     def _reset(self) -> None:
@@ -197,6 +200,7 @@ class RequestParser:
         self._header_bytes = 0
         self._body = 0
         self._length: int | None = None  # the body's Content-Length
+        self._trailers = False  # the head is complete: header fields now are a chunked body's trailer
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -211,6 +215,12 @@ class RequestParser:
             self._fail(HttpError(414, "request target too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers:
+            # A chunked body's trailer fields are not merged into the head (RFC 9110
+            # 6.5.1; nginx ignores them too): a trailer "Range" made a 206, "Host" a
+            # second Host behind lb.py. They count as body against the limit.
+            self.on_body(name + value)
+            return
         self._header_bytes += len(name) + len(value) + 4
         self._headers.append((name, value))
         if self._header_bytes > self.limits.max_header_bytes or len(self._headers) > self.limits.max_headers:
@@ -218,12 +228,15 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         self.in_progress = False
+        self._trailers = True
         hosts = 0
         lengths = []
         codings: list[bytes] = []  # Transfer-Encoding values
         conditional = False
         close = False
         expect = False
+        upgrade = False
+        upgrade_asked = False  # Connection: upgrade
         bad_host = False
         for k, v in self._headers:
             k = k.lower()
@@ -237,9 +250,13 @@ class RequestParser:
             elif k in CONDITIONAL:
                 conditional = True
             elif k == b"connection":
-                close = close or b"close" in connection_options(v)
+                options = connection_options(v)
+                close = close or b"close" in options
+                upgrade_asked = upgrade_asked or b"upgrade" in options
             elif k == b"expect":
                 expect = v.strip().lower() == b"100-continue"
+            elif k == b"upgrade":
+                upgrade = True
         self._conditional = conditional
         self._close = close
         if len(lengths) > 1:
@@ -263,6 +280,12 @@ class RequestParser:
             self._fail(HttpError(400, "Transfer-Encoding in an HTTP/1.0 request"))
         if chunked and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
             self._fail(HttpError(501, "a Transfer-Encoding other than chunked"))
+        if chunked and upgrade and upgrade_asked:
+            # llhttp ends an Upgrade request at its head and hands back what follows
+            # as the new protocol's; the upgrade is ignored (see _feed), so a body
+            # would be read as the next request. A Content-Length body is skipped
+            # there; a chunked one is refused, as nothing here would find its end.
+            self._fail(HttpError(400, "an Upgrade request with a chunked body"))
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             self._fail(HttpError(400, "no Host header" if hosts == 0 else "more than one Host header"))
         if bad_host:
@@ -291,6 +314,8 @@ class RequestParser:
         self._open = False
         self.expects_continue = False  # its body came unasked: no 100 now (it would follow the answer)
         p = self._parser
+        # (llhttp takes a trailer's "Connection: close" for the head's, and reads nothing
+        # after it: the connection closes, the one trailer field it heeds)
         keep_alive = p.should_keep_alive() and not self._close
         self.ready.append(Request(p.get_method(), self._url, p.get_http_version(), self._headers, keep_alive,
                                   conditional=self._conditional, path=self._path))
@@ -298,8 +323,16 @@ class RequestParser:
             self.last = True
 
     def _fail(self, error: HttpError) -> None:
+        error.head_only = self._is_head()
         self.error = error
         raise error
+
+    def _is_head(self) -> bool:
+        """Whether the request being parsed is a HEAD, as far as it has come."""
+        try:
+            return self._parser.get_method() == b"HEAD"
+        except httptools.HttpParserError:  # (no method yet)
+            return False
 
     def feed(self, data: bytes) -> list[Request]:
         """The requests ``data`` completes, in order; never raises.
@@ -311,6 +344,10 @@ class RequestParser:
         HTTP/1.0 without keep-alive) are ignored, not an error."""
         if self.error is not None or self.last:
             return []
+        if self._skip:
+            data = self._skipped(data)
+            if not data:
+                return []
         if not self._open:
             if data == self._known:
                 return [self._again()]
@@ -374,6 +411,11 @@ class RequestParser:
                 if self.error is None and self.ready and self.ready[-1].method != b"CONNECT":
                     data = data[exc.args[0]:]
                     self._parser = httptools.HttpRequestParser(self)
+                    # Its body, though, is a body (RFC 9112 6.3), not the next request:
+                    # llhttp ended the message at the head. Skipped, here and in the
+                    # reads to come (a chunked one was refused: on_headers_complete).
+                    self._skip = self._length or 0
+                    data = self._skipped(data)
                     if data:
                         continue
             except httptools.HttpParserError as exc:
@@ -382,7 +424,7 @@ class RequestParser:
                     detail = str(exc)
                     # (``head``: the bad message's start, when it is where this data starts)
                     head = data if fresh and not self.ready else b""
-                    self.error = HttpError(error_status(detail, head), detail)
+                    self.error = HttpError(error_status(detail, head), detail, self._is_head())
             break
         if clean and self.in_progress and not self._headers and not self.last:
             self._check_request_line(data)
@@ -398,6 +440,12 @@ class RequestParser:
                     shared.clear()
                 shared[data] = (self.limits, ready[0])
         return ready
+
+    def _skipped(self, data: bytes) -> bytes:
+        """``data`` without what is left of an ignored Upgrade's body (``_skip``)."""
+        n = min(self._skip, len(data))
+        self._skip -= n
+        return data[n:] if n else data
 
     def _check_request_line(self, data: bytes) -> None:
         """A request line without a version (``GET /``, HTTP/0.9's) has its 505 when
@@ -482,8 +530,9 @@ def error_status(detail: str, head: bytes) -> int:
 
 
 def error_response(error: HttpError, extra_headers: bytes = b"") -> bytes:
-    """The answer to a refused request; the connection is closed after it."""
+    """The answer to a refused request; the connection is closed after it. To a
+    HEAD, the head alone (its Content-Length the body's a GET would get)."""
     body = f"{error.status} {REASONS.get(error.status, '')}\n".encode()
     if error.status == 405:
         extra_headers += b"Allow: GET, HEAD\r\n"
-    return build_response(error.status, body, headers=extra_headers, keep_alive=False)
+    return build_response(error.status, body, headers=extra_headers, keep_alive=False, head_only=error.head_only)

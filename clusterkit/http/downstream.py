@@ -192,7 +192,8 @@ class Exchange:
 
     def _error(self, status: int, why: str, backend: str) -> None:
         # (error_response says Connection: close: the connection ends after it)
-        self.client.answered(self.req, status, error_response(HttpError(status, why)), backend, keep=False)
+        error = HttpError(status, why, head_only=self.req.method == b"HEAD")
+        self.client.answered(self.req, status, error_response(error), backend, keep=False)
 
 
 
@@ -381,6 +382,8 @@ class ProxyClient(asyncio.Protocol):
             what = f"{_method_path(req)} " if req else ""
             self.elog.line("INFO", f"event=refused client={self.peer} {what}status={exc.status} "
                                    f"reason={logs.quote(exc.detail)}")
+        if req is not None:  # (431 for what would go to the backend: the parser did not say HEAD)
+            exc.head_only = req.method == b"HEAD"
         self._finish(error_response(exc), "-", exc.status, req, keep=False, logged=True)
 
     def _finish(self, resp: bytes, backend: str, status: int, req: Request | None, keep: bool,

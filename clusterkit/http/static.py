@@ -210,7 +210,8 @@ class StaticFiles:
                     if elog.error:
                         elog.line("ERROR", f"event=error client={peer} status=500 "
                                            f"reason={logs.quote(f'{type(exc).__name__}: {exc}')}")
-                    status, resp, keep = 500, error_response(HttpError(500), self.backend_header), False
+                    status, resp, keep = 500, error_response(HttpError(500, head_only=req.method == b"HEAD"),
+                                                              self.backend_header), False
             out.append(resp)
             if elog.info:
                 elog.line("INFO", f"event=request client={peer} method={req.method.decode('latin-1')} "
@@ -241,6 +242,9 @@ class StaticFiles:
         if entry is None:
             return 404, build_response(404, b"404 Not Found\n", headers=self.backend_header, keep_alive=keep,
                                        head_only=req.method == b"HEAD")
+        if req.conditional and _precondition_failed(req, entry):
+            return 412, build_response(412, b"412 Precondition Failed\n", headers=self.backend_header,
+                                       keep_alive=keep, head_only=req.method == b"HEAD")
         if req.conditional and _not_modified(req, entry):
             return 304, (b"HTTP/1.1 304 Not Modified\r\nServer: %s\r\nDate: %s\r\nETag: %s\r\n"
                          b"Last-Modified: %s\r\n%sConnection: %s\r\n\r\n"
@@ -304,17 +308,36 @@ def content_type(name: str, body: bytes) -> str:
     return ctype
 
 
+def _http_date(value: bytes) -> float | None:
+    """An HTTP date header's time (None: no date)."""
+    try:
+        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, OverflowError):  # (a year past 9999 overflows)
+        return None
+
+
+def _precondition_failed(req: Request, entry: CachedFile) -> bool:
+    """``If-Match`` or ``If-Unmodified-Since`` is false (RFC 9110 13.2.2, steps 1
+    and 2, as nginx: a 412). If-Match compares strongly: a weak tag never
+    matches; ``*`` matches any file. A date that is no date is ignored."""
+    im = req.header(b"if-match")
+    if im is not None:
+        return not any(tag.strip() in (entry.etag, b"*") for tag in im.split(b","))
+    ius = req.header(b"if-unmodified-since")
+    if ius is not None:
+        since = _http_date(ius)
+        return since is not None and int(entry.mtime) > since
+    return False
+
+
 def _not_modified(req: Request, entry: CachedFile) -> bool:
     inm = req.header(b"if-none-match")
     if inm is not None:
         return any(tag.strip() in (entry.etag, b"*", b"W/" + entry.etag) for tag in inm.split(b","))
     ims = req.header(b"if-modified-since")
     if ims is not None:
-        try:
-            since = parsedate_to_datetime(ims.decode("latin-1")).timestamp()
-        except (TypeError, ValueError, OverflowError):  # (a year past 9999 overflows)
-            return False
+        since = _http_date(ims)
         # A date later than the server's clock is no date (RFC 9110 13.1.3): the file goes out.
-        return int(entry.mtime) <= since <= time.time()
+        return since is not None and int(entry.mtime) <= since <= time.time()
     return False
 
