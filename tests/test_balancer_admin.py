@@ -92,3 +92,32 @@ def test_an_unfinished_admin_request_gets_408_and_an_idle_admin_connection_is_cl
         begun.sendall(b"GET /sta")
         assert begun.recv(200).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
         assert silent.recv(200) == b""
+
+
+def test_an_admin_request_is_answered_whatever_is_pipelined_behind_it(procs, log_dir):
+    """The admin port answers one request per connection. A second one in the same
+    write made the first a 404 (its target was added to the first's: /stats/metrics),
+    and a body said to be larger than 1 MiB waited 10 s for a 408: now the first is
+    answered and the rest is not read, and the too large body is a 413 at once."""
+    ports = cluster.free_ports(3)
+    procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+    procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], admin_port=ports[2],
+                                 log_dir=str(log_dir)))
+
+    def ask(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", ports[2]), timeout=30) as s:
+            s.sendall(raw)
+            data = b""
+            while chunk := s.recv(65536):  # (the admin port closes after its answer)
+                data += chunk
+            return data
+
+    both = ask(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert both.startswith(b"HTTP/1.1 200 OK\r\n") and b"application/json" in both and both.count(b"HTTP/1.1") == 1
+    head_then_post = ask(b"HEAD /stats HTTP/1.1\r\nHost: x\r\n\r\nPOST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head_then_post.startswith(b"HTTP/1.1 200 OK\r\n") and head_then_post.endswith(b"\r\n\r\n")
+    for method in (b"POST", b"GET"):
+        started = time.monotonic()
+        big = ask(b"%s /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" % method)
+        assert big.startswith(b"HTTP/1.1 413 ") and time.monotonic() - started < 5, big[:100]
+    assert ask(b"HEAD /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n").endswith(b"\r\n\r\n")
