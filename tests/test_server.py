@@ -204,6 +204,34 @@ def test_client_that_never_reads_does_not_grow_server_memory(start_server):
     assert grown < 30 * 2**20
 
 
+def test_short_messages_from_clients_that_never_read_cost_little_memory_and_none_is_lost(start_server):
+    """An empty line is answered with 30 times its bytes: a read of 256 KiB of them
+    was answered in one go, 7.6 MB, and 20 clients that sent 1 MiB each and never
+    read took the server 70 MB (3.5 MB each). Now a read is answered 16 KiB at a
+    time until the writing pauses, the rest held: well under 1.5 MB each. Every
+    message is answered once the client reads. (At warning: a log line a message
+    would be 20 million lines.)"""
+    server = start_server("server1", "--log-level", "warning")
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+    try:
+        for s in socks:
+            s.sendall(b"\n" * 2**20)
+        time.sleep(1)
+        grown = proc.memory_info().rss - before
+        assert grown < 20 * 1.5 * 2**20, f"{grown / 2**20:.1f} MB for 20 clients"
+        first = socks[0]
+        first.shutdown(socket.SHUT_WR)
+        data = bytearray()
+        while chunk := first.recv(1 << 20):
+            data += chunk
+        assert data == b"REPLY server1 \nACK server1 0\n" * 2**20
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_client_that_never_reads_is_cut_off_after_the_idle_timeout(start_server, flood, log_dir):
     """Its answers back up, the server stops reading it, so it turns idle; an
     ERR idle-timeout and the close could not reach it either: the connection is
