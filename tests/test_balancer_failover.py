@@ -22,7 +22,7 @@ from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
 
-from .balancer_setup import Cluster, one_message, pipeline, server_of, taken_in
+from .balancer_setup import FAST_CHECKS, Cluster, one_message, pipeline, server_of, taken_in
 from .conftest import FullBacklog, LineConn, send_all_then_read
 
 pytestmark = pytest.mark.timeout(90)
@@ -734,3 +734,18 @@ def test_a_check_whose_connect_takes_a_second_passes_the_connect_is_not_the_chec
             assert time.monotonic() < deadline, "no check was made"
             time.sleep(0.05)
         assert b["checks_ok"] == 1 and b["state"] == "UP", b
+
+
+def test_a_check_answered_with_an_err_line_says_its_code(procs, log_dir):
+    """A server whose --max-line is under the check message's 12 bytes answers the
+    check with ERR line-too-long: the backend goes down for it, with that reason,
+    not "bad-reply" (the server sent a well-formed line)."""
+    ports = cluster.free_ports(2)
+    procs.start(cluster.echo_server("server1", ports[0], "--max-line", "10", log_dir=str(log_dir)))
+    procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], *FAST_CHECKS, log_dir=str(log_dir)))
+    log_file = log_dir / "server_log.log"
+    deadline = time.monotonic() + 20
+    while "event=backend-down backend=server1" not in (log := log_file.read_text()):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.1)
+    assert re.search(r'event=backend-down backend=server1 \S+ \S+ reason="check line-too-long', log), log

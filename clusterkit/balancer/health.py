@@ -8,7 +8,8 @@ while it served its traffic.)
 A check opens a connection, sends ``health-check``, and passes when a correct
 ``REPLY``/``ACK`` pair comes back in time (``--check connect``: when the
 connection is accepted, HAProxy's plain ``check``); anything else fails it with a short
-reason (``refused``, ``timeout``, ``closed``, ``bad-reply``; ``busy`` from a
+reason (``refused``, ``timeout``, ``closed``, ``bad-reply``; an ``ERR`` line's
+code, such as ``line-too-long``; ``busy`` from a
 server at its connection limit, which a backend that stays full for ``fall``
 checks is taken out for, until it has room again; ``shutting-down`` from a
 server in its graceful stop; ``connect-timeout`` when the connect took
@@ -66,8 +67,8 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message",
                 responses = parser.feed(data)
                 if responses:
                     first = responses[0]
-                    if first.error in ("busy", "shutting-down"):
-                        return first.error
+                    if first.error:  # in its own words (busy, shutting-down; line-too-long from a
+                        return first.error  # server whose --max-line is under the check's 12 bytes)
                     return None if first.matches(CHECK_MESSAGE) else "bad-reply"
     except TimeoutError:
         return "timeout"
