@@ -39,9 +39,10 @@ TARGETS = {"persistent": {"tcp": 1.0, "message": 0.8}, "per-request": {"tcp": 0.
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--connections", "-c", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are compared (default: 3)")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each load run (default: 3)")
+    p.add_argument("--connections", "-c", type=int, default=10,
+                   help="concurrent connections of the load generator (default: 10)")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     if not anchors.available("haproxy"):

@@ -28,10 +28,11 @@ from clusterkit import cluster  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--connections", "-c", type=int, default=10)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default: 5)")
+    p.add_argument("--seconds", type=float, default=4.0, help="length of each load run (default: 4)")
+    p.add_argument("--connections", "-c", type=int, default=10,
+                   help="concurrent connections of the load generator (default: 10)")
+    p.add_argument("--size", type=int, default=64, help="message size in bytes, the newline included (default: 64)")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
 

@@ -365,3 +365,28 @@ def test_a_backend_answer_whose_head_never_ends_is_a_502_and_its_connection_goes
             assert time.monotonic() < deadline, "the backend connection was kept"
             time.sleep(0.05)
     assert sent[0] < 4 * 1024 * 1024, sent
+
+
+def _whole_head(size: int):
+    """A backend that answers the checks, and a request with a whole answer, in one
+    write, whose X-Big field makes its head ``size`` bytes."""
+    def answer(conn: socket.socket) -> None:
+        for head in read_requests(conn):
+            if b" /healthz " in head.split(b"\r\n", 1)[0]:
+                conn.sendall(FIXED_ANSWER)
+                continue
+            start = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Big: "
+            conn.sendall(start + b"a" * (size - len(start) - 4) + b"\r\n\r\nok\n")
+    return answer
+
+
+@pytest.mark.parametrize("size, status", [(60_000, 200), (100_000, 502), (250_000, 502)])
+def test_a_backend_answer_head_over_64_kib_is_a_502_also_when_it_comes_in_one_read(setup, size, status):
+    """The limit was counted only over reads that ended inside the head: a 100 KB
+    head that came whole in one read went to the client (nginx: 502, "upstream
+    sent too big header")."""
+    with fake_backend(_whole_head(size)) as port:
+        lb = setup.server("lb.py", "--backend", f"fake=127.0.0.1:{port}", "--check-interval", "30")
+        data = exchange(lb.port, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", timeout=30)
+    assert status_of(data) == status, data[:100]
+    assert (data.endswith(b"\r\n\r\nok\n")) is (status == 200)

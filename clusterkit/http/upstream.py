@@ -114,6 +114,7 @@ class BackendConn(asyncio.Protocol):
         self.sent_at = 0.0  # the request's send, for the backend's latency
         self.between = True  # the parser is between answers
         self.completed = 0  # answers the parser has finished
+        self.oversized = False  # an answer's head, whole in one read, was over MAX_ANSWER_HEAD
         self._reset()
 
     def _reset(self) -> None:
@@ -125,6 +126,7 @@ class BackendConn(asyncio.Protocol):
         self.reason = b""
         self.head_done = False
         self.head_bytes = 0  # read while the head was coming (MAX_ANSWER_HEAD)
+        self.field_bytes = 0  # of the head's lines, as the parser gave them (the same limit)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -149,10 +151,13 @@ class BackendConn(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_done:  # (after the body: a chunked answer's trailer fields, dropped)
             self.headers.append((name, value))
+            self.field_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.head_done = True
+        # (a head that came whole in one read, up to 256 KB, was never counted: data_received)
+        self.oversized = self.oversized or self.field_bytes + len(self.reason) > MAX_ANSWER_HEAD
         if self.head_only and self.status >= 200:
             # A HEAD's answer ends with its head, whatever its Content-Length says
             # (RFC 9110 9.3.2); httptools cannot be told so, and would wait for that
@@ -234,9 +239,10 @@ class BackendConn(asyncio.Protocol):
             return
         if not (self.head_done or self.between):  # in the middle of an answer's head
             self.head_bytes += len(data)
-            if self.head_bytes > MAX_ANSWER_HEAD:
-                self._drop(BadGateway(f"answer head over {MAX_ANSWER_HEAD} bytes"))
-                return
+        if self.oversized or self.head_bytes > MAX_ANSWER_HEAD:
+            self.answer = None  # (whole in this read, it is no answer to go on either)
+            self._drop(BadGateway(f"answer head over {MAX_ANSWER_HEAD} bytes"))
+            return
         if self.answer is not None:  # handed over here, not inside the parser's callback
             if alone and self.between and self.completed == completed + 1 and len(data) <= KNOWN_MAX:
                 self.backend.known = KnownAnswer.of(data, self.answer)
