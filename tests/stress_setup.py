@@ -66,6 +66,27 @@ class FakeServer:
                     self.heads.append(data)
                     conn.sendall(UNFRAMED)
                     return
+                if self.behaviour.startswith("http-close-twice"):
+                    # An answer, then the close; every 7th answer twice first: in one
+                    # write ("-now"), or the copy 10 ms later.
+                    buf += data
+                    if b"\r\n\r\n" not in buf:
+                        continue
+                    with self.lock:
+                        self.count += 1
+                        n = self.count
+                    answer = http_answer(extra=b"Connection: close\r\n")
+                    twice = n % 7 == 0
+                    with self.lock:
+                        self.sent += len(answer) * (2 if twice else 1)
+                    if twice and self.behaviour.endswith("-now"):
+                        conn.sendall(answer * 2)
+                    else:
+                        conn.sendall(answer)
+                        if twice:
+                            time.sleep(0.01)
+                            conn.sendall(answer)
+                    return
                 if self.behaviour.startswith("http-twice"):  # every answer twice: at once, or 10 ms later
                     buf += data
                     while b"\r\n\r\n" in buf:

@@ -179,6 +179,8 @@ def test_one_step_http_answers_count_as_the_reader_counts_them(keepalive, closes
                 if got:
                     verdicts.add(got)
                     fast += 1
+                    if got == plan_module.CLOSES:
+                        c.drained()  # (counted at the server's close, as the engines call it)
                     break
                 c.reader.feed(chunk, ns())
             if c.reader is not None:
@@ -270,6 +272,26 @@ def test_http_headers_given_with_H_go_with_every_request_and_replace_the_tools_o
         assert head.startswith(b"GET /x HTTP/1.0\r\n") and head.endswith(b"\r\n\r\n")
         assert b"\r\nX-Test: one two\r\n" in head and b"\r\nhost: example.test\r\n" in head
         assert b"Host: 127.0.0.1" not in head and b"User-Agent: clusterkit-stress\r\n" in head
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+@pytest.mark.parametrize("behaviour", ["http-close-twice", "http-close-twice-now"])
+def test_a_second_answer_before_the_servers_close_fails_as_extra_answer(log_dir, tmp_path, engine, behaviour):
+    """Without keep-alive (the default) the tool waits for the server's close after
+    each answer, and dropped what came first: a server answering every 7th request
+    twice got Complete 70, Failed 0, exit 0, and its copies were left out of Total
+    transferred (ab: Failed 10 (Length)). Now the answer is counted at the close,
+    and a copy before it fails it as extra-answer, its bytes counted; in the same
+    read as the answer too."""
+    server = FakeServer(behaviour)
+    try:
+        row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/", "-n", "70", "-c", "2",
+                             "--engine", engine, "--timeout", "2", log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        server.close()
+    assert proc.returncode == 1, proc.stderr
+    assert (row["complete"], row["failed"], row["errors"]) == (60, 10, {"extra-answer": 10}), row
+    assert row["total_transferred_bytes"] == server.sent
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])

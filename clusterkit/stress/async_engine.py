@@ -29,8 +29,6 @@ class AsyncClient(Client, asyncio.Protocol):
         self.runner = runner
         self.family, self.sockaddr = address(runner.cfg, self.target)
         self.transport: asyncio.Transport | None = None
-        self.draining = False
-        """Answered; waiting for the server to close (see plan.server_closes)."""
         self.stop = runner.stop_event
         self.done = runner.loop.create_future()
 
@@ -89,9 +87,12 @@ class AsyncClient(Client, asyncio.Protocol):
         self.transport.write(self.request())  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
+        if self.draining:  # answered, and the server closes: more before its close is a second answer
+            self.drain_extra += len(data)
+            return
         reader = self.reader
         if reader is None:
-            if not self.draining and self.transport is not None:
+            if self.transport is not None:
                 # An answer nobody asked for, on an idle keep-alive connection (its
                 # client waits for a --rate send): the send reconnects.
                 self.unasked(data)
@@ -136,22 +137,28 @@ class AsyncClient(Client, asyncio.Protocol):
             self._finish()
 
     def _finish(self) -> None:
+        if self.transport is not None and server_closes(self.reader):
+            self._await_close()  # (counted at the close)
+            return
         reader = self.answered()
         if not reusable(self.cfg, reader):
-            if self.transport is not None and server_closes(reader):
-                self._await_close()
-                return
             transport, self.transport = self.transport, None
             if transport is not None:  # None when the server closed first
                 transport.close()
         self.next()
 
     def _await_close(self) -> None:
-        """Answered, and the server closes the connection: connection_lost goes on."""
+        """Answered, and the server closes the connection: connection_lost counts the
+        answer (``Client.drained``) and goes on."""
         self.draining = True
         self.sent = ns()  # the deadline for the close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.draining:
+            self.transport = None
+            self.drained()
+            self.next()
+            return
         if self.reader is not None and self.server_closed_first(self.reader):  # again, on a new connection
             self.transport = None
             self._go()
@@ -160,10 +167,6 @@ class AsyncClient(Client, asyncio.Protocol):
             self.reader.close(ns())
             self.transport = None
             self._finish()
-        elif self.draining:
-            self.draining = False
-            self.transport = None
-            self.next()
         self.transport = None
 
     def let_go(self) -> None:
@@ -178,8 +181,9 @@ class AsyncClient(Client, asyncio.Protocol):
             self.done.set_result(None)
 
     def check_timeout(self, now: int, timeout_ns: int) -> None:
-        if self.draining and now - self.sent > timeout_ns and self.transport is not None:
-            self.transport.abort()  # answered, but never closed; connection_lost goes on
+        if self.draining:
+            if now - self.sent > timeout_ns and self.transport is not None:
+                self.transport.abort()  # answered, but never closed; connection_lost goes on
         elif self.reader is not None and now - self.sent > timeout_ns:
             self.reader.close(ns(), "timeout")
             transport, self.transport = self.transport, None

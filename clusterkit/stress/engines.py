@@ -142,12 +142,11 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
             if payload is not None:  # counted by c.again, and the next request made (b"": not yet due)
                 payload = payload or None
                 continue
+            if verdict == CLOSES:  # answered, and the server closes the connection: counted at its close
+                drain(c, sock)
+                sock = None
+                continue
             if c.reader is None:  # counted by c.whole
-                if verdict == CLOSES:
-                    await_close(sock)
-                    sock.close()
-                    sock = None
-                    continue
                 payload = c.follow(now)  # the connection carries the next request
                 continue
             if stop.is_set():  # stopped (Ctrl-C, a dead target): what was on its way is not counted
@@ -156,14 +155,16 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 sock.close()
                 sock = None
                 continue
+            if server_closes(reader):  # (the same, for an answer the reader took)
+                drain(c, sock)
+                sock = None
+                continue
             if c.lingers(reader, ns()):
                 kernel_timeouts(sock, min(cfg.timeout, LINGER_NS / 1e9))
                 if linger(sock):
                     extra_answer(reader)
             c.answered()
             if not reusable(cfg, reader):
-                if server_closes(reader):
-                    await_close(sock)
                 sock.close()
                 sock = None
     except Exception:  # a bug: said, and counted, so that the run cannot pass for a clean one
@@ -207,13 +208,24 @@ def linger(sock: socket.socket) -> bool:
         return False
 
 
-def await_close(sock: socket.socket) -> None:
-    """Read until the server closes (bounded by the socket's kernel timeout)."""
+def drain(c: Client, sock: socket.socket) -> None:
+    """Answered, on a connection the server closes: wait for its close, count the
+    answer then (``Client.drained``), and close the socket."""
+    c.drain_extra = await_close(sock)
+    c.drained()
+    sock.close()
+
+
+def await_close(sock: socket.socket) -> int:
+    """Read until the server closes (bounded by the socket's kernel timeout); the
+    bytes that came first (a second answer: ``plan.Client.drained``)."""
+    extra = 0
     try:
-        while sock.recv(65536):
-            pass
+        while chunk := sock.recv(65536):
+            extra += len(chunk)
     except OSError:  # includes BlockingIOError: the kernel timeout ran out
         pass
+    return extra
 
 
 # --------------------------------------------------------------------------

@@ -55,14 +55,13 @@ class EpollClient(Client):
     """One client's socket and state: idle, connecting, waiting for an answer,
     or draining (answered; waiting for the server to close: plan.server_closes)."""
 
-    __slots__ = ("sock", "connecting", "draining", "finished")
+    __slots__ = ("sock", "connecting", "finished")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board: Board,
                  failed_slot: int) -> None:
         super().__init__(cfg, index, plan, rec, board, failed_slot)
         self.sock: _socket.socket | None = None
         self.connecting = False
-        self.draining = False
         self.finished = False
 
 
@@ -209,20 +208,22 @@ class EpollRunner:
             except OSError:
                 chunk = b""
             now = ns()
+            if c.draining:  # answered, and the server closes: its close, or more (a second answer)
+                if chunk:
+                    c.drain_extra += len(chunk)
+                    continue
+                self.drop(c)
+                c.drained()
+                self.next(c)
+                return
             if reader is None:
-                if not c.draining:
-                    # An idle keep-alive connection (its client waits for a --rate
-                    # send) that the server closed, or that brought an answer nobody
-                    # asked for: the send reconnects.
-                    if chunk:
-                        c.unasked(chunk)
-                    self.drop(c)
-                    return
-                if not chunk:  # the server's close after its answer
-                    self.drop(c)
-                    self.next(c)
-                    return
-                continue
+                # An idle keep-alive connection (its client waits for a --rate send)
+                # that the server closed, or that brought an answer nobody asked
+                # for: the send reconnects.
+                if chunk:
+                    c.unasked(chunk)
+                self.drop(c)
+                return
             if c.expect is not None:  # the line protocol's steady state, in one step
                 payload = c.again(chunk, now)
                 if payload:
@@ -269,10 +270,10 @@ class EpollRunner:
                 return
 
     def finish(self, c: EpollClient, hangup: int = 0) -> None:
-        reader = c.answered()
-        if c.sock is not None and server_closes(reader):
-            self.closing(c, hangup)
+        if c.sock is not None and server_closes(c.reader):
+            self.closing(c, hangup)  # (counted at the close)
             return
+        reader = c.answered()
         if reusable(self.cfg, reader):
             self.next(c)
             return
@@ -280,9 +281,11 @@ class EpollRunner:
         self.next(c)
 
     def closing(self, c: EpollClient, hangup: int) -> None:
-        """Answered, and the server closes the connection: close it when it has."""
+        """Answered, and the server closes the connection: close it when it has, and
+        count the answer then (``Client.drained``)."""
         if hangup:
             self.drop(c)
+            c.drained()
             self.next(c)
             return
         # The FIN comes after the event was reported, so it brings an event of its own.
@@ -296,7 +299,6 @@ class EpollRunner:
             sock.close()  # also takes it out of the epoll set
             c.sock = None
         c.connecting = False
-        c.draining = False
 
     def check(self, clients: list[EpollClient], now: int) -> None:
         """Deadlines; and on stop, let go of every client at once."""
@@ -311,10 +313,12 @@ class EpollRunner:
             if c.connecting and now - c.connect_started > self.timeout_ns:
                 self.drop(c)
                 self.connect_failed(c, "connect-timeout")
+            elif c.draining:
+                if now - c.sent > self.timeout_ns:  # answered, but never closed: close it
+                    self.drop(c)
+                    c.drained()
+                    self.next(c)
             elif c.reader is not None and now - c.sent > self.timeout_ns:
                 c.reader.close(ns(), "timeout")
                 self.drop(c)
                 self.finish(c)
-            elif c.draining and now - c.sent > self.timeout_ns:  # answered, but never closed: close it
-                self.drop(c)
-                self.next(c)

@@ -319,8 +319,10 @@ class HttpReader:
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError:
-            self._end(Outcome(False, "extra-answer" if self.extra else "bad-response", self.first_ns, now,
-                              self.nbytes))
+            # (bytes behind a complete answer that llhttp refuses, as after its "Connection:
+            # close": a second answer too)
+            self._end(Outcome(False, "extra-answer" if self.extra or self.complete else "bad-response",
+                              self.first_ns, now, self.nbytes))
             return
         if self.headers_done and self._head_parts:
             self._scan()

@@ -187,7 +187,7 @@ class Client:
                  "k", "reader", "batch", "sent", "due_by", "timeout_ns", "base", "connect_started", "limit", "deadline",
                  "steady",
                  "expect", "known", "stop_slot", "opened", "start", "reused", "resent", "extra", "short", "connect_ns",
-                 "asked")
+                 "asked", "pending", "drain_extra", "draining")
 
     def __init__(self, cfg: StressConfig, index: int, plan: Plan, rec: Recorder, board, failed_slot: int) -> None:
         self.cfg = cfg
@@ -222,6 +222,11 @@ class Client:
         self.short = False  # its last connect found no descriptor here: the next waits a moment (see due)
         self.connect_ns = 0  # the connect of the request in flight, counted with its outcome (see connected)
         self.asked: list[bytes] | tuple = ()  # the line messages of the last request sent (LineReader.before)
+        self.draining = False
+        """Answered, on a connection the server closes: its close is awaited, and the answer
+        counted then (``drained``), as what comes before the close fails it."""
+        self.pending: tuple[bytes, int, str] | None = None  # ``whole``'s answer awaiting the close
+        self.drain_extra = 0  # bytes that came after that answer, before the close
 
     def over(self, stop) -> bool:
         if self.k >= self.limit or stop.is_set():
@@ -337,9 +342,10 @@ class Client:
             self.known = None
             if len(chunk) != len(known.data) or not known.whole(chunk):
                 return 0
-            if not known.keep_alive:
-                verdict = CLOSES
-            elif self.cfg.keepalive:
+            if not known.keep_alive:  # counted at the server's close (drained)
+                self.pending = (chunk, now, known.backend)
+                return CLOSES
+            if self.cfg.keepalive:
                 if self.finishing(now):
                     return 0  # the last answer on the connection: the engine lingers (see lingers)
                 verdict = AGAIN
@@ -348,6 +354,27 @@ class Client:
             name = known.backend
         self._counted(now, name, len(chunk))
         return verdict
+
+    def drained(self) -> None:
+        """The server closed the connection after an answer it said it would close it
+        on (``CLOSES``, or ``server_closes``), or the deadline for that close passed:
+        count the answer now. Bytes that came between the two (``drain_extra``: a
+        second answer) fail it as ``extra-answer``, and count as received, as
+        ApacheBench fails such an answer (Length). They were read and dropped, and a
+        server answering twice passed."""
+        self.draining = False
+        extra, self.drain_extra = self.drain_extra, 0
+        pending, self.pending = self.pending, None
+        if pending is not None:  # checked by whole, not yet parsed
+            chunk, at, name = pending
+            if not extra:
+                self._counted(at, name, len(chunk))
+                return
+            self.reader.feed(chunk, at)
+        if extra:
+            extra_answer(self.reader)
+            self.rec.result.bytes_received += extra
+        self.answered()
 
     def _counted(self, now: int, name: str, nbytes: int) -> None:
         """Count the answer in flight as right and whole (``whole``, ``again``)."""
