@@ -22,8 +22,8 @@ CLOSES = 2
 """``Client.whole``: the answer was counted, and the server closes the connection now
 (an HTTP answer without keep-alive: the engine waits for its close, see ``server_closes``)."""
 LINGER_NS = 500_000_000
-"""How long a client waits, at the end of an HTTP keep-alive run, for the server to
-close after its half-close (``Client.lingers``): a copy of an answer comes at once."""
+"""How long a client waits, at the end of a keep-alive run, for the server to close
+after its half-close (``Client.lingers``): a copy of an answer comes at once."""
 FINE_NS = 50_000
 """The event engines wait for a --rate send due within the next ms in steps
 this long (handling I/O between them): event loops time in whole ms, and a
@@ -331,7 +331,7 @@ class Client:
         expect = self.expect
         if expect is not None:
             self.expect = None  # (if not as expected, the reader takes over this answer)
-            if chunk != expect:
+            if chunk != expect or self.finishing(now):  # (the last: the engine lingers, see lingers)
                 return 0
             name = self.target.name
             verdict = AGAIN
@@ -403,8 +403,8 @@ class Client:
         for 200,000 messages to the C echo server went from 1.44 to 1.23 s
         (median of 3; the kernel's part, about 1.7 s, is unchanged)."""
         expect = self.expect
-        if expect is None or chunk != expect or now > self.due_by:
-            return None
+        if expect is None or chunk != expect or now > self.due_by or self.k + 1 >= self.limit or now >= self.deadline:
+            return None  # (the client's last answer goes the reader's way: see lingers)
         self.expect = None
         self._counted(now, self.target.name, len(chunk))
         return self.follow(now) or b""
@@ -418,7 +418,7 @@ class Client:
 
     def lingers(self, reader, now: int) -> bool:
         """Whether to half-close the connection and wait (up to --timeout) for the
-        server's close before counting this answer: HTTP keep-alive, the client's
+        server's close before counting this answer: keep-alive, the client's
         last answer, right, on a connection the server keeps.
 
         Why: an HTTP answer says nothing of the request it answers. A server that
@@ -430,8 +430,13 @@ class Client:
         close then fail this answer as ``extra-answer`` (the engine calls
         ``extra_answer``). A server that is in step closes at once; one that
         keeps the connection after the half-close costs its client LINGER_NS
-        (or --timeout, if shorter) at the end of the run, outside its timings."""
-        return bool(self.target.http_request) and reusable(self.cfg, reader) and self.finishing(now)
+        (or --timeout, if shorter) at the end of the run, outside its timings.
+        The line protocol too: its answers name their message, but a client
+        sending the same one (``--message``) takes a late copy for the next
+        answer as well, and a copy of the last answer came after the client had
+        gone (SPEC.md: a line server closes once it has answered what came
+        before the half-close)."""
+        return reusable(self.cfg, reader) and self.finishing(now)
 
     def linger_clock(self, now: int, timeout_ns: int) -> int:
         """What to set ``sent`` to while lingering, so that the engine's --timeout
