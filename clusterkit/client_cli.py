@@ -52,11 +52,14 @@ def _ms(value: float | None) -> str:
 def _print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # What the server sent is shown with its control characters escaped (\x1b):
+    # an escape sequence in a server's name cleared the terminal. (Text: no markup.)
     console = Console()
     for row in rows[:20]:
-        console.print(row["reply"], markup=False, highlight=False)
-        console.print(row["confirmation"], markup=False, highlight=False)
+        console.print(logs.printable(row["reply"]), markup=False, highlight=False)
+        console.print(logs.printable(row["confirmation"]), markup=False, highlight=False)
     if len(rows) > 20:
         console.print(f"... {len(rows) - 20} more reply pairs")
     table = Table(title="timings (ms, monotonic clock)")
@@ -64,8 +67,8 @@ def _print_table(rows: list[dict]) -> None:
         table.add_column(col, justify="right")
     shown = rows if len(rows) <= 20 else rows[:10] + rows[-10:]
     for row in shown:
-        table.add_row(str(row["n"]), row["server"], _ms(row["connect_ms"]), _ms(row["latency_ms"]),
-                      _ms(row["rtt_ms"]), _ms(row["one_way_estimate_ms"]))
+        table.add_row(str(row["n"]), Text(logs.printable(row["server"])), _ms(row["connect_ms"]),
+                      _ms(row["latency_ms"]), _ms(row["rtt_ms"]), _ms(row["one_way_estimate_ms"]))
     if len(rows) > 1:
         for label, fn in (("median", statistics.median), ("min", min), ("max", max)):
             connects = [r["connect_ms"] for r in rows if r["connect_ms"] is not None]

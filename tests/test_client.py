@@ -216,3 +216,15 @@ def test_a_script_run_without_the_projects_packages_says_so_in_one_line(script, 
     assert proc.returncode == 1 and proc.stdout == "", proc.stdout
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: the Python package ") and ".venv" in proc.stderr, proc.stderr
+
+
+def test_what_a_server_sends_reaches_the_terminal_with_its_control_characters_escaped(log_dir):
+    """A server named with an escape sequence (ESC [2J clears the screen) had it
+    printed raw in the REPLY and ACK lines and the table; and a name like [bold]
+    was taken for rich markup."""
+    name = b"\x1b[2J[bold]x"
+    port = fake(b"REPLY %s hi\nACK %s 2\n" % (name, name))
+    proc = run_client("hi", "--port", str(port), log_dir=log_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout, proc.stdout
+    assert "REPLY \\x1b[2J[bold]x hi" in proc.stdout and "\\x1b[2J[bold]x" in proc.stdout.split("timings")[1]

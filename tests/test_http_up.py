@@ -79,6 +79,15 @@ def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
         time.sleep(0.05)
     time.sleep(0.5)  # and goes on watching: it did not stop everything
     assert up.alive(), up.stderr()
+    # Log rotation through up: SIGUSR1 killed it (its default action) and left the
+    # servers running; now it passes the signal on, and they reopen the file.
+    (log_dir / "server_log.log").rename(log_dir / "server_log.log.1")
+    up.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while " lb event=request " not in _read(log_dir / "server_log.log"):
+        assert up.alive() and time.monotonic() < deadline, up.stderr()
+        exchange(44444 + offset, b"GET /page.html HTTP/1.0\r\n\r\n")
+        time.sleep(0.2)
     up.signal(signal.SIGINT)
     assert up.wait(timeout=30) == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
@@ -121,3 +130,14 @@ def test_up_with_an_offset_that_leaves_the_port_range_is_a_usage_error(offset, l
                            str(log_dir)], cwd=cluster.ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert f"--offset {offset}: the ports would be" in proc.stderr and "not all within 1-65535" in proc.stderr
+
+
+def test_up_with_a_log_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    """The first server refused it in a usage error of its own, and up said exit 71,
+    as for a taken port."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "clusterkit.http", "up", "--offset", str(_free_offset()),
+                           "--log-dir", str(afile)], cwd=cluster.ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--log-dir {afile}: cannot write server_log.log there: it is not a directory" in proc.stderr

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     if not all(0 < port < 65536 for port in ports):  # (each server said so in a usage error of its own)
         p.error(f"--offset {o}: the ports would be {min(ports)} to {max(ports)}, not all within 1-65535")
     log = ["--log-dir", args.log_dir]
+    try:  # (a usage error here, as from every server, not the first server's exit 71 later)
+        logs.configure("up", level="error", log_dir=args.log_dir)
+    except logs.LogDirError as exc:
+        p.error(str(exc))
     stop = threading.Event()
     # Both set explicitly: a shell starts background jobs with SIGINT ignored.
     for sig in loops.stop_signals():
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             said = starting.stderr().strip().splitlines() if starting is not None else []
             print(said[-1] if said else f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
             return cli.EXIT_OSERR
+        # Log rotation (README: kill -USR1 each server) reaches the servers through
+        # this one too; its default action killed it and left the seven running.
+        signal.signal(signal.SIGUSR1, lambda *_: _forward(group, signal.SIGUSR1))
         print(f"""HTTP set-up running:
   http://localhost:{44444 + o}/page.html   lb.py over backend1..4 (ports {', '.join(str(x + o) for x in BACKEND_PORTS)})
   http://localhost:{45000 + o}/page.html   Server_async_http.py
@@ -80,6 +87,12 @@ logs in {args.log_dir}/server_log.log; Ctrl-C stops everything""", flush=True)
                 return 1
     print("stopped", flush=True)
     return 0
+
+
+def _forward(group: cluster.ProcessGroup, sig: int) -> None:
+    for proc in group.processes:
+        if proc.alive():
+            proc.popen.send_signal(sig)  # type: ignore[union-attr]
 
 
 def _in_use(ports: list[int]) -> int | None:
