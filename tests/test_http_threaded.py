@@ -465,3 +465,43 @@ def test_the_threaded_pool_past_the_open_files_limit_answers_503(setup, log_dir)
     while status_of(exchange(port, CLOSING_GET)) != 200:  # room again once the others have left
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_a_stop_closes_idle_keepalive_connections_at_once_and_finishes_a_request_begun(setup):
+    """Thread per connection: the stop waited its whole drain timeout (5 s) for a
+    keep-alive client idle between requests, whose thread sat in recv, and a
+    second signal did not cut it short. Now an idle connection is closed at once
+    (here while a request begun on another is still awaited: the drain goes on),
+    and that request is answered before the server exits."""
+    srv = setup.server("Server_thread_http.py")
+    idle = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    busy = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        idle.sendall(SIMPLE_GET)
+        assert read_answers(idle, 1, time.monotonic() + 10) == [(200, len((WWW / "page.html").read_bytes()))]
+        busy.sendall(b"GET /page.html HTTP/1.1\r\nHost: t\r\n")  # a head begun
+        time.sleep(0.2)
+        srv.signal(signal.SIGTERM)
+        idle.settimeout(4)  # (less than the drain timeout: the old wait)
+        assert idle.recv(100) == b""
+        busy.sendall(b"\r\n")
+        assert read_answers(busy, 1, time.monotonic() + 10)[0][0] == 200
+        assert srv.wait(timeout=10) == 0
+    finally:
+        idle.close()
+        busy.close()
+
+
+def test_a_second_signal_cuts_the_threaded_servers_drain_short(setup):
+    """A request begun and never finished held the stop for the whole drain timeout
+    (5 s), and a second signal changed nothing; now it forces, as for the other
+    servers."""
+    srv = setup.server("Server_thread_http.py")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as busy:
+        busy.sendall(b"GET /page.html HTTP/1.1\r\nHost: t\r\n")  # a head begun, never ended
+        time.sleep(0.2)
+        srv.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert srv.alive()  # (the first signal waits for it)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(timeout=4) == 0  # (less than the drain timeout: the old wait)

@@ -193,6 +193,11 @@ class RequestParser:
         self._skip = 0  # bytes still to come of the body of an Upgrade request (see _feed)
         self._prev = b""  # the bytes fed before
 
+    @property
+    def between_requests(self) -> bool:
+        """No request begun: the connection is idle, or its last request is being answered."""
+        return not self._open
+
     def _reset(self) -> None:
         self._url = b""
         self._path = b"/"

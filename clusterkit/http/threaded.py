@@ -255,7 +255,8 @@ class ThreadedHttpServer:
         self.sock = socket.create_server(address[:2], family=family, backlog=config.backlog, reuse_port=False)
         self.port = self.sock.getsockname()[1]
         self.stopping = threading.Event()
-        self.active: set[socket.socket] = set()
+        self.active: dict[socket.socket, RequestParser] = {}  # served now, with their parsers
+        self.forced = threading.Event()  # a second signal: the drain does not wait
         self.lock = threading.Lock()
         # Connections taken (served, waiting in the pool's queue, or lingering after an
         # error answer), under ``lock``: each holds a descriptor until its close.
@@ -404,8 +405,6 @@ class ThreadedHttpServer:
         limits = self.config.limits
         elog = self.elog
         pool = self.queue
-        with self.lock:
-            self.active.add(conn)
         # A pool thread never waits on a connection: one with nothing to read is the poller's.
         flags = 0 if pool is None else socket.MSG_DONTWAIT
         current = limits.keepalive_timeout
@@ -414,6 +413,8 @@ class ThreadedHttpServer:
             idle_since = time.monotonic() if accepted is None else accepted
         else:
             parser, idle_since = turn
+        with self.lock:
+            self.active[conn] = parser
         requeued = lingering = False  # requeued: in the queue or the poller's, no longer this thread's
         try:
             if turn is None:  # (in the try: a connection reset already fails here, and is closed and counted)
@@ -486,7 +487,7 @@ class ThreadedHttpServer:
         finally:
             if not requeued:
                 with self.lock:
-                    self.active.discard(conn)
+                    self.active.pop(conn, None)
                 parser.close()
                 if not lingering:
                     self._close(conn)
@@ -535,12 +536,12 @@ class ThreadedHttpServer:
         if self.queue.empty():  # type: ignore[union-attr]
             return False
         with self.lock:
-            self.active.discard(conn)
+            self.active.pop(conn, None)
         try:
             self.queue.put_nowait((conn, peer, None, turn))  # type: ignore[union-attr]
         except queue.Full:
             with self.lock:
-                self.active.add(conn)
+                self.active[conn] = turn.parser
             return False
         return True
 
@@ -554,7 +555,7 @@ class ThreadedHttpServer:
         else:
             deadline = turn.idle_since + limits.keepalive_timeout
         with self.lock:
-            self.active.discard(conn)
+            self.active.pop(conn, None)
         self.poller.park(conn, peer, turn, deadline)  # type: ignore[union-attr]
 
     def _drop(self, conn: socket.socket, turn: Turn) -> None:
@@ -571,12 +572,27 @@ class ThreadedHttpServer:
         except OSError:
             pass
 
+    def force(self) -> None:
+        """A second signal: the drain cuts what is left at once."""
+        self.forced.set()
+
     def drain(self) -> None:
+        """Let the connections being served finish, for up to ``drain_timeout``. One
+        between requests (a keep-alive client's, idle; or its last answer on its way)
+        is shut for reading: its thread, blocked in ``recv``, ends now, as the event
+        loop servers close their idle ones. It waited out the whole drain timeout,
+        and a second signal did not cut it short."""
         deadline = time.monotonic() + self.config.drain_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.forced.is_set():
             with self.lock:
                 if not self.active:
                     return
+                between = [conn for conn, parser in self.active.items() if parser.between_requests]
+            for conn in between:
+                try:
+                    conn.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
             time.sleep(0.05)
         with self.lock:
             for conn in list(self.active):
@@ -598,6 +614,8 @@ def run_threaded(config: HttpServerConfig, elog: logs.EventLog, announce) -> Non
         signalled.append(signum)
         if server is not None:
             server.stop()
+            if len(signalled) > 1:  # a second signal forces
+                server.force()
 
     # Before the port opens: a Ctrl-C as soon as it is open is a graceful stop too.
     for sig in loops.stop_signals():
