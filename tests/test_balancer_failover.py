@@ -749,3 +749,83 @@ def test_a_check_answered_with_an_err_line_says_its_code(procs, log_dir):
         assert time.monotonic() < deadline, log
         time.sleep(0.1)
     assert re.search(r'event=backend-down backend=server1 \S+ \S+ reason="check line-too-long', log), log
+
+
+def test_a_message_failed_over_has_the_whole_response_timeout_on_its_new_backend(procs, log_dir):
+    """The first backend holds the message 0.9 s, then closes without an answer; the
+    second answers in 0.5 s, well within --response-timeout 1. The timeout's clock
+    ran on from the first backend: the second was marked down for a response
+    timeout it never had, and the client got ERR no-backend."""
+    def holds_then_crashes(lines):
+        if lines and lines != [b"health-check"]:
+            time.sleep(0.9)
+            return b"", True
+        return b"".join(_pair(b"f1", m) for m in lines), False
+
+    def slow(lines):
+        if lines and lines != [b"health-check"]:
+            time.sleep(0.5)
+        return b"".join(_pair(b"f2", m) for m in lines), False
+
+    f1, f2 = _odd_backend(holds_then_crashes), _odd_backend(slow)
+    try:
+        port = cluster.free_port()
+        procs.start(balancer_process(port, [f"f1=127.0.0.1:{f1.getsockname()[1]}",
+                                            f"f2=127.0.0.1:{f2.getsockname()[1]}"],
+                                     "--response-timeout", "1", "--keepalive", "0", log_dir=str(log_dir)))
+        # (round-robin: the start-up probe's connection took f1, this one f2, the next f1)
+        assert [one_message(port, m) for m in (b"first", b"hello")] == [_pair(b"f2", b"first"),
+                                                                          _pair(b"f2", b"hello")]
+    finally:
+        f1.close()
+        f2.close()
+    log = (log_dir / "server_log.log").read_text()
+    assert "event=backend-down backend=f2" not in log, log
+
+
+def test_an_idle_timeout_that_crosses_a_waiting_connections_first_message_blames_no_backend(procs, log_dir):
+    """The balancer connects to a backend as its client connects. A client silent for
+    longer than the server's idle timeout has its first message cross the server's
+    ERR idle-timeout: that was taken for a broken backend's answer (a connection
+    that had served nothing), the backend was marked down and, alone, every
+    client got ERR no-backend. It is stale: the message goes again on a new
+    connection to the same server."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            opened = time.monotonic()
+            buf = b""
+            while data := conn.recv(65536):
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                if lines and time.monotonic() - opened > 0.2:  # its idle timer fired as the message came
+                    conn.sendall(b"ERR idle-timeout\n")
+                    return
+                conn.sendall(b"".join(_pair(b"s1", m) for m in lines))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        port = cluster.free_port()
+        procs.start(balancer_process(port, [f"s1=127.0.0.1:{server.getsockname()[1]}"], "--keepalive", "0",
+                                     log_dir=str(log_dir)))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            time.sleep(0.4)  # silent, as the client of a person typing
+            s.sendall(b"late\n")
+            got = b""
+            while got.count(b"\n") < 2:
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+        assert got == _pair(b"s1", b"late")
+    finally:
+        server.close()
+    assert "event=backend-down" not in (log_dir / "server_log.log").read_text()

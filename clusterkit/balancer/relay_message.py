@@ -112,6 +112,7 @@ class BackendSide(Stream):
         self.fresh = True  # nothing read from it yet (for this client)
         self.reused = False  # it served an earlier client
         self.served = 0  # answers relayed from it (to any client): it has been idle between messages
+        self.waited = False  # connected before its client had a message for it: it has been idle too
 
     def on_event(self, ev: int) -> None:
         if self.connecting:
@@ -414,12 +415,14 @@ class ClientSide(asyncio.Protocol):
             side.abort()
             return
         self.backend_conn = side
+        self.stall_since = None  # (a new backend's --response-timeout counts from now, not from the last one's)
         if self.client_full:
             side.pause_reading()
         if self.pending:
             # First connection, or a failover: (re)send everything unanswered, in order.
             side.write(message_lines(self.pending))
         else:
+            side.waited = True
             self.settle()
 
     def use_idle(self, side: BackendSide, attempts: int) -> None:
@@ -428,6 +431,7 @@ class ClientSide(asyncio.Protocol):
         side.fresh = side.reused = True
         side.attempts = attempts
         self.backend_conn = side
+        self.stall_since = None  # (as in backend_connected)
         if self.client_full:
             side.pause_reading()
         if self.pending:  # a failover: (re)send everything unanswered, in order
@@ -604,13 +608,15 @@ class ClientSide(asyncio.Protocol):
     def backend_lost(self, side: BackendSide, reason: str) -> None:
         if side is not self.backend_conn:
             return  # an old connection we already gave up on
-        if ((reason == "idle-timeout" and (side.served or side.reused))
+        if ((reason == "idle-timeout" and (side.served or side.reused or side.waited))
                 or (side.reused and side.fresh and reason in ("closed", "reset"))):
             # Closed by the server as idle just as a message came, or as it was taken from
             # the idle pool (reuse.py): stale, not a failure of the backend. Its messages
-            # go on a new connection to it. (Not said of a new connection's first answer:
-            # a backend that says so there is broken, and a retry for each such answer
-            # reconnected to it thousands of times a second, and the message waited for ever.)
+            # go on a new connection to it. (Not said of a new connection's first answer
+            # when the message went as it connected: a backend that says so there is
+            # broken, and a retry for each such answer reconnected to it thousands of
+            # times a second, and the message waited for ever. One that waited for its
+            # client's first message was idle: its server's timeout crossed that message.)
             if side.backend.healthy:
                 self.retry_on(side.backend)
             else:
