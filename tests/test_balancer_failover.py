@@ -829,3 +829,31 @@ def test_an_idle_timeout_that_crosses_a_waiting_connections_first_message_blames
     finally:
         server.close()
     assert "event=backend-down" not in (log_dir / "server_log.log").read_text()
+
+
+def test_the_balancers_own_idle_connections_do_not_get_a_full_server_marked_down(procs, log_dir):
+    """A server whose --max-connections the balancer's idle pool fills (4 clients
+    come and go: 4 idle connections kept) refuses the health check with ERR
+    busy: it was marked down for it (check busy), and the next clients got ERR
+    no-backend. Now such a check closes one of those idle connections and
+    counts neither way."""
+    ports = cluster.free_ports(2)
+    procs.start(cluster.echo_server("server1", ports[0], "--max-connections", "4", log_dir=str(log_dir)))
+    procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], *FAST_CHECKS, log_dir=str(log_dir)))
+    clients: list[LineConn] = []  # four at once: four backend connections
+    for _ in range(100):  # (one that meets a health check's connection in the server's four gets ERR busy)
+        if len(clients) == 4:
+            break
+        c = LineConn(ports[1])
+        c.send(b"m\n")
+        if c.read_lines(2) == [b"REPLY server1 m", b"ACK server1 1"]:
+            clients.append(c)
+        else:
+            c.close()
+            time.sleep(0.02)
+    assert len(clients) == 4
+    for c in clients:
+        c.close()
+    time.sleep(1.5)  # seven rounds of checks, --fall 2
+    assert one_message(ports[1], b"after") == _pair(b"server1", b"after")
+    assert "event=backend-down" not in (log_dir / "server_log.log").read_text()

@@ -158,7 +158,7 @@ class Balancer:
         for b in self.pool.backends:
             self._tasks.append(self.loop.create_task(
                 check_forever(self.pool, b, cfg.check_interval, cfg.check_timeout, cfg.check,
-                              cfg.connect_timeout)))
+                              cfg.connect_timeout, self.idle.make_room)))
         self._tasks.append(self.loop.create_task(self._sweep()))
 
     async def _sweep(self) -> None:

@@ -21,6 +21,7 @@ are cancelled when the balancer stops.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from ..protocol import ProtocolError, ResponseParser
 from ..sockets import local_shortage, open_socket
@@ -84,12 +85,19 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message",
 
 
 async def check_forever(pool: Pool, backend: Backend, interval: float, timeout: float,
-                        kind: str = "message", connect_timeout: float | None = None) -> None:
+                        kind: str = "message", connect_timeout: float | None = None,
+                        make_room: Callable[[Backend], bool] | None = None) -> None:
+    """Check ``backend`` every ``interval``. ``make_room``: closes one of the
+    balancer's own idle connections to it (reuse.IdlePool), if it holds one: a
+    check that finds the server full (``busy``) then counts neither way, as the
+    server was full of the balancer's idle connections."""
     # HAProxy's bound of a check's connect: min(timeout connect, inter), so that a long
     # connect timeout does not hold up the checks.
     connect_timeout = min(connect_timeout or timeout, interval)
     while True:
         reason = await check_once(backend, timeout, kind, connect_timeout)
+        if reason == "busy" and make_room is not None and make_room(backend):
+            reason = NO_VERDICT
         if reason is None:
             pool.check_passed(backend)
         elif reason != NO_VERDICT:

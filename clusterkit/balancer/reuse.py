@@ -65,6 +65,18 @@ class IdlePool:
                 return side
         return None
 
+    def make_room(self, backend: Backend) -> bool:
+        """Close the oldest idle connection to ``backend``; whether there was one. A
+        server at its own connection limit with our idle ones refuses the health
+        check (``ERR busy``): it is full of us, not of clients, and was marked down
+        for it, every client then told ERR no-backend (health.check_forever)."""
+        conns = self.idle.get(backend)
+        _forget_closed(conns or [])
+        if not conns:
+            return False
+        conns.pop(0)[1].drop()
+        return True
+
     def count(self, backend: Backend) -> int:
         return sum(not side.closed for _, side in self.idle.get(backend, ()))
 
