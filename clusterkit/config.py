@@ -96,10 +96,14 @@ def typed_settings(cls: type | tuple[type, ...], values: Any, where: str,
         raise ConfigError(f"{where}: expected a table of settings, got {values!r}")
     fields = {f.name: f for c in (cls if isinstance(cls, tuple) else (cls,)) for f in dataclasses.fields(c)}
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in fields or (settable is not None and name not in settable):
             raise ConfigError(f"{where}: unknown setting {key!r}")
+        if name in spelled:  # (max-line and max_line: the last one won, unsaid)
+            raise ConfigError(f"{where}: {key!r} is set twice (also as {spelled[name]!r})")
+        spelled[name] = key
         kind = _TYPES.get(fields[name].type)  # a string, under ``from __future__ import annotations``
         if kind is float and type(value) is int:
             value = float(value)

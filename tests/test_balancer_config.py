@@ -144,11 +144,20 @@ def test_toml_config_and_bad_flags(tmp_path, procs, log_dir):
     ('[balancer]\nname = "a=b"\n', "--name 'a=b': printable ASCII, no spaces"),
     ('[balancer]\nhost = ""\n', "host: give a host name or address"),  # (listened on every interface)
     ('[balancer]\nname = ""\n', "--name: give it a name"),
+    ("[balancer]\nmax_line = 100\nmax-line = 200\n", "'max-line' is set twice (also as 'max_line')"),  # (200 won)
 ])
 def test_a_bad_config_file_is_one_clear_line(tmp_path, log_dir, text, message):
     """Each was a traceback, or accepted (an empty backend list meant the default backends)."""
     assert_bad_config("Load_Balancer.py", text, tmp_path, message, "--port", "0", "--admin-port", "0",
                       "--log-dir", str(log_dir))
+
+
+@pytest.mark.parametrize("text, message", [("[balancer]\nadmin-port = 70000\n", "--admin-port: not a port number: 70000"),
+                                           ("[balancer]\nport = 99999\n", "--port: not a port number: 99999")])
+def test_a_port_out_of_range_in_the_config_file_is_named(tmp_path, log_dir, text, message):
+    """It said 'not a port number', naming neither the setting nor its value."""
+    extra = ["--admin-port", "0"] if "admin" not in text else ["--port", "0"]
+    assert_bad_config("Load_Balancer.py", text, tmp_path, message, *extra, "--log-dir", str(log_dir))
 
 
 @pytest.mark.parametrize("flag, value", [("--check-interval", "inf"), ("--response-timeout", "nan"),

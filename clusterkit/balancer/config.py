@@ -110,7 +110,8 @@ class BalancerConfig:
         check_positive(self, "check_interval", "check_timeout", "connect_timeout", "response_timeout")
         check_non_negative(self, "line_timeout", "idle_timeout", "drain_timeout")
         check(self.rise >= 1 and self.fall >= 1, "--rise and --fall must be at least 1")
-        check(0 <= self.port <= 65535 and 0 <= self.admin_port <= 65535, "not a port number")
+        check(0 <= self.port <= 65535, f"--port: not a port number: {self.port}")
+        check(0 <= self.admin_port <= 65535, f"--admin-port: not a port number: {self.admin_port}")
         check(self.admin_port == 0 or self.admin_port != self.port,
               f"--admin-port {self.admin_port} is the balancer's own --port: choose another (0 turns it off)")
         check(self.max_connections >= 1, "--max-connections must be at least 1")
