@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import errno
 import logging
 import os
 import re
@@ -90,6 +91,10 @@ class LogDirError(Exception):
     """The log folder cannot be made or written to (a bad ``--log-dir``)."""
 
 
+ROOM_MARGIN = 256 * 1024
+"""Free bytes a log write leaves on its file system (``LineWriter._room``)."""
+
+
 class LineWriter:
     """Appends whole lines to a file from a background thread (see module doc)."""
 
@@ -107,6 +112,7 @@ class LineWriter:
         self.dropped = 0
         self.lost = 0  # lines a failed write took (the flushing thread's count)
         self._torn = False  # a write stopped mid-line (disk full): the next begins with a newline
+        self._root = hasattr(os, "geteuid") and os.geteuid() == 0
         self._failing = False  # said on stderr that lines are being lost (once, until a write goes through)
         self.reopen_asked = False  # SIGUSR1: the writer thread opens the file again (``_reopen``)
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
@@ -137,6 +143,9 @@ class LineWriter:
         # One write per flush keeps lines whole next to other processes' writes.
         view = memoryview(data.encode("utf-8", "backslashreplace"))
         whole = len(view)
+        if not self._room(whole):  # (counted as a write that failed at once)
+            self._lost(bytes(view).count(b"\n") - torn, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), dropped)
+            return
         while view:
             try:
                 written = os.write(self._fd, view)
@@ -149,6 +158,19 @@ class LineWriter:
             self._torn = view[written - 1] != 10 if written else self._torn  # (10: a newline)
             view = view[written:]
         self._failing = False
+
+    def _room(self, size: int) -> bool:
+        """Whether the file system has room for ``size`` bytes more, and ROOM_MARGIN
+        beside them. A write that does not fit is cut short by the kernel inside a
+        line, and in a file other processes append to, theirs then ran into it (a
+        full disk mixed two servers' lines in one). A batch without room is dropped
+        whole, and counted; the margin leaves room for other writers' batches."""
+        try:
+            st = os.fstatvfs(self._fd)
+        except OSError:
+            return True  # (no answer: the write finds out)
+        free = st.f_bfree if self._root else st.f_bavail  # (root may use the reserved blocks)
+        return free * st.f_frsize >= size + ROOM_MARGIN
 
     def _lost(self, lines: int, exc: OSError, carried: int) -> None:
         """The ``lines`` a failed write left unwritten are counted (an

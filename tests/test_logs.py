@@ -118,3 +118,35 @@ def test_a_tally_says_the_rest_of_a_burst_even_when_its_timer_fires_early(monkey
     clock[0], (due, fire) = 101.0005, timers.pop()
     fire()
     assert said == [1, 2] and not timers
+
+
+class _FullFs:
+    """os.fstatvfs's answer for a file system with ``free`` bytes left."""
+
+    def __init__(self, free: int) -> None:
+        self.f_frsize = 4096
+        self.f_bfree = self.f_bavail = free // 4096
+
+
+def test_a_batch_the_disk_has_no_room_for_is_dropped_whole_not_cut_mid_line(tmp_path, monkeypatch):
+    """A write the disk had no room for was cut short by the kernel inside a line;
+    in a file several processes append to, another's line then ran into it (two
+    servers' lines on one). Now a batch without room is not written at all, and
+    counted in the event=log-dropped line once there is room again."""
+    path = tmp_path / "server_log.log"
+    writer = logs.LineWriter(path, program="server1", flush_interval=3600)
+    real_statvfs = os.fstatvfs
+    try:
+        monkeypatch.setattr(logs.os, "fstatvfs", lambda fd: _FullFs(100_000))  # less than the margin
+        for i in range(3):
+            writer.write(f"{logs.timestamp()} INFO server1 event=first n={i}")
+        writer.flush()
+        assert path.read_bytes() == b""
+        monkeypatch.setattr(logs.os, "fstatvfs", real_statvfs)  # room again
+        writer.write(f"{logs.timestamp()} INFO server1 event=second")
+        writer.flush()
+    finally:
+        writer.close()
+    lines = path.read_text().splitlines()
+    assert all(LINE.match(line) for line in lines), lines
+    assert [line.split(" ", 3)[3] for line in lines] == ["event=second", "event=log-dropped lines=3"]
