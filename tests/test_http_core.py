@@ -256,3 +256,13 @@ def test_an_error_in_a_head_request_is_answered_with_the_head_alone():
         assert parser.error is not None and parser.error.status == status
         answer = error_response(parser.error)
         assert answer.endswith(b"\r\n\r\n") is raw.startswith(b"HEAD"), answer
+
+
+@pytest.mark.parametrize("minor", [b"2", b"9"])
+def test_a_higher_http_1_minor_version_is_served_as_1_1(minor):
+    """RFC 9110 2.5 (and nginx): HTTP/1.2 is taken as 1.1; llhttp refused it (505)."""
+    parser = ParserOnly(Limits())
+    (req,) = parser.feed(b"GET /page.html HTTP/1.%s\r\nHost: t\r\n\r\n" % minor)
+    assert (req.target, req.version, req.keep_alive, parser.error) == (b"/page.html", "1.1", True, None)
+    parser = ParserOnly(Limits())
+    assert parser.feed(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n") == [] and parser.error.status == 505

@@ -68,6 +68,11 @@ def test_error_answers(server, raw, status):
         assert b"Allow: GET, HEAD" in data
 
 
+def test_an_http_1_2_request_is_served_as_1_1(server):
+    data = exchange(server.port, b"GET /page.html HTTP/1.2\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert status_of(data) == 200 and data.startswith(b"HTTP/1.1 200 "), data[:100]
+
+
 def test_a_request_typed_with_bare_lf_line_ends_is_answered(server):
     """What ``nc`` sends for a request typed by hand, a line at a time (RFC 9112
     2.2: a bare LF may end a line; nginx answers it): was a 400."""

@@ -13,7 +13,7 @@ wraps it as a sans-I/O object: bytes in, ``Request`` objects out, or an
     413  a body larger than ``max_body``
     414  a request target longer than ``max_url``
     431  request headers larger than ``max_header_bytes``
-    505  an HTTP version other than 1.0 and 1.1 (HTTP/0.9's line without one: once that line ends)
+    505  an HTTP version other than 1.x (HTTP/0.9's line without one: once that line ends; 1.2 is 1.1)
 
 ``Connection: close`` closes whatever else the header says (``keep-alive,
 close`` from an HTTP/1.0 client kept the connection open, as llhttp reads
@@ -427,6 +427,14 @@ class RequestParser:
                 clean = False
                 if self.error is None and not self.last:  # (else: our own limit's, or bytes after the last)
                     detail = str(exc)
+                    newer = HIGHER_MINOR.match(data) if fresh and not self.ready else None
+                    if newer is not None and detail.startswith("Invalid HTTP version"):
+                        # HTTP/1.2 and up, which llhttp refuses: served as 1.1, as RFC 9110
+                        # 2.5 asks and nginx does (it was a 505).
+                        data = newer.group(1) + b"1" + data[newer.end(1) + 1:]
+                        self._parser = httptools.HttpRequestParser(self)
+                        clean = True
+                        continue
                     # (``head``: the bad message's start, when it is where this data starts)
                     head = data if fresh and not self.ready else b""
                     self.error = HttpError(error_status(detail, head), detail, self._is_head())
@@ -518,6 +526,8 @@ def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"te
 
 METHOD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 """A request line's start: a method the parser does not know is a method still."""
+HIGHER_MINOR = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.)[2-9]\r?\n")
+"""A request line of HTTP/1.2 to 1.9 (the minor version at the end of group 1)."""
 HTTP09_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ([^ \r\n]+)\r?")
 """A whole request line without an HTTP version, as HTTP/0.9 sent them (``GET /``)."""
 
