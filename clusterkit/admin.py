@@ -103,9 +103,10 @@ class AdminProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            if not self.answered:
-                self.send(400, b"text/plain", b"bad request\n")
-            return
+            if not self.complete:  # (a bad request behind the first, whole one: not read, as the rest)
+                if not self.answered:
+                    self.send(400, b"text/plain", b"bad request\n")
+                return
         if self.answered:
             return
         # A head not yet ended is all that has come; one ended in this read, what the parser counted.

@@ -121,3 +121,16 @@ def test_an_admin_request_is_answered_whatever_is_pipelined_behind_it(procs, log
         big = ask(b"%s /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" % method)
         assert big.startswith(b"HTTP/1.1 413 ") and time.monotonic() - started < 5, big[:100]
     assert ask(b"HEAD /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n").endswith(b"\r\n\r\n")
+
+
+def test_a_bad_request_behind_a_good_admin_request_does_not_take_its_answer(procs, log_dir):
+    ports = cluster.free_ports(3)
+    procs.start(cluster.echo_server("server1", ports[0], log_dir=str(log_dir)))
+    procs.start(balancer_process(ports[1], [f"server1=127.0.0.1:{ports[0]}"], admin_port=ports[2],
+                                 log_dir=str(log_dir)))
+    with socket.create_connection(("127.0.0.1", ports[2]), timeout=30) as s:
+        s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n\x01 garbage\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"application/json" in data, data[:100]

@@ -266,3 +266,23 @@ def test_a_higher_http_1_minor_version_is_served_as_1_1(minor):
     assert (req.target, req.version, req.keep_alive, parser.error) == (b"/page.html", "1.1", True, None)
     parser = ParserOnly(Limits())
     assert parser.feed(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n") == [] and parser.error.status == 505
+
+
+def test_the_body_of_an_ignored_upgrade_with_bare_lf_line_ends_is_skipped_too():
+    """A head with bare LF line ends goes to the parser a line at a time: the body
+    of such an Upgrade request was parsed as a request, and its length then cut
+    from the start of the client's next read (a 400 for a right request)."""
+    head = b"GET / HTTP/1.1\nHost: a\nUpgrade: websocket\nConnection: Upgrade\nContent-Length: %d\n\n"
+    parser = ParserOnly(Limits())
+    got = parser.feed(head % len(BODY_AFTER_UPGRADE) + BODY_AFTER_UPGRADE)
+    got += parser.feed(R11)
+    assert [r.target for r in got] == [b"/", b"/style.css"] and parser.error is None
+
+
+def test_a_bad_request_after_a_head_is_answered_with_its_body():
+    """The parser still gives the last request's method when the next fails before
+    its own: a 400 after a HEAD was sent as a head alone, and said a body was coming."""
+    parser = ParserOnly(Limits())
+    parser.feed(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    parser.feed(b"\x01bad\r\n\r\n")
+    assert parser.error is not None and not parser.error.head_only

@@ -206,6 +206,7 @@ class RequestParser:
         self._body = 0
         self._length: int | None = None  # the body's Content-Length
         self._trailers = False  # the head is complete: header fields now are a chunked body's trailer
+        self._head = False  # the request is a HEAD (on_url)
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -215,6 +216,8 @@ class RequestParser:
         self.head_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
+        if not self._url:
+            self._head = self._parser.get_method() == b"HEAD"
         self._url += url
         if len(self._url) > self.limits.max_url:
             self._fail(HttpError(414, "request target too long"))
@@ -317,6 +320,7 @@ class RequestParser:
 
     def on_message_complete(self) -> None:
         self._open = False
+        self._head = False  # (what fails before the next one's target is no HEAD)
         self.expects_continue = False  # its body came unasked: no 100 now (it would follow the answer)
         p = self._parser
         # (llhttp takes a trailer's "Connection: close" for the head's, and reads nothing
@@ -333,11 +337,9 @@ class RequestParser:
         raise error
 
     def _is_head(self) -> bool:
-        """Whether the request being parsed is a HEAD, as far as it has come."""
-        try:
-            return self._parser.get_method() == b"HEAD"
-        except httptools.HttpParserError:  # (no method yet)
-            return False
+        """Whether the request being parsed is a HEAD, as far as it has come (its
+        target begun: the parser's method is the last request's until then)."""
+        return self._head
 
     def feed(self, data: bytes) -> list[Request]:
         """The requests ``data`` completes, in order; never raises.
@@ -381,6 +383,11 @@ class RequestParser:
         pos, n = 0, len(data)
         cr = prev.endswith(b"\r")  # a CRLF split over two reads
         while pos < n and self.error is None and not self.last:
+            if self._skip:  # an ignored Upgrade's body, as it came (see _feed)
+                k = min(self._skip, n - pos)
+                self._skip -= k
+                pos += k
+                continue
             if self._open and not self.in_progress:  # a body
                 if self._length is None:
                     break
