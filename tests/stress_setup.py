@@ -54,6 +54,7 @@ class FakeServer:
     def serve(self, conn: socket.socket) -> None:
         buf = b""
         here = 0  # messages on this connection
+        last = b""  # copy-at-eof: the last answer
         with conn:
             while True:
                 try:
@@ -61,6 +62,20 @@ class FakeServer:
                 except OSError:
                     return
                 if not data:
+                    if self.behaviour == "copy-at-eof" and last:  # the last answer again, after the half-close
+                        with self.lock:
+                            self.sent += len(last)
+                        conn.sendall(last)
+                    return
+                if self.behaviour == "http-close-trickle":  # the answer and its close, then a byte a 0.5 s
+                    answer = http_answer(extra=b"Connection: close\r\n")
+                    conn.sendall(answer)
+                    try:
+                        for _ in range(40):
+                            time.sleep(0.5)
+                            conn.sendall(b"x")
+                    except OSError:  # the client gave up on the close
+                        pass
                     return
                 if self.behaviour == "http-unframed":  # an HTTP/1.0 answer that the close ends
                     self.heads.append(data)
@@ -141,6 +156,11 @@ class FakeServer:
                     elif self.behaviour == "one-each":  # one message per connection, then the close
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
                         return
+                    elif self.behaviour == "copy-at-eof":  # right, and the last again after the half-close
+                        last = b"REPLY fake %s\nACK fake %d\n" % (m, len(m))
+                        with self.lock:
+                            self.sent += len(last)
+                        conn.sendall(last)
                     elif self.behaviour == "twice":  # a balancer's resend gone wrong
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)) * 2)
                     elif self.behaviour == "twice-late":  # the copy 50 ms later

@@ -255,3 +255,22 @@ def test_what_the_server_under_test_names_itself_forges_no_log_field_and_breaks_
     # (its latency_ms= is inside the quotes: outside them, one)
     assert all(f" backend={quoted} reply=ok " in x and x.replace(quoted, "").count("latency_ms=") == 1
                for x in lines), lines[0]
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+@pytest.mark.parametrize("load", [["-n", "20"], ["--duration", "1", "--rate", "100"]])
+def test_a_copy_of_the_last_answer_after_the_half_close_fails_it_and_its_bytes_count(engine, load, log_dir,
+                                                                                      tmp_path):
+    """Each client half-closes after its last answer and waits for the server's
+    close: a copy of that answer then fails it as extra-answer. With --rate the
+    last answer was taken in one step and the client left without waiting (every
+    request complete); and the copy's bytes were not in Total transferred."""
+    fake = FakeServer("copy-at-eof")
+    try:
+        row, proc = run_json(*load, "-c", "2", "-k", "--timeout", "2", "--port", str(fake.port), "--engine", engine,
+                             log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert proc.returncode == 1, proc.stderr
+    assert row["errors"] == {"extra-answer": 2} and row["complete"] + 2 == fake.count, row
+    assert row["total_transferred_bytes"] == fake.sent

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+import time
 
 import pytest
 
@@ -322,3 +323,19 @@ def test_http_keepalive_answers_nobody_asked_for_fail_as_extra_answer(log_dir, t
         assert row["failed"] >= 50 and row["complete"] <= server.count
     else:  # at least each client's last connection ended out of step
         assert row["failed"] >= 4
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_the_wait_for_the_servers_close_is_bounded_by_the_timeout_in_all(log_dir, tmp_path, engine):
+    """A server that sends a byte every half second after its answer and never
+    stops: the thread engine waited a whole --timeout again for each byte (20 s
+    here, for ever for a server that never stops); the wait is --timeout in all."""
+    server = FakeServer("http-close-trickle")
+    started = time.monotonic()
+    try:
+        row, proc = run_json("--http", f"http://127.0.0.1:{server.port}/", "-n", "1", "-c", "1", "--engine", engine,
+                             "--timeout", "2", log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 15, "the wait for the close outlived --timeout"  # (the trickle: 20 s)
+    assert (row["complete"], row["errors"]) == (0, {"extra-answer": 1}), row

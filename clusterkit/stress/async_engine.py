@@ -17,7 +17,7 @@ from ..sockets import outgoing
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
-from .plan import (AGAIN, CLOSES, FINE_NS, MS, Client, Plan, address, connect_error, extra_answer, ns, reusable,
+from .plan import (AGAIN, CLOSES, FINE_NS, MS, Client, Plan, address, connect_error, ns, reusable,
                    server_closes)
 
 
@@ -120,7 +120,7 @@ class AsyncClient(Client, asyncio.Protocol):
             self._await_close()
             return
         if reader.done:  # more after the last answer (see Client.lingers)
-            extra_answer(reader)
+            self.came_after(len(data))
             self._finish()  # (no longer reusable: closes the connection)
             return
         reader.feed(data, now)

@@ -40,7 +40,7 @@ from .config import StressConfig
 from .async_engine import AsyncRunner
 from .epoll_engine import EpollRunner
 from .metrics import KEEP_ALL, LOG_KEPT, Recorder, RunResult, busy_between, cpu_times
-from .plan import (CLOSES, DEAD_STREAK, LINGER_NS, Client, Plan, address, connect_error, extra_answer, ns, reusable,
+from .plan import (CLOSES, DEAD_STREAK, LINGER_NS, Client, Plan, address, connect_error, ns, reusable,
                    server_closes)
 from .server_cpu import ServerCpu
 
@@ -143,7 +143,7 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 payload = payload or None
                 continue
             if verdict == CLOSES:  # answered, and the server closes the connection: counted at its close
-                drain(c, sock)
+                drain(c, sock, cfg.timeout, stop)
                 sock = None
                 continue
             if c.reader is None:  # counted by c.whole
@@ -156,13 +156,15 @@ def thread_client(cfg: StressConfig, index: int, plan: Plan, rec: Recorder, boar
                 sock = None
                 continue
             if server_closes(reader):  # (the same, for an answer the reader took)
-                drain(c, sock)
+                drain(c, sock, cfg.timeout, stop)
                 sock = None
                 continue
             if c.lingers(reader, ns()):
-                kernel_timeouts(sock, min(cfg.timeout, LINGER_NS / 1e9))
-                if linger(sock):
-                    extra_answer(reader)
+                wait = min(cfg.timeout, LINGER_NS / 1e9)
+                kernel_timeouts(sock, wait)
+                extra = linger(sock, wait)
+                if extra:
+                    c.came_after(extra)
             c.answered()
             if not reusable(cfg, reader):
                 sock.close()
@@ -198,31 +200,39 @@ def idle_news(sock: socket.socket) -> bytes | None:
         return b""
 
 
-def linger(sock: socket.socket) -> bool:
-    """Half-close after the last answer and read until the server closes (bounded
-    by the socket's kernel timeout): whether anything came first (plan.Client.lingers)."""
+def linger(sock: socket.socket, timeout: float) -> int:
+    """Half-close after the last answer and read until the server closes, for
+    ``timeout`` at most: the bytes that came first (plan.Client.lingers)."""
     try:
         sock.shutdown(socket.SHUT_WR)
-        return bool(sock.recv(65536))
-    except OSError:  # includes BlockingIOError: the kernel timeout ran out
-        return False
+    except OSError:
+        return 0
+    return await_close(sock, timeout)
 
 
-def drain(c: Client, sock: socket.socket) -> None:
-    """Answered, on a connection the server closes: wait for its close, count the
-    answer then (``Client.drained``), and close the socket."""
-    c.drain_extra = await_close(sock)
-    c.drained()
+def drain(c: Client, sock: socket.socket, timeout: float, stop: StopFlag) -> None:
+    """Answered, on a connection the server closes: wait for its close (``timeout``
+    at most), count the answer then (``Client.drained``), and close the socket.
+    Stopped meanwhile (Ctrl-C), it is not counted, as in the other engines."""
+    c.drain_extra = await_close(sock, timeout)
+    if not stop.is_set():
+        c.drained()
     sock.close()
 
 
-def await_close(sock: socket.socket) -> int:
-    """Read until the server closes (bounded by the socket's kernel timeout); the
-    bytes that came first (a second answer: ``plan.Client.drained``)."""
+def await_close(sock: socket.socket, timeout: float) -> int:
+    """Read until the server closes, for ``timeout`` at most in all; the bytes that
+    came first (a second answer). Each recv waited the socket's whole kernel
+    timeout again: a server that sent a byte a second held its client for ever."""
     extra = 0
+    end = time.monotonic() + timeout
     try:
         while chunk := sock.recv(65536):
             extra += len(chunk)
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            kernel_timeouts(sock, left)  # (only once bytes came: the usual close costs no call)
     except OSError:  # includes BlockingIOError: the kernel timeout ran out
         pass
     return extra

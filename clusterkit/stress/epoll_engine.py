@@ -36,7 +36,7 @@ from ..sockets import outgoing
 from .board import Board, StopFlag
 from .config import StressConfig
 from .metrics import Recorder
-from .plan import (AGAIN, CLOSES, FINE_NS, MS, Client, Plan, Target, address, connect_error, extra_answer, ns,
+from .plan import (AGAIN, CLOSES, FINE_NS, MS, Client, Plan, Target, address, connect_error, ns,
                    reusable, server_closes)
 
 CHECK_NS = 100_000_000
@@ -252,7 +252,7 @@ class EpollRunner:
                 self.finish(c)
                 return
             if reader.done:  # more after the last answer (see Client.lingers)
-                extra_answer(reader)
+                c.came_after(len(chunk))
                 self.drop(c)
                 self.finish(c)
                 return
