@@ -390,3 +390,17 @@ def test_a_backend_answer_head_over_64_kib_is_a_502_also_when_it_comes_in_one_re
         data = exchange(lb.port, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", timeout=30)
     assert status_of(data) == status, data[:100]
     assert (data.endswith(b"\r\n\r\nok\n")) is (status == 200)
+
+
+def test_the_via_entry_on_an_answer_names_the_version_the_backend_answered_in(setup):
+    """RFC 9110 7.6.3: the received-protocol of each hop. An HTTP/1.0 backend's
+    answer got 'Via: 1.1 clusterkit-lb', as the requests of HTTP/1.0 clients
+    already get 1.0."""
+    heads: queue.Queue = queue.Queue()
+    old = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+    with fake_backend(_recording(heads, old)) as port10, fake_backend(_recording(heads)) as port11:
+        for port, via in ((port10, b"Via: 1.0 clusterkit-lb\r\n"), (port11, b"Via: 1.1 clusterkit-lb\r\n")):
+            lb = setup.server("lb.py", "--backend", f"b=127.0.0.1:{port}", "--check-interval", "30")
+            for _ in range(2):  # (the second: lb.py's kept answer head)
+                data = exchange(lb.port, b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert status_of(data) == 200 and via in data, data

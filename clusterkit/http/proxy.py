@@ -348,7 +348,8 @@ class Proxy:
         # No Content-Length for a 204 or 304 (RFC 9110 8.6): a 304's would have to be the 200's.
         # (A HEAD's answer has the length its backend gave, if any: RFC 9110 8.6.)
         length = b"" if status in (204, 304) or answer.length is None else b"Content-Length: %d\r\n" % answer.length
-        head = self._client_head(req, status, answer.reason, answer.headers, b, length, req.keep_alive)
+        head = self._client_head(req, status, answer.reason, answer.headers, b, length, req.keep_alive,
+                                 answer.version)
         out = head if req.method == b"HEAD" or status in (204, 304) else head + answer.body
         b.last_response = (answer, date, req.version, req.keep_alive, req.method, out)
         return out
@@ -370,10 +371,11 @@ class Proxy:
             framing, chunked, keep = b"Transfer-Encoding: chunked\r\n", True, req.keep_alive
         else:  # an HTTP/1.0 client: the close ends the body
             framing, chunked, keep = b"", False, False
-        return self._client_head(req, conn.status, conn.reason, conn.headers, b, framing, keep), chunked, keep
+        return (self._client_head(req, conn.status, conn.reason, conn.headers, b, framing, keep, conn.version),
+                chunked, keep)
 
     def _client_head(self, req: Request, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                     b: BackendState, framing: bytes, keep: bool) -> bytes:
+                     b: BackendState, framing: bytes, keep: bool, version: str) -> bytes:
         if headers != b.last_headers:  # else as for its last answer (they differ by the Date, once a second)
             b.last_kept, b.last_via = self._kept_headers(headers, b)
             b.last_headers = headers
@@ -383,9 +385,10 @@ class Proxy:
             conn = b"Connection: keep-alive\r\n"
         else:
             conn = b""  # keep-alive is HTTP/1.1's default (the servers do not say it either)
+        via = b.last_via if version != "1.0" else b.last_via[:-len(VIA)] + VIA_10  # (the version it came in)
         return (b"HTTP/1.1 %d %s\r\n%sDate: %s\r\n%sVia: %s\r\n%s\r\n"
                 % (status, reason or reason_phrase(status), b.last_kept,
-                   http_date(), framing, b.last_via, conn))
+                   http_date(), framing, via, conn))
 
     @staticmethod
     def _kept_headers(headers: list[tuple[bytes, bytes]], b: BackendState) -> tuple[bytes, bytes]:

@@ -61,6 +61,7 @@ class BackendAnswer(NamedTuple):
     body: bytes  # what is left of it here (all of it unless streamed; none for HEAD)
     keep_alive: bool
     length: int | None  # of the whole body; a HEAD's: its Content-Length, None without one
+    version: str = "1.1"  # the backend's HTTP version, for our Via entry (RFC 9110 7.6.3)
 
 
 KNOWN_MAX = 64 * 1024
@@ -123,6 +124,7 @@ class BackendConn(asyncio.Protocol):
         self.held = 0  # bytes in self.body
         self.length = 0  # of the body so far
         self.status = 0
+        self.version = "1.1"
         self.reason = b""
         self.head_done = False
         self.head_bytes = 0  # read while the head was coming (MAX_ANSWER_HEAD)
@@ -155,6 +157,7 @@ class BackendConn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        self.version = self.parser.get_http_version()
         self.head_done = True
         # (a head that came whole in one read, up to 256 KB, was never counted: data_received)
         self.oversized = self.oversized or self.field_bytes + len(self.reason) > MAX_ANSWER_HEAD
@@ -199,7 +202,7 @@ class BackendConn(asyncio.Protocol):
     def _complete(self, keep_alive: bool, length: int | None) -> None:
         if self.owner is not None and self.answer is None:
             self.answer = BackendAnswer(self.status, self.reason, self.headers, b"".join(self.body), keep_alive,
-                                        length)
+                                        length, self.version)
             self._reset()  # (what the parser reads after it goes to new lists, not into this answer)
 
     def _deliver(self) -> None:
