@@ -19,8 +19,9 @@ MS = 1_000_000
 AGAIN = 1
 """``Client.whole``: the answer was counted, and the connection carries the next request."""
 CLOSES = 2
-"""``Client.whole``: the answer was counted, and the server closes the connection now
-(an HTTP answer without keep-alive: the engine waits for its close, see ``server_closes``)."""
+"""``Client.whole``: the answer is right, and the server closes the connection now (an
+HTTP answer without keep-alive): the engine waits for its close and counts the answer
+then (``Client.drained``; see ``server_closes``)."""
 LINGER_NS = 500_000_000
 """How long a client waits, at the end of a keep-alive run, for the server to close
 after its half-close (``Client.lingers``): a copy of an answer comes at once."""
@@ -409,9 +410,8 @@ class Client:
         for 200,000 messages to the C echo server went from 1.44 to 1.23 s
         (median of 3; the kernel's part, about 1.7 s, is unchanged)."""
         expect = self.expect
-        if (expect is None or chunk != expect or now > self.due_by or self.k + 1 >= self.limit
-                or now >= self.deadline or self.plan.rate and self.plan.intended(self.k + 1) >= self.deadline):
-            return None  # (the client's last answer goes the reader's way: see lingers and finishing)
+        if expect is None or chunk != expect or now > self.due_by or self.finishing(now):
+            return None  # (the client's last answer goes the reader's way: see lingers)
         self.expect = None
         self._counted(now, self.target.name, len(chunk))
         return self.follow(now) or b""
@@ -435,7 +435,7 @@ class Client:
         connection is one out of step, and looks right. Only the end shows it: the
         server still sends an answer after the client's last. Bytes before the
         close then fail this answer as ``extra-answer`` (the engine calls
-        ``extra_answer``). A server that is in step closes at once; one that
+        ``came_after``). A server that is in step closes at once; one that
         keeps the connection after the half-close costs its client LINGER_NS
         (or --timeout, if shorter) at the end of the run, outside its timings.
         The line protocol too: its answers name their message, but a client
