@@ -206,7 +206,8 @@ class RequestParser:
         self._body = 0
         self._length: int | None = None  # the body's Content-Length
         self._trailers = False  # the head is complete: header fields now are a chunked body's trailer
-        self._head = False  # the request is a HEAD (on_url)
+        self._head = False  # the request is a HEAD, known once its target begins (on_url: until then
+        # the parser's method is the last request's)
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -332,14 +333,9 @@ class RequestParser:
             self.last = True
 
     def _fail(self, error: HttpError) -> None:
-        error.head_only = self._is_head()
+        error.head_only = self._head
         self.error = error
         raise error
-
-    def _is_head(self) -> bool:
-        """Whether the request being parsed is a HEAD, as far as it has come (its
-        target begun: the parser's method is the last request's until then)."""
-        return self._head
 
     def feed(self, data: bytes) -> list[Request]:
         """The requests ``data`` completes, in order; never raises.
@@ -444,7 +440,7 @@ class RequestParser:
                         continue
                     # (``head``: the bad message's start, when it is where this data starts)
                     head = data if fresh and not self.ready else b""
-                    self.error = HttpError(error_status(detail, head), detail, self._is_head())
+                    self.error = HttpError(error_status(detail, head), detail, self._head)
             break
         if clean and self.in_progress and not self._headers and not self.last:
             self._check_request_line(data)
@@ -531,11 +527,13 @@ def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"te
     return head if head_only or status == 304 else head + body
 
 
-METHOD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+"""An HTTP token (RFC 9110 5.6.2), as a method is one."""
+METHOD_LINE = re.compile(TOKEN + rb" ")
 """A request line's start: a method the parser does not know is a method still."""
-HIGHER_MINOR = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.)[2-9]\r?\n")
+HIGHER_MINOR = re.compile(rb"(" + TOKEN + rb" [^ \r\n]+ HTTP/1\.)[2-9]\r?\n")
 """A request line of HTTP/1.2 to 1.9 (the minor version at the end of group 1)."""
-HTTP09_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ([^ \r\n]+)\r?")
+HTTP09_LINE = re.compile(TOKEN + rb" ([^ \r\n]+)\r?")
 """A whole request line without an HTTP version, as HTTP/0.9 sent them (``GET /``)."""
 
 
