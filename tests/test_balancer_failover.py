@@ -23,7 +23,7 @@ from clusterkit.balancer import balancer_process
 from clusterkit.protocol import ResponseParser
 
 from .balancer_setup import FAST_CHECKS, Cluster, one_message, pipeline, server_of, taken_in
-from .conftest import FullBacklog, LineConn, send_all_then_read
+from .conftest import FullBacklog, LineConn, fake_backend, send_all_then_read
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -790,44 +790,26 @@ def test_an_idle_timeout_that_crosses_a_waiting_connections_first_message_blames
     that had served nothing), the backend was marked down and, alone, every
     client got ERR no-backend. It is stale: the message goes again on a new
     connection to the same server."""
-    server = socket.create_server(("127.0.0.1", 0))
-
     def serve(conn: socket.socket) -> None:
-        with conn:
-            opened = time.monotonic()
-            buf = b""
-            while data := conn.recv(65536):
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                if lines and time.monotonic() - opened > 0.2:  # its idle timer fired as the message came
-                    conn.sendall(b"ERR idle-timeout\n")
-                    return
-                conn.sendall(b"".join(_pair(b"s1", m) for m in lines))
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
+        opened = time.monotonic()
+        buf = b""
+        while data := conn.recv(65536):
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            if lines and time.monotonic() - opened > 0.2:  # its idle timer fired as the message came
+                conn.sendall(b"ERR idle-timeout\n")
                 return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+            conn.sendall(b"".join(_pair(b"s1", m) for m in lines))
 
-    threading.Thread(target=accept, daemon=True).start()
-    try:
+    with fake_backend(serve) as backend_port:
         port = cluster.free_port()
-        procs.start(balancer_process(port, [f"s1=127.0.0.1:{server.getsockname()[1]}"], "--keepalive", "0",
+        procs.start(balancer_process(port, [f"s1=127.0.0.1:{backend_port}"], "--keepalive", "0",
                                      log_dir=str(log_dir)))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            time.sleep(0.4)  # silent, as the client of a person typing
-            s.sendall(b"late\n")
-            got = b""
-            while got.count(b"\n") < 2:
-                chunk = s.recv(65536)
-                assert chunk, got
-                got += chunk
-        assert got == _pair(b"s1", b"late")
-    finally:
-        server.close()
+        client = LineConn(port)
+        time.sleep(0.4)  # silent, as the client of a person typing
+        client.send(b"late\n")
+        assert client.read_lines(2) == _pair(b"s1", b"late").split(b"\n")[:2]
+        client.close()
     assert "event=backend-down" not in (log_dir / "server_log.log").read_text()
 
 
