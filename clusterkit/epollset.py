@@ -107,11 +107,13 @@ class EpollSet:
                     self.loop.call_exception_handler({"message": "epoll event handler failed", "exception": exc})
 
 
-def resolve(backend: Backend) -> tuple[int, tuple]:
-    """The backend's address, looked up once, at start (as HAProxy does without a
-    resolvers section). A name with both kinds of address gets its IPv4 one:
-    ``localhost`` may list ``::1`` first, and the servers listen on 127.0.0.1."""
-    return min(lookup(backend.name, backend.host, backend.port), key=lambda a: a[0] != socket.AF_INET)
+def resolve(backend: Backend) -> list[tuple[int, tuple]]:
+    """The backend's addresses, looked up once, at start (as HAProxy does without a
+    resolvers section), its IPv4 ones first: ``localhost`` may list ``::1`` first,
+    and the servers listen on 127.0.0.1 by default. The traffic goes to the first;
+    the health checks move it to another that answers when it is refused there
+    (``health.connect_backend``): a server listening on ``::1`` alone is found."""
+    return sorted(lookup(backend.name, backend.host, backend.port), key=lambda a: a[0] != socket.AF_INET)
 
 
 def lookup(name: str, host: str, port: int) -> list[tuple[int, tuple]]:

@@ -132,7 +132,12 @@ def is_listener(listening: list[tuple], family: int, sockaddr: tuple) -> bool:
     (``listening``: their ``getsockname()``): a balancer given its own address as
     a backend would connect to itself in a loop, a connection more on every lap.
     A wildcard listener (``0.0.0.0``, ``::``) is every address of this machine of
-    its family: an address is one when a socket can be bound to it."""
+    its family: an address is one when a socket can be bound to it. An IPv4
+    address written as IPv6 (``::ffff:127.0.0.1``) is taken as the IPv4 one it
+    reaches (an IPv6-only listener on ``::`` is not there)."""
+    mapped = ipaddress.ip_address(sockaddr[0].partition("%")[0])
+    if family == socket.AF_INET6 and mapped.ipv4_mapped is not None:  # type: ignore[union-attr]
+        family, sockaddr = socket.AF_INET, (str(mapped.ipv4_mapped), sockaddr[1])  # type: ignore[union-attr]
     for here in listening:
         if here[1] != sockaddr[1] or (len(here) == 4) != (family == socket.AF_INET6):
             continue

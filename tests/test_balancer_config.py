@@ -4,6 +4,7 @@ log lines."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import time
@@ -12,6 +13,9 @@ import pytest
 
 from clusterkit import cluster
 from clusterkit.balancer import balancer_process
+from clusterkit.balancer.config import BackendSpec
+from clusterkit.balancer.health import check_once
+from clusterkit.balancer.pool import Backend
 from clusterkit.sockets import is_listener
 
 from .balancer_setup import one_message
@@ -61,6 +65,37 @@ def test_a_wildcard_listener_is_every_address_of_its_family():
     assert not is_listener([("0.0.0.0", 7000)], socket.AF_INET6, ("::1", 7000, 0, 0))
     assert is_listener([("127.0.0.1", 7000)], socket.AF_INET, ("127.0.0.1", 7000))
     assert not is_listener([("127.0.0.1", 7000)], socket.AF_INET, ("127.0.0.2", 7000))
+
+
+def test_an_ipv4_address_written_as_ipv6_is_its_ipv4_one():
+    """``[::ffff:127.0.0.1]:PORT`` as a backend reached the balancer itself in a loop
+    unseen (150 connections for one message); to an IPv6-only ``::`` listener it
+    is no loop, and was refused as one."""
+    mapped = ("::ffff:127.0.0.1", 7000, 0, 0)
+    assert is_listener([("127.0.0.1", 7000)], socket.AF_INET6, mapped)
+    assert is_listener([("0.0.0.0", 7000)], socket.AF_INET6, mapped)
+    assert not is_listener([("::", 7000, 0, 0)], socket.AF_INET6, mapped)
+    assert not is_listener([("127.0.0.1", 7001)], socket.AF_INET6, mapped)
+
+
+def test_checks_find_the_address_of_a_name_the_server_listens_on(procs, log_dir):
+    """A name with an IPv4 and an IPv6 address (Debian's ``localhost``), the server
+    on ``::1`` alone: the traffic went to 127.0.0.1 only, and the backend stayed
+    DOWN ("check refused") for good. Now a check refused there tries the other
+    address, and the traffic follows the one that answers."""
+    try:
+        port = cluster.free_port("::1")
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    procs.start(cluster.echo_server("six", port, log_dir=str(log_dir), host="::1"))
+    backend = Backend(0, BackendSpec("localhost", port, name="six"))
+    backend.addresses = [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET6, ("::1", port, 0, 0))]
+    backend.address = backend.addresses[0]
+    assert asyncio.run(check_once(backend, 5.0)) is None
+    assert backend.address == backend.addresses[1] and backend.snapshot()["connects_to"] == f"[::1]:{port}"
+    backend.addresses = backend.addresses[:1]  # (no other address: refused is the verdict)
+    backend.address = backend.addresses[0]
+    assert asyncio.run(check_once(backend, 5.0)) == "refused"
 
 
 def test_lb_refuses_a_backend_name_that_does_not_resolve(log_dir):

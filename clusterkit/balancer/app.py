@@ -91,7 +91,8 @@ class Balancer:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.events: EpollSet = None  # type: ignore[assignment]  # the backend connections' sockets (both modes)
         for b in self.pool.backends:
-            b.address = resolve(b)
+            b.addresses = resolve(b)
+            b.address = b.addresses[0]
         self._server: Listener | None = None
         self._admin: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -151,7 +152,7 @@ class Balancer:
         self._server = Listener(self.events, on_accept).listen(cfg.host, cfg.port, backlog=4096)
         here = [sock.getsockname() for sock in self._server.sockets]
         for b in self.pool.backends:
-            if is_listener(here, *b.address):
+            if any(is_listener(here, *address) for address in b.addresses):
                 where = host_port(b.host, b.port)
                 raise ConfigError(f"backend {b.name}{f' ({where})' if where != b.name else ''} is this balancer's "
                                   f"own address: it would send its clients back to itself")

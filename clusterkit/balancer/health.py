@@ -21,6 +21,7 @@ are cancelled when the balancer stops.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 from ..protocol import ProtocolError, ResponseParser
@@ -48,12 +49,9 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message",
     ``connect_timeout`` (``timeout`` when not given), the exchange ``timeout`` more."""
     writer = None
     try:
-        # The address the traffic goes to, when resolved at start (``localhost``: one of two).
-        host, port = backend.address[1][:2] if backend.address else (backend.host, backend.port)
         try:
             async with asyncio.timeout(timeout if connect_timeout is None else connect_timeout):
-                reader, writer = await asyncio.open_connection(sock=await open_socket(asyncio.get_running_loop(),
-                                                                                       host, port))
+                reader, writer = await asyncio.open_connection(sock=await connect_backend(backend))
         except TimeoutError:
             return "connect-timeout"
         if kind == "connect":
@@ -82,6 +80,27 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message",
     finally:
         if writer is not None:
             writer.transport.abort()
+
+
+async def connect_backend(backend: Backend) -> socket.socket:
+    """A connection to the address the backend's traffic goes to; refused there,
+    to its name's other addresses in turn (``localhost``: 127.0.0.1 and ``::1``),
+    and the first that accepts is the traffic's from now on. So a server that
+    listens on one of them only is found, as HAProxy (the first address) and
+    nginx (every address a server) would find it; before, it stayed DOWN."""
+    loop = asyncio.get_running_loop()
+    if backend.address is None:  # (not resolved at start: a Pool used alone)
+        return await open_socket(loop, backend.host, backend.port)
+    refused: OSError | None = None
+    for address in [backend.address] + [a for a in backend.addresses if a != backend.address]:
+        try:
+            sock = await open_socket(loop, *address[1][:2])
+        except ConnectionRefusedError as exc:
+            refused = refused or exc
+            continue
+        backend.address = address
+        return sock
+    raise refused  # type: ignore[misc]
 
 
 async def check_forever(pool: Pool, backend: Backend, interval: float, timeout: float,

@@ -119,7 +119,8 @@ class Backend:
         self.checks_ok = 0
         self.checks_failed = 0
         self.latency = LatencyHistogram()
-        self.address: tuple[int, tuple] | None = None  # (family, sockaddr), resolved at start (epollset.resolve)
+        self.addresses: list[tuple[int, tuple]] = []  # (family, sockaddr) each, resolved at start (epollset.resolve)
+        self.address: tuple[int, tuple] | None = None  # the one the traffic goes to (health.connect_backend)
 
     @property
     def healthy(self) -> bool:
@@ -127,7 +128,8 @@ class Backend:
 
     def snapshot(self) -> dict:
         return {
-            "name": self.name, "address": host_port(self.host, self.port), "weight": self.weight,
+            "name": self.name, "address": host_port(self.host, self.port),
+            "connects_to": host_port(*self.address[1][:2]) if self.address else None, "weight": self.weight,
             "state": self.state, "reason": self.reason, "active_connections": self.active,
             "connections": self.connections, "reused_connections": self.reused, "messages": self.messages,
             "failures": self.failures, "failovers_from": self.failovers, "checks_ok": self.checks_ok,
