@@ -10,7 +10,7 @@ import sys
 
 from .. import cli, logs, loops
 from ..config import ConfigError, settings_and_backends
-from ..sockets import host_port, unbracket
+from ..sockets import host_port
 from .config import HttpBackend, HttpServerConfig, ProxyConfig, backend_name
 from .core import Limits
 from .static import DEFAULT_ROOT
@@ -160,19 +160,37 @@ def proxy_settings(path: str) -> dict:
                                  lambda fields: {"host": "127.0.0.1", "name": backend_name(fields["port"])})
 
 
+def parse_backend(text: str, taken: set[str]) -> HttpBackend:
+    """``--backend [NAME=]HOST:PORT``, an IPv6 address in brackets. Unnamed, it is
+    ``backend-PORT`` (``backend1`` for 9002...), or ``HOST:PORT`` when an earlier
+    one has that name (the same port on ``127.0.0.1`` and ``[::1]``). Refused: an
+    IPv6 address without brackets, read before as a host and a port
+    (``::1:9002:2`` was ``[::1:9002]`` port 2), and a weight, which lb.py has not."""
+    name, _, addr = text.rpartition("=")
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or (":" in host and not addr.startswith("[")):
+        raise ConfigError(f"--backend {text!r}: expected [NAME=]HOST:PORT (no weight; an IPv6 address in "
+                          f"brackets: [::1]:9002)")
+    if not name:
+        name = backend_name(int(port))
+        if name in taken:
+            name = host_port(host, int(port))
+    return HttpBackend(host, int(port), name)
+
+
 def proxy_config(args) -> ProxyConfig:
     """The file's settings, each flag given on the command line in place of its own."""
     kwargs: dict = {}
     if args.config:
         kwargs = proxy_settings(args.config)
     if args.backend:
-        backends = []
+        backends: list[HttpBackend] = []
         for text in args.backend:
-            name, _, addr = text.rpartition("=")
-            host, _, port = addr.rpartition(":")
-            if not host or not port.isdigit():
-                raise ConfigError(f"--backend {text!r}: expected [NAME=]HOST:PORT")
-            backends.append(HttpBackend(unbracket(host), int(port), name or backend_name(int(port))))
+            backends.append(parse_backend(text, {b.name for b in backends}))
         kwargs["backends"] = tuple(backends)
     for key in LB_FILE_SETTINGS:
         if getattr(args, key) is not None:
