@@ -56,7 +56,8 @@ def test_a_pool_the_machine_cannot_start_is_said_before_listening(monkeypatch, l
         with pytest.raises(ThreadLimit, match="--pool 5: this machine let only 2 threads start"):
             server.start_pool()
     finally:
-        server.sock.close()
+        for sock in server.socks:
+            sock.close()
 
 
 def test_a_threaded_connection_whose_first_setsockopt_fails_is_closed_and_uncounted(log_dir):
@@ -84,7 +85,41 @@ def test_a_threaded_connection_whose_first_setsockopt_fails_is_closed_and_uncoun
         server._handle(conn, "127.0.0.1")  # type: ignore[arg-type]
         assert conn.closed and server.clients == 0 and not server.active
     finally:
-        server.sock.close()
+        for sock in server.socks:
+            sock.close()
+
+
+def test_the_threaded_server_listens_on_every_address_of_its_host(monkeypatch, log_dir):
+    """``--host localhost`` where it names ::1 and 127.0.0.1 (Debian's): it listened
+    on the first alone, and a client of the other address was refused, where
+    every other server here takes both. (The name's two addresses are given by
+    a stand-in getaddrinfo: this machine's may list one.)"""
+    from clusterkit import logs
+    from clusterkit.http.config import HttpServerConfig
+    from clusterkit.http.threaded import ThreadedHttpServer
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    real = socket.getaddrinfo
+
+    def both(host, port, *args, **kwargs):
+        if host != "localhost":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    server = ThreadedHttpServer(HttpServerConfig(host="localhost", port=0, log_dir=str(log_dir)),
+                                logs.EventLog("t", None, logging.CRITICAL))
+    serving = threading.Thread(target=server.serve, daemon=True)
+    serving.start()
+    try:
+        for host in ("::1", "127.0.0.1"):
+            assert exchange(server.port, b"GET /page.html HTTP/1.0\r\n\r\n", host=host).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        server.stop()
+        serving.join(10)
+    assert not serving.is_alive()
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a single core: nothing to pin")

@@ -244,16 +244,32 @@ class ThreadCache:
                 job = self.queue.get()  # promised to us already
 
 
+def listen_all(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Blocking listening sockets on every address ``host`` resolves to
+    (``localhost``: 127.0.0.1 and ``::1``), on one port, as the event loops'
+    servers listen (it listened on the first alone: ``::1`` where that came first,
+    and 127.0.0.1 was refused); an IPv6 socket takes IPv6 only."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
+            # (port 0: the kernel's choice for the first, then the same for the others)
+            address = (sockaddr[0], socks[0].getsockname()[1] if socks else port, *sockaddr[2:])
+            socks.append(socket.create_server(address, family=family, backlog=backlog, reuse_port=False))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 class ThreadedHttpServer:
     def __init__(self, config: HttpServerConfig, elog: logs.EventLog) -> None:
         self.config = config
         self.elog = elog
         self.static = StaticFiles(config.root, config.name)
-        # The host's own family (``--host ::1`` is IPv6), as the event loops find it.
-        family, _, _, _, address = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
-                                                      flags=socket.AI_PASSIVE)[0]
-        self.sock = socket.create_server(address[:2], family=family, backlog=config.backlog, reuse_port=False)
-        self.port = self.sock.getsockname()[1]
+        self.socks = listen_all(config.host, config.port, config.backlog)
+        self.port = self.socks[0].getsockname()[1]
         self.stopping = threading.Event()
         self.active: dict[socket.socket, RequestParser] = {}  # served now, with their parsers
         self.forced = threading.Event()  # a second signal: the drain does not wait
@@ -299,9 +315,23 @@ class ThreadedHttpServer:
                                   f"start, not the poller's beside them") from None
 
     def serve(self) -> None:
+        """Accept until stopped: on the first listening socket in this thread, on
+        each other (``localhost``'s ``::1`` beside 127.0.0.1) in a thread of its own."""
+        others = [threading.Thread(target=self._accept, args=(sock,), name=f"accept-{i}", daemon=True)
+                  for i, sock in enumerate(self.socks[1:], 1)]
+        for thread in others:
+            thread.start()
+        self._accept(self.socks[0])
+        for thread in others:
+            thread.join()
+        with self.tally_lock:
+            self.turned_away.flush(now=True)
+            self.no_room.flush(now=True)
+
+    def _accept(self, sock: socket.socket) -> None:
         while not self.stopping.is_set():
             try:
-                conn, addr = self.sock.accept()
+                conn, addr = sock.accept()
             except OSError:
                 if self.stopping.is_set():
                     break
@@ -328,10 +358,7 @@ class ThreadedHttpServer:
                     # in the listen backlog) rather than be closed without a word.
                     self.refusing.acquire()
                     self.refusals.submit(conn, self.queue_full)
-        self.sock.close()
-        with self.tally_lock:
-            self.turned_away.flush(now=True)
-            self.no_room.flush(now=True)
+        sock.close()
 
     def _turn_away(self, conn: socket.socket) -> None:
         """A client past ``max_clients``: 503 and a lingering close in a thread
@@ -567,10 +594,11 @@ class ThreadedHttpServer:
         self.stopping.set()
         if self.poller is not None:
             self.poller.stop()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() the main thread is blocked in
-        except OSError:
-            pass
+        for sock in self.socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() its thread is blocked in
+            except OSError:
+                pass
 
     def force(self) -> None:
         """A second signal: the drain cuts what is left at once."""
