@@ -9,6 +9,7 @@ import io
 import json
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -110,7 +111,18 @@ def test_the_report_gives_a_local_servers_cpu_and_says_when_the_rate_is_only_a_l
     from clusterkit.stress.server_cpu import listening_pids
     port = cluster.free_port()
     server = procs.start(cluster.echo_server("server1", port, "--log-level", "warning", log_dir=str(log_dir)))
-    assert listening_pids(port) == [server.pid]
+    assert listening_pids("127.0.0.1", port) == listening_pids("localhost", port) == [server.pid]
+    # Another program on that port at another address is not the server (its CPU was counted).
+    other = subprocess.Popen([sys.executable, "-c", "import socket, sys, time\n"
+                              f"s = socket.create_server(('127.0.0.2', {port}))\nprint('up', flush=True)\n"
+                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "up\n"  # type: ignore[union-attr]
+        assert listening_pids("127.0.0.1", port) == [server.pid]
+        assert listening_pids("127.0.0.2", port) == [other.pid]
+    finally:
+        other.kill()
+        other.wait()
     row, proc = run_json("--port", str(port), "-k", "-c", "4", "--duration", "2", "--warmup", "0.5",
                          log_dir=log_dir, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -26,15 +26,28 @@ LISTEN = "0A"
 """The TCP state LISTEN in /proc/net/tcp."""
 
 
-def is_local(host: str) -> bool:
+def local_addresses(host: str) -> set:
+    """The loopback addresses ``host`` names (any name: ``localhost``,
+    ``ip6-localhost``); empty for a server elsewhere or a name that does not resolve."""
     try:
-        return ipaddress.ip_address(socket.gethostbyname(host) if host == "localhost" else host).is_loopback
-    except (ValueError, OSError):
-        return False
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return set()
+    addresses = {ipaddress.ip_address(f[4][0].partition("%")[0]) for f in found}
+    return {a for a in addresses if a.is_loopback}
 
 
-def listening_inodes(port: int) -> set[str]:
-    """Socket inodes listening on ``port`` (IPv4 and IPv6)."""
+def proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp{,6} writes it: hex, each 32-bit word in the
+    machine's byte order (little-endian here, as the kernel's x86 and arm do)."""
+    raw = bytes.fromhex(text)
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def listening_inodes(port: int, addresses: set) -> set[str]:
+    """Socket inodes listening on ``port`` (IPv4 and IPv6) at one of ``addresses``
+    or at every address (``0.0.0.0``, ``::``). Another program listening on the
+    same port at another address is not the server: its CPU was counted too."""
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -42,17 +55,25 @@ def listening_inodes(port: int) -> set[str]:
                 next(f)
                 for line in f:
                     fields = line.split()
-                    if fields[3] == LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    if fields[3] != LISTEN:
+                        continue
+                    address, _, hex_port = fields[1].partition(":")
+                    if int(hex_port, 16) != port:
+                        continue
+                    ip = proc_address(address)
+                    if ip in addresses or ip.is_unspecified:
                         found.add(fields[9])
         except (OSError, StopIteration, IndexError, ValueError):
             continue
     return found
 
 
-def listening_pids(port: int) -> list[int]:
-    """Every process holding a socket that listens on ``port`` (nginx's master
-    and workers share one); empty when none is found or /proc is not readable."""
-    wanted = {f"socket:[{inode}]" for inode in listening_inodes(port)}
+def listening_pids(host: str, port: int) -> list[int]:
+    """Every process holding a socket that listens on ``host:port`` (nginx's master
+    and workers share one); empty when none is found, the host is not this
+    machine, or /proc is not readable."""
+    addresses = local_addresses(host)
+    wanted = {f"socket:[{inode}]" for inode in listening_inodes(port, addresses)} if addresses else set()
     if not wanted:
         return []
     me = os.getpid()
@@ -88,7 +109,7 @@ class ServerCpu:
     then ``seconds`` is the CPU the server used in between (None if unknown)."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.pids = listening_pids(port) if is_local(host) else []
+        self.pids = listening_pids(host, port)
         self.before: float | None = None
         self.seconds: float | None = None
 
