@@ -61,7 +61,7 @@ from . import cli, logs, loops
 from .config import ConfigError, ServerConfig
 from .linger import LINGER_SECONDS
 from .protocol import LineFramer, SlowLineWatch, build_error, build_replies, check_server_name
-from .sockets import client_room, host_port, linger_room
+from .sockets import client_room, host_port, linger_room, peer_name
 
 log = logging.getLogger("clusterkit.server")
 
@@ -111,7 +111,7 @@ class EchoProtocol(asyncio.Protocol):
         self.transport = transport
         self.conn_id = next(server.conn_ids)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        self.peer = peer_name(peer)
         self.last_activity = time.monotonic()
         if len(server.connections) >= server.max_clients or server.stopping:
             self.rejected = True

@@ -127,6 +127,12 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def peer_name(peer: tuple | None) -> str:
+    """A connection's peer (``getpeername()``) for a log line: ``host:port``, an
+    IPv6 address in brackets (``[::1]:45740``, as ``backends=`` writes it), or ``-``."""
+    return host_port(peer[0], peer[1]) if peer else "-"
+
+
 def is_listener(listening: list[tuple], family: int, sockaddr: tuple) -> bool:
     """Whether a backend at ``sockaddr`` is one of our own listening sockets
     (``listening``: their ``getsockname()``): a balancer given its own address as

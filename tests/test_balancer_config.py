@@ -5,6 +5,7 @@ log lines."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import time
@@ -134,6 +135,13 @@ def test_balancer_over_ipv6_loopback(procs, log_dir, mode):
                                             log_dir=str(log_dir), host="::1"))
     assert send_all_then_read(balancer.port, b"over six\n", "::1") == b"REPLY six over six\nACK six 8\n"
     assert f"listening on [::1]:{balancer.port} " in balancer.stderr()  # (was ::1:PORT)
+    # A client's address in the log as the backends' are: in brackets (it was peer=::1:PORT).
+    log = log_dir / "server_log.log"
+    deadline = time.monotonic() + 30
+    while not re.search(r" balancer event=session conn=\d+ peer=\[::1\]:\d+ ", log.read_text()):
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    assert re.search(r" six event=open conn=\d+ peer=\[::1\]:\d+", log.read_text()), log.read_text()
 
 
 def test_session_log_names_the_backends_used(lb, log_dir):

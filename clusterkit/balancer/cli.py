@@ -112,8 +112,8 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
         print(f"{config.name}: at most {balancer.max_clients} clients at once (the open-files limit allows no more; "
               f"--max-connections is {config.max_connections}): more get 'ERR busy'", file=sys.stderr, flush=True)
     if elog.warning:
-        elog.line("WARNING", f"event=listen port={balancer.port} mode={config.mode} algorithm={config.algorithm} "
-                             f"backends={','.join(b.name for b in config.backends)} max_clients={balancer.max_clients}")
+        elog.line("WARNING", f"event=listen host={config.host} port={balancer.port} mode={config.mode} "
+                             f"algorithm={config.algorithm} backends={','.join(b.name for b in config.backends)} max_clients={balancer.max_clients}")
     await balancer.serve_until_stopped()
 
 

@@ -55,7 +55,7 @@ import _socket
 
 from ..protocol import (CONNECTION_NOTICES, MORE, NOTICE, OFF, LineFramer, SlowLineWatch, build_error,
                         match_answers, message_lines)
-from ..sockets import local_shortage
+from ..sockets import local_shortage, peer_name
 from ..epollset import ERR, HUP, OUT, EpollSet, SocketTransport, Stream, connect_result, os_error, start_connect
 from .pool import Backend, connect_failure
 
@@ -771,4 +771,4 @@ def start_client(app: Balancer, sock: _socket.socket, peer: tuple) -> None:
 def _peer(transport: asyncio.Transport | None) -> str:
     """host:port of the client, looked up only when a log line needs it."""
     peer = transport.get_extra_info("peername") if transport is not None else None
-    return f"{peer[0]}:{peer[1]}" if peer else "-"
+    return peer_name(peer)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import _socket
 
-from ..sockets import local_shortage
+from ..sockets import local_shortage, peer_name
 from ..epollset import BUF, ERR, HANGUP, HUP, IN, OUT, EpollSet, connect_result, linger_close, os_error, start_connect
 from .pool import Backend, connect_failure
 from .relay_message import ERR_BUSY, ERR_NO_BACKEND
@@ -330,8 +330,7 @@ class TcpSession:
         admitted = self in self.app.connections
         self.app.connections.discard(self)
         if self.elog.info and admitted:
-            peer = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "-"
-            self.elog.line("INFO", f"event=session conn={self.conn_id} peer={peer} mode=tcp "
+            self.elog.line("INFO", f"event=session conn={self.conn_id} peer={peer_name(self.peer)} mode=tcp "
                                    f"backends={','.join(self.used) or '-'} bytes_in={self.bytes_in} "
                                    f"bytes_out={self.bytes_out}")
 
