@@ -115,6 +115,9 @@ def host_name(text: str) -> str:
     host = unbracket(text)
     if not host:
         raise argparse.ArgumentTypeError("give a host name or address")  # ('' would mean every interface)
+    if text.count(":") == 1 or (text.startswith("[") and not text.endswith("]")):  # (an IPv6 address has 2 or more)
+        # ("[::1]:7000" was looked up as a name: "cannot connect to [[::1]:7000]:7000", exit 69)
+        raise argparse.ArgumentTypeError(f"{text!r}: a host without a port (the port goes in --port)")
     return host
 
 

@@ -210,6 +210,15 @@ def test_a_timeout_that_is_no_finite_number_is_a_usage_error(flag, value, log_di
     assert_usage_error("Load_Balancer.py", flag, value, "--log-dir", str(log_dir), message=f"argument {flag}")
 
 
+@pytest.mark.parametrize("script", ["server1.py", "client.py", "ClientServer_StressTools.py", "Load_Balancer.py",
+                                    "http_servers/lb.py"])
+@pytest.mark.parametrize("host", ["[::1]:7001", "127.0.0.1:7001", "[::1"])
+def test_a_host_with_a_port_is_a_usage_error(script, host, log_dir):
+    """``--host [::1]:7001`` was looked up as a name: "cannot connect to
+    [[::1]:7001]:7000" and exit 69 (peer unavailable), where the flag is at fault."""
+    assert_usage_error(script, "--host", host, "--log-dir", str(log_dir), message="a host without a port")
+
+
 def test_a_config_file_that_cannot_be_read_is_one_clear_line(tmp_path, log_dir):
     """A file not in UTF-8 was a traceback; a folder a bare "[Errno 21]" and exit 1."""
     latin = tmp_path / "latin.toml"

@@ -96,7 +96,8 @@ def test_backend_spec_parse(text, expected):
     assert (b.host, b.port, b.weight, b.name) == expected
 
 
-@pytest.mark.parametrize("text", ["nope", "h:0", "h:1:0", "h:x", "a=nope", "a=h:0"])
+@pytest.mark.parametrize("text", ["nope", "h:0", "h:1:0", "h:x", "a=nope", "a=h:0",
+                                  "[::1]7001", "[::1]::7001"])  # (the last two were taken as [::1]:7001)
 def test_bad_backend_spec(text):
     with pytest.raises(ConfigError) as info:
         BackendSpec.parse(text)

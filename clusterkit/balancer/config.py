@@ -41,7 +41,8 @@ class BackendSpec:
             name, text = text.split("=", 1)
         if text.startswith("["):
             host, _, rest = text[1:].partition("]")
-            parts = [host] + rest.lstrip(":").split(":")
+            # (one colon after the bracket: '[::1]7001' and '[::1]::7001' were taken as [::1]:7001)
+            parts = [host] + (rest[1:].split(":") if rest.startswith(":") else [""])
         else:
             parts = text.split(":")
         numbers = parts[1:]
