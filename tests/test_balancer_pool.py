@@ -96,6 +96,11 @@ def test_backend_spec_parse(text, expected):
     assert (b.host, b.port, b.weight, b.name) == expected
 
 
+def test_an_ipv6_backend_in_an_error_is_in_brackets():
+    with pytest.raises(ConfigError, match=r"backend \[::1\]:70000: not a port number"):  # (was ::1:70000)
+        BackendSpec.parse("a=[::1]:70000")
+
+
 @pytest.mark.parametrize("text", ["nope", "h:0", "h:1:0", "h:x", "a=nope", "a=h:0",
                                   "[::1]7001", "[::1]::7001"])  # (the last two were taken as [::1]:7001)
 def test_bad_backend_spec(text):

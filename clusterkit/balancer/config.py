@@ -27,8 +27,8 @@ class BackendSpec:
     name: str = ""
 
     def __post_init__(self) -> None:
-        check(0 < self.port <= 65535, f"backend {self.host}:{self.port}: not a port number")
-        check(self.weight >= 1, f"backend {self.host}:{self.port}: weight must be at least 1")
+        check(0 < self.port <= 65535, f"backend {host_port(self.host, self.port)}: not a port number")
+        check(self.weight >= 1, f"backend {host_port(self.host, self.port)}: weight must be at least 1")
         check_backend_name(self.name)
         if not self.name:
             object.__setattr__(self, "name", host_port(self.host, self.port))
