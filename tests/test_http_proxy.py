@@ -27,7 +27,7 @@ from clusterkit import cluster
 
 from .conftest import FullBacklog, assert_bad_config, fake_backend
 from .http_setup import (CHROMIUM, CLOSING_GET, GARBAGE, HUGE_HEADERS, NO_HOST_11, POST, SIMPLE_GET, WWW, exchange,
-                         ok_answer, read_requests, status_of, statuses_in)
+                         ok_answer, read_answers, read_requests, status_of, statuses_in)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -617,6 +617,54 @@ def _answer_slowly_or_oddly(conn: socket.socket) -> None:
 
 
 _odd_checks: list[int] = []
+
+
+def _answer_loosely(conn: socket.socket) -> None:
+    """Answers nginx and HAProxy relay: /lf with bare LFs (netcat, hand-written
+    servers), its head in two writes on /split; /twice with one Content-Length
+    given twice; /differ with two different ones (refused everywhere)."""
+    for head in read_requests(conn):
+        path = head.split(b" ")[1]
+        if path in (b"/lf", b"/split"):
+            answer = b"HTTP/1.1 200 OK\nContent-Type: text/plain\nContent-Length: 6\n\nok\nok\n"
+            if path == b"/split":
+                conn.sendall(answer[:20])
+                time.sleep(0.2)
+                answer = answer[20:]
+            conn.sendall(answer)
+        elif path in (b"/twice", b"/differ"):
+            second = b"6" if path == b"/twice" else b"7"
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Length: " + second + b"\r\n\r\nok\nok\n")
+        else:
+            conn.sendall(ok_answer(b"ok\n"))
+
+
+def test_an_answer_head_is_mended_as_nginx_reads_it():
+    from clusterkit.http.upstream import head_end, repaired_head
+    lf = b"HTTP/1.1 200 OK\nContent-Length: 3\n\nok\n"
+    assert head_end(lf) == len(lf) - 3 and head_end(lf[:20]) == -1
+    assert repaired_head(lf[:-3]) == b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+    mixed = b"HTTP/1.1 200 OK\r\nContent-Length: 3\nX: y\r\ncontent-length:  3\r\n\r\n"
+    assert head_end(mixed) == len(mixed)
+    assert repaired_head(mixed) == b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX: y\r\n\r\n"
+    differ = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"
+    assert repaired_head(differ) == differ  # (the parser refuses it: a 502)
+
+
+def test_lb_relays_answers_with_bare_lf_lines_or_a_content_length_twice(setup):
+    """Each was a 502, on every request, with the backend UP (its checks read the
+    status line alone); nginx and HAProxy relay both (RFC 9112 2.2, RFC 9110 8.6).
+    Two different lengths are still a 502, and the connection after a mended
+    answer is fine for the next one."""
+    with fake_backend(_answer_loosely) as port:
+        lb = setup.server("lb.py", "--backend", f"loose=127.0.0.1:{port}", "--check-interval", "30")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as sock:
+            for path in ("/lf", "/split", "/twice", "/lf", "/fine"):
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                answer = read_answers(sock, 1, time.monotonic() + 10)[0]
+                assert answer == (200, 3 if path == "/fine" else 6), (path, answer)
+        assert status_of(exchange(lb.port, b"GET /differ HTTP/1.0\r\n\r\n")) == 502
+        assert status_of(exchange(lb.port, b"GET /lf HTTP/1.0\r\n\r\n")) == 200
 
 
 def test_lb_drops_a_connection_that_brings_an_answer_nobody_asked_for(setup):

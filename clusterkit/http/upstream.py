@@ -92,6 +92,35 @@ class KnownAnswer(NamedTuple):
                 and data.find(b"\n", len(self.prefix), self.size - len(self.suffix)) < 0)
 
 
+REPAIRABLE = ("Missing expected CR", "Duplicate Content-Length")
+"""httptools' words for what ``repaired_head`` mends."""
+
+
+def head_end(data: bytes) -> int:
+    """Where the answer head ``data`` starts with ends (past its empty line, its
+    lines ended by CRLF or a bare LF); -1 when it goes on past ``data``."""
+    ends = [i + n for i, n in ((data.find(b"\n\n"), 2), (data.find(b"\n\r\n"), 3)) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def repaired_head(head: bytes) -> bytes:
+    """An answer's head (through its empty line) as llhttp takes it: each line
+    ended by CRLF, where a bare LF ended it (RFC 9112 2.2 lets a recipient take
+    it), and a Content-Length given more than once with one value given once
+    (RFC 9110 8.6 lets a recipient merge them); nginx and HAProxy take both,
+    lb.py answered 502 to every request (``BackendConn.data_received``). Two
+    different lengths stay: the parser refuses them."""
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
+    lengths = {line.partition(b":")[2].strip() for line in lines if line[:15].lower() == b"content-length:"}
+    if len(lengths) == 1:
+        kept = False
+        for i, line in enumerate(lines):
+            if line[:15].lower() == b"content-length:":
+                lines[i], kept = (b"" if kept else line), True
+        lines = [line for i, line in enumerate(lines) if line or i >= len(lines) - 2]  # (the end's two stay)
+    return b"\r\n".join(lines)
+
+
 class BackendConn(asyncio.Protocol):
     """One keep-alive connection to a backend; one request at a time, whose
     answer or failure goes to the ``Exchange`` that sent it."""
@@ -116,6 +145,7 @@ class BackendConn(asyncio.Protocol):
         self.between = True  # the parser is between answers
         self.completed = 0  # answers the parser has finished
         self.oversized = False  # an answer's head, whole in one read, was over MAX_ANSWER_HEAD
+        self.gathering: bytes | None = None  # a head the parser refused, read on to its end (_repaired)
         self._reset()
 
     def _reset(self) -> None:
@@ -224,11 +254,27 @@ class BackendConn(asyncio.Protocol):
             self.answer = known.answer
             self._deliver()
             return
-        completed = self.completed
+        repaired = self.gathering is not None
+        if repaired:
+            data = self._repaired(data)  # type: ignore[assignment]
+            if data is None:
+                return
+        completed, fresh = self.completed, self.between and self.owner is not None
         try:
             self.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            # Garbage, or a 101 Switching Protocols nobody asked for: a broken backend.
+        except httptools.HttpParserError as exc:
+            # A head with bare LFs or a Content-Length twice, that this read began: read
+            # to its end, made what the parser takes, and fed to a new parser (once).
+            if (fresh and not repaired and self.completed == completed and not self.unasked
+                    and str(exc).startswith(REPAIRABLE)):
+                self.parser = httptools.HttpResponseParser(self)
+                self._reset()
+                self.gathering, self.between = b"", True
+                self.data_received(data)
+                return
+            self._drop(BadGateway(str(exc) or type(exc).__name__))  # garbage: a broken backend
+            return
+        except httptools.HttpParserUpgrade as exc:  # a 101 Switching Protocols nobody asked for
             self._drop(BadGateway(str(exc) or type(exc).__name__))
             return
         if self.spent:  # a HEAD's answer ended its head: a new parser for the next answer
@@ -252,6 +298,23 @@ class BackendConn(asyncio.Protocol):
             self._deliver()
         elif self.held and self.owner is not None and (self.owner.streaming or self.held > STREAM_AFTER):
             self.owner.stream(self)
+
+    def _repaired(self, data: bytes) -> bytes | None:
+        """``data`` added to the head being gathered: once it ends, the head made
+        what llhttp takes (``repaired_head``) and the bytes after it; None
+        meanwhile, or when it passes ``MAX_ANSWER_HEAD`` (a 502). Refused again,
+        the answer is a 502 (``gathering`` is None by then)."""
+        data = self.gathering + data  # type: ignore[operator]
+        end = head_end(data)
+        if end < 0:
+            self.gathering = data
+            if len(data) > MAX_ANSWER_HEAD:
+                self.gathering = None
+                self._drop(BadGateway(f"answer head over {MAX_ANSWER_HEAD} bytes"))
+            return None
+        self.gathering = None
+        self.head_bytes = end
+        return repaired_head(data[:end]) + data[end:]
 
     def take_body(self) -> bytes:
         """The body read so far, for a streamed answer; held no more here."""
