@@ -94,6 +94,24 @@ def test_up_starts_everything_and_one_signal_stops_it_all(procs, log_dir):
     assert not alive
 
 
+def test_up_takes_a_host_for_every_server(procs, log_dir):
+    """As every program takes --host (SPEC.md); up had --offset alone."""
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    offset = _free_offset()
+    up = procs.start(cluster.Process("up", [sys.executable, "-m", "clusterkit.http", "up", "--offset", str(offset),
+                                            "--host", "::1", "--log-dir", str(log_dir)],
+                                     port=44444 + offset, host="::1"), wait=30)
+    for port in (9002, 9005, 45000, 46000):
+        cluster.wait_listening("::1", port + offset, 30)
+    for port in (44444, 45000, 46000):
+        assert status_of(exchange(port + offset, b"GET /page.html HTTP/1.0\r\n\r\n", host="::1")) == 200
+    up.signal(signal.SIGINT)
+    assert up.wait(timeout=30) == 0
+
+
 @pytest.mark.parametrize("held", ["listening", "bound"])
 def test_up_with_a_port_taken_by_another_program_says_so_and_starts_nothing(procs, log_dir, held):
     """``listening``: each server found its port open (the other program's) and was
