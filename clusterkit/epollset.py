@@ -112,7 +112,7 @@ def resolve(backend: Backend) -> list[tuple[int, tuple]]:
     resolvers section), its IPv4 ones first: ``localhost`` may list ``::1`` first,
     and the servers listen on 127.0.0.1 by default. The traffic goes to the first;
     the health checks move it to another that answers when it is refused there
-    (``health.connect_backend``): a server listening on ``::1`` alone is found."""
+    (``health.check_once``): a server listening on ``::1`` alone is found."""
     return sorted(lookup(backend.name, backend.host, backend.port), key=lambda a: a[0] != socket.AF_INET)
 
 

@@ -82,21 +82,28 @@ def test_an_ipv4_address_written_as_ipv6_is_its_ipv4_one():
 def test_checks_find_the_address_of_a_name_the_server_listens_on(procs, log_dir):
     """A name with an IPv4 and an IPv6 address (Debian's ``localhost``), the server
     on ``::1`` alone: the traffic went to 127.0.0.1 only, and the backend stayed
-    DOWN ("check refused") for good. Now a check refused there tries the other
-    address, and the traffic follows the one that answers."""
+    DOWN ("check refused") for good. Now a check refused at the first address
+    tries the others; the first that passes takes the traffic, until the first
+    address passes again. Something else listening at the other address takes
+    nothing, and the verdict is the first address's."""
     try:
         port = cluster.free_port("::1")
     except OSError:
         pytest.skip("no ::1 on this machine")
-    procs.start(cluster.echo_server("six", port, log_dir=str(log_dir), host="::1"))
+    six = procs.start(cluster.echo_server("six", port, log_dir=str(log_dir), host="::1"))
     backend = Backend(0, BackendSpec("localhost", port, name="six"))
     backend.addresses = [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET6, ("::1", port, 0, 0))]
     backend.address = backend.addresses[0]
     assert asyncio.run(check_once(backend, 5.0)) is None
     assert backend.address == backend.addresses[1] and backend.snapshot()["connects_to"] == f"[::1]:{port}"
-    backend.addresses = backend.addresses[:1]  # (no other address: refused is the verdict)
-    backend.address = backend.addresses[0]
-    assert asyncio.run(check_once(backend, 5.0)) == "refused"
+    four = procs.start(cluster.echo_server("four", port, log_dir=str(log_dir)))
+    assert asyncio.run(check_once(backend, 5.0)) is None  # (the first address passes: the traffic goes back)
+    assert backend.address == backend.addresses[0]
+    four.stop()
+    six.stop()
+    with socket.create_server(("::1", port), family=socket.AF_INET6):  # (accepts, and answers nothing)
+        assert asyncio.run(check_once(backend, 0.5)) == "refused"
+    assert backend.address == backend.addresses[0]
 
 
 def test_lb_refuses_a_backend_name_that_does_not_resolve(log_dir):

@@ -21,7 +21,6 @@ are cancelled when the balancer stops.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 from ..protocol import ProtocolError, ResponseParser
@@ -45,13 +44,40 @@ def os_failure(exc: OSError) -> str:
 async def check_once(backend: Backend, timeout: float, kind: str = "message",
                      connect_timeout: float | None = None) -> str | None:
     """None when the backend answered correctly (with ``kind="connect"``: accepted
-    the connection), else the reason it failed. The connect may take
-    ``connect_timeout`` (``timeout`` when not given), the exchange ``timeout`` more."""
+    the connection), else the reason it failed (``check_at``).
+
+    A name with several addresses (``localhost``: 127.0.0.1 and ``::1``) is
+    checked at its first; refused there (nobody listening), at the others in
+    turn, and the first that passes takes the traffic, until the first passes
+    again. So a server listening on one of them alone is found, as HAProxy (the
+    first address) and nginx (each address a server) would find it: it stayed
+    DOWN. The verdict otherwise is the first address's."""
+    if not backend.addresses:  # (not resolved at start: a Pool used alone)
+        return await check_at(backend.host, backend.port, timeout, kind, connect_timeout)
+    first = None
+    for address in backend.addresses:
+        reason = await check_at(*address[1][:2], timeout, kind, connect_timeout)
+        if reason is None:
+            backend.address = address
+            return None
+        if first is None:
+            first = reason
+            if reason != "refused":
+                break
+    return first
+
+
+async def check_at(host: str, port: int, timeout: float, kind: str = "message",
+                   connect_timeout: float | None = None) -> str | None:
+    """One check at ``host:port``: None when it answered correctly, else why not.
+    The connect may take ``connect_timeout`` (``timeout`` when not given), the
+    exchange ``timeout`` more."""
     writer = None
     try:
         try:
             async with asyncio.timeout(timeout if connect_timeout is None else connect_timeout):
-                reader, writer = await asyncio.open_connection(sock=await connect_backend(backend))
+                reader, writer = await asyncio.open_connection(sock=await open_socket(asyncio.get_running_loop(),
+                                                                                       host, port))
         except TimeoutError:
             return "connect-timeout"
         if kind == "connect":
@@ -80,27 +106,6 @@ async def check_once(backend: Backend, timeout: float, kind: str = "message",
     finally:
         if writer is not None:
             writer.transport.abort()
-
-
-async def connect_backend(backend: Backend) -> socket.socket:
-    """A connection to the address the backend's traffic goes to; refused there,
-    to its name's other addresses in turn (``localhost``: 127.0.0.1 and ``::1``),
-    and the first that accepts is the traffic's from now on. So a server that
-    listens on one of them only is found, as HAProxy (the first address) and
-    nginx (every address a server) would find it; before, it stayed DOWN."""
-    loop = asyncio.get_running_loop()
-    if backend.address is None:  # (not resolved at start: a Pool used alone)
-        return await open_socket(loop, backend.host, backend.port)
-    refused: OSError | None = None
-    for address in [backend.address] + [a for a in backend.addresses if a != backend.address]:
-        try:
-            sock = await open_socket(loop, *address[1][:2])
-        except ConnectionRefusedError as exc:
-            refused = refused or exc
-            continue
-        backend.address = address
-        return sock
-    raise refused  # type: ignore[misc]
 
 
 async def check_forever(pool: Pool, backend: Backend, interval: float, timeout: float,

@@ -120,7 +120,7 @@ class Backend:
         self.checks_failed = 0
         self.latency = LatencyHistogram()
         self.addresses: list[tuple[int, tuple]] = []  # (family, sockaddr) each, resolved at start (epollset.resolve)
-        self.address: tuple[int, tuple] | None = None  # the one the traffic goes to (health.connect_backend)
+        self.address: tuple[int, tuple] | None = None  # the one the traffic goes to (health.check_once)
 
     @property
     def healthy(self) -> bool:
