@@ -478,6 +478,7 @@ def test_port_taken_is_one_clear_line(setup):
     ("async_server.py", ["9999", "--keepalive-timeout", "nan"], "argument --keepalive-timeout: must be positive"),
     ("lb.py", ["--port", "44470", "--admin-port", "44470"], "--admin-port 44470 is lb.py's own --port"),
     ("lb.py", ["--backend", "a=127.0.0.1:9002", "--backend", "a=[::1]:9002"], "a given twice"),
+    ("lb.py", ["--backend", "127.0.0.1:9100", "--backend", "127.0.0.1:9100"], "backend-9100 given twice"),
     ("lb.py", ["--backend", "a=::1:9002:2"], "expected [NAME=]HOST:PORT (no weight; an IPv6 address in brackets"),
     ("lb.py", ["--backend", "127.0.0.1:9002:2"], "expected [NAME=]HOST:PORT (no weight"),
     ("lb.py", ["--backend", "[::1]:9002:2"], "expected [NAME=]HOST:PORT (no weight"),

@@ -160,10 +160,11 @@ def proxy_settings(path: str) -> dict:
                                  lambda fields: {"host": "127.0.0.1", "name": backend_name(fields["port"])})
 
 
-def parse_backend(text: str, taken: set[str]) -> HttpBackend:
+def parse_backend(text: str, taken: dict[str, tuple[str, int]]) -> HttpBackend:
     """``--backend [NAME=]HOST:PORT``, an IPv6 address in brackets. Unnamed, it is
     ``backend-PORT`` (``backend1`` for 9002...), or ``HOST:PORT`` when an earlier
-    one has that name (the same port on ``127.0.0.1`` and ``[::1]``). Refused: an
+    one at another address has that name (the same port on ``127.0.0.1`` and
+    ``[::1]``; ``taken``: the earlier ones' names and addresses). Refused: an
     IPv6 address without brackets, read before as a host and a port
     (``::1:9002:2`` was ``[::1:9002]`` port 2), and a weight, which lb.py has not."""
     name, _, addr = text.rpartition("=")
@@ -177,7 +178,7 @@ def parse_backend(text: str, taken: set[str]) -> HttpBackend:
                           f"brackets: [::1]:9002)")
     if not name:
         name = backend_name(int(port))
-        if name in taken:
+        if taken.get(name, (host, int(port))) != (host, int(port)):  # (the same one twice stays an error)
             name = host_port(host, int(port))
     return HttpBackend(host, int(port), name)
 
@@ -190,7 +191,7 @@ def proxy_config(args) -> ProxyConfig:
     if args.backend:
         backends: list[HttpBackend] = []
         for text in args.backend:
-            backends.append(parse_backend(text, {b.name for b in backends}))
+            backends.append(parse_backend(text, {b.name: (b.host, b.port) for b in backends}))
         kwargs["backends"] = tuple(backends)
     for key in LB_FILE_SETTINGS:
         if getattr(args, key) is not None:
