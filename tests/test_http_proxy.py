@@ -632,9 +632,14 @@ def _answer_loosely(conn: socket.socket) -> None:
                 time.sleep(0.2)
                 answer = answer[20:]
             conn.sendall(answer)
-        elif path in (b"/twice", b"/differ"):
-            second = b"6" if path == b"/twice" else b"7"
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Length: " + second + b"\r\n\r\nok\nok\n")
+        elif path in (b"/twice", b"/differ", b"/twice-split"):
+            second = b"7" if path == b"/differ" else b"6"
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Length: " + second + b"\r\n\r\nok\nok\n"
+            if path == b"/twice-split":  # (the status line, then the rest: the parser refuses the second read)
+                conn.sendall(answer[:17])
+                time.sleep(0.2)
+                answer = answer[17:]
+            conn.sendall(answer)
         else:
             conn.sendall(ok_answer(b"ok\n"))
 
@@ -659,7 +664,7 @@ def test_lb_relays_answers_with_bare_lf_lines_or_a_content_length_twice(setup):
     with fake_backend(_answer_loosely) as port:
         lb = setup.server("lb.py", "--backend", f"loose=127.0.0.1:{port}", "--check-interval", "30")
         with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as sock:
-            for path in ("/lf", "/split", "/twice", "/lf", "/fine"):
+            for path in ("/lf", "/split", "/twice", "/twice-split", "/lf", "/fine"):
                 sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 answer = read_answers(sock, 1, time.monotonic() + 10)[0]
                 assert answer == (200, 3 if path == "/fine" else 6), (path, answer)

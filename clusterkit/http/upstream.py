@@ -158,6 +158,7 @@ class BackendConn(asyncio.Protocol):
         self.reason = b""
         self.head_done = False
         self.head_bytes = 0  # read while the head was coming (MAX_ANSWER_HEAD)
+        self.head_part = b""  # those bytes, when the head began a read: mended if the parser refuses it later
         self.field_bytes = 0  # of the head's lines, as the parser gave them (the same limit)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -259,14 +260,16 @@ class BackendConn(asyncio.Protocol):
             data = self._repaired(data)  # type: ignore[assignment]
             if data is None:
                 return
-        completed, fresh = self.completed, self.between and self.owner is not None
+        completed, fresh = self.completed, self.between
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            # A head with bare LFs or a Content-Length twice, that this read began: read
-            # to its end, made what the parser takes, and fed to a new parser (once).
-            if (fresh and not repaired and self.completed == completed and not self.unasked
-                    and str(exc).startswith(REPAIRABLE)):
+            # A head with bare LFs or a Content-Length twice, begun by this read or an
+            # earlier one (head_part): read to its end, made what the parser takes, and
+            # fed to a new parser (once).
+            if ((fresh or self.head_part) and not repaired and self.owner is not None and not self.unasked
+                    and self.completed == completed and str(exc).startswith(REPAIRABLE)):
+                data = self.head_part + data
                 self.parser = httptools.HttpResponseParser(self)
                 self._reset()
                 self.gathering, self.between = b"", True
@@ -288,6 +291,8 @@ class BackendConn(asyncio.Protocol):
             return
         if not (self.head_done or self.between):  # in the middle of an answer's head
             self.head_bytes += len(data)
+            if fresh or self.head_part:
+                self.head_part += data
         if self.oversized or self.head_bytes > MAX_ANSWER_HEAD:
             self.answer = None  # (whole in this read, it is no answer to go on either)
             self._drop(BadGateway(f"answer head over {MAX_ANSWER_HEAD} bytes"))
