@@ -143,7 +143,10 @@ def is_listener(listening: list[tuple], family: int, sockaddr: tuple) -> bool:
     reaches (an IPv6-only listener on ``::`` is not there)."""
     mapped = ipaddress.ip_address(sockaddr[0].partition("%")[0])
     if family == socket.AF_INET6 and mapped.ipv4_mapped is not None:  # type: ignore[union-attr]
-        family, sockaddr = socket.AF_INET, (str(mapped.ipv4_mapped), sockaddr[1])  # type: ignore[union-attr]
+        family, mapped = socket.AF_INET, mapped.ipv4_mapped  # type: ignore[union-attr]
+        sockaddr = (str(mapped), sockaddr[1])
+    if mapped.is_unspecified:  # (a connect to 0.0.0.0 or :: reaches this machine: its loopback)
+        sockaddr = ("127.0.0.1" if family == socket.AF_INET else "::1", *sockaddr[1:])
     for here in listening:
         if here[1] != sockaddr[1] or (len(here) == 4) != (family == socket.AF_INET6):
             continue

@@ -77,6 +77,10 @@ def test_an_ipv4_address_written_as_ipv6_is_its_ipv4_one():
     assert is_listener([("0.0.0.0", 7000)], socket.AF_INET6, mapped)
     assert not is_listener([("::", 7000, 0, 0)], socket.AF_INET6, mapped)
     assert not is_listener([("127.0.0.1", 7001)], socket.AF_INET6, mapped)
+    # (a connect to 0.0.0.0, or ::, reaches this machine too)
+    assert is_listener([("127.0.0.1", 7000)], socket.AF_INET, ("0.0.0.0", 7000))
+    assert is_listener([("127.0.0.1", 7000)], socket.AF_INET6, ("::ffff:0.0.0.0", 7000, 0, 0))
+    assert is_listener([("::1", 7000, 0, 0)], socket.AF_INET6, ("::", 7000, 0, 0))
 
 
 def test_checks_find_the_address_of_a_name_the_server_listens_on(procs, log_dir):
