@@ -115,6 +115,7 @@ class Backend:
         self.bytes_out = 0  # and to them (a byte relay sees no messages)
         self.failures = 0
         self.connect_timeouts = 0  # traffic connects timed out in a row (Pool.connect_timed_out)
+        self.response_timeouts = 0  # messages left unanswered past --response-timeout in a row (message mode)
         self.failovers = 0
         self.checks_ok = 0
         self.checks_failed = 0
@@ -214,6 +215,17 @@ class Pool:
         b.connect_timeouts += 1
         if b.connect_timeouts >= self.fall and b.state != DOWN:
             self._set(b, DOWN, f"connect-timeout ({b.connect_timeouts} in a row)")
+
+    def response_timed_out(self, b: Backend) -> None:
+        """A message left unanswered past the response timeout: DOWN at the ``fall``-th
+        in a row (an answer starts the count again). One slow answer on a slow or
+        lossy network is no proof of a dead backend (HAProxy and nginx take none
+        down for it): it took the backend down, and with all of them down under
+        such a network, the clients got ERR no-backend from live servers."""
+        b.failures += 1
+        b.response_timeouts += 1
+        if b.response_timeouts >= self.fall and b.state != DOWN:
+            self._set(b, DOWN, f"response-timeout ({b.response_timeouts} in a row)")
 
     @staticmethod
     def connected(b: Backend) -> None:

@@ -503,6 +503,7 @@ class ClientSide(asyncio.Protocol):
                 self.pending_bytes = 0
                 if backend is not None:
                     backend.messages += n
+                    backend.response_timeouts = 0
                     if self.burst_start is not None:
                         backend.latency.record((time.monotonic() - self.burst_start) * 1000)
                 self.burst_start = None
@@ -518,6 +519,7 @@ class ClientSide(asyncio.Protocol):
                 self.pending_bytes = max(0, self.pending_bytes - freed)
                 if backend is not None:
                     backend.messages += n
+                    backend.response_timeouts = 0
                 if "pending" in self.paused and self.pending_bytes < self.config.max_pending_bytes // 2:
                     self.set_paused("pending", False)
         elif view is not buf:
@@ -626,7 +628,8 @@ class ClientSide(asyncio.Protocol):
 
     def fail_over(self, reason: str, blame: bool = True) -> None:
         """Drop the current backend; resend what is pending elsewhere. ``blame``: count
-        a traffic error against the backend (not when it is down already)."""
+        a traffic error against the backend (not when it is down already, nor for a
+        response timeout, which the caller counts)."""
         backend = self.backend
         had_pending = bool(self.pending)
         self.drop_backend()
@@ -646,7 +649,9 @@ class ClientSide(asyncio.Protocol):
             self.elog.line("WARNING", f"event=failover conn={self.conn_id} from={backend.name if backend else '-'} "
                                       f"reason={reason} pending={len(self.pending)}")
         self.burst_start = time.monotonic()  # the next backend's latency counts from the resend
-        if not self.attach():
+        # Another backend, if one is healthy: the one left may still be UP (a response
+        # timeout takes it down only at --fall in a row), and slow; else it again.
+        if not (backend is not None and self.attach(exclude=(backend,))) and not self.attach():
             self.answer_no_backend(0)
 
     def answer_no_backend(self, new_messages: int) -> None:
@@ -681,7 +686,9 @@ class ClientSide(asyncio.Protocol):
             # (Client full: the answers wait for the client to read them, and the backend
             # is not read meanwhile; no backend is to blame. See close_idle.)
             self.stall_since = None
-            self.fail_over("response-timeout")
+            if self.backend is not None:
+                self.app.pool.response_timed_out(self.backend)  # (DOWN at --fall of them in a row)
+            self.fail_over("response-timeout", blame=False)
 
     def note_activity(self, now: float) -> float:
         """The last time the client sent bytes or got an answer."""
