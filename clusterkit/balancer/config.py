@@ -72,14 +72,19 @@ class BalancerConfig:
     check: str = "message"
     """What a health check does: a real message exchange, or only a TCP connect (HAProxy's
     plain ``check``, for ``--mode tcp`` in front of servers that do not speak the protocol)."""
-    check_interval: float = 1.0
-    """Seconds between two active health checks of a backend (HAProxy's ``inter``)."""
-    check_timeout: float = 1.0
+    check_interval: float = 2.0
+    """Seconds between two active health checks of a backend (HAProxy's ``inter``, and
+    its default): a check's connect may take min(connect timeout, interval), 2 s,
+    past the kernel's first SYN retransmit (1 s). At 1 s each lost SYN failed a
+    check, and on a lossy network live backends went down where HAProxy's did not."""
+    check_timeout: float = 2.0
     rise: int = 2
     """Consecutive good checks that bring a down backend back."""
     fall: int = 3
     """Consecutive failed checks that take a backend down."""
-    connect_timeout: float = 1.0
+    connect_timeout: float = 3.0
+    """Above the kernel's first SYN retransmit (1 s), so that one lost SYN is no failed
+    connect (it always was at 1 s); HAProxy's documentation asks for 3 s and more."""
     response_timeout: float = 2.0
     """A backend that leaves a message unanswered this long is failed over."""
     idle_timeout: float = 300.0

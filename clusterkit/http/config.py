@@ -73,13 +73,18 @@ class ProxyConfig:
     port: int = 44444
     backends: tuple[HttpBackend, ...] = DEFAULT_BACKENDS
     limits: Limits = field(default_factory=Limits)
-    connect_timeout: float = 1.0
+    connect_timeout: float = 3.0
+    """Above the kernel's first SYN retransmit (1 s): one lost SYN is no failed connect."""
     response_timeout: float = 10.0
-    check_interval: float = 1.0
-    check_timeout: float = 1.0
+    check_interval: float = 2.0
+    """HAProxy's default inter: a check's connect may take 2 s (min(connect, interval)),
+    past one SYN retransmit; at 1 s each lost SYN failed a check, and on a lossy
+    network live backends went down (503s) where HAProxy took none down."""
+    check_timeout: float = 2.0
     check_path: str = "/healthz"
     rise: int = 2
-    fall: int = 2
+    fall: int = 3
+    """HAProxy's default, as Load_Balancer.py's."""
     pool_size: int = 64
     """Idle keep-alive connections kept per backend."""
     admin_port: int = 0
