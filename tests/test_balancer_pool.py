@@ -40,6 +40,31 @@ def test_state_table_checks_and_traffic():
     assert changes == [("s1", FALLING, DOWN), ("s1", RISING, UP), ("s1", UP, DOWN)]
 
 
+def test_response_timeouts_take_a_backend_down_at_fall_in_a_row_one_per_timeout():
+    """The clients waiting on one slow moment time out together: one timeout. Three
+    such moments a response timeout apart, with no answer nor passed check
+    between, take the backend down (a stopped one); a slow one that answers now
+    and then stays (congestion took every backend down at once: ERR no-backend)."""
+    pool, changes = make_pool(fall=3)
+    b = pool.backends[0]
+    for _ in range(10):  # ten clients, one moment
+        pool.response_timed_out(b, 100.0, 2.0)
+    pool.response_timed_out(b, 102.5, 2.0)
+    assert b.state == UP and b.failures == 11
+    b.response_timeouts = 0  # (an answer came: relay_message.backend_data)
+    pool.response_timed_out(b, 105.0, 2.0)
+    pool.response_timed_out(b, 107.5, 2.0)
+    pool.check_passed(b)
+    pool.response_timed_out(b, 110.0, 2.0)
+    pool.response_timed_out(b, 112.5, 2.0)
+    assert b.state == UP
+    pool.response_timed_out(b, 113.0, 2.0)  # (within the last one's timeout: the same moment)
+    assert b.state == UP
+    pool.response_timed_out(b, 115.0, 2.0)
+    assert b.state == DOWN and b.reason == "response-timeout (3 in a row)"
+    assert changes == [("s1", UP, DOWN)]
+
+
 def test_connect_timeouts_take_a_backend_down_only_at_fall_in_a_row():
     """A connect timeout may be one lost SYN: DOWN at ``fall`` in a row; a connect
     that succeeds, or a check that passes, starts the count again."""

@@ -115,7 +115,8 @@ class Backend:
         self.bytes_out = 0  # and to them (a byte relay sees no messages)
         self.failures = 0
         self.connect_timeouts = 0  # traffic connects timed out in a row (Pool.connect_timed_out)
-        self.response_timeouts = 0  # messages left unanswered past --response-timeout in a row (message mode)
+        self.response_timeouts = 0  # response timeouts in a row, one per --response-timeout at most (message mode)
+        self.response_timeout_at = float("-inf")  # when the last one was counted
         self.failovers = 0
         self.checks_ok = 0
         self.checks_failed = 0
@@ -175,7 +176,7 @@ class Pool:
 
     def check_passed(self, b: Backend) -> None:
         b.checks_ok += 1
-        b.connect_timeouts = 0
+        b.connect_timeouts = b.response_timeouts = 0
         if b.state in (UP, FALLING):
             if b.state == FALLING:
                 self._set(b, UP, "check passed")
@@ -216,13 +217,21 @@ class Pool:
         if b.connect_timeouts >= self.fall and b.state != DOWN:
             self._set(b, DOWN, f"connect-timeout ({b.connect_timeouts} in a row)")
 
-    def response_timed_out(self, b: Backend) -> None:
-        """A message left unanswered past the response timeout: DOWN at the ``fall``-th
-        in a row (an answer starts the count again). One slow answer on a slow or
-        lossy network is no proof of a dead backend (HAProxy and nginx take none
-        down for it): it took the backend down, and with all of them down under
-        such a network, the clients got ERR no-backend from live servers."""
+    def response_timed_out(self, b: Backend, now: float, timeout: float) -> None:
+        """A message left unanswered past the response ``timeout``: DOWN at the
+        ``fall``-th in a row (an answer starts the count again), counting one at
+        most per ``timeout``: the clients that wait on one slow moment time out
+        together, and are one timeout. So a backend that answers nothing for
+        (fall - 1) response timeouts after the first goes DOWN (a stopped one:
+        about as soon as its checks take it out); one slow on a slow, lossy or
+        congested network, that still answers now and then, stays. One late
+        answer took a backend down at once, and with all of them down so,
+        clients got ERR no-backend from live servers (HAProxy and nginx take
+        none down for a slow answer)."""
         b.failures += 1
+        if now - b.response_timeout_at < timeout:
+            return
+        b.response_timeout_at = now
         b.response_timeouts += 1
         if b.response_timeouts >= self.fall and b.state != DOWN:
             self._set(b, DOWN, f"response-timeout ({b.response_timeouts} in a row)")

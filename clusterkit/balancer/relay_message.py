@@ -687,7 +687,7 @@ class ClientSide(asyncio.Protocol):
             # is not read meanwhile; no backend is to blame. See close_idle.)
             self.stall_since = None
             if self.backend is not None:
-                self.app.pool.response_timed_out(self.backend)  # (DOWN at --fall of them in a row)
+                self.app.pool.response_timed_out(self.backend, now, timeout)  # (DOWN at --fall in a row)
             self.fail_over("response-timeout", blame=False)
 
     def note_activity(self, now: float) -> float:

@@ -225,6 +225,7 @@ def lb_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="HTTP load balancer: round-robin per request over the async "
                                             "backends, keep-alive pools, health checks, retries, X-Backend.")
     _common(p, 44444, config_file=True)
+    d = ProxyConfig()
     p.add_argument("--backend", action="append", metavar="[NAME=]HOST:PORT",
                    help="a backend, IPv6 as [::1]:PORT; repeat for each (default: 127.0.0.1:9002..9005). "
                         "Unnamed, it is backend1..backend4 on 9002..9005, as async_server.py names itself, "
@@ -232,18 +233,18 @@ def lb_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="settings and [[backends]] from TOML "
                                                          "(see http_servers/lb.example.toml); flags given on "
                                                          "the command line win")
-    p.add_argument("--check-interval", type=cli.positive_float, help="seconds between health checks (default: 1)")
+    p.add_argument("--check-interval", type=cli.positive_float, help="seconds between health checks "
+                                                                         f"(default: {d.check_interval:g})")
     p.add_argument("--check-path", help="what the health check GETs; any answer below 500 passes, so a backend "
                                         "without it (nginx: 404) still counts as up (default: /healthz)")
-    p.add_argument("--rise", type=cli.positive_int, help="good checks that bring a backend back (default: 2)")
+    p.add_argument("--rise", type=cli.positive_int, help=f"good checks that bring a backend back (default: {d.rise})")
     p.add_argument("--fall", type=cli.positive_int, help="failed checks that take a backend down; connect timeouts "
                                                          "on requests in a row too (a refused connect: at once) "
-                                                         "(default: 2)")
+                                                         f"(default: {d.fall})")
     p.add_argument("--response-timeout", type=cli.positive_float,
-                   help="seconds a backend may leave its answer without a byte (default: 10)")
+                   help=f"seconds a backend may leave its answer without a byte (default: {d.response_timeout:g})")
     p.add_argument("--admin-port", type=cli.port_number,
                    help="port of GET /stats (JSON) and /metrics (Prometheus) per backend (default: none)")
-    d = ProxyConfig()
     for flag, kind, text in (
         ("--connect-timeout", cli.positive_float, "seconds to connect to a backend before trying the next "
                                                   "(a health check's connect too, at most --check-interval)"),
