@@ -822,6 +822,36 @@ def test_one_slow_answer_moves_its_client_and_takes_no_backend_down(procs, log_d
     assert "event=backend-down" not in text, text
 
 
+def test_backends_slower_than_the_response_timeout_still_answer_after_a_failover(procs, log_dir):
+    """Every answer takes 0.5 s, the response timeout is 0.3 s (a network slower than
+    it: 8 KB messages over 1 Mbit/s). Each message went from backend to backend
+    every 0.3 s, each resend loading the link more, none was answered, and every
+    backend went down (ERR no-backend). Now the next backend gets twice as long."""
+    def slow(name: bytes):
+        def answer(lines):
+            if lines and lines != [b"health-check"]:
+                time.sleep(0.5)
+            return b"".join(_pair(name, m) for m in lines), False
+        return answer
+
+    f1, f2 = _odd_backend(slow(b"f1")), _odd_backend(slow(b"f2"))
+    try:
+        port = cluster.free_port()
+        procs.start(balancer_process(port, [f"f1=127.0.0.1:{f1.getsockname()[1]}",
+                                            f"f2=127.0.0.1:{f2.getsockname()[1]}"],
+                                     "--response-timeout", "0.3", "--keepalive", "0", log_dir=str(log_dir)))
+        for m in (b"one", b"two", b"three"):
+            assert one_message(port, m) in (_pair(b"f1", m), _pair(b"f2", m))
+        deadline = time.monotonic() + 10
+        while "reason=response-timeout" not in (log := (log_dir / "server_log.log").read_text()):
+            assert time.monotonic() < deadline, log
+            time.sleep(0.05)
+    finally:
+        f1.close()
+        f2.close()
+    assert "event=backend-down" not in log, log
+
+
 def test_an_idle_timeout_that_crosses_a_waiting_connections_first_message_blames_no_backend(procs, log_dir):
     """The balancer connects to a backend as its client connects. A client silent for
     longer than the server's idle timeout has its first message cross the server's

@@ -73,6 +73,9 @@ KNOWN_MAX = 1024
 """The longest answer a client's last lone message keeps for the glance in
 ``backend_data`` (a load tool's messages are short; a copy of a 64 KiB line's
 answer per idle client would add up)."""
+MAX_PATIENCE = 16
+"""The most response timeouts a client's messages wait on a backend after failovers
+in a row (``ClientSide.patience``): 2 s, 4 s, 8 s, 16 s, 32 s by default."""
 MESSAGE_COST = 64
 """Bytes a pending message costs the balancer beyond its own (the bytes object and
 its place in the queue), counted against ``max_pending_bytes``: counted by their
@@ -166,7 +169,7 @@ class ClientSide(asyncio.Protocol):
                  "connecting", "pending", "known", "pending_bytes", "inbuf", "used", "tried", "paused",
                  "client_full", "eof", "closed", "rejected", "error_after_pending", "answered", "failovers",
                  "no_backend_errors", "bytes_in", "seen_bytes", "last_activity", "burst_start", "sweep_answered",
-                 "stall_since", "connect_side", "connect_started", "lines", "line_watch")
+                 "stall_since", "connect_side", "connect_started", "lines", "line_watch", "patience")
 
     def __init__(self, app: Balancer) -> None:
         self.app = app
@@ -202,6 +205,7 @@ class ClientSide(asyncio.Protocol):
         # for the response-timeout sweep
         self.sweep_answered = 0
         self.stall_since: float | None = None
+        self.patience = 1  # response timeouts the next backend gets: doubled at each one, 1 again at an answer
         self.connect_side: BackendSide | None = None  # the connect under way
         self.connect_started = 0.0
 
@@ -495,6 +499,7 @@ class ClientSide(asyncio.Protocol):
                     buf += view[end:]
             self.transport.write(out)  # type: ignore[union-attr]
             self.answered += n
+            self.patience = 1
             if self.backend_conn is not None:
                 self.backend_conn.served += n
             backend = self.backend
@@ -682,10 +687,14 @@ class ClientSide(asyncio.Protocol):
         if self.answered != self.sweep_answered or self.stall_since is None:
             self.sweep_answered = self.answered
             self.stall_since = now
-        elif now - self.stall_since > timeout and not self.client_full:
+        elif now - self.stall_since > timeout * self.patience and not self.client_full:
             # (Client full: the answers wait for the client to read them, and the backend
             # is not read meanwhile; no backend is to blame. See close_idle.)
+            # The next backend gets twice as long (up to MAX_PATIENCE times): on a network
+            # slower than the timeout (8 KB messages over 1 Mbit/s), every message went
+            # again and again, each resend loading the link more, and none was answered.
             self.stall_since = None
+            self.patience = min(2 * self.patience, MAX_PATIENCE)
             if self.backend is not None:
                 self.app.pool.response_timed_out(self.backend, now, timeout)  # (DOWN at --fall in a row)
             self.fail_over("response-timeout", blame=False)
