@@ -6,6 +6,7 @@ and the graceful stop with traffic in flight."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import re
 import signal
@@ -799,25 +800,12 @@ def test_one_slow_answer_moves_its_client_and_takes_no_backend_down(procs, log_d
             return b"".join(_pair(name, m) for m in lines), False
         return answer
 
-    f1, f2 = _odd_backend(first_time_slow(b"f1")), _odd_backend(first_time_slow(b"f2"))
-    try:
-        port = cluster.free_port()
-        procs.start(balancer_process(port, [f"f1=127.0.0.1:{f1.getsockname()[1]}",
-                                            f"f2=127.0.0.1:{f2.getsockname()[1]}"],
-                                     "--response-timeout", "0.3", "--keepalive", "0", log_dir=str(log_dir)))
+    with _behind_a_balancer(procs, log_dir, first_time_slow, "--response-timeout", "0.3") as port:
         # (round-robin: the start-up probe's connection took f1, this one f2; its resend f1)
         assert one_message(port, b"late") == _pair(b"f1", b"late")
         names = {server_of(one_message(port, b"again%d" % i).split(b"\n")[0]) for i in range(6)}
         assert names == {"f1", "f2"}  # (f2 was not taken out: it still gets its turn)
-        log = log_dir / "server_log.log"
-        deadline = time.monotonic() + 10
-        while "event=failover" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-    finally:
-        f1.close()
-        f2.close()
-    text = log.read_text()
+    text = _logged(log_dir, "event=failover")
     assert re.search(r"event=failover conn=\d+ from=f2 reason=response-timeout pending=1", text), text
     assert "event=backend-down" not in text, text
 
@@ -834,22 +822,36 @@ def test_backends_slower_than_the_response_timeout_still_answer_after_a_failover
             return b"".join(_pair(name, m) for m in lines), False
         return answer
 
-    f1, f2 = _odd_backend(slow(b"f1")), _odd_backend(slow(b"f2"))
+    with _behind_a_balancer(procs, log_dir, slow, "--response-timeout", "0.3") as port:
+        for m in (b"one", b"two", b"three"):
+            assert one_message(port, m) in (_pair(b"f1", m), _pair(b"f2", m))
+    log = _logged(log_dir, "reason=response-timeout")
+    assert "event=backend-down" not in log, log
+
+
+@contextlib.contextmanager
+def _behind_a_balancer(procs, log_dir, answer: Callable[[bytes], Callable], *args: str):
+    """A balancer (its port) over two ``_odd_backend``, f1 and f2, answering with
+    ``answer(name)``, without idle connections kept (``--keepalive 0``)."""
+    f1, f2 = _odd_backend(answer(b"f1")), _odd_backend(answer(b"f2"))
     try:
         port = cluster.free_port()
         procs.start(balancer_process(port, [f"f1=127.0.0.1:{f1.getsockname()[1]}",
                                             f"f2=127.0.0.1:{f2.getsockname()[1]}"],
-                                     "--response-timeout", "0.3", "--keepalive", "0", log_dir=str(log_dir)))
-        for m in (b"one", b"two", b"three"):
-            assert one_message(port, m) in (_pair(b"f1", m), _pair(b"f2", m))
-        deadline = time.monotonic() + 10
-        while "reason=response-timeout" not in (log := (log_dir / "server_log.log").read_text()):
-            assert time.monotonic() < deadline, log
-            time.sleep(0.05)
+                                     "--keepalive", "0", *args, log_dir=str(log_dir)))
+        yield port
     finally:
         f1.close()
         f2.close()
-    assert "event=backend-down" not in log, log
+
+
+def _logged(log_dir: Path, text: str) -> str:
+    """The balancer's log once ``text`` is in it (written in batches, by a thread)."""
+    deadline = time.monotonic() + 10
+    while text not in (log := (log_dir / "server_log.log").read_text()):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.05)
+    return log
 
 
 def test_an_idle_timeout_that_crosses_a_waiting_connections_first_message_blames_no_backend(procs, log_dir):
