@@ -5,16 +5,17 @@ How health works (HAProxy's model): a backend is UP, FALLING (up, but the last
 checks failed, fewer than ``fall`` of them), DOWN, or RISING (down, but the last
 checks passed, fewer than ``rise`` of them). Traffic goes to UP and FALLING
 backends. Active checks move a backend one step at a time; an error seen on real
-traffic (a refused connect, a reset, a message left unanswered past the
-response timeout) takes it DOWN at once, so that no other client is sent there,
-and only ``rise`` good checks bring it back.
+traffic (a refused connect, a reset) takes it DOWN at once, so that no other
+client is sent there, and only ``rise`` good checks bring it back.
 
-A connect that times out is no such proof: one lost SYN is sent again by the
-kernel only after a second, as long as the default connect timeout. It takes the
-backend DOWN only at the ``fall``-th in a row (``connect_timed_out``); a connect
-that succeeds, or a check that passes, starts the count again. The client goes to
-the next backend at once either way. (HAProxy, by default, leaves the server's
-state alone on a connect timeout; with ``observe layer4`` it counts errors in a row.)
+A timeout is no such proof. A connect that times out may be one lost SYN (the
+kernel sends it again only after a second); a message left unanswered past the
+response timeout may be a slow or congested network. Each takes the backend DOWN
+only at the ``fall``-th in a row (``connect_timed_out``, ``response_timed_out``:
+one per response timeout at most); a connect that succeeds, an answer, or a check
+that passes starts the count again. The client goes to the next backend at once
+either way. (HAProxy, by default, leaves the server's state alone on a timeout;
+with ``observe layer4`` it counts errors in a row.)
 
     state    check ok                    check failed               traffic error
     UP       UP                          FALLING (DOWN if fall=1)   DOWN
