@@ -4,13 +4,16 @@ Spawns the three echo servers and the load balancer, runs the stress tool
 (``-n 1000 -c 10`` through the balancer, paced at 400 requests/s so the run
 lasts long enough to watch), kills server2 with SIGKILL halfway, prints the
 report (failed must be 0; server2's share stops where it died), and stops
-everything it started. Logs go to logs/server_log.log and logs/client_log.log.
+everything it started. Logs go to server_log.log and client_log.log in logs/
+(or --log-dir, or $CLUSTERKIT_LOG_DIR).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from . import logs
 from .stress.cli import main as stress_main
 
 DEMO_ARGS = ["-n", "1000", "-c", "10", "--spawn", "--kill-backend", "server2@50%", "--rate", "400"]
@@ -18,11 +21,14 @@ DEMO_ARGS = ["-n", "1000", "-c", "10", "--spawn", "--kill-backend", "server2@50%
 
 def main() -> int:
     print("demo: ClientServer_StressTools.py " + " ".join(DEMO_ARGS), file=sys.stderr)
-    code = stress_main(DEMO_ARGS + sys.argv[1:])
+    args = sys.argv[1:]
+    code = stress_main(DEMO_ARGS + args)
     if code == 0:
-        print("demo: every message answered exactly once although server2 was killed mid-run; "
-              "logs/server_log.log has the balancer's event=backend-down for it (and an event=failover "
-              "for each client that had a message waiting on it then)", file=sys.stderr)
+        # (the folder the logs went to: --log-dir's, else $CLUSTERKIT_LOG_DIR's or logs/; it said logs/)
+        where = args[args.index("--log-dir") + 1] if "--log-dir" in args[:-1] else logs.DEFAULT_LOG_DIR
+        print(f"demo: every message answered exactly once although server2 was killed mid-run; "
+              f"{Path(where) / 'server_log.log'} has the balancer's event=backend-down for it (and an "
+              f"event=failover for each client that had a message waiting on it then)", file=sys.stderr)
     return code
 
 

@@ -192,6 +192,17 @@ def test_spawn_and_kill_backend_mid_run_loses_nothing(log_dir, tmp_path):
     assert "killed mid-run: server2" in proc.stdout
 
 
+def test_make_demo_the_main_job_loses_no_message_and_names_its_log(log_dir):
+    """``make demo`` as the README runs it (its log folder aside): exit 0, nothing
+    failed, server2's death in the log it names (it named logs/ whatever the folder)."""
+    proc = subprocess.run([sys.executable, "-m", "clusterkit.demo", "--log-dir", str(log_dir)], cwd=cluster.ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "every message answered exactly once" in proc.stderr
+    assert f"{log_dir / 'server_log.log'} has the balancer's event=backend-down" in " ".join(proc.stderr.split())
+    assert "event=backend-down backend=server2" in (log_dir / "server_log.log").read_text()
+
+
 def test_log_values_are_quoted_with_their_control_characters_escaped():
     assert logs.quote("server1") == "server1" and logs.quote("caf\u00e9") == "caf\u00e9"
     assert logs.quote('a b="c"') == '"a b=\\"c\\""'
