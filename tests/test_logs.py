@@ -30,6 +30,24 @@ def disk_full_after(size: int):
     return write
 
 
+def _three_lines_then_one(path, monkeypatch, name: str, full, then=lambda: True) -> None:
+    """A log at ``path`` gets three lines flushed while ``os.<name>`` is ``full``
+    (``then()`` must hold after that flush), and one more once it is itself again."""
+    writer = logs.LineWriter(path, program="server1", flush_interval=3600)
+    real = getattr(os, name)
+    try:
+        for i in range(3):
+            writer.write(f"{logs.timestamp()} INFO server1 event=first n={i}")
+        monkeypatch.setattr(logs.os, name, full)
+        writer.flush()
+        assert then()
+        monkeypatch.setattr(logs.os, name, real)  # room again
+        writer.write(f"{logs.timestamp()} INFO server1 event=second")
+        writer.flush()
+    finally:
+        writer.close()
+
+
 def test_a_full_disk_is_said_once_and_the_lost_lines_counted(tmp_path, capsys):
     path = tmp_path / "server_log.log"
     path.symlink_to("/dev/full")  # every write: ENOSPC
@@ -52,19 +70,7 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_line_run_into_the_next(tmp_p
     """A write that stopped mid-line left half a line, and the next write's first
     line ran on from it: '2026-11-272026-11-27T13:22:48.632Z INFO ...'."""
     path = tmp_path / "server_log.log"
-    writer = logs.LineWriter(path, program="server1", flush_interval=3600)
-    real_write = os.write
-    full_after_a_few_bytes = disk_full_after(15)
-    try:
-        for i in range(3):
-            writer.write(f"{logs.timestamp()} INFO server1 event=first n={i}")
-        monkeypatch.setattr(logs.os, "write", full_after_a_few_bytes)
-        writer.flush()
-        monkeypatch.setattr(logs.os, "write", real_write)  # space again
-        writer.write(f"{logs.timestamp()} INFO server1 event=second")
-        writer.flush()
-    finally:
-        writer.close()
+    _three_lines_then_one(path, monkeypatch, "write", disk_full_after(15))
     lines = path.read_text().splitlines()
     assert len(lines[0]) == 15  # the piece that went, on a line of its own
     assert all(LINE.match(line) and line.count("Z INFO") + line.count("Z WARNING") == 1 for line in lines[1:]), lines
@@ -134,19 +140,8 @@ def test_a_batch_the_disk_has_no_room_for_is_dropped_whole_not_cut_mid_line(tmp_
     servers' lines on one). Now a batch without room is not written at all, and
     counted in the event=log-dropped line once there is room again."""
     path = tmp_path / "server_log.log"
-    writer = logs.LineWriter(path, program="server1", flush_interval=3600)
-    real_statvfs = os.fstatvfs
-    try:
-        monkeypatch.setattr(logs.os, "fstatvfs", lambda fd: _FullFs(100_000))  # less than the margin
-        for i in range(3):
-            writer.write(f"{logs.timestamp()} INFO server1 event=first n={i}")
-        writer.flush()
-        assert path.read_bytes() == b""
-        monkeypatch.setattr(logs.os, "fstatvfs", real_statvfs)  # room again
-        writer.write(f"{logs.timestamp()} INFO server1 event=second")
-        writer.flush()
-    finally:
-        writer.close()
+    _three_lines_then_one(path, monkeypatch, "fstatvfs", lambda fd: _FullFs(100_000),  # less than the margin
+                          then=lambda: path.read_bytes() == b"")
     lines = path.read_text().splitlines()
     assert all(LINE.match(line) for line in lines), lines
     assert [line.split(" ", 3)[3] for line in lines] == ["event=second", "event=log-dropped lines=3"]
