@@ -42,7 +42,7 @@ import _socket
 from . import loops
 from .config import ConfigError
 from .linger import LINGER_BYTES, LINGER_SECONDS
-from .sockets import linger_room, local_shortage, outgoing
+from .sockets import linger_room, listen_all, local_shortage, outgoing
 
 if TYPE_CHECKING:
     from .balancer.pool import Backend
@@ -166,24 +166,9 @@ class Listener:
     def listen(self, host: str, port: int, backlog: int) -> Listener:
         """Listen on every address ``host`` resolves to (``localhost``: 127.0.0.1
         and ::1), as asyncio's ``create_server``; an IPv6 socket takes IPv6 only."""
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        try:
-            for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                self.sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((sockaddr[0], port, *sockaddr[2:]))
-                port = sock.getsockname()[1]  # (port 0: the kernel's choice, then the same for every address)
-                sock.listen(backlog)
-                sock.setblocking(False)
-        except OSError:
-            for sock in self.sockets:
-                sock.close()
-            self.sockets = []
-            raise
+        self.sockets = listen_all(host, port, backlog)
         for sock in self.sockets:
+            sock.setblocking(False)
             self._watch(sock)
         return self
 

@@ -127,6 +127,26 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def listen_all(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Blocking listening sockets (``SO_REUSEADDR``) on every address ``host``
+    resolves to (``localhost``: 127.0.0.1 and ``::1``), on one port, as asyncio's
+    ``create_server`` listens; an IPv6 socket takes IPv6 only. The balancer's and
+    the HTTP servers' listeners (``epollset.Listener``) and the threaded server
+    (which listened on the first address alone) take theirs here."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
+            # (port 0: the kernel's choice for the first, then the same for the others)
+            address = (sockaddr[0], socks[0].getsockname()[1] if socks else port, *sockaddr[2:])
+            socks.append(socket.create_server(address, family=family, backlog=backlog, reuse_port=False))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 def peer_name(peer: tuple | None) -> str:
     """A connection's peer (``getpeername()``) for a log line: ``host:port``, an
     IPv6 address in brackets (``[::1]:45740``, as ``backends=`` writes it), or ``-``."""

@@ -64,7 +64,7 @@ from typing import Callable, NamedTuple
 
 from .. import logs, loops
 from ..affinity import pin_process
-from ..sockets import client_room, kernel_timeouts, linger_room
+from ..sockets import client_room, kernel_timeouts, linger_room, listen_all
 from .config import HttpServerConfig
 from .core import CONTINUE, HttpError, RequestParser, build_response, error_response
 from ..linger import linger
@@ -242,25 +242,6 @@ class ThreadCache:
                         self.idle -= 1
                         return
                 job = self.queue.get()  # promised to us already
-
-
-def listen_all(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Blocking listening sockets on every address ``host`` resolves to
-    (``localhost``: 127.0.0.1 and ``::1``), on one port, as the event loops'
-    servers listen (it listened on the first alone: ``::1`` where that came first,
-    and 127.0.0.1 was refused); an IPv6 socket takes IPv6 only."""
-    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
-    try:
-        for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
-            # (port 0: the kernel's choice for the first, then the same for the others)
-            address = (sockaddr[0], socks[0].getsockname()[1] if socks else port, *sockaddr[2:])
-            socks.append(socket.create_server(address, family=family, backlog=backlog, reuse_port=False))
-    except OSError:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
 
 
 class ThreadedHttpServer:
