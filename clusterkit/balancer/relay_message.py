@@ -205,7 +205,7 @@ class ClientSide(asyncio.Protocol):
         # for the response-timeout sweep
         self.sweep_answered = 0
         self.stall_since: float | None = None
-        self.patience = 1  # response timeouts the next backend gets: doubled at each one, 1 again at an answer
+        self.patience = 1  # response timeouts the next backend gets: doubled at each one, 1 after an answer
         self.connect_side: BackendSide | None = None  # the connect under way
         self.connect_started = 0.0
 
@@ -499,7 +499,6 @@ class ClientSide(asyncio.Protocol):
                     buf += view[end:]
             self.transport.write(out)  # type: ignore[union-attr]
             self.answered += n
-            self.patience = 1
             if self.backend_conn is not None:
                 self.backend_conn.served += n
             backend = self.backend
@@ -684,8 +683,9 @@ class ClientSide(asyncio.Protocol):
         if not self.pending or self.connecting or self.backend_conn is None:
             self.stall_since = None
             return
-        if self.answered != self.sweep_answered or self.stall_since is None:
-            self.sweep_answered = self.answered
+        if self.answered != self.sweep_answered:  # answered since: the next stall gets the timeout again
+            self.sweep_answered, self.stall_since, self.patience = self.answered, now, 1
+        elif self.stall_since is None:
             self.stall_since = now
         elif now - self.stall_since > timeout * self.patience and not self.client_full:
             # (Client full: the answers wait for the client to read them, and the backend
