@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import logs
+from .stress.cli import build_parser
 from .stress.cli import main as stress_main
 
 DEMO_ARGS = ["-n", "1000", "-c", "10", "--spawn", "--kill-backend", "server2@50%", "--rate", "400"]
@@ -24,8 +24,7 @@ def main() -> int:
     args = sys.argv[1:]
     code = stress_main(DEMO_ARGS + args)
     if code == 0:
-        # (the folder the logs went to: --log-dir's, else $CLUSTERKIT_LOG_DIR's or logs/; it said logs/)
-        where = args[args.index("--log-dir") + 1] if "--log-dir" in args[:-1] else logs.DEFAULT_LOG_DIR
+        where = build_parser().parse_args(DEMO_ARGS + args).log_dir  # (the log's folder; it said logs/)
         print(f"demo: every message answered exactly once although server2 was killed mid-run; "
               f"{Path(where) / 'server_log.log'} has the balancer's event=backend-down for it (and an "
               f"event=failover for each client that had a message waiting on it then)", file=sys.stderr)

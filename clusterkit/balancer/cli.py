@@ -113,7 +113,8 @@ async def _run(config: BalancerConfig, elog: logs.EventLog) -> None:
               f"--max-connections is {config.max_connections}): more get 'ERR busy'", file=sys.stderr, flush=True)
     if elog.warning:
         elog.line("WARNING", f"event=listen host={config.host} port={balancer.port} mode={config.mode} "
-                             f"algorithm={config.algorithm} backends={','.join(b.name for b in config.backends)} max_clients={balancer.max_clients}")
+                             f"algorithm={config.algorithm} backends={','.join(b.name for b in config.backends)} "
+                             f"max_clients={balancer.max_clients}")
     await balancer.serve_until_stopped()
 
 

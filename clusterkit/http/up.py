@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         # Log rotation (README: kill -USR1 each server) reaches the servers through
         # this one too; its default action killed it and left the seven running.
         signal.signal(signal.SIGUSR1, lambda *_: _forward(group, signal.SIGUSR1))
-        at = "localhost" if host in ("127.0.0.1", "localhost") else host_port(host, 0)[:-2]  # (a browser's name)
+        at = "localhost" if host in ("127.0.0.1", "localhost") else f"[{host}]" if ":" in host else host
         print(f"""HTTP set-up running:
   http://{at}:{44444 + o}/page.html   lb.py over backend1..4 (ports {', '.join(str(x + o) for x in BACKEND_PORTS)})
   http://{at}:{45000 + o}/page.html   Server_async_http.py

@@ -111,13 +111,9 @@ def repaired_head(head: bytes) -> bytes:
     lb.py answered 502 to every request (``BackendConn.data_received``). Two
     different lengths stay: the parser refuses them."""
     lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
-    lengths = {line.partition(b":")[2].strip() for line in lines if line[:15].lower() == b"content-length:"}
-    if len(lengths) == 1:
-        kept = False
-        for i, line in enumerate(lines):
-            if line[:15].lower() == b"content-length:":
-                lines[i], kept = (b"" if kept else line), True
-        lines = [line for i, line in enumerate(lines) if line or i >= len(lines) - 2]  # (the end's two stay)
+    lengths = [i for i, line in enumerate(lines) if line[:15].lower() == b"content-length:"]
+    if len({lines[i].partition(b":")[2].strip() for i in lengths}) == 1:
+        lines = [line for i, line in enumerate(lines) if i not in lengths[1:]]
     return b"\r\n".join(lines)
 
 
