@@ -167,6 +167,7 @@ def test_a_target_that_never_answers_ends_the_run_early(log_dir, tmp_path, engin
     assert proc.returncode == 69, proc.stderr
     assert "run ended early: the target stopped answering: every client's last 3 requests timed out" \
         in proc.stderr
+    assert "within --timeout 1 s; a target that is only slow needs a longer one" in proc.stderr
     assert row["complete"] == 0 and row["errors"] == {"timeout": row["failed"]} and row["failed"] < 40
     # A connection per request, counted with it: not those of the requests let go at the end.
     assert row["connections"] == row["failed"], row

@@ -354,6 +354,7 @@ class Watch:
         self.measure_from = measure_from  # when the warm-up ends: the server's CPU counts from then
         self.board = board
         self.shares = shares(cfg)
+        self.timeout = cfg.timeout
         self.progress_cb = progress_cb
         self.dead = False  # every client got nothing back for DEAD_STREAK requests in a row
         self.interrupted = False  # Ctrl-C
@@ -404,7 +405,8 @@ class Watch:
                     f"TIME_WAIT for a minute: use -k, or fewer requests), after {done:,} requests; the target "
                     f"was not at fault")
         if errors.get("timeout", 0) > refused:
-            what = f"stopped answering: every client's last {DEAD_STREAK} requests timed out"
+            what = (f"stopped answering: every client's last {DEAD_STREAK} requests timed out (not a byte "
+                    f"back within --timeout {self.timeout:g} s; a target that is only slow needs a longer one)")
         else:
             what = f"stopped accepting connections: every client's last {DEAD_STREAK} connects failed"
         return f"the target {what}, after {done:,} requests"
