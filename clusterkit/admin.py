@@ -18,6 +18,8 @@ from email.utils import formatdate
 import httptools
 from prometheus_client import CollectorRegistry, generate_latest
 
+from .sockets import listen_hosts
+
 MAX_REQUEST = 8192
 """Bytes of a request head; more is refused (431), as nginx's and HAProxy's buffers do.
 Unbounded, a never-ending request line stalled the loop the traffic shares."""
@@ -153,4 +155,5 @@ async def start_admin(loop: asyncio.AbstractEventLoop, host: str, port: int, sta
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     open_: dict[AdminProtocol, None] = {}
-    return await loop.create_server(lambda: AdminProtocol(stats, registry, open_), host, port, reuse_address=True)
+    return await loop.create_server(lambda: AdminProtocol(stats, registry, open_), listen_hosts(host), port,
+                                    reuse_address=True)

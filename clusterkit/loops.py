@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from .logs import Tally
-from .sockets import descriptor_room
+from .sockets import descriptor_room, listen_hosts
 
 T = TypeVar("T")
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -145,7 +145,12 @@ async def create_server(loop: asyncio.AbstractEventLoop, factory: Callable[[], a
     (``TCP_INFO`` on the listener, 1 µs; Linux; on every ``LOOK_EVERY``-th
     accept), and from ``LONG_QUEUE`` on they are all accepted too. (A failed ``accept4`` to find the queue empty would cost
     5 µs with its exception.)
+
+    ``host`` is listened on at those of its addresses that can listen here
+    (``sockets.listen_hosts``): uvloop fails on ``localhost``'s ``::1`` where IPv6 is off.
     """
+    if host is not None:
+        host = listen_hosts(host)  # type: ignore[assignment]
     if not _is_uvloop(loop):
         _quiet_accept_errors(loop)
         return await loop.create_server(factory, host, port, backlog=backlog, **kwargs)

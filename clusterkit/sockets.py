@@ -132,19 +132,56 @@ def listen_all(host: str, port: int, backlog: int) -> list[socket.socket]:
     resolves to (``localhost``: 127.0.0.1 and ``::1``), on one port, as asyncio's
     ``create_server`` listens; an IPv6 socket takes IPv6 only. The balancer's and
     the HTTP servers' listeners (``epollset.Listener``) and the threaded server
-    (which listened on the first address alone) take theirs here."""
+    (which listened on the first address alone) take theirs here.
+
+    An address of a family this machine has turned off (``::1`` where IPv6 is
+    disabled, as in Docker's default network, while ``/etc/hosts`` still names it
+    ``localhost``) is passed over, as asyncio passes it over (bpo-30945), so long
+    as another address listens; with none, the first failure is raised."""
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
+    missing: OSError | None = None
     try:
         for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
             # (port 0: the kernel's choice for the first, then the same for the others)
             address = (sockaddr[0], socks[0].getsockname()[1] if socks else port, *sockaddr[2:])
-            socks.append(socket.create_server(address, family=family, backlog=backlog, reuse_port=False))
+            try:
+                socks.append(socket.create_server(address, family=family, backlog=backlog, reuse_port=False))
+            except OSError as exc:
+                if exc.errno not in FAMILY_OFF:
+                    raise
+                missing = missing or exc
     except OSError:
         for sock in socks:
             sock.close()
         raise
+    if not socks:
+        raise missing or OSError(errno.EADDRNOTAVAIL, f"{host} has no address to listen on")
     return socks
+
+
+FAMILY_OFF = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+"""A listen that failed because the address's family is off here, not taken or refused."""
+
+
+def listen_hosts(host: str) -> list[str]:
+    """The addresses of ``host`` that can listen here, for ``loop.create_server``,
+    which (on uvloop) fails on one it cannot bind: ``localhost`` with IPv6 turned
+    off (see ``listen_all``). Bound once to port 0 to find out; ``[host]`` when
+    none can (the server then says why, as it would have)."""
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return [host]
+    usable = []
+    for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
+        try:
+            socket.create_server((sockaddr[0], 0, *sockaddr[2:]), family=family).close()
+        except OSError as exc:
+            if exc.errno in FAMILY_OFF:
+                continue
+        usable.append(sockaddr[0])
+    return usable or [host]
 
 
 def peer_name(peer: tuple | None) -> str:

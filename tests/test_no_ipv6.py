@@ -1,0 +1,69 @@
+"""A machine with IPv6 turned off whose /etc/hosts still names ``::1``
+``localhost`` (Docker's default network, Debian's hosts file): every server
+given ``--host localhost`` listens on 127.0.0.1 and passes ``::1`` over, as
+asyncio's ``create_server`` does. Each of them failed to start there ("no such
+local address"): ``::1`` cannot be bound where IPv6 is off.
+
+The test runs in a network, mount and PID namespace of its own (its processes
+all die with it), with its own hosts file bind-mounted on /etc/hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from clusterkit import cluster
+
+pytestmark = pytest.mark.timeout(120)
+
+IN_NAMESPACE = """
+import json, socket, subprocess, sys, urllib.request
+from clusterkit import cluster
+log_dir = sys.argv[1]
+found = {}
+with cluster.ProcessGroup() as group:
+    for i in (1, 2, 3):
+        group.start(cluster.echo_server(f"server{i}", 7000 + i, log_dir=log_dir, host="localhost"))
+    group.start(cluster.Process("balancer", cluster.python_script(
+        "Load_Balancer.py", "--host", "localhost", "--log-dir", log_dir), port=7000))
+    for name, port, script in (("async", 45000, "http_servers/Server_async_http.py"),
+                               ("threaded", 46000, "http_servers/Server_thread_http.py"),
+                               ("lb", 44444, "http_servers/lb.py")):
+        group.start(cluster.Process(name, cluster.python_script(script, "--host", "localhost", "--log-dir", log_dir),
+                                    port=port))
+    group.start(cluster.Process("backend", cluster.python_script(
+        "http_servers/async_server.py", "9002", "--host", "localhost", "--log-dir", log_dir), port=9002))
+    client = subprocess.run(cluster.python_script("client.py", "hello", "--host", "localhost", "--log-dir", log_dir),
+                            capture_output=True, text=True, timeout=30)
+    found["client"] = [client.returncode, client.stdout + client.stderr]
+    with urllib.request.urlopen("http://127.0.0.1:7100/stats", timeout=10) as answer:
+        found["stats"] = json.load(answer)["messages"]
+    for port in (45000, 46000, 44444):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/page.html", timeout=10) as answer:
+            found[port] = answer.status
+print(json.dumps(found))
+"""
+
+
+def test_every_server_listens_on_localhost_where_ipv6_is_off(log_dir, tmp_path):
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "-n", "true"],
+                                                         capture_output=True).returncode:
+        pytest.skip("needs unshare -m -n (root) for a network and mount namespace of its own")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n")
+    setup = ('mount --bind "$0" /etc/hosts && ip link set lo up && sysctl -q -w net.ipv6.conf.lo.disable_ipv6=1 '
+             '&& exec "$1" -c "$2" "$3"')
+    proc = subprocess.run(["unshare", "-m", "-n", "-p", "--fork", "--kill-child", "sh", "-c", setup, str(hosts),
+                           sys.executable, IN_NAMESPACE, str(log_dir)],
+                          cwd=cluster.ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["client"][0] == 0 and re.search(r"REPLY server[123] hello", found["client"][1]), found["client"]
+    assert found["stats"] == 1
+    assert found["45000"] == found["46000"] == found["44444"] == 200
