@@ -37,7 +37,7 @@ test-fast: venv
 # The whole performance study: reports/<date>/report.md (QUICK=1 for a smoke run).
 bench: venv bench-tools
 	-@bash scripts/install-system-deps.sh --bench
-	$(PY) bench/run_bench.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
+	$(PY) bench/run_bench.py $(if $(filter 1 yes true,$(QUICK)),--quick,) $(BENCH_ARGS)
 
 bench-tcp: venv
 	$(PY) bench/bench_tcp.py $(BENCH_ARGS)

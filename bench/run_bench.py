@@ -18,10 +18,15 @@ What it runs, all on free loopback ports and stopped by PID afterwards:
 
 The pieces live in ``bench/report/`` (runners, grid, targets, failover,
 charts, render); this file only sequences them. Each grid cell is the median
-of ``--reps`` repetitions (default 5) with the spread shown; the repetitions
-are interleaved (each round runs every target at every level once). Nothing
-is pinned to a core: the load generator and the servers share the machine's
-cores, as they would on a laptop.
+repetition of ``--reps`` (default 5) with the spread shown; the repetitions
+are interleaved (each round runs every target at every level once). The load
+generators and the servers share the machine's cores, as they would on a
+laptop; only the threaded HTTP server keeps its threads on one core, its
+default.
+
+A target that fails to start, or a measurement that fails, costs its own row
+or cell, which the report shows with the reason; results.json is written after
+each part, so an interrupted run keeps what it had measured.
 """
 
 from __future__ import annotations
@@ -81,9 +86,10 @@ def http_grid(workdir: str, levels, reps: int, n: int, quick: bool) -> dict:
     out = {}
     has_ab = shutil.which("ab") is not None
     measures = {}
+    why: dict[str, str] = {}
     with cluster.ProcessGroup() as group:
-        for name, url in targets.http_targets(group, workdir, with_http_server=not quick).items():
-            out[name] = {"available": url is not None, "ab": {}, "stress": {}}
+        for name, url in targets.http_targets(group, workdir, why, with_http_server=not quick).items():
+            out[name] = {"available": url is not None, "why": why.get(name), "ab": {}, "stress": {}}
             if url is None:
                 continue
             if has_ab:
@@ -103,9 +109,10 @@ STRESS_ENGINE = ("--engine", "epoll")
 def tcp_grid(workdir: str, levels, reps: int, n: int) -> dict:
     out = {}
     measures = {}
+    why: dict[str, str] = {}
     with cluster.ProcessGroup() as group:
-        for name, port in targets.tcp_targets(group, workdir).items():
-            out[name] = {"available": port is not None, "per-request": {}, "keepalive": {}}
+        for name, port in targets.tcp_targets(group, workdir, why).items():
+            out[name] = {"available": port is not None, "why": why.get(name), "per-request": {}, "keepalive": {}}
             if port is None:
                 continue
             for conn in ("per-request", "keepalive"):
@@ -129,36 +136,77 @@ def commit() -> str | None:
     return (head + ("-dirty" if dirty else "")) or None
 
 
+def report_folder(given: str | None, force: bool) -> Path:
+    """``--out``, refused when it holds files already (a stale chart would pass for
+    this run's) unless ``--force``; by default ``reports/<date>``, or the first of
+    ``reports/<date>-2``, ``-3``... that is new."""
+    if given:
+        out = Path(given)
+        if out.exists() and not out.is_dir():
+            raise SystemExit(f"run_bench.py: --out {given}: a file, not a folder")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise SystemExit(f"run_bench.py: --out {given} is not empty: name a new folder, or add --force to "
+                             f"write over it")
+        return out
+    base = cluster.ROOT / "reports" / datetime.date.today().isoformat()
+    out, k = base, 1
+    while out.exists() and any(out.iterdir()):
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+def reproduce(argv: list[str]) -> str:
+    """The command that runs this benchmark again, as given."""
+    rest = [a for a in argv if a != "--quick"]
+    if not rest:
+        return "make bench QUICK=1" if "--quick" in argv else "make bench"
+    return "python bench/run_bench.py " + " ".join(argv)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
-    p.add_argument("--quick", action="store_true", help="a smoke run: 1 repetition, 2 levels, no speed targets")
-    p.add_argument("--reps", type=int, default=5, help="repetitions per cell, interleaved (default: 5)")
-    p.add_argument("--requests", "-n", type=int, default=1000, help="requests per cell (default: 1000)")
-    p.add_argument("--out", help="report folder (default: reports/<date>)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 1 repetition of 300 requests (unless --reps, -n say otherwise), 2 levels, "
+                        "no speed targets")
+    p.add_argument("--reps", type=int, help="repetitions per cell, interleaved (default: 5)")
+    p.add_argument("--requests", "-n", type=int, help="requests per cell (default: 1000)")
+    p.add_argument("--out", help="report folder, new or empty (default: reports/<date>, or reports/<date>-2 ... "
+                                 "when that has a report)")
+    p.add_argument("--force", action="store_true", help="write into an --out folder that has files already")
     args = p.parse_args()
     quick = args.quick
-    reps = 1 if quick else args.reps
-    n = 300 if quick else args.requests
+    reps = args.reps or (1 if quick else 5)
+    n = args.requests or (300 if quick else 1000)
+    if reps < 1 or n < 1:
+        p.error("--reps and --requests must be at least 1")
     levels = grid.QUICK_LEVELS if quick else grid.LEVELS
-    out = Path(args.out or cluster.ROOT / "reports" / datetime.date.today().isoformat())
+    out = report_folder(args.out, args.force)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "commit": commit(), "argv": sys.argv[1:],
-                     "machine": versions(), "quick": quick, "reps": reps, "requests": n, "levels": list(levels)}
+                     "commit": commit(), "argv": sys.argv[1:], "reproduce": reproduce(sys.argv[1:]),
+                     "machine": versions(), "quick": quick, "reps": reps, "requests": n, "levels": list(levels),
+                     "http": {}, "tcp": {}, "failover": [], "speed": {}}
+
+    def save() -> None:  # after each part: an interrupted run keeps what it measured
+        results["duration_s"] = round(time.monotonic() - started, 1)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str, allow_nan=False))
+
     with tempfile.TemporaryDirectory() as tmp:
         print("HTTP grid ...", flush=True)
         results["http"] = http_grid(tmp, levels, reps, n, quick)
+        save()
         print("TCP grid ...", flush=True)
         results["tcp"] = tcp_grid(tmp, levels, reps, n)
+        save()
         print("failover ...", flush=True)
         results["failover"] = failover(tmp, *((400, 400) if quick else (1000, 500)))
-        results["speed"] = {}
+        save()
         if not quick:
             print("speed targets ...", flush=True)
             results["speed"] = speed_targets(tmp)
-    results["duration_s"] = round(time.monotonic() - started, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    save()
     render(results, out)
     print(f"report written to {out}/report.md in {results['duration_s']:.0f}s")
     return 0

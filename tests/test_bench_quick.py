@@ -1,6 +1,7 @@
 """``make bench QUICK=1``'s entry point, end to end, into a temporary folder."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -36,4 +37,8 @@ def test_quick_bench_writes_the_whole_report(tmp_path):
             # message mode and lb.py resend what the dead backend left unanswered
             assert f["failed"] == 0, f
     report = (out / "report.md").read_text()
-    assert "| Concurrency level | Time taken for test (s) | Complete requests | Failed requests |" in report
+    assert ("| Concurrency level | Time taken for test (s) | Complete requests | Failed requests (all repetitions) |"
+            in report)
+    assert not re.search(r"\bnan\b", report, re.IGNORECASE)
+    unmeasured = [line for line in report.splitlines() if "not measured" in line]
+    assert unmeasured and all("left out of a quick run" in line for line in unmeasured), unmeasured

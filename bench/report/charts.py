@@ -4,8 +4,9 @@ One line per target against concurrency, each point the median of the
 repetitions, with a bar from the slowest to the fastest repetition on the
 requests/s charts; anchors are dashed so the project's own programs stand out.
 Ticks at the measured levels; requests/s from 0, so gaps are not magnified;
-latency on a log scale where it spans decades, with plain numbers on the axis.
-Only drawing here: the series come from render.py.
+p99 on a log scale (its outliers span decades; ticks at 1, 2 and 5 of each
+decade, in plain numbers), p50 linear. A cell that was not measured is left
+out of its line. Only drawing here: the series come from render.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 
 def line_chart(series: dict[str, dict], key: str, title: str, ylabel: str, path: Path, log: bool = False) -> None:
@@ -33,6 +34,10 @@ def line_chart(series: dict[str, dict], key: str, title: str, ylabel: str, path:
         xs = sorted(int(c) for c in cells)
         levels.update(xs)
         picked = [cells[c if c in cells else str(c)] for c in xs]
+        xs = [x for x, cell in zip(xs, picked) if cell.get(key) is not None]
+        picked = [cell for cell in picked if cell.get(key) is not None]
+        if not picked:
+            continue
         ys = [cell[key] for cell in picked]
         style = "--" if "anchor" in name else "-"
         runs = [cell.get("rps_runs") or [] for cell in picked] if key == "requests_per_second" else []
@@ -48,13 +53,17 @@ def line_chart(series: dict[str, dict], key: str, title: str, ylabel: str, path:
     plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
     if log:
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
     else:
         ax.set_ylim(bottom=0)
         ax.yaxis.set_major_formatter(plain)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if not ax.get_lines():
+        ax.text(0.5, 0.5, "nothing measured", transform=ax.transAxes, ha="center", va="center")
+    else:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

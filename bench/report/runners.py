@@ -6,6 +6,17 @@ milliseconds, useless on loopback, so ``run_ab`` also asks for ``-e`` (the
 CSV of percentiles in fractional ms) and takes p50/p99 from there. The stress
 tool is run as a child process with ``--json`` so what is measured is exactly
 what a user runs.
+
+SPEC.md's *complete* is "answered correctly": an answer other than 2xx, which
+ab counts as complete (and lists apart, as Non-2xx responses), is failed here,
+as the stress tool counts it; ab's rates are scaled to the complete ones. ab
+runs with ``-r``, so a connection reset is a failed request, not the end of
+the whole benchmark.
+
+The p50/p99 of a row are from the connect to the answer's last byte for HTTP,
+from both tools (ab's, and the stress tool's *total*), so their HTTP tables
+compare alike; for the line protocol they are the stress tool's rtt (from the
+send to the ACK).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ def parse_percentiles(csv_text: str) -> dict[int, float]:
 def ab_row(text: str, csv_text: str) -> dict:
     """ab's stdout and ``-e`` CSV -> one row; p50/p99 in fractional ms when the CSV is sane."""
     row = parse_ab(text)
+    row = as_failed(row, row["non_2xx"])
     pct = parse_percentiles(csv_text)
     # With few requests ab's CSV can put a stray value at 99 (an index rounding
     # quirk); keep the whole-ms text percentiles then rather than a wrong number.
@@ -45,10 +57,25 @@ def ab_row(text: str, csv_text: str) -> dict:
     return row
 
 
+def as_failed(row: dict, wrong: int) -> dict:
+    """``row`` with ``wrong`` of its complete requests counted as failed (ab's
+    Non-2xx responses), and the rates that count complete ones scaled to match."""
+    if not wrong:
+        return row
+    complete = row["complete"]
+    right = max(complete - wrong, 0)
+    share = right / complete if complete else 0.0
+    row = {**row, "complete": right, "failed": row["failed"] + wrong,
+           "requests_per_second": round(row["requests_per_second"] * share, 2)}
+    for key in ("time_per_request_ms", "time_per_request_all_ms"):
+        row[key] = round(row[key] / share, 3) if share else None
+    return row
+
+
 def run_ab(url: str, requests: int, concurrency: int, workdir: str, keepalive: bool = False) -> dict:
     """Run ApacheBench once; raise RuntimeError with its last stderr line if it fails."""
     csv_path = Path(workdir) / f"ab-{time.monotonic_ns()}.csv"
-    argv = ["ab", "-q", "-n", str(requests), "-c", str(concurrency), "-e", str(csv_path)]
+    argv = ["ab", "-q", "-r", "-n", str(requests), "-c", str(concurrency), "-e", str(csv_path)]
     proc = subprocess.run(argv + (["-k"] if keepalive else []) + [url], capture_output=True, text=True,
                           timeout=AB_TIMEOUT_S)
     if proc.returncode != 0:
@@ -59,7 +86,8 @@ def run_ab(url: str, requests: int, concurrency: int, workdir: str, keepalive: b
 
 
 def run_stress(workdir: str, *args: str) -> dict:
-    """Run ClientServer_StressTools.py once with ``--json``; its first run's row, p50/p99 from rtt."""
+    """Run ClientServer_StressTools.py once with ``--json``; its first run's row,
+    p50/p99 from the connect to the last byte for ``--http`` (ab's), else from rtt."""
     out = Path(workdir) / f"stress-{time.monotonic_ns()}.json"
     proc = subprocess.run(cluster.python_script("ClientServer_StressTools.py", *args, "--quiet", "--json", str(out),
                                                 "--log-level", "warning", "--log-dir", workdir),
@@ -68,4 +96,5 @@ def run_stress(workdir: str, *args: str) -> dict:
         raise RuntimeError(f"stress tool failed: {proc.stderr.strip()[-300:]}")
     row = json.loads(out.read_text())["runs"][0]
     out.unlink()
-    return {**row, "p50_ms": row["rtt_ms"]["p50"], "p99_ms": row["rtt_ms"]["p99"]}
+    times = row["total_ms"] if "--http" in args else row["rtt_ms"]
+    return {**row, "p50_ms": times["p50"], "p99_ms": times["p99"]}
