@@ -318,6 +318,18 @@ def test_the_drain_deadline_relays_the_answers_due_then_closes(lb, connect, resu
     assert [(r.message, r.error) for r in responses] == answers + [(None, "shutting-down")]
 
 
+def test_sigterm_tells_a_quiet_client_with_a_line_begun_shutting_down(lb, connect):
+    """A client quiet after a line begun, at a graceful stop: the servers say ERR
+    shutting-down; the balancer closed it without a word."""
+    lb.start(names=("server1",))
+    conn = connect(lb.port)
+    conn.send(b"one\npart")
+    assert conn.read_lines(2)[0] == b"REPLY server1 one"
+    lb.lb.signal(signal.SIGTERM)
+    assert conn.read_all() == b"ERR shutting-down\n"
+    assert lb.lb.wait(timeout=20) == 0
+
+
 def test_backend_that_does_not_speak_the_protocol_is_failed_over(procs, log_dir):
     """A backend answering garbage: its clients get their answers from a good
     backend, never the garbage, and it is marked down with the reason."""

@@ -219,7 +219,7 @@ class Balancer:
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.idle() and conn.note_activity(now) < now - cfg.drain_quiet:
-                    conn.close()
+                    conn.drained()
             await asyncio.sleep(0.02)
         # The deadline: what is left winds up (the answers due, then the close) for at most
         # WIND_UP_SECONDS more, and so do their lingering closes, lest an exit reset them

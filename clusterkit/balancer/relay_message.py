@@ -741,6 +741,15 @@ class ClientSide(asyncio.Protocol):
         if not self.pending and not self.connecting:
             self.settle()
 
+    def drained(self) -> None:
+        """A graceful stop, and this client quiet with every message answered: closed;
+        a line begun (no message yet) gets ``ERR shutting-down`` first, as the servers
+        say it. It went without a word."""
+        if self.framer.buffered:
+            self.wind_up()
+        else:
+            self.close()
+
     def wind_up(self) -> None:
         """A graceful stop's deadline (``--drain-timeout``): nothing more is read;
         the answers still due are relayed, a line begun gets ``ERR shutting-down``

@@ -367,6 +367,8 @@ class TcpSession:
     def close(self) -> None:
         self.end()
 
+    drained = close  # (a graceful stop's quiet client: a byte relay has no line begun to speak of)
+
     def wind_up(self) -> None:
         """A graceful stop's deadline: a byte relay knows no message to finish."""
         self.end()
