@@ -37,6 +37,16 @@ def test_counts_are_exact_through_the_balancer(balanced, log_dir, tmp_path):
     assert log.count(" connect_ms=") == 1000  # (SPEC: the client log has the connects; one per request here)
 
 
+def test_the_log_has_each_connect_with_rate_too(balanced, log_dir, tmp_path):
+    """With --rate a request's time counts from its intended send, before its connect:
+    the log left every connect out."""
+    row, proc = run_json("-n", "40", "-c", "2", "--rate", "200", "--port", str(balanced.port), log_dir=log_dir,
+                         tmp_path=tmp_path)
+    assert proc.returncode == 0 and row["complete"] == 40, proc.stderr
+    times = [float(t) for t in re.findall(r" connect_ms=([\d.]+)", (log_dir / "client_log.log").read_text())]
+    assert len(times) == 40 and max(times) <= row["connect_ms"]["max"] + 0.01
+
+
 def test_processes_merge_to_the_same_totals(balanced, log_dir, tmp_path):
     one, _ = run_json("-n", "2000", "-c", "4", "-k", "--processes", "1", "--port", str(balanced.port),
                       log_dir=log_dir, tmp_path=tmp_path, name="one.json")

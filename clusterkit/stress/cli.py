@@ -228,11 +228,11 @@ def write_request_log(elog: logs.EventLog, entries: list, cfg: StressConfig, req
         elog.line("INFO", f"event=log-capped target={target} logged={len(entries)} requests={requests} "
                           f"kept={metrics.LOG_KEPT}")
     names: dict[str, str] = {}  # the backends' names as logged: what the server under test said, quoted
-    for i, (sent, backend, lat, rtt, kind, start) in enumerate(entries, 1):
+    for i, (sent, backend, lat, rtt, kind, connect_ns) in enumerate(entries, 1):
         ts = logs.timestamp(offset + sent / 1e9)
         if kind is None:
             backend = names.get(backend) or names.setdefault(backend, logs.quote(backend))
-            connect = f" connect_ms={(sent - start) / 1e6:.3f}" if start < sent else ""  # (it opened its connection)
+            connect = f" connect_ms={connect_ns / 1e6:.3f}" if connect_ns else ""  # (it opened its connection)
             elog.line("INFO", f"event=request n={i} target={target} sent={ts} backend={backend} reply=ok "
                               f"confirmation=ok{connect} latency_ms={lat / 1e6:.3f} rtt_ms={rtt / 1e6:.3f}")
         else:

@@ -158,8 +158,9 @@ class Recorder:
         self.log_cap = log_cap
 
     def ok(self, sent_ns: int, latency_ns: int, rtt_ns: int, backend: str, nbytes: int, done_ns: int,
-           start_ns: int) -> None:
-        """``start_ns``: the connect's start when this request opened its connection, else ``sent_ns``."""
+           start_ns: int, connect_ns: int = 0) -> None:
+        """``start_ns``: the connect's start when this request opened its connection, else ``sent_ns``;
+        ``connect_ns``: that connect's time, for the log (0: none)."""
         r = self.result
         r.complete += 1
         r.bytes_received += nbytes
@@ -176,13 +177,13 @@ class Recorder:
             self.live[self.live_base + (BUCKET_OF[lat_us] if lat_us < LIVE_CACHE else bucket(lat_us))] += 1
         log = self.log
         if log is not None:
-            log.append((sent_ns, backend, latency_ns, rtt_ns, None, start_ns))
+            log.append((sent_ns, backend, latency_ns, rtt_ns, None, connect_ns))
             if len(log) >= self.log_cap:
                 self.log = None  # (self.answers keeps it)
         if len(rtt) >= self.DISTINCT:
             self.flush()
 
-    def whole(self, sent_ns: int, done_ns: int, backend: str, nbytes: int, start_ns: int) -> None:
+    def whole(self, sent_ns: int, done_ns: int, backend: str, nbytes: int, start_ns: int, connect_ns: int = 0) -> None:
         """``ok`` for an answer that arrived in one piece (latency = rtt), the
         steady state of a keep-alive run (``plan.Client.whole``): the same
         counts, with one timing dict to update instead of three (``same``,
@@ -208,7 +209,7 @@ class Recorder:
             self.live[self.live_base + (BUCKET_OF[us] if us < LIVE_CACHE else bucket(us))] += 1
         log = self.log
         if log is not None:
-            log.append((sent_ns, backend, done_ns - sent_ns, done_ns - sent_ns, None, start_ns))
+            log.append((sent_ns, backend, done_ns - sent_ns, done_ns - sent_ns, None, connect_ns))
             if len(log) >= self.log_cap:
                 self.log = None  # (self.answers keeps it)
         if len(counts) >= self.DISTINCT:
@@ -222,7 +223,7 @@ class Recorder:
         self._span(sent_ns, done_ns)
         fails = self.fails
         if fails is not None and len(fails) < self.log_cap:
-            fails.append((sent_ns, "-", None, None, kind, sent_ns))
+            fails.append((sent_ns, "-", None, None, kind, 0))
 
     def _span(self, sent_ns: int, done_ns: int) -> None:
         """Widen the run's window (first send to last answer) to include this request."""
@@ -238,8 +239,8 @@ class Recorder:
 
     def entries(self) -> list[tuple]:
         """What the per-request log gets: the answers and the failures kept, each
-        (sent, backend, latency, rtt, failure kind or None, start: its connect
-        when the request opened its connection, else sent), in ns."""
+        (sent, backend, latency, rtt, failure kind or None, the time of the connect
+        it opened, or 0 when it went on a connection opened before), in ns."""
         return self.answers + (self.fails or [])
 
     def flush(self) -> None:

@@ -157,15 +157,18 @@ class Plan:
         return self.start + int((k * self.concurrency + self.slot) * 1e9 / self.rate)
 
 
-def record(rec: Recorder, reader, base: int, start: int, warm_end: int) -> None:
+def record(rec: Recorder, reader, base: int, start: int, warm_end: int, connect_ns: int = 0) -> None:
+    """Count the reader's outcomes; ``connect_ns``: the connect the first of them
+    opened (0: it went on a connection opened before), for the per-request log."""
     outcomes = reader.outcomes if isinstance(reader, LineReader) else [reader.outcome]
     if base < warm_end:
         return
     for o in outcomes:
         if o.ok:
-            rec.ok(base, o.first_ns - base, o.done_ns - base, o.label, o.nbytes, o.done_ns, start)
+            rec.ok(base, o.first_ns - base, o.done_ns - base, o.label, o.nbytes, o.done_ns, start, connect_ns)
         else:
             rec.failed(base, o.label, o.done_ns, o.nbytes)
+        connect_ns = 0
 
 
 DEAD_STREAK = 3
@@ -386,10 +389,11 @@ class Client:
     def _counted(self, now: int, name: str, nbytes: int) -> None:
         """Count the answer in flight as right and whole (``whole``, ``again``)."""
         self.reader = None
-        if self.connect_ns:
+        connect_ns = self.connect_ns
+        if connect_ns:
             self.count_connect()
         if self.base >= self.plan.warm_end:
-            self.rec.whole(self.base, now, name, nbytes, self.start)
+            self.rec.whole(self.base, now, name, nbytes, self.start, connect_ns)
         self.k += 1
         progress = self.progress
         progress[self.index] = self.k
@@ -493,11 +497,12 @@ class Client:
         if self.extra:  # (see unasked)
             self.extra = False
             extra_answer(reader)
-        if self.connect_ns:
+        connect_ns = self.connect_ns
+        if connect_ns:
             self.count_connect()
         silent = all_timed_out(reader)
         fail_late(reader, self.due_by)
-        record(self.rec, reader, self.base, self.start, self.plan.warm_end)
+        record(self.rec, reader, self.base, self.start, self.plan.warm_end, connect_ns)
         if self.steady or self.target.http_request:
             self.target.learn(reader)
         self.k += self.batch
