@@ -412,9 +412,14 @@ class Watch:
         return f"the target {what}, after {done:,} requests"
 
 
+TICK_S = 0.02
+"""How often the watching process looks at the board (progress, a dead target)."""
+
+
 def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
-        keep_log: int = KEEP_ALL) -> tuple[RunResult, list]:
-    """Run the whole load; ``progress_cb(board)`` is called every few tens of ms."""
+        keep_log: int = KEEP_ALL, tick: float = TICK_S) -> tuple[RunResult, list]:
+    """Run the whole load; ``progress_cb(board)`` is called every ``tick`` seconds
+    (shorter for a --kill-backend at a share of the requests: it fires from there)."""
     server = ServerCpu(*cfg.destination)  # (looked for before the clock starts: it reads /proc)
     start_ns = ns() + 50_000_000  # a moment for every client (and process) to be ready
     measure_from = start_ns + int(cfg.warmup * 1e9)
@@ -437,7 +442,7 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
         worker.start()
         try:
             while worker.is_alive():
-                worker.join(0.02)
+                worker.join(tick)
                 watch.tick()
         except KeyboardInterrupt as exc:
             watch.interrupt(exc)
@@ -470,7 +475,7 @@ def run(cfg: StressConfig, progress_cb: Callable[[Board], None] | None = None,
             try:
                 for item in list(pending):
                     p, conn = item
-                    if conn.poll(0.02):
+                    if conn.poll(tick / len(pending)):
                         try:
                             data, log = conn.recv()
                         except (EOFError, OSError):  # it died (kill -9) and its pipe closed: poll says so too
