@@ -974,6 +974,9 @@ def test_lb_names_an_unnamed_backend_as_the_backend_names_itself(tmp_path):
     # (the same port on another address: named by its address; it was refused, "given twice")
     assert [b.name for b in backends] == ["backend1", "b", "backend-9100", "[::1]:9100"]
     assert [b.host for b in backends] == ["127.0.0.1", "::1", "127.0.0.1", "::1"]
+    # A name given later counts too: the unnamed one before it was named backend1 as well (refused).
+    args = lb_parser().parse_args(["--backend", "127.0.0.1:9002", "--backend", "backend1=127.0.0.1:9003"])
+    assert [b.name for b in proxy_config(args).backends] == ["127.0.0.1:9002", "backend1"]
     (tmp_path / "lb.toml").write_text("[[backends]]\nport = 9003\n[[backends]]\nport = 9101\n")
     args = lb_parser().parse_args(["--config", str(tmp_path / "lb.toml")])
     assert [b.name for b in proxy_config(args).backends] == ["backend2", "backend-9101"]

@@ -162,9 +162,9 @@ def proxy_settings(path: str) -> dict:
 
 def parse_backend(text: str, taken: dict[str, tuple[str, int]]) -> HttpBackend:
     """``--backend [NAME=]HOST:PORT``, an IPv6 address in brackets. Unnamed, it is
-    ``backend-PORT`` (``backend1`` for 9002...), or ``HOST:PORT`` when an earlier
+    ``backend-PORT`` (``backend1`` for 9002...), or ``HOST:PORT`` when another
     one at another address has that name (the same port on ``127.0.0.1`` and
-    ``[::1]``; ``taken``: the earlier ones' names and addresses). Refused: an
+    ``[::1]``, or a name given to another; ``taken``: their names and addresses). Refused: an
     IPv6 address without brackets, read before as a host and a port
     (``::1:9002:2`` was ``[::1:9002]`` port 2), and a weight, which lb.py has not."""
     name, _, addr = text.rpartition("=")
@@ -189,9 +189,13 @@ def proxy_config(args) -> ProxyConfig:
     if args.config:
         kwargs = proxy_settings(args.config)
     if args.backend:
+        # The names given, wherever they come in the list: an unnamed one before
+        # ``backend1=...`` elsewhere is not named backend1 too (an error then).
+        named = [parse_backend(text, {}) for text in args.backend if "=" in text]
         backends: list[HttpBackend] = []
         for text in args.backend:
-            backends.append(parse_backend(text, {b.name: (b.host, b.port) for b in backends}))
+            taken = {b.name: (b.host, b.port) for b in named + backends}
+            backends.append(parse_backend(text, taken))
         kwargs["backends"] = tuple(backends)
     for key in LB_FILE_SETTINGS:
         if getattr(args, key) is not None:
