@@ -38,7 +38,7 @@ TARGETS = {"persistent": {"tcp": 1.0, "message": 0.8}, "per-request": {"tcp": 0.
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are compared (default: 3)")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each load run (default: 3)")
     p.add_argument("--connections", "-c", type=int, default=10,

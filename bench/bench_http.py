@@ -56,7 +56,7 @@ def start_all(group: cluster.ProcessGroup, tmp: str) -> dict[str, cluster.Proces
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--quick", action="store_true", help="fewer requests and one round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are compared (default: 3)")
     p.add_argument("--json", help="write the results here too")

@@ -85,11 +85,11 @@ def ranking_verdict(rate: dict[str, float], low: dict[str, bool], ref_order: lis
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--seconds", type=float, default=3.0, help="length of each load run (default: 3)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are compared (default: 2)")
     p.add_argument("--http-rounds", type=int, default=5,
-                   help="interleaved ab / --http runs (a few seconds each; their ratio swings by 10-20%% per pair here)")
+                   help="interleaved ab / --http runs (a few seconds each; their ratio swings by 10-20%% per pair here; default: %(default)s)")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     rps: dict[str, dict[str, list[float]]] = {}

@@ -27,7 +27,7 @@ from clusterkit import cluster  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default: 5)")
     p.add_argument("--seconds", type=float, default=4.0, help="length of each load run (default: 4)")
     p.add_argument("--connections", "-c", type=int, default=10,

@@ -87,8 +87,8 @@ def test_kill_9_backend_under_load_no_failed_get_then_back_up(setup):
     # In Load_Balancer.py's words, whichever saw the death first: a refused connect, one reset
     # from the dead listener's backlog, or a refused check (after a reset, when a request's
     # pooled connection to it broke first: "reset, then check refused").
-    assert re.search(r'event=backend-down backend=backend2 '
-                     r'reason=(connect-refused|connect-econnreset|"((closed|reset), then )?check refused")$',
+    assert re.search(r'event=backend-down backend=backend2 from=UP to=DOWN reason=(connect-refused|'
+                     r'connect-econnreset|"((closed|reset), then )?check refused \(\d checks failed\)")$',
                      setup.log(), re.M), setup.log()[-2000:]
     setup.backend("backend2", port=victim.port)
     deadline = time.monotonic() + 20
@@ -219,14 +219,14 @@ def test_hung_backend_hands_its_waiting_requests_on_once_checks_mark_it_down(set
     health checks take it out, long before the (30 s) response timeout."""
     answers = _gets_with_backend2_stopped(setup, 6, "--response-timeout", "30")
     assert max(seconds for _, _, seconds in answers) < 15  # not the 30 s timeout: did not wait for it
-    setup.wait_log('event=backend-down backend=backend2 reason="check timeout"')
+    setup.wait_log('event=backend-down backend=backend2 from=UP to=DOWN reason="check timeout (2 checks failed)"')
 
 
 def test_backend_that_does_not_answer_in_time_is_taken_out_and_the_get_retried(setup):
     """No answer within --response-timeout: as nginx's proxy_next_upstream, the
     backend is marked down and the idempotent request goes to the next one."""
     _gets_with_backend2_stopped(setup, 4, "--response-timeout", "1", "--check-interval", "60")  # no checks
-    setup.wait_log('event=backend-down backend=backend2 reason=response-timeout')
+    setup.wait_log('event=backend-down backend=backend2 from=UP to=DOWN reason=response-timeout')
 
 
 def _lb_backend(admin_port: int, name: str) -> dict:
@@ -261,7 +261,7 @@ def test_lb_connect_timeout_goes_to_the_next_backend_and_marks_down_only_at_fall
         assert b["reason"] == "connect-timeout (3 in a row)"
         data = exchange(lb.port, CLOSING_GET)  # stuck is not tried now
         assert status_of(data) == 200 and _lb_backend(admin_port, "stuck")["failures"] == 3
-        setup.wait_log('event=backend-down backend=stuck reason="connect-timeout (3 in a row)"')
+        setup.wait_log('event=backend-down backend=stuck from=UP to=DOWN reason="connect-timeout (3 in a row)"')
         lines = re.findall(r"event=connect-timeout backend=stuck in_a_row=(\d+) down_at=3 timeouts=(\d+)",
                            setup.log())
     # The first said at once; the second within a second of it is said by the sweep or with the

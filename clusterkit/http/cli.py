@@ -28,7 +28,8 @@ def _common(p: argparse.ArgumentParser, port: int | None, positional_port: bool 
     p.add_argument("--host", default=default("127.0.0.1"), type=cli.host_name,
                    help="address to listen on (default: 127.0.0.1)")
     if positional_port:
-        p.add_argument("port_arg", nargs="?", type=cli.port_number, metavar="PORT", help="port to listen on")
+        p.add_argument("port_arg", nargs="?", type=cli.port_number, metavar="PORT",
+                       help="port to listen on (required: PORT or --port)")
     p.add_argument("--port", type=cli.port_number, default=default(port),
                    help="port to listen on" + (f" (default: {port})" if port else " (the same as PORT)"))
     p.add_argument("--header-timeout", type=cli.positive_float, default=default(d.header_timeout),
@@ -257,7 +258,7 @@ def lb_parser() -> argparse.ArgumentParser:
                                                 "--check-interval, as HAProxy's timeout check)"),
         ("--pool-size", cli.non_negative_int, "idle keep-alive connections kept per backend for the next "
                                               "requests; 0: a new backend connection for every request"),
-        ("--drain-timeout", cli.non_negative_float, "on SIGTERM/SIGINT: seconds the answers on their way "
+        ("--drain-timeout", cli.non_negative_float, "on SIGTERM/SIGINT/SIGHUP: seconds the answers on their way "
                                                     "may take before their connections are cut"),
     ):
         default = getattr(d, flag[2:].replace("-", "_"))

@@ -200,6 +200,7 @@ class Proxy:
                         conn._drop(BackendDown(reason))
             if self.elog.warning:
                 self.elog.line("WARNING", f"event={'backend-up' if up else 'backend-down'} backend={b.name} "
+                                          f"from={'DOWN' if up else 'UP'} to={'UP' if up else 'DOWN'} "
                                           f"reason={logs.quote(reason)}")
 
     async def _check(self, b: BackendState) -> tuple[bool, str]:
@@ -278,8 +279,8 @@ class Proxy:
                 b.streak = 0
             else:
                 b.streak += 1
-                if b.streak >= (cfg.rise if ok else cfg.fall):
-                    self.mark(b, ok, reason)
+                if b.streak >= (cfg.rise if ok else cfg.fall):  # (the reason as Load_Balancer.py words it)
+                    self.mark(b, ok, f"{cfg.rise} checks passed" if ok else f"{reason} ({cfg.fall} checks failed)")
             await asyncio.sleep(cfg.check_interval)
 
     # -- forwarding ------------------------------------------------------------

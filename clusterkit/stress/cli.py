@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --http: add this header to every request (repeatable); one named Host, "
                         "User-Agent, Accept or Connection replaces the tool's own, as in ab")
     t.add_argument("--spawn", action="store_true",
-                   help="start three echo servers and the balancer on free ports for this run, stop them after")
+                   help="start three echo servers and the balancer on free ports for this run, stop them after "
+                        "(the balancer with --check-interval 0.5 --response-timeout 1, so failover shows quickly)")
     t.add_argument("--kill-backend", metavar="NAME@T",
                    help="with --spawn: kill -9 that backend (server1, server2 or server3) T seconds, or T%% "
                         "of the requests (of --duration with --duration), into the run")
