@@ -150,7 +150,7 @@ async def create_server(loop: asyncio.AbstractEventLoop, factory: Callable[[], a
     (``sockets.listen_hosts``): uvloop fails on ``localhost``'s ``::1`` where IPv6 is off.
     """
     if host is not None:
-        host = listen_hosts(host)  # type: ignore[assignment]
+        host = listen_hosts(host)  # type: ignore[assignment]  # (a list when an address is left out)
     if not _is_uvloop(loop):
         _quiet_accept_errors(loop)
         return await loop.create_server(factory, host, port, backlog=backlog, **kwargs)

@@ -138,11 +138,10 @@ def listen_all(host: str, port: int, backlog: int) -> list[socket.socket]:
     disabled, as in Docker's default network, while ``/etc/hosts`` still names it
     ``localhost``) is passed over, as asyncio passes it over (bpo-30945), so long
     as another address listens; with none, the first failure is raised."""
-    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
-    missing: OSError | None = None
+    off: OSError | None = None
     try:
-        for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
+        for family, sockaddr in _addresses(host, port):
             # (port 0: the kernel's choice for the first, then the same for the others)
             address = (sockaddr[0], socks[0].getsockname()[1] if socks else port, *sockaddr[2:])
             try:
@@ -150,38 +149,46 @@ def listen_all(host: str, port: int, backlog: int) -> list[socket.socket]:
             except OSError as exc:
                 if exc.errno not in FAMILY_OFF:
                     raise
-                missing = missing or exc
+                off = off or exc
     except OSError:
         for sock in socks:
             sock.close()
         raise
     if not socks:
-        raise missing or OSError(errno.EADDRNOTAVAIL, f"{host} has no address to listen on")
+        raise off or OSError(errno.EADDRNOTAVAIL, f"{host} has no address to listen on")
     return socks
+
+
+def listen_hosts(host: str) -> str | list[str]:
+    """``host`` for ``loop.create_server``, which (on uvloop) fails on an address it
+    cannot bind: when one of its addresses is of a family turned off here
+    (``localhost`` with IPv6 off: see ``listen_all``), the others, found by
+    binding each to port 0 once; else ``host`` itself, as given (scope id and all)."""
+    try:
+        found = _addresses(host, 0)
+    except OSError:
+        return host  # (the server says why, as it would have)
+    usable = []
+    for family, sockaddr in found:
+        try:
+            socket.create_server(sockaddr, family=family).close()
+        except OSError as exc:
+            if exc.errno in FAMILY_OFF:
+                continue
+        usable.append(sockaddr)
+    if len(usable) in (0, len(found)):
+        return host
+    return [socket.getnameinfo(sockaddr, socket.NI_NUMERICHOST)[0] for sockaddr in usable]
 
 
 FAMILY_OFF = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 """A listen that failed because the address's family is off here, not taken or refused."""
 
 
-def listen_hosts(host: str) -> list[str]:
-    """The addresses of ``host`` that can listen here, for ``loop.create_server``,
-    which (on uvloop) fails on one it cannot bind: ``localhost`` with IPv6 turned
-    off (see ``listen_all``). Bound once to port 0 to find out; ``[host]`` when
-    none can (the server then says why, as it would have)."""
-    try:
-        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError:
-        return [host]
-    usable = []
-    for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
-        try:
-            socket.create_server((sockaddr[0], 0, *sockaddr[2:]), family=family).close()
-        except OSError as exc:
-            if exc.errno in FAMILY_OFF:
-                continue
-        usable.append(sockaddr[0])
-    return usable or [host]
+def _addresses(host: str, port: int) -> list[tuple[int, tuple]]:
+    """(family, sockaddr) of each address ``host`` listens on, once each, in order."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((f[0], f[4]) for f in found))
 
 
 def peer_name(peer: tuple | None) -> str:

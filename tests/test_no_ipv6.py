@@ -67,3 +67,29 @@ def test_every_server_listens_on_localhost_where_ipv6_is_off(log_dir, tmp_path):
     assert found["client"][0] == 0 and re.search(r"REPLY server[123] hello", found["client"][1]), found["client"]
     assert found["stats"] == 1
     assert found["45000"] == found["46000"] == found["44444"] == 200
+
+
+IN_NAMESPACE_SCOPED = """
+import socket, sys
+from clusterkit import cluster
+log_dir, host = sys.argv[1], "fe80::1%lo"
+with cluster.ProcessGroup() as group:
+    group.start(cluster.echo_server("server1", 7001, log_dir=log_dir, host=host))
+    group.start(cluster.Process("balancer", cluster.python_script(
+        "Load_Balancer.py", "--host", host, "--backend", "[fe80::1%lo]:7001", "--log-dir", log_dir),
+        port=7000, host=host))
+    socket.create_connection((host, 7100), timeout=10).close()  # its admin port too
+print("ok")
+"""
+
+
+def test_a_link_local_address_with_its_scope_id_still_listens(log_dir):
+    """Leaving out the addresses whose family is off must not lose a scope id:
+    ``--host fe80::1%lo`` was bound as ``fe80::1`` (EINVAL) by the first version."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -n (root) for a network namespace of its own")
+    setup = 'ip link set lo up && ip addr add fe80::1/64 dev lo nodad && exec "$0" -c "$1" "$2"'
+    proc = subprocess.run(["unshare", "-n", "-p", "--fork", "--kill-child", "sh", "-c", setup, sys.executable,
+                           IN_NAMESPACE_SCOPED, str(log_dir)],
+                          cwd=cluster.ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
