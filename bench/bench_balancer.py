@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import anchors  # noqa: E402
-from bench.common import BENCH, LOCK, median, print_table, run_lineload, spread  # noqa: E402
+from bench.common import BENCH, LOCK, describe, median, print_table, run_lineload, spread  # noqa: E402
 from clusterkit import cluster  # noqa: E402
 from clusterkit.balancer import balancer_process  # noqa: E402
 
@@ -38,7 +38,7 @@ TARGETS = {"persistent": {"tcp": 1.0, "message": 0.8}, "per-request": {"tcp": 0.
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
+    p = argparse.ArgumentParser(description=describe(__doc__))
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are compared (default: 3)")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each load run (default: 3)")
     p.add_argument("--connections", "-c", type=int, default=10,

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import anchors  # noqa: E402
-from bench.common import LOCK, median, print_table, run_ab, run_wrk, spread  # noqa: E402
+from bench.common import LOCK, describe, median, print_table, run_ab, run_wrk, spread  # noqa: E402
 from clusterkit import cluster  # noqa: E402
 
 WWW = cluster.ROOT / "http_servers" / "www"
@@ -56,7 +56,7 @@ def start_all(group: cluster.ProcessGroup, tmp: str) -> dict[str, cluster.Proces
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
+    p = argparse.ArgumentParser(description=describe(__doc__))
     p.add_argument("--quick", action="store_true", help="fewer requests and one round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are compared (default: 3)")
     p.add_argument("--json", help="write the results here too")

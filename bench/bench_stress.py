@@ -32,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import anchors  # noqa: E402
-from bench.common import BENCH, LOCK, lineecho_process, median, print_table, run_ab, run_lineload  # noqa: E402
+from bench.common import (BENCH, LOCK, describe, lineecho_process, median, print_table, run_ab,  # noqa: E402
+                          run_lineload)
 from clusterkit import cluster  # noqa: E402
 
 ENGINES = {"epoll x2 processes": ("epoll", 2), "epoll x1": ("epoll", 1),
@@ -85,7 +86,7 @@ def ranking_verdict(rate: dict[str, float], low: dict[str, bool], ref_order: lis
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
+    p = argparse.ArgumentParser(description=describe(__doc__))
     p.add_argument("--seconds", type=float, default=3.0, help="length of each load run (default: 3)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are compared (default: 2)")
     p.add_argument("--http-rounds", type=int, default=5,

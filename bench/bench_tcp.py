@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LOCK, lineecho_process, median, print_table, run_lineload, spread  # noqa: E402
+from bench.common import LOCK, describe, lineecho_process, median, print_table, run_lineload, spread  # noqa: E402
 from clusterkit import cluster  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
+    p = argparse.ArgumentParser(description=describe(__doc__))
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default: 5)")
     p.add_argument("--seconds", type=float, default=4.0, help="length of each load run (default: 4)")
     p.add_argument("--connections", "-c", type=int, default=10,

@@ -65,6 +65,11 @@ def lineecho_process(name: str, port: int) -> cluster.Process:
     return cluster.Process(name, [str(exe), "--port", str(port), "--name", name], port=port)
 
 
+def describe(doc: str) -> str:
+    """A script's ``--help`` description: its docstring's first paragraph, on one line."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -112,6 +117,8 @@ def parse_ab(text: str) -> dict:
         "complete": int(num(r"Complete requests:\s+(\d+)")),
         "failed": int(num(r"Failed requests:\s+(\d+)")),
         "non_2xx": int(num(r"Non-2xx responses:\s+(\d+)")),
+        # (ab counts a failed request under each kind it fits: a reset is a Receive and an Exception)
+        "failed_kinds": _failed_kinds(text),
         "total_transferred_bytes": int(num(r"Total transferred:\s+(\d+)")),
         "requests_per_second": num(r"Requests per second:\s+([\d.]+)"),
         "time_per_request_ms": num(r"Time per request:\s+([\d.]+) \[ms\] \(mean\)"),
@@ -121,6 +128,13 @@ def parse_ab(text: str) -> dict:
         "p99_ms": num(r"\n\s+99%\s+(\d+)"),
         "max_ms": num(r"100%\s+(\d+)"),
     }
+
+
+def _failed_kinds(text: str) -> dict[str, int]:
+    """ab's "(Connect: 0, Receive: 25, Length: 25, Exceptions: 25)" under Failed requests, when there is one."""
+    import re
+    m = re.search(r"\(Connect: (\d+), Receive: (\d+), Length: (\d+), Exceptions: (\d+)\)", text)
+    return dict(zip(("Connect", "Receive", "Length", "Exceptions"), map(int, m.groups()))) if m else {}
 
 
 def run_wrk(url: str, connections: int = 10, seconds: float = 5.0, threads: int = 1) -> dict:

@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import grid, targets  # noqa: E402
 from bench.report.failover import failover  # noqa: E402
 from bench.report.render import render  # noqa: E402
-from bench.report.runners import run_ab, run_stress  # noqa: E402
+from bench.common import describe  # noqa: E402
+from bench.report.runners import STRESS_ENGINE, run_ab, run_stress  # noqa: E402
 from clusterkit import cluster  # noqa: E402
 
 SPEED_TIMEOUT_S = 900
@@ -65,8 +67,19 @@ def speed_targets(tmp: str) -> dict:
         print(f"  {name}: {script}", flush=True)
         proc = subprocess.run([sys.executable, str(cluster.ROOT / script), *extra, "--json", str(path)],
                               capture_output=True, text=True, timeout=SPEED_TIMEOUT_S)
-        out[name] = {"stdout": proc.stdout, "data": json.loads(path.read_text()) if path.exists() else None}
+        out[name] = {"stdout": proc.stdout, "data": no_nan(json.loads(path.read_text())) if path.exists() else None}
     return out
+
+
+def no_nan(value):
+    """``value`` with each NaN (a median of nothing, in a benchmark's JSON) as None: results.json is JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [no_nan(v) for v in value]
+    return value
 
 
 def versions() -> dict:
@@ -100,10 +113,6 @@ def http_grid(workdir: str, levels, reps: int, n: int, quick: bool) -> dict:
         for (name, tool), cells in grid.sweep(levels, reps, measures).items():
             out[name][tool] = cells
     return out
-
-
-STRESS_ENGINE = ("--engine", "epoll")
-"""The stress tool's engine in the grids: the one built like ab, so it dilutes the rates least."""
 
 
 def tcp_grid(workdir: str, levels, reps: int, n: int) -> dict:
@@ -157,15 +166,24 @@ def report_folder(given: str | None, force: bool) -> Path:
 
 
 def reproduce(argv: list[str]) -> str:
-    """The command that runs this benchmark again, as given."""
-    rest = [a for a in argv if a != "--quick"]
+    """The command that runs this benchmark again: as given, but for where it wrote
+    (``--out``, ``--force``: a new folder is the default)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not (arg.startswith("--out=") or arg == "--force"):
+            kept.append(arg)
+    rest = [a for a in kept if a != "--quick"]
     if not rest:
-        return "make bench QUICK=1" if "--quick" in argv else "make bench"
-    return "python bench/run_bench.py " + " ".join(argv)
+        return "make bench QUICK=1" if "--quick" in kept else "make bench"
+    return "python bench/run_bench.py " + shlex.join(kept)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
+    p = argparse.ArgumentParser(description=describe(__doc__))
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 repetition of 300 requests (unless --reps, -n say otherwise), 2 levels, "
                         "no speed targets")
@@ -176,8 +194,8 @@ def main() -> int:
     p.add_argument("--force", action="store_true", help="write into an --out folder that has files already")
     args = p.parse_args()
     quick = args.quick
-    reps = args.reps or (1 if quick else 5)
-    n = args.requests or (300 if quick else 1000)
+    reps = args.reps if args.reps is not None else 1 if quick else 5
+    n = args.requests if args.requests is not None else 300 if quick else 1000
     if reps < 1 or n < 1:
         p.error("--reps and --requests must be at least 1")
     levels = grid.QUICK_LEVELS if quick else grid.LEVELS

@@ -114,11 +114,13 @@ def typed_settings(cls: type | tuple[type, ...], values: Any, where: str,
 
 
 def settings_and_backends(path: str, section: str, cls: type | tuple[type, ...], settable: set[str],
-                          backend_cls: type, defaults: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+                          backend_cls: type, defaults: Callable[[dict[str, Any]], dict[str, Any]],
+                          make: Callable[[list[dict[str, Any]]], list] | None = None) -> dict[str, Any]:
     """A balancer's config file: its ``[section]`` as keyword arguments of ``cls``
     (``typed_settings``) and, when the file has ``[[backends]]``, ``backends``: a
     ``backend_cls`` per entry, its fields typed, a port required, the rest filled
-    in by ``defaults(fields)``."""
+    in by ``defaults(fields)``; or ``make(every entry's fields)``, when what one
+    entry lacks depends on the others (lb.py's names)."""
     data = load_toml(path)
     unknown = set(data) - {section, "backends"}
     if unknown:
@@ -128,14 +130,14 @@ def settings_and_backends(path: str, section: str, cls: type | tuple[type, ...],
         entries = data["backends"]
         if not isinstance(entries, list) or not entries:
             raise ConfigError(f"{path}: [[backends]] must list at least one backend")
-        backends = []
+        filled = []
         for i, entry in enumerate(entries):
             where = f"{path} backends[{i}]"
             fields = _unbracketed(typed_settings(backend_cls, entry, where))
             if "port" not in fields:
                 raise ConfigError(f"{where} needs at least a port")
-            backends.append(backend_cls(**{**defaults(fields), **fields}))
-        kwargs["backends"] = tuple(backends)
+            filled.append({**defaults(fields), **fields})
+        kwargs["backends"] = tuple(make(filled) if make else [backend_cls(**fields) for fields in filled])
     return kwargs
 
 

@@ -41,4 +41,6 @@ def test_quick_bench_writes_the_whole_report(tmp_path):
             in report)
     assert not re.search(r"\bnan\b", report, re.IGNORECASE)
     unmeasured = [line for line in report.splitlines() if "not measured" in line]
-    assert unmeasured and all("left out of a quick run" in line for line in unmeasured), unmeasured
+    # (an anchor not installed here is named so: the tests install ab and Chromium only)
+    assert unmeasured and all("left out of a quick run" in line or "is not installed" in line
+                              for line in unmeasured), unmeasured

@@ -5,8 +5,12 @@ fails costs its own row, shown with its reason, not the whole report."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import socket
+import struct
 import sys
+import threading
 
 import pytest
 
@@ -72,6 +76,42 @@ def test_ab_against_a_missing_page_counts_every_request_failed(tmp_path, log_dir
     assert (r["complete"], r["failed"], r["non_2xx"]) == (0, 50, 50)
 
 
+class Flaky:
+    """An HTTP/1.0 server on a thread: of every four connections, one reset before
+    its answer, one answered 503 (a shorter body), two answered 200."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        for n in itertools.count():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                if n % 4 == 0:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+                    continue
+                status, body = (b"503 Service Unavailable", b"busy") if n % 4 == 1 else (b"200 OK", b"x" * 100)
+                conn.sendall(b"HTTP/1.0 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+
+
+@pytest.mark.skipif(not HAS_AB, reason="ApacheBench (ab, Debian's apache2-utils) is not installed")
+def test_abs_failures_are_counted_once_each(tmp_path):
+    """ab counted a reset as a Receive and an Exception failure, and a 503 of another
+    length as a Length failure and a Non-2xx: 175 outcomes for 100 requests."""
+    server = Flaky()
+    try:
+        r = runners.run_ab(f"http://127.0.0.1:{server.port}/", 100, 1, str(tmp_path))
+    finally:
+        server.sock.close()
+    assert (r["complete"], r["failed"]) == (50, 50), r
+
+
 def test_a_target_that_fails_to_start_is_named_with_its_reason(tmp_path):
     why: dict[str, str] = {}
     with cluster.ProcessGroup() as group:
@@ -102,6 +142,9 @@ def test_the_report_folder_is_new_and_the_command_to_reproduce_is_the_one_run(tm
         run_bench.report_folder(str(tmp_path / "file"), force=False)
     assert run_bench.reproduce([]) == "make bench" and run_bench.reproduce(["--quick"]) == "make bench QUICK=1"
     assert run_bench.reproduce(["--reps", "3", "-n", "500"]) == "python bench/run_bench.py --reps 3 -n 500"
+    # (not where it wrote: that folder has this report now, and a new one is the default)
+    assert run_bench.reproduce(["--quick", "--out", "/tmp/a b", "--force"]) == "make bench QUICK=1"
+    assert run_bench.reproduce(["-n", "50", "--out=x"]) == "python bench/run_bench.py -n 50"
 
 
 def test_the_http_vs_ab_verdict_is_two_rows_each_with_its_ratio_and_target():

@@ -13,7 +13,7 @@ import threading
 
 from bench import anchors
 from bench.report import targets
-from bench.report.runners import run_stress
+from bench.report.runners import STRESS_ENGINE, run_stress
 from clusterkit import cluster
 from clusterkit.balancer import balancer_process
 
@@ -21,8 +21,6 @@ KINDS = ("tcp-message", "tcp-tcp", "tcp-haproxy", "http-lb", "http-haproxy")
 NAMES = {"tcp-message": "Load_Balancer.py --mode message", "tcp-tcp": "Load_Balancer.py --mode tcp",
          "tcp-haproxy": "HAProxy mode tcp (check inter 1s, redispatch)", "http-lb": "lb.py (HTTP)",
          "http-haproxy": "HAProxy mode http (check inter 1s, redispatch)"}
-ENGINE = ("--engine", "epoll")
-"""The grids' engine (run_bench.STRESS_ENGINE): nothing of the load pinned to a core."""
 
 
 def _start(kind: str, group: cluster.ProcessGroup, ports: list[int], workdir: str):
@@ -67,7 +65,7 @@ def _run(kind: str, workdir: str, requests: int, rate: int) -> dict:
         timer = threading.Timer(requests / rate / 2, victim.kill)
         timer.start()
         try:
-            row = run_stress(workdir, *target, "-n", str(requests), "-c", "10", "--rate", str(rate), *ENGINE)
+            row = run_stress(workdir, *target, "-n", str(requests), "-c", "10", "--rate", str(rate), *STRESS_ENGINE)
         finally:
             timer.cancel()
     return {"requests": requests, "rate": rate, "kill_after_s": requests / rate / 2, "complete": row["complete"],

@@ -36,7 +36,8 @@ HOW_TO_READ = [
     "from the send to the whole answer (the ACK), without the connect.",
     "- *Complete* is SPEC.md's \"answered correctly\": an answer other than 2xx, which ab counts as complete "
     "and lists apart (Non-2xx responses), is counted failed in ab's rows too, and its rates count the correct "
-    "answers only. ab runs with `-r` (a reset is a failed request, not the end of its run).",
+    "answers only. ab runs with `-r` (a reset is a failed request, not the end of its run) and `-l` (an "
+    "error page is not also a length failure); a request it counts under several failure kinds counts once.",
     "- Each cell is one repetition's row, whole: the one with the median requests/s (the lower of the middle "
     "two for an even count), so complete / time taken is its requests/s. Only *Failed requests* is the sum "
     "over all the repetitions, so that a failure in any of them shows; their kinds are listed under the table.",

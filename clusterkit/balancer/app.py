@@ -223,7 +223,8 @@ class Balancer:
             await asyncio.sleep(0.02)
         # The deadline: what is left winds up (the answers due, then the close) for at most
         # WIND_UP_SECONDS more, and so do their lingering closes, lest an exit reset them
-        # (not those of quiet connections closed before, which have nothing on its way).
+        # (not those of quiet connections closed before: nothing of theirs is on its way
+        # but, at most, an ERR shutting-down for a line begun, sent a drain-quiet ago).
         self.events.lingering.clear()
         for conn in list(self.connections):
             conn.wind_up()

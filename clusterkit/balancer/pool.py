@@ -57,6 +57,15 @@ def connect_failure(exc: BaseException) -> str:
     return f"connect-{name.lower()}"
 
 
+
+def check_reason(passed: bool, reason: str, rise: int, fall: int) -> str:
+    """Why the health checks moved a backend, as both balancers log it: ``2 checks
+    passed``, ``check passed`` (rise 1), ``check refused (3 checks failed)``, or
+    the last check's reason alone (fall 1)."""
+    if passed:
+        return f"{rise} checks passed" if rise > 1 else "check passed"
+    return f"{reason} ({fall} checks failed)" if fall > 1 else reason
+
 class LatencyHistogram:
     """A fixed log-bucket histogram: one bisect per value, percentiles within 2%."""
 
@@ -183,25 +192,25 @@ class Pool:
                 self._set(b, UP, "check passed")
         elif b.state == DOWN:
             if self.rise <= 1:
-                self._set(b, UP, "check passed")
+                self._set(b, UP, check_reason(True, "", self.rise, self.fall))
             else:
                 b.state, b.count = RISING, 1
         else:  # RISING
             b.count += 1
             if b.count >= self.rise:
-                self._set(b, UP, f"{self.rise} checks passed")
+                self._set(b, UP, check_reason(True, "", self.rise, self.fall))
 
     def check_failed(self, b: Backend, reason: str) -> None:
         b.checks_failed += 1
         if b.state == UP:
             if self.fall <= 1:
-                self._set(b, DOWN, reason)
+                self._set(b, DOWN, check_reason(False, reason, self.rise, self.fall))
             else:
                 b.state, b.count, b.reason = FALLING, 1, reason
         elif b.state == FALLING:
             b.count += 1
             if b.count >= self.fall:
-                self._set(b, DOWN, f"{reason} ({self.fall} checks failed)")
+                self._set(b, DOWN, check_reason(False, reason, self.rise, self.fall))
         elif b.state == RISING:
             self._set(b, DOWN, reason)
 

@@ -11,7 +11,7 @@ import sys
 from .. import cli, logs, loops
 from ..config import ConfigError, settings_and_backends
 from ..sockets import host_port
-from .config import HttpBackend, HttpServerConfig, ProxyConfig, backend_name
+from .config import HttpBackend, HttpServerConfig, ProxyConfig, backend_name, named
 from .core import Limits
 from .static import DEFAULT_ROOT
 
@@ -158,16 +158,15 @@ LB_FILE_SETTINGS = ({f.name for f in dataclasses.fields(ProxyConfig)} - {"limits
 def proxy_settings(path: str) -> dict:
     """An lb.py TOML file's [lb] settings (those of ``Limits`` among them) and [[backends]], each of its type."""
     return settings_and_backends(path, "lb", (ProxyConfig, Limits), LB_FILE_SETTINGS, HttpBackend,
-                                 lambda fields: {"host": "127.0.0.1", "name": backend_name(fields["port"])})
+                                 lambda fields: {"host": "127.0.0.1"},
+                                 lambda filled: named([(f["host"], f["port"], f.get("name")) for f in filled]))
 
 
-def parse_backend(text: str, taken: dict[str, tuple[str, int]]) -> HttpBackend:
-    """``--backend [NAME=]HOST:PORT``, an IPv6 address in brackets. Unnamed, it is
-    ``backend-PORT`` (``backend1`` for 9002...), or ``HOST:PORT`` when another
-    one at another address has that name (the same port on ``127.0.0.1`` and
-    ``[::1]``, or a name given to another; ``taken``: their names and addresses). Refused: an
-    IPv6 address without brackets, read before as a host and a port
-    (``::1:9002:2`` was ``[::1:9002]`` port 2), and a weight, which lb.py has not."""
+def parse_backend(text: str) -> tuple[str, int, str | None]:
+    """``--backend [NAME=]HOST:PORT``, an IPv6 address in brackets: (host, port, the
+    name or None; ``named`` names an unnamed one). Refused: an IPv6 address without
+    brackets, read before as a host and a port (``::1:9002:2`` was ``[::1:9002]``
+    port 2), and a weight, which lb.py has not."""
     name, _, addr = text.rpartition("=")
     if addr.startswith("["):
         host, _, rest = addr[1:].partition("]")
@@ -177,11 +176,7 @@ def parse_backend(text: str, taken: dict[str, tuple[str, int]]) -> HttpBackend:
     if not host or not port.isdigit() or (":" in host and not addr.startswith("[")):
         raise ConfigError(f"--backend {text!r}: expected [NAME=]HOST:PORT (no weight; an IPv6 address in "
                           f"brackets: [::1]:9002)")
-    if not name:
-        name = backend_name(int(port))
-        if taken.get(name, (host, int(port))) != (host, int(port)):  # (the same one twice stays an error)
-            name = host_port(host, int(port))
-    return HttpBackend(host, int(port), name)
+    return host, int(port), name or None
 
 
 def proxy_config(args) -> ProxyConfig:
@@ -190,14 +185,7 @@ def proxy_config(args) -> ProxyConfig:
     if args.config:
         kwargs = proxy_settings(args.config)
     if args.backend:
-        # The names given, wherever they come in the list: an unnamed one before
-        # ``backend1=...`` elsewhere is not named backend1 too (an error then).
-        named = [parse_backend(text, {}) for text in args.backend if "=" in text]
-        backends: list[HttpBackend] = []
-        for text in args.backend:
-            taken = {b.name: (b.host, b.port) for b in named + backends}
-            backends.append(parse_backend(text, taken))
-        kwargs["backends"] = tuple(backends)
+        kwargs["backends"] = tuple(named([parse_backend(text) for text in args.backend]))
     for key in LB_FILE_SETTINGS:
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)

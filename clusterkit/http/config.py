@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import check, check_backend_name, check_non_negative, check_positive, check_unique_names
+from ..sockets import host_port
 from .core import Limits
 from .static import DEFAULT_ROOT
 
@@ -59,6 +60,25 @@ class HttpBackend:
 
 DEFAULT_BACKENDS = tuple(HttpBackend("127.0.0.1", p, f"backend{i}") for i, p in enumerate((9002, 9003, 9004, 9005), 1))
 """lb.py's backends when none are given: the four async_server.py of the README."""
+
+
+def named(entries: list[tuple[str, int, str | None]]) -> list[HttpBackend]:
+    """lb.py's backends from (host, port, name or None), from ``--backend`` flags or a
+    config file alike. Unnamed, one is ``backend_name(port)`` (``backend1`` on 9002:
+    what the backend calls itself), or ``HOST:PORT`` when that name is another's at
+    another address: given to one anywhere in the list, or to an unnamed one before
+    it (the same port on ``127.0.0.1`` and ``[::1]``). The same address twice stays
+    an error (``check_unique_names``)."""
+    given = {name: (host, port) for host, port, name in entries if name}
+    backends: list[HttpBackend] = []
+    for host, port, name in entries:
+        if not name:
+            name = backend_name(port)
+            taken = {**given, **{b.name: (b.host, b.port) for b in backends}}
+            if taken.get(name, (host, port)) != (host, port):
+                name = host_port(host, port)
+        backends.append(HttpBackend(host, port, name))
+    return backends
 
 
 def backend_name(port: int) -> str:

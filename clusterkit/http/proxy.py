@@ -83,7 +83,7 @@ from collections import deque
 
 from .. import admin, epollset, logs, loops
 from ..balancer.health import os_failure
-from ..balancer.pool import LatencyHistogram
+from ..balancer.pool import LatencyHistogram, check_reason
 from ..config import ConfigError
 from ..sockets import client_room, descriptor_room, host_port, is_listener, linger_room, open_socket
 from .config import HttpBackend, ProxyConfig
@@ -279,8 +279,8 @@ class Proxy:
                 b.streak = 0
             else:
                 b.streak += 1
-                if b.streak >= (cfg.rise if ok else cfg.fall):  # (the reason as Load_Balancer.py words it)
-                    self.mark(b, ok, f"{cfg.rise} checks passed" if ok else f"{reason} ({cfg.fall} checks failed)")
+                if b.streak >= (cfg.rise if ok else cfg.fall):
+                    self.mark(b, ok, check_reason(ok, reason, cfg.rise, cfg.fall))
             await asyncio.sleep(cfg.check_interval)
 
     # -- forwarding ------------------------------------------------------------
