@@ -7,7 +7,7 @@ import re
 import select
 from dataclasses import dataclass
 from functools import cached_property
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from ..config import MAX_SECONDS, check
 from ..protocol import MAX_MAX_LINE
@@ -27,6 +27,16 @@ def rate_allowed(rate: float) -> bool:
     schedule's send times overflowed; faster, the report's count of scheduled requests."""
     return rate * MAX_SECONDS >= 1 and rate <= MAX_RATE
 
+
+
+def url_host(url: SplitResult) -> str | None:
+    """The host a URL names, to connect to: an IPv6 address's zone id decoded
+    (RFC 6874 writes ``%25``: ``http://[fe80::1%25eth0]:8080/``) and its case
+    kept (an interface's name), where ``hostname`` leaves ``%25`` and lowercases."""
+    netloc = url.netloc.rpartition("@")[2]
+    if netloc.startswith("[") and "]" in netloc:
+        return unquote(netloc[1:netloc.index("]")])
+    return url.hostname
 
 @dataclass(frozen=True)
 class StressConfig:
@@ -101,7 +111,7 @@ class StressConfig:
         """The host and port the load goes to (the URL's with --http)."""
         if self.http_url:
             url = urlsplit(self.http_url)
-            return url.hostname or "127.0.0.1", url.port or 80
+            return url_host(url) or "127.0.0.1", url.port or 80
         return self.host, self.port
 
     @cached_property  # asked once per request

@@ -4,6 +4,7 @@ sends it (``Plan``), and how its outcome is counted (``record``)."""
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import sys
 import time
@@ -41,7 +42,8 @@ class Target:
         if cfg.http_url:
             url = urlsplit(cfg.http_url)
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            host = url.netloc.rpartition("@")[2]  # (user:password@ is no part of Host)
+            # (user:password@ is no part of Host, nor an IPv6 zone id: RFC 6874 4, as browsers send it)
+            host = re.sub(r"%25[^\]]*\]", "]", url.netloc.rpartition("@")[2])
             self.http_request = http_request(path.encode(), host.encode(), cfg.keepalive, cfg.headers)
             self.known: KnownAnswer | None = None  # the last right answer (see HttpReader)
         else:
