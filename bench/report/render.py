@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.report.charts import line_chart
 
-HEADER = ("| Concurrency level | Time taken for test (s) | Complete requests | Failed requests (all repetitions) | "
+HEADER = ("| Concurrency level | Time taken for test (s) | Complete requests | Failed requests | "
           "Total transferred (bytes) | Requests per second (#/sec) | Time per request (ms) | "
           "Time per request, across all concurrent requests (ms) | Transfer rate (Kbytes/sec) | "
           "p50 (ms) | p99 (ms) | spread of req/s |")
@@ -40,7 +40,8 @@ HOW_TO_READ = [
     "error page is not also a length failure); a request it counts under several failure kinds counts once.",
     "- Each cell is one repetition's row, whole: the one with the median requests/s (the lower of the middle "
     "two for an even count), so complete / time taken is its requests/s. Only *Failed requests* is the sum "
-    "over all the repetitions, so that a failure in any of them shows; their kinds are listed under the table.",
+    "over all the repetitions (SPEC.md's column names are kept), so that a failure in any of them shows; their "
+    "kinds are listed under the table.",
     "- *per-request*: a new TCP connection for each request (ab without `-k`); *keepalive*: each client keeps "
     "its connection (the TCP grid's keep-alive rows).",
     "- *spread*: half the range of requests/s over the repetitions, as a share of the median (the charts' "
