@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,6 +141,38 @@ def test_client_that_never_reads_does_not_grow_balancer_memory(lb, mode, size, b
     s.close()
     assert sent < 50 * 2**20
     assert grown < 40 * 2**20
+
+
+def test_many_clients_that_never_read_cost_the_balancer_little_each(lb):
+    """Each client that sent and never read held up to 4 MiB of pending messages:
+    1.5-3 MB of the balancer's memory apiece, a few thousand of them gigabytes
+    (a server holds 0.3 MB for one). Now the limit is the servers' own 256 KiB."""
+    lb.start()
+    proc = psutil.Process(lb.lb.pid)
+    before = proc.memory_info().rss
+    clients = []
+
+    def flood() -> None:
+        s = socket.create_connection(("127.0.0.1", lb.port))
+        clients.append(s)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.settimeout(2)
+        block = (b"v" * 99 + b"\n") * 10_000
+        try:
+            for _ in range(20):  # 20 MB at most, each
+                s.sendall(block)
+        except OSError:
+            pass  # (blocked: the balancer reads it no more)
+
+    threads = [threading.Thread(target=flood) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    grown = proc.memory_info().rss - before
+    for s in clients:
+        s.close()
+    assert grown < 20 * 2**20, f"{grown / 2**20:.1f} MB for 20 clients"
 
 
 @pytest.mark.parametrize("mode", ["message", "tcp"])

@@ -186,6 +186,28 @@ def test_stats_do_not_blame_the_backend_a_stalled_ones_messages_moved_to(lb):
             lb.servers[first].signal(signal.SIGCONT)
 
 
+def test_messages_waiting_when_every_backend_stops_answering_get_err_no_backend_quickly(lb, connect):
+    """Every server stopped (SIGSTOP): once the checks have taken the last one down,
+    what waits gets ERR no-backend at once (SPEC.md). It waited out its response
+    timeout, grown by each failover on the way (14-18 s with the defaults)."""
+    lb.start("--response-timeout", "30", names=("server1", "server2"))
+    conn = connect(lb.port)
+    conn.send(b"hello\n")
+    assert conn.read_lines(2)[0].startswith(b"REPLY server")
+    for s in lb.servers.values():
+        s.signal(signal.SIGSTOP)
+    try:
+        conn.send(b"anyone?\n")
+        for name in lb.servers:
+            lb.wait_state(name, ("DOWN",))
+        down = time.monotonic()
+        assert conn.read_lines(1) == [b"ERR no-backend"]
+        assert time.monotonic() - down < 10  # generous: well under a second here; it waited the 30 s timeout
+    finally:
+        for s in lb.servers.values():
+            s.signal(signal.SIGCONT)
+
+
 def test_all_backends_down_gives_err_no_backend_quickly_then_recovers(lb, connect):
     lb.start()
     for s in lb.servers.values():

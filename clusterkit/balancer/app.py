@@ -71,6 +71,7 @@ class Balancer:
         self.failovers = 0
         self.no_backend_errors = 0
         self.stopping = False
+        self.all_down = False  # no backend healthy, as of the last sweep (message mode: see ALL_DOWN_STALL)
         self.max_clients, keepalive = client_limit(config.max_connections,
                                                    config.keepalive if config.mode == "message" else 0,
                                                    len(config.backends))
@@ -174,6 +175,7 @@ class Balancer:
             for said in self.timeouts_said:
                 said.flush()
             slow_lines = cfg.line_timeout if cfg.mode == "message" else 0  # tcp: the backend's own
+            self.all_down = not any(b.healthy for b in self.pool.backends)
             for conn in list(self.connections):
                 conn.check_response_timeout(now, cfg.response_timeout)
                 if cfg.idle_timeout and conn.note_activity(now) < now - cfg.idle_timeout:

@@ -96,8 +96,11 @@ class BalancerConfig:
     max_line: int = DEFAULT_MAX_LINE
     keepalive: int = 32
     """Message mode: idle backend connections kept per backend for later clients (reuse.py); 0: none."""
-    max_pending_bytes: int = 4 * 2**20
-    """Stop reading a client whose unanswered messages pass this many bytes."""
+    max_pending_bytes: int = 256 * 1024
+    """Stop reading a client whose unanswered messages pass this many bytes: the
+    servers' own write limit. At 4 MiB, each client that sent and never read cost
+    the balancer 1.5-3 MB, a few thousand of them gigabytes; 256 KiB is still
+    some 2,500 64-byte messages in flight per client."""
     write_high_water: int = 256 * 1024
     log_level: str = "info"
     log_dir: str = "logs"

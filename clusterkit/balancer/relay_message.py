@@ -76,6 +76,10 @@ answer per idle client would add up)."""
 MAX_PATIENCE = 16
 """The most response timeouts a client's messages wait on a backend after failovers
 in a row (``ClientSide.patience``): 2 s, 4 s, 8 s, 16 s, 32 s by default."""
+ALL_DOWN_STALL = 0.5
+"""Seconds a client's messages may wait on a backend that gives nothing, when no
+backend is healthy, before they get ``ERR no-backend`` (``check_response_timeout``).
+A backend the checks took down that still answers keeps its clients."""
 MESSAGE_COST = 64
 """Bytes a pending message costs the balancer beyond its own (the bytes object and
 its place in the queue), counted against ``max_pending_bytes``: counted by their
@@ -687,6 +691,12 @@ class ClientSide(asyncio.Protocol):
             self.sweep_answered, self.stall_since, self.patience = self.answered, now, 1
         elif self.stall_since is None:
             self.stall_since = now
+        elif self.app.all_down and now - self.stall_since >= ALL_DOWN_STALL and not self.client_full:
+            # No backend is healthy and its own gives it nothing: ERR no-backend for what
+            # waits (fail_over finds none), as SPEC.md asks, not at the end of a response
+            # timeout grown by failovers (14-18 s with every server stopped).
+            self.stall_since = None
+            self.fail_over("backend-down", blame=False)
         elif now - self.stall_since > timeout * self.patience and not self.client_full:
             # (Client full: the answers wait for the client to read them, and the backend
             # is not read meanwhile; no backend is to blame. See close_idle.)
