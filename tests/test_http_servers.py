@@ -68,6 +68,26 @@ def test_error_answers(server, raw, status):
         assert b"Allow: GET, HEAD" in data
 
 
+def test_a_request_sent_after_a_closing_one_does_not_reset_the_answers_still_unread(server):
+    """Pipelined requests, the last with Connection: close, answered more than the
+    client has read yet; then one more request comes (it pipelines on). Closing at
+    once on it reset the connection, and the kernel dropped the answers not yet
+    sent (12 KB of 110 came). A lingering close, as nginx's for pipelined requests."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", server.port))
+    with s:
+        s.sendall(SIMPLE_GET * 60 + CLOSING_GET)
+        time.sleep(0.3)  # the answers are written; most wait in this machine's buffers
+        s.sendall(SIMPLE_GET)
+        time.sleep(0.3)
+        data = b""
+        while chunk := s.recv(65536):  # a reset raises here
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK\r\n") == 61
+
+
 def test_an_http_1_2_request_is_served_as_1_1(server):
     data = exchange(server.port, b"GET /page.html HTTP/1.2\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert status_of(data) == 200 and data.startswith(b"HTTP/1.1 200 "), data[:100]

@@ -39,7 +39,7 @@ from .static import StaticFiles
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "peer", "last_activity", "closing", "elog", "static", "conn_id",
-                 "paused", "unsent", "stalled_since", "lingering", "waiting")
+                 "paused", "unsent", "stalled_since", "lingering", "waiting", "answers")
 
     def __init__(self, server: AsyncHttpServer) -> None:
         self.server = server
@@ -54,6 +54,7 @@ class HttpProtocol(asyncio.Protocol):
         self.stalled_since = 0.0  # since when that has not changed
         self.waiting: list[Request] = []  # pipelined requests read, to be answered once the client takes more
         self.lingering: Linger | None = None  # after an error answer, until the close
+        self.answers = 0  # written: after more than one, a close lingers (see _answer)
         self.last_activity = time.monotonic()
         self.conn_id = 0
 
@@ -96,9 +97,17 @@ class HttpProtocol(asyncio.Protocol):
         while True:
             out, keep, n = static.answer(requests, self.peer, self.elog)
             transport.write(out)  # type: ignore[union-attr]
+            self.answers += n
             if not keep:
                 self.closing = True
-                transport.close()  # type: ignore[union-attr]
+                if self.answers > 1:
+                    # Requests came before this last one: more may be on their way behind
+                    # it (pipelined), and closing on them would reset the connection and
+                    # take the answers not yet read with it. A lingering close, as nginx's
+                    # lingering_close for a pipelined request; one request, a close at once.
+                    self.lingering = Linger(transport)  # type: ignore[arg-type]
+                else:
+                    transport.close()  # type: ignore[union-attr]
                 return
             if n == len(requests):
                 break

@@ -242,6 +242,7 @@ class ProxyClient(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.closing = False
+        self.answers = 0  # written: after more than one, a close lingers (more requests may be on the way)
         self.refused = False  # the parser's error is queued
         self.lingering: Linger | None = None  # after an error answer, until the close
         self.last_activity = time.monotonic()
@@ -395,9 +396,13 @@ class ProxyClient(asyncio.Protocol):
         if self.elog.info and not logged:
             self.log_request(req, status, len(resp) if size is None else size, backend)
         self.transport.write(resp)  # type: ignore[union-attr]
+        self.answers += 1
         if not keep:
             self.closing = True
-            if status >= 400:  # the client may still be sending: a reset could take the answer with it
+            # The client may still be sending (after an error; or, on a connection with
+            # requests before, pipelined ones, as nginx's lingering_close sees them): a
+            # reset would take the answers not yet read with it.
+            if status >= 400 or self.answers > 1:
                 self.lingering = Linger(self.transport)  # type: ignore[arg-type]
             else:
                 self.transport.close()  # type: ignore[union-attr]

@@ -424,6 +424,7 @@ class ThreadedHttpServer:
         with self.lock:
             self.active[conn] = parser
         requeued = lingering = False  # requeued: in the queue or the poller's, no longer this thread's
+        answered = 0 if turn is None else 1  # (a pool connection back for another turn: taken as served before)
         try:
             if turn is None:  # (in the try: a connection reset already fails here, and is closed and counted)
                 # A blocked send returns this often, for _send to look at the clock.
@@ -465,7 +466,10 @@ class ThreadedHttpServer:
                 while requests:  # a budget of answers at a time (StaticFiles.answer)
                     out, keep, n = self.static.answer(requests, peer, elog)
                     self._send(conn, out, peer)
+                    answered += n
                     if not keep:
+                        if answered > 1:  # more may be on their way behind it: as the async server's _answer
+                            lingering = self._linger_after(conn, pool)
                         return
                     requests = requests[n:] if n < len(requests) else None
                     idle_since = time.monotonic()  # (the keep-alive timeout counts from the last answer)
@@ -482,12 +486,7 @@ class ThreadedHttpServer:
                 elog.line("INFO", f"event=refused client={peer} status={exc.status} reason={logs.quote(exc.detail)}")
             try:
                 self._send(conn, error_response(exc, self.static.backend_header), peer)
-                if pool is None:
-                    linger(conn)
-                elif self.lingering.acquire(blocking=False):
-                    self.lingerers.submit(conn)  # not in a pool thread, which others wait for
-                    lingering = True
-                # (else: past MAX_LINGERING at once, a close at once)
+                lingering = self._linger_after(conn, pool)
             except OSError:
                 pass
         except OSError:
@@ -499,6 +498,18 @@ class ThreadedHttpServer:
                 parser.close()
                 if not lingering:
                     self._close(conn)
+
+    def _linger_after(self, conn: socket.socket, pool) -> bool:
+        """The lingering close after the last answer (``linger``): in this thread per
+        connection; with a pool, in a lingerer's thread (True: it closes the
+        connection), or past MAX_LINGERING at once, a close at once (the caller's)."""
+        if pool is None:
+            linger(conn)
+            return False
+        if self.lingering.acquire(blocking=False):
+            self.lingerers.submit(conn)  # not in a pool thread, which others wait for
+            return True
+        return False
 
     def _close(self, conn: socket.socket) -> None:
         """Close a connection taken: its descriptor is free for the next client."""
