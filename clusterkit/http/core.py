@@ -192,6 +192,7 @@ class RequestParser:
         self._line = b""  # the stream's last unended line, while a head without a header field is in progress
         self._skip = 0  # bytes still to come of the body of an Upgrade request (see _feed)
         self._prev = b""  # the bytes fed before
+        self._start: bytes | None = b""  # the message's first bytes, when it began a read (None: it began within one)
 
     @property
     def between_requests(self) -> bool:
@@ -408,6 +409,10 @@ class RequestParser:
             return []
         fresh = not self._open
         clean = True  # no error, no upgrade
+        if fresh:
+            self._start = data[:START_KEPT]
+        elif self._start is not None and len(self._start) < START_KEPT:
+            self._start += data[:START_KEPT - len(self._start)]
         while True:
             try:
                 self._parser.feed_data(data)
@@ -438,8 +443,9 @@ class RequestParser:
                         self._parser = httptools.HttpRequestParser(self)
                         clean = True
                         continue
-                    # (``head``: the bad message's start, when it is where this data starts)
-                    head = data if fresh and not self.ready else b""
+                    # (``head``: the bad message's start, when it began a read, this one or
+                    # one before: "F" then "OO / HTTP/1.1" is the 405 "FOO / ..." is)
+                    head = (self._start or b"") if not self.ready else b""
                     self.error = HttpError(error_status(detail, head), detail, self._head)
             break
         if clean and self.in_progress and not self._headers and not self.last:
@@ -447,6 +453,8 @@ class RequestParser:
         elif self._line:
             self._line = b""
         ready, self.ready = self.ready, []
+        if ready:
+            self._start = None  # the message now under way, if any, began within this read
         if clean and fresh and len(ready) == 1 and not self._open:
             data = bytes(data)
             self._known, self._known_request = data, ready[0]
@@ -529,8 +537,11 @@ def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"te
 
 TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 """An HTTP token (RFC 9110 5.6.2), as a method is one."""
-METHOD_LINE = re.compile(TOKEN + rb" ")
-"""A request line's start: a method the parser does not know is a method still."""
+METHOD_LINE = re.compile(TOKEN + rb"( |$)")
+"""A request line's start (or all of it there is yet): a method the parser does not
+know is a method still."""
+START_KEPT = 64
+"""Bytes of a message's start kept while it comes, to judge what the parser refuses."""
 HIGHER_MINOR = re.compile(rb"(" + TOKEN + rb" [^ \r\n]+ HTTP/1\.)[2-9]\r?\n")
 """A request line of HTTP/1.2 to 1.9 (the minor version at the end of group 1)."""
 HTTP09_LINE = re.compile(TOKEN + rb" ([^ \r\n]+)\r?")
