@@ -63,16 +63,20 @@ class Linger:
     the time (``sweep``), and either ends the connection when the bounds are
     passed; the client's EOF closes it before (``eof_received`` returning False)."""
 
-    __slots__ = ("transport", "until", "taken")
+    __slots__ = ("transport", "until", "taken", "unsent", "stall")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, stall: float = LINGER_SECONDS) -> None:
         try:
             transport.write_eof()
         except OSError:  # gone already (the standard loop says so; uvloop does not)
             transport.abort()
         self.transport = transport
-        self.until = time.monotonic() + LINGER_SECONDS
+        self.until = time.monotonic() + max(stall, LINGER_SECONDS)
         self.taken = 0
+        self.unsent = transport.get_write_buffer_size()
+        self.stall = stall
+        """While answers are still going out: how long the client may take none of them
+        (the server's keep-alive timeout; LINGER_SECONDS once they are all out)."""
 
     def take(self, data: bytes) -> None:
         """Drop ``data``; past LINGER_BYTES, end the connection."""
@@ -81,5 +85,15 @@ class Linger:
             self.transport.abort()
 
     def sweep(self, now: float) -> None:
+        """End the connection once the bounds are passed. While answers are still
+        going out, the client reading them is not cut (an 8 MB answer to a slow
+        reader was, 2 s in): the wait counts from its last progress, and
+        LINGER_SECONDS from when all is out."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent and unsent < self.unsent:
+            self.until = now + max(self.stall, LINGER_SECONDS)
+        elif not unsent and self.unsent:
+            self.until = now + LINGER_SECONDS
+        self.unsent = unsent
         if now > self.until:
             self.transport.abort()

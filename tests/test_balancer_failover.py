@@ -43,8 +43,10 @@ def read_responses(s: socket.socket, parser: ResponseParser, count: int) -> list
 
 def test_kill_9_backend_with_20000_pipelined_messages_loses_nothing(lb):
     """1000 messages answered by one backend, then 20,000 more pipelined on the same connection and
-    that backend killed -9 with all of them in flight. It is stopped before they are sent: otherwise a
-    fast backend could answer all 20,000 before the kill (it did once in CI) and nothing would be shown."""
+    that backend killed -9 with all of them in flight: some 3,300 in the balancer (its 256 KiB of
+    pending messages), the rest in the sockets' buffers on their way. It is stopped before they are
+    sent: otherwise a fast backend could answer all 20,000 before the kill (it did once in CI) and
+    nothing would be shown."""
     lb.start()
     answered = [b"answered-%d" % i for i in range(1000)]
     messages = [b"pipelined-%d" % i for i in range(20_000)]

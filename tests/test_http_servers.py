@@ -88,6 +88,27 @@ def test_a_request_sent_after_a_closing_one_does_not_reset_the_answers_still_unr
     assert data.count(b"HTTP/1.1 200 OK\r\n") == 61
 
 
+def test_the_lingering_close_lets_a_slow_reader_take_the_whole_answer(setup, tmp_path):
+    """Its clock ran from the closing answer's write: a client still reading the
+    answers 2 s later was cut off, silently (12.5 of 16 MB, then the FIN)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "big.bin").write_bytes(b"x" * 8_000_000)  # (the largest a server keeps in memory)
+    server = setup.server("Server_async_http.py", "--root", str(root))
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    s.settimeout(20)
+    s.connect(("127.0.0.1", server.port))
+    with s:
+        s.sendall(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n"
+                  b"GET /big.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        got = 0
+        while chunk := s.recv(262144):
+            got += len(chunk)
+            time.sleep(len(chunk) / 2e6)  # 2 MB a second at most: 8 s for the two answers
+    assert got > 16_000_000, got  # (both bodies, and their heads)
+
+
 def test_an_http_1_2_request_is_served_as_1_1(server):
     data = exchange(server.port, b"GET /page.html HTTP/1.2\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert status_of(data) == 200 and data.startswith(b"HTTP/1.1 200 "), data[:100]

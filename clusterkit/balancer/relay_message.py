@@ -78,8 +78,9 @@ MAX_PATIENCE = 16
 in a row (``ClientSide.patience``): 2 s, 4 s, 8 s, 16 s, 32 s by default."""
 ALL_DOWN_STALL = 0.5
 """Seconds a client's messages may wait on a backend that gives nothing, when no
-backend is healthy, before they get ``ERR no-backend`` (``check_response_timeout``).
-A backend the checks took down that still answers keeps its clients."""
+backend is healthy, before they get ``ERR no-backend`` (``check_response_timeout``;
+SPEC.md: quickly, with no backend healthy), whatever ``--response-timeout`` says.
+A backend the checks took down that still answers faster keeps its clients."""
 MESSAGE_COST = 64
 """Bytes a pending message costs the balancer beyond its own (the bytes object and
 its place in the queue), counted against ``max_pending_bytes``: counted by their

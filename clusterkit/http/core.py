@@ -537,9 +537,8 @@ def build_response(status: int, body: bytes = b"", *, content_type: bytes = b"te
 
 TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 """An HTTP token (RFC 9110 5.6.2), as a method is one."""
-METHOD_LINE = re.compile(TOKEN + rb"( |$)")
-"""A request line's start (or all of it there is yet): a method the parser does not
-know is a method still."""
+METHOD_LINE = re.compile(TOKEN + rb" ")
+"""A request line's start: a method the parser does not know is a method still."""
 START_KEPT = 64
 """Bytes of a message's start kept while it comes, to judge what the parser refuses."""
 HIGHER_MINOR = re.compile(rb"(" + TOKEN + rb" [^ \r\n]+ HTTP/1\.)[2-9]\r?\n")

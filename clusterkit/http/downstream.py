@@ -403,7 +403,8 @@ class ProxyClient(asyncio.Protocol):
             # requests before, pipelined ones, as nginx's lingering_close sees them): a
             # reset would take the answers not yet read with it.
             if status >= 400 or self.answers > 1:
-                self.lingering = Linger(self.transport)  # type: ignore[arg-type]
+                self.lingering = Linger(self.transport,  # type: ignore[arg-type]
+                                        self.proxy.config.limits.keepalive_timeout)
             else:
                 self.transport.close()  # type: ignore[union-attr]
 

@@ -78,8 +78,9 @@ MAX_REFUSING = 64
 """Clients told 503 at once, at most (each lingers in a thread for up to 2 s); fewer
 when the open-files limit leaves less room for them (``linger_room``)."""
 MAX_LINGERING = 64
-"""Pool connections whose error answer lingers at once, at most (each in a thread of
-its own for up to 2 s); past it, the close after the answer is at once."""
+"""Pool connections whose last answer lingers at once, at most (an error answer, or
+one after pipelined requests; each in a thread of its own for up to 2 s); past it,
+the close after the answer is at once."""
 SEND_CHECKS = 4
 """A blocked send looks at the clock this many times per keep-alive timeout (the
 kernel's send timeout is that part of it): a client is cut at most a quarter late."""
@@ -89,6 +90,7 @@ class Turn(NamedTuple):
     """A pool connection no thread holds (queued or parked): what the thread that takes it next needs."""
     parser: RequestParser  # with what it has of a request not yet whole
     idle_since: float
+    answered: int = 0  # answers sent on the connection so far (after more than one, a close lingers)
 
 
 class Poller:
@@ -420,11 +422,11 @@ class ThreadedHttpServer:
             parser = RequestParser(limits)
             idle_since = time.monotonic() if accepted is None else accepted
         else:
-            parser, idle_since = turn
+            parser, idle_since = turn.parser, turn.idle_since
         with self.lock:
             self.active[conn] = parser
         requeued = lingering = False  # requeued: in the queue or the poller's, no longer this thread's
-        answered = 0 if turn is None else 1  # (a pool connection back for another turn: taken as served before)
+        answered = 0 if turn is None else turn.answered
         try:
             if turn is None:  # (in the try: a connection reset already fails here, and is closed and counted)
                 # A blocked send returns this often, for _send to look at the clock.
@@ -447,7 +449,7 @@ class ThreadedHttpServer:
                     data = conn.recv(65536, flags)
                 except BlockingIOError:  # SO_RCVTIMEO ran out, or (pool) nothing to read now
                     if pool is not None:
-                        self._park(conn, peer, Turn(parser, idle_since))
+                        self._park(conn, peer, Turn(parser, idle_since, answered))
                         requeued = True
                         return
                     if parser.in_progress:
@@ -478,7 +480,7 @@ class ThreadedHttpServer:
                     self._send(conn, CONTINUE, peer)
                 if parser.error is not None:
                     raise parser.error
-                if pool is not None and self._requeue(conn, peer, Turn(parser, idle_since)):
+                if pool is not None and self._requeue(conn, peer, Turn(parser, idle_since, answered)):
                     requeued = True
                     return
         except HttpError as exc:

@@ -102,7 +102,7 @@ def request_rate(text: str) -> float:
     return value
 
 
-AUTHORITY = re.compile(r"([^@/]*@)?(\[[0-9A-Za-z:.%]+\]|[^\[\]:@/]+)(:[0-9]*)?")
+AUTHORITY = re.compile(r"([^@/]*@)?(\[[0-9A-Za-z:.%_~-]+\]|[^\[\]:@/]+)(:[0-9]*)?")
 """A URL's [userinfo@]host[:port] (the user info is left out of the Host header)."""
 
 

@@ -43,7 +43,7 @@ class Target:
             url = urlsplit(cfg.http_url)
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
             # (user:password@ is no part of Host, nor an IPv6 zone id: RFC 6874 4, as browsers send it)
-            host = re.sub(r"%25[^\]]*\]", "]", url.netloc.rpartition("@")[2])
+            host = re.sub(r"%[^\]]*\]", "]", url.netloc.rpartition("@")[2])
             self.http_request = http_request(path.encode(), host.encode(), cfg.keepalive, cfg.headers)
             self.known: KnownAnswer | None = None  # the last right answer (see HttpReader)
         else:
