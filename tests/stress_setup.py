@@ -37,6 +37,7 @@ class FakeServer:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.count = 0
+        self.connections = 0
         self.sent = 0  # answer bytes sent
         self.lock = threading.Lock()
         self.closing = False
@@ -55,6 +56,14 @@ class FakeServer:
         buf = b""
         here = 0  # messages on this connection
         last = b""  # copy-at-eof: the last answer
+        with self.lock:
+            self.connections += 1
+            nth = self.connections
+        if self.behaviour == "every-other-connection" and nth % 2 == 0:  # accepted, read, never answered
+            with conn:
+                while conn.recv(65536):
+                    pass
+            return
         with conn:
             while True:
                 try:
@@ -205,6 +214,8 @@ class FakeServer:
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
                     elif self.behaviour == "mixed":  # keep-alive answers of every shape, by message number
                         self.answer(conn, n, m)
+                    elif self.behaviour == "every-other-connection":  # (an answered one)
+                        conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
                     elif self.behaviour == "stall":
                         if n == 150:
                             time.sleep(1.0)

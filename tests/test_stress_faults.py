@@ -152,6 +152,23 @@ def test_running_out_of_local_ports_is_not_blamed_on_the_target(log_dir, tmp_pat
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_a_target_that_answers_every_other_connection_is_not_called_dead(log_dir, tmp_path, engine):
+    """With -k the clients on answered connections finished their share first, and
+    those left, stuck on silent ones, made the rule "every client's last 3 requests
+    timed out" true of the clients still sending: exit 69, "the target stopped
+    answering", with 6 of 40 requests unsent. The clients done count too."""
+    fake = FakeServer("every-other-connection")
+    try:
+        row, proc = run_json("-n", "40", "-c", "4", "-k", "--timeout", "1", "--engine", engine, "--port",
+                             str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
+    finally:
+        fake.close()
+    assert "ended early" not in proc.stderr and proc.returncode == 1, proc.stderr
+    assert row["complete"] + row["failed"] == 40 and row["complete"] >= 20, row
+    assert set(row["errors"]) == {"timeout"}, row["errors"]
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_a_target_that_never_answers_ends_the_run_early(log_dir, tmp_path, engine):
     """Every request would wait out --timeout: n/c of them in a row (100 x 5 s with
     the defaults). Once every client has had three in a row, the run ends, as

@@ -80,11 +80,14 @@ class Board:
         self.a[self.stop_slot] = 1
 
     def all_refused(self, streak: int, shares: list[int | None] | None = None) -> bool:
-        """Every client still meant to send (every client, without ``shares``) got
-        nothing back for its last ``streak`` requests."""
+        """Some client is still meant to send (every client, without ``shares``), and
+        every client got nothing back for its last ``streak`` requests: those done
+        with their share too, whose last answers say the target answers. (Counted
+        over the clients still sending only, a server that left every other
+        connection unanswered was called dead once the answered clients were done.)"""
         a, n = self.a, self.n
-        active = [c for c in range(n) if shares is None or shares[c] is None or a[c] < shares[c]]
-        return bool(active) and all(a[2 * n + c] >= streak for c in active)
+        sending = any(shares is None or shares[c] is None or a[c] < shares[c] for c in range(n))
+        return sending and all(a[2 * n + c] >= streak for c in range(n))
 
     def percentiles(self, *qs: float) -> list[float | None]:
         """Approximate latency percentiles so far, in milliseconds (None before any answer)."""
