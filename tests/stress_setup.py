@@ -214,6 +214,8 @@ class FakeServer:
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
                     elif self.behaviour == "mixed":  # keep-alive answers of every shape, by message number
                         self.answer(conn, n, m)
+                    elif self.behaviour == "reply-only":  # no ACK, ever, on a connection kept open
+                        conn.sendall(b"REPLY fake %s\n" % m)
                     elif self.behaviour == "every-other-connection":  # (an answered one)
                         conn.sendall(b"REPLY fake %s\nACK fake %d\n" % (m, len(m)))
                     elif self.behaviour == "stall":

@@ -152,6 +152,24 @@ def test_running_out_of_local_ports_is_not_blamed_on_the_target(log_dir, tmp_pat
 
 
 @pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
+def test_pipelined_answers_without_their_ack_or_with_a_line_behind_fail_as_such(log_dir, tmp_path, engine):
+    """With --pipeline, the next REPLY was taken for a missing ACK: bad-ack, then
+    wrong-reply for a server that echoed every message right; and a line behind a
+    right answer failed the next message as bad-reply, where without pipelining it
+    is the answer's own extra-answer."""
+    for behaviour, n, expected in (("reply-only", "16", {"bad-ack", "timeout"}), ("extra-line", "40", {"extra-answer"})):
+        fake = FakeServer(behaviour)
+        try:
+            row, proc = run_json("-n", n, "-c", "2", "-k", "--pipeline", "4", "--timeout", "1", "--engine", engine,
+                                 "--port", str(fake.port), log_dir=log_dir, tmp_path=tmp_path)
+        finally:
+            fake.close()
+        assert row["failed"] == int(n) and set(row["errors"]) == expected, (behaviour, row["errors"])
+        if behaviour == "reply-only":  # each batch's last one waits for its ACK: the others are told at once
+            assert row["errors"]["bad-ack"] == 12, row["errors"]
+
+
+@pytest.mark.parametrize("engine", ["thread", "async", "epoll"])
 def test_a_target_that_answers_every_other_connection_is_not_called_dead(log_dir, tmp_path, engine):
     """With -k the clients on answered connections finished their share first, and
     those left, stuck on silent ones, made the rule "every client's last 3 requests

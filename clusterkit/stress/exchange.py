@@ -82,10 +82,26 @@ class LineReader:
                 nl2 = buf.find(b"\n", nl + 1)
                 if nl2 < 0:
                     break
+                if buf.startswith(b"REPLY ", nl + 1):
+                    # Another answer where this one's ACK was due: it has none. (Taken as
+                    # the ACK, it failed this message as bad-ack, the next as wrong-reply,
+                    # and so on down a pipelined batch.)
+                    self._record(False, "bad-ack", now, nl + 1 - pos)
+                    pos = nl + 1
+                    continue
                 self._finish(buf[pos:nl], buf[nl + 1:nl2], now, nl2 + 1 - pos)
                 pos = nl2 + 1
             else:
                 line = buf[pos:nl]
+                if not line.startswith(b"ERR ") and self.outcomes and self.outcomes[-1].ok:
+                    # A line behind a right answer that no message asked for: that answer
+                    # fails as extra-answer, as behind a batch's last one (below), and the
+                    # next message keeps its own answer (it failed as bad-reply).
+                    last = self.outcomes[-1]
+                    self.outcomes[-1] = Outcome(False, "extra-answer", last.first_ns, now, last.nbytes + nl + 1 - pos)
+                    self.first_ns = 0  # (the next answer's first byte is still to come)
+                    pos = nl + 1
+                    continue
                 kind = "err:" + line[4:].decode("ascii", "replace") if line.startswith(b"ERR ") else "bad-reply"
                 self._record(False, kind, now, nl + 1 - pos)
                 pos = nl + 1
