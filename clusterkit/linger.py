@@ -71,12 +71,12 @@ class Linger:
         except OSError:  # gone already (the standard loop says so; uvloop does not)
             transport.abort()
         self.transport = transport
-        self.until = time.monotonic() + max(stall, LINGER_SECONDS)
         self.taken = 0
-        self.unsent = transport.get_write_buffer_size()
         self.stall = stall
         """While answers are still going out: how long the client may take none of them
         (the server's keep-alive timeout; LINGER_SECONDS once they are all out)."""
+        self.unsent = transport.get_write_buffer_size()
+        self.until = self._deadline(time.monotonic())
 
     def take(self, data: bytes) -> None:
         """Drop ``data``; past LINGER_BYTES, end the connection."""
@@ -90,10 +90,11 @@ class Linger:
         reader was, 2 s in): the wait counts from its last progress, and
         LINGER_SECONDS from when all is out."""
         unsent = self.transport.get_write_buffer_size()
-        if unsent and unsent < self.unsent:
-            self.until = now + max(self.stall, LINGER_SECONDS)
-        elif not unsent and self.unsent:
-            self.until = now + LINGER_SECONDS
-        self.unsent = unsent
+        if unsent < self.unsent:  # it took some (or all): its time counts from now
+            self.unsent = unsent
+            self.until = self._deadline(now)
         if now > self.until:
             self.transport.abort()
+
+    def _deadline(self, now: float) -> float:
+        return now + (max(self.stall, LINGER_SECONDS) if self.unsent else LINGER_SECONDS)

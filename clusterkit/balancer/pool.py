@@ -57,7 +57,6 @@ def connect_failure(exc: BaseException) -> str:
     return f"connect-{name.lower()}"
 
 
-
 def check_reason(passed: bool, reason: str, rise: int, fall: int) -> str:
     """Why the health checks moved a backend, as both balancers log it: ``2 checks
     passed``, ``check passed`` (rise 1), ``check refused (3 checks failed)``, or
@@ -65,6 +64,7 @@ def check_reason(passed: bool, reason: str, rise: int, fall: int) -> str:
     if passed:
         return f"{rise} checks passed" if rise > 1 else "check passed"
     return f"{reason} ({fall} checks failed)" if fall > 1 else reason
+
 
 class LatencyHistogram:
     """A fixed log-bucket histogram: one bisect per value, percentiles within 2%."""

@@ -105,8 +105,8 @@ class HttpProtocol(asyncio.Protocol):
                     # it (pipelined), and closing on them would reset the connection and
                     # take the answers not yet read with it. A lingering close, as nginx's
                     # lingering_close for a pipelined request; one request, a close at once.
-                    # (a client still reading the answers may take the keep-alive timeout per stall)
-                    self.lingering = Linger(transport, self.server.config.limits.keepalive_timeout)  # type: ignore[arg-type]
+                    limits = self.server.config.limits
+                    self.lingering = Linger(transport, limits.keepalive_timeout)  # type: ignore[arg-type]
                 else:
                     transport.close()  # type: ignore[union-attr]
                 return

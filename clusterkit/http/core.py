@@ -192,7 +192,7 @@ class RequestParser:
         self._line = b""  # the stream's last unended line, while a head without a header field is in progress
         self._skip = 0  # bytes still to come of the body of an Upgrade request (see _feed)
         self._prev = b""  # the bytes fed before
-        self._start: bytes | None = b""  # the message's first bytes, when it began a read (None: it began within one)
+        self._start: bytes | None = b""  # a message's first bytes, while it spans reads (None: it began within one)
 
     @property
     def between_requests(self) -> bool:
@@ -409,10 +409,6 @@ class RequestParser:
             return []
         fresh = not self._open
         clean = True  # no error, no upgrade
-        if fresh:
-            self._start = data[:START_KEPT]
-        elif self._start is not None and len(self._start) < START_KEPT:
-            self._start += data[:START_KEPT - len(self._start)]
         while True:
             try:
                 self._parser.feed_data(data)
@@ -445,7 +441,7 @@ class RequestParser:
                         continue
                     # (``head``: the bad message's start, when it began a read, this one or
                     # one before: "F" then "OO / HTTP/1.1" is the 405 "FOO / ..." is)
-                    head = (self._start or b"") if not self.ready else b""
+                    head = b"" if self.ready else data if fresh else (self._start or b"") + data[:START_KEPT]
                     self.error = HttpError(error_status(detail, head), detail, self._head)
             break
         if clean and self.in_progress and not self._headers and not self.last:
@@ -453,8 +449,13 @@ class RequestParser:
         elif self._line:
             self._line = b""
         ready, self.ready = self.ready, []
-        if ready:
-            self._start = None  # the message now under way, if any, began within this read
+        if self._open and self.error is None:  # a message goes on in the next read: its start, kept
+            if ready:
+                self._start = None  # (it began within this read: where, the parser does not say)
+            elif fresh:
+                self._start = data[:START_KEPT]
+            elif self._start is not None and len(self._start) < START_KEPT:
+                self._start += data[:START_KEPT - len(self._start)]
         if clean and fresh and len(ready) == 1 and not self._open:
             data = bytes(data)
             self._known, self._known_request = data, ready[0]

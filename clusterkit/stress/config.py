@@ -28,7 +28,6 @@ def rate_allowed(rate: float) -> bool:
     return rate * MAX_SECONDS >= 1 and rate <= MAX_RATE
 
 
-
 def url_host(url: SplitResult) -> str | None:
     """The host a URL names, to connect to: an IPv6 address's zone id decoded
     (RFC 6874 writes ``%25``: ``http://[fe80::1%25eth0]:8080/``) and its case
@@ -37,6 +36,13 @@ def url_host(url: SplitResult) -> str | None:
     if netloc.startswith("[") and "]" in netloc:
         return unquote(netloc[1:netloc.index("]")])
     return url.hostname
+
+
+def host_header(url: SplitResult) -> str:
+    """What a request to ``url`` says in Host: its host[:port], without user info
+    and without an IPv6 zone id (RFC 6874 4, as browsers send it)."""
+    return re.sub(r"%[^\]]*\]", "]", url.netloc.rpartition("@")[2])
+
 
 @dataclass(frozen=True)
 class StressConfig:

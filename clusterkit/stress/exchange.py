@@ -94,11 +94,10 @@ class LineReader:
             else:
                 line = buf[pos:nl]
                 if not line.startswith(b"ERR ") and self.outcomes and self.outcomes[-1].ok:
-                    # A line behind a right answer that no message asked for: that answer
-                    # fails as extra-answer, as behind a batch's last one (below), and the
-                    # next message keeps its own answer (it failed as bad-reply).
-                    last = self.outcomes[-1]
-                    self.outcomes[-1] = Outcome(False, "extra-answer", last.first_ns, now, last.nbytes + nl + 1 - pos)
+                    # A line behind a right answer that no message asked for: as behind a
+                    # batch's last one (below), and the next message keeps its own answer
+                    # (it failed as bad-reply).
+                    self._behind_last(now, nl + 1 - pos)
                     self.first_ns = 0  # (the next answer's first byte is still to come)
                     pos = nl + 1
                     continue
@@ -108,10 +107,7 @@ class LineReader:
         if pos < n and self.done:
             # Bytes behind the last answer, for no message: the server answered one twice
             # (a balancer's resend gone wrong), or sent more than the protocol's lines.
-            # That answer fails, unless it failed already (an ACK before its REPLY).
-            last = self.outcomes[-1]
-            self.outcomes[-1] = Outcome(False, "extra-answer" if last.ok else last.label, last.first_ns, now,
-                                        last.nbytes + n - pos)
+            self._behind_last(now, n - pos)
             pos = n
         self.buf = buf[pos:]
         if len(self.buf) > self.PENDING_MAX + 2 * len(messages[min(self.index, len(messages) - 1)]):
@@ -120,6 +116,13 @@ class LineReader:
             while not self.done:
                 self._record(False, "bad-reply", now, len(self.buf))
                 self.buf = b""
+
+    def _behind_last(self, now: int, nbytes: int) -> None:
+        """``nbytes`` behind the last answer that no message asked for: that answer
+        fails as extra-answer, unless it failed already (an ACK before its REPLY)."""
+        last = self.outcomes[-1]
+        self.outcomes[-1] = Outcome(False, "extra-answer" if last.ok else last.label, last.first_ns, now,
+                                    last.nbytes + nbytes)
 
     def _finish(self, reply: bytes, ack: bytes, now: int, nbytes: int) -> None:
         msg = self.messages[self.index]

@@ -4,14 +4,13 @@ sends it (``Plan``), and how its outcome is counted (``record``)."""
 from __future__ import annotations
 
 import errno
-import re
 import socket
 import sys
 import time
 from urllib.parse import urlsplit
 
 from ..protocol import message_line, message_lines
-from .config import StressConfig
+from .config import StressConfig, host_header
 from .exchange import HttpReader, KnownAnswer, LineReader, Outcome
 from .metrics import Recorder
 
@@ -42,9 +41,7 @@ class Target:
         if cfg.http_url:
             url = urlsplit(cfg.http_url)
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            # (user:password@ is no part of Host, nor an IPv6 zone id: RFC 6874 4, as browsers send it)
-            host = re.sub(r"%[^\]]*\]", "]", url.netloc.rpartition("@")[2])
-            self.http_request = http_request(path.encode(), host.encode(), cfg.keepalive, cfg.headers)
+            self.http_request = http_request(path.encode(), host_header(url).encode(), cfg.keepalive, cfg.headers)
             self.known: KnownAnswer | None = None  # the last right answer (see HttpReader)
         else:
             self.http_request = b""
